@@ -1,0 +1,3 @@
+from .tokenizer import TokenizerConfig, VQTokenizer
+
+__all__ = ["TokenizerConfig", "VQTokenizer"]

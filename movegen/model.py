@@ -1,0 +1,425 @@
+"""The class-conditional AR transformer over VQ codes (LlamaGen-style) with a value-memory option.
+
+Sequence layout: input position 0 holds the class token, positions 1..T-1 hold ``codes[:, :T-1]``;
+output position t predicts ``codes[:, t]``. Ids share one space (see ``move.py``): codes are
+``0..K-1``, class c is ``K + c``, the null (unconditional) class is ``K + C``.
+
+Blocks are pre-norm (RMSNorm), attention with 2-D RoPE over the h x w grid (identity rotation on
+the class prefix) through ``scaled_dot_product_attention``, SwiGLU MLP (hidden rounded up to a
+multiple of 256), no biases, untied zero-initialised output head. ``memory`` picks the value
+path: ``none``, ``lave`` (layer-wise tables) or ``move`` (one global bank, see ``move.py``).
+
+Decoding uses an explicit KV cache (:class:`KVCache`, :meth:`GPT.step`); the cache stores the
+*mixed* values. The sampler (``movegen.sample``) builds on these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .move import LaVETable, MoVEBank, gates_from_logits, lave_layers, mix, move_slots
+
+MEMORY_KINDS = ("none", "lave", "move")
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    """Size, vocabulary and value-memory options of the AR model."""
+
+    vocab_size: int = 1024
+    """K: codebook size of the tokenizer."""
+    num_classes: int = 10
+    """C: number of classes (the null class is added on top)."""
+    seq_len: int = 64
+    """T: image tokens per sample (h * w)."""
+    grid_h: int = 0
+    """Token grid height for 2-D RoPE (0: sqrt(seq_len))."""
+    n_layer: int = 8
+    """Transformer blocks."""
+    n_head: int = 8
+    """Attention heads."""
+    n_embd: int = 512
+    """Model width d."""
+    mlp_multiple_of: int = 256
+    """SwiGLU hidden size is 8/3 d rounded up to a multiple of this."""
+    memory: str = "none"
+    """Value path: 'none' (standard), 'lave' (layer-wise tables) or 'move' (global bank)."""
+    memory_density: float = 1
+    """k in 'xk': MoVE gets k * n_layer / 2 slots; LaVE 1 = every other layer, 2 = every layer."""
+    gate_standard_path: bool | None = None
+    """Gate the standard value path too (g0). None: on for MoVE, off for LaVE (as in the paper)."""
+    resid_dropout: float = 0.1
+    """Dropout on the attention output projection."""
+    ffn_dropout: float = 0.1
+    """Dropout on the MLP output."""
+    attn_dropout: float = 0.0
+    """Dropout on attention weights."""
+    token_dropout: float = 0.1
+    """Dropout on the input embeddings."""
+    class_dropout: float = 0.1
+    """Probability that a training label is replaced by the null class (classifier-free guidance)."""
+    rope_base: float = 10000.0
+    """RoPE base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal init of linear layers, embeddings, the bank and LaVE tables."""
+
+    def __post_init__(self):
+        if self.memory not in MEMORY_KINDS:
+            raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {self.memory!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {self.head_dim}")
+        if self.gate_standard_path is None:
+            self.gate_standard_path = self.memory == "move"
+        if self.grid_h == 0:
+            self.grid_h = int(math.isqrt(self.seq_len))
+        if self.grid_h * self.grid_w != self.seq_len:
+            raise ValueError(f"seq_len {self.seq_len} is not a grid of height {self.grid_h}; set grid_h")
+        if self.memory == "move":
+            move_slots(self.n_layer, self.memory_density)  # validates
+        if self.memory == "lave":
+            if self.memory_density not in (1, 2):
+                raise ValueError(f"LaVE memory_density must be 1 or 2, got {self.memory_density}")
+
+    head_dim = property(lambda self: self.n_embd // self.n_head)
+    grid_w = property(lambda self: self.seq_len // self.grid_h)
+    num_ids = property(lambda self: self.vocab_size + self.num_classes + 1)
+    null_class = property(lambda self: self.num_classes)
+
+    @property
+    def mlp_hidden(self) -> int:
+        h = int(2 * 4 * self.n_embd / 3)
+        return self.mlp_multiple_of * math.ceil(h / self.mlp_multiple_of)
+
+    @property
+    def slots(self) -> int:
+        """MoVE slots M (0 for other memory kinds)."""
+        return move_slots(self.n_layer, self.memory_density) if self.memory == "move" else 0
+
+    @property
+    def memory_layers(self) -> list[int]:
+        if self.memory == "lave":
+            return lave_layers(self.n_layer, int(self.memory_density))
+        return list(range(self.n_layer)) if self.memory == "move" else []
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GPTConfig:
+        """A named size (``tiny``, ``S``, ``B``, ``L``, ``XL``) with field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_2d(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape ``(T, D/2)`` for the input positions: position 0 (class) gets the
+    identity rotation; position t >= 1 holds grid cell t-1 (row-major). The first half of the
+    head's pairs rotate with the row index, the second half with the column index."""
+    D = cfg.head_dim
+    quarter = D // 4
+    freqs = 1.0 / (cfg.rope_base ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    cell = torch.arange(cfg.seq_len - 1)
+    rows, cols = (cell // cfg.grid_w).double(), (cell % cfg.grid_w).double()
+    ang = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # (T-1, D/2)
+    ang = torch.cat([torch.zeros(1, D // 2, dtype=torch.float64), ang])  # class: angle 0
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x (B, S, H, D)``, ``cos/sin (S, D/2)``; rotates consecutive pairs."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
+    x1, x2 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Static per-layer key/value buffers ``(B, H, T_max, D)``; values are the mixed values."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    length: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        d, H = cfg.n_embd, cfg.n_head
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.resid_drop = nn.Dropout(cfg.resid_dropout)
+        # value memory of this layer
+        self.has_memory = layer in cfg.memory_layers
+        self.gated = cfg.gate_standard_path and self.has_memory
+        self.table = LaVETable(cfg.num_ids, d, H) if cfg.memory == "lave" and self.has_memory else None
+        n_mem = cfg.slots if cfg.memory == "move" else 1
+        self.router = nn.Linear(d, H * (n_mem + int(self.gated)), bias=False) if self.has_memory else None
+
+    def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin):
+        """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v."""
+        B, S, d = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        q, k, v = self.qkv(x).view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
+        if self.has_memory:
+            mem = self.table.gather(ids) if self.table is not None else memh  # (B, S, H, M, D)
+            v = mix(v, gates_from_logits(self.router(x), H), mem, self.gated)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, ids, memh, cos, sin) -> torch.Tensor:
+        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin)
+        p = self.cfg.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, S, D)
+        return self.resid_drop(self.proj(y.transpose(1, 2).flatten(2)))
+
+    def forward_cached(self, x, ids, memh, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
+        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin)
+        S = x.shape[1]
+        cache.k[layer][:, :, pos : pos + S] = k
+        cache.v[layer][:, :, pos : pos + S] = v
+        K, V = cache.k[layer][:, :, : pos + S], cache.v[layer][:, :, : pos + S]
+        if S == 1:
+            y = F.scaled_dot_product_attention(q, K, V)
+        else:  # query i sees keys up to pos + i
+            mask = torch.ones(S, pos + S, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).flatten(2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        h = cfg.mlp_hidden
+        self.w13 = nn.Linear(cfg.n_embd, 2 * h, bias=False)
+        self.w2 = nn.Linear(h, cfg.n_embd, bias=False)
+        self.drop = nn.Dropout(cfg.ffn_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.drop(self.w2(F.silu(a) * b))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, ids, memh, cos, sin):
+        x = x + self.attn(self.norm1(x), ids, memh, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x, ids, memh, cos, sin, cache, layer, pos):
+        x = x + self.attn.forward_cached(self.norm1(x), ids, memh, cos, sin, cache, layer, pos)
+        return x + self.mlp(self.norm2(x))
+
+
+# --------------------------------------------------------------------------- model
+
+
+class GPT(nn.Module):
+    """Class-conditional AR transformer.
+
+    >>> model = GPT(GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, memory="move"))
+    >>> logits = model(torch.randint(64, (2, 16)), torch.tensor([3, 7]))   # (2, 16, 64)
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.cls_emb = nn.Embedding(cfg.num_classes + 1, cfg.n_embd)  # + null class
+        self.tok_drop = nn.Dropout(cfg.token_dropout)
+        self.bank = MoVEBank(cfg.num_ids, cfg.slots, cfg.n_embd, cfg.n_head) if cfg.memory == "move" else None
+        self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        cos, sin = rope_2d(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, (MoVEBank, LaVETable)):
+                nn.init.normal_(m.weight, std=std)
+        # after the general init: zero head (LlamaGen) and zero routers (every gate starts at 1.0)
+        nn.init.zeros_(self.head.weight)
+        for b in self.blocks:
+            if b.attn.router is not None:
+                nn.init.zeros_(b.attn.router.weight)
+
+    # ---- inputs
+
+    def input_ids(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Unified ids ``(B, T)``: ``[K + label, codes[:, :-1]]``."""
+        K = self.config.vocab_size
+        return torch.cat([(labels + K)[:, None], codes[:, :-1]], dim=1)
+
+    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability ``class_dropout``."""
+        p = self.config.class_dropout
+        if p <= 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
+        return torch.where(drop, torch.full_like(labels, self.config.null_class), labels)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        K = self.config.vocab_size
+        is_cls = ids >= K
+        tok = self.tok_emb(ids.clamp(max=K - 1))
+        cls = self.cls_emb((ids - K).clamp(min=0))
+        return self.tok_drop(torch.where(is_cls[..., None], cls, tok))
+
+    def _check(self, codes: torch.Tensor, labels: torch.Tensor) -> None:
+        cfg = self.config
+        if codes.ndim != 2 or codes.shape[1] != cfg.seq_len:
+            raise ValueError(f"codes must be (B, {cfg.seq_len}), got {tuple(codes.shape)}")
+        if labels.shape != codes.shape[:1]:
+            raise ValueError(f"labels must be (B,) = ({codes.shape[0]},), got {tuple(labels.shape)}")
+
+    # ---- full forward
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``codes (B, T)`` int64, ``labels (B,)`` (``num_classes`` = null) -> logits ``(B, T, K)``.
+        In training mode labels are dropped to the null class at rate ``class_dropout``."""
+        self._check(codes, labels)
+        if self.training:
+            labels = self.drop_labels(labels)
+        ids = self.input_ids(codes, labels)  # (B, T)
+        x = self.embed(ids)
+        memh = self.bank.gather(ids) if self.bank is not None else None  # once per forward
+        cos, sin = self.rope_cos, self.rope_sin
+        for block in self.blocks:
+            x = block(x, ids, memh, cos, sin)
+        return self.head(self.norm(x)).float()
+
+    # ---- cached decoding
+
+    def new_cache(self, batch_size: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.config
+        device = device or self.head.weight.device
+        dtype = dtype or self.head.weight.dtype
+        shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
+        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        return KVCache(k=k, v=v)
+
+    def step(self, ids: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """Run input positions ``pos .. pos+S-1`` given a cache filled for positions ``< pos``.
+        ``ids (B, S)`` are unified ids (position 0 is the class id ``K + c``). Writes keys and
+        mixed values into ``cache`` and returns logits ``(B, S, K)`` (no dropout)."""
+        B, S = ids.shape
+        if pos != cache.length:
+            raise ValueError(f"cache holds {cache.length} positions; cannot run from position {pos}")
+        if pos + S > cache.capacity:
+            raise ValueError(f"positions {pos}..{pos + S - 1} exceed the cache capacity {cache.capacity}")
+        if self.training:
+            raise RuntimeError("step() is for inference; call model.eval() first")
+        x = self.embed(ids)
+        memh = self.bank.gather(ids) if self.bank is not None else None
+        cos, sin = self.rope_cos[pos : pos + S], self.rope_sin[pos : pos + S]
+        for l, block in enumerate(self.blocks):
+            x = block.forward_cached(x, ids, memh, cos, sin, cache, l, pos)
+        cache.length = pos + S
+        return self.head(self.norm(x)).float()
+
+    # ---- accounting
+
+    def param_counts(self) -> dict[str, int]:
+        return param_counts(self)
+
+
+def param_counts(model: GPT) -> dict[str, int]:
+    """Parameters by role: backbone (non-embedding), embedding (token, class, head), memory
+    (bank or LaVE tables) and router."""
+    out = {"params_backbone": 0, "params_embedding": 0, "params_memory": 0, "params_router": 0}
+    for name, p in model.named_parameters():
+        if name.startswith(("tok_emb", "cls_emb", "head")):
+            out["params_embedding"] += p.numel()
+        elif name.startswith("bank") or ".table." in name:
+            out["params_memory"] += p.numel()
+        elif ".router." in name:
+            out["params_router"] += p.numel()
+        else:
+            out["params_backbone"] += p.numel()
+    out["params_total"] = sum(out.values())
+    return out
+
+
+def cost_report(cfg: GPTConfig) -> dict[str, float]:
+    """Parameters (counted on the meta device), forward FLOPs per token and bank bytes per token.
+
+    FLOPs per token: 2 per multiply-add of every matmul (QKV, output, MLP, routers, head) plus
+    causal attention (on average T/2 keys: 2 * T * d per layer for QK^T and AV together) plus the
+    value mix (2 * n_gates * d per layer with memory). Bank bytes: rows read per token in bf16.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    counts = param_counts(model)
+    d, T, L = cfg.n_embd, cfg.seq_len, cfg.n_layer
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    attention = L * 2 * T * d
+    n_mem_layers = len(cfg.memory_layers)
+    per_layer_gates = (cfg.slots if cfg.memory == "move" else 1) + int(cfg.gate_standard_path)
+    mix_flops = n_mem_layers * 2 * per_layer_gates * d if cfg.memory != "none" else 0
+    rows = cfg.slots * L if cfg.memory == "move" else n_mem_layers
+    return {
+        **counts,
+        "flops_per_token": int(2 * matmul + attention + mix_flops),
+        "memory_slots": cfg.slots if cfg.memory == "move" else n_mem_layers,
+        "bank_bytes_per_token": int(rows * d * 2),
+    }
+
+
+PRESETS: dict[str, dict] = {
+    # tests: seconds on a CPU
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, mlp_multiple_of=32),
+    # small models for digits / Fashion-MNIST
+    "S": dict(n_layer=8, n_head=8, n_embd=512),
+    # LlamaGen sizes
+    "B": dict(n_layer=12, n_head=12, n_embd=768),
+    "L": dict(n_layer=24, n_head=16, n_embd=1024),
+    "XL": dict(n_layer=36, n_head=20, n_embd=1280),
+}
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "cost_report", "param_counts", "replace"]

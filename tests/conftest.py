@@ -1,0 +1,32 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from movegen.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits_pipeline(tmp_path_factory):
+    """A tiny digits tokenizer (through the CLI) and its train/val code stores."""
+    d = tmp_path_factory.mktemp("pipeline")
+    rc = main(["fit-tokenizer", "--config", str(ROOT / "tokenizers/digits/config.yaml"), "--out", str(d / "tok"),
+               "--trainer.max_steps", "120", "--trainer.check_val_every_n_epoch", "100",
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(d)])
+    assert rc == 0
+    for split in ("train", "val"):
+        rc = main(["extract-codes", "--tokenizer", str(d / "tok/tokenizer.ckpt"), "--split", split,
+                   "--out", str(d / f"codes_{split}")])
+        assert rc == 0
+    return {"dir": d, "tokenizer": d / "tok/tokenizer.ckpt", "codes": d / "codes_train", "val_codes": d / "codes_val",
+            "tok_metrics": json.loads((d / "tok/metrics.json").read_text())}

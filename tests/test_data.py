@@ -1,0 +1,144 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from movegen import data as D
+
+
+def test_digits_splits_are_disjoint_stratified_and_shaped():
+    sets = {s: D.load_dataset("digits", s) for s in D.SPLITS}
+    assert sum(len(s) for s in sets.values()) == 1797
+    x, y = sets["train"][0]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    for s in sets.values():  # every class present in every split
+        assert set(s.labels.tolist()) == set(range(10))
+    # same seed, same split
+    assert torch.equal(D.load_dataset("digits", "val").labels, sets["val"].labels)
+
+
+def test_digits_padding_and_content_crop():
+    ds = D.load_dataset("digits", "test", image_size=12, fit="pad")
+    x, _ = ds[0]
+    assert x.shape == (1, 12, 12)
+    assert torch.all(x[:, :2] == -1) and torch.all(x[:, :, -2:] == -1)
+    assert torch.equal(ds.content(x[None])[0], D.load_dataset("digits", "test")[0][0])
+    assert ds.transform(ds.images[:1]).shape == (1, 1, 12, 12)
+    rgb = D.load_dataset("digits", "test", channels=3)
+    assert rgb[0][0].shape == (3, 8, 8)
+
+
+@pytest.mark.skipif(D._find_idx_files(map(__import__("pathlib").Path, D.FASHION_DIRS)) is None,
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_splits_and_shapes():
+    tr, va, te = (D.load_dataset("fashion-mnist", s, image_size=32) for s in D.SPLITS)
+    assert (len(tr), len(va), len(te)) == (55_000, 5_000, 10_000)
+    x, y = te[0]
+    assert x.shape == (1, 32, 32) and 0 <= y < 10
+    assert te.content(x[None]).shape == (1, 1, 28, 28)
+    assert torch.bincount(te.labels).tolist() == [1000] * 10
+
+
+def test_missing_fashion_mnist_error_names_both_ways(monkeypatch, tmp_path):
+    import torchvision
+
+    monkeypatch.setattr(D, "FASHION_DIRS", (str(tmp_path / "nowhere"),))
+
+    def offline(*a, **k):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(FileNotFoundError) as e:
+        D.load_dataset("fashion-mnist", "train", data_root=str(tmp_path / "empty"))
+    msg = str(e.value)
+    assert "apt-get install -y dataset-fashion-mnist" in msg and "torchvision" in msg
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        D.load_dataset("imagenet-typo", "train")
+    with pytest.raises(ValueError, match="split"):
+        D.load_dataset("digits", "training")
+
+
+def test_folder_dataset_counts_unreadable_images(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            Image.fromarray((np.random.rand(12, 10, 3) * 255).astype(np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    ds_all = [D.load_dataset(f"folder:{tmp_path}", s, image_size=8) for s in ("train", "val")]
+    assert sum(len(d) for d in ds_all) == 21
+    seen, bad = 0, 0
+    for ds in ds_all:
+        for batch in torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=D.collate_skip_none):
+            x, y, b = batch
+            seen += len(x)
+            bad += b
+            assert len(x) == 0 or x.shape[1:] == (3, 8, 8)
+    assert (seen, bad) == (20, 1)
+    assert sum(len(d.failures) for d in ds_all) == 1
+
+
+def _fake_batches(n, views, T, K, bs=7):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, K, size=(n, views, T))
+    labels = rng.integers(0, 10, size=n)
+    return codes, labels, [(codes[i : i + bs], labels[i : i + bs]) for i in range(0, n, bs)]
+
+
+def test_code_store_round_trip_exact_uint16(tmp_path):
+    codes, labels, batches = _fake_batches(30, 2, 16, 1000)
+    D.write_code_store(tmp_path / "s", iter(batches), num_items=30, views=2, h=4, w=4,
+                       header={"codebook_size": 1000, "num_classes": 10, "dataset": "x"})
+    s = D.CodeStore(tmp_path / "s")
+    assert s.codes.dtype == np.uint16 and isinstance(s.codes, np.memmap)
+    assert np.array_equal(np.asarray(s.codes), codes) and np.array_equal(s.labels, labels)
+    assert (len(s), s.views, s.seq_len, s.codebook_size) == (30, 2, 16, 1000)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        D.write_code_store(tmp_path / "s", iter(batches), num_items=30, views=2, h=4, w=4,
+                           header={"codebook_size": 1000, "num_classes": 10})
+    # big codebooks fall back to int32
+    codes, labels, batches = _fake_batches(5, 1, 4, 70000)
+    D.write_code_store(tmp_path / "big", iter(batches), num_items=5, views=1, h=2, w=2,
+                       header={"codebook_size": 70000, "num_classes": 10})
+    assert D.CodeStore(tmp_path / "big").codes.dtype == np.int32
+
+
+def test_interrupted_extraction_leaves_no_store(tmp_path):
+    ds = D.load_dataset("digits", "val")
+    calls = {"n": 0}
+
+    def flaky_encode(x):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt("power cut")
+        return torch.zeros(len(x), 2, 2, dtype=torch.long)
+
+    with pytest.raises(KeyboardInterrupt):
+        D.extract_codes(flaky_encode, ds, tmp_path / "codes", codebook_size=16, num_classes=10, header={},
+                        batch_size=16, progress=False)
+    assert not (tmp_path / "codes").exists()
+    assert not list(tmp_path.rglob("header.json"))
+    assert list(tmp_path.iterdir()) == []  # temporary folder cleaned up
+
+
+def test_extraction_flip_view_and_header(tmp_path):
+    ds = D.load_dataset("digits", "val")
+    enc = lambda x: (x[:, 0, ::4, ::4] > 0).long()  # (B, 2, 2), depends on orientation
+    D.extract_codes(enc, ds, tmp_path / "c", codebook_size=2, num_classes=10, header={"dataset": "digits"},
+                    progress=False)
+    s = D.CodeStore(tmp_path / "c")
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert np.array_equal(np.asarray(s.codes[:, 0]), enc(x).reshape(len(ds), -1).numpy())
+    assert np.array_equal(np.asarray(s.codes[:, 1]), enc(x.flip(-1)).reshape(len(ds), -1).numpy())
+    hd = json.loads((tmp_path / "c/header.json").read_text())
+    assert hd["num_items"] == len(ds) and hd["views"] == 2 and hd["codebook_size"] == 2
+
+
+def test_not_a_code_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="extract-codes"):
+        D.CodeStore(tmp_path)

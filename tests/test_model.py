@@ -1,0 +1,227 @@
+import math
+
+import pytest
+import torch
+
+from movegen.lit import optimizer_groups
+from movegen.model import GPT, GPTConfig, cost_report
+from movegen.move import gates_from_logits, lave_layers, mix, mix_reference, move_slots
+
+K, C, T = 64, 10, 16
+
+
+def tiny(memory="none", **kw):
+    return GPTConfig.preset("tiny", vocab_size=K, num_classes=C, seq_len=T, memory=memory, **kw)
+
+
+def randomize(model):
+    """Non-trivial weights everywhere (the head and routers are zero at init)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+def batch(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(K, (B, T), generator=g), torch.tensor([0, 5, C][:B])
+
+
+@pytest.mark.parametrize("M", [1, 2, 6, 24])
+@pytest.mark.parametrize("gated", [True, False])
+def test_fast_mix_equals_reference_forward_and_backward(M, gated):
+    B, Tn, H, D = 2, 5, 3, 8
+    g = torch.Generator().manual_seed(M)
+    v = torch.randn(B, Tn, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    gates = (2 * torch.rand(B, Tn, H, M + int(gated), generator=g, dtype=torch.float64)).requires_grad_()
+    mem = torch.randn(B, Tn, M, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = mix_reference(v, gates, mem, gated)
+    memh = mem.transpose(2, 3)  # head-major, as MoVEBank.gather lays it out
+    fast = mix(v, gates, memh, gated)
+    torch.testing.assert_close(fast, ref)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((ref * w).sum(), (v, gates, mem))
+    gb = torch.autograd.grad((fast * w).sum(), (v, gates, mem))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+
+
+def test_bank_gather_layout_matches_definition():
+    cfg = tiny("move", memory_density=2)
+    model = GPT(cfg)
+    ids = torch.randint(cfg.num_ids, (2, 5))
+    memh = model.bank.gather(ids)  # (B, T, H, M, D)
+    E = model.bank.weight
+    D = cfg.head_dim
+    for h in range(cfg.n_head):
+        for i in range(cfg.slots):
+            torch.testing.assert_close(memh[:, :, h, i], E[ids, i, h * D : (h + 1) * D])
+
+
+def test_move_at_init_is_standard_value_plus_plain_slot_sum():
+    cfg = tiny("move", memory_density=2)
+    model = GPT(cfg).eval()
+    attn = model.blocks[1].attn
+    x = torch.randn(2, T, cfg.n_embd)
+    ids = torch.randint(cfg.num_ids, (2, T))
+    memh = model.bank.gather(ids)
+    _, _, v = attn.mixed_qkv(x, ids, memh, model.rope_cos, model.rope_sin)  # (B, H, T, D)
+    v_std = attn.qkv(x).view(2, T, 3, cfg.n_head, cfg.head_dim)[:, :, 2]
+    expected = v_std + model.bank.weight[ids].view(2, T, cfg.slots, cfg.n_head, -1).sum(2)
+    torch.testing.assert_close(v.transpose(1, 2), expected)
+
+
+@pytest.mark.parametrize("memory", ["move", "lave"])
+def test_every_gate_is_one_at_init(memory):
+    model = GPT(tiny(memory, memory_density=2))
+    x = torch.randn(2, T, model.config.n_embd)
+    n = 0
+    for b in model.blocks:
+        if b.attn.router is not None:
+            assert torch.all(gates_from_logits(b.attn.router(x), model.config.n_head) == 1.0)
+            n += 1
+    assert n == model.config.n_layer
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_zero_bank_gives_exactly_the_standard_model(gated):
+    std = randomize(GPT(tiny("none"))).eval()
+    mv = GPT(tiny("move", memory_density=2, gate_standard_path=gated)).eval()
+    sd = mv.state_dict()
+    sd.update(std.state_dict())  # same backbone, embeddings, head
+    mv.load_state_dict(sd)
+    with torch.no_grad():
+        mv.bank.weight.zero_()
+        if not gated:  # ungated standard path: any router gives the standard model
+            for b in mv.blocks:
+                b.attn.router.weight.normal_()
+    codes, labels = batch()
+    assert torch.equal(mv(codes, labels), std(codes, labels))
+    with torch.no_grad():
+        mv.bank.weight.normal_()
+    assert not torch.allclose(mv(codes, labels), std(codes, labels))
+
+
+@pytest.mark.parametrize("memory,density", [("none", 1), ("lave", 1), ("lave", 2), ("move", 1), ("move", 4)])
+def test_causality(memory, density):
+    model = randomize(GPT(tiny(memory, memory_density=density))).eval()
+    codes, labels = batch()
+    base = model(codes, labels)
+    for t in (0, 5, T - 1):
+        changed = codes.clone()
+        changed[:, t] = (changed[:, t] + 1) % K
+        out = model(changed, labels)
+        # position t predicts codes[:, t]; changing it may only affect later positions
+        assert torch.equal(out[:, : t + 1], base[:, : t + 1])
+        if t < T - 1:
+            assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])
+
+
+@pytest.mark.parametrize("memory,density,gated", [("none", 1, None), ("lave", 1, None), ("lave", 2, True),
+                                                  ("move", 1, None), ("move", 2, False), ("move", 4, True)])
+def test_kv_cache_decoding_equals_full_forward(memory, density, gated):
+    model = randomize(GPT(tiny(memory, memory_density=density, gate_standard_path=gated))).eval()
+    codes, labels = batch()
+    full = model(codes, labels)
+    ids = model.input_ids(codes, labels)
+    cache = model.new_cache(len(codes))
+    outs = [model.step(ids[:, :1], 0, cache), model.step(ids[:, 1:4], 1, cache)]  # prefill, then a chunk
+    outs += [model.step(ids[:, t : t + 1], t, cache) for t in range(4, T)]  # then one at a time
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cache holds"):
+        model.step(ids[:, :1], 3, cache)
+
+
+def test_null_class_used_at_configured_rate():
+    model = GPT(tiny("none", class_dropout=0.1))
+    labels = torch.randint(C, (200_000,))
+    dropped = model.drop_labels(labels, generator=torch.Generator().manual_seed(0))
+    rate = (dropped == C).float().mean().item()
+    assert abs(rate - 0.1) < 0.004  # 6 sigma at n = 2e5
+    assert torch.equal(dropped[dropped != C], labels[dropped != C])
+    # training forward uses it, eval does not
+    model = randomize(model)
+    codes, labels = batch(2)
+    labels = labels[:2]
+    model.eval()
+    a = model(codes[:2], labels)
+    model.config.class_dropout = 1.0
+    torch.testing.assert_close(model(codes[:2], labels), a)  # eval: no dropout of labels
+    model.train()
+    for m in model.modules():  # only class dropout left stochastic
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    null = model(codes[:2], torch.full_like(labels, C))
+    torch.testing.assert_close(model(codes[:2], labels), null)
+
+
+def test_imagenet_cost_accounting():
+    b = GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256)
+    std = cost_report(b)
+    assert abs(std["params_total"] - 111e6) / 111e6 < 0.01
+    mv = cost_report(GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256, memory="move"))
+    lv = cost_report(GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256, memory="lave"))
+    assert mv["params_memory"] == (16384 + 1001) * 6 * 768 == lv["params_memory"]
+    assert mv["params_backbone"] == std["params_backbone"] == lv["params_backbone"]
+    assert mv["params_router"] == 12 * 768 * 12 * 7
+    # memory adds almost no compute: routers + mix are < 1% of the forward FLOPs
+    assert mv["flops_per_token"] / std["flops_per_token"] < 1.01
+
+
+def test_density_conventions_and_errors():
+    assert move_slots(12, 1) == 6 and move_slots(12, 4) == 24
+    assert lave_layers(4, 1) == [1, 3] and lave_layers(5, 1) == [0, 2, 4] and lave_layers(4, 2) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="LaVE"):
+        tiny("lave", memory_density=4)
+    with pytest.raises(ValueError, match="slots"):
+        GPTConfig(n_layer=3, n_head=2, n_embd=32, memory="move", memory_density=1)
+    with pytest.raises(ValueError, match="memory must be"):
+        tiny("bank")
+    with pytest.raises(ValueError, match="seq_len"):
+        GPTConfig(seq_len=17, n_head=2, n_embd=32)
+    with pytest.raises(ValueError, match="codes must be"):
+        GPT(tiny())(torch.zeros(2, T + 1, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+def test_weight_decay_only_on_matrices_not_tables():
+    model = GPT(tiny("move", memory_density=2))
+    decay, no_decay = optimizer_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dn = {names[id(p)] for p in decay["params"]}
+    nn_ = {names[id(p)] for p in no_decay["params"]}
+    assert "bank.weight" in nn_ and "tok_emb.weight" in nn_ and "cls_emb.weight" in nn_
+    assert all("norm" not in n for n in dn)
+    assert "head.weight" in dn and "blocks.0.attn.router.weight" in dn and "blocks.0.attn.qkv.weight" in dn
+    lave = GPT(tiny("lave", memory_density=2))
+    d2, _ = optimizer_groups(lave, 0.05)
+    assert not any(p is lave.blocks[0].attn.table.weight for p in d2["params"])
+
+
+def test_tiny_model_learns_digits_codes(digits_pipeline, tmp_path):
+    import json
+
+    from movegen.cli import main
+    from movegen.lit import load_model
+
+    rc = main(["fit", "--config", "configs/digits/move-x1.yaml", "--codes", str(digits_pipeline["codes"]),
+               "--val-codes", str(digits_pipeline["val_codes"]), "--out", str(tmp_path),
+               "--trainer.max_steps", "150", "--trainer.val_check_interval", "25",
+               "--trainer.default_root_dir", str(tmp_path)])
+    assert rc == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    hist = [h["val_bits_per_token"] for h in m["history"]]
+    assert hist[-1] < hist[0] - 0.5, hist  # validation loss falls: a real learning signal
+    assert m["val_bits_per_token"] == pytest.approx(min(hist))
+    assert m["val_bits_per_token"] < math.log2(128)  # better than uniform over K
+    model, ckpt = load_model(tmp_path / "model.ckpt")
+    assert ckpt["code_store"]["tokenizer_sha256"] and model.config.memory == "move"
+    assert m["train_tokens"] == 150 * 64 * 16
+
+
+def test_fit_rejects_mismatched_code_store(digits_pipeline, tmp_path):
+    from movegen.cli import main
+
+    rc = main(["fit", "--config", "configs/digits/standard.yaml", "--codes", str(digits_pipeline["codes"]),
+               "--out", str(tmp_path), "--model.config.vocab_size", "256"])
+    assert rc == 2 and not (tmp_path / "model.ckpt").exists()
