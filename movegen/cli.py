@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("movegen")
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 VERBS = {
     "fit-tokenizer": "train a VQ tokenizer (LightningCLI: --config tokenizers/<name>/config.yaml --out DIR)",
@@ -62,7 +63,11 @@ def _lightning_cli(model_cls, dm_cls, argv: list[str], prog: str, extra_args):
         run=False,
         save_config_callback=None,
         seed_everything_default=0,
-        trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False},
+        trainer_defaults={
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+        },
         parser_kwargs={"prog": prog, "description": VERBS[prog.split()[-1]]},
     )
 
@@ -86,7 +91,11 @@ def cmd_fit_tokenizer(argv: list[str]) -> int:
     from .lit import ImageDataModule, LitTokenizer, evaluate_tokenizer, tokenizer_checkpoint
 
     def extra(parser):
-        parser.add_argument("--out", required=True, help="output folder (tokenizer.ckpt, metrics.json, reconstructions.png)")
+        parser.add_argument(
+            "--out",
+            required=True,
+            help="output folder (tokenizer.ckpt, metrics.json, reconstructions.png)",
+        )
 
     torch.set_float32_matmul_precision("high")
     cli = _lightning_cli(LitTokenizer, ImageDataModule, argv, "movegen fit-tokenizer", extra)
@@ -120,14 +129,24 @@ def cmd_fit_tokenizer(argv: list[str]) -> int:
                  100 * m["codebook_usage"], m["perplexity"])  # fmt: skip
     metrics.update({k: metrics["val"][k] for k in ("psnr", "codebook_usage", "perplexity")})
     tok = tok.cpu()
-    ds_info = {"name": dm.name, "fit": dm.fit, "image_size": dm.image_size, "num_classes": dm.train_set.info.num_classes}
-    atomic_torch_save(tokenizer_checkpoint(tok, dataset=ds_info, metrics=metrics), out / "tokenizer.ckpt")
+    ds_info = {
+        "name": dm.name,
+        "fit": dm.fit,
+        "image_size": dm.image_size,
+        "num_classes": dm.train_set.info.num_classes,
+        "native_size": dm.train_set.info.native_size,
+    }
+    atomic_torch_save(
+        tokenizer_checkpoint(tok, dataset=ds_info, metrics=metrics), out / "tokenizer.ckpt"
+    )
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     x = torch.stack([dm.val_set[i][0] for i in range(min(16, len(dm.val_set)))])
     with torch.no_grad():
         recon = tok.decode(tok.encode(x))
     save_image_grid(torch.cat([x, recon]), out / "reconstructions.png", nrow=len(x))
-    log.info("wrote %s (val psnr %.2f dB) in %.0f s", out / "tokenizer.ckpt", metrics["psnr"], seconds)
+    log.info(
+        "wrote %s (val psnr %.2f dB) in %.0f s", out / "tokenizer.ckpt", metrics["psnr"], seconds
+    )
     return 0
 
 
@@ -140,7 +159,9 @@ def cmd_extract_codes(argv: list[str]) -> int:
     p.add_argument("--data", default=None, help="dataset name (default: the tokenizer's)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    p.add_argument("--views", type=int, default=2, help="2: original + horizontal flip; 1: original only")
+    p.add_argument(
+        "--views", type=int, default=2, help="2: original + horizontal flip; 1: original only"
+    )
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -181,7 +202,11 @@ def cmd_fit(argv: list[str]) -> int:
     from .lit import BestCheckpoint, CodeDataModule, LitGPT, cost_report
 
     def extra(parser):
-        parser.add_argument("--out", required=True, help="output folder (model.ckpt at best validation, metrics.json)")
+        parser.add_argument(
+            "--out",
+            required=True,
+            help="output folder (model.ckpt at best validation, metrics.json)",
+        )
 
     argv = _rename_flags(argv, {"--codes": "--data.codes", "--val-codes": "--data.val_codes"})
     torch.set_float32_matmul_precision("high")
@@ -197,7 +222,9 @@ def cmd_fit(argv: list[str]) -> int:
     trainer.fit(model, datamodule=dm)
     seconds = time.time() - t0
     if not best.history:
-        raise ValueError("training ran no validation; lower --trainer.val_check_interval or raise max_steps")
+        raise ValueError(
+            "training ran no validation; lower --trainer.val_check_interval or raise max_steps"
+        )
     final = best.history[-1]
     metrics = {
         "val_loss": best.best,
@@ -258,8 +285,544 @@ def cmd_info(argv: list[str]) -> int:
             ("total", rep["params_total"])]  # fmt: skip
     for name, n in rows:
         print(f"  {name:30s} {n:>14,d}  ({n / 1e6:.2f} M)")
-    print(f"  {'forward FLOPs per token':30s} {rep['flops_per_token']:>14,d}  ({rep['flops_per_token'] / 1e6:.1f} MFLOP)")
-    print(f"  {'bank bytes read per token':30s} {rep['bank_bytes_per_token']:>14,d}  (bf16, all layers)")
+    print(
+        f"  {'forward FLOPs per token':30s} {rep['flops_per_token']:>14,d}  ({rep['flops_per_token'] / 1e6:.1f} MFLOP)"
+    )
+    print(
+        f"  {'bank bytes read per token':30s} {rep['bank_bytes_per_token']:>14,d}  (bf16, all layers)"
+    )
+    return 0
+
+
+# =========================================================================== fit-classifier
+
+
+def cmd_fit_classifier(argv: list[str]) -> int:
+    import torch
+
+    from .data import atomic_torch_save, atomic_write_text
+    from .lit import (
+        CKPT_FORMAT_CLASSIFIER,
+        ImageDataModule,
+        LitClassifier,
+        classifier_accuracy,
+        package_version,
+    )
+
+    def extra(parser):
+        parser.add_argument(
+            "--out", required=True, help="output folder (classifier.ckpt, metrics.json)"
+        )
+
+    # `--data NAME` is a shortcut for `--data.name NAME`
+    fixed = []
+    it = iter(range(len(argv)))
+    i = 0
+    while i < len(argv):
+        if (
+            argv[i] == "--data"
+            and i + 1 < len(argv)
+            and not argv[i + 1].endswith((".yaml", ".yml", "}"))
+        ):
+            fixed += ["--data.name", argv[i + 1]]
+            i += 2
+            continue
+        fixed.append(argv[i])
+        i += 1
+    del it
+    torch.set_float32_matmul_precision("high")
+    from lightning.pytorch.cli import LightningCLI
+
+    class CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            extra(parser)
+
+    cli = CLI(LitClassifier, ImageDataModule, args=fixed, run=False, save_config_callback=None,
+              seed_everything_default=0,
+              trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                                "max_epochs": 6, "enable_progress_bar": False},
+              parser_kwargs={"prog": "movegen fit-classifier", "description": VERBS["fit-classifier"]})  # fmt: skip
+    out = Path(cli.config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    dm: ImageDataModule = cli.datamodule
+    dm.setup("fit")
+    info = dm.train_set.info
+    x0 = dm.train_set[0][0]
+    model: LitClassifier = cli.model
+    model.build(info.num_classes, x0.shape[0], x0.shape[-1])
+    trainer = _make_trainer(cli, out)
+    t0 = time.time()
+    trainer.fit(model, datamodule=dm)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    net = model.net.eval()
+    metrics = {"val_accuracy": classifier_accuracy(net, dm.val_set, dev),
+               "test_accuracy": classifier_accuracy(net, dm.dataset("test"), dev),
+               "train_seconds": round(time.time() - t0, 1), "epochs": trainer.current_epoch,
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
+    net = net.cpu()
+    ckpt = {"format": CKPT_FORMAT_CLASSIFIER, "movegen_version": package_version(), "hparams": net.hparams(),
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "dataset": dm.name,
+            "image_size": int(x0.shape[-1]), "fit": dm.fit, "metrics": metrics}  # fmt: skip
+    atomic_torch_save(ckpt, out / "classifier.ckpt")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    log.info("classifier on %s: test accuracy %.2f%% (val %.2f%%); wrote %s", dm.name, 100 * metrics["test_accuracy"],
+             100 * metrics["val_accuracy"], out / "classifier.ckpt")  # fmt: skip
+    return 0
+
+
+# =========================================================================== sample
+
+
+def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, device: str):
+    from .data import sha256_file
+    from .lit import load_model, load_tokenizer
+
+    model, ckpt = load_model(model_path, device)
+    recorded = ckpt["code_store"].get("tokenizer_path")
+    path = tokenizer_path or recorded
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"tokenizer {path!r} (recorded in {model_path}) not found; pass --tokenizer DIR/tokenizer.ckpt"
+        )
+    tok, tck = load_tokenizer(path, device)
+    if tok.codebook_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer {path} has codebook size {tok.codebook_size} but the model was trained "
+                         f"on K = {model.config.vocab_size}; pass the tokenizer the codes came from")  # fmt: skip
+    if tok.config.latent_size**2 != model.config.seq_len:
+        raise ValueError(f"tokenizer {path} gives {tok.config.latent_size}^2 tokens per image; the model expects "
+                         f"{model.config.seq_len}")  # fmt: skip
+    want = ckpt["code_store"].get("tokenizer_sha256")
+    if want and sha256_file(path) != want:
+        log.warning(
+            "tokenizer %s differs from the one the codes came from (sha256 mismatch); samples may be wrong",
+            path,
+        )
+    return model, ckpt, tok, tck
+
+
+def _parse_classes(spec: str, num_classes: int) -> list[int]:
+    if spec == "all":
+        return list(range(num_classes))
+    try:
+        classes = [int(c) for c in spec.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--classes must be 'all' or comma-separated ints, got {spec!r}") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad or not classes:
+        raise ValueError(
+            f"class ids {bad or spec} out of range: this model has classes 0..{num_classes - 1}"
+        )
+    return classes
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1 = none)"
+    )
+    p.add_argument("--cfg-interval", default=None, help="guide only code positions a:b (e.g. 0:32)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+
+
+def _settings(a) -> dict:
+    interval = None
+    if a.cfg_interval:
+        lo, hi = a.cfg_interval.split(":")
+        interval = (int(lo), int(hi))
+    return {"cfg_scale": a.cfg_scale, "cfg_interval": interval, "temperature": a.temperature, "top_k": a.top_k,
+            "top_p": a.top_p}  # fmt: skip
+
+
+def cmd_sample(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="movegen sample", description=VERBS["sample"])
+    p.add_argument("--model", required=True, help="DIR/model.ckpt from `movegen fit`")
+    p.add_argument(
+        "--tokenizer", default=None, help="override the tokenizer recorded in the checkpoint"
+    )
+    p.add_argument(
+        "--classes", default="all", help="'all' or comma-separated class ids, e.g. 0,3,7"
+    )
+    p.add_argument("--per-class", type=int, default=8, help="images per class (one row per class)")
+    _add_sampling_args(p)
+    p.add_argument("--out", default="grid.png", help="PNG grid")
+    p.add_argument("--out-dir", default=None, help="also save every image as its own PNG here")
+    a = p.parse_args(argv)
+    import torch
+
+    from .data import save_image_grid
+    from .sample import generate_images
+
+    dev = _device(a.device)
+    model, ckpt, tok, tck = _load_model_and_tokenizer(a.model, a.tokenizer, dev)
+    classes = _parse_classes(a.classes, model.config.num_classes)
+    labels = torch.tensor(classes, device=dev).repeat_interleave(a.per_class)
+    g = torch.Generator(device=dev).manual_seed(a.seed)
+    images, _ = generate_images(model, tok.decode, labels, batch_size=a.batch_size, generator=g, progress=True,
+                                **_settings(a))  # fmt: skip
+    save_image_grid(images, a.out, nrow=a.per_class)
+    if a.out_dir:
+        od = Path(a.out_dir)
+        for i, (img, c) in enumerate(zip(images, labels.tolist())):
+            save_image_grid(
+                img[None], od / f"class{c:04d}_{i % a.per_class:04d}.png", nrow=1, min_tile=1
+            )
+    log.info("wrote %s (%d classes x %d)", a.out, len(classes), a.per_class)
+    return 0
+
+
+# =========================================================================== evaluate
+
+
+def _content_crop(images, tck: dict):
+    """Undo the tokenizer's padding so generated images match the dataset's native size."""
+    ds = tck.get("dataset", {})
+    native = ds.get("native_size")
+    if ds.get("fit", "pad") == "pad" and native and images.shape[-1] > native:
+        p = (images.shape[-1] - native) // 2
+        return images[..., p : p + native, p : p + native]
+    return images
+
+
+def evaluate_model(model_path: str, *, features: str, num_samples: int, settings: dict, seed: int, device: str,
+                   batch_size: int = 256, tokenizer: str | None = None, ref_split: str = "train",
+                   cache_dir: str | None = None, inception_weights: str | None = None, data_root: str | None = None,
+                   val_codes: str | None = None, export_npz: str | None = None) -> dict:  # fmt: skip
+    import numpy as np
+    import torch
+
+    from .data import load_dataset
+    from .metrics import build_extractors, extract_features, reference_features, score
+    from .sample import generate_images
+
+    model, ckpt, tok, tck = _load_model_and_tokenizer(model_path, tokenizer, device)
+    feat_mod, logit_mod, fdesc = build_extractors(features, inception_weights, device)
+    C = model.config.num_classes
+    labels = torch.arange(num_samples, device=device) % C  # balanced over classes
+    g = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.time()
+    images, _ = generate_images(model, tok.decode, labels, batch_size=batch_size, generator=g, progress=True,
+                                **settings)  # fmt: skip
+    sample_seconds = time.time() - t0
+    images = _content_crop(images, tck)
+    dsname = ckpt["code_store"].get("dataset") or tck["dataset"]["name"]
+    if fdesc["features"].startswith("classifier:") and fdesc["features"].split(":", 1)[1] != dsname:
+        raise ValueError(f"classifier features were trained on {fdesc['features'].split(':', 1)[1]}, the model on "
+                         f"{dsname}; use a classifier of the same dataset")  # fmt: skip
+    res = images.shape[-1]
+
+    def real_batches():
+        ds = load_dataset(dsname, ref_split, data_root=data_root, channels=images.shape[1],
+                          image_size=None if not dsname.startswith("folder:") else res)  # fmt: skip
+        loader = torch.utils.data.DataLoader(ds, batch_size=500)
+        for batch in loader:
+            yield batch[0]
+
+    key = {"dataset": dsname, "split": ref_split, "resolution": res, "features": fdesc["id"]}
+    cache = cache_dir or str(Path.home() / ".cache" / "movegen" / "ref")
+    real, hit = reference_features(feat_mod, key, real_batches, cache, device)
+    fake = extract_features(feat_mod, images, device=device)
+    logits = extract_features(logit_mod, images, device=device)
+    scores = score(real, fake, logits, seed=seed)
+    bits = ckpt["metrics"].get("val_bits_per_token")
+    if val_codes:
+        from .data import CodeStore
+        from .metrics import bits_per_token
+
+        bits = bits_per_token(model, CodeStore(val_codes), device=device)
+    run = Path(model_path).resolve().parent.name
+    result = {
+        "run": run, "model": str(Path(model_path).resolve()), **scores, "val_bits_per_token": bits,
+        "num_samples": num_samples, "seed": seed, "sampling": settings, **fdesc, "reference": key,
+        "reference_cache_hit": hit, "reference_size": len(real), "sample_seconds": round(sample_seconds, 2),
+        "memory": model.config.memory, "memory_density": model.config.memory_density,
+        "gate_standard_path": model.config.gate_standard_path, "train_tokens": ckpt["train"].get("train_tokens"),
+        "train_step": ckpt["train"].get("step"), "dataset": dsname,
+    }  # fmt: skip
+    from .model import cost_report
+
+    result.update(cost_report(model.config))
+    if export_npz:
+        arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        arr = arr.expand(-1, 3, -1, -1) if arr.shape[1] == 1 else arr
+        _atomic_npz(
+            export_npz,
+            arr.permute(0, 2, 3, 1).contiguous().numpy(),
+            labels.cpu().numpy().astype(np.int64),
+        )
+        result["npz"] = str(export_npz)
+    return result
+
+
+def _atomic_npz(path, images, labels) -> None:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(
+            tmp, arr_0=images, arr_1=labels
+        )  # the ADM evaluator reads arr_0 (N, H, W, 3) uint8
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _print_table(rows: list[dict]) -> None:
+    cols = [
+        "run",
+        "memory",
+        "memory_density",
+        "fid",
+        "is",
+        "kid",
+        "val_bits_per_token",
+        "params_total",
+    ]
+    print(" | ".join(f"{c:>18s}" for c in cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:18.4f}" if isinstance(v, float) else f"{v!s:>18s}")
+        print(" | ".join(cells))
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="movegen evaluate", description=VERBS["evaluate"])
+    p.add_argument("--model", nargs="+", required=True, help="one or more DIR/model.ckpt")
+    p.add_argument(
+        "--features", required=True, help="'inception' or 'classifier:DIR/classifier.ckpt'"
+    )
+    p.add_argument("--inception-weights", default=None, help=f"path of {INCEPTION_FILE}")
+    p.add_argument(
+        "--num-samples", type=int, default=10_000, help="images per model, balanced over classes"
+    )
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument(
+        "--ref-split",
+        default="train",
+        choices=["train", "val", "test"],
+        help="real images to compare with",
+    )
+    p.add_argument("--data-root", default=None)
+    p.add_argument(
+        "--val-codes", default=None, help="recompute bits/token on this held-out code store"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="reference-statistics cache (default ~/.cache/movegen/ref)",
+    )
+    p.add_argument(
+        "--export-npz",
+        action="store_true",
+        help="also write RESULTS/<run>.npz (ADM evaluator layout)",
+    )
+    _add_sampling_args(p)
+    p.add_argument("--out", required=True, help="results folder: one <run-name>.json per model")
+    a = p.parse_args(argv)
+    from .data import atomic_write_text
+
+    dev = _device(a.device)
+    out = Path(a.out)
+    rows = []
+    for m in a.model:
+        run = Path(m).resolve().parent.name
+        r = evaluate_model(m, features=a.features, num_samples=a.num_samples, settings=_settings(a), seed=a.seed,
+                           device=dev, batch_size=a.batch_size, tokenizer=a.tokenizer, ref_split=a.ref_split,
+                           cache_dir=a.cache_dir, inception_weights=a.inception_weights, data_root=a.data_root,
+                           val_codes=a.val_codes, export_npz=out / f"{run}.npz" if a.export_npz else None)  # fmt: skip
+        atomic_write_text(out / f"{run}.json", json.dumps(r, indent=2))
+        rows.append(r)
+    _print_table(rows)
+    return 0
+
+
+# =========================================================================== report
+
+
+def cmd_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="movegen report", description=VERBS["report"])
+    p.add_argument("results", help="folder of <run>.json files from `movegen evaluate`")
+    p.add_argument("--out", required=True, help="report folder (README.md and PNG plots)")
+    a = p.parse_args(argv)
+    from .report import write_report
+
+    path = write_report(a.results, a.out)
+    log.info("wrote %s", path)
+    return 0
+
+
+# =========================================================================== demo
+
+
+def _repo_file(rel: str) -> Path:
+    p = Path(__file__).resolve().parents[1] / rel
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{rel} not found next to the package; run the demo from a clone of the repository"
+        )
+    return p
+
+
+def cmd_demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="movegen demo", description=VERBS["demo"])
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--tokenizer-steps", type=int, default=400)
+    p.add_argument("--model-steps", type=int, default=400)
+    p.add_argument("--classifier-epochs", type=int, default=30)
+    p.add_argument("--num-samples", type=int, default=1000, help="images per model for FID/IS/KID")
+    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    t0 = time.time()
+    quiet = ["--trainer.enable_progress_bar", "false"]
+
+    def run(step: str, args: list[str]) -> None:
+        log.info("demo: %s", step)
+        rc = COMMANDS[args[0]](args[1:])
+        if rc:
+            raise SystemExit(rc)
+
+    tok = out / "tokenizer"
+    run(
+        "1/6 tokenizer",
+        [
+            "fit-tokenizer",
+            "--config",
+            str(_repo_file("tokenizers/digits/config.yaml")),
+            "--out",
+            str(tok),
+            "--trainer.max_steps",
+            str(a.tokenizer_steps),
+            "--seed_everything",
+            str(a.seed),
+            *quiet,
+        ],
+    )
+    for split in ("train", "val"):
+        run(
+            f"2/6 codes ({split})",
+            [
+                "extract-codes",
+                "--tokenizer",
+                str(tok / "tokenizer.ckpt"),
+                "--split",
+                split,
+                "--out",
+                str(out / f"codes-{split}"),
+                "--overwrite",
+                "--device",
+                "cpu",
+            ],
+        )
+    arms = ["standard", "move-x1"]
+    for arm in arms:
+        run(
+            f"3/6 model {arm}",
+            [
+                "fit",
+                "--config",
+                str(_repo_file(f"configs/digits/{arm}.yaml")),
+                "--codes",
+                str(out / "codes-train"),
+                "--val-codes",
+                str(out / "codes-val"),
+                "--out",
+                str(out / arm),
+                "--trainer.max_steps",
+                str(a.model_steps),
+                "--seed_everything",
+                str(a.seed),
+                *quiet,
+            ],
+        )
+    run(
+        "4/6 classifier",
+        [
+            "fit-classifier",
+            "--data",
+            "digits",
+            "--out",
+            str(out / "classifier"),
+            "--trainer.max_epochs",
+            str(a.classifier_epochs),
+            "--data.batch_size",
+            "64",
+            "--seed_everything",
+            str(a.seed),
+        ],
+    )
+    run(
+        "5/6 evaluation",
+        [
+            "evaluate",
+            "--model",
+            *[str(out / arm / "model.ckpt") for arm in arms],
+            "--features",
+            f"classifier:{out / 'classifier' / 'classifier.ckpt'}",
+            "--num-samples",
+            str(a.num_samples),
+            "--cfg-scale",
+            str(a.cfg_scale),
+            "--seed",
+            str(a.seed),
+            "--cache-dir",
+            str(out / "cache"),
+            "--out",
+            str(out / "results"),
+            "--device",
+            "cpu",
+        ],
+    )
+    run(
+        "6/6 grid and report",
+        [
+            "sample",
+            "--model",
+            str(out / "move-x1" / "model.ckpt"),
+            "--classes",
+            "all",
+            "--per-class",
+            "10",
+            "--cfg-scale",
+            str(a.cfg_scale),
+            "--seed",
+            str(a.seed),
+            "--out",
+            str(out / "grid.png"),
+            "--device",
+            "cpu",
+        ],
+    )
+    run("6/6 report", ["report", str(out / "results"), "--out", str(out / "report")])
+    tokm = json.loads((tok / "metrics.json").read_text())
+    clsm = json.loads((out / "classifier" / "metrics.json").read_text())
+    print(f"\nmovegen demo finished in {time.time() - t0:.0f} s -> {out}/")
+    print(
+        f"  tokenizer: val PSNR {tokm['psnr']:.2f} dB, codebook usage {100 * tokm['codebook_usage']:.0f}%"
+    )
+    print(f"  classifier (FID/IS/KID features): test accuracy {100 * clsm['test_accuracy']:.1f}%")
+    for arm in arms:
+        r = json.loads((out / "results" / f"{arm}.json").read_text())
+        print(
+            f"  {arm:9s} val {r['val_bits_per_token']:.3f} bits/token  FID {r['fid']:.2f}  IS {r['is']:.2f}  "
+            f"KID {r['kid']:.4f}  ({r['params_total'] / 1e6:.2f} M params)"
+        )
+    print(f"  grid of MoVE samples (one row per class): {out / 'grid.png'}")
+    print(f"  report: {out / 'report' / 'README.md'}")
     return 0
 
 
@@ -272,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="movegen",
         description="Class-conditional image generation over VQ tokens with MoVE (Mixture of Value Embeddings).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="subcommands:\n" + "\n".join(f"  {k:15s} {v}" for k, v in VERBS.items() if k in COMMANDS)
+        epilog="subcommands:\n"
+        + "\n".join(f"  {k:15s} {v}" for k, v in VERBS.items() if k in COMMANDS)
         + "\n\n`movegen <subcommand> --help` explains each.",
     )
     p.add_argument("--log-level", default="INFO")
@@ -297,6 +861,11 @@ COMMANDS = {
     "extract-codes": cmd_extract_codes,
     "fit": cmd_fit,
     "info": cmd_info,
+    "sample": cmd_sample,
+    "fit-classifier": cmd_fit_classifier,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "demo": cmd_demo,
 }
 
 if __name__ == "__main__":

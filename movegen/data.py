@@ -88,15 +88,21 @@ class TensorImages(Dataset):
         channels: int | None = None,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, S, S), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be uint8 (N, C, S, S), got {images.dtype} {tuple(images.shape)}"
+            )
         if fit not in ("pad", "resize"):
             raise ValueError(f"fit must be 'pad' or 'resize', got {fit!r}")
         self.images, self.labels, self.info = images, labels.long(), info
         self.image_size = image_size or images.shape[-1]
         self.fit = fit
         self.channels = channels or images.shape[1]
-        if self.channels not in (images.shape[1], 3) or (self.channels == 3 and images.shape[1] not in (1, 3)):
-            raise ValueError(f"cannot turn {images.shape[1]}-channel images into {self.channels} channels")
+        if self.channels not in (images.shape[1], 3) or (
+            self.channels == 3 and images.shape[1] not in (1, 3)
+        ):
+            raise ValueError(
+                f"cannot turn {images.shape[1]}-channel images into {self.channels} channels"
+            )
         native = images.shape[-1]
         if fit == "pad" and (self.image_size < native or (self.image_size - native) % 2):
             raise ValueError(
@@ -122,7 +128,12 @@ class TensorImages(Dataset):
                 x = F.pad(x, (self.pad,) * 4, value=-1.0)
             else:
                 lead = x.shape[:-3]
-                x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=self.image_size, mode="bilinear", antialias=True)
+                x = F.interpolate(
+                    x.reshape(-1, *x.shape[-3:]),
+                    size=self.image_size,
+                    mode="bilinear",
+                    antialias=True,
+                )
                 x = x.reshape(*lead, *x.shape[-3:]).clamp(-1, 1)
         return x
 
@@ -135,7 +146,9 @@ class TensorImages(Dataset):
         return self.transform(self.images[i]), int(self.labels[i])
 
 
-def _stratified_split(labels: np.ndarray, split: str, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> np.ndarray:
+def _stratified_split(
+    labels: np.ndarray, split: str, seed: int = 0, fractions=(0.8, 0.1, 0.1)
+) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out: dict[str, list[int]] = {s: [] for s in SPLITS}
     for c in np.unique(labels):
@@ -164,24 +177,30 @@ def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     ndim = magic & 0xFF
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).copy()
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
+        raise ValueError(
+            f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}"
+        )
     return arr.reshape(shape)
 
 
 def _find_idx_files(dirs: Iterable[Path]) -> Path | None:
     for d in dirs:
         for suffix in ("", ".gz"):
-            if (d / f"train-images-idx3-ubyte{suffix}").exists() and (d / f"t10k-images-idx3-ubyte{suffix}").exists():
+            if (d / f"train-images-idx3-ubyte{suffix}").exists() and (
+                d / f"t10k-images-idx3-ubyte{suffix}"
+            ).exists():
                 return d
     return None
 
 
-def _mnist_like(name: str, split: str, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor, DatasetInfo]:
+def _mnist_like(
+    name: str, split: str, data_root: str | None
+) -> tuple[torch.Tensor, torch.Tensor, DatasetInfo]:
     tv_name = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}[name]
     dirs = [Path(p) for p in (FASHION_DIRS if name == "fashion-mnist" else ())]
     if data_root:
@@ -237,7 +256,9 @@ def _cifar10(split: str, data_root: str | None) -> tuple[torch.Tensor, torch.Ten
     if split != "test":
         sl = slice(0, 45_000) if split == "train" else slice(45_000, None)
         images, labels = images[sl], labels[sl]
-    info = DatasetInfo(name="cifar10", num_classes=10, channels=3, native_size=32, class_names=tuple(ds.classes))
+    info = DatasetInfo(
+        name="cifar10", num_classes=10, channels=3, native_size=32, class_names=tuple(ds.classes)
+    )
     return images, labels, info
 
 
@@ -326,11 +347,17 @@ def load_dataset(
 def dataset_info(name: str) -> DatasetInfo:
     """Class count and channels of a named dataset without loading it."""
     if name == "digits":
-        return DatasetInfo(name=name, num_classes=10, channels=1, native_size=8, class_names=tuple("0123456789"))
+        return DatasetInfo(
+            name=name, num_classes=10, channels=1, native_size=8, class_names=tuple("0123456789")
+        )
     if name == "fashion-mnist":
-        return DatasetInfo(name=name, num_classes=10, channels=1, native_size=28, class_names=FASHION_CLASSES)
+        return DatasetInfo(
+            name=name, num_classes=10, channels=1, native_size=28, class_names=FASHION_CLASSES
+        )
     if name == "mnist":
-        return DatasetInfo(name=name, num_classes=10, channels=1, native_size=28, class_names=tuple("0123456789"))
+        return DatasetInfo(
+            name=name, num_classes=10, channels=1, native_size=28, class_names=tuple("0123456789")
+        )
     if name == "cifar10":
         return DatasetInfo(name=name, num_classes=10, channels=3, native_size=32)
     raise ValueError(f"no static info for dataset {name!r}")
@@ -388,7 +415,9 @@ def write_code_store(
     dtype = code_dtype(K)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        codes = np.lib.format.open_memmap(tmp / "codes.partial.npy", mode="w+", dtype=dtype, shape=(num_items, views, h * w))
+        codes = np.lib.format.open_memmap(
+            tmp / "codes.partial.npy", mode="w+", dtype=dtype, shape=(num_items, views, h * w)
+        )
         labels = np.empty(num_items, dtype=np.int64)
         n = 0
         for c, y in batches:
@@ -434,11 +463,15 @@ class CodeStore:
             )
         self.header = json.loads(hp.read_text())
         if self.header.get("format") != STORE_FORMAT:
-            raise ValueError(f"{hp} has format {self.header.get('format')!r}, expected {STORE_FORMAT!r}")
+            raise ValueError(
+                f"{hp} has format {self.header.get('format')!r}, expected {STORE_FORMAT!r}"
+            )
         self.codes = np.load(self.path / "codes.npy", mmap_mode="r")
         self.labels = np.load(self.path / "labels.npy")
         if len(self.codes) != len(self.labels) or len(self.codes) != self.header["num_items"]:
-            raise ValueError(f"{self.path}: codes ({len(self.codes)}) and labels ({len(self.labels)}) disagree")
+            raise ValueError(
+                f"{self.path}: codes ({len(self.codes)}) and labels ({len(self.labels)}) disagree"
+            )
 
     codebook_size = property(lambda self: int(self.header["codebook_size"]))
     num_classes = property(lambda self: int(self.header["num_classes"]))
@@ -453,7 +486,13 @@ class CodeDataset(Dataset):
     """Items of a code store as ``(codes int64 (T,), label)``; a random view per item when
     ``random_view`` (training), view 0 otherwise."""
 
-    def __init__(self, store: CodeStore, indices: np.ndarray | None = None, random_view: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        store: CodeStore,
+        indices: np.ndarray | None = None,
+        random_view: bool = True,
+        seed: int = 0,
+    ):
         self.store = store
         self.indices = np.arange(len(store)) if indices is None else np.asarray(indices)
         self.random_view = random_view and store.views > 1
@@ -495,7 +534,9 @@ def extract_codes(
     from tqdm.auto import tqdm
 
     if views not in (1, 2):
-        raise ValueError(f"views must be 1 (original) or 2 (original + horizontal flip), got {views}")
+        raise ValueError(
+            f"views must be 1 (original) or 2 (original + horizontal flip), got {views}"
+        )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
     x0 = next(x for x, _, _ in loader if len(x))
     h, w = encode(x0[:1].to(device)).shape[-2:]
@@ -569,7 +610,9 @@ __all__ = [
 ]
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, min_tile: int = 64) -> Path:
+def save_image_grid(
+    images: torch.Tensor, path: str | os.PathLike, nrow: int, min_tile: int = 64
+) -> Path:
     """Write images ``(N, C, H, W)`` in [-1, 1] as one PNG grid (``nrow`` images per row),
     upscaled with nearest neighbours so that tiny images stay visible. Atomic."""
     from PIL import Image

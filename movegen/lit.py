@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data import CodeDataset, CodeStore, load_dataset, split_holdout
+from .data import CodeStore, load_dataset, split_holdout
 from .tokenizer import (
     PatchDiscriminator,
     TokenizerConfig,
@@ -43,7 +43,9 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float = 0.1, schedule: str = "cosine") -> float:
+def warmup_cosine(
+    step: int, *, warmup: int, total: int, min_ratio: float = 0.1, schedule: str = "cosine"
+) -> float:
     """LR multiplier: linear warm-up, then cosine decay to ``min_ratio`` (or constant)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
@@ -81,7 +83,12 @@ class ImageDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.name, self.data_root, self.batch_size = name, data_root, batch_size
-        self.num_workers, self.fit, self.image_size, self.channels = num_workers, fit, image_size, channels
+        self.num_workers, self.fit, self.image_size, self.channels = (
+            num_workers,
+            fit,
+            image_size,
+            channels,
+        )
 
     def dataset(self, split: str):
         return load_dataset(self.name, split, data_root=self.data_root, image_size=self.image_size,
@@ -164,11 +171,15 @@ class LitTokenizer(L.LightningModule):
         opt = torch.optim.AdamW(self.tokenizer.parameters(), lr=self.hparams.lr, betas=self.hparams.betas,
                                 weight_decay=self.hparams.weight_decay)  # fmt: skip
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
-        f = lambda s: warmup_cosine(s, warmup=self.hparams.warmup_steps, total=total, min_ratio=self.hparams.min_lr_ratio)
+        f = lambda s: warmup_cosine(
+            s, warmup=self.hparams.warmup_steps, total=total, min_ratio=self.hparams.min_lr_ratio
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
         if self.disc is None:
             return [opt], [sched]
-        dopt = torch.optim.AdamW(self.disc.parameters(), lr=self.hparams.lr, betas=self.hparams.betas)
+        dopt = torch.optim.AdamW(
+            self.disc.parameters(), lr=self.hparams.lr, betas=self.hparams.betas
+        )
         return [opt, dopt], [sched]
 
     def _rec(self, x, y):
@@ -241,7 +252,9 @@ def reduce_tokenizer_stats(stats: dict, K: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tok: VQTokenizer, dataset, batch_size: int = 512, device="cpu") -> dict[str, float]:
+def evaluate_tokenizer(
+    tok: VQTokenizer, dataset, batch_size: int = 512, device="cpu"
+) -> dict[str, float]:
     """PSNR (over the dataset's original pixels), codebook usage and perplexity on a split."""
     stats: dict[str, list] = {}
     content = getattr(dataset, "content", None)
@@ -270,7 +283,9 @@ def load_checkpoint(path: str | Path, expected_format: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a movegen checkpoint (could not load it safely: {type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{path} is not a movegen checkpoint (could not load it safely: {type(e).__name__}: {e})"
+        ) from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt != expected_format:
         raise ValueError(
@@ -342,7 +357,9 @@ class CodeDataModule(L.LightningDataModule):
         if self.store is not None:
             return
         if not self.codes:
-            raise ValueError("no code store given: pass --codes CODES (from `movegen extract-codes`)")
+            raise ValueError(
+                "no code store given: pass --codes CODES (from `movegen extract-codes`)"
+            )
         self.store = CodeStore(self.codes)
         if self.val_codes:
             self.val_store = CodeStore(self.val_codes)
@@ -350,10 +367,15 @@ class CodeDataModule(L.LightningDataModule):
                 if self.val_store.header.get(key) != self.store.header.get(key):
                     raise ValueError(f"val_codes {self.val_codes} differs from codes in {key!r}: "
                                      f"{self.val_store.header.get(key)} vs {self.store.header.get(key)}")  # fmt: skip
-            self.train_idx, self.val_idx = np.arange(len(self.store)), np.arange(len(self.val_store))
+            self.train_idx, self.val_idx = (
+                np.arange(len(self.store)),
+                np.arange(len(self.val_store)),
+            )
         else:
             self.val_store = self.store
-            self.train_idx, self.val_idx = split_holdout(len(self.store), self.val_fraction, self.seed)
+            self.train_idx, self.val_idx = split_holdout(
+                len(self.store), self.val_fraction, self.seed
+            )
 
     def check(self, cfg: GPTConfig) -> None:
         """A clear error before training when the store does not fit the model config."""
@@ -361,11 +383,17 @@ class CodeDataModule(L.LightningDataModule):
         s = self.store
         problems = []
         if s.codebook_size != cfg.vocab_size:
-            problems.append(f"codebook size {s.codebook_size} (store) vs vocab_size {cfg.vocab_size} (model)")
+            problems.append(
+                f"codebook size {s.codebook_size} (store) vs vocab_size {cfg.vocab_size} (model)"
+            )
         if s.num_classes != cfg.num_classes:
-            problems.append(f"{s.num_classes} classes (store) vs num_classes {cfg.num_classes} (model)")
+            problems.append(
+                f"{s.num_classes} classes (store) vs num_classes {cfg.num_classes} (model)"
+            )
         if s.seq_len != cfg.seq_len:
-            problems.append(f"{s.seq_len} tokens per image (store) vs seq_len {cfg.seq_len} (model)")
+            problems.append(
+                f"{s.seq_len} tokens per image (store) vs seq_len {cfg.seq_len} (model)"
+            )
         if problems:
             raise ValueError(f"code store {self.codes} does not match the model config: " + "; ".join(problems)
                              + ". Use a config made for this tokenizer or override --model.config.*")  # fmt: skip
@@ -382,7 +410,9 @@ class CodeDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         ds = FlatViews(self.val_store, self.val_idx, views=1)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -393,7 +423,10 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             continue
         is_table = name.startswith(("tok_emb", "cls_emb", "bank")) or ".table." in name
         (decay if p.ndim == 2 and not is_table else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 class LitGPT(L.LightningModule):
@@ -545,3 +578,76 @@ class BestCheckpoint(L.Callback):
 
 def model_info(cfg: GPTConfig) -> dict:
     return cost_report(cfg)
+
+
+# =========================================================================== classifier
+
+from .metrics import SmallCNN  # noqa: E402
+
+
+class LitClassifier(L.LightningModule):
+    """Trains the small CNN whose features score FID/KID (penultimate layer) and IS (logits)."""
+
+    def __init__(self, width: int = 32, feature_dim: int = 128, dropout: float = 0.3, lr: float = 2e-3,
+                 weight_decay: float = 5e-4, augment: bool = True):  # fmt: skip
+        """
+        Args:
+            width: channels of the first conv stage (doubled twice).
+            feature_dim: size of the penultimate layer (the FID/KID features).
+            dropout: dropout before the logits.
+            lr: peak learning rate (AdamW, one-cycle cosine over the run).
+            weight_decay: AdamW weight decay.
+            augment: random shifts of up to 2 pixels during training.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: SmallCNN | None = None
+
+    def build(self, num_classes: int, channels: int, image_size: int) -> None:
+        h = self.hparams
+        self.net = SmallCNN(num_classes=num_classes, channels=channels, image_size=image_size, width=h.width,
+                            feature_dim=h.feature_dim, dropout=h.dropout)  # fmt: skip
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=int(total)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _shift(self, x):
+        if not self.hparams.augment:
+            return x
+        dx, dy = (int(v) for v in torch.randint(-2, 3, (2,)))
+        return torch.roll(F.pad(x, (2, 2, 2, 2), value=-1.0), shifts=(dy, dx), dims=(2, 3))[
+            ..., 2:-2, 2:-2
+        ]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[:2]
+        logits = self.net(self._shift(x))
+        loss = F.cross_entropy(logits, y)
+        self.log_dict(
+            {"train/loss": loss, "train/acc": (logits.argmax(-1) == y).float().mean()},
+            prog_bar=True,
+        )
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch[:2]
+        logits = self.net(x)
+        self.log_dict({"val/loss": F.cross_entropy(logits, y), "val/acc": (logits.argmax(-1) == y).float().mean()},
+                      prog_bar=True, batch_size=len(x))  # fmt: skip
+
+
+@torch.no_grad()
+def classifier_accuracy(net: SmallCNN, dataset, device="cpu", batch_size: int = 1000) -> float:
+    net = net.to(device).eval()
+    right = n = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        right += (net(x.to(device)).argmax(-1).cpu() == y).sum().item()
+        n += len(y)
+    return right / max(n, 1)

@@ -82,7 +82,9 @@ class GPTConfig:
         if self.grid_h == 0:
             self.grid_h = int(math.isqrt(self.seq_len))
         if self.grid_h * self.grid_w != self.seq_len:
-            raise ValueError(f"seq_len {self.seq_len} is not a grid of height {self.grid_h}; set grid_h")
+            raise ValueError(
+                f"seq_len {self.seq_len} is not a grid of height {self.grid_h}; set grid_h"
+            )
         if self.memory == "move":
             move_slots(self.n_layer, self.memory_density)  # validates
         if self.memory == "lave":
@@ -185,9 +187,13 @@ class Attention(nn.Module):
         # value memory of this layer
         self.has_memory = layer in cfg.memory_layers
         self.gated = cfg.gate_standard_path and self.has_memory
-        self.table = LaVETable(cfg.num_ids, d, H) if cfg.memory == "lave" and self.has_memory else None
+        self.table = (
+            LaVETable(cfg.num_ids, d, H) if cfg.memory == "lave" and self.has_memory else None
+        )
         n_mem = cfg.slots if cfg.memory == "move" else 1
-        self.router = nn.Linear(d, H * (n_mem + int(self.gated)), bias=False) if self.has_memory else None
+        self.router = (
+            nn.Linear(d, H * (n_mem + int(self.gated)), bias=False) if self.has_memory else None
+        )
 
     def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin):
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v."""
@@ -206,7 +212,9 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, S, D)
         return self.resid_drop(self.proj(y.transpose(1, 2).flatten(2)))
 
-    def forward_cached(self, x, ids, memh, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
+    def forward_cached(
+        self, x, ids, memh, cos, sin, cache: KVCache, layer: int, pos: int
+    ) -> torch.Tensor:
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin)
         S = x.shape[1]
         cache.k[layer][:, :, pos : pos + S] = k
@@ -266,7 +274,11 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.cls_emb = nn.Embedding(cfg.num_classes + 1, cfg.n_embd)  # + null class
         self.tok_drop = nn.Dropout(cfg.token_dropout)
-        self.bank = MoVEBank(cfg.num_ids, cfg.slots, cfg.n_embd, cfg.n_head) if cfg.memory == "move" else None
+        self.bank = (
+            MoVEBank(cfg.num_ids, cfg.slots, cfg.n_embd, cfg.n_head)
+            if cfg.memory == "move"
+            else None
+        )
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -295,7 +307,9 @@ class GPT(nn.Module):
         K = self.config.vocab_size
         return torch.cat([(labels + K)[:, None], codes[:, :-1]], dim=1)
 
-    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def drop_labels(
+        self, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Replace each label by the null class with probability ``class_dropout``."""
         p = self.config.class_dropout
         if p <= 0:
@@ -315,7 +329,9 @@ class GPT(nn.Module):
         if codes.ndim != 2 or codes.shape[1] != cfg.seq_len:
             raise ValueError(f"codes must be (B, {cfg.seq_len}), got {tuple(codes.shape)}")
         if labels.shape != codes.shape[:1]:
-            raise ValueError(f"labels must be (B,) = ({codes.shape[0]},), got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be (B,) = ({codes.shape[0]},), got {tuple(labels.shape)}"
+            )
 
     # ---- full forward
 
@@ -350,9 +366,13 @@ class GPT(nn.Module):
         mixed values into ``cache`` and returns logits ``(B, S, K)`` (no dropout)."""
         B, S = ids.shape
         if pos != cache.length:
-            raise ValueError(f"cache holds {cache.length} positions; cannot run from position {pos}")
+            raise ValueError(
+                f"cache holds {cache.length} positions; cannot run from position {pos}"
+            )
         if pos + S > cache.capacity:
-            raise ValueError(f"positions {pos}..{pos + S - 1} exceed the cache capacity {cache.capacity}")
+            raise ValueError(
+                f"positions {pos}..{pos + S - 1} exceed the cache capacity {cache.capacity}"
+            )
         if self.training:
             raise RuntimeError("step() is for inference; call model.eval() first")
         x = self.embed(ids)

@@ -41,7 +41,9 @@ def gates_from_logits(logits: torch.Tensor, n_heads: int) -> torch.Tensor:
     return 2.0 * torch.sigmoid(logits.view(B, T, n_heads, -1))
 
 
-def mix_reference(v: torch.Tensor, gates: torch.Tensor, mem: torch.Tensor, gate_standard_path: bool) -> torch.Tensor:
+def mix_reference(
+    v: torch.Tensor, gates: torch.Tensor, mem: torch.Tensor, gate_standard_path: bool
+) -> torch.Tensor:
     """The obviously-correct mix, slot by slot. Shapes (dimension letters as in ``mix``):
     ``v (B, T, H, D)``, ``gates (B, T, H, G)``, ``mem (B, T, M, H, D)``; returns ``(B, T, H, D)``.
     ``G = M + 1`` when the standard path is gated (gate 0 scales ``v``), else ``G = M``."""
@@ -53,7 +55,9 @@ def mix_reference(v: torch.Tensor, gates: torch.Tensor, mem: torch.Tensor, gate_
     return out
 
 
-def mix(v: torch.Tensor, gates: torch.Tensor, memh: torch.Tensor, gate_standard_path: bool) -> torch.Tensor:
+def mix(
+    v: torch.Tensor, gates: torch.Tensor, memh: torch.Tensor, gate_standard_path: bool
+) -> torch.Tensor:
     """The mix as one batched product per layer.
 
     B batch, T positions, H heads, D head width, M slots, G gates per head.
@@ -114,7 +118,9 @@ def lave_layers(n_layer: int, density: int) -> list[int]:
         return list(range(n_layer))
     if density == 1:
         return [l for l in range(n_layer) if l % 2 == (n_layer - 1) % 2]
-    raise ValueError(f"LaVE memory_density must be 1 or 2 (one table per layer at most), got {density}")
+    raise ValueError(
+        f"LaVE memory_density must be 1 or 2 (one table per layer at most), got {density}"
+    )
 
 
 def move_slots(n_layer: int, density: float) -> int:
@@ -126,4 +132,12 @@ def move_slots(n_layer: int, density: float) -> int:
     return int(m)
 
 
-__all__ = ["LaVETable", "MoVEBank", "gates_from_logits", "lave_layers", "mix", "mix_reference", "move_slots"]
+__all__ = [
+    "LaVETable",
+    "MoVEBank",
+    "gates_from_logits",
+    "lave_layers",
+    "mix",
+    "mix_reference",
+    "move_slots",
+]

@@ -70,7 +70,10 @@ class TokenizerConfig:
                 f"image_size {self.image_size} is not divisible by the downsample factor {self.downsample} "
                 f"(channel_mult has {len(self.channel_mult)} stages)"
             )
-        if self.quantizer == "lfq" and 2 ** int(math.log2(self.codebook_size)) != self.codebook_size:
+        if (
+            self.quantizer == "lfq"
+            and 2 ** int(math.log2(self.codebook_size)) != self.codebook_size
+        ):
             raise ValueError(f"lfq needs a power-of-two codebook_size, got {self.codebook_size}")
         if self.quantizer == "fsq":
             self.codebook_size = math.prod(self.fsq_levels)
@@ -135,7 +138,10 @@ class Decoder(nn.Module):
                 layers.append(ResBlock(cin, ch))
                 cin = ch
             if i < len(chs) - 1:
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cin, 3, padding=1)]
+                layers += [
+                    nn.Upsample(scale_factor=2, mode="nearest"),
+                    nn.Conv2d(cin, cin, 3, padding=1),
+                ]
         layers += [_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
@@ -167,7 +173,11 @@ class Quantizer(nn.Module):
         elif self.kind == "fsq":
             self.q = FSQ(levels=list(cfg.fsq_levels), dim=cfg.code_dim)
         else:
-            self.q = LFQ(dim=cfg.code_dim, codebook_size=cfg.codebook_size, entropy_loss_weight=cfg.lfq_entropy_weight)
+            self.q = LFQ(
+                dim=cfg.code_dim,
+                codebook_size=cfg.codebook_size,
+                entropy_loss_weight=cfg.lfq_entropy_weight,
+            )
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.kind == "fsq":
@@ -235,7 +245,9 @@ class VQTokenizer(nn.Module):
         """``codes (B, h, w) -> z_q (B, d, h, w)``."""
         B, h, w = codes.shape
         if codes.min() < 0 or codes.max() >= self.codebook_size:
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+            raise ValueError(
+                f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]"
+            )
         zq = self.quantizer.lookup(codes.reshape(B, h * w).long())
         return zq.transpose(1, 2).reshape(B, -1, h, w)
 
@@ -262,7 +274,11 @@ class PatchDiscriminator(nn.Module):
         mods: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.LeakyReLU(0.2)]
         ch = width
         for _ in range(layers):
-            mods += [nn.Conv2d(ch, ch * 2, 4, stride=2, padding=1), _norm(ch * 2), nn.LeakyReLU(0.2)]
+            mods += [
+                nn.Conv2d(ch, ch * 2, 4, stride=2, padding=1),
+                _norm(ch * 2),
+                nn.LeakyReLU(0.2),
+            ]
             ch *= 2
         mods.append(nn.Conv2d(ch, 1, 3, padding=1))
         self.net = nn.Sequential(*mods)

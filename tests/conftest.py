@@ -20,13 +20,89 @@ def _seed():
 def digits_pipeline(tmp_path_factory):
     """A tiny digits tokenizer (through the CLI) and its train/val code stores."""
     d = tmp_path_factory.mktemp("pipeline")
-    rc = main(["fit-tokenizer", "--config", str(ROOT / "tokenizers/digits/config.yaml"), "--out", str(d / "tok"),
-               "--trainer.max_steps", "120", "--trainer.check_val_every_n_epoch", "100",
-               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(d)])
+    rc = main(
+        [
+            "fit-tokenizer",
+            "--config",
+            str(ROOT / "tokenizers/digits/config.yaml"),
+            "--out",
+            str(d / "tok"),
+            "--trainer.max_steps",
+            "120",
+            "--trainer.check_val_every_n_epoch",
+            "100",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(d),
+        ]
+    )
     assert rc == 0
     for split in ("train", "val"):
-        rc = main(["extract-codes", "--tokenizer", str(d / "tok/tokenizer.ckpt"), "--split", split,
-                   "--out", str(d / f"codes_{split}")])
+        rc = main(
+            [
+                "extract-codes",
+                "--tokenizer",
+                str(d / "tok/tokenizer.ckpt"),
+                "--split",
+                split,
+                "--out",
+                str(d / f"codes_{split}"),
+            ]
+        )
         assert rc == 0
-    return {"dir": d, "tokenizer": d / "tok/tokenizer.ckpt", "codes": d / "codes_train", "val_codes": d / "codes_val",
-            "tok_metrics": json.loads((d / "tok/metrics.json").read_text())}
+    return {
+        "dir": d,
+        "tokenizer": d / "tok/tokenizer.ckpt",
+        "codes": d / "codes_train",
+        "val_codes": d / "codes_val",
+        "tok_metrics": json.loads((d / "tok/metrics.json").read_text()),
+    }
+
+
+@pytest.fixture(scope="session")
+def digits_models(digits_pipeline):
+    """Two tiny AR models (standard, MoVE-x1) and a classifier on the digits pipeline."""
+    d = digits_pipeline["dir"]
+    out = {}
+    for arm in ("standard", "move-x1"):
+        rc = main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / f"configs/digits/{arm}.yaml"),
+                "--codes",
+                str(digits_pipeline["codes"]),
+                "--val-codes",
+                str(digits_pipeline["val_codes"]),
+                "--out",
+                str(d / arm),
+                "--trainer.max_steps",
+                "120",
+                "--trainer.val_check_interval",
+                "40",
+                "--trainer.default_root_dir",
+                str(d),
+            ]
+        )
+        assert rc == 0
+        out[arm] = d / arm / "model.ckpt"
+    rc = main(
+        [
+            "fit-classifier",
+            "--data",
+            "digits",
+            "--out",
+            str(d / "classifier"),
+            "--trainer.max_epochs",
+            "8",
+            "--data.batch_size",
+            "64",
+            "--trainer.default_root_dir",
+            str(d),
+        ]
+    )
+    assert rc == 0
+    out["classifier"] = d / "classifier" / "classifier.ckpt"
+    out["dir"] = d
+    return out

@@ -20,7 +20,9 @@ def _parse(model_cls, dm_cls, path):
         def instantiate_classes(self):  # parse and validate, build nothing
             pass
 
-    cli = ParseOnly(model_cls, dm_cls, args=["--config", str(path)], run=False, save_config_callback=None)
+    cli = ParseOnly(
+        model_cls, dm_cls, args=["--config", str(path)], run=False, save_config_callback=None
+    )
     return cli.config
 
 
@@ -47,7 +49,11 @@ def test_arms_differ_only_in_memory_fields():
     for folder in ("digits", "fashion-mnist"):
         texts = {}
         for p in sorted((ROOT / "configs" / folder).glob("*.yaml")):
-            lines = [l for l in p.read_text().splitlines()[1:] if not l.strip().startswith(("memory:", "memory_density:"))]
+            lines = [
+                l
+                for l in p.read_text().splitlines()[1:]
+                if not l.strip().startswith(("memory:", "memory_density:"))
+            ]
             texts[p.stem] = lines
         assert set(texts) >= {"standard", "lave-x1", "lave-x2", "move-x1", "move-x2", "move-x4"}
         assert len({tuple(v) for v in texts.values()}) == 1, folder

@@ -29,8 +29,10 @@ def test_digits_padding_and_content_crop():
     assert rgb[0][0].shape == (3, 8, 8)
 
 
-@pytest.mark.skipif(D._find_idx_files(map(__import__("pathlib").Path, D.FASHION_DIRS)) is None,
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    D._find_idx_files(map(__import__("pathlib").Path, D.FASHION_DIRS)) is None,
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_fashion_mnist_splits_and_shapes():
     tr, va, te = (D.load_dataset("fashion-mnist", s, image_size=32) for s in D.SPLITS)
     assert (len(tr), len(va), len(te)) == (55_000, 5_000, 10_000)
@@ -68,7 +70,9 @@ def test_folder_dataset_counts_unreadable_images(tmp_path):
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         for i in range(10):
-            Image.fromarray((np.random.rand(12, 10, 3) * 255).astype(np.uint8)).save(tmp_path / c / f"{i}.png")
+            Image.fromarray((np.random.rand(12, 10, 3) * 255).astype(np.uint8)).save(
+                tmp_path / c / f"{i}.png"
+            )
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
     ds_all = [D.load_dataset(f"folder:{tmp_path}", s, image_size=8) for s in ("train", "val")]
     assert sum(len(d) for d in ds_all) == 21
@@ -92,19 +96,40 @@ def _fake_batches(n, views, T, K, bs=7):
 
 def test_code_store_round_trip_exact_uint16(tmp_path):
     codes, labels, batches = _fake_batches(30, 2, 16, 1000)
-    D.write_code_store(tmp_path / "s", iter(batches), num_items=30, views=2, h=4, w=4,
-                       header={"codebook_size": 1000, "num_classes": 10, "dataset": "x"})
+    D.write_code_store(
+        tmp_path / "s",
+        iter(batches),
+        num_items=30,
+        views=2,
+        h=4,
+        w=4,
+        header={"codebook_size": 1000, "num_classes": 10, "dataset": "x"},
+    )
     s = D.CodeStore(tmp_path / "s")
     assert s.codes.dtype == np.uint16 and isinstance(s.codes, np.memmap)
     assert np.array_equal(np.asarray(s.codes), codes) and np.array_equal(s.labels, labels)
     assert (len(s), s.views, s.seq_len, s.codebook_size) == (30, 2, 16, 1000)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        D.write_code_store(tmp_path / "s", iter(batches), num_items=30, views=2, h=4, w=4,
-                           header={"codebook_size": 1000, "num_classes": 10})
+        D.write_code_store(
+            tmp_path / "s",
+            iter(batches),
+            num_items=30,
+            views=2,
+            h=4,
+            w=4,
+            header={"codebook_size": 1000, "num_classes": 10},
+        )
     # big codebooks fall back to int32
     codes, labels, batches = _fake_batches(5, 1, 4, 70000)
-    D.write_code_store(tmp_path / "big", iter(batches), num_items=5, views=1, h=2, w=2,
-                       header={"codebook_size": 70000, "num_classes": 10})
+    D.write_code_store(
+        tmp_path / "big",
+        iter(batches),
+        num_items=5,
+        views=1,
+        h=2,
+        w=2,
+        header={"codebook_size": 70000, "num_classes": 10},
+    )
     assert D.CodeStore(tmp_path / "big").codes.dtype == np.int32
 
 
@@ -119,8 +144,16 @@ def test_interrupted_extraction_leaves_no_store(tmp_path):
         return torch.zeros(len(x), 2, 2, dtype=torch.long)
 
     with pytest.raises(KeyboardInterrupt):
-        D.extract_codes(flaky_encode, ds, tmp_path / "codes", codebook_size=16, num_classes=10, header={},
-                        batch_size=16, progress=False)
+        D.extract_codes(
+            flaky_encode,
+            ds,
+            tmp_path / "codes",
+            codebook_size=16,
+            num_classes=10,
+            header={},
+            batch_size=16,
+            progress=False,
+        )
     assert not (tmp_path / "codes").exists()
     assert not list(tmp_path.rglob("header.json"))
     assert list(tmp_path.iterdir()) == []  # temporary folder cleaned up
@@ -129,8 +162,15 @@ def test_interrupted_extraction_leaves_no_store(tmp_path):
 def test_extraction_flip_view_and_header(tmp_path):
     ds = D.load_dataset("digits", "val")
     enc = lambda x: (x[:, 0, ::4, ::4] > 0).long()  # (B, 2, 2), depends on orientation
-    D.extract_codes(enc, ds, tmp_path / "c", codebook_size=2, num_classes=10, header={"dataset": "digits"},
-                    progress=False)
+    D.extract_codes(
+        enc,
+        ds,
+        tmp_path / "c",
+        codebook_size=2,
+        num_classes=10,
+        header={"dataset": "digits"},
+        progress=False,
+    )
     s = D.CodeStore(tmp_path / "c")
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     assert np.array_equal(np.asarray(s.codes[:, 0]), enc(x).reshape(len(ds), -1).numpy())

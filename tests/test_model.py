@@ -34,7 +34,9 @@ def test_fast_mix_equals_reference_forward_and_backward(M, gated):
     B, Tn, H, D = 2, 5, 3, 8
     g = torch.Generator().manual_seed(M)
     v = torch.randn(B, Tn, H, D, generator=g, dtype=torch.float64, requires_grad=True)
-    gates = (2 * torch.rand(B, Tn, H, M + int(gated), generator=g, dtype=torch.float64)).requires_grad_()
+    gates = (
+        2 * torch.rand(B, Tn, H, M + int(gated), generator=g, dtype=torch.float64)
+    ).requires_grad_()
     mem = torch.randn(B, Tn, M, H, D, generator=g, dtype=torch.float64, requires_grad=True)
     ref = mix_reference(v, gates, mem, gated)
     memh = mem.transpose(2, 3)  # head-major, as MoVEBank.gather lays it out
@@ -103,7 +105,9 @@ def test_zero_bank_gives_exactly_the_standard_model(gated):
     assert not torch.allclose(mv(codes, labels), std(codes, labels))
 
 
-@pytest.mark.parametrize("memory,density", [("none", 1), ("lave", 1), ("lave", 2), ("move", 1), ("move", 4)])
+@pytest.mark.parametrize(
+    "memory,density", [("none", 1), ("lave", 1), ("lave", 2), ("move", 1), ("move", 4)]
+)
 def test_causality(memory, density):
     model = randomize(GPT(tiny(memory, memory_density=density))).eval()
     codes, labels = batch()
@@ -118,15 +122,27 @@ def test_causality(memory, density):
             assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])
 
 
-@pytest.mark.parametrize("memory,density,gated", [("none", 1, None), ("lave", 1, None), ("lave", 2, True),
-                                                  ("move", 1, None), ("move", 2, False), ("move", 4, True)])
+@pytest.mark.parametrize(
+    "memory,density,gated",
+    [
+        ("none", 1, None),
+        ("lave", 1, None),
+        ("lave", 2, True),
+        ("move", 1, None),
+        ("move", 2, False),
+        ("move", 4, True),
+    ],
+)
 def test_kv_cache_decoding_equals_full_forward(memory, density, gated):
     model = randomize(GPT(tiny(memory, memory_density=density, gate_standard_path=gated))).eval()
     codes, labels = batch()
     full = model(codes, labels)
     ids = model.input_ids(codes, labels)
     cache = model.new_cache(len(codes))
-    outs = [model.step(ids[:, :1], 0, cache), model.step(ids[:, 1:4], 1, cache)]  # prefill, then a chunk
+    outs = [
+        model.step(ids[:, :1], 0, cache),
+        model.step(ids[:, 1:4], 1, cache),
+    ]  # prefill, then a chunk
     outs += [model.step(ids[:, t : t + 1], t, cache) for t in range(4, T)]  # then one at a time
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cache holds"):
@@ -160,8 +176,12 @@ def test_imagenet_cost_accounting():
     b = GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256)
     std = cost_report(b)
     assert abs(std["params_total"] - 111e6) / 111e6 < 0.01
-    mv = cost_report(GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256, memory="move"))
-    lv = cost_report(GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256, memory="lave"))
+    mv = cost_report(
+        GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256, memory="move")
+    )
+    lv = cost_report(
+        GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256, memory="lave")
+    )
     assert mv["params_memory"] == (16384 + 1001) * 6 * 768 == lv["params_memory"]
     assert mv["params_backbone"] == std["params_backbone"] == lv["params_backbone"]
     assert mv["params_router"] == 12 * 768 * 12 * 7
@@ -171,7 +191,11 @@ def test_imagenet_cost_accounting():
 
 def test_density_conventions_and_errors():
     assert move_slots(12, 1) == 6 and move_slots(12, 4) == 24
-    assert lave_layers(4, 1) == [1, 3] and lave_layers(5, 1) == [0, 2, 4] and lave_layers(4, 2) == [0, 1, 2, 3]
+    assert (
+        lave_layers(4, 1) == [1, 3]
+        and lave_layers(5, 1) == [0, 2, 4]
+        and lave_layers(4, 2) == [0, 1, 2, 3]
+    )
     with pytest.raises(ValueError, match="LaVE"):
         tiny("lave", memory_density=4)
     with pytest.raises(ValueError, match="slots"):
@@ -192,7 +216,11 @@ def test_weight_decay_only_on_matrices_not_tables():
     nn_ = {names[id(p)] for p in no_decay["params"]}
     assert "bank.weight" in nn_ and "tok_emb.weight" in nn_ and "cls_emb.weight" in nn_
     assert all("norm" not in n for n in dn)
-    assert "head.weight" in dn and "blocks.0.attn.router.weight" in dn and "blocks.0.attn.qkv.weight" in dn
+    assert (
+        "head.weight" in dn
+        and "blocks.0.attn.router.weight" in dn
+        and "blocks.0.attn.qkv.weight" in dn
+    )
     lave = GPT(tiny("lave", memory_density=2))
     d2, _ = optimizer_groups(lave, 0.05)
     assert not any(p is lave.blocks[0].attn.table.weight for p in d2["params"])
@@ -204,10 +232,25 @@ def test_tiny_model_learns_digits_codes(digits_pipeline, tmp_path):
     from movegen.cli import main
     from movegen.lit import load_model
 
-    rc = main(["fit", "--config", "configs/digits/move-x1.yaml", "--codes", str(digits_pipeline["codes"]),
-               "--val-codes", str(digits_pipeline["val_codes"]), "--out", str(tmp_path),
-               "--trainer.max_steps", "150", "--trainer.val_check_interval", "25",
-               "--trainer.default_root_dir", str(tmp_path)])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "configs/digits/move-x1.yaml",
+            "--codes",
+            str(digits_pipeline["codes"]),
+            "--val-codes",
+            str(digits_pipeline["val_codes"]),
+            "--out",
+            str(tmp_path),
+            "--trainer.max_steps",
+            "150",
+            "--trainer.val_check_interval",
+            "25",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     hist = [h["val_bits_per_token"] for h in m["history"]]
@@ -222,6 +265,17 @@ def test_tiny_model_learns_digits_codes(digits_pipeline, tmp_path):
 def test_fit_rejects_mismatched_code_store(digits_pipeline, tmp_path):
     from movegen.cli import main
 
-    rc = main(["fit", "--config", "configs/digits/standard.yaml", "--codes", str(digits_pipeline["codes"]),
-               "--out", str(tmp_path), "--model.config.vocab_size", "256"])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "configs/digits/standard.yaml",
+            "--codes",
+            str(digits_pipeline["codes"]),
+            "--out",
+            str(tmp_path),
+            "--model.config.vocab_size",
+            "256",
+        ]
+    )
     assert rc == 2 and not (tmp_path / "model.ckpt").exists()

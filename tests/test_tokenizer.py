@@ -11,8 +11,15 @@ from movegen.tokenizer import TokenizerConfig, VQTokenizer
 
 @pytest.mark.parametrize("quantizer", ["vq", "fsq", "lfq"])
 def test_eval_quantized_equals_codebook_lookup(quantizer):
-    cfg = TokenizerConfig(image_size=8, channel_mult=(1, 2), base_channels=16, code_dim=8, quantizer=quantizer,
-                          codebook_size=64, fsq_levels=(5, 5, 3))
+    cfg = TokenizerConfig(
+        image_size=8,
+        channel_mult=(1, 2),
+        base_channels=16,
+        code_dim=8,
+        quantizer=quantizer,
+        codebook_size=64,
+        fsq_levels=(5, 5, 3),
+    )
     tok = VQTokenizer(cfg)
     x = torch.rand(6, 1, 8, 8) * 2 - 1
     tok.train()
@@ -25,8 +32,16 @@ def test_eval_quantized_equals_codebook_lookup(quantizer):
 
 
 def test_decode_encode_shape_and_range():
-    tok = VQTokenizer(TokenizerConfig(image_size=16, channels=3, channel_mult=(1, 2, 2), base_channels=16,
-                                      code_dim=8, codebook_size=32))
+    tok = VQTokenizer(
+        TokenizerConfig(
+            image_size=16,
+            channels=3,
+            channel_mult=(1, 2, 2),
+            base_channels=16,
+            code_dim=8,
+            codebook_size=32,
+        )
+    )
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     codes = tok.encode(x)
     assert codes.shape == (3, 4, 4)

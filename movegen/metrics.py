@@ -1,0 +1,308 @@
+"""Feature extractors, cached reference features, and FID / IS / KID through torchmetrics.
+
+Two feature sets (never mixed in one column of a report):
+
+* ``inception``: torchmetrics' InceptionV3 with the torch-fidelity weights file
+  ``weights-inception-2015-12-05-6726825d.pth`` from ``$TORCH_HOME/hub/checkpoints/`` (or a given
+  path). Comparable with published numbers. It is never downloaded here: when the file is absent
+  the error says which file to put where.
+* ``classifier:<ckpt>``: the small CNN trained by ``movegen fit-classifier`` on the dataset itself;
+  its penultimate layer feeds FID/KID and its logits feed IS. Works offline; the usual practice
+  for MNIST-like data.
+
+Reference features of the real images are computed once per (dataset, split, resolution,
+feature set) and cached as a ``.pt`` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+
+
+# --------------------------------------------------------------------------- the classifier
+
+
+class SmallCNN(nn.Module):
+    """A small CNN classifier: three conv stages, global average pool, a ``feature_dim`` layer
+    (the FID/KID features) and the class logits (the IS features). Images in [-1, 1]."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 1, image_size: int = 28, width: int = 32,
+                 feature_dim: int = 128, dropout: float = 0.3):  # fmt: skip
+        super().__init__()
+        self.num_classes, self.channels, self.image_size = num_classes, channels, image_size
+        self.width, self.feature_dim, self.dropout_p = width, feature_dim, dropout
+
+        def stage(cin, cout, pool):
+            layers = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                      nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]  # fmt: skip
+            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+        pools = [image_size >= 16, image_size >= 8, False]
+        self.body = nn.Sequential(stage(channels, width, pools[0]), stage(width, 2 * width, pools[1]),
+                                  stage(2 * width, 4 * width, pools[2]))  # fmt: skip
+        self.fc = nn.Linear(4 * width, feature_dim)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(feature_dim, num_classes)
+
+    def hparams(self) -> dict:
+        return {"num_classes": self.num_classes, "channels": self.channels, "image_size": self.image_size,
+                "width": self.width, "feature_dim": self.feature_dim, "dropout": self.dropout_p}  # fmt: skip
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, S, S) -> (B, feature_dim)`` (after ReLU)."""
+        return F.relu(self.fc(self.body(x).mean(dim=(2, 3))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(self.features(x)))
+
+
+class ClassifierFeatures(nn.Module):
+    """A torchmetrics feature module around :class:`SmallCNN`: ``kind='features'`` (FID/KID) or
+    ``'logits'`` (IS). Takes images in [-1, 1] of any size (resized to the classifier's) or
+    precomputed ``(N, num_features)`` features, which pass through unchanged."""
+
+    def __init__(self, net: SmallCNN, kind: str = "features"):
+        super().__init__()
+        if kind not in ("features", "logits"):
+            raise ValueError(f"kind must be 'features' or 'logits', got {kind!r}")
+        self.net, self.kind = net.eval(), kind
+        self.num_features = net.feature_dim if kind == "features" else net.num_classes
+
+    def train(self, mode: bool = True):  # always eval (BatchNorm statistics stay fixed)
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:
+            return x.float()
+        x = prepare_images(x.float(), self.net.channels, self.net.image_size)
+        return self.net.features(x) if self.kind == "features" else self.net(x)
+
+
+def prepare_images(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """Bring images in [-1, 1] to ``channels`` and ``size``."""
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+    if x.shape[-1] != size:
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    return x
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[SmallCNN, dict]:
+    from .lit import CKPT_FORMAT_CLASSIFIER, load_checkpoint
+
+    ckpt = load_checkpoint(path, CKPT_FORMAT_CLASSIFIER)
+    net = SmallCNN(**ckpt["hparams"])
+    net.load_state_dict(ckpt["state_dict"], strict=True)
+    return net.eval(), ckpt
+
+
+# --------------------------------------------------------------------------- Inception
+
+
+def find_inception_weights(path: str | None = None) -> str:
+    """The torch-fidelity InceptionV3 weights, or a FileNotFoundError saying where to put them."""
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+    candidates = [Path(path)] if path else [hub]
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    raise FileNotFoundError(
+        f"Inception features need the torch-fidelity weights file {INCEPTION_WEIGHTS}; "
+        f"{'it is not at ' + str(path) if path else 'it is not in ' + str(hub.parent)}. "
+        f"Put the file at {hub} (or pass --inception-weights PATH); it is not downloaded automatically. "
+        "Without it, use --features classifier:DIR/classifier.ckpt (train one with `movegen fit-classifier`)."
+    )
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' InceptionV3 on images in [-1, 1]: ``'2048'`` pool features or ``'logits_unbiased'``."""
+
+    def __init__(self, weights: str, kind: str = "features"):
+        super().__init__()
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except Exception as e:  # torch-fidelity missing
+            raise ImportError(
+                f"Inception features need torch-fidelity (`pip install torch-fidelity`): {e}"
+            ) from e
+        feat = "2048" if kind == "features" else "logits_unbiased"
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[feat],
+                                      feature_extractor_weights_path=weights)  # fmt: skip
+        self.num_features = 2048 if kind == "features" else 1008
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:
+            return x.float()
+        x = prepare_images(x.float(), 3, x.shape[-1])
+        return self.net(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+
+
+def build_extractors(
+    spec: str, inception_weights: str | None = None, device="cpu"
+) -> tuple[nn.Module, nn.Module, dict]:
+    """``spec`` ('inception' or 'classifier:PATH') -> (FID/KID module, IS module, description)."""
+    if spec == "inception":
+        w = find_inception_weights(inception_weights)
+        desc = {"features": "inception", "weights": w, "id": f"inception-{Path(w).name}"}
+        return InceptionFeatures(w).to(device), InceptionFeatures(w, "logits").to(device), desc
+    if spec.startswith("classifier:"):
+        from .data import sha256_file
+
+        path = spec.split(":", 1)[1]
+        net, ckpt = load_classifier(path)
+        sha = sha256_file(path)
+        desc = {"features": f"classifier:{ckpt['dataset']}", "classifier_path": str(Path(path).resolve()),
+                "classifier_sha256": sha, "classifier_test_accuracy": ckpt["metrics"].get("test_accuracy"),
+                "id": f"classifier-{sha[:12]}"}  # fmt: skip
+        net = net.to(device)
+        return ClassifierFeatures(net, "features"), ClassifierFeatures(net, "logits"), desc
+    raise ValueError(f"--features must be 'inception' or 'classifier:PATH', got {spec!r}")
+
+
+# --------------------------------------------------------------------------- reference features
+
+
+@torch.no_grad()
+def extract_features(
+    module: nn.Module, images, batch_size: int = 500, device="cpu", progress=False
+) -> torch.Tensor:
+    """Features ``(N, F)`` of an image tensor ``(N, C, H, W)`` or an iterable of batches."""
+    from tqdm.auto import tqdm
+
+    if isinstance(images, torch.Tensor):
+        images = images.split(batch_size)
+    out = [
+        module(x.to(device)).float().cpu()
+        for x in tqdm(images, desc="features", disable=not progress)
+    ]
+    return torch.cat(out)
+
+
+def reference_features(module: nn.Module, key: dict, load_images, cache_dir: str | os.PathLike,
+                       device="cpu") -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """Real-image features for ``key`` (dataset, split, resolution, feature id), from the cache
+    when present. ``load_images()`` yields batches of real images in [-1, 1]. Returns
+    ``(features, cache_hit)``."""
+    from .data import atomic_torch_save
+
+    digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:16]
+    path = (
+        Path(cache_dir)
+        / f"ref-{key.get('dataset', 'data').replace('/', '_').replace(':', '_')}-{digest}.pt"
+    )
+    if path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("key") == {k: str(v) for k, v in key.items()}:
+            log.info("reference features from cache %s", path)
+            return blob["features"], True
+    log.info("computing reference features for %s", key)
+    feats = extract_features(module, load_images(), device=device, progress=True)
+    atomic_torch_save({"key": {k: str(v) for k, v in key.items()}, "features": feats}, path)
+    return feats, False
+
+
+# --------------------------------------------------------------------------- the scores
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID through torchmetrics on precomputed features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=_Passthrough(real.shape[1]), reset_real_features=False)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    return float(fid.compute())
+
+
+class _Passthrough(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.num_features = n
+
+    def forward(self, x):
+        return x
+
+
+def score(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits: torch.Tensor, *, seed: int = 0,
+          kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10) -> dict[str, float]:  # fmt: skip
+    """FID, IS (mean, std) and KID (mean, std) through torchmetrics, deterministic given ``seed``."""
+    from torchmetrics.image.inception import InceptionScore
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    n = min(len(real_feats), len(fake_feats))
+    if n < 2:
+        raise ValueError("FID/KID need at least 2 real and 2 generated images")
+    torch.manual_seed(seed)  # IS and KID draw random permutations / subsets
+    kid = KernelInceptionDistance(feature=_Passthrough(real_feats.shape[1]), subsets=kid_subsets,
+                                  subset_size=min(kid_subset_size, n))  # fmt: skip
+    kid.update(real_feats, real=True)
+    kid.update(fake_feats, real=False)
+    kid_mean, kid_std = kid.compute()
+    inc = InceptionScore(
+        feature=_Passthrough(fake_logits.shape[1]), splits=min(is_splits, len(fake_logits))
+    )
+    inc.update(fake_logits)
+    is_mean, is_std = inc.compute()
+    return {"fid": fid_from_features(real_feats, fake_feats), "is": float(is_mean), "is_std": float(is_std),
+            "kid": float(kid_mean), "kid_std": float(kid_std)}  # fmt: skip
+
+
+def fid_float64_scipy(real: np.ndarray, fake: np.ndarray) -> float:
+    """Reference FID in float64 with scipy's matrix square root (for checking)."""
+    from scipy import linalg
+
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@torch.no_grad()
+def bits_per_token(model, store, *, batch_size: int = 256, device="cpu", view: int = 0) -> float:
+    """Mean validation NLL in bits per token of ``model`` on a code store (one view)."""
+    import math
+
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(store), batch_size):
+        codes = torch.from_numpy(
+            np.asarray(store.codes[i : i + batch_size, view]).astype(np.int64)
+        ).to(device)
+        labels = torch.from_numpy(store.labels[i : i + batch_size]).to(device)
+        logits = model(codes, labels)
+        total += F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="sum").item()
+        n += codes.numel()
+    model.train(was)
+    return total / max(n, 1) / math.log(2)
+
+
+__all__ = [
+    "bits_per_token",
+    "ClassifierFeatures",
+    "SmallCNN",
+    "build_extractors",
+    "extract_features",
+    "fid_float64_scipy",
+    "fid_from_features",
+    "find_inception_weights",
+    "reference_features",
+    "score",
+]

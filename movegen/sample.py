@@ -1,0 +1,159 @@
+"""Sampling from a trained :class:`~movegen.model.GPT`: pure functions over its KV cache.
+
+``prefill`` runs the class token, ``decode_step`` one code, ``generate`` the whole image.
+Classifier-free guidance doubles the batch (conditional half, then the null-class half) and mixes
+the logits as ``uncond + s * (cond - uncond)``; with ``cfg_scale == 1`` no doubling happens, so
+it is exactly plain conditional sampling. All randomness comes from the passed ``torch.Generator``;
+the caller's tensors are never modified.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .model import GPT, KVCache
+
+
+def _autocast(device: torch.device, enabled: bool = True):
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask (to -inf) everything outside the top-k and outside the smallest set whose
+    probability reaches top-p; always keeps the most likely token. ``logits (B, K)``."""
+    out = logits
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(out, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``logits (B, K)`` -> tokens ``(B,)``; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _guide(logits: torch.Tensor, cfg_scale: float, guided: bool) -> torch.Tensor:
+    """Doubled-batch logits ``(2B, K)`` -> ``(B, K)``."""
+    cond, uncond = logits.chunk(2)
+    return uncond + cfg_scale * (cond - uncond) if guided else cond
+
+
+def prefill(model: GPT, labels: torch.Tensor, cache: KVCache, *, cfg: bool = False) -> torch.Tensor:
+    """Run the class token(s). ``labels (B,)``; with ``cfg`` the cache holds ``2B`` rows (labels,
+    then the null class). Returns logits for the first code, ``(B, K)`` or ``(2B, K)``."""
+    K = model.config.vocab_size
+    if cfg:
+        labels = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
+    return model.step((labels + K)[:, None], 0, cache)[:, -1]
+
+
+def decode_step(model: GPT, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+    """Feed codes ``tokens (B,)`` at input position ``pos`` (>= 1); returns next-code logits ``(B, K)``."""
+    return model.step(tokens[:, None], pos, cache)[:, -1]
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    labels: torch.Tensor,
+    *,
+    cfg_scale: float = 1.0,
+    cfg_interval: tuple[int, int] | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    bf16: bool = True,
+) -> torch.Tensor:
+    """Sample codes ``(B, T)`` for ``labels (B,)`` (``num_classes`` = unconditional).
+
+    ``cfg_interval=(a, b)`` applies guidance only to code positions ``a <= t < b`` (the batch
+    stays doubled so the cache is consistent). bf16 autocast on CUDA when ``bf16``.
+    """
+    cfg = model.config
+    if model.training:
+        raise RuntimeError("generate() needs model.eval()")
+    labels = labels.to(model.head.weight.device)
+    if labels.ndim != 1 or labels.min() < 0 or labels.max() > cfg.num_classes:
+        raise ValueError(
+            f"labels must be (B,) in [0, {cfg.num_classes}] ({cfg.num_classes} = unconditional)"
+        )
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(
+            f"bad sampling settings: temperature {temperature}, top_k {top_k}, top_p {top_p}"
+        )
+    use_cfg = cfg_scale != 1.0
+    B, T = len(labels), cfg.seq_len
+    lo, hi = cfg_interval if cfg_interval is not None else (0, T)
+    with _autocast(labels.device, bf16):
+        cache = model.new_cache(2 * B if use_cfg else B)
+        out = torch.empty(B, T, dtype=torch.long, device=labels.device)
+        logits = prefill(model, labels, cache, cfg=use_cfg)
+        for t in range(T):
+            if use_cfg:
+                logits = _guide(logits, cfg_scale, lo <= t < hi)
+            tok = sample_logits(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            out[:, t] = tok
+            if t + 1 < T:
+                feed = torch.cat([tok, tok]) if use_cfg else tok
+                logits = decode_step(model, feed, t + 1, cache)
+    return out
+
+
+def generate_images(
+    model: GPT,
+    decode,
+    labels: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    grid: tuple[int, int] | None = None,
+    **settings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample codes for ``labels`` in batches and decode them with ``decode(codes (B, h, w))``.
+    Returns ``(images (N, C, H, W) on the CPU, codes (N, T))``. ``settings`` go to :func:`generate`."""
+    from tqdm.auto import tqdm
+
+    cfg = model.config
+    h, w = grid or (cfg.grid_h, cfg.grid_w)
+    images, codes = [], []
+    for chunk in tqdm(labels.split(batch_size), desc="sample", disable=not progress, unit="batch"):
+        c = generate(model, chunk, generator=generator, **settings)
+        codes.append(c.cpu())
+        images.append(decode(c.view(len(c), h, w)).float().cpu())
+    return torch.cat(images), torch.cat(codes)
+
+
+__all__ = [
+    "decode_step",
+    "generate_images",
+    "filter_logits",
+    "generate",
+    "prefill",
+    "sample_logits",
+]

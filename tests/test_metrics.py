@@ -1,0 +1,233 @@
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from movegen.cli import main
+from movegen.metrics import (
+    build_extractors,
+    fid_float64_scipy,
+    fid_from_features,
+    find_inception_weights,
+    reference_features,
+    score,
+)
+
+
+def feats(n=400, d=16, shift=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64) @ (
+        torch.randn(d, d, generator=g, dtype=torch.float64) / 4
+    )
+    return a + shift
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    x = feats()
+    assert abs(fid_from_features(x, x)) < 1e-3
+
+
+def test_fid_matches_float64_scipy():
+    real, fake = feats(seed=0), feats(seed=1, shift=0.3)
+    ours = fid_from_features(real, fake)
+    ref = fid_float64_scipy(real.numpy(), fake.numpy())
+    assert ours == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    assert ref > 0.5
+
+
+def test_scores_deterministic_and_sensible():
+    real, fake = feats(seed=0), feats(seed=1, shift=1.0)
+    logits = torch.randn(400, 10, generator=torch.Generator().manual_seed(0)) * 3
+    a, b = score(real, fake, logits, seed=0), score(real, fake, logits, seed=0)
+    assert a == b
+    assert score(real, real, logits)["kid"] < a["kid"]
+    assert 1.0 <= a["is"] <= 10.0
+
+
+def test_missing_inception_weights_error_is_clear_and_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    t0 = time.time()
+    with pytest.raises(FileNotFoundError) as e:
+        build_extractors("inception")
+    assert time.time() - t0 < 2
+    msg = str(e.value)
+    assert (
+        "weights-inception-2015-12-05-6726825d.pth" in msg
+        and str(tmp_path) in msg
+        and "classifier:" in msg
+    )
+    with pytest.raises(FileNotFoundError, match="not at"):
+        find_inception_weights(str(tmp_path / "x.pth"))
+
+
+def test_reference_cache_hit_on_second_call(tmp_path):
+    calls = {"n": 0}
+
+    class Mod(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :4]
+
+    def images():
+        calls["n"] += 1
+        yield torch.rand(10, 1, 4, 4)
+
+    key = {"dataset": "digits", "split": "train", "resolution": 4, "features": "f1"}
+    a, hit1 = reference_features(Mod(), key, images, tmp_path)
+    b, hit2 = reference_features(Mod(), key, images, tmp_path)
+    assert (hit1, hit2) == (False, True) and calls["n"] == 1 and torch.equal(a, b)
+    _, hit3 = reference_features(Mod(), {**key, "features": "f2"}, images, tmp_path)
+    assert hit3 is False and calls["n"] == 2
+
+
+def test_classifier_learns_digits(digits_models):
+    m = json.loads((digits_models["dir"] / "classifier/metrics.json").read_text())
+    assert m["test_accuracy"] > 0.85
+
+
+def test_sample_cli_grid_and_errors(digits_models, tmp_path, caplog):
+    from PIL import Image
+
+    ckpt = str(digits_models["move-x1"])
+    rc = main(
+        [
+            "sample",
+            "--model",
+            ckpt,
+            "--classes",
+            "0,3,7",
+            "--per-class",
+            "4",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--out-dir",
+            str(tmp_path / "single"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    im = Image.open(tmp_path / "g.png")
+    assert im.size[0] > im.size[1] > 0  # 3 rows of 4
+    assert len(list((tmp_path / "single").glob("*.png"))) == 12
+    assert (
+        main(["sample", "--model", ckpt, "--classes", "0,12", "--out", str(tmp_path / "x.png")])
+        == 2
+    )
+    assert "out of range" in caplog.text
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                ckpt,
+                "--tokenizer",
+                str(tmp_path / "none.ckpt"),
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_rejects_mismatched_tokenizer(digits_models, tmp_path, caplog):
+    from movegen.data import atomic_torch_save
+    from movegen.lit import tokenizer_checkpoint
+    from movegen.tokenizer import TokenizerConfig, VQTokenizer
+
+    tok = VQTokenizer(
+        TokenizerConfig(image_size=8, channel_mult=(1, 2), codebook_size=64, base_channels=16)
+    )
+    atomic_torch_save(
+        tokenizer_checkpoint(tok, dataset={"name": "digits"}, metrics={}), tmp_path / "t.ckpt"
+    )
+    rc = main(
+        [
+            "sample",
+            "--model",
+            str(digits_models["standard"]),
+            "--tokenizer",
+            str(tmp_path / "t.ckpt"),
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
+    assert rc == 2 and "codebook size 64" in caplog.text
+
+
+def test_evaluate_and_report(digits_models, tmp_path):
+    models = [str(digits_models["standard"]), str(digits_models["move-x1"])]
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            *models,
+            "--features",
+            f"classifier:{digits_models['classifier']}",
+            "--num-samples",
+            "200",
+            "--cfg-scale",
+            "1.5",
+            "--seed",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "res"),
+            "--export-npz",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    r = json.loads((tmp_path / "res/move-x1.json").read_text())
+    for k in (
+        "fid",
+        "is",
+        "kid",
+        "val_bits_per_token",
+        "sampling",
+        "features",
+        "params_total",
+        "flops_per_token",
+        "train_tokens",
+    ):
+        assert k in r, k
+    assert r["fid"] > 0 and r["reference_cache_hit"] is True  # computed once, for the first model
+    assert json.loads((tmp_path / "res/standard.json").read_text())["reference_cache_hit"] is False
+    npz = np.load(tmp_path / "res/move-x1.npz")
+    assert npz["arr_0"].shape == (200, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
+    # same seed, same numbers
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            models[1],
+            "--features",
+            f"classifier:{digits_models['classifier']}",
+            "--num-samples",
+            "200",
+            "--cfg-scale",
+            "1.5",
+            "--seed",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "res2"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert json.loads((tmp_path / "res2/move-x1.json").read_text())["fid"] == r["fid"]
+    # a run scored with other features never shares a table with these
+    other = dict(r, run="other-features", id="inception-x", features="inception")
+    (tmp_path / "res/other.json").write_text(json.dumps(other))
+    assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep/README.md").read_text()
+    assert text.count("## Features:") == 2
+    assert "| move-x1 |" in text and "| standard |" in text
+    assert len(list((tmp_path / "rep").glob("*.png"))) == 6
