@@ -474,13 +474,34 @@ class LitGPT(L.LightningModule):
         self._t_last = None
         self.train_tokens = 0
 
-    def forward_fn(self):
+    def loss_fn(self):
+        """Cross-entropy of the model on ``(codes, labels)``; compiled as one graph (forward and
+        loss, so the fp32 logits are never materialised) when ``compile``."""
         if self._fwd is None:
-            self._fwd = torch.compile(self.model) if self.hparams.compile else self.model
+            model = self.model
+
+            def loss(codes, labels):
+                logits = model(codes, labels)
+                return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+
+            self._fwd = torch.compile(loss) if self.hparams.compile else loss
         return self._fwd
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it assumes an
+        # fp16 grad scaler). bf16 has no scaler, so clipping the gradients directly is exact.
+        if not gradient_clip_val:
+            return
+        if str(self.trainer.precision).startswith("16"):  # fp16: let Lightning unscale first
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"only norm clipping is supported, got {gradient_clip_algorithm!r}")
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val, foreach=True)
+
     def configure_optimizers(self):
-        fused = self.device.type == "cuda"
+        # fused AdamW on GPU, except under fp16 loss scaling (its gradients must be unscaled first)
+        fp16 = self.trainer is not None and str(self.trainer.precision).startswith("16")
+        fused = self.device.type == "cuda" and not fp16
         opt = torch.optim.AdamW(optimizer_groups(self.model, self.hparams.weight_decay), lr=self.hparams.lr,
                                 betas=self.hparams.betas, fused=fused)  # fmt: skip
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
@@ -491,8 +512,7 @@ class LitGPT(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         codes, labels = batch
-        logits = self.forward_fn()(codes, labels)
-        loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+        loss = self.loss_fn()(codes, labels)
         n = codes.numel() * self.trainer.world_size
         self.train_tokens += n
         now = time.perf_counter()

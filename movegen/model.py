@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .move import LaVETable, MoVEBank, gates_from_logits, lave_layers, mix, move_slots
+from .move import LaVETable, MoVEBank, bank_taps, gates_from_logits, lave_layers, mix, mix_tapped, move_slots
 
 MEMORY_KINDS = ("none", "lave", "move")
 
@@ -195,19 +195,25 @@ class Attention(nn.Module):
             nn.Linear(d, H * (n_mem + int(self.gated)), bias=False) if self.has_memory else None
         )
 
-    def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin):
-        """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v."""
+    def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None):
+        """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
+        ``taps`` (training with MoVE) route the bank gradient around the layer (``move.py``)."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         q, k, v = self.qkv(x).view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
         if self.has_memory:
-            mem = self.table.gather(ids) if self.table is not None else memh  # (B, S, H, M, D)
-            v = mix(v, gates_from_logits(self.router(x), H), mem, self.gated)
+            gates = gates_from_logits(self.router(x), H)  # (B, S, H, G)
+            if self.table is not None:
+                v = mix(v, gates, self.table.gather(ids), self.gated)  # LaVE: (B, S, H, 1, D)
+            elif taps is not None:
+                v = mix_tapped(v, gates, memh, taps, self.gated)
+            else:
+                v = mix(v, gates, memh, self.gated)  # (B, S, H, M, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, ids, memh, cos, sin) -> torch.Tensor:
-        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin)
+    def forward(self, x, ids, memh, cos, sin, taps=None) -> torch.Tensor:
+        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps)
         p = self.cfg.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, S, D)
         return self.resid_drop(self.proj(y.transpose(1, 2).flatten(2)))
@@ -249,8 +255,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, ids, memh, cos, sin):
-        x = x + self.attn(self.norm1(x), ids, memh, cos, sin)
+    def forward(self, x, ids, memh, cos, sin, taps=None):
+        x = x + self.attn(self.norm1(x), ids, memh, cos, sin, taps)
         return x + self.mlp(self.norm2(x))
 
     def forward_cached(self, x, ids, memh, cos, sin, cache, layer, pos):
@@ -285,6 +291,9 @@ class GPT(nn.Module):
         cos, sin = rope_2d(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # MoVE training path: form the bank gradient once from all layers (move.py); False
+        # gives plain autograd through every layer's mix (the reference)
+        self.deferred_bank_grad = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -339,14 +348,18 @@ class GPT(nn.Module):
         """``codes (B, T)`` int64, ``labels (B,)`` (``num_classes`` = null) -> logits ``(B, T, K)``.
         In training mode labels are dropped to the null class at rate ``class_dropout``."""
         self._check(codes, labels)
+        cfg = self.config
         if self.training:
             labels = self.drop_labels(labels)
         ids = self.input_ids(codes, labels)  # (B, T)
         x = self.embed(ids)
         memh = self.bank.gather(ids) if self.bank is not None else None  # once per forward
+        taps = [None] * cfg.n_layer
+        if memh is not None and self.deferred_bank_grad and torch.is_grad_enabled() and self.bank.weight.requires_grad:
+            memh, taps = bank_taps(memh, cfg.n_layer, cfg.slots + int(cfg.gate_standard_path))
         cos, sin = self.rope_cos, self.rope_sin
-        for block in self.blocks:
-            x = block(x, ids, memh, cos, sin)
+        for block, tap in zip(self.blocks, taps):
+            x = block(x, ids, memh, cos, sin, tap)
         return self.head(self.norm(x)).float()
 
     # ---- cached decoding

@@ -74,6 +74,83 @@ def mix(
     return base + torch.matmul(gs.unsqueeze(-2).to(memh.dtype), memh).squeeze(-2).to(base.dtype)
 
 
+# --------------------------------------------------------------------------- the training path
+#
+# Autograd would give every layer its own bank gradient ``g_l (x) dv_l`` of shape (B, T, H, M, D)
+# and sum the L of them: L bank-sized tensors written and read again. The bank gradient is
+# ``sum_l g_l (x) dv_l``, a contraction over layers, so we defer it. Each layer's mix takes two
+# zero-valued "taps" as extra inputs and hands back, as the taps' gradients, its gates g_l and
+# its value gradient dv_l (small: H*M and D numbers per position). The function that made the
+# taps receives all L of them and forms the bank gradient once, in one batched product over l.
+# Pure autograd, no side channels, so torch.compile can trace it.
+
+
+class _BankTaps(torch.autograd.Function):
+    """``memh (B, T, H, M, D)`` -> (memh detached, 2L zero taps). Backward forms
+    ``d memh = sum_l g_l (x) dv_l`` from the taps' gradients."""
+
+    @staticmethod
+    def forward(ctx, memh, n_layers: int, n_gates: int):
+        B, T, H, M, D = memh.shape
+        ctx.n_layers, ctx.off = n_layers, n_gates - M
+        zero = memh.new_zeros(())
+        taps = []
+        for _ in range(n_layers):  # distinct (expanded, storage-free) tensors per layer
+            taps += [zero.expand(B, T, H, n_gates), zero.expand(B, T, H, D)]
+        return (memh.detach(), *taps)
+
+    @staticmethod
+    def backward(ctx, _grad_memh, *grads):
+        L, off = ctx.n_layers, ctx.off
+        gs = [g for g in grads[0::2] if g is not None]
+        dvs = [d for d in grads[1::2] if d is not None]
+        if not gs:
+            return None, None, None
+        G = torch.stack([g[..., off:] for g in gs], dim=-1)  # (B, T, H, M, L)
+        DV = torch.stack(dvs, dim=-2).to(G.dtype)  # (B, T, H, L, D)
+        grad = torch.matmul(G, DV)  # (B, T, H, M, D): one product over the L layers
+        return grad, None, None
+
+
+class _Mix(torch.autograd.Function):
+    """One layer's mix; the bank gradient leaves through the taps (see ``_BankTaps``)."""
+
+    @staticmethod
+    def forward(ctx, v, gates, memh, tap_g, tap_v, gated: bool):
+        ctx.gated = gated
+        ctx.save_for_backward(v, gates, memh)
+        return mix(v, gates, memh, gated)
+
+    @staticmethod
+    def backward(ctx, dout):
+        v, gates, memh = ctx.saved_tensors
+        gated = ctx.gated
+        # gate gradients of the slots: <dout, memh_i> per (b, t, h); the one unavoidable re-read
+        d_gs = torch.matmul(memh, dout.to(memh.dtype).unsqueeze(-1)).squeeze(-1)  # (B, T, H, M)
+        if gated:
+            g0 = gates[..., :1]
+            acc = torch.promote_types(v.dtype, torch.float32)  # reduce in at least fp32
+            d_g0 = (dout.to(acc) * v.to(acc)).sum(-1, keepdim=True)
+            d_gates = torch.cat([d_g0, d_gs.to(acc)], dim=-1).to(gates.dtype)
+            d_v = (dout * g0).to(v.dtype)
+        else:
+            d_gates = d_gs.to(gates.dtype)
+            d_v = dout.to(v.dtype)
+        # the taps carry g (value, not gradient) and dout to _BankTaps.backward
+        return d_v, d_gates, None, gates.detach(), dout, None
+
+
+def bank_taps(memh: torch.Tensor, n_layers: int, n_gates: int) -> tuple[torch.Tensor, list]:
+    """Split the gathered bank into a detached view plus per-layer taps ``[(tap_g, tap_v), ...]``."""
+    out = _BankTaps.apply(memh, n_layers, n_gates)
+    return out[0], [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
+
+
+def mix_tapped(v, gates, memh_detached, taps, gate_standard_path: bool) -> torch.Tensor:
+    """The mix for training: same values as :func:`mix`, bank gradient deferred to the taps."""
+    return _Mix.apply(v, gates, memh_detached, taps[0], taps[1], gate_standard_path)
+
+
 class MoVEBank(nn.Module):
     """The global bank ``E (V, M, d)``, shared by all layers."""
 
@@ -86,12 +163,19 @@ class MoVEBank(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
 
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """``ids (B, T)`` -> ``memh (B, T, H, M, D)``, head-major (one copy per forward)."""
-        B, T = ids.shape
-        M, H = self.slots, self.n_heads
-        mem = self.weight[ids]  # (B, T, M, d)
-        return mem.view(B, T, M, H, -1).transpose(2, 3).contiguous()  # (B, T, H, M, D)
+    def gather(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``ids (B, T)`` -> ``memh (B, T, H, M, D)``, head-major, in ``dtype`` (default: the
+        autocast dtype when autocast is on). The bank is cast and laid out head-major once, then
+        only the needed rows are gathered: no layer makes its own copy."""
+        V, M, d = self.weight.shape
+        H = self.n_heads
+        if dtype is None and torch.is_autocast_enabled(ids.device.type):
+            dtype = torch.get_autocast_dtype(ids.device.type)
+        w = self.weight if dtype is None else self.weight.to(dtype)
+        w = w.view(V, M, H, d // H).transpose(1, 2)  # (V, H, M, D)
+        if ids.numel() * M < V * M // 4:  # few rows (decoding): gather first, then lay out
+            return w[ids].contiguous()
+        return w.contiguous()[ids]  # (B, T, H, M, D)
 
 
 class LaVETable(nn.Module):

@@ -279,3 +279,25 @@ def test_fit_rejects_mismatched_code_store(digits_pipeline, tmp_path):
         ]
     )
     assert rc == 2 and not (tmp_path / "model.ckpt").exists()
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("density", [1, 4])
+def test_deferred_bank_gradient_equals_plain_autograd(gated, density):
+    """The training path (bank gradient formed once from all layers) equals plain autograd
+    through every layer's mix: logits and every parameter's gradient."""
+    torch.manual_seed(0)
+    model = randomize(GPT(tiny("move", memory_density=density, gate_standard_path=gated))).double()
+    model.eval()  # no dropout: both passes see the same function
+    codes, labels = batch()
+    grads = {}
+    for deferred in (True, False):
+        model.zero_grad()
+        model.deferred_bank_grad = deferred
+        out = model(codes, labels)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads[deferred] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    for n in grads[True][1]:
+        torch.testing.assert_close(grads[True][1][n], grads[False][1][n], msg=n)
+    assert grads[True][1]["bank.weight"].abs().sum() > 0
