@@ -487,7 +487,9 @@ class LitGPT(L.LightningModule):
             self._fwd = torch.compile(loss) if self.hparams.compile else loss
         return self._fwd
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it assumes an
         # fp16 grad scaler). bf16 has no scaler, so clipping the gradients directly is exact.
         if not gradient_clip_val:

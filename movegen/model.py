@@ -22,7 +22,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .move import LaVETable, MoVEBank, bank_taps, gates_from_logits, lave_layers, mix, mix_tapped, move_slots
+from .move import (
+    LaVETable,
+    MoVEBank,
+    bank_taps,
+    gates_from_logits,
+    lave_layers,
+    mix,
+    mix_tapped,
+    move_slots,
+)
 
 MEMORY_KINDS = ("none", "lave", "move")
 
@@ -195,7 +204,9 @@ class Attention(nn.Module):
             nn.Linear(d, H * (n_mem + int(self.gated)), bias=False) if self.has_memory else None
         )
 
-    def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None):
+    def mixed_qkv(
+        self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None
+    ):
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
         ``taps`` (training with MoVE) route the bank gradient around the layer (``move.py``)."""
         B, S, d = x.shape
@@ -355,7 +366,12 @@ class GPT(nn.Module):
         x = self.embed(ids)
         memh = self.bank.gather(ids) if self.bank is not None else None  # once per forward
         taps = [None] * cfg.n_layer
-        if memh is not None and self.deferred_bank_grad and torch.is_grad_enabled() and self.bank.weight.requires_grad:
+        if (
+            memh is not None
+            and self.deferred_bank_grad
+            and torch.is_grad_enabled()
+            and self.bank.weight.requires_grad
+        ):
             memh, taps = bank_taps(memh, cfg.n_layer, cfg.slots + int(cfg.gate_standard_path))
         cos, sin = self.rope_cos, self.rope_sin
         for block, tap in zip(self.blocks, taps):
@@ -400,6 +416,59 @@ class GPT(nn.Module):
 
     def param_counts(self) -> dict[str, int]:
         return param_counts(self)
+
+
+class StaticDecoder(nn.Module):
+    """One-token decoding with a fixed-size KV cache held as buffers, for CUDA graphs.
+
+    Every call has the same shapes: the new keys and mixed values are written at ``pos`` with
+    ``index_copy_`` and attention runs over the whole cache under a ``position <= pos`` mask, so
+    ``torch.compile(mode="reduce-overhead")`` can capture the step once and replay it for all
+    positions. Gives the same logits as :meth:`GPT.step`.
+    """
+
+    def __init__(self, model: GPT, batch_size: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        cfg = model.config
+        self.model, self.batch_size = model, batch_size
+        dev = model.head.weight.device
+        dtype = dtype or model.head.weight.dtype
+        shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
+        for l in range(cfg.n_layer):
+            self.register_buffer(
+                f"k{l}", torch.zeros(shape, device=dev, dtype=dtype), persistent=False
+            )
+            self.register_buffer(
+                f"v{l}", torch.zeros(shape, device=dev, dtype=dtype), persistent=False
+            )
+        self.register_buffer("positions", torch.arange(cfg.seq_len, device=dev), persistent=False)
+        self._step = self.forward
+
+    def compile(self, mode: str = "reduce-overhead") -> StaticDecoder:  # noqa: A003
+        self._step = torch.compile(self.forward, mode=mode, fullgraph=True, dynamic=False)
+        return self
+
+    def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self._step(ids, pos)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``ids (B, 1)`` unified ids at input position ``pos`` (a ``(1,)`` long tensor) ->
+        next-code logits ``(B, K)``."""
+        m = self.model
+        x = m.embed(ids)
+        memh = m.bank.gather(ids) if m.bank is not None else None
+        cos, sin = m.rope_cos.index_select(0, pos), m.rope_sin.index_select(0, pos)  # (1, D/2)
+        mask = (self.positions <= pos).view(1, 1, 1, -1)
+        for l, block in enumerate(m.blocks):
+            attn = block.attn
+            q, k, v = attn.mixed_qkv(block.norm1(x), ids, memh, cos, sin)  # (B, H, 1, D)
+            kc, vc = getattr(self, f"k{l}"), getattr(self, f"v{l}")
+            kc.index_copy_(2, pos, k.to(kc.dtype))
+            vc.index_copy_(2, pos, v.to(vc.dtype))
+            y = F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=mask)
+            x = x + attn.proj(y.transpose(1, 2).flatten(2))
+            x = x + block.mlp(block.norm2(x))
+        return m.head(m.norm(x))[:, -1].float()
 
 
 def param_counts(model: GPT) -> dict[str, int]:
@@ -455,4 +524,4 @@ PRESETS: dict[str, dict] = {
     "XL": dict(n_layer=36, n_head=20, n_embd=1280),
 }
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "cost_report", "param_counts", "replace"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "StaticDecoder", "cost_report", "param_counts", "replace"]

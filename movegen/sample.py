@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .model import GPT, KVCache
+from .model import GPT, KVCache, StaticDecoder
 
 
 def _autocast(device: torch.device, enabled: bool = True):
@@ -47,11 +47,24 @@ def sample_logits(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """``logits (B, K)`` -> tokens ``(B,)``; temperature 0 means greedy."""
+    """``logits (B, K)`` -> tokens ``(B,)``; temperature 0 means greedy.
+
+    Draws by the Gumbel-max trick, ``argmax(logits / temperature + Gumbel noise)``, which samples
+    exactly from ``softmax(logits / temperature)`` (after top-k/top-p) with one uniform draw per
+    logit from ``generator``: no host sync, and the same draw on every code path."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    return pick(logits, u, temperature, top_k, top_p)
+
+
+def pick(
+    logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+):
+    """Gumbel-max choice given uniform noise ``u`` (same shape as ``logits``)."""
+    z = filter_logits(logits.float() / temperature, top_k, top_p)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+    return (z + gumbel).argmax(-1)
 
 
 def _guide(logits: torch.Tensor, cfg_scale: float, guided: bool) -> torch.Tensor:
@@ -86,11 +99,14 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     bf16: bool = True,
+    decoder: StaticDecoder | None = None,
 ) -> torch.Tensor:
     """Sample codes ``(B, T)`` for ``labels (B,)`` (``num_classes`` = unconditional).
 
     ``cfg_interval=(a, b)`` applies guidance only to code positions ``a <= t < b`` (the batch
     stays doubled so the cache is consistent). bf16 autocast on CUDA when ``bf16``.
+    ``decoder``: a :class:`StaticDecoder` (see :func:`make_decoder`) for the fast path, a
+    fixed-shape step that a CUDA graph can replay; its batch must be ``2B`` with CFG, else ``B``.
     """
     cfg = model.config
     if model.training:
@@ -107,8 +123,16 @@ def generate(
     use_cfg = cfg_scale != 1.0
     B, T = len(labels), cfg.seq_len
     lo, hi = cfg_interval if cfg_interval is not None else (0, T)
+    rows = 2 * B if use_cfg else B
+    if decoder is not None:
+        if decoder.model is not model or decoder.batch_size != rows:
+            raise ValueError(
+                f"decoder was made for batch {decoder.batch_size}; this call needs {rows} rows"
+            )
+        return _generate_static(decoder, labels, use_cfg, cfg_scale, (lo, hi), temperature, top_k, top_p,
+                                generator, bf16)  # fmt: skip
     with _autocast(labels.device, bf16):
-        cache = model.new_cache(2 * B if use_cfg else B)
+        cache = model.new_cache(rows)
         out = torch.empty(B, T, dtype=torch.long, device=labels.device)
         logits = prefill(model, labels, cache, cfg=use_cfg)
         for t in range(T):
@@ -124,6 +148,45 @@ def generate(
     return out
 
 
+def make_decoder(
+    model: GPT, batch_size: int, *, cfg: bool = True, compile: bool | None = None
+) -> StaticDecoder:
+    """A :class:`StaticDecoder` for ``batch_size`` images (``2 * batch_size`` cache rows with CFG),
+    compiled with CUDA graphs on GPU unless ``compile=False``."""
+    dev = model.head.weight.device
+    dtype = torch.bfloat16 if dev.type == "cuda" else None
+    dec = StaticDecoder(model, 2 * batch_size if cfg else batch_size, dtype=dtype)
+    if compile if compile is not None else dev.type == "cuda":
+        dec.compile()
+    return dec
+
+
+def _generate_static(
+    dec, labels, use_cfg, cfg_scale, interval, temperature, top_k, top_p, generator, bf16
+):
+    model = dec.model
+    cfg = model.config
+    B, T, K = len(labels), cfg.seq_len, cfg.vocab_size
+    lo, hi = interval
+    cond = labels + K
+    ids = torch.cat([cond, torch.full_like(cond, K + cfg.null_class)]) if use_cfg else cond
+    out = torch.empty(B, T, dtype=torch.long, device=labels.device)
+    graphs = dec._step is not dec.forward
+    with _autocast(labels.device, bf16):
+        for t in range(T):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = dec.step(ids[:, None], dec.positions[t : t + 1])
+            if use_cfg:
+                logits = _guide(logits, cfg_scale, lo <= t < hi)
+            tok = sample_logits(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            out[:, t] = tok
+            ids = torch.cat([tok, tok]) if use_cfg else tok
+    return out
+
+
 def generate_images(
     model: GPT,
     decode,
@@ -133,6 +196,7 @@ def generate_images(
     generator: torch.Generator | None = None,
     progress: bool = False,
     grid: tuple[int, int] | None = None,
+    fast: bool | None = None,
     **settings,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample codes for ``labels`` in batches and decode them with ``decode(codes (B, h, w))``.
@@ -142,8 +206,16 @@ def generate_images(
     cfg = model.config
     h, w = grid or (cfg.grid_h, cfg.grid_w)
     images, codes = [], []
+    use_cfg = settings.get("cfg_scale", 1.0) != 1.0
+    decoders: dict[int, StaticDecoder] = {}
+    fast = labels.device.type == "cuda" if fast is None else fast
     for chunk in tqdm(labels.split(batch_size), desc="sample", disable=not progress, unit="batch"):
-        c = generate(model, chunk, generator=generator, **settings)
+        dec = None
+        if fast:  # one CUDA-graph decoder per batch size (the last chunk may be smaller)
+            dec = decoders.get(len(chunk)) or decoders.setdefault(
+                len(chunk), make_decoder(model, len(chunk), cfg=use_cfg)
+            )
+        c = generate(model, chunk, generator=generator, decoder=dec, **settings)
         codes.append(c.cpu())
         images.append(decode(c.view(len(c), h, w)).float().cpu())
     return torch.cat(images), torch.cat(codes)

@@ -94,3 +94,22 @@ def test_top_k_leaves_only_k_candidates_and_top_p_smallest_set():
     assert kept.tolist() == [[True, True, False, False]]
     kept = torch.isfinite(filter_logits(probs.log(), top_p=0.81))
     assert kept.tolist() == [[True, True, True, False]]
+
+
+@pytest.mark.parametrize("memory", ["none", "lave", "move"])
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_static_decoder_matches_cached_generate(memory, cfg_scale):
+    from movegen.sample import make_decoder
+
+    model = model64(memory).float()
+    labels = torch.tensor([0, 4, 2])
+    kw = dict(cfg_scale=cfg_scale, temperature=1.0, top_k=10)
+    a = generate(model, labels, generator=torch.Generator().manual_seed(5), **kw)
+    dec = make_decoder(model, len(labels), cfg=cfg_scale != 1.0, compile=False)
+    b = generate(model, labels, generator=torch.Generator().manual_seed(5), decoder=dec, **kw)
+    c = generate(
+        model, labels, generator=torch.Generator().manual_seed(5), decoder=dec, **kw
+    )  # reused cache
+    assert torch.equal(a, b) and torch.equal(b, c)
+    with pytest.raises(ValueError, match="decoder was made"):
+        generate(model, labels[:2], decoder=dec, **kw)

@@ -1,0 +1,88 @@
+"""Shared helpers for the benchmarks: timing, the measured matmul peak, tables."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, *, warmup: int, iters: int, device: torch.device) -> list[float]:
+    """Milliseconds per call: CUDA events on GPU, perf_counter on CPU; after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """bf16 dense matmul rate measured here (random data, not zeros)."""
+    if device.type != "cuda":
+        n, iters = 512, 3
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    ms = median(time_fn(lambda: a @ b, warmup=3, iters=iters, device=device))
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy rate, counting bytes read plus written."""
+    if device.type != "cuda":
+        nbytes = 64 << 20
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    y = torch.empty_like(x)
+    ms = median(time_fn(lambda: y.copy_(x), warmup=3, iters=10, device=device))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str, str]], title: str) -> None:
+    """``cols``: (key, header, format)."""
+    print(f"\n{title}")
+    heads = [h for _, h, _ in cols]
+    cells = [
+        [
+            (f.format(r[k]) if isinstance(r.get(k), (int, float)) else str(r.get(k, "-")))
+            for k, _, f in cols
+        ]
+        for r in rows
+    ]
+    widths = [
+        max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)
+    ]
+    print("| " + " | ".join(h.rjust(w) for h, w in zip(heads, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for c in cells:
+        print("| " + " | ".join(x.rjust(w) for x, w in zip(c, widths)) + " |")
+
+
+def json_line(name: str, payload: dict) -> None:
+    print("JSON " + json.dumps({"benchmark": name, **payload}))

@@ -1,0 +1,111 @@
+"""Sampling benchmark: GPT-B (K=16384, 256 tokens), CFG 2.0 (batch doubled), temperature 1,
+no top-k/top-p, no VQ decode. images/s and ms per token step for the eager KV-cache loop and the
+static-cache decoder captured in a CUDA graph.
+
+    python benchmarks/sampling.py           # GPU
+    python benchmarks/sampling.py --smoke   # CPU, tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _util import device_name, json_line, print_table, sync  # noqa: E402
+
+from movegen.model import GPT, GPTConfig  # noqa: E402
+from movegen.sample import generate, make_decoder  # noqa: E402
+
+ARMS = {
+    "standard": ("none", 1),
+    "move-x1": ("move", 1),
+    "lave-x1": ("lave", 1),
+    "move-x4": ("move", 4),
+}
+
+
+def run(arm: str, batch: int, fast: bool, args, device) -> dict:
+    mem, dens = ARMS[arm]
+    if args.smoke:
+        cfg = GPTConfig.preset(
+            "tiny", vocab_size=64, num_classes=10, seq_len=16, memory=mem, memory_density=dens
+        )
+    else:
+        cfg = GPTConfig.preset(
+            "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
+        )
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).eval()
+    with torch.no_grad():  # a non-degenerate head (it is zero at init)
+        model.head.weight.normal_(std=0.02)
+    labels = torch.arange(batch, device=device) % cfg.num_classes
+    dec = make_decoder(model, batch, cfg=True, compile=device.type == "cuda") if fast else None
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def once():
+        return generate(model, labels, cfg_scale=2.0, temperature=1.0, generator=g, decoder=dec)
+
+    t0 = time.perf_counter()
+    once()  # warm-up (compiles and captures the graph on the fast path)
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.iters):
+        sync(device)
+        t0 = time.perf_counter()
+        codes = once()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    s = sorted(times)[len(times) // 2]
+    row = {"arm": arm, "batch": batch, "path": "static+graph" if fast else "eager", "s_per_batch": s,
+           "images_per_s": batch / s, "ms_per_step": s / cfg.seq_len * 1e3, "warmup_s": warm_s,
+           "codes_ok": bool(codes.min() >= 0 and codes.max() < cfg.vocab_size)}  # fmt: skip
+    del model, dec
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--arms", default="standard,move-x1")
+    p.add_argument("--batches", default="16,64,256")
+    p.add_argument("--paths", default="fast,eager")
+    p.add_argument("--iters", type=int, default=3)
+    args = p.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if args.smoke:
+        args.batches, args.iters = "2,4", 1
+    rows = []
+    for path in args.paths.split(","):
+        for b in args.batches.split(","):
+            for arm in args.arms.split(","):
+                if path == "eager" and int(b) > 64 and not args.smoke:
+                    continue  # launch-bound: ~10 ms per step whatever the batch
+                r = run(arm, int(b), path == "fast", args, device)
+                rows.append(r)
+                print(r, flush=True)
+    base = {(r["batch"], r["path"]): r["s_per_batch"] for r in rows if r["arm"] == "standard"}
+    for r in rows:
+        b = base.get((r["batch"], r["path"]))
+        r["vs_standard"] = r["s_per_batch"] / b if b else "-"
+    json_line("sampling", {"device": device_name(device), "torch": torch.__version__, "rows": rows})
+    print_table(rows, [("arm", "arm", "{}"), ("batch", "batch", "{}"), ("path", "path", "{}"),
+                       ("images_per_s", "images/s", "{:.1f}"), ("ms_per_step", "ms/token step", "{:.3f}"),
+                       ("vs_standard", "time x standard", "{:.3f}"), ("warmup_s", "warm-up s", "{:.1f}")],
+                f"sampling (CFG 2.0, 256 tokens, no VQ decode), {device_name(device)}, torch {torch.__version__}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

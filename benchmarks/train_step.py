@@ -1,0 +1,151 @@
+"""Training-step benchmark: arms x batch x eager/compiled on LlamaGen GPT-B (K=16384, 1000 classes,
+256 positions). Protocol: dropout 0.1 (residual, FFN, token), class dropout 0.1, bf16 autocast,
+cross-entropy, backward, grad clip 1.0, fused AdamW, random ids (never zeros), median of timed steps
+after warm-up with CUDA events. MFU against a bf16 matmul peak measured in the same run.
+
+    python benchmarks/train_step.py                       # GPU, full table
+    python benchmarks/train_step.py --smoke               # CPU, tiny, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _util import device_name, json_line, matmul_peak_tflops, median, print_table, time_fn  # noqa: E402
+
+from movegen.lit import optimizer_groups  # noqa: E402
+from movegen.model import GPT, GPTConfig, cost_report  # noqa: E402
+
+ARMS = {"standard": ("none", 1), "lave-x1": ("lave", 1), "move-x1": ("move", 1), "move-x2": ("move", 2),
+        "move-x4": ("move", 4)}  # fmt: skip
+
+
+def make_config(arm: str, smoke: bool) -> GPTConfig:
+    mem, dens = ARMS[arm]
+    if smoke:
+        return GPTConfig.preset(
+            "tiny", vocab_size=64, num_classes=10, seq_len=16, memory=mem, memory_density=dens
+        )
+    return GPTConfig.preset(
+        "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
+    )
+
+
+def bench(arm: str, batch: int, compiled: bool, args, device, peak: float) -> dict:
+    cfg = make_config(arm, args.smoke)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).train()
+    opt = torch.optim.AdamW(
+        optimizer_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
+
+    def loss_fn(codes, labels):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(codes, labels)
+        return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+
+    fn = torch.compile(loss_fn) if compiled else loss_fn
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [(torch.randint(1, cfg.vocab_size, (batch, cfg.seq_len), device=device, generator=g),
+                torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)) for _ in range(4)]  # fmt: skip
+    it = iter(range(10**9))
+
+    def step():
+        codes, labels = batches[next(it) % len(batches)]
+        loss = fn(codes, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    row = {"arm": arm, "batch": batch, "mode": "compiled" if compiled else "eager"}
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_fn(step, warmup=args.warmup, iters=args.iters, device=device)
+        ms = median(times)
+        tokens = batch * cfg.seq_len
+        rep = cost_report(cfg)
+        row.update(ms=ms, tokens_per_s=tokens / (ms * 1e-3),
+                   mfu=3 * rep["flops_per_token"] * tokens / (ms * 1e-3) / (peak * 1e12),
+                   peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   params_memory=rep["params_memory"], spread=(max(times) - min(times)) / ms)  # fmt: skip
+    except torch.OutOfMemoryError:
+        row.update(ms="OOM")
+    del model, opt, fn, batches
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny model on CPU, to check the script runs"
+    )
+    p.add_argument("--arms", default="standard,lave-x1,move-x1,move-x4")
+    p.add_argument("--batches", default="64,256")
+    p.add_argument("--modes", default="compiled,eager")
+    p.add_argument(
+        "--only", default="", help="comma list of arm:batch:mode to run (overrides the grid)"
+    )
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if args.smoke:
+        args.warmup, args.iters, args.batches = 1, 2, "4"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak_tflops(device)
+    if args.only:
+        grid = [(a, int(b), m) for a, b, m in (x.split(":") for x in args.only.split(","))]
+    else:
+        grid = [
+            (a, int(b), m)
+            for m in args.modes.split(",")
+            for b in args.batches.split(",")
+            for a in args.arms.split(",")
+        ]
+    rows = []
+    for arm, batch, mode in grid:
+        r = bench(arm, batch, mode == "compiled", args, device, peak)
+        rows.append(r)
+        print(r, flush=True)
+    std = {
+        (r["batch"], r["mode"]): r["ms"]
+        for r in rows
+        if r["arm"] == "standard" and isinstance(r.get("ms"), float)
+    }
+    for r in rows:
+        base = std.get((r["batch"], r["mode"]))
+        r["vs_standard"] = r["ms"] / base if base and isinstance(r.get("ms"), float) else "-"
+    json_line(
+        "train_step",
+        {
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "peak_tflops": peak,
+            "rows": rows,
+        },
+    )
+    print_table(rows, [("arm", "arm", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"), ("ms", "ms/step", "{:.1f}"),
+                       ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
+                       ("vs_standard", "x standard", "{:.3f}"), ("peak_gib", "peak GiB", "{:.1f}"),
+                       ("spread", "spread", "{:.1%}")],
+                f"training step, {device_name(device)}, torch {torch.__version__}, bf16 matmul peak {peak:.0f} TFLOP/s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
