@@ -67,10 +67,6 @@ def run(arm: str, batch: int, fast: bool, args, device) -> dict:
     row = {"arm": arm, "batch": batch, "path": "static+graph" if fast else "eager", "s_per_batch": s,
            "images_per_s": batch / s, "ms_per_step": s / cfg.seq_len * 1e3, "warmup_s": warm_s,
            "codes_ok": bool(codes.min() >= 0 and codes.max() < cfg.vocab_size)}  # fmt: skip
-    del model, dec
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -96,6 +92,10 @@ def main() -> None:
                 r = run(arm, int(b), path == "fast", args, device)
                 rows.append(r)
                 print(r, flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
     base = {(r["batch"], r["path"]): r["s_per_batch"] for r in rows if r["arm"] == "standard"}
     for r in rows:
         b = base.get((r["batch"], r["path"]))

@@ -80,11 +80,6 @@ def bench(arm: str, batch: int, compiled: bool, args, device, peak: float) -> di
                    params_memory=rep["params_memory"], spread=(max(times) - min(times)) / ms)  # fmt: skip
     except torch.OutOfMemoryError:
         row.update(ms="OOM")
-    del model, opt, fn, batches
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    torch._dynamo.reset()
     return row
 
 
@@ -123,6 +118,10 @@ def main() -> None:
         r = bench(arm, batch, mode == "compiled", args, device, peak)
         rows.append(r)
         print(r, flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
     std = {
         (r["batch"], r["mode"]): r["ms"]
         for r in rows

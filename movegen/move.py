@@ -101,7 +101,7 @@ class _BankTaps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_memh, *grads):
-        L, off = ctx.n_layers, ctx.off
+        off = ctx.off
         gs = [g for g in grads[0::2] if g is not None]
         dvs = [d for d in grads[1::2] if d is not None]
         if not gs:
