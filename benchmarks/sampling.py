@@ -92,10 +92,10 @@ def main() -> None:
                 r = run(arm, int(b), path == "fast", args, device)
                 rows.append(r)
                 print(r, flush=True)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        torch._dynamo.reset()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                torch._dynamo.reset()
     base = {(r["batch"], r["path"]): r["s_per_batch"] for r in rows if r["arm"] == "standard"}
     for r in rows:
         b = base.get((r["batch"], r["path"]))
