@@ -442,14 +442,33 @@ class StaticDecoder(nn.Module):
                 f"v{l}", torch.zeros(shape, device=dev, dtype=dtype), persistent=False
             )
         self.register_buffer("positions", torch.arange(cfg.seq_len, device=dev), persistent=False)
-        self._step = self.forward
+        self.compiled = False
+        self._pickers: dict = {}
 
     def compile(self, mode: str = "reduce-overhead") -> StaticDecoder:  # noqa: A003
-        self._step = torch.compile(self.forward, mode=mode, fullgraph=True, dynamic=False)
+        """Capture steps in CUDA graphs (``torch.compile`` with ``mode``)."""
+        self.compiled, self.mode = True, mode
+        self._pickers.clear()
         return self
 
-    def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self._step(ids, pos)
+    def step_pick(
+        self, ids: torch.Tensor, pos: torch.Tensor, u: torch.Tensor, post
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step and the choice of the next codes in one graph: ``post(logits, u)``
+        maps the ``(rows, K)`` logits and uniform noise ``u`` to codes ``(B,)``. Returns the
+        codes and the next step's ids ``(rows, 1)`` (codes repeated for the CFG half)."""
+        tok = post(self.forward(ids, pos), u)
+        nxt = tok.repeat(self.batch_size // tok.shape[0])
+        return tok, nxt[:, None]
+
+    def picker(self, key: tuple, post):
+        """``step_pick`` bound to ``post``, compiled once per sampling-settings ``key``."""
+        if key not in self._pickers:
+            fn = lambda ids, pos, u: self.step_pick(ids, pos, u, post)  # noqa: E731
+            if self.compiled:
+                fn = torch.compile(fn, mode=self.mode, fullgraph=True, dynamic=False)
+            self._pickers[key] = fn
+        return self._pickers[key]
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``ids (B, 1)`` unified ids at input position ``pos`` (a ``(1,)`` long tensor) ->

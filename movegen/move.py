@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def gates_from_logits(logits: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -70,8 +71,14 @@ def mix(
         base = g0 * v
     else:
         gs, base = gates, v
-    # (B, T, H, 1, M) @ (B, T, H, M, D) -> (B, T, H, 1, D)
-    return base + torch.matmul(gs.unsqueeze(-2).to(memh.dtype), memh).squeeze(-2).to(base.dtype)
+    gs = gs.to(memh.dtype)
+    if torch.compiler.is_compiling():
+        # one fused kernel: read each slot once, weigh, sum over M (fp32 accumulation)
+        acc = (gs.unsqueeze(-1) * memh).sum(-2)
+    else:
+        # eager: a batched product, (B, T, H, 1, M) @ (B, T, H, M, D) -> (B, T, H, 1, D)
+        acc = torch.matmul(gs.unsqueeze(-2), memh).squeeze(-2)
+    return base + acc.to(base.dtype)
 
 
 # --------------------------------------------------------------------------- the training path
@@ -108,7 +115,10 @@ class _BankTaps(torch.autograd.Function):
             return None, None, None
         G = torch.stack([g[..., off:] for g in gs], dim=-1)  # (B, T, H, M, L)
         DV = torch.stack(dvs, dim=-2).to(G.dtype)  # (B, T, H, L, D)
-        grad = torch.matmul(G, DV)  # (B, T, H, M, D): one product over the L layers
+        if torch.compiler.is_compiling():  # fused: sum over L of g (x) dv, written once
+            grad = (G.unsqueeze(-1) * DV.unsqueeze(-3)).sum(-2)
+        else:
+            grad = torch.matmul(G, DV)  # (B, T, H, M, D): one product over the L layers
         return grad, None, None
 
 
@@ -126,7 +136,10 @@ class _Mix(torch.autograd.Function):
         v, gates, memh = ctx.saved_tensors
         gated = ctx.gated
         # gate gradients of the slots: <dout, memh_i> per (b, t, h); the one unavoidable re-read
-        d_gs = torch.matmul(memh, dout.to(memh.dtype).unsqueeze(-1)).squeeze(-1)  # (B, T, H, M)
+        if torch.compiler.is_compiling():
+            d_gs = (memh * dout.to(memh.dtype).unsqueeze(-2)).sum(-1)  # (B, T, H, M)
+        else:
+            d_gs = torch.matmul(memh, dout.to(memh.dtype).unsqueeze(-1)).squeeze(-1)
         if gated:
             g0 = gates[..., :1]
             acc = torch.promote_types(v.dtype, torch.float32)  # reduce in at least fp32
@@ -165,17 +178,20 @@ class MoVEBank(nn.Module):
 
     def gather(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``ids (B, T)`` -> ``memh (B, T, H, M, D)``, head-major, in ``dtype`` (default: the
-        autocast dtype when autocast is on). The bank is cast and laid out head-major once, then
-        only the needed rows are gathered: no layer makes its own copy."""
+        autocast dtype when autocast is on). No layer makes its own copy of the slots."""
         V, M, d = self.weight.shape
         H = self.n_heads
+        B, T = ids.shape
         if dtype is None and torch.is_autocast_enabled(ids.device.type):
             dtype = torch.get_autocast_dtype(ids.device.type)
-        w = self.weight if dtype is None else self.weight.to(dtype)
-        w = w.view(V, M, H, d // H).transpose(1, 2)  # (V, H, M, D)
-        if ids.numel() * M < V * M // 4:  # few rows (decoding): gather first, then lay out
-            return w[ids].contiguous()
-        return w.contiguous()[ids]  # (B, T, H, M, D)
+        dtype = dtype or self.weight.dtype
+        if ids.numel() * 4 < V:  # few rows (decoding): gather, then cast and lay out the rows
+            rows = F.embedding(ids, self.weight.view(V, M * d)).to(dtype)  # (B, T, M*d)
+            return rows.view(B, T, M, H, d // H).transpose(2, 3).contiguous()
+        # many rows (training): cast and lay out the bank once, then gather head-major rows;
+        # embedding's backward sums the rows of repeated ids without atomics
+        w = self.weight.to(dtype).view(V, M, H, d // H).transpose(1, 2).reshape(V, H * M * (d // H))
+        return F.embedding(ids, w).view(B, T, H, M, d // H)
 
 
 class LaVETable(nn.Module):
@@ -193,7 +209,10 @@ class LaVETable(nn.Module):
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids (B, T)`` -> ``(B, T, H, 1, D)``."""
         B, T = ids.shape
-        return self.weight[ids].view(B, T, self.n_heads, 1, -1)
+        rows = F.embedding(ids, self.weight)
+        if torch.is_autocast_enabled(ids.device.type):
+            rows = rows.to(torch.get_autocast_dtype(ids.device.type))
+        return rows.view(B, T, self.n_heads, 1, -1)
 
 
 def lave_layers(n_layer: int, density: int) -> list[int]:

@@ -170,20 +170,29 @@ def _generate_static(
     lo, hi = interval
     cond = labels + K
     ids = torch.cat([cond, torch.full_like(cond, K + cfg.null_class)]) if use_cfg else cond
+    ids = ids[:, None]
     out = torch.empty(B, T, dtype=torch.long, device=labels.device)
-    graphs = dec._step is not dec.forward
+
+    def make_post(guided: bool):
+        def post(logits, u):
+            if use_cfg:
+                logits = _guide(logits, cfg_scale, guided)
+            if temperature <= 0:
+                return logits.argmax(-1)
+            return pick(logits, u, temperature, top_k, top_p)
+
+        return post
+
+    settings = (use_cfg, cfg_scale, temperature, top_k, top_p)
+    steps = {g: dec.picker((*settings, g), make_post(g)) for g in {lo <= t < hi for t in range(T)}}
     with _autocast(labels.device, bf16):
         for t in range(T):
-            if graphs:
+            if dec.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = dec.step(ids[:, None], dec.positions[t : t + 1])
-            if use_cfg:
-                logits = _guide(logits, cfg_scale, lo <= t < hi)
-            tok = sample_logits(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
+            u = torch.rand(B, K, generator=generator, device=labels.device, dtype=torch.float32)
+            tok, nxt = steps[lo <= t < hi](ids, dec.positions[t : t + 1], u)
             out[:, t] = tok
-            ids = torch.cat([tok, tok]) if use_cfg else tok
+            ids = nxt.clone()  # the graph's output buffer is reused by the next replay
     return out
 
 

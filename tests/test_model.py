@@ -301,3 +301,26 @@ def test_deferred_bank_gradient_equals_plain_autograd(gated, density):
     for n in grads[True][1]:
         torch.testing.assert_close(grads[True][1][n], grads[False][1][n], msg=n)
     assert grads[True][1]["bank.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("memory", ["move", "lave"])
+def test_compiled_training_path_equals_eager(memory):
+    """torch.compile takes the fused forms of the mix and of the deferred bank gradient
+    (move.py); loss and every gradient must match the eager path."""
+    import torch.nn.functional as F
+
+    model = randomize(GPT(tiny(memory, memory_density=2))).eval()
+    codes, labels = batch()
+
+    def loss(c, l):
+        return F.cross_entropy(model(c, l).flatten(0, 1), c.flatten())
+
+    out = {}
+    for name, fn in (("eager", loss), ("compiled", torch.compile(loss))):
+        model.zero_grad()
+        value = fn(codes, labels)
+        value.backward()
+        out[name] = (value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(out["compiled"][0], out["eager"][0])
+    for n, g in out["eager"][1].items():
+        torch.testing.assert_close(out["compiled"][1][n], g, rtol=1e-4, atol=1e-5, msg=n)
