@@ -86,3 +86,13 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, str]], title: str) 
 
 def json_line(name: str, payload: dict) -> None:
     print("JSON " + json.dumps({"benchmark": name, **payload}))
+
+
+def release(device: torch.device) -> None:
+    """Free what the last benchmark row held (memory, compiled graphs) before the next one."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()

@@ -9,7 +9,6 @@ static-cache decoder captured in a CUDA graph.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import device_name, json_line, print_table, sync  # noqa: E402
+from _util import device_name, json_line, print_table, release, sync  # noqa: E402
 
 from movegen.model import GPT, GPTConfig  # noqa: E402
 from movegen.sample import generate, make_decoder  # noqa: E402
@@ -92,10 +91,7 @@ def main() -> None:
                 r = run(arm, int(b), path == "fast", args, device)
                 rows.append(r)
                 print(r, flush=True)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                torch._dynamo.reset()
+                release(device)
     base = {(r["batch"], r["path"]): r["s_per_batch"] for r in rows if r["arm"] == "standard"}
     for r in rows:
         b = base.get((r["batch"], r["path"]))

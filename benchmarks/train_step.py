@@ -10,7 +10,6 @@ after warm-up with CUDA events. MFU against a bf16 matmul peak measured in the s
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import device_name, json_line, matmul_peak_tflops, median, print_table, time_fn  # noqa: E402
+from _util import device_name, json_line, matmul_peak_tflops, median, print_table, release, time_fn  # noqa: E402
 
 from movegen.lit import optimizer_groups  # noqa: E402
 from movegen.model import GPT, GPTConfig, cost_report  # noqa: E402
@@ -118,10 +117,7 @@ def main() -> None:
         r = bench(arm, batch, mode == "compiled", args, device, peak)
         rows.append(r)
         print(r, flush=True)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        torch._dynamo.reset()
+        release(device)
     std = {
         (r["batch"], r["mode"]): r["ms"]
         for r in rows

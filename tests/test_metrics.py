@@ -158,70 +158,27 @@ def test_sample_rejects_mismatched_tokenizer(digits_models, tmp_path, caplog):
     assert rc == 2 and "codebook size 64" in caplog.text
 
 
+def _evaluate(models, digits_models, tmp_path, out, *extra):
+    args = ["evaluate", "--model", *models, "--features", f"classifier:{digits_models['classifier']}",
+            "--num-samples", "200", "--cfg-scale", "1.5", "--seed", "0", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / out), "--device", "cpu", *extra]  # fmt: skip
+    return main(args)
+
+
 def test_evaluate_and_report(digits_models, tmp_path):
     models = [str(digits_models["standard"]), str(digits_models["move-x1"])]
-    rc = main(
-        [
-            "evaluate",
-            "--model",
-            *models,
-            "--features",
-            f"classifier:{digits_models['classifier']}",
-            "--num-samples",
-            "200",
-            "--cfg-scale",
-            "1.5",
-            "--seed",
-            "0",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--out",
-            str(tmp_path / "res"),
-            "--export-npz",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
+    assert _evaluate(models, digits_models, tmp_path, "res", "--export-npz") == 0
     r = json.loads((tmp_path / "res/move-x1.json").read_text())
-    for k in (
-        "fid",
-        "is",
-        "kid",
-        "val_bits_per_token",
-        "sampling",
-        "features",
-        "params_total",
-        "flops_per_token",
-        "train_tokens",
-    ):
+    keys = ("fid", "is", "kid", "val_bits_per_token", "sampling", "features", "params_total", "flops_per_token",
+            "train_tokens")  # fmt: skip
+    for k in keys:
         assert k in r, k
     assert r["fid"] > 0 and r["reference_cache_hit"] is True  # computed once, for the first model
     assert json.loads((tmp_path / "res/standard.json").read_text())["reference_cache_hit"] is False
     npz = np.load(tmp_path / "res/move-x1.npz")
     assert npz["arr_0"].shape == (200, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
     # same seed, same numbers
-    rc = main(
-        [
-            "evaluate",
-            "--model",
-            models[1],
-            "--features",
-            f"classifier:{digits_models['classifier']}",
-            "--num-samples",
-            "200",
-            "--cfg-scale",
-            "1.5",
-            "--seed",
-            "0",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--out",
-            str(tmp_path / "res2"),
-            "--device",
-            "cpu",
-        ]
-    )
+    assert _evaluate(models[1:], digits_models, tmp_path, "res2") == 0
     assert json.loads((tmp_path / "res2/move-x1.json").read_text())["fid"] == r["fid"]
     # a run scored with other features never shares a table with these
     other = dict(r, run="other-features", id="inception-x", features="inception")
