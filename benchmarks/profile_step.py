@@ -1,0 +1,86 @@
+"""Where a training step (or a sampling step) spends GPU time: torch.profiler, top kernels.
+
+    python benchmarks/profile_step.py --arm move-x4 --batch 256
+    python benchmarks/profile_step.py --sampling --arm standard --batch 16
+    python benchmarks/profile_step.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_step import ARMS  # noqa: E402
+
+from movegen.lit import optimizer_groups  # noqa: E402
+from movegen.model import GPT, GPTConfig  # noqa: E402
+from movegen.sample import generate, make_decoder  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", default="move-x4")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--sampling", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--top", type=int, default=25)
+    a = p.parse_args()
+    dev = torch.device("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
+    mem, dens = ARMS[a.arm]
+    if a.smoke:
+        cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, memory=mem, memory_density=dens)
+        a.batch = 4
+    else:
+        cfg = GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(dev)
+    codes = torch.randint(1, cfg.vocab_size, (a.batch, cfg.seq_len), device=dev)
+    labels = torch.randint(0, cfg.num_classes, (a.batch,), device=dev)
+    if a.sampling:
+        model.eval()
+        dec = make_decoder(model, a.batch, cfg=True, compile=dev.type == "cuda")
+
+        def work():
+            generate(model, labels, cfg_scale=2.0, decoder=dec, generator=torch.Generator(device=dev).manual_seed(0))
+    else:
+        model.train()
+        opt = torch.optim.AdamW(optimizer_groups(model, 0.05), lr=1e-4, fused=dev.type == "cuda")
+
+        def loss_fn(c, l):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                logits = model(c, l)
+            return F.cross_entropy(logits.flatten(0, 1).float(), c.flatten())
+
+        fn = torch.compile(loss_fn) if dev.type == "cuda" else loss_fn
+
+        def work():
+            fn(codes, labels).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        work()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2 if not a.sampling else 1):
+            work()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=a.top, max_name_column_width=70)
+    print(f"\nprofile: {a.arm} batch {a.batch} {'sampling' if a.sampling else 'training step x2'}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
