@@ -1,8 +1,8 @@
 """Where a training step (or a sampling step) spends GPU time: torch.profiler, top kernels.
 
-    python benchmarks/profile_step.py --arm move-x4 --batch 256
-    python benchmarks/profile_step.py --sampling --arm standard --batch 16
-    python benchmarks/profile_step.py --smoke
+python benchmarks/profile_step.py --arm move-x4 --batch 256
+python benchmarks/profile_step.py --sampling --arm standard --batch 16
+python benchmarks/profile_step.py --smoke
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from movegen.sample import generate, make_decoder  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--arm", default="move-x4")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--sampling", action="store_true")
@@ -35,10 +37,14 @@ def main() -> None:
     dev = torch.device("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
     mem, dens = ARMS[a.arm]
     if a.smoke:
-        cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, memory=mem, memory_density=dens)
+        cfg = GPTConfig.preset(
+            "tiny", vocab_size=64, num_classes=10, seq_len=16, memory=mem, memory_density=dens
+        )
         a.batch = 4
     else:
-        cfg = GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens)
+        cfg = GPTConfig.preset(
+            "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
+        )
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
     codes = torch.randint(1, cfg.vocab_size, (a.batch, cfg.seq_len), device=dev)
@@ -48,7 +54,13 @@ def main() -> None:
         dec = make_decoder(model, a.batch, cfg=True, compile=dev.type == "cuda")
 
         def work():
-            generate(model, labels, cfg_scale=2.0, decoder=dec, generator=torch.Generator(device=dev).manual_seed(0))
+            generate(
+                model,
+                labels,
+                cfg_scale=2.0,
+                decoder=dec,
+                generator=torch.Generator(device=dev).manual_seed(0),
+            )
     else:
         model.train()
         opt = torch.optim.AdamW(optimizer_groups(model, 0.05), lr=1e-4, fused=dev.type == "cuda")

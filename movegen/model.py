@@ -424,15 +424,27 @@ class StaticDecoder(nn.Module):
     Every call has the same shapes: the new keys and mixed values are written at ``pos`` with
     ``index_copy_`` and attention runs over the whole cache under a ``position <= pos`` mask, so
     ``torch.compile(mode="reduce-overhead")`` can capture the step once and replay it for all
-    positions. Gives the same logits as :meth:`GPT.step`.
+    positions. Gives the same logits as :meth:`GPT.step`. With a ``dtype`` other than the
+    model's, it decodes with a converted copy of the weights: a snapshot, made once.
     """
 
     def __init__(self, model: GPT, batch_size: int, dtype: torch.dtype | None = None):
         super().__init__()
         cfg = model.config
-        self.model, self.batch_size = model, batch_size
+        self.batch_size = batch_size
+        self.source = [model]  # the model it was made from (a list: not a submodule)
         dev = model.head.weight.device
         dtype = dtype or model.head.weight.dtype
+        if dtype != model.head.weight.dtype:
+            # decode with weights in the cache dtype: no per-step casts of every weight matrix
+            import copy
+
+            model = copy.deepcopy(model).to(dtype)
+            model.rope_cos, model.rope_sin = (
+                self.source[0].rope_cos,
+                self.source[0].rope_sin,
+            )  # keep fp32
+        self.model = model
         shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
         for l in range(cfg.n_layer):
             self.register_buffer(

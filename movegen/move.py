@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
+
 
 def gates_from_logits(logits: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Router output ``(B, T, H * G)`` -> gates ``(B, T, H, G)`` in (0, 2)."""
@@ -66,6 +68,11 @@ def mix(
     already laid out head-major (done once per forward by :meth:`MoVEBank.gather`), so no layer
     makes a permuted copy. Returns ``(B, T, H, D)``.
     """
+    needs_grad = torch.is_grad_enabled() and (
+        v.requires_grad or gates.requires_grad or memh.requires_grad
+    )
+    if kernels.available(memh) and not needs_grad:
+        return torch.ops.movegen.mix_fwd(v, gates.to(memh.dtype), memh, gate_standard_path)
     if gate_standard_path:
         g0, gs = gates[..., :1], gates[..., 1:]
         base = g0 * v
@@ -99,7 +106,7 @@ class _BankTaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, memh, n_layers: int, n_gates: int):
         B, T, H, M, D = memh.shape
-        ctx.n_layers, ctx.off = n_layers, n_gates - M
+        ctx.n_layers, ctx.off, ctx.slots, ctx.dtype = n_layers, n_gates - M, M, memh.dtype
         zero = memh.new_zeros(())
         taps = []
         for _ in range(n_layers):  # distinct (expanded, storage-free) tensors per layer
@@ -113,6 +120,14 @@ class _BankTaps(torch.autograd.Function):
         dvs = [d for d in grads[1::2] if d is not None]
         if not gs:
             return None, None, None
+        if kernels.available(dvs[0]):  # Triton: one pass over all layers, one write
+            return (
+                torch.ops.movegen.bank_grad(
+                    torch.stack(gs), torch.stack(dvs).to(ctx.dtype), ctx.slots
+                ),
+                None,
+                None,
+            )
         G = torch.stack([g[..., off:] for g in gs], dim=-1)  # (B, T, H, M, L)
         DV = torch.stack(dvs, dim=-2).to(G.dtype)  # (B, T, H, L, D)
         if torch.compiler.is_compiling():  # fused: sum over L of g (x) dv, written once
@@ -129,12 +144,17 @@ class _Mix(torch.autograd.Function):
     def forward(ctx, v, gates, memh, tap_g, tap_v, gated: bool):
         ctx.gated = gated
         ctx.save_for_backward(v, gates, memh)
+        if kernels.available(memh):
+            return torch.ops.movegen.mix_fwd(v, gates.to(memh.dtype), memh, gated)
         return mix(v, gates, memh, gated)
 
     @staticmethod
     def backward(ctx, dout):
         v, gates, memh = ctx.saved_tensors
         gated = ctx.gated
+        if kernels.available(memh):
+            d_v, d_gates = torch.ops.movegen.mix_bwd(dout, v, gates.to(memh.dtype), memh, gated)
+            return d_v, d_gates.to(gates.dtype), None, gates.detach(), dout, None
         # gate gradients of the slots: <dout, memh_i> per (b, t, h); the one unavoidable re-read
         if torch.compiler.is_compiling():
             d_gs = (memh * dout.to(memh.dtype).unsqueeze(-2)).sum(-1)  # (B, T, H, M)
@@ -164,6 +184,22 @@ def mix_tapped(v, gates, memh_detached, taps, gate_standard_path: bool) -> torch
     return _Mix.apply(v, gates, memh_detached, taps[0], taps[1], gate_standard_path)
 
 
+class _GatherRows(torch.autograd.Function):
+    """``F.embedding`` whose backward sums repeated ids with PyTorch's sort-based kernel (an op
+    the compiler keeps as is) rather than a generated scatter of atomic adds."""
+
+    @staticmethod
+    def forward(ctx, weight, ids):
+        ctx.save_for_backward(ids)
+        ctx.num_rows = weight.shape[0]
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        return torch.ops.movegen.rows_grad(grad, ids, ctx.num_rows), None
+
+
 class MoVEBank(nn.Module):
     """The global bank ``E (V, M, d)``, shared by all layers."""
 
@@ -191,7 +227,7 @@ class MoVEBank(nn.Module):
         # many rows (training): cast and lay out the bank once, then gather head-major rows;
         # embedding's backward sums the rows of repeated ids without atomics
         w = self.weight.to(dtype).view(V, M, H, d // H).transpose(1, 2).reshape(V, H * M * (d // H))
-        return F.embedding(ids, w).view(B, T, H, M, d // H)
+        return _GatherRows.apply(w, ids).view(B, T, H, M, d // H)
 
 
 class LaVETable(nn.Module):

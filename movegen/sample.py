@@ -125,7 +125,7 @@ def generate(
     lo, hi = cfg_interval if cfg_interval is not None else (0, T)
     rows = 2 * B if use_cfg else B
     if decoder is not None:
-        if decoder.model is not model or decoder.batch_size != rows:
+        if decoder.source[0] is not model or decoder.batch_size != rows:
             raise ValueError(
                 f"decoder was made for batch {decoder.batch_size}; this call needs {rows} rows"
             )

@@ -113,3 +113,17 @@ def test_static_decoder_matches_cached_generate(memory, cfg_scale):
     assert torch.equal(a, b) and torch.equal(b, c)
     with pytest.raises(ValueError, match="decoder was made"):
         generate(model, labels[:2], decoder=dec, **kw)
+
+
+def test_static_decoder_in_another_dtype_is_a_snapshot_with_same_logits():
+    from movegen.model import StaticDecoder
+
+    model = model64("move").float()
+    dec = StaticDecoder(model, 3, dtype=torch.float64)
+    assert dec.model is not model and dec.model.head.weight.dtype == torch.float64
+    assert model.head.weight.dtype == torch.float32  # the caller's model is untouched
+    ids = torch.tensor([[K + 1], [K + 2], [K + C]])
+    cache = model.new_cache(3)
+    ref = model.step(ids, 0, cache)[:, -1]
+    out = dec(ids, dec.positions[:1])
+    torch.testing.assert_close(out, ref.double(), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,236 @@
+"""Triton kernels for the MoVE mix on GPU, registered as PyTorch custom ops.
+
+Rows are (batch, position, head) triples: R = B * T * H. Each kernel reads every slot of a row
+once and keeps the sums in fp32:
+
+* ``mix_fwd``:   out[r] = g0[r] * v[r] + sum_m g[r, m] * mem[r, m]            (one read of the slots)
+* ``mix_bwd``:   dg[r, m] = <dout[r], mem[r, m]>, dg0[r] = <dout[r], v[r]>,
+                 dv[r] = g0[r] * dout[r]                                        (the second read)
+* ``bank_grad``: dmem[r, m] = sum_l g_l[r, m] * dv_l[r]  for all L layers at once (one write)
+* ``rows_grad``: sums the gathered rows' gradients back into the bank with PyTorch's sort-based
+  embedding backward (no atomics), kept opaque to the compiler.
+
+The ops are opaque to ``torch.compile`` (it calls them as they are). Off CUDA, or without Triton,
+``available()`` is False and ``move.py`` uses its plain PyTorch path. Setting
+``TRITON_INTERPRET=1`` before import runs the kernels on CPU tensors (used by the tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - Triton missing
+    HAVE_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the Triton path can run on this tensor's device and head width."""
+    if not HAVE_TRITON:
+        return False
+    D = t.shape[-1]
+    return (t.is_cuda or INTERPRET) and D >= 16 and D & (D - 1) == 0
+
+
+def _pad(n: int) -> int:
+    return max(2, triton.next_power_of_2(n))
+
+
+def _block_rows(m_pad: int, D: int) -> int:
+    return max(1, 8192 // (m_pad * D))
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _mix_fwd_kernel(v_ptr, g_ptr, mem_ptr, out_ptr, R, H, s_vn, s_vh, G: tl.constexpr, M: tl.constexpr,
+                        M_PAD: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr, OFF: tl.constexpr,
+                        BLOCK_R: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        m = tl.arange(0, M_PAD)
+        d = tl.arange(0, D)
+        mmask = m < M
+        g = tl.load(
+            g_ptr + rows[:, None] * G + OFF + m[None, :],
+            mask=rmask[:, None] & mmask[None, :],
+            other=0.0,
+        )
+        mem = tl.load(mem_ptr + rows[:, None, None] * (M * D) + m[None, :, None] * D + d[None, None, :],
+                      mask=rmask[:, None, None] & mmask[None, :, None], other=0.0)  # fmt: skip
+        acc = tl.sum(g.to(tl.float32)[:, :, None] * mem.to(tl.float32), axis=1)  # (BLOCK_R, D)
+        n = rows // H
+        h = rows % H
+        v = tl.load(
+            v_ptr + n[:, None] * s_vn + h[:, None] * s_vh + d[None, :],
+            mask=rmask[:, None],
+            other=0.0,
+        )
+        if GATED:
+            g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
+            acc += g0[:, None] * v.to(tl.float32)
+        else:
+            acc += v.to(tl.float32)
+        tl.store(
+            out_ptr + rows[:, None] * D + d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=rmask[:, None],
+        )
+
+    @triton.jit
+    def _mix_bwd_kernel(dout_ptr, v_ptr, g_ptr, mem_ptr, dv_ptr, dg_ptr, R, H, s_vn, s_vh, G: tl.constexpr,
+                        M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
+                        OFF: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        m = tl.arange(0, M_PAD)
+        d = tl.arange(0, D)
+        mmask = m < M
+        dout = tl.load(
+            dout_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0
+        ).to(tl.float32)
+        mem = tl.load(mem_ptr + rows[:, None, None] * (M * D) + m[None, :, None] * D + d[None, None, :],
+                      mask=rmask[:, None, None] & mmask[None, :, None], other=0.0)  # fmt: skip
+        dg = tl.sum(mem.to(tl.float32) * dout[:, None, :], axis=2)  # (BLOCK_R, M_PAD)
+        tl.store(dg_ptr + rows[:, None] * G + OFF + m[None, :], dg.to(dg_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & mmask[None, :])  # fmt: skip
+        if GATED:
+            n = rows // H
+            h = rows % H
+            v = tl.load(
+                v_ptr + n[:, None] * s_vn + h[:, None] * s_vh + d[None, :],
+                mask=rmask[:, None],
+                other=0.0,
+            )
+            dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
+            tl.store(dg_ptr + rows * G, dg0.to(dg_ptr.dtype.element_ty), mask=rmask)
+            g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
+            dv = g0[:, None] * dout
+        else:
+            dv = dout
+        tl.store(
+            dv_ptr + rows[:, None] * D + d[None, :],
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=rmask[:, None],
+        )
+
+    @triton.jit
+    def _bank_grad_kernel(g_ptr, dv_ptr, out_ptr, R, L, s_gl, s_dl, G: tl.constexpr, M: tl.constexpr,
+                          M_PAD: tl.constexpr, D: tl.constexpr, OFF: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        m = tl.arange(0, M_PAD)
+        d = tl.arange(0, D)
+        mmask = m < M
+        acc = tl.zeros((BLOCK_R, M_PAD, D), dtype=tl.float32)
+        for l in range(L):
+            g = tl.load(g_ptr + l * s_gl + rows[:, None] * G + OFF + m[None, :], mask=rmask[:, None] & mmask[None, :],
+                        other=0.0).to(tl.float32)  # fmt: skip
+            dv = tl.load(
+                dv_ptr + l * s_dl + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0
+            )
+            acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
+        tl.store(out_ptr + rows[:, None, None] * (M * D) + m[None, :, None] * D + d[None, None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None, None] & mmask[None, :, None])  # fmt: skip
+
+
+def _v_strides(v: torch.Tensor) -> tuple[int, int]:
+    """``v (B, T, H, D)`` as rows (b*T + t, h): needs unit stride in D and b, t collapsible."""
+    B, T, H, D = v.shape
+    if v.stride(3) != 1 or (B > 1 and v.stride(0) != T * v.stride(1)):
+        raise ValueError("v must be a (B, T, H, D) view with unit stride in D and mergeable (B, T)")
+    return v.stride(1), v.stride(2)
+
+
+@torch.library.custom_op("movegen::mix_fwd", mutates_args=())
+def mix_fwd(v: torch.Tensor, gates: torch.Tensor, memh: torch.Tensor, gated: bool) -> torch.Tensor:
+    B, T, H, M, D = memh.shape
+    G = gates.shape[-1]
+    gates = gates.contiguous()
+    memh = memh.contiguous()
+    if B > 1 and v.stride(0) != T * v.stride(1):
+        v = v.contiguous()
+    s_vn, s_vh = _v_strides(v)
+    out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
+    R = B * T * H
+    mp = _pad(M)
+    br = _block_rows(mp, D)
+    _mix_fwd_kernel[(triton.cdiv(R, br),)](v, gates, memh, out, R, H, s_vn, s_vh, G=G, M=M, M_PAD=mp, D=D,
+                                           GATED=gated, OFF=int(gated), BLOCK_R=br, num_warps=4)  # fmt: skip
+    return out
+
+
+@mix_fwd.register_fake
+def _(v, gates, memh, gated):
+    return v.new_empty(v.shape, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("movegen::mix_bwd", mutates_args=())
+def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, memh: torch.Tensor,
+            gated: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    B, T, H, M, D = memh.shape
+    G = gates.shape[-1]
+    dout = dout.contiguous()
+    gates = gates.contiguous()
+    memh = memh.contiguous()
+    if B > 1 and v.stride(0) != T * v.stride(1):
+        v = v.contiguous()
+    s_vn, s_vh = _v_strides(v)
+    dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
+    dg = torch.empty(B, T, H, G, device=v.device, dtype=gates.dtype)
+    R = B * T * H
+    mp = _pad(M)
+    br = _block_rows(mp, D)
+    _mix_bwd_kernel[(triton.cdiv(R, br),)](dout, v, gates, memh, dv, dg, R, H, s_vn, s_vh, G=G, M=M, M_PAD=mp,
+                                           D=D, GATED=gated, OFF=int(gated), BLOCK_R=br, num_warps=4)  # fmt: skip
+    return dv, dg
+
+
+@mix_bwd.register_fake
+def _(dout, v, gates, memh, gated):
+    return v.new_empty(v.shape, memory_format=torch.contiguous_format), gates.new_empty(gates.shape)
+
+
+@torch.library.custom_op("movegen::bank_grad", mutates_args=())
+def bank_grad(gs: torch.Tensor, dvs: torch.Tensor, slots: int) -> torch.Tensor:
+    """``gs (L, B, T, H, G)`` gates, ``dvs (L, B, T, H, D)`` value gradients -> ``(B, T, H, M, D)``
+    with the last ``slots`` gates of each row."""
+    L, B, T, H, G = gs.shape
+    D = dvs.shape[-1]
+    gs, dvs = gs.contiguous(), dvs.contiguous()
+    out = torch.empty(B, T, H, slots, D, device=dvs.device, dtype=dvs.dtype)
+    R = B * T * H
+    mp = _pad(slots)
+    br = _block_rows(mp, D)
+    _bank_grad_kernel[(triton.cdiv(R, br),)](gs, dvs, out, R, L, gs.stride(0), dvs.stride(0), G=G, M=slots,
+                                             M_PAD=mp, D=D, OFF=G - slots, BLOCK_R=br, num_warps=4)  # fmt: skip
+    return out
+
+
+@bank_grad.register_fake
+def _(gs, dvs, slots):
+    L, B, T, H, G = gs.shape
+    return dvs.new_empty(B, T, H, slots, dvs.shape[-1])
+
+
+@torch.library.custom_op("movegen::rows_grad", mutates_args=())
+def rows_grad(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Sum of the gradients of gathered rows per id: ``grad (B, T, C)`` -> ``(num_rows, C)``,
+    with PyTorch's sort-based embedding backward (no atomics)."""
+    return torch.ops.aten.embedding_dense_backward(grad.contiguous(), ids, num_rows, -1, False)
+
+
+@rows_grad.register_fake
+def _(grad, ids, num_rows):
+    return grad.new_empty(num_rows, grad.shape[-1])
+
+
+__all__ = ["available", "bank_grad", "mix_bwd", "mix_fwd", "rows_grad"]
