@@ -126,4 +126,4 @@ def test_static_decoder_in_another_dtype_is_a_snapshot_with_same_logits():
     cache = model.new_cache(3)
     ref = model.step(ids, 0, cache)[:, -1]
     out = dec(ids, dec.positions[:1])
-    torch.testing.assert_close(out, ref.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
