@@ -48,25 +48,18 @@ def _block_rows(m_pad: int, D: int) -> int:
     return max(1, 8192 // (m_pad * D))
 
 
+def _rows_per_program(D: int) -> int:
+    return max(1, 2048 // D)
+
+
 if HAVE_TRITON:
 
     @triton.jit
     def _mix_fwd_kernel(v_ptr, g_ptr, mem_ptr, out_ptr, R, H, s_vn, s_vh, G: tl.constexpr, M: tl.constexpr,
-                        M_PAD: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr, OFF: tl.constexpr,
-                        BLOCK_R: tl.constexpr):  # fmt: skip
+                        D: tl.constexpr, GATED: tl.constexpr, OFF: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < R
-        m = tl.arange(0, M_PAD)
         d = tl.arange(0, D)
-        mmask = m < M
-        g = tl.load(
-            g_ptr + rows[:, None] * G + OFF + m[None, :],
-            mask=rmask[:, None] & mmask[None, :],
-            other=0.0,
-        )
-        mem = tl.load(mem_ptr + rows[:, None, None] * (M * D) + m[None, :, None] * D + d[None, None, :],
-                      mask=rmask[:, None, None] & mmask[None, :, None], other=0.0)  # fmt: skip
-        acc = tl.sum(g.to(tl.float32)[:, :, None] * mem.to(tl.float32), axis=1)  # (BLOCK_R, D)
         n = rows // H
         h = rows % H
         v = tl.load(
@@ -76,9 +69,13 @@ if HAVE_TRITON:
         )
         if GATED:
             g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
-            acc += g0[:, None] * v.to(tl.float32)
+            acc = g0[:, None] * v.to(tl.float32)
         else:
-            acc += v.to(tl.float32)
+            acc = v.to(tl.float32)
+        base = mem_ptr + rows[:, None] * (M * D) + d[None, :]
+        for m in tl.static_range(M):  # one coalesced (BLOCK_R, D) tile per slot
+            g = tl.load(g_ptr + rows * G + OFF + m, mask=rmask, other=0.0).to(tl.float32)
+            acc += g[:, None] * tl.load(base + m * D, mask=rmask[:, None], other=0.0).to(tl.float32)
         tl.store(
             out_ptr + rows[:, None] * D + d[None, :],
             acc.to(out_ptr.dtype.element_ty),
@@ -87,21 +84,19 @@ if HAVE_TRITON:
 
     @triton.jit
     def _mix_bwd_kernel(dout_ptr, v_ptr, g_ptr, mem_ptr, dv_ptr, dg_ptr, R, H, s_vn, s_vh, G: tl.constexpr,
-                        M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
-                        OFF: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+                        M: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr, OFF: tl.constexpr,
+                        BLOCK_R: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < R
-        m = tl.arange(0, M_PAD)
         d = tl.arange(0, D)
-        mmask = m < M
         dout = tl.load(
             dout_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0
         ).to(tl.float32)
-        mem = tl.load(mem_ptr + rows[:, None, None] * (M * D) + m[None, :, None] * D + d[None, None, :],
-                      mask=rmask[:, None, None] & mmask[None, :, None], other=0.0)  # fmt: skip
-        dg = tl.sum(mem.to(tl.float32) * dout[:, None, :], axis=2)  # (BLOCK_R, M_PAD)
-        tl.store(dg_ptr + rows[:, None] * G + OFF + m[None, :], dg.to(dg_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & mmask[None, :])  # fmt: skip
+        base = mem_ptr + rows[:, None] * (M * D) + d[None, :]
+        for m in tl.static_range(M):
+            mem = tl.load(base + m * D, mask=rmask[:, None], other=0.0).to(tl.float32)
+            dg = tl.sum(mem * dout, axis=1)
+            tl.store(dg_ptr + rows * G + OFF + m, dg.to(dg_ptr.dtype.element_ty), mask=rmask)
         if GATED:
             n = rows // H
             h = rows % H
@@ -161,16 +156,15 @@ def mix_fwd(v: torch.Tensor, gates: torch.Tensor, memh: torch.Tensor, gated: boo
     s_vn, s_vh = _v_strides(v)
     out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     R = B * T * H
-    mp = _pad(M)
-    br = _block_rows(mp, D)
-    _mix_fwd_kernel[(triton.cdiv(R, br),)](v, gates, memh, out, R, H, s_vn, s_vh, G=G, M=M, M_PAD=mp, D=D,
-                                           GATED=gated, OFF=int(gated), BLOCK_R=br, num_warps=4)  # fmt: skip
+    br = _rows_per_program(D)
+    _mix_fwd_kernel[(triton.cdiv(R, br),)](v, gates, memh, out, R, H, s_vn, s_vh, G=G, M=M, D=D, GATED=gated,
+                                           OFF=int(gated), BLOCK_R=br, num_warps=4)  # fmt: skip
     return out
 
 
 @mix_fwd.register_fake
 def _(v, gates, memh, gated):
-    return v.new_empty(v.shape, memory_format=torch.contiguous_format)
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
 @torch.library.custom_op("movegen::mix_bwd", mutates_args=())
@@ -187,16 +181,17 @@ def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, memh: torc
     dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     dg = torch.empty(B, T, H, G, device=v.device, dtype=gates.dtype)
     R = B * T * H
-    mp = _pad(M)
-    br = _block_rows(mp, D)
-    _mix_bwd_kernel[(triton.cdiv(R, br),)](dout, v, gates, memh, dv, dg, R, H, s_vn, s_vh, G=G, M=M, M_PAD=mp,
-                                           D=D, GATED=gated, OFF=int(gated), BLOCK_R=br, num_warps=4)  # fmt: skip
+    br = _rows_per_program(D)
+    _mix_bwd_kernel[(triton.cdiv(R, br),)](dout, v, gates, memh, dv, dg, R, H, s_vn, s_vh, G=G, M=M, D=D,
+                                           GATED=gated, OFF=int(gated), BLOCK_R=br, num_warps=4)  # fmt: skip
     return dv, dg
 
 
 @mix_bwd.register_fake
 def _(dout, v, gates, memh, gated):
-    return v.new_empty(v.shape, memory_format=torch.contiguous_format), gates.new_empty(gates.shape)
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device), torch.empty(
+        gates.shape, dtype=gates.dtype, device=gates.device
+    )
 
 
 @torch.library.custom_op("movegen::bank_grad", mutates_args=())
@@ -218,7 +213,7 @@ def bank_grad(gs: torch.Tensor, dvs: torch.Tensor, slots: int) -> torch.Tensor:
 @bank_grad.register_fake
 def _(gs, dvs, slots):
     L, B, T, H, G = gs.shape
-    return dvs.new_empty(B, T, H, slots, dvs.shape[-1])
+    return torch.empty(B, T, H, slots, dvs.shape[-1], dtype=dvs.dtype, device=dvs.device)
 
 
 @torch.library.custom_op("movegen::rows_grad", mutates_args=())
@@ -230,7 +225,7 @@ def rows_grad(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Ten
 
 @rows_grad.register_fake
 def _(grad, ids, num_rows):
-    return grad.new_empty(num_rows, grad.shape[-1])
+    return torch.empty(num_rows, grad.shape[-1], dtype=grad.dtype, device=grad.device)
 
 
 __all__ = ["available", "bank_grad", "mix_bwd", "mix_fwd", "rows_grad"]
