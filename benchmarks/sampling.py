@@ -30,7 +30,7 @@ ARMS = {
 }
 
 
-def run(arm: str, batch: int, fast: bool, args, device) -> dict:
+def run(arm: str, batch: int, fast: bool, args, device, attention: str = "sdpa") -> dict:
     mem, dens = ARMS[arm]
     if args.smoke:
         cfg = GPTConfig.preset(
@@ -45,7 +45,11 @@ def run(arm: str, batch: int, fast: bool, args, device) -> dict:
     with torch.no_grad():  # a non-degenerate head (it is zero at init)
         model.head.weight.normal_(std=0.02)
     labels = torch.arange(batch, device=device) % cfg.num_classes
-    dec = make_decoder(model, batch, cfg=True, compile=device.type == "cuda") if fast else None
+    dec = (
+        make_decoder(model, batch, cfg=True, compile=device.type == "cuda", attention=attention)
+        if fast
+        else None
+    )
     g = torch.Generator(device=device).manual_seed(0)
 
     def once():
@@ -63,7 +67,7 @@ def run(arm: str, batch: int, fast: bool, args, device) -> dict:
         sync(device)
         times.append(time.perf_counter() - t0)
     s = sorted(times)[len(times) // 2]
-    row = {"arm": arm, "batch": batch, "path": "static+graph" if fast else "eager", "s_per_batch": s,
+    row = {"arm": arm, "batch": batch, "path": f"static+graph/{attention}" if fast else "eager", "s_per_batch": s,
            "images_per_s": batch / s, "ms_per_step": s / cfg.seq_len * 1e3, "warmup_s": warm_s,
            "codes_ok": bool(codes.min() >= 0 and codes.max() < cfg.vocab_size)}  # fmt: skip
     return row
@@ -78,17 +82,32 @@ def main() -> None:
     p.add_argument("--batches", default="16,64,256")
     p.add_argument("--paths", default="fast,eager")
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument(
+        "--attention", default="sdpa", help="decoder attention(s) for the fast path: sdpa,math"
+    )
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.smoke:
         args.batches, args.iters = "2,4", 1
     rows = []
-    for path in args.paths.split(","):
+    variants = [
+        (p, a)
+        for p in args.paths.split(",")
+        for a in (args.attention.split(",") if p == "fast" else ["-"])
+    ]
+    for path, attention in variants:
         for b in args.batches.split(","):
             for arm in args.arms.split(","):
                 if path == "eager" and int(b) > 64 and not args.smoke:
                     continue  # launch-bound: ~10 ms per step whatever the batch
-                r = run(arm, int(b), path == "fast", args, device)
+                r = run(
+                    arm,
+                    int(b),
+                    path == "fast",
+                    args,
+                    device,
+                    attention if path == "fast" else "sdpa",
+                )
                 rows.append(r)
                 print(r, flush=True)
                 release(device)

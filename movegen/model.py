@@ -204,16 +204,22 @@ class Attention(nn.Module):
             nn.Linear(d, H * (n_mem + int(self.gated)), bias=False) if self.has_memory else None
         )
 
-    def mixed_qkv(
-        self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None
-    ):
+    def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None,
+                  proj: torch.Tensor | None = None):  # fmt: skip
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
-        ``taps`` (training with MoVE) route the bank gradient around the layer (``move.py``)."""
+        ``taps`` (training with MoVE) route the bank gradient around the layer (``move.py``).
+        ``proj``: the QKV and router projections of ``x`` already computed as one product
+        ``(B, S, 3d + H*G)`` (the decoder fuses the two weights)."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
-        q, k, v = self.qkv(x).view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
+        if proj is None:
+            qkv = self.qkv(x)
+            logits = self.router(x) if self.has_memory else None
+        else:
+            qkv, logits = proj[..., : 3 * d], proj[..., 3 * d :]
+        q, k, v = qkv.view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
         if self.has_memory:
-            gates = gates_from_logits(self.router(x), H)  # (B, S, H, G)
+            gates = gates_from_logits(logits, H)  # (B, S, H, G)
             if self.table is not None:
                 v = mix(v, gates, self.table.gather(ids), self.gated)  # LaVE: (B, S, H, 1, D)
             elif taps is not None:
@@ -428,8 +434,13 @@ class StaticDecoder(nn.Module):
     model's, it decodes with a converted copy of the weights: a snapshot, made once.
     """
 
-    def __init__(self, model: GPT, batch_size: int, dtype: torch.dtype | None = None):
+    def __init__(
+        self, model: GPT, batch_size: int, dtype: torch.dtype | None = None, attention: str = "sdpa"
+    ):
         super().__init__()
+        if attention not in ("sdpa", "math"):
+            raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+        self.attention = attention
         cfg = model.config
         self.batch_size = batch_size
         self.source = [model]  # the model it was made from (a list: not a submodule)
@@ -445,6 +456,11 @@ class StaticDecoder(nn.Module):
                 self.source[0].rope_sin,
             )  # keep fp32
         self.model = model
+        # one product per layer for the QKV and router projections (fewer launches per step)
+        for l, block in enumerate(model.blocks):
+            if block.attn.router is not None:
+                w = torch.cat([block.attn.qkv.weight, block.attn.router.weight]).detach()
+                self.register_buffer(f"w{l}", w, persistent=False)
         shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
         for l in range(cfg.n_layer):
             self.register_buffer(
@@ -492,11 +508,20 @@ class StaticDecoder(nn.Module):
         mask = (self.positions <= pos).view(1, 1, 1, -1)
         for l, block in enumerate(m.blocks):
             attn = block.attn
-            q, k, v = attn.mixed_qkv(block.norm1(x), ids, memh, cos, sin)  # (B, H, 1, D)
+            h = block.norm1(x)
+            proj = F.linear(h, getattr(self, f"w{l}")) if attn.router is not None else None
+            q, k, v = attn.mixed_qkv(h, ids, memh, cos, sin, proj=proj)  # (B, H, 1, D)
             kc, vc = getattr(self, f"k{l}"), getattr(self, f"v{l}")
             kc.index_copy_(2, pos, k.to(kc.dtype))
             vc.index_copy_(2, pos, v.to(vc.dtype))
-            y = F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=mask)
+            if self.attention == "sdpa":
+                y = F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=mask)
+            else:  # plain math: two small products and one fused masked softmax
+                att = (q.to(kc.dtype) @ kc.transpose(-1, -2)).float() * (
+                    1.0 / math.sqrt(q.shape[-1])
+                )
+                att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+                y = att.to(vc.dtype) @ vc
             x = x + attn.proj(y.transpose(1, 2).flatten(2))
             x = x + block.mlp(block.norm2(x))
         return m.head(m.norm(x))[:, -1].float()

@@ -127,3 +127,19 @@ def test_static_decoder_in_another_dtype_is_a_snapshot_with_same_logits():
     ref = model.step(ids, 0, cache)[:, -1]
     out = dec(ids, dec.positions[:1])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["lave", "move"])
+def test_decoder_math_attention_and_fused_projection_match(memory):
+    from movegen.model import StaticDecoder
+
+    model = model64(memory).float()
+    ids = torch.tensor([[K + 1], [K + 2]])
+    cache = model.new_cache(2)
+    ref = model.step(ids, 0, cache)[:, -1]
+    nxt = torch.tensor([[3], [7]])
+    ref2 = model.step(nxt, 1, cache)[:, -1]
+    for attention in ("sdpa", "math"):
+        dec = StaticDecoder(model, 2, attention=attention)
+        torch.testing.assert_close(dec(ids, dec.positions[:1]), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dec(nxt, dec.positions[1:2]), ref2, rtol=1e-5, atol=1e-5)
