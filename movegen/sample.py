@@ -154,7 +154,9 @@ def make_decoder(model: GPT, batch_size: int, *, cfg: bool = True, compile: bool
     compiled with CUDA graphs on GPU unless ``compile=False``; ``attention`` 'sdpa' or 'math'."""
     dev = model.head.weight.device
     dtype = torch.bfloat16 if dev.type == "cuda" else None
-    dec = StaticDecoder(model, 2 * batch_size if cfg else batch_size, dtype=dtype, attention=attention)
+    dec = StaticDecoder(
+        model, 2 * batch_size if cfg else batch_size, dtype=dtype, attention=attention
+    )
     if compile if compile is not None else dev.type == "cuda":
         dec.compile()
     return dec
