@@ -683,7 +683,12 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--model-steps", type=int, default=400)
     p.add_argument("--classifier-epochs", type=int, default=30)
     p.add_argument("--num-samples", type=int, default=1000, help="images per model for FID/IS/KID")
-    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument(
+        "--cfg-scale", type=float, default=2.0, help="guidance for the evaluation samples"
+    )
+    p.add_argument("--grid-cfg-scale", type=float, default=3.0, help="guidance for the grid")
+    p.add_argument("--grid-temperature", type=float, default=0.8, help="temperature for the grid")
+    p.add_argument("--grid-top-k", type=int, default=10, help="top-k for the grid")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -788,7 +793,7 @@ def cmd_demo(argv: list[str]) -> int:
         ],
     )
     run(
-        "6/6 grid and report",
+        "6/6 grid",
         [
             "sample",
             "--model",
@@ -798,7 +803,11 @@ def cmd_demo(argv: list[str]) -> int:
             "--per-class",
             "10",
             "--cfg-scale",
-            str(a.cfg_scale),
+            str(a.grid_cfg_scale),
+            "--temperature",
+            str(a.grid_temperature),
+            "--top-k",
+            str(a.grid_top_k),
             "--seed",
             str(a.seed),
             "--out",
@@ -821,7 +830,11 @@ def cmd_demo(argv: list[str]) -> int:
             f"  {arm:9s} val {r['val_bits_per_token']:.3f} bits/token  FID {r['fid']:.2f}  IS {r['is']:.2f}  "
             f"KID {r['kid']:.4f}  ({r['params_total'] / 1e6:.2f} M params)"
         )
-    print(f"  grid of MoVE samples (one row per class): {out / 'grid.png'}")
+    print(
+        f"  FID/IS/KID: {a.num_samples} samples per model, CFG {a.cfg_scale}, temperature 1, classifier features"
+    )
+    print(f"  grid of MoVE samples (one row per class; CFG {a.grid_cfg_scale}, temperature "
+          f"{a.grid_temperature}, top-k {a.grid_top_k}): {out / 'grid.png'}")  # fmt: skip
     print(f"  report: {out / 'report' / 'README.md'}")
     return 0
 

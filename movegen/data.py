@@ -622,7 +622,9 @@ def save_image_grid(
     scale = max(1, -(-min_tile // x.shape[-1]))
     if scale > 1:
         x = F.interpolate(x, scale_factor=scale, mode="nearest")
-    grid = make_grid((x + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+    # a mid-grey gap a tenth of a tile wide keeps white-on-black tiles from running together
+    pad = max(2, x.shape[-1] // 10)
+    grid = make_grid((x + 1) / 2, nrow=nrow, padding=pad, pad_value=0.5)
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     if arr.shape[-1] == 1:
         arr = arr[..., 0]
