@@ -142,7 +142,8 @@ class LitTokenizer(L.LightningModule):
             rec_loss: 'l1' or 'l2' reconstruction loss.
             quantizer_weight: weight of the quantizer's own loss (commitment / entropy).
             disc_weight: weight of the PatchGAN generator loss (0 disables the discriminator).
-            disc_start: step at which the adversarial loss switches on.
+            disc_start: Lightning global step at which the adversarial loss switches on (with the
+                discriminator on, each batch makes two optimizer steps and counts twice).
             perceptual_weight: weight of the VGG perceptual loss; needs vgg16 weights in
                 $TORCH_HOME/hub/checkpoints (an error says so when they are absent).
         """

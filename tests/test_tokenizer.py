@@ -101,3 +101,28 @@ def test_not_a_tokenizer_checkpoint(tmp_path, caplog):
 
 def test_fit_tokenizer_metrics_json_is_json(digits_pipeline):
     json.loads((digits_pipeline["dir"] / "tok/metrics.json").read_text())
+
+
+def test_adversarial_loss_switches_on_and_perceptual_needs_weights(tmp_path, monkeypatch):
+    import lightning as L
+
+    from movegen.lit import ImageDataModule, LitTokenizer
+
+    cfg = TokenizerConfig(
+        image_size=8, channel_mult=(1, 2), base_channels=16, code_dim=8, codebook_size=32
+    )
+    lit = LitTokenizer(cfg, disc_weight=0.1, disc_start=2, warmup_steps=1)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append("train/d_loss" in trainer.callback_metrics)
+
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, callbacks=[Spy()])  # fmt: skip
+    trainer.fit(lit, datamodule=ImageDataModule("digits", batch_size=32))
+    assert seen[0] is False and seen[-1] is True  # off before disc_start, on after
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="vgg16"):
+        LitTokenizer(cfg, perceptual_weight=1.0)
