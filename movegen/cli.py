@@ -49,7 +49,9 @@ def _device(name: str = "auto") -> str:
 # =========================================================================== fit-tokenizer
 
 
-def _lightning_cli(model_cls, dm_cls, argv: list[str], prog: str, extra_args):
+def _lightning_cli(
+    model_cls, dm_cls, argv: list[str], prog: str, extra_args, trainer_defaults: dict | None = None
+):
     from lightning.pytorch.cli import LightningCLI
 
     class CLI(LightningCLI):
@@ -210,7 +212,12 @@ def cmd_fit(argv: list[str]) -> int:
 
     argv = _rename_flags(argv, {"--codes": "--data.codes", "--val-codes": "--data.val_codes"})
     torch.set_float32_matmul_precision("high")
-    cli = _lightning_cli(LitGPT, CodeDataModule, argv, "movegen fit", extra)
+    # DESIGN defaults without a config: clip 1.0, bf16 mixed precision on GPU
+    defaults = {
+        "gradient_clip_val": 1.0,
+        "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+    }
+    cli = _lightning_cli(LitGPT, CodeDataModule, argv, "movegen fit", extra, defaults)
     out = Path(cli.config["out"])
     out.mkdir(parents=True, exist_ok=True)
     model: LitGPT = cli.model
@@ -393,10 +400,12 @@ def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, devic
                          f"{model.config.seq_len}")  # fmt: skip
     want = ckpt["code_store"].get("tokenizer_sha256")
     if want and sha256_file(path) != want:
-        log.warning(
-            "tokenizer %s differs from the one the codes came from (sha256 mismatch); samples may be wrong",
-            path,
+        raise ValueError(
+            f"tokenizer {path} is not the one the model's codes came from (sha256 differs from "
+            f"{want[:12]}..., recorded in {model_path}); its codes mean other things. Pass the "
+            f"original tokenizer with --tokenizer (recorded path: {recorded})"
         )
+    tck["path"], tck["sha256"] = str(Path(path).resolve()), want or sha256_file(path)
     return model, ckpt, tok, tck
 
 
@@ -478,13 +487,21 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def _content_crop(images, tck: dict):
-    """Undo the tokenizer's padding so generated images match the dataset's native size."""
+    """Bring generated images to the dataset's native size, as the reference images are: undo the
+    tokenizer's padding (``fit='pad'``) or resize back (``fit='resize'``)."""
+    import torch.nn.functional as F
+
     ds = tck.get("dataset", {})
     native = ds.get("native_size")
-    if ds.get("fit", "pad") == "pad" and native and images.shape[-1] > native:
+    if not native or images.shape[-1] == native:
+        return images
+    if ds.get("fit", "pad") == "pad" and images.shape[-1] > native:
         p = (images.shape[-1] - native) // 2
         return images[..., p : p + native, p : p + native]
-    return images
+    out = F.interpolate(
+        images, size=(native, native), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out.clamp(-1, 1)
 
 
 def evaluate_model(model_path: str, *, features: str, num_samples: int, settings: dict, seed: int, device: str,
@@ -540,7 +557,8 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         "reference_cache_hit": hit, "reference_size": len(real), "sample_seconds": round(sample_seconds, 2),
         "memory": model.config.memory, "memory_density": model.config.memory_density,
         "gate_standard_path": model.config.gate_standard_path, "train_tokens": ckpt["train"].get("train_tokens"),
-        "train_step": ckpt["train"].get("step"), "dataset": dsname,
+        "train_step": ckpt["train"].get("step"), "dataset": dsname, "tokenizer_path": tck.get("path"),
+        "tokenizer_sha256": tck.get("sha256"),
     }  # fmt: skip
     from .model import cost_report
 
@@ -637,6 +655,10 @@ def cmd_evaluate(argv: list[str]) -> int:
     dev = _device(a.device)
     out = Path(a.out)
     rows = []
+    names = [Path(m).resolve().parent.name for m in a.model]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models share a run name (their folder names: {names}); results are written as "
+                         "<run>.json, so evaluate them in separate calls with different --out folders")  # fmt: skip
     for m in a.model:
         run = Path(m).resolve().parent.name
         r = evaluate_model(m, features=a.features, num_samples=a.num_samples, settings=_settings(a), seed=a.seed,

@@ -43,6 +43,15 @@ def package_version() -> str:
         return "0+unknown"
 
 
+def schedule_length(trainer) -> int:
+    """Steps the LR schedule spans: ``max_steps``, else Lightning's estimate from the epochs."""
+    if trainer is None:
+        return 10_000
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps
+    return int(trainer.estimated_stepping_batches)
+
+
 def warmup_cosine(
     step: int, *, warmup: int, total: int, min_ratio: float = 0.1, schedule: str = "cosine"
 ) -> float:
@@ -171,7 +180,7 @@ class LitTokenizer(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.tokenizer.parameters(), lr=self.hparams.lr, betas=self.hparams.betas,
                                 weight_decay=self.hparams.weight_decay)  # fmt: skip
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
+        total = schedule_length(self.trainer)
         f = lambda s: warmup_cosine(
             s, warmup=self.hparams.warmup_steps, total=total, min_ratio=self.hparams.min_lr_ratio
         )
@@ -306,7 +315,7 @@ def load_tokenizer(path: str | Path, device="cpu") -> tuple[VQTokenizer, dict]:
 
 # =========================================================================== AR model
 
-from torch.utils.data import Dataset, RandomSampler  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
 from .model import GPT, GPTConfig, cost_report  # noqa: E402
 
@@ -325,6 +334,28 @@ class FlatViews(Dataset):
     def __getitem__(self, i: int):
         j, v = int(self.indices[i // self.views]), i % self.views
         return torch.from_numpy(self.store.codes[j, v].astype(np.int64)), int(self.store.labels[j])
+
+
+class ViewSampler(torch.utils.data.Sampler):
+    """Each epoch: every item once, in a seeded random order, each with a random view; yields
+    :class:`FlatViews` indices ``item * views + view``. The same seed gives the same order for
+    every arm (model init does not touch this generator)."""
+
+    def __init__(self, n_items: int, views: int, seed: int = 0):
+        self.n, self.views, self.seed, self.epoch = n_items, views, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1  # a fresh order next time even if nobody calls set_epoch
+        order = torch.randperm(self.n, generator=g)
+        view = torch.randint(self.views, (self.n,), generator=g)
+        return iter((order * self.views + view).tolist())
 
 
 class CodeDataModule(L.LightningDataModule):
@@ -404,8 +435,7 @@ class CodeDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         ds = FlatViews(self.store, self.train_idx)
-        g = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(ds, num_samples=len(self.train_idx), generator=g)
+        sampler = ViewSampler(len(self.train_idx), self.store.views, self.seed)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
 
@@ -507,7 +537,7 @@ class LitGPT(L.LightningModule):
         fused = self.device.type == "cuda" and not fp16
         opt = torch.optim.AdamW(optimizer_groups(self.model, self.hparams.weight_decay), lr=self.hparams.lr,
                                 betas=self.hparams.betas, fused=fused)  # fmt: skip
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
+        total = schedule_length(self.trainer)
         f = lambda s: warmup_cosine(s, warmup=self.hparams.warmup_steps, total=total,
                                     min_ratio=self.hparams.min_lr_ratio, schedule=self.hparams.schedule)  # fmt: skip
         sched = torch.optim.lr_scheduler.LambdaLR(opt, f)

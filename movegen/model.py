@@ -430,8 +430,9 @@ class StaticDecoder(nn.Module):
     Every call has the same shapes: the new keys and mixed values are written at ``pos`` with
     ``index_copy_`` and attention runs over the whole cache under a ``position <= pos`` mask, so
     ``torch.compile(mode="reduce-overhead")`` can capture the step once and replay it for all
-    positions. Gives the same logits as :meth:`GPT.step`. With a ``dtype`` other than the
-    model's, it decodes with a converted copy of the weights: a snapshot, made once.
+    positions. Gives the same logits as :meth:`GPT.step`. It holds a snapshot of the weights
+    made once (a converted copy for another ``dtype``, and fused QKV/router products): build a
+    new decoder after the model's weights change.
     """
 
     def __init__(
@@ -549,7 +550,9 @@ def cost_report(cfg: GPTConfig) -> dict[str, float]:
 
     FLOPs per token: 2 per multiply-add of every matmul (QKV, output, MLP, routers, head) plus
     causal attention (on average T/2 keys: 2 * T * d per layer for QK^T and AV together) plus the
-    value mix (2 * n_gates * d per layer with memory). Bank bytes: rows read per token in bf16.
+    value mix (2 * n_gates * d per layer with memory). Bank bytes: memory rows the mix reads per
+    token over all layers, in bf16 (MoVE: M slots in each of the L layers; LaVE: one row per
+    table layer) -- the traffic MoVE pays for its memory, not its parameter count.
     """
     with torch.device("meta"):
         model = GPT(cfg)

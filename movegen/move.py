@@ -107,6 +107,7 @@ class _BankTaps(torch.autograd.Function):
     def forward(ctx, memh, n_layers: int, n_gates: int):
         B, T, H, M, D = memh.shape
         ctx.n_layers, ctx.off, ctx.slots, ctx.dtype = n_layers, n_gates - M, M, memh.dtype
+        ctx.set_materialize_grads(False)  # no bank-sized zero gradient for the unused memh output
         zero = memh.new_zeros(())
         taps = []
         for _ in range(n_layers):  # distinct (expanded, storage-free) tensors per layer

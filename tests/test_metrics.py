@@ -188,3 +188,30 @@ def test_evaluate_and_report(digits_models, tmp_path):
     assert text.count("## Features:") == 2
     assert "| move-x1 |" in text and "| standard |" in text
     assert len(list((tmp_path / "rep").glob("*.png"))) == 6
+
+
+def test_sample_rejects_a_retrained_tokenizer(digits_models, tmp_path, caplog):
+    from movegen.data import atomic_torch_save
+    from movegen.lit import load_tokenizer, tokenizer_checkpoint
+
+    tok, ckpt = load_tokenizer(digits_models["dir"] / "tok/tokenizer.ckpt")
+    with torch.no_grad():
+        next(tok.decoder.parameters()).add_(1.0)  # same K and grid, other weights
+    atomic_torch_save(
+        tokenizer_checkpoint(tok, dataset=ckpt["dataset"], metrics={}), tmp_path / "t.ckpt"
+    )
+    rc = main(["sample", "--model", str(digits_models["move-x1"]), "--tokenizer", str(tmp_path / "t.ckpt"),
+               "--out", str(tmp_path / "x.png")])  # fmt: skip
+    assert rc == 2 and "sha256" in caplog.text and not (tmp_path / "x.png").exists()
+
+
+def test_generated_images_reach_the_native_size():
+    from movegen.cli import _content_crop
+
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert _content_crop(x, {"dataset": {"fit": "pad", "native_size": 28}}).shape[-1] == 28
+    assert torch.equal(
+        _content_crop(x, {"dataset": {"fit": "pad", "native_size": 28}}), x[..., 2:30, 2:30]
+    )
+    assert _content_crop(x, {"dataset": {"fit": "resize", "native_size": 28}}).shape[-1] == 28
+    assert _content_crop(x, {"dataset": {"fit": "resize", "native_size": 32}}) is x
