@@ -380,35 +380,6 @@ def cmd_fit_classifier(argv: list[str]) -> int:
 # =========================================================================== sample
 
 
-def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, device: str):
-    from .data import sha256_file
-    from .lit import load_model, load_tokenizer
-
-    model, ckpt = load_model(model_path, device)
-    recorded = ckpt["code_store"].get("tokenizer_path")
-    path = tokenizer_path or recorded
-    if not path or not Path(path).is_file():
-        raise FileNotFoundError(
-            f"tokenizer {path!r} (recorded in {model_path}) not found; pass --tokenizer DIR/tokenizer.ckpt"
-        )
-    tok, tck = load_tokenizer(path, device)
-    if tok.codebook_size != model.config.vocab_size:
-        raise ValueError(f"tokenizer {path} has codebook size {tok.codebook_size} but the model was trained "
-                         f"on K = {model.config.vocab_size}; pass the tokenizer the codes came from")  # fmt: skip
-    if tok.config.latent_size**2 != model.config.seq_len:
-        raise ValueError(f"tokenizer {path} gives {tok.config.latent_size}^2 tokens per image; the model expects "
-                         f"{model.config.seq_len}")  # fmt: skip
-    want = ckpt["code_store"].get("tokenizer_sha256")
-    if want and sha256_file(path) != want:
-        raise ValueError(
-            f"tokenizer {path} is not the one the model's codes came from (sha256 differs from "
-            f"{want[:12]}..., recorded in {model_path}); its codes mean other things. Pass the "
-            f"original tokenizer with --tokenizer (recorded path: {recorded})"
-        )
-    tck["path"], tck["sha256"] = str(Path(path).resolve()), want or sha256_file(path)
-    return model, ckpt, tok, tck
-
-
 def _parse_classes(spec: str, num_classes: int) -> list[int]:
     if spec == "all":
         return list(range(num_classes))
@@ -466,7 +437,9 @@ def cmd_sample(argv: list[str]) -> int:
     from .sample import generate_images
 
     dev = _device(a.device)
-    model, ckpt, tok, tck = _load_model_and_tokenizer(a.model, a.tokenizer, dev)
+    from .evaluate import load_model_and_tokenizer
+
+    model, ckpt, tok, tck = load_model_and_tokenizer(a.model, a.tokenizer, dev)
     classes = _parse_classes(a.classes, model.config.num_classes)
     labels = torch.tensor(classes, device=dev).repeat_interleave(a.per_class)
     g = torch.Generator(device=dev).manual_seed(a.seed)
@@ -484,116 +457,6 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 # =========================================================================== evaluate
-
-
-def _content_crop(images, tck: dict):
-    """Bring generated images to the dataset's native size, as the reference images are: undo the
-    tokenizer's padding (``fit='pad'``) or resize back (``fit='resize'``)."""
-    import torch.nn.functional as F
-
-    ds = tck.get("dataset", {})
-    native = ds.get("native_size")
-    if not native or images.shape[-1] == native:
-        return images
-    if ds.get("fit", "pad") == "pad" and images.shape[-1] > native:
-        p = (images.shape[-1] - native) // 2
-        return images[..., p : p + native, p : p + native]
-    out = F.interpolate(
-        images, size=(native, native), mode="bilinear", antialias=True, align_corners=False
-    )
-    return out.clamp(-1, 1)
-
-
-def evaluate_model(model_path: str, *, features: str, num_samples: int, settings: dict, seed: int, device: str,
-                   batch_size: int = 256, tokenizer: str | None = None, ref_split: str = "train",
-                   cache_dir: str | None = None, inception_weights: str | None = None, data_root: str | None = None,
-                   val_codes: str | None = None, export_npz: str | None = None) -> dict:  # fmt: skip
-    import numpy as np
-    import torch
-
-    from .data import load_dataset
-    from .metrics import build_extractors, extract_features, reference_features, score
-    from .sample import generate_images
-
-    model, ckpt, tok, tck = _load_model_and_tokenizer(model_path, tokenizer, device)
-    feat_mod, logit_mod, fdesc = build_extractors(features, inception_weights, device)
-    C = model.config.num_classes
-    labels = torch.arange(num_samples, device=device) % C  # balanced over classes
-    g = torch.Generator(device=device).manual_seed(seed)
-    t0 = time.time()
-    images, _ = generate_images(model, tok.decode, labels, batch_size=batch_size, generator=g, progress=True,
-                                **settings)  # fmt: skip
-    sample_seconds = time.time() - t0
-    images = _content_crop(images, tck)
-    dsname = ckpt["code_store"].get("dataset") or tck["dataset"]["name"]
-    if fdesc["features"].startswith("classifier:") and fdesc["features"].split(":", 1)[1] != dsname:
-        raise ValueError(f"classifier features were trained on {fdesc['features'].split(':', 1)[1]}, the model on "
-                         f"{dsname}; use a classifier of the same dataset")  # fmt: skip
-    res = images.shape[-1]
-
-    def real_batches():
-        ds = load_dataset(dsname, ref_split, data_root=data_root, channels=images.shape[1],
-                          image_size=None if not dsname.startswith("folder:") else res)  # fmt: skip
-        loader = torch.utils.data.DataLoader(ds, batch_size=500)
-        for batch in loader:
-            yield batch[0]
-
-    key = {"dataset": dsname, "split": ref_split, "resolution": res, "features": fdesc["id"]}
-    cache = cache_dir or str(Path.home() / ".cache" / "movegen" / "ref")
-    real, hit = reference_features(feat_mod, key, real_batches, cache, device)
-    fake = extract_features(feat_mod, images, device=device)
-    logits = extract_features(logit_mod, images, device=device)
-    scores = score(real, fake, logits, seed=seed)
-    bits = ckpt["metrics"].get("val_bits_per_token")
-    if val_codes:
-        from .data import CodeStore
-        from .metrics import bits_per_token
-
-        bits = bits_per_token(model, CodeStore(val_codes), device=device)
-    run = Path(model_path).resolve().parent.name
-    result = {
-        "run": run, "model": str(Path(model_path).resolve()), **scores, "val_bits_per_token": bits,
-        "num_samples": num_samples, "seed": seed, "sampling": settings, **fdesc, "reference": key,
-        "reference_cache_hit": hit, "reference_size": len(real), "sample_seconds": round(sample_seconds, 2),
-        "memory": model.config.memory, "memory_density": model.config.memory_density,
-        "gate_standard_path": model.config.gate_standard_path, "train_tokens": ckpt["train"].get("train_tokens"),
-        "train_step": ckpt["train"].get("step"), "dataset": dsname, "tokenizer_path": tck.get("path"),
-        "tokenizer_sha256": tck.get("sha256"),
-    }  # fmt: skip
-    from .model import cost_report
-
-    result.update(cost_report(model.config))
-    if export_npz:
-        arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        arr = arr.expand(-1, 3, -1, -1) if arr.shape[1] == 1 else arr
-        _atomic_npz(
-            export_npz,
-            arr.permute(0, 2, 3, 1).contiguous().numpy(),
-            labels.cpu().numpy().astype(np.int64),
-        )
-        result["npz"] = str(export_npz)
-    return result
-
-
-def _atomic_npz(path, images, labels) -> None:
-    import os
-    import tempfile
-
-    import numpy as np
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(
-            tmp, arr_0=images, arr_1=labels
-        )  # the ADM evaluator reads arr_0 (N, H, W, 3) uint8
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -651,6 +514,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="results folder: one <run-name>.json per model")
     a = p.parse_args(argv)
     from .data import atomic_write_text
+    from .evaluate import evaluate_model
 
     dev = _device(a.device)
     out = Path(a.out)
@@ -723,121 +587,30 @@ def cmd_demo(argv: list[str]) -> int:
         if rc:
             raise SystemExit(rc)
 
-    tok = out / "tokenizer"
-    run(
-        "1/6 tokenizer",
-        [
-            "fit-tokenizer",
-            "--config",
-            str(_repo_file("tokenizers/digits/config.yaml")),
-            "--out",
-            str(tok),
-            "--trainer.max_steps",
-            str(a.tokenizer_steps),
-            "--seed_everything",
-            str(a.seed),
-            *quiet,
-        ],
-    )
+    tok, seed = out / "tokenizer", str(a.seed)
+    run("1/6 tokenizer", ["fit-tokenizer", "--config", str(_repo_file("tokenizers/digits/config.yaml")),
+                          "--out", str(tok), "--trainer.max_steps", str(a.tokenizer_steps), "--seed_everything", seed,
+                          *quiet])  # fmt: skip
     for split in ("train", "val"):
-        run(
-            f"2/6 codes ({split})",
-            [
-                "extract-codes",
-                "--tokenizer",
-                str(tok / "tokenizer.ckpt"),
-                "--split",
-                split,
-                "--out",
-                str(out / f"codes-{split}"),
-                "--overwrite",
-                "--device",
-                "cpu",
-            ],
-        )
+        run(f"2/6 codes ({split})", ["extract-codes", "--tokenizer", str(tok / "tokenizer.ckpt"), "--split", split,
+                                     "--out", str(out / f"codes-{split}"), "--overwrite", "--device", "cpu"])  # fmt: skip
     arms = ["standard", "move-x1"]
     for arm in arms:
-        run(
-            f"3/6 model {arm}",
-            [
-                "fit",
-                "--config",
-                str(_repo_file(f"configs/digits/{arm}.yaml")),
-                "--codes",
-                str(out / "codes-train"),
-                "--val-codes",
-                str(out / "codes-val"),
-                "--out",
-                str(out / arm),
-                "--trainer.max_steps",
-                str(a.model_steps),
-                "--seed_everything",
-                str(a.seed),
-                *quiet,
-            ],
-        )
-    run(
-        "4/6 classifier",
-        [
-            "fit-classifier",
-            "--data",
-            "digits",
-            "--out",
-            str(out / "classifier"),
-            "--trainer.max_epochs",
-            str(a.classifier_epochs),
-            "--data.batch_size",
-            "64",
-            "--seed_everything",
-            str(a.seed),
-        ],
-    )
-    run(
-        "5/6 evaluation",
-        [
-            "evaluate",
-            "--model",
-            *[str(out / arm / "model.ckpt") for arm in arms],
-            "--features",
-            f"classifier:{out / 'classifier' / 'classifier.ckpt'}",
-            "--num-samples",
-            str(a.num_samples),
-            "--cfg-scale",
-            str(a.cfg_scale),
-            "--seed",
-            str(a.seed),
-            "--cache-dir",
-            str(out / "cache"),
-            "--out",
-            str(out / "results"),
-            "--device",
-            "cpu",
-        ],
-    )
-    run(
-        "6/6 grid",
-        [
-            "sample",
-            "--model",
-            str(out / "move-x1" / "model.ckpt"),
-            "--classes",
-            "all",
-            "--per-class",
-            "10",
-            "--cfg-scale",
-            str(a.grid_cfg_scale),
-            "--temperature",
-            str(a.grid_temperature),
-            "--top-k",
-            str(a.grid_top_k),
-            "--seed",
-            str(a.seed),
-            "--out",
-            str(out / "grid.png"),
-            "--device",
-            "cpu",
-        ],
-    )
+        run(f"3/6 model {arm}", ["fit", "--config", str(_repo_file(f"configs/digits/{arm}.yaml")),
+                                 "--codes", str(out / "codes-train"), "--val-codes", str(out / "codes-val"),
+                                 "--out", str(out / arm), "--trainer.max_steps", str(a.model_steps),
+                                 "--seed_everything", seed, *quiet])  # fmt: skip
+    run("4/6 classifier", ["fit-classifier", "--data", "digits", "--out", str(out / "classifier"),
+                           "--trainer.max_epochs", str(a.classifier_epochs), "--data.batch_size", "64",
+                           "--seed_everything", seed])  # fmt: skip
+    run("5/6 evaluation", ["evaluate", "--model", *[str(out / arm / "model.ckpt") for arm in arms],
+                           "--features", f"classifier:{out / 'classifier' / 'classifier.ckpt'}",
+                           "--num-samples", str(a.num_samples), "--cfg-scale", str(a.cfg_scale), "--seed", seed,
+                           "--cache-dir", str(out / "cache"), "--out", str(out / "results"), "--device", "cpu"])  # fmt: skip
+    run("6/6 grid", ["sample", "--model", str(out / "move-x1" / "model.ckpt"), "--classes", "all", "--per-class", "10",
+                     "--cfg-scale", str(a.grid_cfg_scale), "--temperature", str(a.grid_temperature),
+                     "--top-k", str(a.grid_top_k), "--seed", seed, "--out", str(out / "grid.png"),
+                     "--device", "cpu"])  # fmt: skip
     run("6/6 report", ["report", str(out / "results"), "--out", str(out / "report")])
     tokm = json.loads((tok / "metrics.json").read_text())
     clsm = json.loads((out / "classifier" / "metrics.json").read_text())

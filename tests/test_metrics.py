@@ -206,7 +206,7 @@ def test_sample_rejects_a_retrained_tokenizer(digits_models, tmp_path, caplog):
 
 
 def test_generated_images_reach_the_native_size():
-    from movegen.cli import _content_crop
+    from movegen.evaluate import content_crop as _content_crop
 
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     assert _content_crop(x, {"dataset": {"fit": "pad", "native_size": 28}}).shape[-1] == 28
