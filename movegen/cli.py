@@ -115,7 +115,6 @@ def cmd_fit_tokenizer(argv: list[str]) -> int:
         )
     dm.setup("fit")
     model.content = dm.train_set.content
-    trainer = cli.trainer
     trainer = _make_trainer(cli, out, enable_checkpointing=False)
     t0 = time.time()
     trainer.fit(model, datamodule=dm)
@@ -201,7 +200,8 @@ def cmd_fit(argv: list[str]) -> int:
     import torch
 
     from .data import atomic_write_text
-    from .lit import BestCheckpoint, CodeDataModule, LitGPT, cost_report
+    from .lit import BestCheckpoint, CodeDataModule, LitGPT
+    from .model import cost_report
 
     def extra(parser):
         parser.add_argument(
@@ -323,7 +323,6 @@ def cmd_fit_classifier(argv: list[str]) -> int:
 
     # `--data NAME` is a shortcut for `--data.name NAME`
     fixed = []
-    it = iter(range(len(argv)))
     i = 0
     while i < len(argv):
         if (
@@ -336,19 +335,9 @@ def cmd_fit_classifier(argv: list[str]) -> int:
             continue
         fixed.append(argv[i])
         i += 1
-    del it
     torch.set_float32_matmul_precision("high")
-    from lightning.pytorch.cli import LightningCLI
-
-    class CLI(LightningCLI):
-        def add_arguments_to_parser(self, parser):
-            extra(parser)
-
-    cli = CLI(LitClassifier, ImageDataModule, args=fixed, run=False, save_config_callback=None,
-              seed_everything_default=0,
-              trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-                                "max_epochs": 6, "enable_progress_bar": False},
-              parser_kwargs={"prog": "movegen fit-classifier", "description": VERBS["fit-classifier"]})  # fmt: skip
+    cli = _lightning_cli(LitClassifier, ImageDataModule, fixed, "movegen fit-classifier", extra,
+                         {"max_epochs": 6, "enable_progress_bar": False})  # fmt: skip
     out = Path(cli.config["out"])
     out.mkdir(parents=True, exist_ok=True)
     dm: ImageDataModule = cli.datamodule

@@ -36,13 +36,14 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
 
@@ -344,25 +345,6 @@ def load_dataset(
     return TensorImages(images, labels, info, image_size=image_size, fit=fit, channels=channels)
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Class count and channels of a named dataset without loading it."""
-    if name == "digits":
-        return DatasetInfo(
-            name=name, num_classes=10, channels=1, native_size=8, class_names=tuple("0123456789")
-        )
-    if name == "fashion-mnist":
-        return DatasetInfo(
-            name=name, num_classes=10, channels=1, native_size=28, class_names=FASHION_CLASSES
-        )
-    if name == "mnist":
-        return DatasetInfo(
-            name=name, num_classes=10, channels=1, native_size=28, class_names=tuple("0123456789")
-        )
-    if name == "cifar10":
-        return DatasetInfo(name=name, num_classes=10, channels=3, native_size=32)
-    raise ValueError(f"no static info for dataset {name!r}")
-
-
 # --------------------------------------------------------------------------- code store
 
 
@@ -482,31 +464,6 @@ class CodeStore:
         return len(self.labels)
 
 
-class CodeDataset(Dataset):
-    """Items of a code store as ``(codes int64 (T,), label)``; a random view per item when
-    ``random_view`` (training), view 0 otherwise."""
-
-    def __init__(
-        self,
-        store: CodeStore,
-        indices: np.ndarray | None = None,
-        random_view: bool = True,
-        seed: int = 0,
-    ):
-        self.store = store
-        self.indices = np.arange(len(store)) if indices is None else np.asarray(indices)
-        self.random_view = random_view and store.views > 1
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        j = int(self.indices[i])
-        v = int(torch.randint(self.store.views, ()).item()) if self.random_view else 0
-        return torch.from_numpy(self.store.codes[j, v].astype(np.int64)), int(self.store.labels[j])
-
-
 def split_holdout(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train, held-out) index split."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -554,65 +511,54 @@ def extract_codes(
                 vs.append(encode(torch.flip(x, dims=[-1])))
             c = torch.stack([v.reshape(len(x), -1) for v in vs], dim=1)  # (n, views, h*w)
             yield c.cpu().numpy().astype(code_dtype(codebook_size)), y.numpy()
+        if skipped:  # read by write_code_store after the last batch, before it writes header.json
+            full["skipped_unreadable"] = skipped
 
     full = {"codebook_size": codebook_size, "num_classes": num_classes, **header}
+
     path = write_code_store(out, batches(), num_items=len(dataset), views=views, h=int(h), w=int(w),
                             header=full, overwrite=overwrite)  # fmt: skip
     if skipped:
         log.warning("%d unreadable images were skipped and are not in the store", skipped)
-        hp = path / "header.json"
-        hd = json.loads(hp.read_text())
-        hd["skipped_unreadable"] = skipped
-        atomic_write_text(hp, json.dumps(hd, indent=2, sort_keys=True))
     return path
 
 
-def _default_mode(path) -> None:
-    """mkstemp makes files 0600; give them the usual 0666 & ~umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path beside ``path``; on success the file is synced to disk, given the
+    usual permissions (0666 & ~umask; mkstemp makes 0600) and renamed to ``path``, else removed.
+    A crash never leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it takes the final name
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before it takes the final name
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it takes the final name
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 __all__ = [
-    "CodeDataset",
     "CodeStore",
     "DatasetInfo",
-    "Subset",
     "atomic_torch_save",
     "atomic_write_text",
     "extract_codes",
@@ -641,15 +587,6 @@ def save_image_grid(
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     if arr.shape[-1] == 1:
         arr = arr[..., 0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return Path(path)

@@ -131,21 +131,11 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
 
 
 def write_npz(path, images, labels) -> None:
-    import os
-    import tempfile
-
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
+    from .data import atomic_path
+
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez(
             tmp, arr_0=images, arr_1=labels
         )  # the ADM evaluator reads arr_0 (N, H, W, 3) uint8
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -55,18 +55,23 @@ def _rows_per_program(D: int) -> int:
 if HAVE_TRITON:
 
     @triton.jit
+    def _load_v(v_ptr, rows, rmask, d, H, s_vn, s_vh):
+        """The ``(BLOCK_R, D)`` tile of ``v`` for rows ``(b*T + t) * H + h`` of a strided view."""
+        n = rows // H
+        h = rows % H
+        return tl.load(
+            v_ptr + n[:, None] * s_vn + h[:, None] * s_vh + d[None, :],
+            mask=rmask[:, None],
+            other=0.0,
+        )
+
+    @triton.jit
     def _mix_fwd_kernel(v_ptr, g_ptr, mem_ptr, out_ptr, R, H, s_vn, s_vh, G: tl.constexpr, M: tl.constexpr,
                         D: tl.constexpr, GATED: tl.constexpr, OFF: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < R
         d = tl.arange(0, D)
-        n = rows // H
-        h = rows % H
-        v = tl.load(
-            v_ptr + n[:, None] * s_vn + h[:, None] * s_vh + d[None, :],
-            mask=rmask[:, None],
-            other=0.0,
-        )
+        v = _load_v(v_ptr, rows, rmask, d, H, s_vn, s_vh)
         if GATED:
             g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
             acc = g0[:, None] * v.to(tl.float32)
@@ -98,13 +103,7 @@ if HAVE_TRITON:
             dg = tl.sum(mem * dout, axis=1)
             tl.store(dg_ptr + rows * G + OFF + m, dg.to(dg_ptr.dtype.element_ty), mask=rmask)
         if GATED:
-            n = rows // H
-            h = rows % H
-            v = tl.load(
-                v_ptr + n[:, None] * s_vn + h[:, None] * s_vh + d[None, :],
-                mask=rmask[:, None],
-                other=0.0,
-            )
+            v = _load_v(v_ptr, rows, rmask, d, H, s_vn, s_vh)
             dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
             tl.store(dg_ptr + rows * G, dg0.to(dg_ptr.dtype.element_ty), mask=rmask)
             g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
@@ -137,12 +136,13 @@ if HAVE_TRITON:
                  acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None, None] & mmask[None, :, None])  # fmt: skip
 
 
-def _v_strides(v: torch.Tensor) -> tuple[int, int]:
-    """``v (B, T, H, D)`` as rows (b*T + t, h): needs unit stride in D and b, t collapsible."""
+def _as_rows(v: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``v (B, T, H, D)`` addressed as rows (b*T + t, h): a view as it is when D has unit stride
+    and (B, T) merge (the model's QKV split), else a contiguous copy. Returns (v, s_bt, s_h)."""
     B, T, H, D = v.shape
     if v.stride(3) != 1 or (B > 1 and v.stride(0) != T * v.stride(1)):
-        raise ValueError("v must be a (B, T, H, D) view with unit stride in D and mergeable (B, T)")
-    return v.stride(1), v.stride(2)
+        v = v.contiguous()
+    return v, v.stride(1), v.stride(2)
 
 
 @torch.library.custom_op("movegen::mix_fwd", mutates_args=())
@@ -151,9 +151,7 @@ def mix_fwd(v: torch.Tensor, gates: torch.Tensor, memh: torch.Tensor, gated: boo
     G = gates.shape[-1]
     gates = gates.contiguous()
     memh = memh.contiguous()
-    if B > 1 and v.stride(0) != T * v.stride(1):
-        v = v.contiguous()
-    s_vn, s_vh = _v_strides(v)
+    v, s_vn, s_vh = _as_rows(v)
     out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     R = B * T * H
     br = _rows_per_program(D)
@@ -175,9 +173,7 @@ def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, memh: torc
     dout = dout.contiguous()
     gates = gates.contiguous()
     memh = memh.contiguous()
-    if B > 1 and v.stride(0) != T * v.stride(1):
-        v = v.contiguous()
-    s_vn, s_vh = _v_strides(v)
+    v, s_vn, s_vh = _as_rows(v)
     dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     dg = torch.empty(B, T, H, G, device=v.device, dtype=gates.dtype)
     R = B * T * H

@@ -317,7 +317,7 @@ def load_tokenizer(path: str | Path, device="cpu") -> tuple[VQTokenizer, dict]:
 
 from torch.utils.data import Dataset  # noqa: E402
 
-from .model import GPT, GPTConfig, cost_report  # noqa: E402
+from .model import GPT, GPTConfig  # noqa: E402
 
 
 class FlatViews(Dataset):
@@ -627,10 +627,6 @@ class BestCheckpoint(L.Callback):
                                            "hparams": dict(pl_module.hparams)},
                                     metrics=rec)  # fmt: skip
             atomic_torch_save(ckpt, self.out / "model.ckpt")
-
-
-def model_info(cfg: GPTConfig) -> dict:
-    return cost_report(cfg)
 
 
 # =========================================================================== classifier

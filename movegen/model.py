@@ -16,7 +16,7 @@ Decoding uses an explicit KV cache (:class:`KVCache`, :meth:`GPT.step`); the cac
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -175,7 +175,6 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     length: int = 0
-    meta: dict = field(default_factory=dict)
 
     @property
     def capacity(self) -> int:
@@ -583,4 +582,4 @@ PRESETS: dict[str, dict] = {
     "XL": dict(n_layer=36, n_head=20, n_embd=1280),
 }
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "StaticDecoder", "cost_report", "param_counts", "replace"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "StaticDecoder", "cost_report", "param_counts"]

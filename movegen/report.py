@@ -85,10 +85,13 @@ def _plot(rows, x_key, y_keys, xlabel, path, logx=False):
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    from .data import atomic_path
+
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_report(results: str | Path, out: str | Path) -> Path:

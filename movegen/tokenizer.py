@@ -16,7 +16,7 @@ dead-code replacement), ``fsq`` (finite scalar quantisation, codebook = prod(lev
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -326,4 +326,4 @@ def find_vgg_weights() -> str | None:
     return hub if os.path.exists(hub) else None
 
 
-__all__ = ["PatchDiscriminator", "TokenizerConfig", "VQTokenizer", "psnr", "field"]
+__all__ = ["PatchDiscriminator", "TokenizerConfig", "VQTokenizer", "psnr"]

@@ -85,51 +85,37 @@ def test_folder_dataset_counts_unreadable_images(tmp_path):
             assert len(x) == 0 or x.shape[1:] == (3, 8, 8)
     assert (seen, bad) == (20, 1)
     assert sum(len(d.failures) for d in ds_all) == 1
+    # extraction leaves them out and says so in the header
+    train = D.load_dataset(f"folder:{tmp_path}", "train", image_size=8)
+    enc = lambda x: (x[:, 0, ::4, ::4] > 0).long()
+    D.extract_codes(enc, train, tmp_path / "codes", codebook_size=2, num_classes=2, header={}, views=1,
+                    batch_size=4, progress=False)  # fmt: skip
+    hd = json.loads((tmp_path / "codes/header.json").read_text())
+    assert hd["num_items"] + hd.get("skipped_unreadable", 0) == len(train)
+    assert hd.get("skipped_unreadable", 0) == sum("broken" in f for f in train.failures)
 
 
-def _fake_batches(n, views, T, K, bs=7):
+def _write_fake_store(path, n, views, side, K, bs=7):
+    """Random codes ``[n, views, side*side]`` and labels written as a store; returns them."""
     rng = np.random.default_rng(0)
-    codes = rng.integers(0, K, size=(n, views, T))
+    codes = rng.integers(0, K, size=(n, views, side * side))
     labels = rng.integers(0, 10, size=n)
-    return codes, labels, [(codes[i : i + bs], labels[i : i + bs]) for i in range(0, n, bs)]
+    batches = ((codes[i : i + bs], labels[i : i + bs]) for i in range(0, n, bs))
+    D.write_code_store(path, batches, num_items=n, views=views, h=side, w=side,
+                       header={"codebook_size": K, "num_classes": 10, "dataset": "x"})  # fmt: skip
+    return codes, labels
 
 
 def test_code_store_round_trip_exact_uint16(tmp_path):
-    codes, labels, batches = _fake_batches(30, 2, 16, 1000)
-    D.write_code_store(
-        tmp_path / "s",
-        iter(batches),
-        num_items=30,
-        views=2,
-        h=4,
-        w=4,
-        header={"codebook_size": 1000, "num_classes": 10, "dataset": "x"},
-    )
+    codes, labels = _write_fake_store(tmp_path / "s", 30, 2, 4, 1000)
     s = D.CodeStore(tmp_path / "s")
     assert s.codes.dtype == np.uint16 and isinstance(s.codes, np.memmap)
     assert np.array_equal(np.asarray(s.codes), codes) and np.array_equal(s.labels, labels)
     assert (len(s), s.views, s.seq_len, s.codebook_size) == (30, 2, 16, 1000)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        D.write_code_store(
-            tmp_path / "s",
-            iter(batches),
-            num_items=30,
-            views=2,
-            h=4,
-            w=4,
-            header={"codebook_size": 1000, "num_classes": 10},
-        )
+        _write_fake_store(tmp_path / "s", 30, 2, 4, 1000)
     # big codebooks fall back to int32
-    codes, labels, batches = _fake_batches(5, 1, 4, 70000)
-    D.write_code_store(
-        tmp_path / "big",
-        iter(batches),
-        num_items=5,
-        views=1,
-        h=2,
-        w=2,
-        header={"codebook_size": 70000, "num_classes": 10},
-    )
+    _write_fake_store(tmp_path / "big", 5, 1, 2, 70000)
     assert D.CodeStore(tmp_path / "big").codes.dtype == np.int32
 
 
