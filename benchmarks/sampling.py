@@ -30,7 +30,8 @@ ARMS = {
 }
 
 
-def run(arm: str, batch: int, fast: bool, args, device, attention: str = "sdpa") -> dict:
+def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
+        mode: str = "reduce-overhead") -> dict:  # fmt: skip
     mem, dens = ARMS[arm]
     if args.smoke:
         cfg = GPTConfig.preset(
@@ -45,11 +46,9 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "sdpa")
     with torch.no_grad():  # a non-degenerate head (it is zero at init)
         model.head.weight.normal_(std=0.02)
     labels = torch.arange(batch, device=device) % cfg.num_classes
-    dec = (
-        make_decoder(model, batch, cfg=True, compile=device.type == "cuda", attention=attention)
-        if fast
-        else None
-    )
+    dec = make_decoder(model, batch, cfg=True, compile=False, attention=attention) if fast else None
+    if dec is not None and device.type == "cuda":
+        dec.compile(mode)
     g = torch.Generator(device=device).manual_seed(0)
 
     def once():
@@ -67,7 +66,10 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "sdpa")
         sync(device)
         times.append(time.perf_counter() - t0)
     s = sorted(times)[len(times) // 2]
-    row = {"arm": arm, "batch": batch, "path": f"static+graph/{attention}" if fast else "eager", "s_per_batch": s,
+    path = (
+        f"static/{dec.attention}/{mode if device.type == 'cuda' else 'eager'}" if fast else "eager"
+    )
+    row = {"arm": arm, "batch": batch, "path": path, "s_per_batch": s,
            "images_per_s": batch / s, "ms_per_step": s / cfg.seq_len * 1e3, "warmup_s": warm_s,
            "codes_ok": bool(codes.min() >= 0 and codes.max() < cfg.vocab_size)}  # fmt: skip
     return row
@@ -83,34 +85,45 @@ def main() -> None:
     p.add_argument("--paths", default="fast,eager")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument(
-        "--attention", default="sdpa", help="decoder attention(s) for the fast path: sdpa,math"
+        "--attention",
+        default="auto",
+        help="decoder attention(s) for the fast path: auto,fused,sdpa,math",
+    )
+    p.add_argument(
+        "--modes", default="reduce-overhead", help="torch.compile mode(s) of the fast path"
+    )
+    p.add_argument(
+        "--only", default="", help="comma list of arm:batch:attention:mode (fast path only)"
     )
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.smoke:
         args.batches, args.iters = "2,4", 1
+    if args.only:
+        grid = [
+            (a, int(b), True, at, m) for a, b, at, m in (x.split(":") for x in args.only.split(","))
+        ]
+    else:
+        variants = [
+            (True, a, m)
+            for a in args.attention.split(",")
+            for m in args.modes.split(",")
+            if "fast" in args.paths.split(",")
+        ] + ([(False, "-", "-")] if "eager" in args.paths else [])
+        grid = [
+            (arm, int(b), fast, a, m)
+            for fast, a, m in variants
+            for b in args.batches.split(",")
+            for arm in args.arms.split(",")
+            if fast or args.smoke or int(b) <= 64
+        ]
+        # eager: launch-bound, ~10 ms per step whatever the batch, so only small batches
     rows = []
-    variants = [
-        (p, a)
-        for p in args.paths.split(",")
-        for a in (args.attention.split(",") if p == "fast" else ["-"])
-    ]
-    for path, attention in variants:
-        for b in args.batches.split(","):
-            for arm in args.arms.split(","):
-                if path == "eager" and int(b) > 64 and not args.smoke:
-                    continue  # launch-bound: ~10 ms per step whatever the batch
-                r = run(
-                    arm,
-                    int(b),
-                    path == "fast",
-                    args,
-                    device,
-                    attention if path == "fast" else "sdpa",
-                )
-                rows.append(r)
-                print(r, flush=True)
-                release(device)
+    for arm, b, fast, attention, mode in grid:
+        r = run(arm, b, fast, args, device, attention, mode)
+        rows.append(r)
+        print(r, flush=True)
+        release(device)
     base = {(r["batch"], r["path"]): r["s_per_batch"] for r in rows if r["arm"] == "standard"}
     for r in rows:
         b = base.get((r["batch"], r["path"]))

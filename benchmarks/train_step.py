@@ -51,7 +51,7 @@ def bench(arm: str, batch: int, compiled: bool, args, device, peak: float) -> di
             logits = model(codes, labels)
         return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
 
-    fn = torch.compile(loss_fn) if compiled else loss_fn
+    fn = torch.compile(loss_fn, mode=args.compile_mode) if compiled else loss_fn
     g = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.randint(1, cfg.vocab_size, (batch, cfg.seq_len), device=device, generator=g),
                 torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)) for _ in range(4)]  # fmt: skip
@@ -95,6 +95,20 @@ def main() -> None:
     p.add_argument(
         "--only", default="", help="comma list of arm:batch:mode to run (overrides the grid)"
     )
+    p.add_argument(
+        "--sdpa",
+        default="default",
+        choices=["default", "flash", "cudnn", "efficient"],
+        help="attention backend for scaled_dot_product_attention",
+    )
+    p.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs"
+    )
+    p.add_argument(
+        "--coordinate-descent",
+        action="store_true",
+        help="inductor's coordinate-descent tuning of its generated kernels",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
@@ -102,6 +116,22 @@ def main() -> None:
     if args.smoke:
         args.warmup, args.iters, args.batches = 1, 2, "4"
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.sdpa != "default":
+        for choice, name in (
+            ("flash", "flash"),
+            ("cudnn", "cudnn"),
+            ("efficient", "mem_efficient"),
+        ):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(choice == args.sdpa)
+    if args.coordinate_descent:
+        import torch._inductor.config as ic
+
+        ic.coordinate_descent_tuning = True
+    variant = {
+        "sdpa": args.sdpa,
+        "compile_mode": args.compile_mode or "default",
+        "coordinate_descent": args.coordinate_descent,
+    }
     peak = matmul_peak_tflops(device)
     if args.only:
         grid = [(a, int(b), m) for a, b, m in (x.split(":") for x in args.only.split(","))]
@@ -132,6 +162,7 @@ def main() -> None:
             "device": device_name(device),
             "torch": torch.__version__,
             "peak_tflops": peak,
+            "variant": variant,
             "rows": rows,
         },
     )
@@ -139,7 +170,7 @@ def main() -> None:
                        ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
                        ("vs_standard", "x standard", "{:.3f}"), ("peak_gib", "peak GiB", "{:.1f}"),
                        ("spread", "spread", "{:.1%}")],
-                f"training step, {device_name(device)}, torch {torch.__version__}, bf16 matmul peak {peak:.0f} TFLOP/s")  # fmt: skip
+                f"training step, {device_name(device)}, torch {torch.__version__}, bf16 matmul peak {peak:.0f} TFLOP/s, {variant}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ def available(t: torch.Tensor) -> bool:
     return (t.is_cuda or INTERPRET) and D >= 16 and D & (D - 1) == 0
 
 
+def usable(device: torch.device | str, head_dim: int) -> bool:
+    """Whether the kernels can run for tensors on ``device`` with head width ``head_dim``."""
+    on = torch.device(device).type == "cuda" or INTERPRET
+    return HAVE_TRITON and on and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _pad(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
@@ -224,4 +230,107 @@ def _(grad, ids, num_rows):
     return torch.empty(num_rows, grad.shape[-1], dtype=grad.dtype, device=grad.device)
 
 
-__all__ = ["available", "bank_grad", "mix_bwd", "mix_fwd", "rows_grad"]
+# --------------------------------------------------------------------------- one-token decoding
+#
+# A decoding step of one layer after the QKV (and router) product, in one launch per layer:
+# RoPE on q and k at the step's position, the value mix (MoVE bank rows or a LaVE table row,
+# gates from the router logits), the write of k and the mixed v into the static cache, and
+# attention of the one query over cache positions 0..pos (the current key and value come from
+# registers). One program per (row, head); an online softmax over blocks of cached keys reads
+# only the positions written so far.
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _decode_kernel(proj_ptr, s_pb, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr, tab_ptr, ids_ptr,
+                       s_id, s_m, H, T_MAX, scale, D: tl.constexpr, MEM: tl.constexpr, M: tl.constexpr,
+                       M_PAD: tl.constexpr, G: tl.constexpr, GATED: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        pos = tl.load(pos_ptr)
+        dd = tl.arange(0, D)
+        row = proj_ptr + b * s_pb
+        dm = H * D
+        ty = kc_ptr.dtype.element_ty
+        # RoPE on consecutive pairs: x'[2i] = x[2i] c - x[2i+1] s, x'[2i+1] = x[2i+1] c + x[2i] s
+        c = tl.load(cos_ptr + pos * (D // 2) + dd // 2)
+        s = tl.load(sin_ptr + pos * (D // 2) + dd // 2) * tl.where(dd % 2 == 0, -1.0, 1.0)
+        q = tl.load(row + h * D + dd).to(tl.float32)
+        q = q * c + tl.load(row + h * D + (dd ^ 1)).to(tl.float32) * s
+        k = tl.load(row + dm + h * D + dd).to(tl.float32)
+        k = k * c + tl.load(row + dm + h * D + (dd ^ 1)).to(tl.float32) * s
+        v = tl.load(row + 2 * dm + h * D + dd).to(tl.float32)
+        if MEM:  # v' = g0 v + sum_m g_m E[id, m, head slice], gates 2 sigmoid(router logits)
+            gt = proj_ptr.dtype.element_ty
+            lg = row + 3 * dm + h * G
+            m = tl.arange(0, M_PAD)
+            mm = m < M
+            g = 2.0 * tl.sigmoid(tl.load(lg + GATED + m, mask=mm, other=0.0).to(tl.float32))
+            g = g.to(gt).to(tl.float32)
+            tok = tl.load(ids_ptr + b)
+            mem = tl.load(tab_ptr + tok * s_id + m[:, None] * s_m + h * D + dd[None, :], mask=mm[:, None],
+                          other=0.0).to(tl.float32)  # fmt: skip
+            if GATED:
+                g0 = (2.0 * tl.sigmoid(tl.load(lg).to(tl.float32))).to(gt).to(tl.float32)
+                v = g0 * v
+            v = v + tl.sum(g[:, None] * mem, axis=0)
+        # the cache holds ty values: attend with the rounded ones, as a cached read would
+        q = q.to(ty).to(tl.float32)
+        k = k.to(ty)
+        v = v.to(ty)
+        base = (b * H + h) * T_MAX * D
+        tl.store(kc_ptr + base + pos * D + dd, k)
+        tl.store(vc_ptr + base + pos * D + dd, v)
+        m_i = tl.sum(q * k.to(tl.float32), axis=0) * scale  # the current position's score
+        l_i = m_i * 0.0 + 1.0
+        acc = v.to(tl.float32)
+        for start in range(0, pos, BLOCK_T):
+            j = start + tl.arange(0, BLOCK_T)
+            jm = j < pos
+            kt = tl.load(kc_ptr + base + j[:, None] * D + dd[None, :], mask=jm[:, None], other=0.0)
+            sc = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * scale
+            sc = tl.where(jm, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+            p = tl.exp(sc - m_new)
+            alpha = tl.exp(m_i - m_new)
+            vt = tl.load(vc_ptr + base + j[:, None] * D + dd[None, :], mask=jm[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        tl.store(y_ptr + b * dm + h * D + dd, (acc / l_i).to(y_ptr.dtype.element_ty))
+
+
+@torch.library.custom_op("movegen::decode_attn", mutates_args=("k_cache", "v_cache"))
+def decode_attn(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor | None,
+                ids: torch.Tensor, slots: int, gated: bool) -> torch.Tensor:  # fmt: skip
+    """One layer of one-token decoding after the QKV/router product.
+
+    ``proj (B, 3d + H*G)``: q, k, v, then the router logits (G gates per head) when ``table`` is
+    given; ``cos/sin (T, D/2)`` RoPE tables; ``pos (1,)`` the input position; ``k_cache/v_cache
+    (B, H, T, D)`` written at ``pos``; ``table (V, slots, d)`` memory rows (MoVE bank, or a LaVE
+    table viewed ``(V, 1, d)``) indexed by ``ids (B,)``. Returns the attention output ``(B, d)``.
+    """
+    B, H, T, D = k_cache.shape
+    if proj.stride(-1) != 1:
+        proj = proj.contiguous()
+    ids, cos, sin = ids.reshape(B).contiguous(), cos.contiguous(), sin.contiguous()
+    y = torch.empty(B, H * D, device=proj.device, dtype=k_cache.dtype)
+    mem = table is not None
+    tab = table if mem else k_cache
+    _decode_kernel[(B * H,)](proj, proj.stride(0), cos, sin, pos, k_cache, v_cache, y, tab, ids,
+                             tab.stride(0) if mem else 0, tab.stride(1) if mem else 0, H, T,
+                             1.0 / D**0.5, D=D, MEM=mem, M=max(slots, 1), M_PAD=_pad(slots),
+                             G=slots + int(gated) if mem else 1, GATED=int(gated and mem),
+                             BLOCK_T=64, num_warps=2)  # fmt: skip
+    return y
+
+
+@decode_attn.register_fake
+def _(proj, cos, sin, pos, k_cache, v_cache, table, ids, slots, gated):
+    B, H, T, D = k_cache.shape
+    return torch.empty(B, H * D, device=proj.device, dtype=k_cache.dtype)
+
+
+__all__ = ["available", "bank_grad", "decode_attn", "mix_bwd", "mix_fwd", "rows_grad"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .move import (
     LaVETable,
     MoVEBank,
@@ -426,20 +427,32 @@ class GPT(nn.Module):
 class StaticDecoder(nn.Module):
     """One-token decoding with a fixed-size KV cache held as buffers, for CUDA graphs.
 
-    Every call has the same shapes: the new keys and mixed values are written at ``pos`` with
-    ``index_copy_`` and attention runs over the whole cache under a ``position <= pos`` mask, so
+    Every call has the same shapes and the position is a tensor, so
     ``torch.compile(mode="reduce-overhead")`` can capture the step once and replay it for all
-    positions. Gives the same logits as :meth:`GPT.step`. It holds a snapshot of the weights
+    positions. ``attention``: ``fused`` runs each layer's RoPE, value mix, cache write and
+    one-query attention in one Triton launch that reads only the positions written so far
+    (``kernels.decode_attn``); ``sdpa`` / ``math`` write with ``index_copy_`` and attend over the
+    whole cache under a ``position <= pos`` mask; ``auto`` picks ``fused`` where the kernels run.
+    Gives the same logits as :meth:`GPT.step`. It holds a snapshot of the weights
     made once (a converted copy for another ``dtype``, and fused QKV/router products): build a
     new decoder after the model's weights change.
     """
 
-    def __init__(
-        self, model: GPT, batch_size: int, dtype: torch.dtype | None = None, attention: str = "sdpa"
-    ):
+    def __init__(self, model: GPT, batch_size: int, dtype: torch.dtype | None = None,
+                 attention: str = "auto"):  # fmt: skip
         super().__init__()
-        if attention not in ("sdpa", "math"):
-            raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+        dev = model.head.weight.device
+        if attention == "auto":
+            attention = "fused" if kernels.usable(dev, model.config.head_dim) else "sdpa"
+        if attention not in ("fused", "sdpa", "math"):
+            raise ValueError(
+                f"attention must be 'auto', 'fused', 'sdpa' or 'math', got {attention!r}"
+            )
+        if attention == "fused" and not kernels.usable(dev, model.config.head_dim):
+            raise ValueError(
+                "attention='fused' needs the Triton kernels (a CUDA device and a "
+                "power-of-two head width >= 16); use 'sdpa'"
+            )
         self.attention = attention
         cfg = model.config
         self.batch_size = batch_size
@@ -503,6 +516,8 @@ class StaticDecoder(nn.Module):
         next-code logits ``(B, K)``."""
         m = self.model
         x = m.embed(ids)
+        if self.attention == "fused":
+            return self._forward_fused(x, ids, pos)
         memh = m.bank.gather(ids) if m.bank is not None else None
         cos, sin = m.rope_cos.index_select(0, pos), m.rope_sin.index_select(0, pos)  # (1, D/2)
         mask = (self.positions <= pos).view(1, 1, 1, -1)
@@ -523,6 +538,27 @@ class StaticDecoder(nn.Module):
                 att = att.masked_fill(~mask, float("-inf")).softmax(-1)
                 y = att.to(vc.dtype) @ vc
             x = x + attn.proj(y.transpose(1, 2).flatten(2))
+            x = x + block.mlp(block.norm2(x))
+        return m.head(m.norm(x))[:, -1].float()
+
+    def _forward_fused(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Each layer's attention (RoPE, value mix, cache write, one-query attention) in one
+        Triton launch after the QKV/router product (``kernels.decode_attn``)."""
+        m, cfg = self.model, self.model.config
+        B = x.shape[0]
+        for l, block in enumerate(m.blocks):
+            attn = block.attn
+            h = block.norm1(x)
+            w = getattr(self, f"w{l}") if attn.router is not None else attn.qkv.weight
+            table, slots = None, 0
+            if attn.table is not None:  # LaVE: this layer's table as one slot
+                table, slots = attn.table.weight.view(cfg.num_ids, 1, cfg.n_embd), 1
+            elif attn.has_memory:
+                table, slots = m.bank.weight, cfg.slots
+            y = torch.ops.movegen.decode_attn(F.linear(h, w).view(B, -1), m.rope_cos, m.rope_sin, pos,
+                                              getattr(self, f"k{l}"), getattr(self, f"v{l}"), table, ids,
+                                              slots, attn.gated)  # fmt: skip
+            x = x + attn.proj(y.view(B, 1, -1))
             x = x + block.mlp(block.norm2(x))
         return m.head(m.norm(x))[:, -1].float()
 

@@ -149,9 +149,10 @@ def generate(
 
 
 def make_decoder(model: GPT, batch_size: int, *, cfg: bool = True, compile: bool | None = None,
-                 attention: str = "sdpa") -> StaticDecoder:  # fmt: skip
+                 attention: str = "auto") -> StaticDecoder:  # fmt: skip
     """A :class:`StaticDecoder` for ``batch_size`` images (``2 * batch_size`` cache rows with CFG),
-    compiled with CUDA graphs on GPU unless ``compile=False``; ``attention`` 'sdpa' or 'math'."""
+    compiled with CUDA graphs on GPU unless ``compile=False``; ``attention``: 'fused' (one Triton
+    launch per layer; what 'auto' picks where the kernels run), 'sdpa' or 'math'."""
     dev = model.head.weight.device
     dtype = torch.bfloat16 if dev.type == "cuda" else None
     dec = StaticDecoder(

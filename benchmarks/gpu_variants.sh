@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Variant sweeps for one GPU call each; logs go to $OUT. Usage: bash benchmarks/gpu_variants.sh SECTION...
+#   sampling        decoder variants (fused one-launch layer vs SDPA; CUDA-graph compile modes)
+#   train-variants  the standard GPT-B step at batch 256 under attention backends / compile options
+#   profile-train   top kernels of a standard training step;  profile-sample: of a fused decode
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for s in "$@"; do case $s in
+sampling)
+  timeout ${T_SAMPLE:-420} python3 benchmarks/sampling.py --iters 3 --only \
+    ${SAMPLE_ONLY:-standard:16:fused:reduce-overhead,move-x1:16:fused:reduce-overhead,standard:64:fused:reduce-overhead,move-x1:64:fused:reduce-overhead,standard:256:fused:reduce-overhead,move-x1:256:fused:reduce-overhead,standard:16:sdpa:reduce-overhead,move-x1:16:sdpa:reduce-overhead,standard:64:sdpa:reduce-overhead,standard:16:fused:max-autotune,move-x1:16:fused:max-autotune,standard:64:fused:max-autotune} \
+    > "$OUT/sampling.log" 2>&1; grep -E "^\||^sampling" "$OUT/sampling.log"; grep -m3 -E "Error|error:" "$OUT/sampling.log";;
+train-variants)
+  for v in "--sdpa default" "--sdpa cudnn" "--sdpa efficient" "--sdpa default --coordinate-descent" \
+           "--sdpa cudnn --compile-mode max-autotune-no-cudagraphs"; do
+    timeout ${T_VARIANT:-200} python3 benchmarks/train_step.py --warmup 5 --iters 15 \
+      --only ${TRAIN_ONLY:-standard:256:compiled} $v > "$OUT/train_variant.log" 2>&1
+    echo "== $v"; grep -E "^\|.*compiled" "$OUT/train_variant.log"; grep -m2 -E "Error|error:" "$OUT/train_variant.log"
+  done;;
+profile-train)
+  timeout ${T_PROFILE:-200} python3 benchmarks/profile_step.py --arm ${PROFILE_ARM:-standard} --batch 256 --top 40 \
+    > "$OUT/profile_train.log" 2>&1; tail -48 "$OUT/profile_train.log" | cut -c1-200;;
+profile-sample)
+  timeout ${T_PROFILE:-200} python3 benchmarks/profile_step.py --sampling --arm ${PROFILE_ARM:-standard} --batch 16 --top 30 \
+    > "$OUT/profile_sample.log" 2>&1; tail -38 "$OUT/profile_sample.log" | cut -c1-200;;
+esac; done
