@@ -236,8 +236,8 @@ def _(grad, ids, num_rows):
 # RoPE on q and k at the step's position, the value mix (MoVE bank rows or a LaVE table row,
 # gates from the router logits), the write of k and the mixed v into the static cache, and
 # attention of the one query over cache positions 0..pos (the current key and value come from
-# registers). One program per (row, head); an online softmax over blocks of cached keys reads
-# only the positions written so far.
+# registers). One program per (row, head); an online softmax over blocks of up to 256 cached
+# keys (one block for 256 positions) whose masked loads read only the positions written so far.
 
 if HAVE_TRITON:
 
@@ -253,6 +253,12 @@ if HAVE_TRITON:
         row = proj_ptr + b * s_pb
         dm = H * D
         ty = kc_ptr.dtype.element_ty
+        if MEM:  # issue the memory-row loads first: their addresses hang on the id load
+            m = tl.arange(0, M_PAD)
+            mm = m < M
+            tok = tl.load(ids_ptr + b)
+            mem = tl.load(tab_ptr + tok * s_id + m[:, None] * s_m + h * D + dd[None, :], mask=mm[:, None],
+                          other=0.0).to(tl.float32)  # fmt: skip
         # RoPE on consecutive pairs: x'[2i] = x[2i] c - x[2i+1] s, x'[2i+1] = x[2i+1] c + x[2i] s
         c = tl.load(cos_ptr + pos * (D // 2) + dd // 2)
         s = tl.load(sin_ptr + pos * (D // 2) + dd // 2) * tl.where(dd % 2 == 0, -1.0, 1.0)
@@ -264,13 +270,8 @@ if HAVE_TRITON:
         if MEM:  # v' = g0 v + sum_m g_m E[id, m, head slice], gates 2 sigmoid(router logits)
             gt = proj_ptr.dtype.element_ty
             lg = row + 3 * dm + h * G
-            m = tl.arange(0, M_PAD)
-            mm = m < M
             g = 2.0 * tl.sigmoid(tl.load(lg + GATED + m, mask=mm, other=0.0).to(tl.float32))
             g = g.to(gt).to(tl.float32)
-            tok = tl.load(ids_ptr + b)
-            mem = tl.load(tab_ptr + tok * s_id + m[:, None] * s_m + h * D + dd[None, :], mask=mm[:, None],
-                          other=0.0).to(tl.float32)  # fmt: skip
             if GATED:
                 g0 = (2.0 * tl.sigmoid(tl.load(lg).to(tl.float32))).to(gt).to(tl.float32)
                 v = g0 * v
@@ -289,12 +290,12 @@ if HAVE_TRITON:
             j = start + tl.arange(0, BLOCK_T)
             jm = j < pos
             kt = tl.load(kc_ptr + base + j[:, None] * D + dd[None, :], mask=jm[:, None], other=0.0)
+            vt = tl.load(vc_ptr + base + j[:, None] * D + dd[None, :], mask=jm[:, None], other=0.0)
             sc = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * scale
             sc = tl.where(jm, sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=0))
             p = tl.exp(sc - m_new)
             alpha = tl.exp(m_i - m_new)
-            vt = tl.load(vc_ptr + base + j[:, None] * D + dd[None, :], mask=jm[:, None], other=0.0)
             acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
@@ -319,11 +320,12 @@ def decode_attn(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: t
     y = torch.empty(B, H * D, device=proj.device, dtype=k_cache.dtype)
     mem = table is not None
     tab = table if mem else k_cache
+    bt = min(triton.next_power_of_2(T), 256)  # GPT-B's whole cache in one masked block
     _decode_kernel[(B * H,)](proj, proj.stride(0), cos, sin, pos, k_cache, v_cache, y, tab, ids,
                              tab.stride(0) if mem else 0, tab.stride(1) if mem else 0, H, T,
                              1.0 / D**0.5, D=D, MEM=mem, M=max(slots, 1), M_PAD=_pad(slots),
                              G=slots + int(gated) if mem else 1, GATED=int(gated and mem),
-                             BLOCK_T=64, num_warps=2)  # fmt: skip
+                             BLOCK_T=bt, num_warps=8 if bt * D >= 8192 else 4)  # fmt: skip
     return y
 
 

@@ -216,7 +216,7 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
             logits = self.router(x) if self.has_memory else None
         else:
-            qkv, logits = proj[..., : 3 * d], proj[..., 3 * d :]
+            qkv, logits = proj[..., : 3 * d], proj[..., 3 * d : 3 * d + self.router.out_features]
         q, k, v = qkv.view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
         if self.has_memory:
             gates = gates_from_logits(logits, H)  # (B, S, H, G)
@@ -473,6 +473,8 @@ class StaticDecoder(nn.Module):
         for l, block in enumerate(model.blocks):
             if block.attn.router is not None:
                 w = torch.cat([block.attn.qkv.weight, block.attn.router.weight]).detach()
+                # zero rows up to a multiple of 128 outputs: GEMM tiles fit, the extra is unused
+                w = F.pad(w, (0, 0, 0, -w.shape[0] % 128))
                 self.register_buffer(f"w{l}", w, persistent=False)
         shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
         for l in range(cfg.n_layer):
