@@ -12,11 +12,11 @@ sampling)
     ${SAMPLE_ONLY:-standard:16:fused:reduce-overhead,move-x1:16:fused:reduce-overhead,standard:64:fused:reduce-overhead,move-x1:64:fused:reduce-overhead,standard:256:fused:reduce-overhead,move-x1:256:fused:reduce-overhead,standard:16:sdpa:reduce-overhead,move-x1:16:sdpa:reduce-overhead,standard:64:sdpa:reduce-overhead,standard:16:fused:max-autotune,move-x1:16:fused:max-autotune,standard:64:fused:max-autotune} \
     > "$OUT/sampling.log" 2>&1; grep -E "^\||^sampling" "$OUT/sampling.log"; grep -m3 -E "Error|error:" "$OUT/sampling.log";;
 train-variants)
-  for v in "--sdpa default" "--sdpa cudnn" "--sdpa efficient" "--sdpa default --coordinate-descent" \
-           "--sdpa cudnn --compile-mode max-autotune-no-cudagraphs"; do
+  IFS=';' read -ra VS <<< "${VARIANTS:---sdpa default;--sdpa cudnn;--sdpa efficient;--sdpa default --coordinate-descent}"
+  for v in "${VS[@]}"; do
     timeout ${T_VARIANT:-200} python3 benchmarks/train_step.py --warmup 5 --iters 15 \
-      --only ${TRAIN_ONLY:-standard:256:compiled} $v > "$OUT/train_variant.log" 2>&1
-    echo "== $v"; grep -E "^\|.*compiled" "$OUT/train_variant.log"; grep -m2 -E "Error|error:" "$OUT/train_variant.log"
+      --only ${TRAIN_ONLY:-standard:256:compiled} $v >> "$OUT/train_variants.log" 2>&1
+    echo "== $v"; grep -E "^\|.*compiled" "$OUT/train_variants.log" | tail -1
   done;;
 profile-train)
   timeout ${T_PROFILE:-200} python3 benchmarks/profile_step.py --arm ${PROFILE_ARM:-standard} --batch 256 --top 40 \

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import device_name, json_line, print_table, release, sync  # noqa: E402
 
+from movegen import kernels  # noqa: E402
 from movegen.model import GPT, GPTConfig  # noqa: E402
 from movegen.sample import generate, make_decoder  # noqa: E402
 
@@ -31,7 +32,7 @@ ARMS = {
 
 
 def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
-        mode: str = "reduce-overhead") -> dict:  # fmt: skip
+        mode: str = "reduce-overhead", decode_config: str = "") -> dict:  # fmt: skip
     mem, dens = ARMS[arm]
     if args.smoke:
         cfg = GPTConfig.preset(
@@ -41,6 +42,9 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
         cfg = GPTConfig.preset(
             "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
         )
+    if decode_config:  # BLOCK_T-WARPS-loop|unroll
+        bt, nw, how = decode_config.split("-")
+        kernels.DECODE_CONFIG.update(block_t=int(bt), num_warps=int(nw), unroll=how == "unroll")
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
     with torch.no_grad():  # a non-degenerate head (it is zero at init)
@@ -69,6 +73,9 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
     path = (
         f"static/{dec.attention}/{mode if device.type == 'cuda' else 'eager'}" if fast else "eager"
     )
+    if fast and dec.attention == "fused":
+        c = kernels.DECODE_CONFIG
+        path += f"/{c['block_t']}-{c['num_warps']}-{'unroll' if c['unroll'] else 'loop'}"
     row = {"arm": arm, "batch": batch, "path": path, "s_per_batch": s,
            "images_per_s": batch / s, "ms_per_step": s / cfg.seq_len * 1e3, "warmup_s": warm_s,
            "codes_ok": bool(codes.min() >= 0 and codes.max() < cfg.vocab_size)}  # fmt: skip
@@ -93,7 +100,9 @@ def main() -> None:
         "--modes", default="reduce-overhead", help="torch.compile mode(s) of the fast path"
     )
     p.add_argument(
-        "--only", default="", help="comma list of arm:batch:attention:mode (fast path only)"
+        "--only",
+        default="",
+        help="comma list of arm:batch:attention:mode[:BLOCK_T-WARPS-loop|unroll] (fast path)",
     )
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -101,7 +110,8 @@ def main() -> None:
         args.batches, args.iters = "2,4", 1
     if args.only:
         grid = [
-            (a, int(b), True, at, m) for a, b, at, m in (x.split(":") for x in args.only.split(","))
+            (a, int(b), True, at, m, *conf)
+            for a, b, at, m, *conf in (x.split(":") for x in args.only.split(","))
         ]
     else:
         variants = [
@@ -111,7 +121,7 @@ def main() -> None:
             if "fast" in args.paths.split(",")
         ] + ([(False, "-", "-")] if "eager" in args.paths else [])
         grid = [
-            (arm, int(b), fast, a, m)
+            (arm, int(b), fast, a, m, "")
             for fast, a, m in variants
             for b in args.batches.split(",")
             for arm in args.arms.split(",")
@@ -119,8 +129,8 @@ def main() -> None:
         ]
         # eager: launch-bound, ~10 ms per step whatever the batch, so only small batches
     rows = []
-    for arm, b, fast, attention, mode in grid:
-        r = run(arm, b, fast, args, device, attention, mode)
+    for arm, b, fast, attention, mode, *conf in grid:
+        r = run(arm, b, fast, args, device, attention, mode, *conf)
         rows.append(r)
         print(r, flush=True)
         release(device)

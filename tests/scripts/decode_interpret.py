@@ -6,12 +6,22 @@ import os
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
+from movegen import kernels  # noqa: E402
 from movegen.model import GPT, GPTConfig, StaticDecoder  # noqa: E402
 
 torch.manual_seed(0)
 worst = 0.0
-for memory, density, gated in [("none", 1, None), ("move", 2, True), ("move", 1, False),
-                               ("lave", 1, None), ("lave", 2, True)]:  # fmt: skip
+cases = [
+    ("none", 1, None),
+    ("move", 2, True),
+    ("move", 1, False),
+    ("lave", 1, None),
+    ("lave", 2, True),
+]
+blocks = [(64, False), (4, False), (4, True)]  # one block; several blocks looped and unrolled
+runs = [(c, blocks[0]) for c in cases] + [(cases[1], b) for b in blocks[1:]]
+for (memory, density, gated), (block_t, unroll) in runs:
+    kernels.DECODE_CONFIG.update(block_t=block_t, unroll=unroll)
     cfg = GPTConfig(vocab_size=48, num_classes=5, seq_len=9, n_layer=2, n_head=2, n_embd=32,
                     mlp_multiple_of=32, memory=memory, memory_density=density,
                     gate_standard_path=gated)  # fmt: skip
