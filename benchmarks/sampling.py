@@ -32,7 +32,7 @@ ARMS = {
 
 
 def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
-        mode: str = "reduce-overhead", decode_config: str = "") -> dict:  # fmt: skip
+        mode: str = "graph", decode_config: str = "") -> dict:  # fmt: skip
     mem, dens = ARMS[arm]
     if args.smoke:
         cfg = GPTConfig.preset(
@@ -97,7 +97,9 @@ def main() -> None:
         help="decoder attention(s) for the fast path: auto,fused,sdpa,math",
     )
     p.add_argument(
-        "--modes", default="reduce-overhead", help="torch.compile mode(s) of the fast path"
+        "--modes",
+        default="graph",
+        help="fast path: graph (the step and its choice in one CUDA graph) or torch.compile modes",
     )
     p.add_argument(
         "--only",

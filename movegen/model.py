@@ -160,8 +160,16 @@ def rope_2d(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return ang.cos().float(), ang.sin().float()
 
 
+ROPE_SWAP = False  # benchmark switch between two equal formulations (temporary)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x (B, S, H, D)``, ``cos/sin (S, D/2)``; rotates consecutive pairs."""
+    if ROPE_SWAP:  # x' = x * cos + pair_swap(x) * (-sin, +sin): one elementwise pass
+        c = cos.repeat_interleave(2, -1)[:, None, :]
+        s = torch.stack([-sin, sin], dim=-1).flatten(-2)[:, None, :]
+        xf = x.float()
+        return (xf * c + xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * s).type_as(x)
     xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
     x1, x2 = xf[..., 0], xf[..., 1]
     c, s = cos[:, None, :], sin[:, None, :]
@@ -427,9 +435,8 @@ class GPT(nn.Module):
 class StaticDecoder(nn.Module):
     """One-token decoding with a fixed-size KV cache held as buffers, for CUDA graphs.
 
-    Every call has the same shapes and the position is a tensor, so
-    ``torch.compile(mode="reduce-overhead")`` can capture the step once and replay it for all
-    positions. ``attention``: ``fused`` runs each layer's RoPE, value mix, cache write and
+    Every call has the same shapes and the position is a tensor, so one captured CUDA graph
+    replays the step for all positions (see :meth:`compile`). ``attention``: ``fused`` runs each layer's RoPE, value mix, cache write and
     one-query attention in one Triton launch that reads only the positions written so far
     (``kernels.decode_attn``); ``sdpa`` / ``math`` write with ``index_copy_`` and attend over the
     whole cache under a ``position <= pos`` mask; ``auto`` picks ``fused`` where the kernels run.
@@ -487,11 +494,16 @@ class StaticDecoder(nn.Module):
         self.register_buffer("positions", torch.arange(cfg.seq_len, device=dev), persistent=False)
         self.compiled = False
         self._pickers: dict = {}
+        self.graphs: dict = {}  # sampling settings -> captured step (movegen.sample)
 
-    def compile(self, mode: str = "reduce-overhead") -> StaticDecoder:  # noqa: A003
-        """Capture steps in CUDA graphs (``torch.compile`` with ``mode``)."""
+    def compile(self, mode: str = "graph") -> StaticDecoder:  # noqa: A003
+        """Compile the step. ``graph``: inductor's default mode, and the sampler captures each
+        step together with its choice and bookkeeping in one CUDA graph of its own (one replay
+        and one noise draw per token on the host); any other value is a ``torch.compile`` mode
+        (e.g. ``reduce-overhead``: inductor's CUDA graphs around the step alone)."""
         self.compiled, self.mode = True, mode
         self._pickers.clear()
+        self.graphs = {}
         return self
 
     def step_pick(
@@ -509,7 +521,8 @@ class StaticDecoder(nn.Module):
         if key not in self._pickers:
             fn = lambda ids, pos, u: self.step_pick(ids, pos, u, post)  # noqa: E731
             if self.compiled:
-                fn = torch.compile(fn, mode=self.mode, fullgraph=True, dynamic=False)
+                mode = None if self.mode == "graph" else self.mode
+                fn = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
             self._pickers[key] = fn
         return self._pickers[key]
 

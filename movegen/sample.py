@@ -151,7 +151,7 @@ def generate(
 def make_decoder(model: GPT, batch_size: int, *, cfg: bool = True, compile: bool | None = None,
                  attention: str = "auto") -> StaticDecoder:  # fmt: skip
     """A :class:`StaticDecoder` for ``batch_size`` images (``2 * batch_size`` cache rows with CFG),
-    compiled with CUDA graphs on GPU unless ``compile=False``; ``attention``: 'fused' (one Triton
+    compiled and captured in CUDA graphs on GPU unless ``compile=False``; ``attention``: 'fused' (one Triton
     launch per layer; what 'auto' picks where the kernels run), 'sdpa' or 'math'."""
     dev = model.head.weight.device
     dtype = torch.bfloat16 if dev.type == "cuda" else None
@@ -186,7 +186,19 @@ def _generate_static(
         return post
 
     settings = (use_cfg, cfg_scale, temperature, top_k, top_p)
-    steps = {g: dec.picker((*settings, g), make_post(g)) for g in {lo <= t < hi for t in range(T)}}
+    guided = {lo <= t < hi for t in range(T)}
+    steps = {g: dec.picker((*settings, g), make_post(g)) for g in guided}
+    if dec.compiled and dec.mode == "graph" and labels.is_cuda:
+        with _autocast(labels.device, bf16):
+            run = dec.graphs.get(settings) or dec.graphs.setdefault(
+                settings, _StepGraphs(dec, steps, B)
+            )
+            run.ids.copy_(ids)
+            run.pos.zero_()
+            for t in range(T):
+                torch.rand(B, K, generator=generator, device=labels.device, out=run.u)
+                run.graphs[lo <= t < hi].replay()
+        return run.out.clone()
     with _autocast(labels.device, bf16):
         for t in range(T):
             if dec.compiled:
@@ -196,6 +208,41 @@ def _generate_static(
             out[:, t] = tok
             ids = nxt.clone()  # the graph's output buffer is reused by the next replay
     return out
+
+
+class _StepGraphs:
+    """Decoding steps captured in CUDA graphs, one per value of ``guided``: the step, the choice
+    of the codes, their write into ``out`` and their feedback as the next input, and the
+    position's increment. Static buffers carry the state between replays, so a token costs the
+    host one noise draw (into ``u``) and one replay."""
+
+    def __init__(self, dec: StaticDecoder, steps: dict, n_images: int):
+        dev = dec.positions.device
+        T, K = dec.model.config.seq_len, dec.model.config.vocab_size
+        self.ids = torch.zeros(dec.batch_size, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.u = torch.rand(n_images, K, device=dev)
+        self.out = torch.zeros(n_images, T, dtype=torch.long, device=dev)
+        self.graphs = {}
+        for guided, fn in steps.items():
+
+            def body(fn=fn):
+                tok, nxt = fn(self.ids, self.pos, self.u)
+                self.out.index_copy_(1, self.pos, tok[:, None])
+                self.ids.copy_(nxt)
+                self.pos.add_(1)
+
+            side = torch.cuda.Stream(dev)  # compile and warm up off the capture
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            pool = next(iter(self.graphs.values())).pool() if self.graphs else None
+            with torch.cuda.graph(graph, pool=pool):
+                body()
+            self.graphs[guided] = graph
 
 
 def generate_images(

@@ -20,7 +20,12 @@ def run(*args):
 
 @pytest.mark.parametrize(
     "script,extra",
-    [("train_step.py", ["--modes", "eager"]), ("move_mix.py", []), ("sampling.py", [])],
+    [
+        ("train_step.py", ["--modes", "eager"]),
+        ("move_mix.py", []),
+        ("sampling.py", []),
+        ("decode_kernel.py", []),
+    ],
 )
 def test_benchmark_smoke(script, extra):
     out = run(f"benchmarks/{script}", "--smoke", *extra)
