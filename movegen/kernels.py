@@ -160,13 +160,13 @@ if HAVE_TRITON:
         d = tl.arange(0, D)
         mmask = m < M
         acc = tl.zeros((BLOCK_R, M_PAD, D), dtype=tl.float32)
-        for l in range(L):
-            g = tl.load(g_ptr + l * s_gl + rows[:, None] * G + (G - M) + m[None, :],
+        for _ in range(L):  # advancing the pointers: no 32-bit l * stride for L * B*T*d > 2**31
+            g = tl.load(g_ptr + rows[:, None] * G + (G - M) + m[None, :],
                         mask=rmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            dv = tl.load(
-                dv_ptr + l * s_dl + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0
-            )
+            dv = tl.load(dv_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
             acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
+            g_ptr += s_gl
+            dv_ptr += s_dl
         # the table's layout (B, T, M, H, D): token n, slot m, head h
         out = n.to(tl.int64) * (M * H * D) + h * D
         tl.store(out_ptr + out[:, None, None] + m[None, :, None] * (H * D) + d[None, None, :],
