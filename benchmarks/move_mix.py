@@ -1,9 +1,17 @@
 """The MoVE mix alone, forward and backward over L layers, against the bytes it must move.
 
-Floor per layer (bf16): forward reads the gathered slots (B*T*M*d*2 bytes), the values and gates
-and writes the mixed values; backward reads the slots once more (gate gradients). The bank
-gradient is formed once for all layers (B*T*M*d*2 written) from each layer's gates and value
-gradient. Compares the deferred-gradient path (movegen's) with plain autograd per layer.
+Shapes of the training path: a bf16 bank ``(V, M, d)`` (V = 16384 codes + 1001 classes), random
+ids in ``[1, V)`` for ``(B, T)`` (each id about B*T/V times), L layers. "deferred" is movegen's
+training path (``MoVEBank.tapped``: with the Triton kernels each layer reads the slots by id from
+the bank itself, the bank gradient is formed once per token from all layers and summed into bank
+rows by id); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
+through every layer's mix (one bank-sized gradient per layer).
+
+Floor in bytes (bf16), per layer: forward reads each row's M slots, v and the gates and writes the
+mixed values; backward reads the slots again, dout, v and the gates and writes dv and the gate
+gradients. Once per step: the bank gradient reads the L value gradients and gates and writes
+``(B, T, M*d)``; the row sum reads that and writes ``(V, M*d)``. "fwd" is the training forward
+(graph kept for backward); "extra GiB" is the peak memory of forward + backward above the inputs.
 
     python benchmarks/move_mix.py            # GPU: GPT-B shapes, batch 256, M = 6 and 24
     python benchmarks/move_mix.py --smoke    # CPU, tiny
@@ -19,55 +27,56 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import copy_bandwidth_gbs, device_name, json_line, median, print_table, time_fn  # noqa: E402
+from _util import copy_bandwidth_gbs, device_name, json_line, median, print_table, release, time_fn  # noqa: E402
 
-from movegen.move import bank_taps, mix, mix_tapped  # noqa: E402
+from movegen.move import MoVEBank, mix, mix_tapped  # noqa: E402
 
 
 def run(M: int, impl: str, args, device, bw: float) -> dict:
-    B, T, H, D, L = args.batch, args.seq, args.heads, args.head_dim, args.layers
+    B, T, H, D, L, V = args.batch, args.seq, args.heads, args.head_dim, args.layers, args.ids
+    d, G = H * D, M + 1
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
-    memh0 = torch.randn(B, T, H, M, D, device=device, dtype=dt, generator=g).requires_grad_()
-    vs = [
-        torch.randn(B, T, H, D, device=device, dtype=dt, generator=g).requires_grad_()
-        for _ in range(L)
-    ]
-    gs = [
-        (2 * torch.rand(B, T, H, M + 1, device=device, dtype=dt, generator=g)).requires_grad_()
-        for _ in range(L)
-    ]
+    bank = MoVEBank(V, M, d, H).to(device, dt)
+    ids = torch.randint(1, V, (B, T), device=device, generator=g)
+    vs = [torch.randn(B, T, H, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(L)]  # fmt: skip
+    gs = [(2 * torch.rand(B, T, H, G, device=device, dtype=dt, generator=g)).requires_grad_() for _ in range(L)]  # fmt: skip
     dout = torch.randn(B, T, H, D, device=device, dtype=dt, generator=g)
 
-    def fwd_bwd():
-        if impl == "deferred":
-            memh, taps = bank_taps(memh0, L, M + 1)
-            outs = [mix_tapped(v, gt, memh, tp, True) for v, gt, tp in zip(vs, gs, taps)]
-        else:
-            outs = [mix(v, gt, memh0, True) for v, gt in zip(vs, gs)]
-        torch.autograd.backward(outs, [dout] * L)
-        for t in [memh0, *vs, *gs]:
-            t.grad = None
-
     def fwd():
-        with torch.no_grad():
-            for v, gt in zip(vs, gs):
-                mix(v, gt, memh0, True)
+        if impl == "deferred":
+            mem, taps = bank.tapped(ids, L, G)
+            return [mix_tapped(v, gt, mem, tp, True) for v, gt, tp in zip(vs, gs, taps)]
+        memh = bank.gather(ids)
+        return [mix(v, gt, memh, True) for v, gt in zip(vs, gs)]
+
+    def fwd_bwd():
+        torch.autograd.backward(fwd(), [dout] * L)
+        for t in [bank.weight, *vs, *gs]:
+            t.grad = None
 
     try:
         ms_f = median(time_fn(fwd, warmup=2, iters=args.iters, device=device))
         ms_fb = median(time_fn(fwd_bwd, warmup=2, iters=args.iters, device=device))
+        extra = float("nan")
+        if device.type == "cuda":
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fwd_bwd()
+            extra = (torch.cuda.max_memory_allocated(device) - base) / 2**30
     except torch.OutOfMemoryError:
         return {"M": M, "impl": impl, "ms_fwd": "OOM"}
     e = 2 if dt == torch.bfloat16 else 4
-    slots = B * T * H * M * D * e
-    small = B * T * H * (2 * D + M + 1) * e  # v in, out written, gates
-    fwd_bytes = L * (slots + small)
-    # backward: slots re-read per layer + dv/gates traffic; bank gradient formed once (written)
-    fb_bytes = fwd_bytes + L * (slots + 3 * small) + slots
+    N = B * T
+    slots = N * M * d * e  # every row's M slots, or the per-token bank gradient (B, T, M*d)
+    fwd_bytes = L * (slots + N * H * (2 * D + G) * e)  # + v, gates read, out written
+    bwd_bytes = L * (slots + N * H * (3 * D + 2 * G) * e)  # + dout, v, gates read, dv, dg written
+    bank_bytes = L * N * H * (D + G) * e + 2 * slots + V * M * d * e  # bank_grad, rows_grad
+    fb_bytes = fwd_bytes + bwd_bytes + bank_bytes
     return {"M": M, "impl": impl, "ms_fwd": ms_f, "floor_fwd_ms": fwd_bytes / (bw * 1e9) * 1e3,
             "fwd_gbs": fwd_bytes / (ms_f * 1e-3) / 1e9, "ms_fwd_bwd": ms_fb,
-            "floor_fwd_bwd_ms": fb_bytes / (bw * 1e9) * 1e3, "fwd_bwd_gbs": fb_bytes / (ms_fb * 1e-3) / 1e9}  # fmt: skip
+            "floor_fwd_bwd_ms": fb_bytes / (bw * 1e9) * 1e3, "fwd_bwd_gbs": fb_bytes / (ms_fb * 1e-3) / 1e9,
+            "extra_gib": extra}  # fmt: skip
 
 
 def main() -> None:
@@ -80,18 +89,20 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--ids", type=int, default=16384 + 1001, help="bank rows V")
     p.add_argument("--slots", default="6,24")
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.smoke:
-        args.batch, args.seq, args.heads, args.head_dim, args.layers, args.iters = 2, 16, 2, 8, 2, 2
+        args.batch, args.seq, args.heads, args.head_dim, args.layers, args.ids, args.iters = (
+            2, 16, 2, 8, 2, 50, 2)  # fmt: skip
     bw = copy_bandwidth_gbs(device)
-    rows = [
-        run(int(M), impl, args, device, bw)
-        for M in args.slots.split(",")
-        for impl in ("deferred", "autograd")
-    ]
+    rows = []
+    for M in args.slots.split(","):
+        for impl in ("deferred", "autograd"):
+            rows.append(run(int(M), impl, args, device, bw))
+            release(device)
     json_line(
         "move_mix",
         {"device": device_name(device), "torch": torch.__version__, "copy_gbs": bw, "rows": rows},
@@ -99,9 +110,9 @@ def main() -> None:
     print_table(rows, [("M", "slots M", "{}"), ("impl", "bank grad", "{}"), ("ms_fwd", "fwd ms (L layers)", "{:.2f}"),
                        ("floor_fwd_ms", "fwd floor ms", "{:.2f}"), ("fwd_gbs", "fwd GB/s", "{:.0f}"),
                        ("ms_fwd_bwd", "fwd+bwd ms", "{:.2f}"), ("floor_fwd_bwd_ms", "fwd+bwd floor ms", "{:.2f}"),
-                       ("fwd_bwd_gbs", "fwd+bwd GB/s", "{:.0f}")],
-                f"MoVE mix, B={args.batch} T={args.seq} H={args.heads} D={args.head_dim} L={args.layers}, "
-                f"{device_name(device)}, torch {torch.__version__}, copy {bw:.0f} GB/s")  # fmt: skip
+                       ("fwd_bwd_gbs", "fwd+bwd GB/s", "{:.0f}"), ("extra_gib", "extra GiB", "{:.2f}")],
+                f"MoVE mix, B={args.batch} T={args.seq} H={args.heads} D={args.head_dim} L={args.layers} "
+                f"V={args.ids}, {device_name(device)}, torch {torch.__version__}, copy {bw:.0f} GB/s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,15 +1,26 @@
 """Triton kernels for the MoVE mix on GPU, registered as PyTorch custom ops.
 
-Rows are (batch, position, head) triples: R = B * T * H. Each kernel reads every slot of a row
-once and keeps the sums in fp32:
+Rows are (position, head) pairs ``r = n * H + h`` with ``n = b * T + t``: R = B * T * H. The
+mix kernels read the slots of row ``r`` from a ``table (N, M, H, D)`` of any strides (unit stride
+on D) at table row ``ids[n]``, so one kernel serves both forms of the memory:
 
-* ``mix_fwd``:   out[r] = g0[r] * v[r] + sum_m g[r, m] * mem[r, m]            (one read of the slots)
-* ``mix_bwd``:   dg[r, m] = <dout[r], mem[r, m]>, dg0[r] = <dout[r], v[r]>,
-                 dv[r] = g0[r] * dout[r]                                        (the second read)
-* ``bank_grad``: dmem[r, m] = sum_l g_l[r, m] * dv_l[r]  for all L layers at once (one write)
-* ``rows_grad``: sums the gathered rows' gradients back into the bank with PyTorch's sort-based
+* the bank itself, ``(V, M, d)`` viewed as ``(V, M, H, D)``, with the input ids: the training
+  path, which never materialises the per-token slots;
+* the gathered per-token slots ``memh (B, T, H, M, D)`` viewed as ``(B*T, M, H, D)``, with
+  ``ids = arange(B*T)``: ``move.mix`` in no-grad use (evaluation, decoding, LaVE).
+
+Each kernel loads all M slots of a block of rows as one ``(BLOCK_R, M_PAD, D)`` tile
+(``M_PAD`` = M rounded up to a power of two, masked) and sums in fp32:
+
+* ``mix_fwd``:   out[r] = g0[r] * v[r] + sum_m g[r, m] * E[ids[n], m, h]   (one read of the slots)
+* ``mix_bwd``:   dg[r, m] = <dout[r], E[ids[n], m, h]> (all m in one reduction over D, one tile
+                 store), dg0[r] = <dout[r], v[r]>, dv[r] = g0[r] * dout[r]  (the second read)
+* ``bank_grad``: dE_n[m, h] = sum_l g_l[r, m] * dv_l[r] for all L layers at once, written once
+                 per token in the table's layout ``(B, T, M, H, D)``
+* ``rows_grad``: sums per-token gradients into table rows by id with PyTorch's sort-based
   embedding backward (no atomics), kept opaque to the compiler.
 
+Block sizes and warps are autotuned per (M, D, G) (one fixed small block in the interpreter).
 The ops are opaque to ``torch.compile`` (it calls them as they are). Off CUDA, or without Triton,
 ``available()`` is False and ``move.py`` uses its plain PyTorch path. Setting
 ``TRITON_INTERPRET=1`` before import runs the kernels on CPU tensors (used by the tests).
@@ -33,7 +44,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(t: torch.Tensor) -> bool:
-    """Whether the Triton path can run on this tensor's device and head width."""
+    """Whether the Triton path can run on this tensor's device and head width (its last dim)."""
     if not HAVE_TRITON:
         return False
     D = t.shape[-1]
@@ -50,21 +61,36 @@ def _pad(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
-def _block_rows(m_pad: int, D: int) -> int:
-    return max(1, 8192 // (m_pad * D))
+def _prune(configs, named_args, **kwargs):
+    """Keep the row blocks whose ``(BLOCK_R, M_PAD, D)`` tile holds 4096 to 16384 elements (one
+    row when a row alone is larger)."""
+    row = kwargs["M_PAD"] * kwargs["D"]
+    keep = [c for c in configs if 4096 <= c.kwargs["BLOCK_R"] * row <= 16384]
+    return keep or [c for c in configs if c.kwargs["BLOCK_R"] == 1]
 
 
-def _rows_per_program(D: int) -> int:
-    return max(1, 2048 // D)
+def _tuned(fn):
+    """Autotune ``BLOCK_R`` and ``num_warps`` per (M, D, G); the interpreter gets one small block."""
+    if INTERPRET:
+        configs = [triton.Config({"BLOCK_R": 4}, num_warps=4)]
+    else:
+        configs = [triton.Config({"BLOCK_R": 2**k}, num_warps=w) for k in range(11) for w in (4, 8)]
+    return triton.autotune(
+        configs, key=["M", "D", "G"], prune_configs_by={"early_config_prune": _prune}
+    )(fn)
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _load_v(v_ptr, rows, rmask, d, H, s_vn, s_vh):
-        """The ``(BLOCK_R, D)`` tile of ``v`` for rows ``(b*T + t) * H + h`` of a strided view."""
-        n = rows // H
-        h = rows % H
+    def _rows(R, H, BLOCK_R: tl.constexpr):
+        """This program's rows: indices, mask, position n and head h."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        return rows, rows < R, rows // H, rows % H
+
+    @triton.jit
+    def _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh):
+        """The ``(BLOCK_R, D)`` tile of ``v`` at rows (n, h) of a strided view."""
         return tl.load(
             v_ptr + n[:, None] * s_vn + h[:, None] * s_vh + d[None, :],
             mask=rmask[:, None],
@@ -72,21 +98,31 @@ if HAVE_TRITON:
         )
 
     @triton.jit
-    def _mix_fwd_kernel(v_ptr, g_ptr, mem_ptr, out_ptr, R, H, s_vn, s_vh, G: tl.constexpr, M: tl.constexpr,
-                        D: tl.constexpr, GATED: tl.constexpr, OFF: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < R
+    def _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h):
+        """The ``(BLOCK_R, M_PAD, D)`` tile of slots ``table[ids[n], m, h, :]`` in fp32."""
+        row = tl.load(ids_ptr + n, mask=rmask, other=0).to(tl.int64) * s_id + h * s_h
+        ptr = tab_ptr + row[:, None, None] + m[None, :, None] * s_m + d[None, None, :]
+        mask = rmask[:, None, None] & mmask[None, :, None]
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _mix_fwd_kernel(v_ptr, g_ptr, tab_ptr, ids_ptr, out_ptr, R, H, s_vn, s_vh, s_id, s_m, s_h, G: tl.constexpr,
+                        M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
+                        BLOCK_R: tl.constexpr):  # fmt: skip
+        rows, rmask, n, h = _rows(R, H, BLOCK_R)
+        m = tl.arange(0, M_PAD)
+        mmask = m < M
         d = tl.arange(0, D)
-        v = _load_v(v_ptr, rows, rmask, d, H, s_vn, s_vh)
+        g = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
+                    mask=rmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        mem = _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h)
+        acc = tl.sum(g[:, :, None] * mem, axis=1)  # (BLOCK_R, D)
+        v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh).to(tl.float32)
         if GATED:
             g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
-            acc = g0[:, None] * v.to(tl.float32)
+            acc += g0[:, None] * v
         else:
-            acc = v.to(tl.float32)
-        base = mem_ptr + rows[:, None] * (M * D) + d[None, :]
-        for m in tl.static_range(M):  # one coalesced (BLOCK_R, D) tile per slot
-            g = tl.load(g_ptr + rows * G + OFF + m, mask=rmask, other=0.0).to(tl.float32)
-            acc += g[:, None] * tl.load(base + m * D, mask=rmask[:, None], other=0.0).to(tl.float32)
+            acc += v
         tl.store(
             out_ptr + rows[:, None] * D + d[None, :],
             acc.to(out_ptr.dtype.element_ty),
@@ -94,22 +130,22 @@ if HAVE_TRITON:
         )
 
     @triton.jit
-    def _mix_bwd_kernel(dout_ptr, v_ptr, g_ptr, mem_ptr, dv_ptr, dg_ptr, R, H, s_vn, s_vh, G: tl.constexpr,
-                        M: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr, OFF: tl.constexpr,
-                        BLOCK_R: tl.constexpr):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < R
+    def _mix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, ids_ptr, dv_ptr, dg_ptr, R, H, s_vn, s_vh, s_id, s_m, s_h,
+                        G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                        GATED: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+        rows, rmask, n, h = _rows(R, H, BLOCK_R)
+        m = tl.arange(0, M_PAD)
+        mmask = m < M
         d = tl.arange(0, D)
         dout = tl.load(
             dout_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0
         ).to(tl.float32)
-        base = mem_ptr + rows[:, None] * (M * D) + d[None, :]
-        for m in tl.static_range(M):
-            mem = tl.load(base + m * D, mask=rmask[:, None], other=0.0).to(tl.float32)
-            dg = tl.sum(mem * dout, axis=1)
-            tl.store(dg_ptr + rows * G + OFF + m, dg.to(dg_ptr.dtype.element_ty), mask=rmask)
+        mem = _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h)
+        dg = tl.sum(mem * dout[:, None, :], axis=2)  # (BLOCK_R, M_PAD): every slot's gate at once
+        tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & mmask[None, :])  # fmt: skip
         if GATED:
-            v = _load_v(v_ptr, rows, rmask, d, H, s_vn, s_vh)
+            v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh)
             dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
             tl.store(dg_ptr + rows * G, dg0.to(dg_ptr.dtype.element_ty), mask=rmask)
             g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
@@ -123,23 +159,28 @@ if HAVE_TRITON:
         )
 
     @triton.jit
-    def _bank_grad_kernel(g_ptr, dv_ptr, out_ptr, R, L, s_gl, s_dl, G: tl.constexpr, M: tl.constexpr,
-                          M_PAD: tl.constexpr, D: tl.constexpr, OFF: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < R
+    def _bank_grad_kernel(g_ptr, dv_ptr, out_ptr, R, H, L, s_gl, s_dl, G: tl.constexpr, M: tl.constexpr,
+                          M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+        rows, rmask, n, h = _rows(R, H, BLOCK_R)
         m = tl.arange(0, M_PAD)
         d = tl.arange(0, D)
         mmask = m < M
         acc = tl.zeros((BLOCK_R, M_PAD, D), dtype=tl.float32)
-        for l in range(L):
-            g = tl.load(g_ptr + l * s_gl + rows[:, None] * G + OFF + m[None, :], mask=rmask[:, None] & mmask[None, :],
-                        other=0.0).to(tl.float32)  # fmt: skip
-            dv = tl.load(
-                dv_ptr + l * s_dl + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0
-            )
+        for _ in range(L):  # advancing the pointers: no 32-bit l * stride for L * B*T*d > 2**31
+            g = tl.load(g_ptr + rows[:, None] * G + (G - M) + m[None, :],
+                        mask=rmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            dv = tl.load(dv_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
             acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
-        tl.store(out_ptr + rows[:, None, None] * (M * D) + m[None, :, None] * D + d[None, None, :],
+            g_ptr += s_gl
+            dv_ptr += s_dl
+        # the table's layout (B, T, M, H, D): token n, slot m, head h
+        out = n.to(tl.int64) * (M * H * D) + h * D
+        tl.store(out_ptr + out[:, None, None] + m[None, :, None] * (H * D) + d[None, None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None, None] & mmask[None, :, None])  # fmt: skip
+
+    _mix_fwd_kernel = _tuned(_mix_fwd_kernel)
+    _mix_bwd_kernel = _tuned(_mix_bwd_kernel)
+    _bank_grad_kernel = _tuned(_bank_grad_kernel)
 
 
 def _as_rows(v: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -151,46 +192,57 @@ def _as_rows(v: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return v, v.stride(1), v.stride(2)
 
 
+def _table_args(table: torch.Tensor, ids: torch.Tensor) -> tuple:
+    """``table (N, M, H, D)`` with unit stride on D, flat ids, and the strides (s_id, s_m, s_h)."""
+    if table.stride(3) != 1:
+        table = table.contiguous()
+    return table, ids.contiguous(), *table.stride()[:3]
+
+
+def _grid(R: int):
+    return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)
+
+
 @torch.library.custom_op("movegen::mix_fwd", mutates_args=())
-def mix_fwd(v: torch.Tensor, gates: torch.Tensor, memh: torch.Tensor, gated: bool) -> torch.Tensor:
-    B, T, H, M, D = memh.shape
-    G = gates.shape[-1]
-    gates = gates.contiguous()
-    memh = memh.contiguous()
+def mix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
+            gated: bool) -> torch.Tensor:  # fmt: skip
+    """``v (B, T, H, D)``, ``gates (B, T, H, G)``, ``table (N, M, H, D)`` (any strides, unit on D),
+    ``ids (B, T)`` int32/int64 rows of the table -> mixed ``(B, T, H, D)`` in ``v``'s dtype."""
+    B, T, H, D = v.shape
+    M, G = table.shape[1], gates.shape[-1]
+    table, ids, s_id, s_m, s_h = _table_args(table, ids)
     v, s_vn, s_vh = _as_rows(v)
     out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     R = B * T * H
-    br = _rows_per_program(D)
-    _mix_fwd_kernel[(triton.cdiv(R, br),)](v, gates, memh, out, R, H, s_vn, s_vh, G=G, M=M, D=D, GATED=gated,
-                                           OFF=int(gated), BLOCK_R=br, num_warps=4)  # fmt: skip
+    _mix_fwd_kernel[_grid(R)](v, gates.contiguous(), table, ids, out, R, H, s_vn, s_vh, s_id, s_m, s_h, G=G, M=M,
+                              M_PAD=_pad(M), D=D, GATED=int(gated))  # fmt: skip
     return out
 
 
 @mix_fwd.register_fake
-def _(v, gates, memh, gated):
+def _(v, gates, table, ids, gated):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
 @torch.library.custom_op("movegen::mix_bwd", mutates_args=())
-def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, memh: torch.Tensor,
+def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
             gated: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    B, T, H, M, D = memh.shape
-    G = gates.shape[-1]
-    dout = dout.contiguous()
-    gates = gates.contiguous()
-    memh = memh.contiguous()
+    """Gradients of ``mix_fwd`` for ``v`` and ``gates`` (the table's leaves via ``bank_grad``):
+    ``dout (B, T, H, D)`` -> ``dv (B, T, H, D)``, ``dg (B, T, H, G)`` in the dtypes of v, gates."""
+    B, T, H, D = v.shape
+    M, G = table.shape[1], gates.shape[-1]
+    table, ids, s_id, s_m, s_h = _table_args(table, ids)
     v, s_vn, s_vh = _as_rows(v)
     dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     dg = torch.empty(B, T, H, G, device=v.device, dtype=gates.dtype)
     R = B * T * H
-    br = _rows_per_program(D)
-    _mix_bwd_kernel[(triton.cdiv(R, br),)](dout, v, gates, memh, dv, dg, R, H, s_vn, s_vh, G=G, M=M, D=D,
-                                           GATED=gated, OFF=int(gated), BLOCK_R=br, num_warps=4)  # fmt: skip
+    _mix_bwd_kernel[_grid(R)](dout.contiguous(), v, gates.contiguous(), table, ids, dv, dg, R, H, s_vn, s_vh, s_id,
+                              s_m, s_h, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated))  # fmt: skip
     return dv, dg
 
 
 @mix_bwd.register_fake
-def _(dout, v, gates, memh, gated):
+def _(dout, v, gates, table, ids, gated):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device), torch.empty(
         gates.shape, dtype=gates.dtype, device=gates.device
     )
@@ -198,24 +250,22 @@ def _(dout, v, gates, memh, gated):
 
 @torch.library.custom_op("movegen::bank_grad", mutates_args=())
 def bank_grad(gs: torch.Tensor, dvs: torch.Tensor, slots: int) -> torch.Tensor:
-    """``gs (L, B, T, H, G)`` gates, ``dvs (L, B, T, H, D)`` value gradients -> ``(B, T, H, M, D)``
-    with the last ``slots`` gates of each row."""
+    """``gs (L, B, T, H, G)`` gates, ``dvs (L, B, T, H, D)`` value gradients -> the per-token slot
+    gradients ``(B, T, M, H, D)`` (the table's layout) from the last ``slots`` gates of each row."""
     L, B, T, H, G = gs.shape
     D = dvs.shape[-1]
     gs, dvs = gs.contiguous(), dvs.contiguous()
-    out = torch.empty(B, T, H, slots, D, device=dvs.device, dtype=dvs.dtype)
+    out = torch.empty(B, T, slots, H, D, device=dvs.device, dtype=dvs.dtype)
     R = B * T * H
-    mp = _pad(slots)
-    br = _block_rows(mp, D)
-    _bank_grad_kernel[(triton.cdiv(R, br),)](gs, dvs, out, R, L, gs.stride(0), dvs.stride(0), G=G, M=slots,
-                                             M_PAD=mp, D=D, OFF=G - slots, BLOCK_R=br, num_warps=4)  # fmt: skip
+    _bank_grad_kernel[_grid(R)](gs, dvs, out, R, H, L, gs.stride(0), dvs.stride(0), G=G, M=slots,
+                                M_PAD=_pad(slots), D=D)  # fmt: skip
     return out
 
 
 @bank_grad.register_fake
 def _(gs, dvs, slots):
     L, B, T, H, G = gs.shape
-    return torch.empty(B, T, H, slots, dvs.shape[-1], dtype=dvs.dtype, device=dvs.device)
+    return torch.empty(B, T, slots, H, dvs.shape[-1], dtype=dvs.dtype, device=dvs.device)
 
 
 @torch.library.custom_op("movegen::rows_grad", mutates_args=())

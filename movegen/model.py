@@ -26,7 +26,6 @@ from . import kernels
 from .move import (
     LaVETable,
     MoVEBank,
-    bank_taps,
     gates_from_logits,
     lave_layers,
     mix,
@@ -215,7 +214,9 @@ class Attention(nn.Module):
     def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None,
                   proj: torch.Tensor | None = None):  # fmt: skip
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
-        ``taps`` (training with MoVE) route the bank gradient around the layer (``move.py``).
+        ``memh``: the gathered bank ``(B, S, H, M, D)`` (MoVE). ``taps`` (training with MoVE)
+        route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
+        out: ``memh`` or, with the Triton kernels, ``(table, ids)`` (``move.py``).
         ``proj``: the QKV and router projections of ``x`` already computed as one product
         ``(B, S, 3d + H*G)`` (the decoder fuses the two weights)."""
         B, S, d = x.shape
@@ -378,18 +379,22 @@ class GPT(nn.Module):
             labels = self.drop_labels(labels)
         ids = self.input_ids(codes, labels)  # (B, T)
         x = self.embed(ids)
-        memh = self.bank.gather(ids) if self.bank is not None else None  # once per forward
-        taps = [None] * cfg.n_layer
-        if (
-            memh is not None
-            and self.deferred_bank_grad
-            and torch.is_grad_enabled()
-            and self.bank.weight.requires_grad
-        ):
-            memh, taps = bank_taps(memh, cfg.n_layer, cfg.slots + int(cfg.gate_standard_path))
+        # the bank, once per forward: gathered memh (B, T, H, M, D), or on the training path
+        # with the Triton kernels (table, ids) read by id in each layer (move.py)
+        mem, taps = None, [None] * cfg.n_layer
+        if self.bank is not None:
+            n_gates = cfg.slots + int(cfg.gate_standard_path)
+            if (
+                self.deferred_bank_grad
+                and torch.is_grad_enabled()
+                and self.bank.weight.requires_grad
+            ):
+                mem, taps = self.bank.tapped(ids, cfg.n_layer, n_gates)
+            else:
+                mem = self.bank.gather(ids)
         cos, sin = self.rope_cos, self.rope_sin
         for block, tap in zip(self.blocks, taps):
-            x = block(x, ids, memh, cos, sin, tap)
+            x = block(x, ids, mem, cos, sin, tap)
         return self.head(self.norm(x)).float()
 
     # ---- cached decoding

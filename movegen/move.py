@@ -3,7 +3,9 @@
 MoVE (Mixture of Value Embeddings; Yangyan Li, arXiv 2601.22887, 2026) changes only the value
 path of attention. A single learnable bank ``E`` of shape ``(V, M, d)`` -- ``V = K + C + 1``
 unified ids (image codes, classes, the null class), ``M`` slots of model width ``d`` -- is
-shared by every layer. It is gathered **once per forward** with the input ids. Each layer ``l``
+shared by every layer and prepared **once per forward**: gathered per token with the input ids
+(``memh (B, T, H, M, D)``), or, on the training path with the Triton kernels, cast once and read
+by id inside every layer's kernels (no per-token copy; see "the training path"). Each layer ``l``
 has its own router ``W_G^l`` (zero-initialised, so every gate starts at exactly 1.0) that reads
 the same normed hidden state as the Q/K/V projection and produces per-head soft gates
 ``g = 2 * sigmoid(W_G^l x)`` in (0, 2). The mixed value replaces ``v`` before attention and
@@ -15,8 +17,8 @@ before the KV cache write::
                        │                          (+)──► v'_t ──────▲
                        └── W_G^l ──► g (B,T,H,M+1)│
                                                   │
-        id_t ──► E[id_t] (B,T,M,d), once per ─────┘  Σ_i g_i · E[id_t, i, head slice]
-                 forward, all layers share it
+        id_t ──► E[id_t] (M,d), read by id ───────┘  Σ_i g_i · E[id_t, i, head slice]
+                 from one per-forward copy of E
 
     v'_t^h = g_{t,0}^h · v_t^h + Σ_{i=1..M} g_{t,i}^h · E[id_t, i, h·D:(h+1)·D]
 
@@ -71,8 +73,11 @@ def mix(
     needs_grad = torch.is_grad_enabled() and (
         v.requires_grad or gates.requires_grad or memh.requires_grad
     )
-    if kernels.available(memh) and not needs_grad:
-        return torch.ops.movegen.mix_fwd(v, gates.to(memh.dtype), memh, gate_standard_path)
+    if kernels.available(memh) and not needs_grad:  # the kernel indexes token n's slots by id n
+        B, T, H, M, D = memh.shape
+        table = memh.reshape(B * T, H, M, D).transpose(1, 2)  # (B*T, M, H, D)
+        ids = torch.arange(B * T, device=memh.device).view(B, T)
+        return torch.ops.movegen.mix_fwd(v, gates, table, ids, gate_standard_path)
     if gate_standard_path:
         g0, gs = gates[..., :1], gates[..., 1:]
         base = g0 * v
@@ -95,72 +100,85 @@ def mix(
 # ``sum_l g_l (x) dv_l``, a contraction over layers, so we defer it. Each layer's mix takes two
 # zero-valued "taps" as extra inputs and hands back, as the taps' gradients, its gates g_l and
 # its value gradient dv_l (small: H*M and D numbers per position). The function that made the
-# taps receives all L of them and forms the bank gradient once, in one batched product over l.
-# Pure autograd, no side channels, so torch.compile can trace it.
+# taps receives all L of them and forms the bank gradient once. Pure autograd, no side channels,
+# so torch.compile can trace it.
+#
+# The memory the layers read comes in two forms:
+# * with the Triton kernels, ``(table, ids)``: the bank cast once to the compute dtype and viewed
+#   ``(V, M, H, D)``, indexed by id inside the kernels -- no per-token copy of the slots is made
+#   or kept for backward. The bank gradient is formed per token in the table's layout
+#   ``(B, T, M, H, D)`` (``bank_grad``) and summed into table rows by id (``rows_grad``);
+# * otherwise the gathered ``memh (B, T, H, M, D)`` and PyTorch products (the plain path).
 
 
 class _BankTaps(torch.autograd.Function):
-    """``memh (B, T, H, M, D)`` -> (memh detached, 2L zero taps). Backward forms
-    ``d memh = sum_l g_l (x) dv_l`` from the taps' gradients."""
+    """``mem`` -> (mem detached, 2L zero taps); ``mem`` is ``memh (B, T, H, M, D)`` (``ids``
+    None) or ``table (V, M, H, D)`` read at ``ids (B, T)``. Backward forms the gradient of
+    ``mem`` from the taps' gradients: ``d memh = sum_l g_l (x) dv_l``, or its rows summed by id."""
 
     @staticmethod
-    def forward(ctx, memh, n_layers: int, n_gates: int):
-        B, T, H, M, D = memh.shape
-        ctx.n_layers, ctx.off, ctx.slots, ctx.dtype = n_layers, n_gates - M, M, memh.dtype
-        ctx.set_materialize_grads(False)  # no bank-sized zero gradient for the unused memh output
-        zero = memh.new_zeros(())
+    def forward(ctx, mem, ids, n_layers: int, n_gates: int):
+        if ids is None:
+            B, T, H, M, D = mem.shape
+        else:
+            (V, M, H, D), (B, T) = mem.shape, ids.shape
+            ctx.save_for_backward(ids)
+            ctx.num_rows = V
+        ctx.table, ctx.off, ctx.slots, ctx.dtype = ids is not None, n_gates - M, M, mem.dtype
+        ctx.set_materialize_grads(False)  # no bank-sized zero gradient for the unused mem output
+        zero = mem.new_zeros(())
         taps = []
         for _ in range(n_layers):  # distinct (expanded, storage-free) tensors per layer
             taps += [zero.expand(B, T, H, n_gates), zero.expand(B, T, H, D)]
-        return (memh.detach(), *taps)
+        return (mem.detach(), *taps)
 
     @staticmethod
-    def backward(ctx, _grad_memh, *grads):
+    def backward(ctx, _grad_mem, *grads):
         off = ctx.off
         gs = [g for g in grads[0::2] if g is not None]
         dvs = [d for d in grads[1::2] if d is not None]
         if not gs:
-            return None, None, None
-        if kernels.available(dvs[0]):  # Triton: one pass over all layers, one write
-            return (
-                torch.ops.movegen.bank_grad(
-                    torch.stack(gs), torch.stack(dvs).to(ctx.dtype), ctx.slots
-                ),
-                None,
-                None,
-            )
+            return None, None, None, None
+        if ctx.table:  # Triton: one pass over all layers, one per-token write, rows summed by id
+            (ids,) = ctx.saved_tensors
+            grad = torch.ops.movegen.bank_grad(
+                torch.stack(gs), torch.stack(dvs).to(ctx.dtype), ctx.slots
+            )  # (B, T, M, H, D)
+            rows = torch.ops.movegen.rows_grad(grad.flatten(2), ids, ctx.num_rows)  # (V, M*H*D)
+            return rows.view(-1, *grad.shape[2:]), None, None, None
         G = torch.stack([g[..., off:] for g in gs], dim=-1)  # (B, T, H, M, L)
         DV = torch.stack(dvs, dim=-2).to(G.dtype)  # (B, T, H, L, D)
         if torch.compiler.is_compiling():  # fused: sum over L of g (x) dv, written once
             grad = (G.unsqueeze(-1) * DV.unsqueeze(-3)).sum(-2)
         else:
             grad = torch.matmul(G, DV)  # (B, T, H, M, D): one product over the L layers
-        return grad, None, None
+        return grad, None, None, None
 
 
 class _Mix(torch.autograd.Function):
-    """One layer's mix; the bank gradient leaves through the taps (see ``_BankTaps``)."""
+    """One layer's mix; the bank gradient leaves through the taps (see ``_BankTaps``). ``mem`` is
+    the detached ``table (V, M, H, D)`` read at ``ids`` by the kernels, or ``memh`` (ids None)."""
 
     @staticmethod
-    def forward(ctx, v, gates, memh, tap_g, tap_v, gated: bool):
+    def forward(ctx, v, gates, mem, ids, tap_g, tap_v, gated: bool):
         ctx.gated = gated
-        ctx.save_for_backward(v, gates, memh)
-        if kernels.available(memh):
-            return torch.ops.movegen.mix_fwd(v, gates.to(memh.dtype), memh, gated)
-        return mix(v, gates, memh, gated)
+        ctx.save_for_backward(v, gates, mem, ids)
+        if ids is not None:
+            return torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated)
+        return mix(v, gates, mem, gated)
 
     @staticmethod
     def backward(ctx, dout):
-        v, gates, memh = ctx.saved_tensors
+        v, gates, mem, ids = ctx.saved_tensors
         gated = ctx.gated
-        if kernels.available(memh):
-            d_v, d_gates = torch.ops.movegen.mix_bwd(dout, v, gates.to(memh.dtype), memh, gated)
-            return d_v, d_gates.to(gates.dtype), None, gates.detach(), dout, None
+        if ids is not None:
+            d_v, d_gates = torch.ops.movegen.mix_bwd(dout, v, gates, mem, ids, gated)
+            return d_v, d_gates, None, None, gates.detach(), dout, None
         # gate gradients of the slots: <dout, memh_i> per (b, t, h); the one unavoidable re-read
         if torch.compiler.is_compiling():
-            d_gs = (memh * dout.to(memh.dtype).unsqueeze(-2)).sum(-1)  # (B, T, H, M)
+            d_gs = (mem * dout.to(mem.dtype).unsqueeze(-2)).sum(-1)  # (B, T, H, M)
         else:
-            d_gs = torch.matmul(memh, dout.to(memh.dtype).unsqueeze(-1)).squeeze(-1)
+            d_gs = torch.matmul(mem, dout.to(mem.dtype).unsqueeze(-1)).squeeze(-1)
         if gated:
             g0 = gates[..., :1]
             acc = torch.promote_types(v.dtype, torch.float32)  # reduce in at least fp32
@@ -171,18 +189,25 @@ class _Mix(torch.autograd.Function):
             d_gates = d_gs.to(gates.dtype)
             d_v = dout.to(v.dtype)
         # the taps carry g (value, not gradient) and dout to _BankTaps.backward
-        return d_v, d_gates, None, gates.detach(), dout, None
+        return d_v, d_gates, None, None, gates.detach(), dout, None
 
 
-def bank_taps(memh: torch.Tensor, n_layers: int, n_gates: int) -> tuple[torch.Tensor, list]:
-    """Split the gathered bank into a detached view plus per-layer taps ``[(tap_g, tap_v), ...]``."""
-    out = _BankTaps.apply(memh, n_layers, n_gates)
-    return out[0], [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
+def bank_taps(
+    mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None
+) -> tuple:
+    """Split the memory into what every layer reads plus per-layer taps ``[(tap_g, tap_v), ...]``.
+    ``mem``: the gathered ``memh (B, T, H, M, D)``, or, with ``ids (B, T)`` (Triton kernels only),
+    the ``table (V, M, H, D)`` they index; the layers then read ``(table detached, ids)``."""
+    out = _BankTaps.apply(mem, ids, n_layers, n_gates)
+    taps = [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
+    return (out[0] if ids is None else (out[0], ids)), taps
 
 
-def mix_tapped(v, gates, memh_detached, taps, gate_standard_path: bool) -> torch.Tensor:
-    """The mix for training: same values as :func:`mix`, bank gradient deferred to the taps."""
-    return _Mix.apply(v, gates, memh_detached, taps[0], taps[1], gate_standard_path)
+def mix_tapped(v, gates, mem, taps, gate_standard_path: bool) -> torch.Tensor:
+    """The mix for training: same values as :func:`mix`, bank gradient deferred to the taps.
+    ``mem``: what :func:`bank_taps` handed out, ``memh`` or ``(table, ids)``."""
+    table, ids = mem if isinstance(mem, tuple) else (mem, None)
+    return _Mix.apply(v, gates, table, ids, taps[0], taps[1], gate_standard_path)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -213,15 +238,31 @@ class MoVEBank(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
 
+    def _dtype(self, ids: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+        """``dtype``, else the autocast dtype when autocast is on, else the weight's."""
+        if dtype is None and torch.is_autocast_enabled(ids.device.type):
+            dtype = torch.get_autocast_dtype(ids.device.type)
+        return dtype or self.weight.dtype
+
+    def tapped(self, ids: torch.Tensor, n_layers: int, n_gates: int) -> tuple:
+        """The training path (deferred bank gradient, see :func:`bank_taps`): the memory every
+        layer reads and the per-layer taps. With the Triton kernels the memory is the bank cast
+        once to the compute dtype, ``(V, M, H, D)``, with ``ids (B, T)`` -- nothing is gathered;
+        else the gathered ``memh``."""
+        V, M, d = self.weight.shape
+        H = self.n_heads
+        if kernels.available(self.weight.view(V, M, H, d // H)):
+            table = self.weight.to(self._dtype(ids, None)).view(V, M, H, d // H)
+            return bank_taps(table, n_layers, n_gates, ids)
+        return bank_taps(self.gather(ids), n_layers, n_gates)
+
     def gather(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``ids (B, T)`` -> ``memh (B, T, H, M, D)``, head-major, in ``dtype`` (default: the
         autocast dtype when autocast is on). No layer makes its own copy of the slots."""
         V, M, d = self.weight.shape
         H = self.n_heads
         B, T = ids.shape
-        if dtype is None and torch.is_autocast_enabled(ids.device.type):
-            dtype = torch.get_autocast_dtype(ids.device.type)
-        dtype = dtype or self.weight.dtype
+        dtype = self._dtype(ids, dtype)
         if ids.numel() * 4 < V:  # few rows (decoding): gather, then cast and lay out the rows
             rows = F.embedding(ids, self.weight.view(V, M * d)).to(dtype)  # (B, T, M*d)
             return rows.view(B, T, M, H, d // H).transpose(2, 3).contiguous()

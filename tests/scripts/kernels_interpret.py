@@ -1,39 +1,72 @@
-"""Run under TRITON_INTERPRET=1 (CPU): the Triton MoVE kernels against the reference mix."""
+"""Run under TRITON_INTERPRET=1 (CPU): the Triton MoVE kernels against the reference mix.
+
+The id-indexed kernels (bank table + ids, repeated ids, int64 and int32 ids, a strided ``v`` as
+the QKV split gives) against ``mix_reference`` over an ``F.embedding`` gather: forward and the
+gradients of v, gates and the bank weight; the per-token form (``mix`` on a gathered memh); and
+the whole model, its Triton training path against plain autograd, eager and compiled."""
 
 import os
 
 import torch
+import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 from movegen import kernels  # noqa: E402
 from movegen.model import GPT, GPTConfig  # noqa: E402
-from movegen.move import bank_taps, mix_reference, mix_tapped  # noqa: E402
+from movegen.move import bank_taps, mix, mix_reference, mix_tapped  # noqa: E402
 
 torch.manual_seed(0)
 worst = 0.0
+
+
+def diff(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+def reference(weight, ids, vbase, gates, gated):
+    """``mix_reference`` over the gathered rows ``F.embedding(ids, weight)``, per layer."""
+    (V, M, d), (B, T), H = weight.shape, ids.shape, vbase[0].shape[3]
+    mem = F.embedding(ids, weight.view(V, M * d)).view(B, T, M, H, d // H)
+    return [mix_reference(v[:, :, 2], g, mem, gated) for v, g in zip(vbase, gates)]
+
+
 for M, gated in [(6, True), (3, False), (24, True)]:
-    B, T, H, D, L = 2, 3, 2, 16, 3
+    B, T, H, D, L, V = 2, 5, 3, 16, 3, 7  # R = 30 rows: a partial last block; 10 ids of 7
     G = M + int(gated)
     assert kernels.available(torch.zeros(D))
-    v = torch.randn(B, T, 3, H, D)[:, :, 2]  # a strided view, as the model's qkv split gives
-    gates = 2 * torch.rand(B, T, H, G)
-    memh = torch.randn(B, T, H, M, D)
-    worst = max(worst, (torch.ops.movegen.mix_fwd(v, gates, memh, gated)
-                        - mix_reference(v, gates, memh.transpose(2, 3), gated)).abs().max().item())  # fmt: skip
-    mm = memh.clone().requires_grad_()
-    vs = [torch.randn(B, T, H, D, requires_grad=True) for _ in range(L)]
-    gts = [(2 * torch.rand(B, T, H, G)).requires_grad_() for _ in range(L)]
+    ids = torch.randint(V, (B, T))
+    ids[1, 3] = ids[0, 0]  # a repeated id for sure
+    weight = torch.randn(V, M, H * D)
+    vbase = [torch.randn(B, T, 3, H, D) for _ in range(L)]
+    gts = [2 * torch.rand(B, T, H, G) for _ in range(L)]
     douts = [torch.randn(B, T, H, D) for _ in range(L)]
-    mdet, taps = bank_taps(mm, L, G)
-    outs = [mix_tapped(a, b, mdet, t, gated) for a, b, t in zip(vs, gts, taps)]
-    g1 = torch.autograd.grad(outs, [mm, *vs, *gts], douts)
-    mm2 = memh.clone().requires_grad_()
-    ref = [mix_reference(a, b, mm2.transpose(2, 3), gated) for a, b in zip(vs, gts)]
-    g2 = torch.autograd.grad(ref, [mm2, *vs, *gts], douts)
-    worst = max(worst, *((a - b).abs().max().item() for a, b in zip(g1, g2)))
-    worst = max(worst, *((a - b).abs().max().item() for a, b in zip(outs, ref)))
+    ref = reference(weight, ids, vbase, gts, gated)
+    for idx in (ids, ids.int()):
+        out = torch.ops.movegen.mix_fwd(
+            vbase[0][:, :, 2], gts[0], weight.view(V, M, H, D), idx, gated
+        )
+        worst = max(worst, diff(out, ref[0]))
+    # the per-token form: mix() on the gathered memh (B, T, H, M, D) calls the kernel when no grad
+    memh = F.embedding(ids, weight.view(V, -1)).view(B, T, M, H, D).transpose(2, 3).contiguous()
+    with torch.no_grad():
+        worst = max(worst, diff(mix(vbase[0][:, :, 2], gts[0], memh, gated), ref[0]))
 
-# the whole model: kernels + deferred bank gradient against plain autograd
+    # the training path: layers read (table, ids); bank gradient per token, then rows by id
+    leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
+    refs = reference(leaves[0], ids, leaves[1 : L + 1], leaves[L + 1 :], gated)
+    g_ref = torch.autograd.grad(refs, leaves, douts)
+    for idx in (ids, ids.int()):
+        leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
+        mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx)
+        assert isinstance(mem, tuple)
+        outs = [mix_tapped(v[:, :, 2], g, mem, tp, gated) for v, g, tp in zip(leaves[1 : L + 1], leaves[L + 1 :], taps)]  # fmt: skip
+        worst = max(worst, *(diff(a, b) for a, b in zip(outs, refs)))
+        worst = max(
+            worst, *(diff(a, b) for a, b in zip(torch.autograd.grad(outs, leaves, douts), g_ref))
+        )
+
+# the whole model: kernels + deferred bank gradient against plain autograd, eager and compiled
 cfg = GPTConfig.preset(
     "tiny", vocab_size=32, num_classes=4, seq_len=9, memory="move", memory_density=2
 )
@@ -42,13 +75,17 @@ with torch.no_grad():
     for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.1)
 codes, labels = torch.randint(32, (3, 9)), torch.tensor([0, 3, 4])
+assert isinstance(model.bank.tapped(model.input_ids(codes, labels), 2, cfg.slots + 1)[0], tuple)
+
+
 res = []
-for deferred in (True, False):
+for deferred, fn in ((True, model), (True, torch.compile(model, fullgraph=True)), (False, model)):
     model.zero_grad()
     model.deferred_bank_grad = deferred
-    out = model(codes, labels)
+    out = fn(codes, labels)
     out.square().mean().backward()
     res.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-worst = max(worst, (res[0][0] - res[1][0]).abs().max().item())
-worst = max(worst, *((a - b).abs().max().item() for a, b in zip(res[0][1], res[1][1])))
+for out, grads in res[:2]:
+    worst = max(worst, diff(out, res[-1][0]))
+    worst = max(worst, *(diff(a, b) for a, b in zip(grads, res[-1][1])))
 print(f"WORST {worst:.3e}")
