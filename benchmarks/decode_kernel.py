@@ -1,5 +1,5 @@
 """The one-launch decoding layer (``kernels.decode_attn``) alone: microseconds per call for each
-launch setting (cached keys per block, warps, looped or unrolled blocks), GPT-B shapes (H = 12,
+launch setting (cached keys per block, warps, pipelining stages of the block loop), GPT-B shapes (H = 12,
 D = 64, 256 positions), standard and MoVE-x1, at several positions. Calls are replayed from a
 CUDA graph (12 per replay, as 12 layers), so launch gaps are those of the sampler's graph.
 
@@ -29,8 +29,8 @@ def run(rows: int, slots: int, conf: str, pos: int, args, dev) -> float:
     H, D, T, L = args.heads, args.head_dim, args.seq, 12 if dev.type == "cuda" else 1
     d, G = H * D, slots + 1 if slots else 0
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    bt, nw, how = conf.split("-")
-    kernels.DECODE_CONFIG.update(block_t=int(bt), num_warps=int(nw), unroll=how == "unroll")
+    bt, nw, st = map(int, conf.split("-"))
+    kernels.DECODE_CONFIG.update(block_t=bt, num_warps=nw, stages=st)
     g = torch.Generator(device=dev).manual_seed(0)
     proj = torch.randn(rows, 3 * d + H * G, device=dev, dtype=dt, generator=g)
     kc = torch.randn(rows, H, T, D, device=dev, dtype=dt, generator=g)
@@ -60,9 +60,7 @@ def main() -> None:
     )
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--rows", default="32,128,512", help="cache rows (CFG: 2 x images)")
-    p.add_argument(
-        "--configs", default="64-2-loop,64-4-loop,32-2-loop,32-4-loop,128-4-loop,64-4-unroll"
-    )
+    p.add_argument("--configs", default="64-2-1,32-2-1,16-1-1,32-1-1,64-2-2,32-2-2,32-2-3")
     p.add_argument("--positions", default="32,128,224")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--heads", type=int, default=12)
@@ -73,7 +71,7 @@ def main() -> None:
     if args.smoke:
         args.rows, args.configs, args.positions, args.seq, args.heads, args.head_dim = (
             "2",
-            "8-2-loop",
+            "8-2-1",
             "5",
             16,
             2,
@@ -91,7 +89,7 @@ def main() -> None:
     json_line(
         "decode_kernel", {"device": device_name(dev), "torch": torch.__version__, "rows": rows}
     )
-    cols = [("rows", "cache rows", "{}"), ("arm", "arm", "{}"), ("config", "block-warps-loop", "{}"),
+    cols = [("rows", "cache rows", "{}"), ("arm", "arm", "{}"), ("config", "block-warps-stages", "{}"),
             ("us", "us/call (mean over positions)", "{:.2f}")]  # fmt: skip
     cols += [(f"us@{q}", f"us @ pos {q}", "{:.2f}") for q in args.positions.split(",")]
     print_table(rows, cols, f"decode kernel, {device_name(dev)}, torch {torch.__version__}")

@@ -42,9 +42,9 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
         cfg = GPTConfig.preset(
             "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
         )
-    if decode_config:  # BLOCK_T-WARPS-loop|unroll
-        bt, nw, how = decode_config.split("-")
-        kernels.DECODE_CONFIG.update(block_t=int(bt), num_warps=int(nw), unroll=how == "unroll")
+    if decode_config:  # BLOCK_T-WARPS-STAGES
+        bt, nw, st = map(int, decode_config.split("-"))
+        kernels.DECODE_CONFIG.update(block_t=bt, num_warps=nw, stages=st)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
     with torch.no_grad():  # a non-degenerate head (it is zero at init)
@@ -75,7 +75,7 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
     )
     if fast and dec.attention == "fused":
         c = kernels.DECODE_CONFIG
-        path += f"/{c['block_t']}-{c['num_warps']}-{'unroll' if c['unroll'] else 'loop'}"
+        path += f"/{c['block_t'] or 'auto'}-{c['num_warps']}-{c['stages']}"
     row = {"arm": arm, "batch": batch, "path": path, "s_per_batch": s,
            "images_per_s": batch / s, "ms_per_step": s / cfg.seq_len * 1e3, "warmup_s": warm_s,
            "codes_ok": bool(codes.min() >= 0 and codes.max() < cfg.vocab_size)}  # fmt: skip
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument(
         "--only",
         default="",
-        help="comma list of arm:batch:attention:mode[:BLOCK_T-WARPS-loop|unroll] (fast path)",
+        help="comma list of arm:batch:attention:mode[:BLOCK_T-WARPS-STAGES] (fast path)",
     )
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")

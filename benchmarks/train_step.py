@@ -109,7 +109,6 @@ def main() -> None:
         action="store_true",
         help="inductor's coordinate-descent tuning of its generated kernels",
     )
-    p.add_argument("--rope-swap", action="store_true", help="RoPE as x*cos + pair_swap(x)*sin")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
@@ -124,10 +123,6 @@ def main() -> None:
             ("efficient", "mem_efficient"),
         ):
             getattr(torch.backends.cuda, f"enable_{name}_sdp")(choice == args.sdpa)
-    if args.rope_swap:
-        import movegen.model
-
-        movegen.model.ROPE_SWAP = True
     if args.coordinate_descent:
         import torch._inductor.config as ic
 

@@ -295,7 +295,7 @@ if HAVE_TRITON:
     def _decode_kernel(proj_ptr, s_pb, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr, tab_ptr, ids_ptr,
                        s_id, s_m, H, T_MAX, scale, D: tl.constexpr, MEM: tl.constexpr, M: tl.constexpr,
                        M_PAD: tl.constexpr, G: tl.constexpr, GATED: tl.constexpr, BLOCK_T: tl.constexpr,
-                       UNROLL: tl.constexpr, NB: tl.constexpr):  # fmt: skip
+                       STAGES: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
@@ -337,11 +337,7 @@ if HAVE_TRITON:
         m_i = tl.sum(q * k.to(tl.float32), axis=0) * scale  # the current position's score
         l_i = m_i * 0.0 + 1.0
         acc = v.to(tl.float32)
-        if UNROLL:  # every block of the cache, unrolled: all loads can be in flight at once
-            hi = tl.cdiv(T_MAX, BLOCK_T) * BLOCK_T  # (fully masked blocks read no memory)
-        else:
-            hi = pos
-        for start in tl.range(0, hi, BLOCK_T, loop_unroll_factor=NB if UNROLL else 1):
+        for start in tl.range(0, pos, BLOCK_T, num_stages=STAGES):
             j = start + tl.arange(0, BLOCK_T)
             jm = j < pos
             kt = tl.load(kc_ptr + base + j[:, None] * D + dd[None, :], mask=jm[:, None], other=0.0)
@@ -357,8 +353,10 @@ if HAVE_TRITON:
         tl.store(y_ptr + b * dm + h * D + dd, (acc / l_i).to(y_ptr.dtype.element_ty))
 
 
-DECODE_CONFIG = {"block_t": 64, "num_warps": 2, "unroll": False}
-"""Launch settings of the decoding kernel (cached keys per block, warps, unrolled block loop)."""
+DECODE_CONFIG = {"block_t": 0, "num_warps": 2, "stages": 1}
+"""Launch settings of the decoding kernel: cached keys per block (0: 64 for up to 512 programs,
+else 32, the best of a sweep on an H100, ``benchmarks/decode_kernel.py``), warps per program,
+software-pipelining stages of the block loop."""
 
 
 @torch.library.custom_op("movegen::decode_attn", mutates_args=("k_cache", "v_cache"))
@@ -379,12 +377,13 @@ def decode_attn(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: t
     y = torch.empty(B, H * D, device=proj.device, dtype=k_cache.dtype)
     mem = table is not None
     tab = table if mem else k_cache
-    bt, nw, unroll = DECODE_CONFIG["block_t"], DECODE_CONFIG["num_warps"], DECODE_CONFIG["unroll"]
+    bt, nw, stages = DECODE_CONFIG["block_t"], DECODE_CONFIG["num_warps"], DECODE_CONFIG["stages"]
+    bt = bt or (64 if B * H <= 512 else 32)
     _decode_kernel[(B * H,)](proj, proj.stride(0), cos, sin, pos, k_cache, v_cache, y, tab, ids,
                              tab.stride(0) if mem else 0, tab.stride(1) if mem else 0, H, T,
                              1.0 / D**0.5, D=D, MEM=mem, M=max(slots, 1), M_PAD=_pad(slots),
                              G=slots + int(gated) if mem else 1, GATED=int(gated and mem),
-                             BLOCK_T=bt, UNROLL=unroll, NB=triton.cdiv(T, bt), num_warps=nw)  # fmt: skip
+                             BLOCK_T=bt, STAGES=stages, num_warps=nw)  # fmt: skip
     return y
 
 

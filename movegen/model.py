@@ -159,16 +159,8 @@ def rope_2d(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return ang.cos().float(), ang.sin().float()
 
 
-ROPE_SWAP = False  # benchmark switch between two equal formulations (temporary)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x (B, S, H, D)``, ``cos/sin (S, D/2)``; rotates consecutive pairs."""
-    if ROPE_SWAP:  # x' = x * cos + pair_swap(x) * (-sin, +sin): one elementwise pass
-        c = cos.repeat_interleave(2, -1)[:, None, :]
-        s = torch.stack([-sin, sin], dim=-1).flatten(-2)[:, None, :]
-        xf = x.float()
-        return (xf * c + xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * s).type_as(x)
     xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
     x1, x2 = xf[..., 0], xf[..., 1]
     c, s = cos[:, None, :], sin[:, None, :]

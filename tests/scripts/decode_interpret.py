@@ -18,10 +18,10 @@ cases = [
     ("lave", 1, None),
     ("lave", 2, True),
 ]
-blocks = [(64, False), (4, False), (4, True)]  # one block; several blocks looped and unrolled
+blocks = [(64, 1), (4, 1), (4, 2)]  # one block; several blocks, without and with pipelining
 runs = [(c, blocks[0]) for c in cases] + [(cases[1], b) for b in blocks[1:]]
-for (memory, density, gated), (block_t, unroll) in runs:
-    kernels.DECODE_CONFIG.update(block_t=block_t, unroll=unroll)
+for (memory, density, gated), (block_t, stages) in runs:
+    kernels.DECODE_CONFIG.update(block_t=block_t, stages=stages)
     cfg = GPTConfig(vocab_size=48, num_classes=5, seq_len=9, n_layer=2, n_head=2, n_embd=32,
                     mlp_multiple_of=32, memory=memory, memory_density=density,
                     gate_standard_path=gated)  # fmt: skip
