@@ -15,12 +15,14 @@ Each kernel loads all M slots of a block of rows as one ``(BLOCK_R, M_PAD, D)`` 
 * ``mix_fwd``:   out[r] = g0[r] * v[r] + sum_m g[r, m] * E[ids[n], m, h]   (one read of the slots)
 * ``mix_bwd``:   dg[r, m] = <dout[r], E[ids[n], m, h]> (all m in one reduction over D, one tile
                  store), dg0[r] = <dout[r], v[r]>, dv[r] = g0[r] * dout[r]  (the second read)
-* ``bank_grad``: dE_n[m, h] = sum_l g_l[r, m] * dv_l[r] for all L layers at once, written once
-                 per token in the table's layout ``(B, T, M, H, D)``
-* ``rows_grad``: sums per-token gradients into table rows by id with PyTorch's sort-based
-  embedding backward (no atomics), kept opaque to the compiler.
+* ``bank_rows_grad``: dE[k, m, h] = sum over tokens n with ids[n] = k and over all L layers of
+                 g_l[r, m] * dv_l[r], in fp32, in one pass over the tokens in id order (no
+                 per-token slot gradient is written)
+* ``rows_grad``: sums gathered rows' gradients by id with PyTorch's sort-based embedding
+  backward (the plain path's gather), kept opaque to the compiler.
+* ``decode_attn``: one layer of one-token decoding (below).
 
-Block sizes and warps are autotuned per (M, D, G) (one fixed small block in the interpreter).
+Mix block sizes and warps are autotuned per (M, D, G) (one fixed small block in the interpreter).
 The ops are opaque to ``torch.compile`` (it calls them as they are). Off CUDA, or without Triton,
 ``available()`` is False and ``move.py`` uses its plain PyTorch path. Setting
 ``TRITON_INTERPRET=1`` before import runs the kernels on CPU tensors (used by the tests).
@@ -159,28 +161,38 @@ if HAVE_TRITON:
         )
 
     @triton.jit
-    def _bank_grad_kernel(g_ptr, dv_ptr, out_ptr, R, H, L, s_gl, s_dl, G: tl.constexpr, M: tl.constexpr,
-                          M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-        rows, rmask, n, h = _rows(R, H, BLOCK_R)
+    def _bank_rows_kernel(g_ptr, dv_ptr, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
+                          G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                          CHUNK: tl.constexpr):  # fmt: skip
+        # program (c, h): sorted tokens c*CHUNK.. of head h; a run of equal ids sums in registers
+        # and is added to its bank row once when the id changes (atomics only at run ends)
+        c = tl.program_id(0)
+        h = tl.program_id(1)
         m = tl.arange(0, M_PAD)
+        mm = m < M
         d = tl.arange(0, D)
-        mmask = m < M
-        acc = tl.zeros((BLOCK_R, M_PAD, D), dtype=tl.float32)
-        for _ in range(L):  # advancing the pointers: no 32-bit l * stride for L * B*T*d > 2**31
-            g = tl.load(g_ptr + rows[:, None] * G + (G - M) + m[None, :],
-                        mask=rmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            dv = tl.load(dv_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-            acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
-            g_ptr += s_gl
-            dv_ptr += s_dl
-        # the table's layout (B, T, M, H, D): token n, slot m, head h
-        out = n.to(tl.int64) * (M * H * D) + h * D
-        tl.store(out_ptr + out[:, None, None] + m[None, :, None] * (H * D) + d[None, None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None, None] & mmask[None, :, None])  # fmt: skip
+        start = c * CHUNK
+        end = tl.minimum(start + CHUNK, N)
+        prev = tl.load(sid_ptr + start)
+        acc = tl.zeros((M_PAD, D), dtype=tl.float32)
+        cols = m[:, None] * (H * D) + h * D + d[None, :]  # a row's (M, H, D) layout
+        for i in range(start, end):
+            idv = tl.load(sid_ptr + i)
+            if idv != prev:
+                tl.atomic_add(
+                    out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed"
+                )
+                acc = tl.zeros((M_PAD, D), dtype=tl.float32)
+                prev = idv
+            row = tl.load(order_ptr + i) * H + h  # (b*T + t) * H + h
+            for l in tl.static_range(L):
+                g = tl.load(g_ptr + l * s_gl + row * G + (G - M) + m, mask=mm, other=0.0)
+                dv = tl.load(dv_ptr + l * s_dl + row * D + d)
+                acc += g.to(tl.float32)[:, None] * dv.to(tl.float32)[None, :]
+        tl.atomic_add(out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed")
 
     _mix_fwd_kernel = _tuned(_mix_fwd_kernel)
     _mix_bwd_kernel = _tuned(_mix_bwd_kernel)
-    _bank_grad_kernel = _tuned(_bank_grad_kernel)
 
 
 def _as_rows(v: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -248,24 +260,30 @@ def _(dout, v, gates, table, ids, gated):
     )
 
 
-@torch.library.custom_op("movegen::bank_grad", mutates_args=())
-def bank_grad(gs: torch.Tensor, dvs: torch.Tensor, slots: int) -> torch.Tensor:
-    """``gs (L, B, T, H, G)`` gates, ``dvs (L, B, T, H, D)`` value gradients -> the per-token slot
-    gradients ``(B, T, M, H, D)`` (the table's layout) from the last ``slots`` gates of each row."""
+@torch.library.custom_op("movegen::bank_rows_grad", mutates_args=())
+def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_rows: int,
+                   slots: int) -> torch.Tensor:  # fmt: skip
+    """The bank gradient in one pass: ``gs (L, B, T, H, G)`` gates, ``dvs (L, B, T, H, D)`` value
+    gradients, ``ids (B, T)`` -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens
+    with id ``k`` and over layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order,
+    so a run of one id is summed in registers and added to its row once (fp32 atomics: the
+    order of the adds, and so the last bits, may vary between runs)."""
     L, B, T, H, G = gs.shape
     D = dvs.shape[-1]
     gs, dvs = gs.contiguous(), dvs.contiguous()
-    out = torch.empty(B, T, slots, H, D, device=dvs.device, dtype=dvs.dtype)
-    R = B * T * H
-    _bank_grad_kernel[_grid(R)](gs, dvs, out, R, H, L, gs.stride(0), dvs.stride(0), G=G, M=slots,
-                                M_PAD=_pad(slots), D=D)  # fmt: skip
+    sid, order = torch.sort(ids.reshape(-1))
+    out = torch.zeros(num_rows, slots, H, D, device=dvs.device, dtype=torch.float32)
+    N, chunk = B * T, 64
+    _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0),
+                                                  L=L, G=G, M=slots, M_PAD=_pad(slots), D=D, CHUNK=chunk,
+                                                  num_warps=4)  # fmt: skip
     return out
 
 
-@bank_grad.register_fake
-def _(gs, dvs, slots):
-    L, B, T, H, G = gs.shape
-    return torch.empty(B, T, slots, H, dvs.shape[-1], dtype=dvs.dtype, device=dvs.device)
+@bank_rows_grad.register_fake
+def _(gs, dvs, ids, num_rows, slots):
+    H, D = dvs.shape[-2:]
+    return torch.empty(num_rows, slots, H, D, dtype=torch.float32, device=dvs.device)
 
 
 @torch.library.custom_op("movegen::rows_grad", mutates_args=())
@@ -393,4 +411,4 @@ def _(proj, cos, sin, pos, k_cache, v_cache, table, ids, slots, gated):
     return torch.empty(B, H * D, device=proj.device, dtype=k_cache.dtype)
 
 
-__all__ = ["available", "bank_grad", "decode_attn", "mix_bwd", "mix_fwd", "rows_grad"]
+__all__ = ["available", "bank_rows_grad", "decode_attn", "mix_bwd", "mix_fwd", "rows_grad"]

@@ -117,13 +117,14 @@ class _BankTaps(torch.autograd.Function):
     ``mem`` from the taps' gradients: ``d memh = sum_l g_l (x) dv_l``, or its rows summed by id."""
 
     @staticmethod
-    def forward(ctx, mem, ids, n_layers: int, n_gates: int):
+    def forward(ctx, mem, ids, n_layers: int, n_gates: int, dtype=None):
         if ids is None:
             B, T, H, M, D = mem.shape
-        else:
+        else:  # the table is cast here, so its gradient goes to the weight in fp32 directly
             (V, M, H, D), (B, T) = mem.shape, ids.shape
             ctx.save_for_backward(ids)
             ctx.num_rows = V
+            mem = mem.to(dtype or mem.dtype)
         ctx.table, ctx.off, ctx.slots, ctx.dtype = ids is not None, n_gates - M, M, mem.dtype
         ctx.set_materialize_grads(False)  # no bank-sized zero gradient for the unused mem output
         zero = mem.new_zeros(())
@@ -138,21 +139,20 @@ class _BankTaps(torch.autograd.Function):
         gs = [g for g in grads[0::2] if g is not None]
         dvs = [d for d in grads[1::2] if d is not None]
         if not gs:
-            return None, None, None, None
-        if ctx.table:  # Triton: one pass over all layers, one per-token write, rows summed by id
+            return None, None, None, None, None
+        if ctx.table:  # Triton: all layers and all tokens of an id summed into its row, fp32
             (ids,) = ctx.saved_tensors
-            grad = torch.ops.movegen.bank_grad(
-                torch.stack(gs), torch.stack(dvs).to(ctx.dtype), ctx.slots
-            )  # (B, T, M, H, D)
-            rows = torch.ops.movegen.rows_grad(grad.flatten(2), ids, ctx.num_rows)  # (V, M*H*D)
-            return rows.view(-1, *grad.shape[2:]), None, None, None
+            rows = torch.ops.movegen.bank_rows_grad(
+                torch.stack(gs), torch.stack(dvs).to(ctx.dtype), ids, ctx.num_rows, ctx.slots
+            )  # (V, M, H, D)
+            return rows, None, None, None, None
         G = torch.stack([g[..., off:] for g in gs], dim=-1)  # (B, T, H, M, L)
         DV = torch.stack(dvs, dim=-2).to(G.dtype)  # (B, T, H, L, D)
         if torch.compiler.is_compiling():  # fused: sum over L of g (x) dv, written once
             grad = (G.unsqueeze(-1) * DV.unsqueeze(-3)).sum(-2)
         else:
             grad = torch.matmul(G, DV)  # (B, T, H, M, D): one product over the L layers
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class _Mix(torch.autograd.Function):
@@ -192,13 +192,13 @@ class _Mix(torch.autograd.Function):
         return d_v, d_gates, None, None, gates.detach(), dout, None
 
 
-def bank_taps(
-    mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None
-) -> tuple:
+def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None,
+              dtype: torch.dtype | None = None) -> tuple:  # fmt: skip
     """Split the memory into what every layer reads plus per-layer taps ``[(tap_g, tap_v), ...]``.
     ``mem``: the gathered ``memh (B, T, H, M, D)``, or, with ``ids (B, T)`` (Triton kernels only),
-    the ``table (V, M, H, D)`` they index; the layers then read ``(table detached, ids)``."""
-    out = _BankTaps.apply(mem, ids, n_layers, n_gates)
+    the ``table (V, M, H, D)`` they index, cast to ``dtype``; the layers then read ``(table cast
+    and detached, ids)`` and the table's gradient comes back in its own dtype."""
+    out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype)
     taps = [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
     return (out[0] if ids is None else (out[0], ids)), taps
 
@@ -252,8 +252,8 @@ class MoVEBank(nn.Module):
         V, M, d = self.weight.shape
         H = self.n_heads
         if kernels.available(self.weight.view(V, M, H, d // H)):
-            table = self.weight.to(self._dtype(ids, None)).view(V, M, H, d // H)
-            return bank_taps(table, n_layers, n_gates, ids)
+            table = self.weight.view(V, M, H, d // H)
+            return bank_taps(table, n_layers, n_gates, ids, self._dtype(ids, None))
         return bank_taps(self.gather(ids), n_layers, n_gates)
 
     def gather(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
