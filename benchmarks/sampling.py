@@ -75,7 +75,7 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
     )
     if fast and dec.attention == "fused":
         c = kernels.DECODE_CONFIG
-        path += f"/{c['block_t'] or 'auto'}-{c['num_warps']}-{c['stages']}"
+        path += f"/{c['block_t']}-{c['num_warps']}-{c['stages']}"
     row = {"arm": arm, "batch": batch, "path": path, "s_per_batch": s,
            "images_per_s": batch / s, "ms_per_step": s / cfg.seq_len * 1e3, "warmup_s": warm_s,
            "codes_ok": bool(codes.min() >= 0 and codes.max() < cfg.vocab_size)}  # fmt: skip

@@ -371,10 +371,10 @@ if HAVE_TRITON:
         tl.store(y_ptr + b * dm + h * D + dd, (acc / l_i).to(y_ptr.dtype.element_ty))
 
 
-DECODE_CONFIG = {"block_t": 0, "num_warps": 2, "stages": 1}
-"""Launch settings of the decoding kernel: cached keys per block (0: 64 for up to 512 programs,
-else 32, the best of a sweep on an H100, ``benchmarks/decode_kernel.py``), warps per program,
-software-pipelining stages of the block loop."""
+DECODE_CONFIG = {"block_t": 32, "num_warps": 1, "stages": 1}
+"""Launch settings of the decoding kernel: cached keys per block, warps per program,
+software-pipelining stages of the block loop. The default was the fastest of a sweep on an H100
+at 32, 128 and 512 cache rows (``benchmarks/decode_kernel.py``, ``benchmarks/RESULTS.md``)."""
 
 
 @torch.library.custom_op("movegen::decode_attn", mutates_args=("k_cache", "v_cache"))
@@ -396,7 +396,6 @@ def decode_attn(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: t
     mem = table is not None
     tab = table if mem else k_cache
     bt, nw, stages = DECODE_CONFIG["block_t"], DECODE_CONFIG["num_warps"], DECODE_CONFIG["stages"]
-    bt = bt or (64 if B * H <= 512 else 32)
     _decode_kernel[(B * H,)](proj, proj.stride(0), cos, sin, pos, k_cache, v_cache, y, tab, ids,
                              tab.stride(0) if mem else 0, tab.stride(1) if mem else 0, H, T,
                              1.0 / D**0.5, D=D, MEM=mem, M=max(slots, 1), M_PAD=_pad(slots),
