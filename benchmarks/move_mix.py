@@ -3,14 +3,14 @@
 Shapes of the training path: a bf16 bank ``(V, M, d)`` (V = 16384 codes + 1001 classes), random
 ids in ``[1, V)`` for ``(B, T)`` (each id about B*T/V times), L layers. "deferred" is movegen's
 training path (``MoVEBank.tapped``: with the Triton kernels each layer reads the slots by id from
-the bank itself, the bank gradient is formed once per token from all layers and summed into bank
-rows by id); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
+the bank itself, and the bank gradient is formed in one pass over the tokens in id order, all
+layers summed into fp32 bank rows); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
 through every layer's mix (one bank-sized gradient per layer).
 
 Floor in bytes (bf16), per layer: forward reads each row's M slots, v and the gates and writes the
 mixed values; backward reads the slots again, dout, v and the gates and writes dv and the gate
-gradients. Once per step: the bank gradient reads the L value gradients and gates and writes
-``(B, T, M*d)``; the row sum reads that and writes ``(V, M*d)``. "fwd" is the training forward
+gradients. Once per step: the bank gradient reads the L value gradients and gates and writes the
+fp32 ``(V, M*d)`` gradient. "fwd" is the training forward
 (graph kept for backward); "extra GiB" is the peak memory of forward + backward above the inputs.
 
     python benchmarks/move_mix.py            # GPU: GPT-B shapes, batch 256, M = 6 and 24
@@ -71,7 +71,7 @@ def run(M: int, impl: str, args, device, bw: float) -> dict:
     slots = N * M * d * e  # every row's M slots, or the per-token bank gradient (B, T, M*d)
     fwd_bytes = L * (slots + N * H * (2 * D + G) * e)  # + v, gates read, out written
     bwd_bytes = L * (slots + N * H * (3 * D + 2 * G) * e)  # + dout, v, gates read, dv, dg written
-    bank_bytes = L * N * H * (D + G) * e + 2 * slots + V * M * d * e  # bank_grad, rows_grad
+    bank_bytes = L * N * H * (D + G) * e + V * M * d * 4  # value grads, gates read; fp32 rows written
     fb_bytes = fwd_bytes + bwd_bytes + bank_bytes
     return {"M": M, "impl": impl, "ms_fwd": ms_f, "floor_fwd_ms": fwd_bytes / (bw * 1e9) * 1e3,
             "fwd_gbs": fwd_bytes / (ms_f * 1e-3) / 1e9, "ms_fwd_bwd": ms_fb,

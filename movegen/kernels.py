@@ -239,7 +239,7 @@ def _(v, gates, table, ids, gated):
 @torch.library.custom_op("movegen::mix_bwd", mutates_args=())
 def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
             gated: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Gradients of ``mix_fwd`` for ``v`` and ``gates`` (the table's leaves via ``bank_grad``):
+    """Gradients of ``mix_fwd`` for ``v`` and ``gates`` (the table's via ``bank_rows_grad``):
     ``dout (B, T, H, D)`` -> ``dv (B, T, H, D)``, ``dg (B, T, H, G)`` in the dtypes of v, gates."""
     B, T, H, D = v.shape
     M, G = table.shape[1], gates.shape[-1]

@@ -106,8 +106,8 @@ def mix(
 # The memory the layers read comes in two forms:
 # * with the Triton kernels, ``(table, ids)``: the bank cast once to the compute dtype and viewed
 #   ``(V, M, H, D)``, indexed by id inside the kernels -- no per-token copy of the slots is made
-#   or kept for backward. The bank gradient is formed per token in the table's layout
-#   ``(B, T, M, H, D)`` (``bank_grad``) and summed into table rows by id (``rows_grad``);
+#   or kept for backward. The bank gradient is formed in one pass over the tokens in id order
+#   that sums all layers and all tokens of an id into its row in fp32 (``bank_rows_grad``);
 # * otherwise the gathered ``memh (B, T, H, M, D)`` and PyTorch products (the plain path).
 
 
