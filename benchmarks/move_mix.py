@@ -71,7 +71,7 @@ def run(M: int, impl: str, args, device, bw: float) -> dict:
     slots = N * M * d * e  # every row's M slots, or the per-token bank gradient (B, T, M*d)
     fwd_bytes = L * (slots + N * H * (2 * D + G) * e)  # + v, gates read, out written
     bwd_bytes = L * (slots + N * H * (3 * D + 2 * G) * e)  # + dout, v, gates read, dv, dg written
-    bank_bytes = L * N * H * (D + G) * e + V * M * d * 4  # value grads, gates read; fp32 rows written
+    bank_bytes = L * N * H * (D + G) * e + V * M * d * 4  # dv, gates read; fp32 rows out
     fb_bytes = fwd_bytes + bwd_bytes + bank_bytes
     return {"M": M, "impl": impl, "ms_fwd": ms_f, "floor_fwd_ms": fwd_bytes / (bw * 1e9) * 1e3,
             "fwd_gbs": fwd_bytes / (ms_f * 1e-3) / 1e9, "ms_fwd_bwd": ms_fb,
