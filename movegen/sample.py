@@ -151,8 +151,8 @@ def generate(
 def make_decoder(model: GPT, batch_size: int, *, cfg: bool = True, compile: bool | None = None,
                  attention: str = "auto") -> StaticDecoder:  # fmt: skip
     """A :class:`StaticDecoder` for ``batch_size`` images (``2 * batch_size`` cache rows with CFG),
-    compiled and captured in CUDA graphs on GPU unless ``compile=False``; ``attention``: 'fused' (one Triton
-    launch per layer; what 'auto' picks where the kernels run), 'sdpa' or 'math'."""
+    compiled and captured in CUDA graphs on GPU unless ``compile=False``; ``attention``: 'fused'
+    (one Triton launch per layer; what 'auto' picks where the kernels run), 'sdpa' or 'math'."""
     dev = model.head.weight.device
     dtype = torch.bfloat16 if dev.type == "cuda" else None
     dec = StaticDecoder(
@@ -190,9 +190,9 @@ def _generate_static(
     steps = {g: dec.picker((*settings, g), make_post(g)) for g in guided}
     if dec.compiled and dec.mode == "graph" and labels.is_cuda:
         with _autocast(labels.device, bf16):
-            run = dec.graphs.get(settings) or dec.graphs.setdefault(
-                settings, _StepGraphs(dec, steps, B)
-            )
+            run = dec.graphs.get(settings) or dec.graphs.setdefault(settings, _StepGraphs(dec, B))
+            for g, fn in steps.items():  # capture what this interval needs before the state is set
+                run.capture(g, fn)
             run.ids.copy_(ids)
             run.pos.zero_()
             for t in range(T):
@@ -216,33 +216,39 @@ class _StepGraphs:
     position's increment. Static buffers carry the state between replays, so a token costs the
     host one noise draw (into ``u``) and one replay."""
 
-    def __init__(self, dec: StaticDecoder, steps: dict, n_images: int):
-        dev = dec.positions.device
+    def __init__(self, dec: StaticDecoder, n_images: int):
+        dev = self.device = dec.positions.device
         T, K = dec.model.config.seq_len, dec.model.config.vocab_size
         self.ids = torch.zeros(dec.batch_size, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.u = torch.rand(n_images, K, device=dev)
         self.out = torch.zeros(n_images, T, dtype=torch.long, device=dev)
-        self.graphs = {}
-        for guided, fn in steps.items():
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
 
-            def body(fn=fn):
-                tok, nxt = fn(self.ids, self.pos, self.u)
-                self.out.index_copy_(1, self.pos, tok[:, None])
-                self.ids.copy_(nxt)
-                self.pos.add_(1)
+    def capture(self, guided: bool, fn) -> None:
+        """Capture the step ``fn`` (``step_pick`` bound to its choice) for ``guided`` once. Its
+        warm-up runs change the buffers: call before setting them for a generation."""
+        if guided in self.graphs:
+            return
 
-            side = torch.cuda.Stream(dev)  # compile and warm up off the capture
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    body()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            pool = next(iter(self.graphs.values())).pool() if self.graphs else None
-            with torch.cuda.graph(graph, pool=pool):
+        def body():
+            tok, nxt = fn(self.ids, self.pos, self.u)
+            self.out.index_copy_(1, self.pos, tok[:, None])
+            self.ids.copy_(nxt)
+            self.pos.add_(1)
+
+        self.pos.zero_()
+        side = torch.cuda.Stream(self.device)  # compile and warm up off the capture
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
                 body()
-            self.graphs[guided] = graph
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self.graphs.values())).pool() if self.graphs else None
+        with torch.cuda.graph(graph, pool=pool):
+            body()
+        self.graphs[guided] = graph
 
 
 def generate_images(
