@@ -64,20 +64,7 @@ def pick(
     """Gumbel-max choice given uniform noise ``u`` (same shape as ``logits``)."""
     z = filter_logits(logits.float() / temperature, top_k, top_p)
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-    return argmax_rows(z + gumbel)
-
-
-def argmax_rows(x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """``x.argmax(-1)`` of ``(B, K)`` in two stages when ``K`` splits into chunks: the maxima of
-    ``K / chunk`` chunks per row, then the best chunk. Same result (the first maximum), but the
-    first stage runs ``B * K / chunk`` parallel reductions instead of ``B`` long ones: the choice
-    of a decoding step at small batch is one latency-bound kernel otherwise."""
-    B, K = x.shape
-    if K % chunk or K < 16 * chunk:
-        return x.argmax(-1)
-    best, idx = x.view(B, K // chunk, chunk).max(-1)  # (B, K/chunk): first maximum per chunk
-    c = best.argmax(-1, keepdim=True)  # first chunk holding the row's maximum
-    return (c * chunk + idx.gather(-1, c)).squeeze(-1)
+    return (z + gumbel).argmax(-1)
 
 
 def _guide(logits: torch.Tensor, cfg_scale: float, guided: bool) -> torch.Tensor:

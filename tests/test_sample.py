@@ -203,18 +203,3 @@ def test_graphed_sampler_matches_compiled_step_on_gpu():
         assert torch.equal(out["graph", interval], out["reduce-overhead", interval])
     assert not torch.equal(out["graph", (0, 16)], out["graph", (2, 12)])
     assert out["graph", (2, 12)].min() >= 0 and out["graph", (2, 12)].max() < 64
-
-
-def test_two_stage_argmax_equals_argmax_with_ties():
-    from movegen.sample import argmax_rows
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 16384, generator=g)
-    x[1, 5000] = x[1, 300] = 9.0  # a tie across chunks: the first index wins
-    x[2, 260] = x[2, 300] = 9.0  # a tie inside a chunk
-    x[3] = 0.0  # all equal
-    x[4, 16383] = 50.0  # the last element
-    assert torch.equal(argmax_rows(x), x.argmax(-1))
-    assert argmax_rows(x)[1] == 300 and argmax_rows(x)[3] == 0
-    small = torch.randn(3, 100, generator=g)  # no split
-    assert torch.equal(argmax_rows(small), small.argmax(-1))
