@@ -185,10 +185,13 @@ if HAVE_TRITON:
                 acc = tl.zeros((M_PAD, D), dtype=tl.float32)
                 prev = idv
             row = tl.load(order_ptr + i) * H + h  # (b*T + t) * H + h
-            for l in tl.static_range(L):
-                g = tl.load(g_ptr + l * s_gl + row * G + (G - M) + m, mask=mm, other=0.0)
-                dv = tl.load(dv_ptr + l * s_dl + row * D + d)
-                acc += g.to(tl.float32)[:, None] * dv.to(tl.float32)[None, :]
+            gp = g_ptr + row * G + (G - M) + m
+            dp = dv_ptr + row * D + d
+            for _ in tl.static_range(L):  # stepping the pointers: no 32-bit l * stride (> 2**31)
+                g = tl.load(gp, mask=mm, other=0.0)
+                acc += g.to(tl.float32)[:, None] * tl.load(dp).to(tl.float32)[None, :]
+                gp += s_gl
+                dp += s_dl
         tl.atomic_add(out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed")
 
     _mix_fwd_kernel = _tuned(_mix_fwd_kernel)

@@ -185,7 +185,7 @@ def _generate_static(
 
         return post
 
-    settings = (use_cfg, cfg_scale, temperature, top_k, top_p)
+    settings = (use_cfg, cfg_scale, temperature, top_k, top_p, bf16)
     guided = {lo <= t < hi for t in range(T)}
     steps = {g: dec.picker((*settings, g), make_post(g)) for g in guided}
     if dec.compiled and dec.mode == "graph" and labels.is_cuda:
@@ -237,11 +237,11 @@ class _StepGraphs:
             self.ids.copy_(nxt)
             self.pos.add_(1)
 
-        self.pos.zero_()
         side = torch.cuda.Stream(self.device)  # compile and warm up off the capture
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
+                self.pos.zero_()  # (a position inside the cache, whatever seq_len is)
                 body()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
