@@ -45,18 +45,15 @@ except Exception:  # pragma: no cover - Triton missing
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available(t: torch.Tensor) -> bool:
-    """Whether the Triton path can run on this tensor's device and head width (its last dim)."""
-    if not HAVE_TRITON:
-        return False
-    D = t.shape[-1]
-    return (t.is_cuda or INTERPRET) and D >= 16 and D & (D - 1) == 0
-
-
 def usable(device: torch.device | str, head_dim: int) -> bool:
     """Whether the kernels can run for tensors on ``device`` with head width ``head_dim``."""
     on = torch.device(device).type == "cuda" or INTERPRET
     return HAVE_TRITON and on and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def available(t: torch.Tensor) -> bool:
+    """:func:`usable` for this tensor's device and head width (its last dim)."""
+    return usable(t.device, t.shape[-1])
 
 
 def _pad(n: int) -> int:
@@ -307,8 +304,8 @@ def _(grad, ids, num_rows):
 # RoPE on q and k at the step's position, the value mix (MoVE bank rows or a LaVE table row,
 # gates from the router logits), the write of k and the mixed v into the static cache, and
 # attention of the one query over cache positions 0..pos (the current key and value come from
-# registers). One program per (row, head); an online softmax over blocks of up to 256 cached
-# keys (one block for 256 positions) whose masked loads read only the positions written so far.
+# registers). One program per (row, head); an online softmax over blocks of cached keys
+# (``DECODE_CONFIG``) whose loop stops at the positions written so far.
 
 if HAVE_TRITON:
 
@@ -413,4 +410,12 @@ def _(proj, cos, sin, pos, k_cache, v_cache, table, ids, slots, gated):
     return torch.empty(B, H * D, device=proj.device, dtype=k_cache.dtype)
 
 
-__all__ = ["available", "bank_rows_grad", "decode_attn", "mix_bwd", "mix_fwd", "rows_grad"]
+__all__ = [
+    "available",
+    "bank_rows_grad",
+    "decode_attn",
+    "mix_bwd",
+    "mix_fwd",
+    "rows_grad",
+    "usable",
+]

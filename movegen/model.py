@@ -209,15 +209,18 @@ class Attention(nn.Module):
         ``memh``: the gathered bank ``(B, S, H, M, D)`` (MoVE). ``taps`` (training with MoVE)
         route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
         out: ``memh`` or, with the Triton kernels, ``(table, ids)`` (``move.py``).
-        ``proj``: the QKV and router projections of ``x`` already computed as one product
-        ``(B, S, 3d + H*G)`` (the decoder fuses the two weights)."""
+        ``proj``: the QKV (and router) projections of ``x`` already computed as one product
+        ``(B, S, 3d [+ H*G])`` (the decoder fuses the two weights)."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if proj is None:
             qkv = self.qkv(x)
             logits = self.router(x) if self.has_memory else None
         else:
-            qkv, logits = proj[..., : 3 * d], proj[..., 3 * d : 3 * d + self.router.out_features]
+            qkv = proj[..., : 3 * d]
+            logits = (
+                proj[..., 3 * d : 3 * d + self.router.out_features] if self.has_memory else None
+            )
         q, k, v = qkv.view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
         if self.has_memory:
             gates = gates_from_logits(logits, H)  # (B, S, H, G)
@@ -433,26 +436,27 @@ class StaticDecoder(nn.Module):
     """One-token decoding with a fixed-size KV cache held as buffers, for CUDA graphs.
 
     Every call has the same shapes and the position is a tensor, so one captured CUDA graph
-    replays the step for all positions (see :meth:`compile`). ``attention``: ``fused`` runs each layer's RoPE, value mix, cache write and
-    one-query attention in one Triton launch that reads only the positions written so far
-    (``kernels.decode_attn``); ``sdpa`` / ``math`` write with ``index_copy_`` and attend over the
-    whole cache under a ``position <= pos`` mask; ``auto`` picks ``fused`` where the kernels run.
-    Gives the same logits as :meth:`GPT.step`. It holds a snapshot of the weights
-    made once (a converted copy for another ``dtype``, and fused QKV/router products): build a
-    new decoder after the model's weights change.
+    replays the step for all positions (see :meth:`compile`). ``attention``: ``fused`` runs each
+    layer's RoPE, value mix, cache write and one-query attention in one Triton launch that reads
+    only the positions written so far (``kernels.decode_attn``); ``sdpa`` / ``math`` write with
+    ``index_copy_`` and attend over the whole cache under a ``position <= pos`` mask; ``auto``
+    picks ``fused`` where the kernels run. Gives the same logits as :meth:`GPT.step`. It holds a
+    snapshot of the weights made once (a converted copy for another ``dtype``, and fused
+    QKV/router products): build a new decoder after the model's weights change.
     """
 
     def __init__(self, model: GPT, batch_size: int, dtype: torch.dtype | None = None,
                  attention: str = "auto"):  # fmt: skip
         super().__init__()
         dev = model.head.weight.device
+        fusable = kernels.usable(dev, model.config.head_dim)
         if attention == "auto":
-            attention = "fused" if kernels.usable(dev, model.config.head_dim) else "sdpa"
+            attention = "fused" if fusable else "sdpa"
         if attention not in ("fused", "sdpa", "math"):
             raise ValueError(
                 f"attention must be 'auto', 'fused', 'sdpa' or 'math', got {attention!r}"
             )
-        if attention == "fused" and not kernels.usable(dev, model.config.head_dim):
+        if attention == "fused" and not fusable:
             raise ValueError(
                 "attention='fused' needs the Triton kernels (a CUDA device and a "
                 "power-of-two head width >= 16); use 'sdpa'"
@@ -461,7 +465,6 @@ class StaticDecoder(nn.Module):
         cfg = model.config
         self.batch_size = batch_size
         self.source = [model]  # the model it was made from (a list: not a submodule)
-        dev = model.head.weight.device
         dtype = dtype or model.head.weight.dtype
         if dtype != model.head.weight.dtype:
             # decode with weights in the cache dtype: no per-step casts of every weight matrix
@@ -475,11 +478,12 @@ class StaticDecoder(nn.Module):
         self.model = model
         # one product per layer for the QKV and router projections (fewer launches per step)
         for l, block in enumerate(model.blocks):
+            w = block.attn.qkv.weight.detach()
             if block.attn.router is not None:
-                w = torch.cat([block.attn.qkv.weight, block.attn.router.weight]).detach()
+                w = torch.cat([w, block.attn.router.weight.detach()])
                 # zero rows up to a multiple of 128 outputs: GEMM tiles fit, the extra is unused
                 w = F.pad(w, (0, 0, 0, -w.shape[0] % 128))
-                self.register_buffer(f"w{l}", w, persistent=False)
+            self.register_buffer(f"w{l}", w, persistent=False)
         shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
         for l in range(cfg.n_layer):
             self.register_buffer(
@@ -528,51 +532,48 @@ class StaticDecoder(nn.Module):
         next-code logits ``(B, K)``."""
         m = self.model
         x = m.embed(ids)
-        if self.attention == "fused":
-            return self._forward_fused(x, ids, pos)
-        memh = m.bank.gather(ids) if m.bank is not None else None
-        cos, sin = m.rope_cos.index_select(0, pos), m.rope_sin.index_select(0, pos)  # (1, D/2)
-        mask = (self.positions <= pos).view(1, 1, 1, -1)
+        if self.attention != "fused":  # what every layer shares: bank rows, RoPE at pos, mask
+            memh = m.bank.gather(ids) if m.bank is not None else None
+            cos, sin = m.rope_cos.index_select(0, pos), m.rope_sin.index_select(0, pos)  # (1, D/2)
+            mask = (self.positions <= pos).view(1, 1, 1, -1)
         for l, block in enumerate(m.blocks):
-            attn = block.attn
             h = block.norm1(x)
-            proj = F.linear(h, getattr(self, f"w{l}")) if attn.router is not None else None
-            q, k, v = attn.mixed_qkv(h, ids, memh, cos, sin, proj=proj)  # (B, H, 1, D)
-            kc, vc = getattr(self, f"k{l}"), getattr(self, f"v{l}")
-            kc.index_copy_(2, pos, k.to(kc.dtype))
-            vc.index_copy_(2, pos, v.to(vc.dtype))
-            if self.attention == "sdpa":
-                y = F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=mask)
-            else:  # plain math: two small products and one fused masked softmax
-                att = (q.to(kc.dtype) @ kc.transpose(-1, -2)).float() * (
-                    1.0 / math.sqrt(q.shape[-1])
-                )
-                att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-                y = att.to(vc.dtype) @ vc
-            x = x + attn.proj(y.transpose(1, 2).flatten(2))
+            proj = F.linear(h, getattr(self, f"w{l}"))  # (B, 1, 3d [+ H*G]): QKV and router
+            if self.attention == "fused":
+                y = self._attend_fused(l, block.attn, proj, ids, pos)
+            else:
+                y = self._attend_cached(l, block.attn, h, proj, ids, pos, memh, cos, sin, mask)
+            x = x + block.attn.proj(y)
             x = x + block.mlp(block.norm2(x))
         return m.head(m.norm(x))[:, -1].float()
 
-    def _forward_fused(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Each layer's attention (RoPE, value mix, cache write, one-query attention) in one
-        Triton launch after the QKV/router product (``kernels.decode_attn``)."""
+    def _attend_fused(self, l: int, attn: Attention, proj, ids, pos) -> torch.Tensor:
+        """Layer ``l``'s attention (RoPE, value mix, cache write, one-query attention) in one
+        Triton launch after the QKV/router product (``kernels.decode_attn``) -> ``(B, 1, d)``."""
         m, cfg = self.model, self.model.config
-        B = x.shape[0]
-        for l, block in enumerate(m.blocks):
-            attn = block.attn
-            h = block.norm1(x)
-            w = getattr(self, f"w{l}") if attn.router is not None else attn.qkv.weight
-            table, slots = None, 0
-            if attn.table is not None:  # LaVE: this layer's table as one slot
-                table, slots = attn.table.weight.view(cfg.num_ids, 1, cfg.n_embd), 1
-            elif attn.has_memory:
-                table, slots = m.bank.weight, cfg.slots
-            y = torch.ops.movegen.decode_attn(F.linear(h, w).view(B, -1), m.rope_cos, m.rope_sin, pos,
-                                              getattr(self, f"k{l}"), getattr(self, f"v{l}"), table, ids,
-                                              slots, attn.gated)  # fmt: skip
-            x = x + attn.proj(y.view(B, 1, -1))
-            x = x + block.mlp(block.norm2(x))
-        return m.head(m.norm(x))[:, -1].float()
+        B = proj.shape[0]
+        table, slots = None, 0
+        if attn.table is not None:  # LaVE: this layer's table as one slot
+            table, slots = attn.table.weight.view(cfg.num_ids, 1, cfg.n_embd), 1
+        elif attn.has_memory:
+            table, slots = m.bank.weight, cfg.slots
+        y = torch.ops.movegen.decode_attn(proj.view(B, -1), m.rope_cos, m.rope_sin, pos, getattr(self, f"k{l}"),
+                                          getattr(self, f"v{l}"), table, ids, slots, attn.gated)  # fmt: skip
+        return y.view(B, 1, -1)
+
+    def _attend_cached(self, l: int, attn: Attention, h, proj, ids, pos, memh, cos, sin, mask):
+        """Layer ``l``'s attention with ``index_copy_`` into the cache and attention over all of
+        it under ``mask`` (SDPA, or plain math: two small products and one masked softmax)."""
+        q, k, v = attn.mixed_qkv(h, ids, memh, cos, sin, proj=proj)  # (B, H, 1, D)
+        kc, vc = getattr(self, f"k{l}"), getattr(self, f"v{l}")
+        kc.index_copy_(2, pos, k.to(kc.dtype))
+        vc.index_copy_(2, pos, v.to(vc.dtype))
+        if self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=mask)
+        else:
+            att = (q.to(kc.dtype) @ kc.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
+            y = att.masked_fill(~mask, float("-inf")).softmax(-1).to(vc.dtype) @ vc
+        return y.transpose(1, 2).flatten(2)  # (B, 1, d)
 
 
 def param_counts(model: GPT) -> dict[str, int]:

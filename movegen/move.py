@@ -251,7 +251,7 @@ class MoVEBank(nn.Module):
         else the gathered ``memh``."""
         V, M, d = self.weight.shape
         H = self.n_heads
-        if kernels.available(self.weight.view(V, M, H, d // H)):
+        if kernels.usable(self.weight.device, d // H):
             table = self.weight.view(V, M, H, d // H)
             return bank_taps(table, n_layers, n_gates, ids, self._dtype(ids, None))
         return bank_taps(self.gather(ids), n_layers, n_gates)
