@@ -16,6 +16,25 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def interpreted():
+    """Run a script of ``tests/scripts`` with Triton's CPU interpreter; returns the worst
+    difference it prints after ``WORST``."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+
+    def run(script: str) -> float:
+        out = subprocess.run([sys.executable, str(ROOT / "tests/scripts" / script)], cwd=ROOT,
+                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        return float(out.stdout.split("WORST")[1])
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def digits_pipeline(tmp_path_factory):
     """A tiny digits tokenizer (through the CLI) and its train/val code stores."""

@@ -1,22 +1,12 @@
 """The Triton kernels of the MoVE mix, run on the CPU by Triton's interpreter."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton")
 
 
-def test_triton_kernels_match_reference_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "tests/scripts/kernels_interpret.py")], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    worst = float(out.stdout.split("WORST")[1])
+def test_triton_kernels_match_reference_in_interpreter(interpreted):
+    worst = interpreted("kernels_interpret.py")
     assert worst < 1e-5, worst
 
 

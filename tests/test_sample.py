@@ -145,22 +145,11 @@ def test_decoder_math_attention_and_fused_projection_match(memory):
         torch.testing.assert_close(dec(nxt, dec.positions[1:2]), ref2, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_decode_kernel_matches_sdpa_decoder_in_interpreter():
+def test_fused_decode_kernel_matches_sdpa_decoder_in_interpreter(interpreted):
     """The one-launch decoding layer (RoPE, value mix, cache write, attention; Triton run by its
     CPU interpreter) gives the SDPA decoder's logits and cache contents at every position, for
     the standard model, MoVE (gated and not) and LaVE."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "tests/scripts/decode_interpret.py")], cwd=root,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.split("WORST")[1]) < 1e-4
+    assert interpreted("decode_interpret.py") < 1e-4
 
 
 def test_fused_decoder_needs_the_kernels():
