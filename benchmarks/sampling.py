@@ -23,6 +23,7 @@ from movegen import kernels  # noqa: E402
 from movegen.model import GPT, GPTConfig  # noqa: E402
 from movegen.sample import generate, make_decoder  # noqa: E402
 
+DEFAULT_DECODE = dict(kernels.DECODE_CONFIG)
 ARMS = {
     "standard": ("none", 1),
     "move-x1": ("move", 1),
@@ -42,6 +43,7 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
         cfg = GPTConfig.preset(
             "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
         )
+    kernels.DECODE_CONFIG.update(DEFAULT_DECODE)  # a row without a setting gets the default
     if decode_config:  # BLOCK_T-WARPS-STAGES
         bt, nw, st = map(int, decode_config.split("-"))
         kernels.DECODE_CONFIG.update(block_t=bt, num_warps=nw, stages=st)
