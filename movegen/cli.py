@@ -1,27 +1,46 @@
 """The ``movegen`` console script. The only module that configures logging and parses arguments.
 
-Training verbs (``fit-tokenizer``, ``fit``, ``fit-classifier``) go through Lightning's
-``LightningCLI``: ``--config YAML``, dotted overrides (``--trainer.max_steps 200``) and
-``--print_config`` all work. Other verbs are plain typed functions.
+Two kinds of verbs, one spelling of every flag (underscores, as Lightning spells its own):
+
+* **Training verbs** (``fit-tokenizer``, ``fit``, ``fit-classifier``) go through one
+  ``LightningCLI`` subclass, :class:`TrainCLI`: ``--config YAML``, dotted overrides
+  (``--trainer.max_steps 200``, ``--data.root DIR``) and ``--print_config`` all work, and the
+  trainer defaults of :data:`TRAINER_DEFAULTS` really apply (``--print_config`` shows them).
+  The optimiser is the model's own (``configure_optimizers``: its parameter groups keep the bank
+  and tables out of weight decay), so no ``--optimizer`` switch is offered.
+* **Other verbs** are the typed functions below (:func:`extract_codes`, :func:`info`,
+  :func:`sample`, :func:`evaluate`, :func:`report`, :func:`demo`): their signatures and
+  docstrings are the command line (jsonargparse), so ``movegen <verb> --help`` explains every
+  knob, and Python code (the demo, notebooks, tests) calls them directly.
+
+The training verbs are Python functions too (:func:`fit_tokenizer`, :func:`fit`,
+:func:`fit_classifier`): they take the built LightningModule and DataModule, the trainer's
+settings and the run folder; the parser only builds those.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import json
 import logging
 import math
 import sys
 import time
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
+
+from .sample import SamplingSettings
 
 log = logging.getLogger("movegen")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 VERBS = {
-    "fit-tokenizer": "train a VQ tokenizer (LightningCLI: --config tokenizers/<name>/config.yaml --out DIR)",
+    "fit-tokenizer": "train a VQ tokenizer (--config tokenizers/<name>/config.yaml --out DIR)",
     "extract-codes": "encode a dataset split into a code store",
-    "fit": "train an AR model on a code store (LightningCLI: --config configs/... --codes CODES --out DIR)",
+    "fit": "train an AR model on a code store (--config configs/... --data.codes CODES --out DIR)",
     "info": "parameters, FLOPs per token and bank bytes of a model config (no data needed)",
     "sample": "sample a PNG grid (one row per class) from a trained model",
     "fit-classifier": "train the small CNN whose features score FID/IS/KID offline",
@@ -30,12 +49,38 @@ VERBS = {
     "demo": "the whole pipeline on the embedded digits data",
 }
 
+# Trainer settings each training verb applies unless the YAML or the command line says
+# otherwise. ``precision`` is filled in at start-up: bf16 mixed precision on a GPU, fp32 on a CPU.
+TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fit": {"gradient_clip_val": 1.0, "max_steps": 5000, "precision": None},
+    "fit-tokenizer": {"max_steps": 2000, "precision": None},
+    "fit-classifier": {"max_epochs": 6},
+}
+# Every training verb writes its own checkpoints and summary, so Lightning's are off.
+_TRAINER_COMMON = {"enable_checkpointing": False, "enable_model_summary": False}
+
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")  # fmt: skip
-    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)  # fmt: skip
+    # third-party chatter (device summaries, seeds, font caches) stays below INFO
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                  "matplotlib", "PIL"):  # fmt: skip
         logging.getLogger(noisy).setLevel(logging.WARNING)
+        for h in list(logging.getLogger(noisy).handlers):  # Lightning prints through its own
+            logging.getLogger(noisy).removeHandler(h)
+
+
+def _quiet_third_party() -> None:
+    """Warnings from third-party code that say nothing to a movegen user (their cause is not
+    ours, or is handled where we call them). Filtered here only, never in the library."""
+    for pattern in (
+        r".*LightningCLI's args parameter is intended.*",  # we pass the verb's own argv
+        r".*LeafSpec.*is deprecated.*",  # Lightning's pytree helper on newer torch
+        r".*does not have many workers.*",  # small in-memory datasets need none
+        r".*`isinstance\(treespec, LeafSpec\)`.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def _device(name: str = "auto") -> str:
@@ -46,187 +91,112 @@ def _device(name: str = "auto") -> str:
     return name
 
 
-# =========================================================================== fit-tokenizer
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def _lightning_cli(
-    model_cls, dm_cls, argv: list[str], prog: str, extra_args, trainer_defaults: dict | None = None
-):
-    from lightning.pytorch.cli import LightningCLI
+def _write_json(path: Path, obj: Any) -> None:
+    from .data import atomic_write_text
 
-    class CLI(LightningCLI):
-        def add_arguments_to_parser(self, parser):
-            extra_args(parser)
-
-    return CLI(
-        model_cls,
-        dm_cls,
-        args=argv,
-        run=False,
-        save_config_callback=None,
-        seed_everything_default=0,
-        trainer_defaults={
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-        },
-        parser_kwargs={"prog": prog, "description": VERBS[prog.split()[-1]]},
-    )
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
-def _make_trainer(cli, out: Path, **overrides):
-    """Rebuild the parsed Trainer with our output folder and logger."""
+# =========================================================================== training verbs
+
+
+def _trainer_defaults(verb: str) -> dict[str, Any]:
+    import torch
+
+    out = {**_TRAINER_COMMON, **TRAINER_DEFAULTS[verb]}
+    if "precision" in out:
+        out["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    return out
+
+
+def _make_trainer(trainer: dict[str, Any], out: Path, callbacks: list | None = None,
+                  num_batches: int | None = None):  # fmt: skip
+    """The one Trainer of a run: the parsed settings, the run folder as its root and a CSV logger
+    there (unless ``logger: false``), ``callbacks`` added to the configured ones."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    kwargs = dict(cli.config_init.get("trainer", {}))
-    # instantiated callbacks/loggers from the config are kept as objects
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("logger", "default_root_dir")}
-    kwargs.update(overrides)
-    return L.Trainer(default_root_dir=str(out), logger=CSVLogger(str(out), name="logs"), **kwargs)
+    kwargs = dict(trainer)
+    if kwargs.get("logger") in (None, True):
+        kwargs["logger"] = CSVLogger(str(out), name="logs")
+    kwargs["default_root_dir"] = kwargs.get("default_root_dir") or str(out)
+    given = kwargs.get("callbacks") or []
+    kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *(callbacks or [])]
+    if kwargs.get("log_every_n_steps") is None and num_batches:
+        # Lightning's 50 would log nothing (and warn) when an epoch is shorter than that
+        kwargs["log_every_n_steps"] = max(1, min(50, num_batches))
+    return L.Trainer(**kwargs)
 
 
-def cmd_fit_tokenizer(argv: list[str]) -> int:
+def fit_tokenizer(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None) -> dict:
+    """Train the tokenizer ``model`` (a ``LitTokenizer``) on ``data`` (an ``ImageDataModule``)
+    and write ``tokenizer.ckpt``, ``metrics.json`` and ``reconstructions.png`` into ``out``."""
     import torch
 
-    from .data import atomic_torch_save, atomic_write_text, save_image_grid
-    from .lit import ImageDataModule, LitTokenizer, evaluate_tokenizer, tokenizer_checkpoint
+    from .data import atomic_torch_save, save_image_grid
+    from .lit import evaluate_tokenizer, tokenizer_checkpoint
 
-    def extra(parser):
-        parser.add_argument(
-            "--out",
-            required=True,
-            help="output folder (tokenizer.ckpt, metrics.json, reconstructions.png)",
-        )
-
-    torch.set_float32_matmul_precision("high")
-    cli = _lightning_cli(LitTokenizer, ImageDataModule, argv, "movegen fit-tokenizer", extra)
-    out = Path(cli.config["out"])
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model: LitTokenizer = cli.model
-    dm: ImageDataModule = cli.datamodule
     cfg = model.config
-    dm.image_size = dm.image_size or cfg.image_size
-    dm.channels = dm.channels or cfg.channels
-    if dm.image_size != cfg.image_size or dm.channels != cfg.channels:
-        raise SystemExit(
-            f"data.image_size/channels ({dm.image_size}, {dm.channels}) disagree with the tokenizer's "
-            f"({cfg.image_size}, {cfg.channels}); leave the data ones unset"
-        )
-    dm.setup("fit")
-    model.content = dm.train_set.content
-    trainer = _make_trainer(cli, out, enable_checkpointing=False)
+    data.image_size, data.channels = cfg.image_size, cfg.channels
+    data.setup("fit")
+    model.content = data.train_set.content
+    t = _make_trainer(trainer or _trainer_defaults("fit-tokenizer"), out,
+                      num_batches=len(data.train_set) // data.batch_size)  # fmt: skip
     t0 = time.time()
-    trainer.fit(model, datamodule=dm)
+    t.fit(model, datamodule=data)
     seconds = time.time() - t0
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tok = model.tokenizer.to(dev).eval()
-    metrics: dict = {"train_seconds": round(seconds, 1), "steps": trainer.global_step,
-                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
+    metrics: dict = {"train_seconds": round(seconds, 1), "steps": t.global_step, "device": _gpu_name()}
     for split in ("val", "test"):
-        m = evaluate_tokenizer(tok, dm.dataset(split), device=dev)
+        m = evaluate_tokenizer(tok, data.dataset(split), device=dev)
         metrics[split] = m
         log.info("%s: psnr %.2f dB, codebook usage %.1f%%, perplexity %.1f", split, m["psnr"],
                  100 * m["codebook_usage"], m["perplexity"])  # fmt: skip
     metrics.update({k: metrics["val"][k] for k in ("psnr", "codebook_usage", "perplexity")})
     tok = tok.cpu()
-    ds_info = {
-        "name": dm.name,
-        "fit": dm.fit,
-        "image_size": dm.image_size,
-        "num_classes": dm.train_set.info.num_classes,
-        "native_size": dm.train_set.info.native_size,
-    }
+    info = data.train_set.info
+    ds_info = {"name": data.name, "fit": data.fit, "image_size": data.image_size,
+               "num_classes": info.num_classes, "native_size": info.native_size}  # fmt: skip
     atomic_torch_save(
         tokenizer_checkpoint(tok, dataset=ds_info, metrics=metrics), out / "tokenizer.ckpt"
     )
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    x = torch.stack([dm.val_set[i][0] for i in range(min(16, len(dm.val_set)))])
+    _write_json(out / "metrics.json", metrics)
+    x = torch.stack([data.val_set[i][0] for i in range(min(16, len(data.val_set)))])
     with torch.no_grad():
         recon = tok.decode(tok.encode(x))
     save_image_grid(torch.cat([x, recon]), out / "reconstructions.png", nrow=len(x))
     log.info(
         "wrote %s (val psnr %.2f dB) in %.0f s", out / "tokenizer.ckpt", metrics["psnr"], seconds
     )
-    return 0
+    return metrics
 
 
-# =========================================================================== extract-codes
-
-
-def cmd_extract_codes(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="movegen extract-codes", description=VERBS["extract-codes"])
-    p.add_argument("--tokenizer", required=True, help="DIR/tokenizer.ckpt from fit-tokenizer")
-    p.add_argument("--data", default=None, help="dataset name (default: the tokenizer's)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    p.add_argument(
-        "--views", type=int, default=2, help="2: original + horizontal flip; 1: original only"
-    )
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.add_argument("--out", required=True, help="code store folder")
-    a = p.parse_args(argv)
-    from .data import extract_codes, load_dataset, sha256_file
-    from .lit import load_tokenizer
-
-    dev = _device(a.device)
-    tok, ckpt = load_tokenizer(a.tokenizer, dev)
-    name = a.data or ckpt["dataset"]["name"]
-    ds = load_dataset(name, a.split, data_root=a.data_root, image_size=tok.config.image_size,
-                      fit=ckpt["dataset"].get("fit", "pad"), channels=tok.config.channels)  # fmt: skip
-    header = {"dataset": name, "split": a.split, "tokenizer_path": str(Path(a.tokenizer).resolve()),
-              "tokenizer_sha256": sha256_file(a.tokenizer)}  # fmt: skip
-    path = extract_codes(tok.encode, ds, a.out, codebook_size=tok.codebook_size,
-                         num_classes=ds.info.num_classes, header=header, views=a.views,
-                         batch_size=a.batch_size, device=dev, overwrite=a.overwrite)  # fmt: skip
-    log.info("wrote %s: %d items x %d views", path, len(ds), a.views)
-    return 0
-
-
-# =========================================================================== fit / info
-
-
-def _rename_flags(argv: list[str], mapping: dict[str, str]) -> list[str]:
-    out = []
-    for a in argv:
-        key, eq, val = a.partition("=")
-        out.append(mapping.get(key, key) + eq + val if key in mapping else a)
-    return out
-
-
-def cmd_fit(argv: list[str]) -> int:
+def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None) -> dict:
+    """Train the AR model ``model`` (a ``LitGPT``) on the code store of ``data`` (a
+    ``CodeDataModule``); keeps ``model.ckpt`` at the best validation loss and writes
+    ``metrics.json`` (best and final validation bits/token, the curve, the cost report)."""
     import torch
 
-    from .data import atomic_write_text
-    from .lit import BestCheckpoint, CodeDataModule, LitGPT
+    from .lit import BestCheckpoint
     from .model import cost_report
 
-    def extra(parser):
-        parser.add_argument(
-            "--out",
-            required=True,
-            help="output folder (model.ckpt at best validation, metrics.json)",
-        )
-
-    argv = _rename_flags(argv, {"--codes": "--data.codes", "--val-codes": "--data.val_codes"})
-    torch.set_float32_matmul_precision("high")
-    # DESIGN defaults without a config: clip 1.0, bf16 mixed precision on GPU
-    defaults = {
-        "gradient_clip_val": 1.0,
-        "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
-    }
-    cli = _lightning_cli(LitGPT, CodeDataModule, argv, "movegen fit", extra, defaults)
-    out = Path(cli.config["out"])
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model: LitGPT = cli.model
-    dm: CodeDataModule = cli.datamodule
-    dm.check(model.config)  # clear error before any training
-    best = BestCheckpoint(out, dm.store.header)
-    trainer = _make_trainer(cli, out, callbacks=[best])
+    data.check(model.config)  # a clear error before any training
+    best = BestCheckpoint(out, data.store.header)
+    t = _make_trainer(trainer or _trainer_defaults("fit"), out, callbacks=[best],
+                      num_batches=len(data.train_idx) * data.store.views // data.batch_size)  # fmt: skip
     t0 = time.time()
-    trainer.fit(model, datamodule=dm)
+    t.fit(model, datamodule=data)
     seconds = time.time() - t0
     if not best.history:
         raise ValueError(
@@ -239,19 +209,160 @@ def cmd_fit(argv: list[str]) -> int:
         "best_step": best.best_step,
         "final_val_loss": final["val_loss"],
         "final_val_bits_per_token": final["val_bits_per_token"],
-        "steps": trainer.global_step,
+        "steps": t.global_step,
         "train_tokens": model.train_tokens,
         "train_seconds": round(seconds, 1),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": _gpu_name(),
         "memory": model.config.memory,
         "memory_density": model.config.memory_density,
         **cost_report(model.config),
         "history": best.history,
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    _write_json(out / "metrics.json", metrics)
     log.info("best val %.4f bits/token at step %d (final %.4f); wrote %s", metrics["val_bits_per_token"],
              best.best_step, final["val_bits_per_token"], out / "model.ckpt")  # fmt: skip
+    return metrics
+
+
+def fit_classifier(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None) -> dict:
+    """Train the evaluation classifier ``model`` (a ``LitClassifier``) on ``data`` (an
+    ``ImageDataModule``); writes ``classifier.ckpt`` and ``metrics.json`` (val/test accuracy)."""
+    import torch
+
+    from .data import atomic_torch_save
+    from .lit import classifier_accuracy, classifier_checkpoint
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data.setup("fit")
+    info = data.train_set.info
+    x0 = data.train_set[0][0]
+    model.build(info.num_classes, x0.shape[0], x0.shape[-1])
+    t = _make_trainer(trainer or _trainer_defaults("fit-classifier"), out,
+                      num_batches=len(data.train_set) // data.batch_size)  # fmt: skip
+    t0 = time.time()
+    t.fit(model, datamodule=data)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    net = model.net.eval()
+    metrics = {"val_accuracy": classifier_accuracy(net, data.val_set, dev),
+               "test_accuracy": classifier_accuracy(net, data.dataset("test"), dev),
+               "train_seconds": round(time.time() - t0, 1), "epochs": t.current_epoch,
+               "device": _gpu_name()}  # fmt: skip
+    ckpt = classifier_checkpoint(net.cpu(), dataset=data.name, image_size=int(x0.shape[-1]),
+                                 fit=data.fit, metrics=metrics)  # fmt: skip
+    atomic_torch_save(ckpt, out / "classifier.ckpt")
+    _write_json(out / "metrics.json", metrics)
+    log.info("classifier on %s: test accuracy %.2f%% (val %.2f%%); wrote %s", data.name,
+             100 * metrics["test_accuracy"], 100 * metrics["val_accuracy"], out / "classifier.ckpt")  # fmt: skip
+    return metrics
+
+
+def _train_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class TrainCLI(LightningCLI):
+        """The training verbs' parser: the module's and data's signatures, the trainer with the
+        verb's defaults, ``--out``, and links in place of config patching. Builds no Trainer
+        (the verb builds one, with the run folder); offers no optimizer switch."""
+
+        def __init__(self, model_cls, dm_cls, *, verb: str, args: list[str], links=()):
+            self._links = links
+            super().__init__(
+                model_cls,
+                dm_cls,
+                args=args,
+                run=False,
+                save_config_callback=None,
+                seed_everything_default=0,
+                trainer_defaults=_trainer_defaults(verb),
+                auto_configure_optimizers=False,
+                parser_kwargs={"prog": f"movegen {verb}", "description": VERBS[verb]},
+            )
+
+        def add_arguments_to_parser(self, parser):
+            parser.add_argument("--out", required=True, help="the run folder this verb writes")
+            for source, target in self._links:
+                parser.link_arguments(source, target)
+
+        def instantiate_trainer(self, **kwargs):
+            return None
+
+    return TrainCLI
+
+
+def _training_verb(verb: str, argv: list[str]) -> int:
+    import torch
+
+    from .data import CodeDataModule, ImageDataModule
+    from .lit import LitClassifier, LitGPT, LitTokenizer
+
+    run, model_cls, dm_cls, links = {
+        "fit-tokenizer": (fit_tokenizer, LitTokenizer, ImageDataModule,
+                          [("model.config.image_size", "data.image_size"),
+                           ("model.config.channels", "data.channels")]),
+        "fit": (fit, LitGPT, CodeDataModule, []),
+        "fit-classifier": (fit_classifier, LitClassifier, ImageDataModule, []),
+    }[verb]  # fmt: skip
+    torch.set_float32_matmul_precision("high")
+    cli = _train_cli_class()(model_cls, dm_cls, verb=verb, args=argv, links=links)
+    trainer = dict(cli.config_init.get("trainer", {}))
+    run(cli.model, cli.datamodule, out=cli.config["out"], trainer=trainer)
     return 0
+
+
+# =========================================================================== typed verbs
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSource:
+    """Where a verb reads images from."""
+
+    name: str | None = None
+    """Dataset: digits, fashion-mnist, mnist, cifar10 or folder:<path> (default: the one the
+    tokenizer was trained on)."""
+    root: str | None = None
+    """Folder of torchvision datasets or of the (fashion-)mnist idx files."""
+
+
+def extract_codes(
+    *,
+    tokenizer: str,
+    out: str,
+    split: Literal["train", "val", "test"] = "train",
+    data: DataSource = DataSource(),
+    views: int = 2,
+    batch_size: int = 512,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Encode a dataset split into a code store (one memory-mapped array and a JSON header).
+
+    Args:
+        tokenizer: DIR/tokenizer.ckpt from ``movegen fit-tokenizer``.
+        out: the code store folder to write.
+        split: which split to encode.
+        data: the dataset (default: the tokenizer's) and its root folder.
+        views: 2: each image and its horizontal flip; 1: the image only.
+        batch_size: images per encoder batch.
+        device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
+        overwrite: replace an existing store at ``out``.
+    """
+    from .data import extract_codes as _extract
+    from .data import load_dataset, sha256_file
+    from .lit import load_tokenizer
+
+    dev = _device(device)
+    tok, ckpt = load_tokenizer(tokenizer, dev)
+    name = data.name or ckpt["dataset"]["name"]
+    ds = load_dataset(name, split, data_root=data.root, image_size=tok.config.image_size,
+                      fit=ckpt["dataset"].get("fit", "pad"), channels=tok.config.channels)  # fmt: skip
+    header = {"dataset": name, "split": split, "tokenizer_path": str(Path(tokenizer).resolve()),
+              "tokenizer_sha256": sha256_file(tokenizer)}  # fmt: skip
+    path = _extract(tok.encode, ds, out, codebook_size=tok.codebook_size,
+                    num_classes=ds.info.num_classes, header=header, views=views,
+                    batch_size=batch_size, device=dev, overwrite=overwrite)  # fmt: skip
+    log.info("wrote %s: %d items x %d views", path, len(ds), views)
+    return path
 
 
 def load_model_config(path: str):
@@ -263,7 +374,10 @@ def load_model_config(path: str):
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config {p} does not exist")
-    doc = yaml.safe_load(p.read_text()) or {}
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p} is not valid YAML: {e}") from None
     cfg = (doc.get("model") or {}).get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{p} has no model.config section (a `movegen fit` config is expected)")
@@ -273,192 +387,111 @@ def load_model_config(path: str):
         raise ValueError(f"{p}: bad model.config key: {e}") from e
 
 
-def cmd_info(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="movegen info", description=VERBS["info"])
-    p.add_argument("--config", required=True, help="a `movegen fit` YAML (configs/...)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    a = p.parse_args(argv)
+def info(*, config: str, format: Literal["table", "json"] = "table") -> dict:
+    """Parameters by kind, forward FLOPs per token and bank bytes per token of a model config.
+
+    Args:
+        config: a ``movegen fit`` YAML (configs/...); no data is read.
+        format: 'table' for people, 'json' for one JSON object on one line.
+    """
     from .model import cost_report
 
-    cfg = load_model_config(a.config)
+    cfg = load_model_config(config)
     rep = cost_report(cfg)
-    if a.json:
+    if format == "json":
         print(json.dumps(rep))
-        return 0
-    print(f"{a.config}: memory={cfg.memory} density=x{cfg.memory_density:g} L={cfg.n_layer} d={cfg.n_embd} "
+        return rep
+    print(f"{config}: memory={cfg.memory} density=x{cfg.memory_density:g} L={cfg.n_layer} d={cfg.n_embd} "
           f"H={cfg.n_head} K={cfg.vocab_size} C={cfg.num_classes} T={cfg.seq_len}")  # fmt: skip
     rows = [("backbone (non-embedding)", rep["params_backbone"]), ("embeddings (tok, cls, head)", rep["params_embedding"]),
             ("memory (bank / LaVE tables)", rep["params_memory"]), ("routers", rep["params_router"]),
             ("total", rep["params_total"])]  # fmt: skip
     for name, n in rows:
         print(f"  {name:30s} {n:>14,d}  ({n / 1e6:.2f} M)")
-    print(
-        f"  {'forward FLOPs per token':30s} {rep['flops_per_token']:>14,d}  ({rep['flops_per_token'] / 1e6:.1f} MFLOP)"
-    )
-    print(
-        f"  {'bank bytes read per token':30s} {rep['bank_bytes_per_token']:>14,d}  (bf16, all layers)"
-    )
-    return 0
-
-
-# =========================================================================== fit-classifier
-
-
-def cmd_fit_classifier(argv: list[str]) -> int:
-    import torch
-
-    from .data import atomic_torch_save, atomic_write_text
-    from .lit import (
-        CKPT_FORMAT_CLASSIFIER,
-        ImageDataModule,
-        LitClassifier,
-        classifier_accuracy,
-        package_version,
-    )
-
-    def extra(parser):
-        parser.add_argument(
-            "--out", required=True, help="output folder (classifier.ckpt, metrics.json)"
-        )
-
-    # `--data NAME` is a shortcut for `--data.name NAME`
-    fixed = []
-    i = 0
-    while i < len(argv):
-        if (
-            argv[i] == "--data"
-            and i + 1 < len(argv)
-            and not argv[i + 1].endswith((".yaml", ".yml", "}"))
-        ):
-            fixed += ["--data.name", argv[i + 1]]
-            i += 2
-            continue
-        fixed.append(argv[i])
-        i += 1
-    torch.set_float32_matmul_precision("high")
-    cli = _lightning_cli(LitClassifier, ImageDataModule, fixed, "movegen fit-classifier", extra,
-                         {"max_epochs": 6, "enable_progress_bar": False})  # fmt: skip
-    out = Path(cli.config["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    dm: ImageDataModule = cli.datamodule
-    dm.setup("fit")
-    info = dm.train_set.info
-    x0 = dm.train_set[0][0]
-    model: LitClassifier = cli.model
-    model.build(info.num_classes, x0.shape[0], x0.shape[-1])
-    trainer = _make_trainer(cli, out)
-    t0 = time.time()
-    trainer.fit(model, datamodule=dm)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    net = model.net.eval()
-    metrics = {"val_accuracy": classifier_accuracy(net, dm.val_set, dev),
-               "test_accuracy": classifier_accuracy(net, dm.dataset("test"), dev),
-               "train_seconds": round(time.time() - t0, 1), "epochs": trainer.current_epoch,
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
-    net = net.cpu()
-    ckpt = {"format": CKPT_FORMAT_CLASSIFIER, "movegen_version": package_version(), "hparams": net.hparams(),
-            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "dataset": dm.name,
-            "image_size": int(x0.shape[-1]), "fit": dm.fit, "metrics": metrics}  # fmt: skip
-    atomic_torch_save(ckpt, out / "classifier.ckpt")
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    log.info("classifier on %s: test accuracy %.2f%% (val %.2f%%); wrote %s", dm.name, 100 * metrics["test_accuracy"],
-             100 * metrics["val_accuracy"], out / "classifier.ckpt")  # fmt: skip
-    return 0
-
-
-# =========================================================================== sample
+    f = rep["flops_per_token"]
+    print(f"  {'forward FLOPs per token':30s} {f:>14,d}  ({f / 1e6:.1f} MFLOP)")
+    b = rep["bank_bytes_per_token"]
+    print(f"  {'bank bytes read per token':30s} {b:>14,d}  (bf16, all layers)")
+    return rep
 
 
 def _parse_classes(spec: str, num_classes: int) -> list[int]:
     if spec == "all":
         return list(range(num_classes))
+    parts = [c.strip() for c in spec.split(",")]
     try:
-        classes = [int(c) for c in spec.split(",") if c.strip()]
+        if any(not c for c in parts):
+            raise ValueError
+        classes = [int(c) for c in parts]
     except ValueError:
-        raise ValueError(f"--classes must be 'all' or comma-separated ints, got {spec!r}") from None
+        raise ValueError(f"classes must be 'all' or comma-separated ints, got {spec!r}") from None
     bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad or not classes:
+    if bad:
         raise ValueError(
-            f"class ids {bad or spec} out of range: this model has classes 0..{num_classes - 1}"
+            f"class ids {bad} out of range: this model has classes 0..{num_classes - 1}"
         )
     return classes
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1 = none)"
-    )
-    p.add_argument("--cfg-interval", default=None, help="guide only code positions a:b (e.g. 0:32)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+# what ``sample`` and ``evaluate`` draw with unless told otherwise: guidance 2.0, temperature 1
+CLI_SAMPLING = SamplingSettings(cfg_scale=2.0)
 
 
-def _settings(a) -> dict:
-    interval = None
-    if a.cfg_interval:
-        lo, hi = a.cfg_interval.split(":")
-        interval = (int(lo), int(hi))
-    return {"cfg_scale": a.cfg_scale, "cfg_interval": interval, "temperature": a.temperature, "top_k": a.top_k,
-            "top_p": a.top_p}  # fmt: skip
+def sample(
+    *,
+    model: str,
+    out: str = "grid.png",
+    classes: str = "all",
+    per_class: int = 8,
+    sampling: SamplingSettings = CLI_SAMPLING,
+    seed: int = 0,
+    batch_size: int = 256,
+    tokenizer: str | None = None,
+    out_dir: str | None = None,
+    device: str = "auto",
+) -> Path:
+    """Sample a PNG grid from a trained model: one row per class.
 
-
-def cmd_sample(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="movegen sample", description=VERBS["sample"])
-    p.add_argument("--model", required=True, help="DIR/model.ckpt from `movegen fit`")
-    p.add_argument(
-        "--tokenizer", default=None, help="override the tokenizer recorded in the checkpoint"
-    )
-    p.add_argument(
-        "--classes", default="all", help="'all' or comma-separated class ids, e.g. 0,3,7"
-    )
-    p.add_argument("--per-class", type=int, default=8, help="images per class (one row per class)")
-    _add_sampling_args(p)
-    p.add_argument("--out", default="grid.png", help="PNG grid")
-    p.add_argument("--out-dir", default=None, help="also save every image as its own PNG here")
-    a = p.parse_args(argv)
+    Args:
+        model: DIR/model.ckpt from ``movegen fit``.
+        out: the PNG grid to write.
+        classes: 'all' or comma-separated class ids, e.g. 0,3,7.
+        per_class: images per class (the grid's columns).
+        sampling: guidance, temperature, top-k, top-p.
+        seed: seed of the sampler's generator (a fixed seed gives the same images).
+        batch_size: images sampled at once.
+        tokenizer: a tokenizer.ckpt to decode with instead of the one the checkpoint records.
+        out_dir: also save every image as its own PNG in this folder.
+        device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
+    """
     import torch
 
     from .data import save_image_grid
+    from .evaluate import load_model_and_tokenizer
     from .sample import generate_images
 
-    dev = _device(a.device)
-    from .evaluate import load_model_and_tokenizer
-
-    model, ckpt, tok, tck = load_model_and_tokenizer(a.model, a.tokenizer, dev)
-    classes = _parse_classes(a.classes, model.config.num_classes)
-    labels = torch.tensor(classes, device=dev).repeat_interleave(a.per_class)
-    g = torch.Generator(device=dev).manual_seed(a.seed)
-    images, _ = generate_images(model, tok.decode, labels, batch_size=a.batch_size, generator=g, progress=True,
-                                **_settings(a))  # fmt: skip
-    save_image_grid(images, a.out, nrow=a.per_class)
-    if a.out_dir:
-        od = Path(a.out_dir)
+    if per_class < 1 or batch_size < 1:
+        raise ValueError(f"per_class and batch_size must be >= 1, got {per_class} and {batch_size}")
+    dev = _device(device)
+    net, _, tok, _ = load_model_and_tokenizer(model, tokenizer, dev)
+    ids = _parse_classes(classes, net.config.num_classes)
+    labels = torch.tensor(ids, device=dev).repeat_interleave(per_class)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    images, _ = generate_images(net, tok.decode, labels, batch_size=batch_size, generator=g,
+                                progress=True, **asdict(sampling))  # fmt: skip
+    save_image_grid(images, out, nrow=per_class)
+    if out_dir:
+        od = Path(out_dir)
         for i, (img, c) in enumerate(zip(images, labels.tolist())):
             save_image_grid(
-                img[None], od / f"class{c:04d}_{i % a.per_class:04d}.png", nrow=1, min_tile=1
+                img[None], od / f"class{c:04d}_{i % per_class:04d}.png", nrow=1, min_tile=1
             )
-    log.info("wrote %s (%d classes x %d)", a.out, len(classes), a.per_class)
-    return 0
-
-
-# =========================================================================== evaluate
+    log.info("wrote %s (%d classes x %d)", out, len(ids), per_class)
+    return Path(out)
 
 
 def _print_table(rows: list[dict]) -> None:
-    cols = [
-        "run",
-        "memory",
-        "memory_density",
-        "fid",
-        "is",
-        "kid",
-        "val_bits_per_token",
-        "params_total",
-    ]
+    cols = ["run", "memory", "memory_density", "fid", "is", "kid", "val_bits_per_token", "params_total"]
     print(" | ".join(f"{c:>18s}" for c in cols))
     for r in rows:
         cells = []
@@ -468,78 +501,82 @@ def _print_table(rows: list[dict]) -> None:
         print(" | ".join(cells))
 
 
-def cmd_evaluate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="movegen evaluate", description=VERBS["evaluate"])
-    p.add_argument("--model", nargs="+", required=True, help="one or more DIR/model.ckpt")
-    p.add_argument(
-        "--features", required=True, help="'inception' or 'classifier:DIR/classifier.ckpt'"
-    )
-    p.add_argument("--inception-weights", default=None, help=f"path of {INCEPTION_FILE}")
-    p.add_argument(
-        "--num-samples", type=int, default=10_000, help="images per model, balanced over classes"
-    )
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument(
-        "--ref-split",
-        default="train",
-        choices=["train", "val", "test"],
-        help="real images to compare with",
-    )
-    p.add_argument("--data-root", default=None)
-    p.add_argument(
-        "--val-codes", default=None, help="recompute bits/token on this held-out code store"
-    )
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="reference-statistics cache (default ~/.cache/movegen/ref)",
-    )
-    p.add_argument(
-        "--export-npz",
-        action="store_true",
-        help="also write RESULTS/<run>.npz (ADM evaluator layout)",
-    )
-    _add_sampling_args(p)
-    p.add_argument("--out", required=True, help="results folder: one <run-name>.json per model")
-    a = p.parse_args(argv)
-    from .data import atomic_write_text
+def evaluate(
+    *,
+    model: list[str] | str,
+    features: str,
+    out: str,
+    num_samples: int = 10_000,
+    sampling: SamplingSettings = CLI_SAMPLING,
+    seed: int = 0,
+    batch_size: int = 256,
+    ref_split: Literal["train", "val", "test"] = "train",
+    data: DataSource = DataSource(),
+    tokenizer: str | None = None,
+    val_codes: str | None = None,
+    inception_weights: str | None = None,
+    cache_dir: str | None = None,
+    export_npz: bool = False,
+    device: str = "auto",
+) -> list[dict]:
+    """FID / IS / KID of samples against real images, and validation bits per token; one
+    ``<run>.json`` per model in ``out`` (the run is the model's folder name).
+
+    Args:
+        model: one DIR/model.ckpt, or a list of them: '[A/model.ckpt, B/model.ckpt]'.
+        features: 'inception' or 'classifier:DIR/classifier.ckpt' (from ``movegen fit-classifier``).
+        out: the results folder.
+        num_samples: images per model, balanced over the classes.
+        sampling: guidance, temperature, top-k, top-p of the samples.
+        seed: seed of the sampler's generator.
+        batch_size: images sampled at once.
+        ref_split: the real images to compare with.
+        data: the root folder of the reference dataset (its name comes from the model's tokenizer).
+        tokenizer: a tokenizer.ckpt to decode with instead of the one the checkpoint records.
+        val_codes: recompute bits/token on this held-out code store.
+        inception_weights: path of the torch-fidelity Inception weights file (features 'inception').
+        cache_dir: reference-statistics cache (default ~/.cache/movegen/ref).
+        export_npz: also write OUT/<run>.npz (the ADM evaluator's layout).
+        device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
+    """
     from .evaluate import evaluate_model
 
-    dev = _device(a.device)
-    out = Path(a.out)
-    rows = []
-    names = [Path(m).resolve().parent.name for m in a.model]
+    models = [model] if isinstance(model, str) else list(model)
+    if not models:
+        raise ValueError("give at least one model: --model DIR/model.ckpt")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    dev = _device(device)
+    out_dir = Path(out)
+    names = [Path(m).resolve().parent.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"two models share a run name (their folder names: {names}); results are written as "
                          "<run>.json, so evaluate them in separate calls with different --out folders")  # fmt: skip
-    for m in a.model:
-        run = Path(m).resolve().parent.name
-        r = evaluate_model(m, features=a.features, num_samples=a.num_samples, settings=_settings(a), seed=a.seed,
-                           device=dev, batch_size=a.batch_size, tokenizer=a.tokenizer, ref_split=a.ref_split,
-                           cache_dir=a.cache_dir, inception_weights=a.inception_weights, data_root=a.data_root,
-                           val_codes=a.val_codes, export_npz=out / f"{run}.npz" if a.export_npz else None)  # fmt: skip
-        atomic_write_text(out / f"{run}.json", json.dumps(r, indent=2))
+    rows = []
+    for m, run in zip(models, names):
+        r = evaluate_model(m, features=features, num_samples=num_samples, settings=asdict(sampling), seed=seed,
+                           device=dev, batch_size=batch_size, tokenizer=tokenizer, ref_split=ref_split,
+                           cache_dir=cache_dir, inception_weights=inception_weights, data_root=data.root,
+                           val_codes=val_codes, export_npz=out_dir / f"{run}.npz" if export_npz else None)  # fmt: skip
+        _write_json(out_dir / f"{run}.json", r)
         rows.append(r)
     _print_table(rows)
-    return 0
+    return rows
 
 
-# =========================================================================== report
+def report(*, results: str, out: str) -> Path:
+    """A markdown table and plots (FID against training FLOPs, parameters and memory slots) from
+    the result files of ``movegen evaluate``.
 
-
-def cmd_report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="movegen report", description=VERBS["report"])
-    p.add_argument("results", help="folder of <run>.json files from `movegen evaluate`")
-    p.add_argument("--out", required=True, help="report folder (README.md and PNG plots)")
-    a = p.parse_args(argv)
+    Args:
+        results: folder of <run>.json files from ``movegen evaluate``.
+        out: the report folder (README.md and PNG plots).
+    """
     from .report import write_report
 
-    path = write_report(a.results, a.out)
+    path = write_report(results, out)
     log.info("wrote %s", path)
-    return 0
-
-
-# =========================================================================== demo
+    return path
 
 
 def _repo_file(rel: str) -> Path:
@@ -551,75 +588,127 @@ def _repo_file(rel: str) -> Path:
     return p
 
 
-def cmd_demo(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="movegen demo", description=VERBS["demo"])
-    p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--tokenizer-steps", type=int, default=400)
-    p.add_argument("--model-steps", type=int, default=400)
-    p.add_argument("--classifier-epochs", type=int, default=30)
-    p.add_argument("--num-samples", type=int, default=1000, help="images per model for FID/IS/KID")
-    p.add_argument(
-        "--cfg-scale", type=float, default=2.0, help="guidance for the evaluation samples"
-    )
-    p.add_argument("--grid-cfg-scale", type=float, default=3.0, help="guidance for the grid")
-    p.add_argument("--grid-temperature", type=float, default=0.8, help="temperature for the grid")
-    p.add_argument("--grid-top-k", type=int, default=10, help="top-k for the grid")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    out = Path(a.out)
+def _from_yaml(path: Path, model_cls, config_cls, dm_cls, *, data: dict | None = None,
+               trainer: dict | None = None, verb: str):  # fmt: skip
+    """Build a training verb's module, data module and trainer settings from its YAML, as the
+    parser would (``model.config`` into ``config_cls``), with overrides; seeds as the YAML says."""
+    import lightning as L
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    L.seed_everything(doc.get("seed_everything", 0), verbose=False)
+    m = dict(doc.get("model") or {})
+    model = model_cls(config=config_cls(**m.pop("config")), **m) if config_cls else model_cls(**m)
+    dm = dm_cls(**{**(doc.get("data") or {}), **(data or {})})
+    return model, dm, {**_trainer_defaults(verb), **(doc.get("trainer") or {}), **(trainer or {})}
+
+
+def demo(
+    *,
+    out: str = "runs/demo",
+    tokenizer_steps: int = 400,
+    model_steps: int = 400,
+    classifier_epochs: int = 30,
+    num_samples: int = 1000,
+    cfg_scale: float = 2.0,
+    grid_cfg_scale: float = 3.0,
+    grid_temperature: float = 0.8,
+    grid_top_k: int = 10,
+    seed: int = 0,
+) -> dict:
+    """The whole pipeline on the embedded digits data: tokenizer -> codes -> a standard and a
+    MoVE model -> evaluation classifier -> FID/IS/KID -> a grid and a report.
+
+    Args:
+        out: the output folder.
+        tokenizer_steps: tokenizer training steps.
+        model_steps: training steps of each AR model.
+        classifier_epochs: epochs of the evaluation classifier.
+        num_samples: images per model for FID/IS/KID.
+        cfg_scale: guidance of the evaluation samples.
+        grid_cfg_scale: guidance of the grid.
+        grid_temperature: temperature of the grid.
+        grid_top_k: top-k of the grid.
+        seed: seed of every stage.
+    """
+    from .data import CodeDataModule, ImageDataModule
+    from .lit import LitClassifier, LitGPT, LitTokenizer
+    from .model import GPTConfig
+    from .sample import SamplingSettings
+    from .tokenizer import TokenizerConfig
+
+    root = Path(out)
     t0 = time.time()
-    quiet = ["--trainer.enable_progress_bar", "false"]
-
-    def run(step: str, args: list[str]) -> None:
-        log.info("demo: %s", step)
-        rc = COMMANDS[args[0]](args[1:])
-        if rc:
-            raise SystemExit(rc)
-
-    tok, seed = out / "tokenizer", str(a.seed)
-    run("1/6 tokenizer", ["fit-tokenizer", "--config", str(_repo_file("tokenizers/digits/config.yaml")),
-                          "--out", str(tok), "--trainer.max_steps", str(a.tokenizer_steps), "--seed_everything", seed,
-                          *quiet])  # fmt: skip
+    bar = {"enable_progress_bar": True}
+    tok = root / "tokenizer"
+    log.info("demo: 1/6 tokenizer")
+    m, dm, tr = _from_yaml(_repo_file("tokenizers/digits/config.yaml"), LitTokenizer, TokenizerConfig,
+                           ImageDataModule, trainer={"max_steps": tokenizer_steps, **bar}, verb="fit-tokenizer")  # fmt: skip
+    tokm = fit_tokenizer(m, dm, out=tok, trainer=tr)
     for split in ("train", "val"):
-        run(f"2/6 codes ({split})", ["extract-codes", "--tokenizer", str(tok / "tokenizer.ckpt"), "--split", split,
-                                     "--out", str(out / f"codes-{split}"), "--overwrite", "--device", "cpu"])  # fmt: skip
+        log.info("demo: 2/6 codes (%s)", split)
+        extract_codes(tokenizer=str(tok / "tokenizer.ckpt"), split=split,
+                      out=str(root / f"codes-{split}"), overwrite=True, device="cpu")  # fmt: skip
     arms = ["standard", "move-x1"]
     for arm in arms:
-        run(f"3/6 model {arm}", ["fit", "--config", str(_repo_file(f"configs/digits/{arm}.yaml")),
-                                 "--codes", str(out / "codes-train"), "--val-codes", str(out / "codes-val"),
-                                 "--out", str(out / arm), "--trainer.max_steps", str(a.model_steps),
-                                 "--seed_everything", seed, *quiet])  # fmt: skip
-    run("4/6 classifier", ["fit-classifier", "--data", "digits", "--out", str(out / "classifier"),
-                           "--trainer.max_epochs", str(a.classifier_epochs), "--data.batch_size", "64",
-                           "--seed_everything", seed])  # fmt: skip
-    run("5/6 evaluation", ["evaluate", "--model", *[str(out / arm / "model.ckpt") for arm in arms],
-                           "--features", f"classifier:{out / 'classifier' / 'classifier.ckpt'}",
-                           "--num-samples", str(a.num_samples), "--cfg-scale", str(a.cfg_scale), "--seed", seed,
-                           "--cache-dir", str(out / "cache"), "--out", str(out / "results"), "--device", "cpu"])  # fmt: skip
-    run("6/6 grid", ["sample", "--model", str(out / "move-x1" / "model.ckpt"), "--classes", "all", "--per-class", "10",
-                     "--cfg-scale", str(a.grid_cfg_scale), "--temperature", str(a.grid_temperature),
-                     "--top-k", str(a.grid_top_k), "--seed", seed, "--out", str(out / "grid.png"),
-                     "--device", "cpu"])  # fmt: skip
-    run("6/6 report", ["report", str(out / "results"), "--out", str(out / "report")])
-    tokm = json.loads((tok / "metrics.json").read_text())
-    clsm = json.loads((out / "classifier" / "metrics.json").read_text())
-    print(f"\nmovegen demo finished in {time.time() - t0:.0f} s -> {out}/")
-    print(
-        f"  tokenizer: val PSNR {tokm['psnr']:.2f} dB, codebook usage {100 * tokm['codebook_usage']:.0f}%"
-    )
+        log.info("demo: 3/6 model %s", arm)
+        m, dm, tr = _from_yaml(_repo_file(f"configs/digits/{arm}.yaml"), LitGPT, GPTConfig, CodeDataModule,
+                               data={"codes": str(root / "codes-train"), "val_codes": str(root / "codes-val")},
+                               trainer={"max_steps": model_steps, **bar}, verb="fit")  # fmt: skip
+        fit(m, dm, out=root / arm, trainer=tr)
+    log.info("demo: 4/6 classifier")
+    import lightning as L
+
+    L.seed_everything(seed, verbose=False)
+    clsm = fit_classifier(LitClassifier(), ImageDataModule(name="digits", batch_size=64),
+                          out=root / "classifier",
+                          trainer={**_trainer_defaults("fit-classifier"), "max_epochs": classifier_epochs})  # fmt: skip
+    log.info("demo: 5/6 evaluation")
+    rows = evaluate(model=[str(root / arm / "model.ckpt") for arm in arms],
+                    features=f"classifier:{root / 'classifier' / 'classifier.ckpt'}",
+                    num_samples=num_samples, sampling=SamplingSettings(cfg_scale=cfg_scale), seed=seed,
+                    cache_dir=str(root / "cache"), out=str(root / "results"), device="cpu")  # fmt: skip
+    log.info("demo: 6/6 grid and report")
+    grid = SamplingSettings(cfg_scale=grid_cfg_scale, temperature=grid_temperature, top_k=grid_top_k)
+    sample(model=str(root / "move-x1" / "model.ckpt"), classes="all", per_class=10, sampling=grid,
+           seed=seed, out=str(root / "grid.png"), device="cpu")  # fmt: skip
+    report(results=str(root / "results"), out=str(root / "report"))
+    print(f"\nmovegen demo finished in {time.time() - t0:.0f} s -> {root}/")
+    print(f"  tokenizer: val PSNR {tokm['psnr']:.2f} dB, codebook usage {100 * tokm['codebook_usage']:.0f}%")
     print(f"  classifier (FID/IS/KID features): test accuracy {100 * clsm['test_accuracy']:.1f}%")
-    for arm in arms:
-        r = json.loads((out / "results" / f"{arm}.json").read_text())
-        print(
-            f"  {arm:9s} val {r['val_bits_per_token']:.3f} bits/token  FID {r['fid']:.2f}  IS {r['is']:.2f}  "
-            f"KID {r['kid']:.4f}  ({r['params_total'] / 1e6:.2f} M params)"
-        )
-    print(
-        f"  FID/IS/KID: {a.num_samples} samples per model, CFG {a.cfg_scale}, temperature 1, classifier features"
-    )
-    print(f"  grid of MoVE samples (one row per class; CFG {a.grid_cfg_scale}, temperature "
-          f"{a.grid_temperature}, top-k {a.grid_top_k}): {out / 'grid.png'}")  # fmt: skip
-    print(f"  report: {out / 'report' / 'README.md'}")
+    for arm, r in zip(arms, rows):
+        print(f"  {arm:9s} val {r['val_bits_per_token']:.3f} bits/token  FID {r['fid']:.2f}  IS {r['is']:.2f}  "
+              f"KID {r['kid']:.4f}  ({r['params_total'] / 1e6:.2f} M params)")  # fmt: skip
+    print(f"  FID/IS/KID: {num_samples} samples per model, CFG {cfg_scale}, temperature 1, classifier features")
+    print(f"  grid of MoVE samples (one row per class; CFG {grid_cfg_scale}, temperature "
+          f"{grid_temperature}, top-k {grid_top_k}): {root / 'grid.png'}")  # fmt: skip
+    print(f"  report: {root / 'report' / 'README.md'}")
+    return {"tokenizer": tokm, "classifier": clsm, "results": rows}
+
+
+TYPED_VERBS = {
+    "extract-codes": extract_codes,
+    "info": info,
+    "sample": sample,
+    "evaluate": evaluate,
+    "report": report,
+    "demo": demo,
+}
+TRAINING_VERBS = ("fit-tokenizer", "fit", "fit-classifier")
+COMMANDS = sorted([*TYPED_VERBS, *TRAINING_VERBS], key=list(VERBS).index)
+
+
+def _typed_verb(verb: str, argv: list[str]) -> int:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    fn = TYPED_VERBS[verb]
+    params = inspect.signature(fn).parameters
+    parser = ArgumentParser(prog=f"movegen {verb}", description=inspect.getdoc(fn).split("\n\nArgs:")[0])
+    if "config" not in params:  # (``info`` has a --config of its own: the fit YAML it describes)
+        parser.add_argument("--config", action=ActionConfigFile, help="a YAML of these arguments")
+    parser.add_function_arguments(fn, as_group=False)
+    init = parser.instantiate(parser.parse_args(argv))
+    fn(**{k: init[k] for k in params})
     return 0
 
 
@@ -627,43 +716,45 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
         prog="movegen",
         description="Class-conditional image generation over VQ tokens with MoVE (Mixture of Value Embeddings).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="subcommands:\n"
-        + "\n".join(f"  {k:15s} {v}" for k, v in VERBS.items() if k in COMMANDS)
+        + "\n".join(f"  {k:15s} {v}" for k, v in VERBS.items())
         + "\n\n`movegen <subcommand> --help` explains each.",
     )
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("subcommand", choices=sorted(COMMANDS), metavar="subcommand")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper)
+    p.add_argument("subcommand", choices=COMMANDS, metavar="subcommand")
     if not argv or argv[0] in ("-h", "--help"):
         p.print_help()
         return 0
-    level = "INFO"
-    if argv[0] == "--log-level" and len(argv) > 1:
-        level, argv = argv[1], argv[2:]
-    a, rest = p.parse_known_args(argv[:1])
-    _setup_logging(level)
+    n = 1  # the words before the verb's own arguments: [--log-level L] verb
+    if argv[0] == "--log-level":
+        n = 3
+    elif argv[0].startswith("--log-level="):
+        n = 2
+    a = p.parse_args(argv[:n])
+    rest = argv[n:]
+    _setup_logging(a.log_level)
+    _quiet_third_party()
+    import jsonargparse
+
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
-        return COMMANDS[a.subcommand](argv[1:]) or 0
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        if a.subcommand in TRAINING_VERBS:
+            return _training_verb(a.subcommand, rest)
+        return _typed_verb(a.subcommand, rest)
+    except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as e:
         log.error("%s", e)
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; files written so far are complete (every write is atomic)")
+        return 130
 
-
-COMMANDS = {
-    "fit-tokenizer": cmd_fit_tokenizer,
-    "extract-codes": cmd_extract_codes,
-    "fit": cmd_fit,
-    "info": cmd_info,
-    "sample": cmd_sample,
-    "fit-classifier": cmd_fit_classifier,
-    "evaluate": cmd_evaluate,
-    "report": cmd_report,
-    "demo": cmd_demo,
-}
 
 if __name__ == "__main__":
     sys.exit(main())

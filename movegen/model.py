@@ -16,7 +16,9 @@ Decoding uses an explicit KV cache (:class:`KVCache`, :meth:`GPT.step`); the cac
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -56,7 +58,7 @@ class GPTConfig:
     """Model width d."""
     mlp_multiple_of: int = 256
     """SwiGLU hidden size is 8/3 d rounded up to a multiple of this."""
-    memory: str = "none"
+    memory: Literal["none", "lave", "move"] = "none"
     """Value path: 'none' (standard), 'lave' (layer-wise tables) or 'move' (global bank)."""
     memory_density: float = 1
     """k in 'xk': MoVE gets k * n_layer / 2 slots; LaVE 1 = every other layer, 2 = every layer."""
@@ -86,6 +88,12 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.head_dim % 4:
             raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {self.head_dim}")
+        if self.memory == "none":
+            unused = [f"memory_density {self.memory_density}"] if self.memory_density != 1 else []
+            unused += ["gate_standard_path true"] if self.gate_standard_path else []
+            if unused:
+                warnings.warn(f"ignored: {' and '.join(unused)} (memory is 'none'; only memory 'lave' "
+                              "or 'move' uses them)", stacklevel=3)  # fmt: skip
         if self.gate_standard_path is None:
             self.gate_standard_path = self.memory == "move"
         if self.grid_h == 0:

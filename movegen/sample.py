@@ -9,11 +9,37 @@ the caller's tensors are never modified.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from .model import GPT, KVCache, StaticDecoder
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSettings:
+    """How codes are drawn."""
+
+    cfg_scale: float = 1.0
+    """Classifier-free guidance scale: uncond + s * (cond - uncond); 1 = no guidance."""
+    cfg_interval: tuple[int, int] | None = None
+    """Guide only code positions a <= t < b (null: all)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 = greedy."""
+    top_k: int = 0
+    """Keep the k most likely codes (0 = all)."""
+    top_p: float = 1.0
+    """Keep the smallest set of codes whose probability reaches p (1 = all)."""
+
+    def __post_init__(self):
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
+        if self.cfg_interval is not None:
+            lo, hi = self.cfg_interval
+            if not 0 <= lo < hi:
+                raise ValueError(f"cfg_interval must be (a, b) with 0 <= a < b, got {self.cfg_interval}")
 
 
 def _autocast(device: torch.device, enabled: bool = True):

@@ -16,7 +16,9 @@ dead-code replacement), ``fsq`` (finite scalar quantisation, codebook = prod(lev
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -39,7 +41,7 @@ class TokenizerConfig:
     """Residual blocks per stage."""
     code_dim: int = 32
     """Width of the latent that is quantized."""
-    quantizer: str = "vq"
+    quantizer: Literal["vq", "fsq", "lfq"] = "vq"
     """'vq' (VectorQuantize, cosine codes), 'fsq' or 'lfq'."""
     codebook_size: int = 256
     """K for 'vq' and 'lfq' (a power of two for lfq); ignored by 'fsq' (prod(fsq_levels))."""
@@ -75,8 +77,16 @@ class TokenizerConfig:
             and 2 ** int(math.log2(self.codebook_size)) != self.codebook_size
         ):
             raise ValueError(f"lfq needs a power-of-two codebook_size, got {self.codebook_size}")
+        defaults = {f.name: f.default for f in fields(self)}
         if self.quantizer == "fsq":
-            self.codebook_size = math.prod(self.fsq_levels)
+            K = math.prod(self.fsq_levels)
+            if self.codebook_size not in (defaults["codebook_size"], K):
+                warnings.warn(f"quantizer 'fsq' has prod(fsq_levels) = {K} codes; codebook_size "
+                              f"{self.codebook_size} is ignored (set fsq_levels instead)", stacklevel=3)  # fmt: skip
+            self.codebook_size = K
+        elif self.fsq_levels != defaults["fsq_levels"]:
+            warnings.warn(f"fsq_levels {self.fsq_levels} are used only by quantizer 'fsq' (this one is "
+                          f"{self.quantizer!r}); they are ignored", stacklevel=3)  # fmt: skip
 
     @property
     def downsample(self) -> int:
