@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from movegen.cli import COMMANDS, VERBS, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +19,7 @@ def test_help_lists_every_subcommand(capsys):
 
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "movegen.cli", "info", "--config", "configs/imagenet/gpt-b-move-x1.yaml",
-                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+                          "--format", "json"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     rep = json.loads(out.stdout)
     assert set(rep) >= {"params_backbone", "params_embedding", "params_memory", "params_router", "params_total",
                         "flops_per_token"}  # fmt: skip
@@ -30,24 +32,114 @@ def test_info_human_readable(capsys):
     assert "memory (bank / LaVE tables)" in out and "forward FLOPs per token" in out
 
 
-def test_print_config_of_a_training_verb(capsys):
-    import pytest
-
+def _exit_output(capsys, argv) -> tuple[int, str]:
     with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "fit",
-                "--config",
-                str(ROOT / "configs/digits/move-x1.yaml"),
-                "--out",
-                "/nonexistent",
-                "--print_config",
-            ]
-        )
-    assert e.value.code == 0
-    assert "memory: move" in capsys.readouterr().out
+        main(argv)
+    cap = capsys.readouterr()
+    return e.value.code, cap.out + cap.err
+
+
+def _print_config(capsys, verb: str, *extra: str) -> str:
+    code, out = _exit_output(capsys, [verb, *extra, "--out", "/nonexistent", "--print_config"])
+    assert code == 0, out
+    return out
+
+
+def test_print_config_of_a_training_verb(capsys):
+    out = _print_config(capsys, "fit", "--config", str(ROOT / "configs/digits/move-x1.yaml"))
+    assert "memory: move" in out
+
+
+@pytest.mark.parametrize(
+    "verb,defaults",
+    [
+        # fit: clip 1.0; bf16 on a GPU, fp32 here; a finite length even without a YAML
+        ("fit", ["gradient_clip_val: 1.0", "precision: 32-true", "max_steps: 5000"]),
+        ("fit-tokenizer", ["max_steps: 2000", "precision: 32-true"]),
+        ("fit-classifier", ["max_epochs: 6"]),
+    ],
+)
+def test_training_verbs_show_their_real_defaults(capsys, verb, defaults):
+    out = _print_config(capsys, verb)
+    for line in defaults:
+        assert line in out, (line, out)
+    assert "enable_checkpointing: false" in out
+
+
+def test_trainer_defaults_really_apply(tmp_path, monkeypatch):
+    """What --print_config shows is what the Trainer gets (the old CLI dropped these)."""
+    import movegen.cli as cli
+
+    seen = {}
+
+    def capture(model, data, *, out, trainer):
+        seen.update(trainer)
+
+    monkeypatch.setattr(cli, "fit_classifier", capture)
+    assert main(["fit-classifier", "--data.name", "digits", "--out", str(tmp_path / "c")]) == 0
+    assert seen["max_epochs"] == 6 and seen["enable_checkpointing"] is False
+
+
+def test_fit_help_shows_field_docstrings(capsys):
+    code, out = _exit_output(capsys, ["fit", "--help"])
+    assert code == 0
+    assert "MoVE gets k * n_layer / 2 slots" in out  # the docstring of GPTConfig.memory_density
+    assert "--optimizer" not in out  # would bypass the bank's weight-decay exclusion
+
+
+def test_optimizer_switch_is_refused(capsys):
+    code, out = _exit_output(
+        capsys, ["fit", "--config", str(ROOT / "configs/digits/standard.yaml"), "--optimizer", "SGD",
+                 "--out", "/nonexistent"],
+    )  # fmt: skip
+    assert code != 0 and "optimizer" in out
+
+
+def test_typed_verbs_document_every_knob(capsys):
+    code, out = _exit_output(capsys, ["sample", "--help"])
+    assert code == 0
+    assert "Classifier-free guidance scale" in out and "default: 2.0" in out
+    for flag in ("--sampling.cfg_interval", "--sampling.top_p", "--per_class", "--out_dir"):
+        assert flag in out
+
+
+def test_one_spelling_of_the_data_root(capsys):
+    for verb in ("fit-tokenizer", "fit-classifier", "extract-codes", "evaluate"):
+        code, out = _exit_output(capsys, [verb, "--help"])
+        assert code == 0 and "--data.root" in out, verb
+        assert "--data-root" not in out and "data_root" not in out, verb
+
+
+def test_bad_log_level_is_refused(capsys):
+    code, out = _exit_output(capsys, ["--log-level", "loud", "info", "--config", "x.yaml"])
+    assert code == 2 and "invalid choice" in out
 
 
 def test_missing_config_file_is_a_clear_error(caplog):
     assert main(["info", "--config", "configs/nope.yaml"]) == 2
     assert "does not exist" in caplog.text
+
+
+def test_unused_config_field_warns():
+    from movegen.model import GPTConfig
+    from movegen.tokenizer import TokenizerConfig
+
+    with pytest.warns(UserWarning, match="memory_density 4"):
+        GPTConfig(memory="none", memory_density=4)
+    with pytest.warns(UserWarning, match="codebook_size 512 is ignored"):
+        TokenizerConfig(quantizer="fsq", codebook_size=512)
+    with pytest.warns(UserWarning, match="fsq_levels"):
+        TokenizerConfig(quantizer="vq", fsq_levels=(4, 4))
+
+
+def test_training_verb_terminal_is_quiet(tmp_path):
+    """A user sees movegen's lines, not third-party warnings or deprecations."""
+    out = subprocess.run([sys.executable, "-m", "movegen.cli", "fit-classifier", "--data.name", "digits",
+                          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+                          "--out", str(tmp_path / "c")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    noisy = [l for l in text.splitlines() if "warning" in l.lower() or "deprecat" in l.lower()]
+    assert not noisy, noisy
+    assert "test accuracy" in text

@@ -215,3 +215,27 @@ def test_generated_images_reach_the_native_size():
     )
     assert _content_crop(x, {"dataset": {"fit": "resize", "native_size": 28}}).shape[-1] == 28
     assert _content_crop(x, {"dataset": {"fit": "resize", "native_size": 32}}) is x
+
+
+def test_memorisation_flags_copies_and_passes_fresh_samples():
+    from movegen.metrics import memorisation
+
+    g = torch.Generator().manual_seed(0)
+    train, heldout, fresh = (torch.randn(n, 16, generator=g) for n in (500, 200, 300))
+    copies = train[:300] + 1e-3 * torch.randn(300, 16, generator=g)
+    ok, bad = memorisation(fresh, train, heldout), memorisation(copies, train, heldout)
+    assert 0.9 < ok["memorisation"] < 1.1 and abs(ok["copy_z"]) < 3 and ok["copy_fraction"] < 0.05
+    assert bad["memorisation"] < 0.01 and bad["copy_z"] < -10 and bad["copy_fraction"] > 0.95
+
+
+def test_precision_recall_of_a_collapsed_generator():
+    from movegen.metrics import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=g)
+    same = precision_recall(real, torch.randn(400, 8, generator=g))
+    assert same["precision"] > 0.8 and same["recall"] > 0.8
+    # all samples near one real point: precise (inside the real manifold) but no recall
+    collapsed = real[:1] + 0.01 * torch.randn(400, 8, generator=g)
+    pr = precision_recall(real, collapsed)
+    assert pr["precision"] > 0.95 and pr["recall"] < 0.1
