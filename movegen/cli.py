@@ -89,8 +89,15 @@ def _make_trainer(cli, out: Path, **overrides):
 def cmd_fit_tokenizer(argv: list[str]) -> int:
     import torch
 
-    from .data import atomic_torch_save, atomic_write_text, save_image_grid
-    from .lit import ImageDataModule, LitTokenizer, evaluate_tokenizer, tokenizer_checkpoint
+    from .checkpoint import (
+        atomic_torch_save,
+        atomic_write_text,
+        save_image_grid,
+        tokenizer_checkpoint,
+    )
+    from .data import ImageDataModule
+    from .lit import LitTokenizer
+    from .metrics import evaluate_tokenizer
 
     def extra(parser):
         parser.add_argument(
@@ -168,8 +175,8 @@ def cmd_extract_codes(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--out", required=True, help="code store folder")
     a = p.parse_args(argv)
-    from .data import extract_codes, load_dataset, sha256_file
-    from .lit import load_tokenizer
+    from .checkpoint import load_tokenizer, sha256_file
+    from .data import extract_codes, load_dataset
 
     dev = _device(a.device)
     tok, ckpt = load_tokenizer(a.tokenizer, dev)
@@ -199,8 +206,9 @@ def _rename_flags(argv: list[str], mapping: dict[str, str]) -> list[str]:
 def cmd_fit(argv: list[str]) -> int:
     import torch
 
-    from .data import atomic_write_text
-    from .lit import BestCheckpoint, CodeDataModule, LitGPT
+    from .checkpoint import atomic_write_text
+    from .data import CodeDataModule
+    from .lit import BestCheckpoint, LitGPT
     from .model import cost_report
 
     def extra(parser):
@@ -307,14 +315,10 @@ def cmd_info(argv: list[str]) -> int:
 def cmd_fit_classifier(argv: list[str]) -> int:
     import torch
 
-    from .data import atomic_torch_save, atomic_write_text
-    from .lit import (
-        CKPT_FORMAT_CLASSIFIER,
-        ImageDataModule,
-        LitClassifier,
-        classifier_accuracy,
-        package_version,
-    )
+    from .checkpoint import atomic_torch_save, atomic_write_text, classifier_checkpoint
+    from .data import ImageDataModule
+    from .lit import LitClassifier
+    from .metrics import classifier_accuracy
 
     def extra(parser):
         parser.add_argument(
@@ -356,9 +360,9 @@ def cmd_fit_classifier(argv: list[str]) -> int:
                "train_seconds": round(time.time() - t0, 1), "epochs": trainer.current_epoch,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
     net = net.cpu()
-    ckpt = {"format": CKPT_FORMAT_CLASSIFIER, "movegen_version": package_version(), "hparams": net.hparams(),
-            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "dataset": dm.name,
-            "image_size": int(x0.shape[-1]), "fit": dm.fit, "metrics": metrics}  # fmt: skip
+    ckpt = classifier_checkpoint(
+        net, dataset=dm.name, image_size=x0.shape[-1], fit=dm.fit, metrics=metrics
+    )
     atomic_torch_save(ckpt, out / "classifier.ckpt")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     log.info("classifier on %s: test accuracy %.2f%% (val %.2f%%); wrote %s", dm.name, 100 * metrics["test_accuracy"],
@@ -422,11 +426,10 @@ def cmd_sample(argv: list[str]) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from .data import save_image_grid
+    from .checkpoint import load_model_and_tokenizer, save_image_grid
     from .sample import generate_images
 
     dev = _device(a.device)
-    from .evaluate import load_model_and_tokenizer
 
     model, ckpt, tok, tck = load_model_and_tokenizer(a.model, a.tokenizer, dev)
     classes = _parse_classes(a.classes, model.config.num_classes)
@@ -502,7 +505,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     _add_sampling_args(p)
     p.add_argument("--out", required=True, help="results folder: one <run-name>.json per model")
     a = p.parse_args(argv)
-    from .data import atomic_write_text
+    from .checkpoint import atomic_write_text
     from .evaluate import evaluate_model
 
     dev = _device(a.device)

@@ -134,8 +134,7 @@ def test_sample_cli_grid_and_errors(digits_models, tmp_path, caplog):
 
 
 def test_sample_rejects_mismatched_tokenizer(digits_models, tmp_path, caplog):
-    from movegen.data import atomic_torch_save
-    from movegen.lit import tokenizer_checkpoint
+    from movegen.checkpoint import atomic_torch_save, tokenizer_checkpoint
     from movegen.tokenizer import TokenizerConfig, VQTokenizer
 
     tok = VQTokenizer(
@@ -191,8 +190,7 @@ def test_evaluate_and_report(digits_models, tmp_path):
 
 
 def test_sample_rejects_a_retrained_tokenizer(digits_models, tmp_path, caplog):
-    from movegen.data import atomic_torch_save
-    from movegen.lit import load_tokenizer, tokenizer_checkpoint
+    from movegen.checkpoint import atomic_torch_save, load_tokenizer, tokenizer_checkpoint
 
     tok, ckpt = load_tokenizer(digits_models["dir"] / "tok/tokenizer.ckpt")
     with torch.no_grad():
