@@ -68,7 +68,8 @@ def main() -> None:
 
     import lightning as L
 
-    from movegen.lit import CodeDataModule, LitGPT
+    from movegen.data import CodeDataModule
+    from movegen.lit import LitGPT
     from movegen.model import GPTConfig
 
     if a.smoke:

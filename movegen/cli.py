@@ -62,7 +62,7 @@ _TRAINER_COMMON = {"enable_checkpointing": False, "enable_model_summary": False}
 
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)  # fmt: skip
+                        datefmt="%H:%M:%S")  # fmt: skip
     # third-party chatter (device summaries, seeds, font caches) stays below INFO
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
                   "matplotlib", "PIL"):  # fmt: skip
@@ -98,7 +98,7 @@ def _gpu_name() -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from .data import atomic_write_text
+    from .checkpoint import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2))
 
@@ -139,8 +139,8 @@ def fit_tokenizer(model, data, *, out: str | Path, trainer: dict[str, Any] | Non
     and write ``tokenizer.ckpt``, ``metrics.json`` and ``reconstructions.png`` into ``out``."""
     import torch
 
-    from .data import atomic_torch_save, save_image_grid
-    from .lit import evaluate_tokenizer, tokenizer_checkpoint
+    from .checkpoint import atomic_torch_save, save_image_grid, tokenizer_checkpoint
+    from .metrics import evaluate_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,8 +229,8 @@ def fit_classifier(model, data, *, out: str | Path, trainer: dict[str, Any] | No
     ``ImageDataModule``); writes ``classifier.ckpt`` and ``metrics.json`` (val/test accuracy)."""
     import torch
 
-    from .data import atomic_torch_save
-    from .lit import classifier_accuracy, classifier_checkpoint
+    from .checkpoint import atomic_torch_save, classifier_checkpoint
+    from .metrics import classifier_accuracy
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,9 +347,9 @@ def extract_codes(
         device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
         overwrite: replace an existing store at ``out``.
     """
+    from .checkpoint import load_tokenizer, sha256_file
     from .data import extract_codes as _extract
-    from .data import load_dataset, sha256_file
-    from .lit import load_tokenizer
+    from .data import load_dataset
 
     dev = _device(device)
     tok, ckpt = load_tokenizer(tokenizer, dev)
@@ -466,8 +466,7 @@ def sample(
     """
     import torch
 
-    from .data import save_image_grid
-    from .evaluate import load_model_and_tokenizer
+    from .checkpoint import load_model_and_tokenizer, save_image_grid
     from .sample import generate_images
 
     if per_class < 1 or batch_size < 1:

@@ -1,6 +1,10 @@
 """Evaluation of trained models: samples -> FID / IS / KID (+ bits per token) for one checkpoint.
 
-Used by ``movegen evaluate`` and ``movegen sample``; the scores themselves live in ``metrics.py``.
+Used by ``movegen evaluate``; the scores themselves live in ``metrics.py``, the loaders in
+``checkpoint.py``.
+
+Imports run one way: this module imports ``checkpoint``, ``data``, ``metrics``, ``model`` and
+``sample`` (never ``lit``: evaluation needs no training layer); ``cli`` imports it.
 """
 
 from __future__ import annotations
@@ -9,43 +13,22 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import atomic_path, load_model_and_tokenizer
+from .data import CodeStore, load_dataset
+from .metrics import bits_per_token, build_extractors, extract_features, reference_features, score
+from .model import cost_report
+from .sample import generate_images
+
 log = logging.getLogger(__name__)
-
-
-def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, device: str):
-    from .data import sha256_file
-    from .lit import load_model, load_tokenizer
-
-    model, ckpt = load_model(model_path, device)
-    recorded = ckpt["code_store"].get("tokenizer_path")
-    path = tokenizer_path or recorded
-    if not path or not Path(path).is_file():
-        raise FileNotFoundError(
-            f"tokenizer {path!r} (recorded in {model_path}) not found; pass --tokenizer DIR/tokenizer.ckpt"
-        )
-    tok, tck = load_tokenizer(path, device)
-    if tok.codebook_size != model.config.vocab_size:
-        raise ValueError(f"tokenizer {path} has codebook size {tok.codebook_size} but the model was trained "
-                         f"on K = {model.config.vocab_size}; pass the tokenizer the codes came from")  # fmt: skip
-    if tok.config.latent_size**2 != model.config.seq_len:
-        raise ValueError(f"tokenizer {path} gives {tok.config.latent_size}^2 tokens per image; the model expects "
-                         f"{model.config.seq_len}")  # fmt: skip
-    want = ckpt["code_store"].get("tokenizer_sha256")
-    if want and sha256_file(path) != want:
-        raise ValueError(
-            f"tokenizer {path} is not the one the model's codes came from (sha256 differs from "
-            f"{want[:12]}..., recorded in {model_path}); its codes mean other things. Pass the "
-            f"original tokenizer with --tokenizer (recorded path: {recorded})"
-        )
-    tck["path"], tck["sha256"] = str(Path(path).resolve()), want or sha256_file(path)
-    return model, ckpt, tok, tck
 
 
 def content_crop(images, tck: dict):
     """Bring generated images to the dataset's native size, as the reference images are: undo the
     tokenizer's padding (``fit='pad'``) or resize back (``fit='resize'``)."""
-    import torch.nn.functional as F
-
     ds = tck.get("dataset", {})
     native = ds.get("native_size")
     if not native or images.shape[-1] == native:
@@ -63,13 +46,6 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
                    batch_size: int = 256, tokenizer: str | None = None, ref_split: str = "train",
                    cache_dir: str | None = None, inception_weights: str | None = None, data_root: str | None = None,
                    val_codes: str | None = None, export_npz: str | None = None) -> dict:  # fmt: skip
-    import numpy as np
-    import torch
-
-    from .data import load_dataset
-    from .metrics import build_extractors, extract_features, reference_features, score
-    from .sample import generate_images
-
     model, ckpt, tok, tck = load_model_and_tokenizer(model_path, tokenizer, device)
     feat_mod, logit_mod, fdesc = build_extractors(features, inception_weights, device)
     C = model.config.num_classes
@@ -101,9 +77,6 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
     scores = score(real, fake, logits, seed=seed)
     bits = ckpt["metrics"].get("val_bits_per_token")
     if val_codes:
-        from .data import CodeStore
-        from .metrics import bits_per_token
-
         bits = bits_per_token(model, CodeStore(val_codes), device=device)
     run = Path(model_path).resolve().parent.name
     result = {
@@ -115,8 +88,6 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         "train_step": ckpt["train"].get("step"), "dataset": dsname, "tokenizer_path": tck.get("path"),
         "tokenizer_sha256": tck.get("sha256"),
     }  # fmt: skip
-    from .model import cost_report
-
     result.update(cost_report(model.config))
     if export_npz:
         arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -131,10 +102,6 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
 
 
 def write_npz(path, images, labels) -> None:
-    import numpy as np
-
-    from .data import atomic_path
-
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(
             tmp, arr_0=images, arr_1=labels

@@ -1,7 +1,12 @@
-"""LightningModules and DataModules: the tokenizer, the AR model and the evaluation classifier.
+"""LightningModules and callbacks: the tokenizer, the AR model and the evaluation classifier.
 
-The model files (``tokenizer.py``, ``model.py``, ``move.py``) know nothing of Lightning; this file
-wraps them with losses, optimisers, schedules and logging.
+The model files (``tokenizer.py``, ``model.py``, ``move.py``, ``classifier.py``) know nothing of
+Lightning; this file wraps them with losses, optimisers, schedules and logging.
+
+Imports run one way (DESIGN §6): this module imports the model files, ``metrics`` (the
+tokenizer's validation scores) and ``checkpoint`` (the best-model checkpoint); ``cli`` imports
+it. The DataModules live with the data (``movegen.data``), the scores in ``metrics``, the
+checkpoint formats and loaders in ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -10,14 +15,19 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .data import CodeStore, load_dataset, split_holdout
+from .checkpoint import atomic_torch_save, model_checkpoint
+from .classifier import SmallCNN
+from .metrics import reduce_tokenizer_stats, tokenizer_batch_stats
+from .model import GPT, GPTConfig, RMSNorm
+from .move import LaVETable, MoVEBank
 from .tokenizer import (
     PatchDiscriminator,
     TokenizerConfig,
@@ -28,19 +38,6 @@ from .tokenizer import (
 )
 
 log = logging.getLogger(__name__)
-
-CKPT_FORMAT_TOKENIZER = "movegen.tokenizer/1"
-CKPT_FORMAT_MODEL = "movegen.model/1"
-CKPT_FORMAT_CLASSIFIER = "movegen.classifier/1"
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("movegen")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def schedule_length(trainer) -> int:
@@ -64,61 +61,6 @@ def warmup_cosine(
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-# =========================================================================== images
-
-
-class ImageDataModule(L.LightningDataModule):
-    """A named image dataset (see ``movegen.data``) as train/val loaders."""
-
-    def __init__(
-        self,
-        name: str = "digits",
-        data_root: str | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        fit: str = "pad",
-        image_size: int | None = None,
-        channels: int | None = None,
-    ):
-        """
-        Args:
-            name: dataset name: digits, fashion-mnist, mnist, cifar10 or folder:<path>.
-            data_root: where torchvision datasets live (or the idx files of (fashion-)mnist).
-            batch_size: images per batch.
-            num_workers: DataLoader workers.
-            fit: how images reach the tokenizer's size: 'pad' (with background) or 'resize'.
-            image_size: image side; defaults to the tokenizer's image_size.
-            channels: image channels; defaults to the tokenizer's.
-        """
-        super().__init__()
-        self.name, self.data_root, self.batch_size = name, data_root, batch_size
-        self.num_workers, self.fit, self.image_size, self.channels = (
-            num_workers,
-            fit,
-            image_size,
-            channels,
-        )
-
-    def dataset(self, split: str):
-        return load_dataset(self.name, split, data_root=self.data_root, image_size=self.image_size,
-                            fit=self.fit, channels=self.channels)  # fmt: skip
-
-    def setup(self, stage: str | None = None):
-        if not hasattr(self, "train_set"):
-            self.train_set = self.dataset("train")
-            self.val_set = self.dataset("val")
-
-    def _loader(self, ds, shuffle: bool):
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=shuffle and len(ds) > self.batch_size, persistent_workers=self.num_workers > 0)  # fmt: skip
-
-    def train_dataloader(self):
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, False)
-
-
 # =========================================================================== tokenizer
 
 
@@ -134,7 +76,7 @@ class LitTokenizer(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        rec_loss: str = "l1",
+        rec_loss: Literal["l1", "l2"] = "l1",
         quantizer_weight: float = 1.0,
         disc_weight: float = 0.0,
         disc_start: int = 0,
@@ -240,220 +182,48 @@ class LitTokenizer(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in m.items()}, prog_bar=True)
 
 
-@torch.no_grad()
-def tokenizer_batch_stats(tok: VQTokenizer, x: torch.Tensor, content=None) -> dict:
-    was = tok.training
-    tok.eval()
-    zq, codes, _ = tok.quantize(x)
-    recon = tok.decoder(zq).clamp(-1, 1)
-    tok.train(was)
-    a, b = (content(recon), content(x)) if content else (recon, x)
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return {"psnr_sum": (10 * torch.log10(4.0 / mse)).sum().item(), "n": len(x),
-            "hist": torch.bincount(codes.flatten().cpu(), minlength=tok.codebook_size)}  # fmt: skip
-
-
-def reduce_tokenizer_stats(stats: dict, K: int) -> dict[str, float]:
-    hist = torch.stack(stats["hist"]).sum(0).double()
-    p = hist / hist.sum()
-    ent = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"psnr": sum(stats["psnr_sum"]) / sum(stats["n"]),
-            "codebook_usage": (hist > 0).double().mean().item(), "perplexity": ent.exp().item()}  # fmt: skip
-
-
-@torch.no_grad()
-def evaluate_tokenizer(
-    tok: VQTokenizer, dataset, batch_size: int = 512, device="cpu"
-) -> dict[str, float]:
-    """PSNR (over the dataset's original pixels), codebook usage and perplexity on a split."""
-    stats: dict[str, list] = {}
-    content = getattr(dataset, "content", None)
-    for x, _ in DataLoader(dataset, batch_size=batch_size):
-        for k, v in tokenizer_batch_stats(tok, x.to(device), content).items():
-            stats.setdefault(k, []).append(v)
-    return reduce_tokenizer_stats(stats, tok.codebook_size)
-
-
-def tokenizer_checkpoint(tok: VQTokenizer, *, dataset: dict, metrics: dict) -> dict:
-    return {
-        "format": CKPT_FORMAT_TOKENIZER,
-        "movegen_version": package_version(),
-        "config": tok.config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in tok.state_dict().items()},
-        "dataset": dataset,
-        "metrics": metrics,
-    }
-
-
-def load_checkpoint(path: str | Path, expected_format: str) -> dict:
-    """Load a movegen checkpoint strictly (``weights_only=True``) and check what it is."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{path} is not a movegen checkpoint (could not load it safely: {type(e).__name__}: {e})"
-        ) from e
-    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
-    if fmt != expected_format:
-        raise ValueError(
-            f"{path} is not a {expected_format.split('/')[0]} checkpoint (format {fmt!r}); "
-            f"pass the file written by the matching movegen command"
-        )
-    return ckpt
-
-
-def load_tokenizer(path: str | Path, device="cpu") -> tuple[VQTokenizer, dict]:
-    """A trained tokenizer from ``tokenizer.ckpt`` (strict), in eval mode, and its checkpoint dict."""
-    ckpt = load_checkpoint(path, CKPT_FORMAT_TOKENIZER)
-    tok = VQTokenizer(TokenizerConfig(**ckpt["config"]))
-    tok.load_state_dict(ckpt["state_dict"], strict=True)
-    return tok.to(device).eval(), ckpt
-
-
 # =========================================================================== AR model
 
-from torch.utils.data import Dataset  # noqa: E402
 
-from .model import GPT, GPTConfig  # noqa: E402
-
-
-class FlatViews(Dataset):
-    """Every (item, view) pair of a code store as one index: ``i -> (codes[i // V, i % V], label)``.
-    A seeded sampler over this set picks a random view per sample deterministically."""
-
-    def __init__(self, store: CodeStore, indices: np.ndarray, views: int | None = None):
-        self.store, self.indices = store, np.asarray(indices)
-        self.views = store.views if views is None else views
-
-    def __len__(self) -> int:
-        return len(self.indices) * self.views
-
-    def __getitem__(self, i: int):
-        j, v = int(self.indices[i // self.views]), i % self.views
-        return torch.from_numpy(self.store.codes[j, v].astype(np.int64)), int(self.store.labels[j])
+# Weight decay by module type: matrices of linear maps decay; lookup tables (token and class
+# embeddings, the MoVE bank, LaVE tables) and norm gains never do, for every variant alike
+# (DESIGN §2), so comparisons between memory kinds stay controlled.
+DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.Linear,)
+NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Embedding,
+    MoVEBank,
+    LaVETable,
+    RMSNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
+)
 
 
-class ViewSampler(torch.utils.data.Sampler):
-    """Each epoch: every item once, in a seeded random order, each with a random view; yields
-    :class:`FlatViews` indices ``item * views + view``. The same seed gives the same order for
-    every arm (model init does not touch this generator)."""
-
-    def __init__(self, n_items: int, views: int, seed: int = 0):
-        self.n, self.views, self.seed, self.epoch = n_items, views, seed, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1  # a fresh order next time even if nobody calls set_epoch
-        order = torch.randperm(self.n, generator=g)
-        view = torch.randint(self.views, (self.n,), generator=g)
-        return iter((order * self.views + view).tolist())
-
-
-class CodeDataModule(L.LightningDataModule):
-    """A code store as training data (a random view per sample) and held-out validation codes
-    (view 0): either a separate store (``val_codes``) or a seeded fraction of the training store."""
-
-    def __init__(
-        self,
-        codes: str = "",
-        val_codes: str | None = None,
-        val_fraction: float = 0.05,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-    ):
-        """
-        Args:
-            codes: code store of the training split (``movegen extract-codes``).
-            val_codes: code store of held-out codes; default: hold out ``val_fraction`` of ``codes``.
-            val_fraction: fraction held out when ``val_codes`` is not given.
-            batch_size: sequences per batch (per device).
-            num_workers: DataLoader workers.
-            seed: seed of the held-out split and of the data order (the same for every arm).
-        """
-        super().__init__()
-        self.codes, self.val_codes, self.val_fraction = codes, val_codes, val_fraction
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.store: CodeStore | None = None
-
-    def prepare(self) -> None:
-        if self.store is not None:
-            return
-        if not self.codes:
-            raise ValueError(
-                "no code store given: pass --codes CODES (from `movegen extract-codes`)"
-            )
-        self.store = CodeStore(self.codes)
-        if self.val_codes:
-            self.val_store = CodeStore(self.val_codes)
-            for key in ("codebook_size", "h", "w", "tokenizer_sha256"):
-                if self.val_store.header.get(key) != self.store.header.get(key):
-                    raise ValueError(f"val_codes {self.val_codes} differs from codes in {key!r}: "
-                                     f"{self.val_store.header.get(key)} vs {self.store.header.get(key)}")  # fmt: skip
-            self.train_idx, self.val_idx = (
-                np.arange(len(self.store)),
-                np.arange(len(self.val_store)),
-            )
-        else:
-            self.val_store = self.store
-            self.train_idx, self.val_idx = split_holdout(
-                len(self.store), self.val_fraction, self.seed
-            )
-
-    def check(self, cfg: GPTConfig) -> None:
-        """A clear error before training when the store does not fit the model config."""
-        self.prepare()
-        s = self.store
-        problems = []
-        if s.codebook_size != cfg.vocab_size:
-            problems.append(
-                f"codebook size {s.codebook_size} (store) vs vocab_size {cfg.vocab_size} (model)"
-            )
-        if s.num_classes != cfg.num_classes:
-            problems.append(
-                f"{s.num_classes} classes (store) vs num_classes {cfg.num_classes} (model)"
-            )
-        if s.seq_len != cfg.seq_len:
-            problems.append(
-                f"{s.seq_len} tokens per image (store) vs seq_len {cfg.seq_len} (model)"
-            )
-        if problems:
-            raise ValueError(f"code store {self.codes} does not match the model config: " + "; ".join(problems)
-                             + ". Use a config made for this tokenizer or override --model.config.*")  # fmt: skip
-
-    def setup(self, stage: str | None = None):
-        self.prepare()
-
-    def train_dataloader(self):
-        ds = FlatViews(self.store, self.train_idx)
-        sampler = ViewSampler(len(self.train_idx), self.store.views, self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
-
-    def val_dataloader(self):
-        ds = FlatViews(self.val_store, self.val_idx, views=1)
-        return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-        )
-
-
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: never on norms, embeddings, the MoVE bank or LaVE tables."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_table = name.startswith(("tok_emb", "cls_emb", "bank")) or ".table." in name
-        (decay if p.ndim == 2 and not is_table else no_decay).append(p)
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups ``[decay, no_decay]``: weight decay on ``nn.Linear`` weights only, never on
+    norms, embeddings, the MoVE bank or LaVE tables (biases, if any, do not decay either).
+    Raises for a parameter of a module type without a rule; every trainable parameter lands in
+    exactly one group."""
+    decay, no_decay, seen = [], [], set()
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, DECAY_MODULES) and pname == "weight":
+                decay.append(p)
+            elif isinstance(module, DECAY_MODULES + NO_DECAY_MODULES):
+                no_decay.append(p)
+            else:
+                raise TypeError(
+                    f"no weight-decay rule for {mname}.{pname} ({type(module).__name__}); "
+                    "add its module type to DECAY_MODULES or NO_DECAY_MODULES in movegen/lit.py"
+                )
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [id(p) for p in decay + no_decay]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == trainable, (
+        "groups must partition the parameters"
+    )
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -471,7 +241,7 @@ class LitGPT(L.LightningModule):
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
-        schedule: str = "cosine",
+        schedule: Literal["cosine", "constant"] = "cosine",
         min_lr_ratio: float = 0.1,
         ema_decay: float = 0.0,
         compile: bool = False,
@@ -497,8 +267,6 @@ class LitGPT(L.LightningModule):
         self.model = GPT(config)
         self.ema = None
         if ema_decay > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
             self.ema.requires_grad_(False)
         self._fwd = None
@@ -577,28 +345,6 @@ class LitGPT(L.LightningModule):
         self.train_tokens = checkpoint.get("train_tokens", 0)
 
 
-def model_checkpoint(model: GPT, *, header: dict, train: dict, metrics: dict) -> dict:
-    """The self-describing ``model.ckpt``: config, code-store header (tokenizer path and hash),
-    training facts, metrics, package version."""
-    return {
-        "format": CKPT_FORMAT_MODEL,
-        "movegen_version": package_version(),
-        "config": model.config.to_dict(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "code_store": header,
-        "train": train,
-        "metrics": metrics,
-    }
-
-
-def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
-    """A trained AR model from ``model.ckpt`` (strict, ``weights_only``), in eval mode."""
-    ckpt = load_checkpoint(path, CKPT_FORMAT_MODEL)
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    return model.to(device).eval(), ckpt
-
-
 class BestCheckpoint(L.Callback):
     """Keeps ``DIR/model.ckpt`` at the best validation loss (written atomically) and a history."""
 
@@ -619,8 +365,6 @@ class BestCheckpoint(L.Callback):
                "train_tokens": pl_module.train_tokens}  # fmt: skip
         self.history.append(rec)
         if loss < self.best and trainer.is_global_zero:
-            from .data import atomic_torch_save
-
             self.best, self.best_step = loss, trainer.global_step
             ckpt = model_checkpoint(pl_module.eval_model(), header=self.header,
                                     train={"step": trainer.global_step, "train_tokens": pl_module.train_tokens,
@@ -630,8 +374,6 @@ class BestCheckpoint(L.Callback):
 
 
 # =========================================================================== classifier
-
-from .metrics import SmallCNN  # noqa: E402
 
 
 class LitClassifier(L.LightningModule):
@@ -690,13 +432,3 @@ class LitClassifier(L.LightningModule):
         logits = self.net(x)
         self.log_dict({"val/loss": F.cross_entropy(logits, y), "val/acc": (logits.argmax(-1) == y).float().mean()},
                       prog_bar=True, batch_size=len(x))  # fmt: skip
-
-
-@torch.no_grad()
-def classifier_accuracy(net: SmallCNN, dataset, device="cpu", batch_size: int = 1000) -> float:
-    net = net.to(device).eval()
-    right = n = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        right += (net(x.to(device)).argmax(-1).cpu() == y).sum().item()
-        n += len(y)
-    return right / max(n, 1)

@@ -11,13 +11,19 @@ Two feature sets (never mixed in one column of a report):
   for MNIST-like data.
 
 Reference features of the real images are computed once per (dataset, split, resolution,
-feature set) and cached as a ``.pt`` file.
+feature set) and cached as a ``.pt`` file. The tokenizer's scores (PSNR, codebook usage,
+perplexity) and the classifier's accuracy live here too, beside the other scores.
+
+Imports run one way: this module imports ``checkpoint`` (the classifier loader, atomic writes) and
+the model files (``tokenizer``, ``classifier``); ``lit`` and ``evaluate`` import it. Heavy
+optional libraries (torchmetrics, scipy, tqdm) are imported inside the functions that use them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -25,47 +31,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .checkpoint import atomic_torch_save, load_classifier, sha256_file
+from .classifier import SmallCNN
+from .tokenizer import VQTokenizer
 
 log = logging.getLogger(__name__)
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 
 
-# --------------------------------------------------------------------------- the classifier
-
-
-class SmallCNN(nn.Module):
-    """A small CNN classifier: three conv stages, global average pool, a ``feature_dim`` layer
-    (the FID/KID features) and the class logits (the IS features). Images in [-1, 1]."""
-
-    def __init__(self, num_classes: int = 10, channels: int = 1, image_size: int = 28, width: int = 32,
-                 feature_dim: int = 128, dropout: float = 0.3):  # fmt: skip
-        super().__init__()
-        self.num_classes, self.channels, self.image_size = num_classes, channels, image_size
-        self.width, self.feature_dim, self.dropout_p = width, feature_dim, dropout
-
-        def stage(cin, cout, pool):
-            layers = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                      nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]  # fmt: skip
-            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
-
-        pools = [image_size >= 16, image_size >= 8, False]
-        self.body = nn.Sequential(stage(channels, width, pools[0]), stage(width, 2 * width, pools[1]),
-                                  stage(2 * width, 4 * width, pools[2]))  # fmt: skip
-        self.fc = nn.Linear(4 * width, feature_dim)
-        self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(feature_dim, num_classes)
-
-    def hparams(self) -> dict:
-        return {"num_classes": self.num_classes, "channels": self.channels, "image_size": self.image_size,
-                "width": self.width, "feature_dim": self.feature_dim, "dropout": self.dropout_p}  # fmt: skip
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, S, S) -> (B, feature_dim)`` (after ReLU)."""
-        return F.relu(self.fc(self.body(x).mean(dim=(2, 3))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.drop(self.features(x)))
+# --------------------------------------------------------------------------- classifier features
 
 
 class ClassifierFeatures(nn.Module):
@@ -100,15 +77,6 @@ def prepare_images(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
             x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
     return x
-
-
-def load_classifier(path: str | os.PathLike) -> tuple[SmallCNN, dict]:
-    from .lit import CKPT_FORMAT_CLASSIFIER, load_checkpoint
-
-    ckpt = load_checkpoint(path, CKPT_FORMAT_CLASSIFIER)
-    net = SmallCNN(**ckpt["hparams"])
-    net.load_state_dict(ckpt["state_dict"], strict=True)
-    return net.eval(), ckpt
 
 
 # --------------------------------------------------------------------------- Inception
@@ -162,8 +130,6 @@ def build_extractors(
         desc = {"features": "inception", "weights": w, "id": f"inception-{Path(w).name}"}
         return InceptionFeatures(w).to(device), InceptionFeatures(w, "logits").to(device), desc
     if spec.startswith("classifier:"):
-        from .data import sha256_file
-
         path = spec.split(":", 1)[1]
         net, ckpt = load_classifier(path)
         sha = sha256_file(path)
@@ -199,8 +165,6 @@ def reference_features(module: nn.Module, key: dict, load_images, cache_dir: str
     """Real-image features for ``key`` (dataset, split, resolution, feature id), from the cache
     when present. ``load_images()`` yields batches of real images in [-1, 1]. Returns
     ``(features, cache_hit)``."""
-    from .data import atomic_torch_save
-
     digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:16]
     path = (
         Path(cache_dir)
@@ -332,8 +296,6 @@ def memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tens
 @torch.no_grad()
 def bits_per_token(model, store, *, batch_size: int = 256, device="cpu", view: int = 0) -> float:
     """Mean validation NLL in bits per token of ``model`` on a code store (one view)."""
-    import math
-
     was = model.training
     model.eval()
     total, n = 0.0, 0
@@ -349,17 +311,72 @@ def bits_per_token(model, store, *, batch_size: int = 256, device="cpu", view: i
     return total / max(n, 1) / math.log(2)
 
 
+# --------------------------------------------------------------------------- tokenizer and classifier
+
+
+@torch.no_grad()
+def tokenizer_batch_stats(tok: VQTokenizer, x: torch.Tensor, content=None) -> dict:
+    """Sums over one batch in eval mode: PSNR (over ``content(...)`` when given, e.g. the
+    dataset's original pixels), image count and the code histogram."""
+    was = tok.training
+    tok.eval()
+    zq, codes, _ = tok.quantize(x)
+    recon = tok.decoder(zq).clamp(-1, 1)
+    tok.train(was)
+    a, b = (content(recon), content(x)) if content else (recon, x)
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return {"psnr_sum": (10 * torch.log10(4.0 / mse)).sum().item(), "n": len(x),
+            "hist": torch.bincount(codes.flatten().cpu(), minlength=tok.codebook_size)}  # fmt: skip
+
+
+def reduce_tokenizer_stats(stats: dict, K: int) -> dict[str, float]:
+    """Batch sums of :func:`tokenizer_batch_stats` (lists per key) -> PSNR, codebook usage and
+    perplexity."""
+    hist = torch.stack(stats["hist"]).sum(0).double()
+    p = hist / hist.sum()
+    ent = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"psnr": sum(stats["psnr_sum"]) / sum(stats["n"]),
+            "codebook_usage": (hist > 0).double().mean().item(), "perplexity": ent.exp().item()}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    tok: VQTokenizer, dataset, batch_size: int = 512, device="cpu"
+) -> dict[str, float]:
+    """PSNR (over the dataset's original pixels), codebook usage and perplexity on a split."""
+    stats: dict[str, list] = {}
+    content = getattr(dataset, "content", None)
+    for x, _ in DataLoader(dataset, batch_size=batch_size):
+        for k, v in tokenizer_batch_stats(tok, x.to(device), content).items():
+            stats.setdefault(k, []).append(v)
+    return reduce_tokenizer_stats(stats, tok.codebook_size)
+
+
+@torch.no_grad()
+def classifier_accuracy(net: SmallCNN, dataset, device="cpu", batch_size: int = 1000) -> float:
+    """Top-1 accuracy of the classifier on a dataset split."""
+    net = net.to(device).eval()
+    right = n = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        right += (net(x.to(device)).argmax(-1).cpu() == y).sum().item()
+        n += len(y)
+    return right / max(n, 1)
+
+
 __all__ = [
-    "bits_per_token",
     "ClassifierFeatures",
-    "SmallCNN",
+    "bits_per_token",
     "build_extractors",
+    "classifier_accuracy",
+    "evaluate_tokenizer",
     "extract_features",
     "fid_float64_scipy",
     "fid_from_features",
     "find_inception_weights",
     "memorisation",
     "precision_recall",
+    "reduce_tokenizer_stats",
     "reference_features",
     "score",
+    "tokenizer_batch_stats",
 ]

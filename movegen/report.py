@@ -10,6 +10,8 @@ import json
 import logging
 from pathlib import Path
 
+from .checkpoint import atomic_path, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 COLUMNS = [
@@ -85,8 +87,6 @@ def _plot(rows, x_key, y_keys, xlabel, path, logx=False):
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    from .data import atomic_path
-
     try:
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=110, format="png")
@@ -96,8 +96,6 @@ def _plot(rows, x_key, y_keys, xlabel, path, logx=False):
 
 def write_report(results: str | Path, out: str | Path) -> Path:
     """Write ``out/README.md`` and the PNG plots; returns the README path."""
-    from .data import atomic_write_text
-
     rows = load_results(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

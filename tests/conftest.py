@@ -90,9 +90,9 @@ def digits_models(digits_pipeline):
                 "fit",
                 "--config",
                 str(ROOT / f"configs/digits/{arm}.yaml"),
-                "--codes",
+                "--data.codes",
                 str(digits_pipeline["codes"]),
-                "--val-codes",
+                "--data.val_codes",
                 str(digits_pipeline["val_codes"]),
                 "--out",
                 str(d / arm),
@@ -109,7 +109,7 @@ def digits_models(digits_pipeline):
     rc = main(
         [
             "fit-classifier",
-            "--data",
+            "--data.name",
             "digits",
             "--out",
             str(d / "classifier"),

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from movegen.cli import load_model_config
-from movegen.lit import CodeDataModule, ImageDataModule, LitGPT, LitTokenizer
+from movegen.data import CodeDataModule, ImageDataModule
+from movegen.lit import LitGPT, LitTokenizer
 from movegen.model import cost_report
 
 ROOT = Path(__file__).resolve().parents[1]

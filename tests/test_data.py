@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from movegen import data as D
+from movegen.data import images as DI
 
 
 def test_digits_splits_are_disjoint_stratified_and_shaped():
@@ -30,7 +31,7 @@ def test_digits_padding_and_content_crop():
 
 
 @pytest.mark.skipif(
-    D._find_idx_files(map(__import__("pathlib").Path, D.FASHION_DIRS)) is None,
+    DI._find_idx_files(map(__import__("pathlib").Path, DI.FASHION_DIRS)) is None,
     reason="Debian's dataset-fashion-mnist is not installed",
 )
 def test_fashion_mnist_splits_and_shapes():
@@ -45,7 +46,7 @@ def test_fashion_mnist_splits_and_shapes():
 def test_missing_fashion_mnist_error_names_both_ways(monkeypatch, tmp_path):
     import torchvision
 
-    monkeypatch.setattr(D, "FASHION_DIRS", (str(tmp_path / "nowhere"),))
+    monkeypatch.setattr(DI, "FASHION_DIRS", (str(tmp_path / "nowhere"),))
 
     def offline(*a, **k):
         raise RuntimeError("no network")

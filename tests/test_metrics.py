@@ -97,11 +97,11 @@ def test_sample_cli_grid_and_errors(digits_models, tmp_path, caplog):
             ckpt,
             "--classes",
             "0,3,7",
-            "--per-class",
+            "--per_class",
             "4",
             "--out",
             str(tmp_path / "g.png"),
-            "--out-dir",
+            "--out_dir",
             str(tmp_path / "single"),
             "--device",
             "cpu",
@@ -134,8 +134,7 @@ def test_sample_cli_grid_and_errors(digits_models, tmp_path, caplog):
 
 
 def test_sample_rejects_mismatched_tokenizer(digits_models, tmp_path, caplog):
-    from movegen.data import atomic_torch_save
-    from movegen.lit import tokenizer_checkpoint
+    from movegen.checkpoint import atomic_torch_save, tokenizer_checkpoint
     from movegen.tokenizer import TokenizerConfig, VQTokenizer
 
     tok = VQTokenizer(
@@ -159,15 +158,15 @@ def test_sample_rejects_mismatched_tokenizer(digits_models, tmp_path, caplog):
 
 
 def _evaluate(models, digits_models, tmp_path, out, *extra):
-    args = ["evaluate", "--model", *models, "--features", f"classifier:{digits_models['classifier']}",
-            "--num-samples", "200", "--cfg-scale", "1.5", "--seed", "0", "--cache-dir", str(tmp_path / "cache"),
+    args = ["evaluate", "--model", json.dumps(models), "--features", f"classifier:{digits_models['classifier']}",
+            "--num_samples", "200", "--sampling.cfg_scale", "1.5", "--seed", "0", "--cache_dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / out), "--device", "cpu", *extra]  # fmt: skip
     return main(args)
 
 
 def test_evaluate_and_report(digits_models, tmp_path):
     models = [str(digits_models["standard"]), str(digits_models["move-x1"])]
-    assert _evaluate(models, digits_models, tmp_path, "res", "--export-npz") == 0
+    assert _evaluate(models, digits_models, tmp_path, "res", "--export_npz", "true") == 0
     r = json.loads((tmp_path / "res/move-x1.json").read_text())
     keys = ("fid", "is", "kid", "val_bits_per_token", "sampling", "features", "params_total", "flops_per_token",
             "train_tokens")  # fmt: skip
@@ -183,7 +182,7 @@ def test_evaluate_and_report(digits_models, tmp_path):
     # a run scored with other features never shares a table with these
     other = dict(r, run="other-features", id="inception-x", features="inception")
     (tmp_path / "res/other.json").write_text(json.dumps(other))
-    assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["report", "--results", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 0
     text = (tmp_path / "rep/README.md").read_text()
     assert text.count("## Features:") == 2
     assert "| move-x1 |" in text and "| standard |" in text
@@ -191,8 +190,7 @@ def test_evaluate_and_report(digits_models, tmp_path):
 
 
 def test_sample_rejects_a_retrained_tokenizer(digits_models, tmp_path, caplog):
-    from movegen.data import atomic_torch_save
-    from movegen.lit import load_tokenizer, tokenizer_checkpoint
+    from movegen.checkpoint import atomic_torch_save, load_tokenizer, tokenizer_checkpoint
 
     tok, ckpt = load_tokenizer(digits_models["dir"] / "tok/tokenizer.ckpt")
     with torch.no_grad():

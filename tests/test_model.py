@@ -226,20 +226,45 @@ def test_weight_decay_only_on_matrices_not_tables():
     assert not any(p is lave.blocks[0].attn.table.weight for p in d2["params"])
 
 
+@pytest.mark.parametrize("memory,density,gated", [("none", 1, False), ("lave", 1, False),
+                                                  ("lave", 2, True), ("move", 2, True), ("move", 1, False)])  # fmt: skip
+def test_weight_decay_groups_by_module_match_the_name_rule(memory, density, gated):
+    """Grouping by module type gives the groups of the former name rule (decay: 2-D weights
+    that are not tables), and every parameter lands in exactly one group."""
+    model = GPT(tiny(memory, memory_density=density, gate_standard_path=gated))
+    decay, no_decay = optimizer_groups(model, 0.05)
+    by_name = {
+        n: p.ndim == 2 and not (n.startswith(("tok_emb", "cls_emb", "bank")) or ".table." in n)
+        for n, p in model.named_parameters()
+    }
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in decay["params"]] == [n for n, d in by_name.items() if d]
+    assert [names[id(p)] for p in no_decay["params"]] == [n for n, d in by_name.items() if not d]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+
+
+def test_weight_decay_groups_refuse_a_parameter_without_a_rule():
+    model = GPT(tiny("move"))
+    model.blocks[0].scale = torch.nn.Module()
+    model.blocks[0].scale.gain = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(TypeError, match=r"blocks\.0\.scale\.gain"):
+        optimizer_groups(model, 0.05)
+
+
 def test_tiny_model_learns_digits_codes(digits_pipeline, tmp_path):
     import json
 
+    from movegen.checkpoint import load_model
     from movegen.cli import main
-    from movegen.lit import load_model
 
     rc = main(
         [
             "fit",
             "--config",
             "configs/digits/move-x1.yaml",
-            "--codes",
+            "--data.codes",
             str(digits_pipeline["codes"]),
-            "--val-codes",
+            "--data.val_codes",
             str(digits_pipeline["val_codes"]),
             "--out",
             str(tmp_path),
@@ -270,7 +295,7 @@ def test_fit_rejects_mismatched_code_store(digits_pipeline, tmp_path):
             "fit",
             "--config",
             "configs/digits/standard.yaml",
-            "--codes",
+            "--data.codes",
             str(digits_pipeline["codes"]),
             "--out",
             str(tmp_path),
@@ -327,7 +352,7 @@ def test_compiled_training_path_equals_eager(memory):
 
 
 def test_view_sampler_covers_every_item_once_per_epoch():
-    from movegen.lit import ViewSampler
+    from movegen.data import ViewSampler
 
     s = ViewSampler(1000, 2, seed=3)
     e0, e1 = list(s), list(s)

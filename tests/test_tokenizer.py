@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
+from movegen.checkpoint import load_tokenizer
 from movegen.cli import main
 from movegen.data import load_dataset
-from movegen.lit import evaluate_tokenizer, load_tokenizer
+from movegen.metrics import evaluate_tokenizer
 from movegen.tokenizer import TokenizerConfig, VQTokenizer
 
 
@@ -106,7 +107,8 @@ def test_fit_tokenizer_metrics_json_is_json(digits_pipeline):
 def test_adversarial_loss_switches_on_and_perceptual_needs_weights(tmp_path, monkeypatch):
     import lightning as L
 
-    from movegen.lit import ImageDataModule, LitTokenizer
+    from movegen.data import ImageDataModule
+    from movegen.lit import LitTokenizer
 
     cfg = TokenizerConfig(
         image_size=8, channel_mult=(1, 2), base_channels=16, code_dim=8, codebook_size=32

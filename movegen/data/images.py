@@ -1,4 +1,4 @@
-"""Image datasets, the code store, and the DataModules that read it.
+"""Image datasets and the DataModule that feeds them to the tokenizer and the classifier.
 
 Named datasets (``load_dataset(name, split)``), all giving ``(image, label)`` with the image a
 float tensor ``(C, S, S)`` in [-1, 1]:
@@ -8,38 +8,29 @@ name               where it comes from                             splits (train
 =================  ==============================================  =====================
 ``digits``         scikit-learn's bundled 8x8 digits (embedded)    seeded stratified 80/10/10
 ``fashion-mnist``  Debian ``dataset-fashion-mnist`` or torchvision  55k / last 5k of train / 10k test
-``mnist``          torchvision (``--data-root``)                   55k / last 5k of train / 10k test
-``cifar10``        torchvision (``--data-root``)                   45k / last 5k of train / 10k test
+``mnist``          torchvision (``--data.root``)                   55k / last 5k of train / 10k test
+``cifar10``        torchvision (``--data.root``)                   45k / last 5k of train / 10k test
 ``folder:<path>``  ImageFolder tree; ``<path>/train`` and          train / val / val
                    ``<path>/val`` when present, else one tree
                    split 95/5 (seeded)
 =================  ==============================================  =====================
 
-The code store is one directory written once by :func:`extract_codes`::
-
-    codes.npy    [N, views, h*w]  uint16 when K <= 65536 (else int32), memory-mapped on read
-    labels.npy   [N]              int64
-    header.json  codebook size, h, w, views, classes, dataset, split, tokenizer path and sha256
-
-It is built under a temporary name and renamed when complete, so a crash never leaves a
-directory that has a ``header.json``.
+Imports: torch, Lightning (for :class:`ImageDataModule`), the data libraries; nothing else
+from movegen.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -54,10 +45,9 @@ FASHION_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle-boot",
 )  # fmt: skip
-STORE_FORMAT = "movegen.codes/1"
 
 
-# --------------------------------------------------------------------------- image datasets
+# --------------------------------------------------------------------------- datasets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,7 +219,7 @@ def _mnist_like(
             raise FileNotFoundError(
                 f"{name} not found: looked in {', '.join(map(str, dirs)) or '(no local folders)'} and "
                 f"torchvision's download into {root} failed ({type(e).__name__}: {e}). To fix: {how}"
-                f"put the idx files (train-images-idx3-ubyte[.gz], ...) in a folder given by --data-root, "
+                f"put the idx files (train-images-idx3-ubyte[.gz], ...) in a folder given by --data.root, "
                 "or run once with internet so torchvision can download them."
             ) from e
         images, labels = ds.data.numpy(), ds.targets.numpy().astype(np.int64)
@@ -250,7 +240,7 @@ def _cifar10(split: str, data_root: str | None) -> tuple[torch.Tensor, torch.Ten
     except Exception as e:
         raise FileNotFoundError(
             f"cifar10 not found under {root} and could not be downloaded ({e}); put torchvision's "
-            "cifar-10-batches-py folder under --data-root"
+            "cifar-10-batches-py folder under --data.root"
         ) from e
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(ds.targets, dtype=torch.int64)
@@ -345,248 +335,69 @@ def load_dataset(
     return TensorImages(images, labels, info, image_size=image_size, fit=fit, channels=channels)
 
 
-# --------------------------------------------------------------------------- code store
+# --------------------------------------------------------------------------- DataModule
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+class ImageDataModule(L.LightningDataModule):
+    """A named image dataset (see :func:`load_dataset`) as train/val loaders."""
 
-
-def code_dtype(codebook_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
-
-
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move a finished directory into place; an existing store is removed only once the new
-    one is complete."""
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def write_code_store(
-    out: str | os.PathLike,
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
-    *,
-    num_items: int,
-    views: int,
-    h: int,
-    w: int,
-    header: dict,
-    overwrite: bool = False,
-) -> Path:
-    """Write a code store from ``(codes [n, views, h*w], labels [n])`` batches, atomically.
-
-    ``num_items`` bounds the array; fewer items (e.g. unreadable images skipped) shrink it.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    K = int(header["codebook_size"])
-    dtype = code_dtype(K)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        codes = np.lib.format.open_memmap(
-            tmp / "codes.partial.npy", mode="w+", dtype=dtype, shape=(num_items, views, h * w)
+    def __init__(
+        self,
+        name: str = "digits",
+        root: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        fit: Literal["pad", "resize"] = "pad",
+        image_size: int | None = None,
+        channels: int | None = None,
+    ):
+        """
+        Args:
+            name: dataset name: digits, fashion-mnist, mnist, cifar10 or folder:<path>.
+            root: where torchvision datasets live (or the idx files of (fashion-)mnist).
+            batch_size: images per batch.
+            num_workers: DataLoader workers.
+            fit: how images reach the tokenizer's size: 'pad' (with background) or 'resize'.
+            image_size: image side; defaults to the tokenizer's image_size.
+            channels: image channels; defaults to the tokenizer's.
+        """
+        super().__init__()
+        self.name, self.root, self.batch_size = name, root, batch_size
+        self.num_workers, self.fit, self.image_size, self.channels = (
+            num_workers,
+            fit,
+            image_size,
+            channels,
         )
-        labels = np.empty(num_items, dtype=np.int64)
-        n = 0
-        for c, y in batches:
-            if c.shape[1:] != (views, h * w):
-                raise ValueError(f"code batch has shape {c.shape}, expected (n, {views}, {h * w})")
-            if c.size and (c.min() < 0 or c.max() >= K):
-                raise ValueError(f"codes out of range [0, {K}): min {c.min()}, max {c.max()}")
-            codes[n : n + len(c)] = c
-            labels[n : n + len(c)] = y
-            n += len(c)
-        codes.flush()
-        del codes
-        final = np.load(tmp / "codes.partial.npy", mmap_mode="r")[:n]
-        if n != num_items:  # shrink: rewrite the kept rows
-            np.save(tmp / "codes.npy", np.ascontiguousarray(final))
-            del final
-            os.remove(tmp / "codes.partial.npy")
-        else:
-            del final
-            os.replace(tmp / "codes.partial.npy", tmp / "codes.npy")
-        np.save(tmp / "labels.npy", labels[:n])
-        full = {"format": STORE_FORMAT, "num_items": n, "views": views, "h": h, "w": w,
-                "dtype": dtype.name, **header}  # fmt: skip
-        # header.json last: its presence marks a complete store
-        (tmp / "header.json").write_text(json.dumps(full, indent=2, sort_keys=True))
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
+    def dataset(self, split: str):
+        return load_dataset(self.name, split, data_root=self.root, image_size=self.image_size,
+                            fit=self.fit, channels=self.channels)  # fmt: skip
 
-class CodeStore:
-    """A code store on disk, memory-mapped. ``codes[i]`` is ``[views, h*w]``."""
+    def setup(self, stage: str | None = None):
+        if not hasattr(self, "train_set"):
+            self.train_set = self.dataset("train")
+            self.val_set = self.dataset("val")
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        hp = self.path / "header.json"
-        if not hp.exists():
-            raise FileNotFoundError(
-                f"{self.path} is not a code store (no header.json); create one with "
-                "`movegen extract-codes --tokenizer DIR/tokenizer.ckpt --data NAME --split SPLIT --out CODES`"
-            )
-        self.header = json.loads(hp.read_text())
-        if self.header.get("format") != STORE_FORMAT:
-            raise ValueError(
-                f"{hp} has format {self.header.get('format')!r}, expected {STORE_FORMAT!r}"
-            )
-        self.codes = np.load(self.path / "codes.npy", mmap_mode="r")
-        self.labels = np.load(self.path / "labels.npy")
-        if len(self.codes) != len(self.labels) or len(self.codes) != self.header["num_items"]:
-            raise ValueError(
-                f"{self.path}: codes ({len(self.codes)}) and labels ({len(self.labels)}) disagree"
-            )
+    def _loader(self, ds, shuffle: bool):
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          drop_last=shuffle and len(ds) > self.batch_size, persistent_workers=self.num_workers > 0)  # fmt: skip
 
-    codebook_size = property(lambda self: int(self.header["codebook_size"]))
-    num_classes = property(lambda self: int(self.header["num_classes"]))
-    seq_len = property(lambda self: int(self.header["h"]) * int(self.header["w"]))
-    views = property(lambda self: int(self.header["views"]))
+    def train_dataloader(self):
+        return self._loader(self.train_set, True)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def split_holdout(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, held-out) index split."""
-    perm = np.random.default_rng(seed).permutation(n)
-    k = max(1, int(round(n * fraction)))
-    return np.sort(perm[k:]), np.sort(perm[:k])
-
-
-@torch.no_grad()
-def extract_codes(
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    dataset: Dataset,
-    out: str | os.PathLike,
-    *,
-    codebook_size: int,
-    num_classes: int,
-    header: dict,
-    views: int = 2,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Encode every image of ``dataset`` (and its horizontal flip when ``views == 2``) with
-    ``encode: images (B, C, H, W) -> codes (B, h, w)`` into a code store at ``out``."""
-    from tqdm.auto import tqdm
-
-    if views not in (1, 2):
-        raise ValueError(
-            f"views must be 1 (original) or 2 (original + horizontal flip), got {views}"
-        )
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
-    x0 = next(x for x, _, _ in loader if len(x))
-    h, w = encode(x0[:1].to(device)).shape[-2:]
-    skipped = 0
-
-    def batches():
-        nonlocal skipped
-        for x, y, bad in tqdm(loader, desc="extract codes", disable=not progress, unit="batch"):
-            skipped += bad
-            if not len(x):
-                continue
-            x = x.to(device)
-            vs = [encode(x)]
-            if views == 2:
-                vs.append(encode(torch.flip(x, dims=[-1])))
-            c = torch.stack([v.reshape(len(x), -1) for v in vs], dim=1)  # (n, views, h*w)
-            yield c.cpu().numpy().astype(code_dtype(codebook_size)), y.numpy()
-        if skipped:  # read by write_code_store after the last batch, before it writes header.json
-            full["skipped_unreadable"] = skipped
-
-    full = {"codebook_size": codebook_size, "num_classes": num_classes, **header}
-
-    path = write_code_store(out, batches(), num_items=len(dataset), views=views, h=int(h), w=int(w),
-                            header=full, overwrite=overwrite)  # fmt: skip
-    if skipped:
-        log.warning("%d unreadable images were skipped and are not in the store", skipped)
-    return path
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ""):
-    """Yield a temporary path beside ``path``; on success the file is synced to disk, given the
-    usual permissions (0666 & ~umask; mkstemp makes 0600) and renamed to ``path``, else removed.
-    A crash never leaves a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it takes the final name
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
 
 
 __all__ = [
-    "CodeStore",
+    "DATASETS",
+    "FASHION_DIRS",
+    "SPLITS",
     "DatasetInfo",
-    "atomic_torch_save",
-    "atomic_write_text",
-    "extract_codes",
+    "FolderImages",
+    "ImageDataModule",
+    "TensorImages",
+    "collate_skip_none",
     "load_dataset",
-    "sha256_file",
-    "split_holdout",
-    "write_code_store",
 ]
-
-
-def save_image_grid(
-    images: torch.Tensor, path: str | os.PathLike, nrow: int, min_tile: int = 64
-) -> Path:
-    """Write images ``(N, C, H, W)`` in [-1, 1] as one PNG grid (``nrow`` images per row),
-    upscaled with nearest neighbours so that tiny images stay visible. Atomic."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    x = images.detach().float().cpu().clamp(-1, 1)
-    scale = max(1, -(-min_tile // x.shape[-1]))
-    if scale > 1:
-        x = F.interpolate(x, scale_factor=scale, mode="nearest")
-    # a mid-grey gap a tenth of a tile wide keeps white-on-black tiles from running together
-    pad = max(2, x.shape[-1] // 10)
-    grid = make_grid((x + 1) / 2, nrow=nrow, padding=pad, pad_value=0.5)
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    if arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
-    return Path(path)

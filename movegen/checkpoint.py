@@ -1,0 +1,271 @@
+"""Checkpoints: their formats, the builders that write them, strict loaders, and atomic writes.
+
+Every file movegen writes for a later command describes itself (``format``, package version,
+config, the data it came from) and is loaded strictly: ``torch.load(weights_only=True)``, a
+format check, ``load_state_dict(strict=True)``. A file of the wrong kind is a clear error, never
+a guess.
+
+=====================  ==========================  ============================================
+format                 written by                  built / loaded with
+=====================  ==========================  ============================================
+``movegen.tokenizer``  ``movegen fit-tokenizer``   :func:`tokenizer_checkpoint` / :func:`load_tokenizer`
+``movegen.model``      ``movegen fit``             :func:`model_checkpoint` / :func:`load_model`,
+                                                   :func:`load_model_and_tokenizer`
+``movegen.classifier`` ``movegen fit-classifier``  :func:`classifier_checkpoint` / :func:`load_classifier`
+=====================  ==========================  ============================================
+
+Files reach their final name only when complete (:func:`atomic_path`): a crash never leaves a
+half-written checkpoint, result or image grid that looks whole.
+
+Imports run one way (DESIGN §6): this module imports only the model files (``model``,
+``tokenizer``, ``classifier``); ``metrics``, ``lit``, ``evaluate``, ``report`` and ``cli`` import
+it. It never imports Lightning, ``data`` or ``metrics``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .classifier import SmallCNN
+from .model import GPT, GPTConfig
+from .tokenizer import TokenizerConfig, VQTokenizer
+
+CKPT_FORMAT_TOKENIZER = "movegen.tokenizer/1"
+CKPT_FORMAT_MODEL = "movegen.model/1"
+CKPT_FORMAT_CLASSIFIER = "movegen.classifier/1"
+
+
+def package_version() -> str:
+    try:
+        return version("movegen")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success the file is synced to disk, given the
+    usual permissions (0666 & ~umask; mkstemp makes 0600) and renamed to ``path``, else removed.
+    A crash never leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it takes the final name
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_image_grid(
+    images: torch.Tensor, path: str | os.PathLike, nrow: int, min_tile: int = 64
+) -> Path:
+    """Write images ``(N, C, H, W)`` in [-1, 1] as one PNG grid (``nrow`` images per row),
+    upscaled with nearest neighbours so that tiny images stay visible. Atomic."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    x = images.detach().float().cpu().clamp(-1, 1)
+    scale = max(1, -(-min_tile // x.shape[-1]))
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    # a mid-grey gap a tenth of a tile wide keeps white-on-black tiles from running together
+    pad = max(2, x.shape[-1] // 10)
+    grid = make_grid((x + 1) / 2, nrow=nrow, padding=pad, pad_value=0.5)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    if arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # clone: a view of a live parameter must not change after the checkpoint is built
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def tokenizer_checkpoint(tok: VQTokenizer, *, dataset: dict, metrics: dict) -> dict:
+    """The self-describing ``tokenizer.ckpt``: config, weights, the dataset it was trained on
+    (name, size, fit) and its validation metrics."""
+    return {
+        "format": CKPT_FORMAT_TOKENIZER,
+        "movegen_version": package_version(),
+        "config": tok.config.to_dict(),
+        "state_dict": _cpu_state(tok),
+        "dataset": dataset,
+        "metrics": metrics,
+    }
+
+
+def model_checkpoint(model: GPT, *, header: dict, train: dict, metrics: dict) -> dict:
+    """The self-describing ``model.ckpt``: config, code-store header (tokenizer path and hash),
+    training facts, metrics, package version."""
+    return {
+        "format": CKPT_FORMAT_MODEL,
+        "movegen_version": package_version(),
+        "config": model.config.to_dict(),
+        "state_dict": _cpu_state(model),
+        "code_store": header,
+        "train": train,
+        "metrics": metrics,
+    }
+
+
+def classifier_checkpoint(
+    net: SmallCNN, *, dataset: str, image_size: int, fit: str, metrics: dict
+) -> dict:
+    """The self-describing ``classifier.ckpt``: architecture, weights, the dataset and image
+    size it was trained on, and its accuracies."""
+    return {
+        "format": CKPT_FORMAT_CLASSIFIER,
+        "movegen_version": package_version(),
+        "hparams": net.hparams(),
+        "state_dict": _cpu_state(net),
+        "dataset": dataset,
+        "image_size": int(image_size),
+        "fit": fit,
+        "metrics": metrics,
+    }
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def load_checkpoint(path: str | os.PathLike, expected_format: str) -> dict:
+    """Load a movegen checkpoint strictly (``weights_only=True``) and check what it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{path} is not a movegen checkpoint (could not load it safely: {type(e).__name__}: {e})"
+        ) from e
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt != expected_format:
+        raise ValueError(
+            f"{path} is not a {expected_format.split('/')[0]} checkpoint (format {fmt!r}); "
+            f"pass the file written by the matching movegen command"
+        )
+    return ckpt
+
+
+def load_tokenizer(path: str | os.PathLike, device="cpu") -> tuple[VQTokenizer, dict]:
+    """A trained tokenizer from ``tokenizer.ckpt`` (strict), in eval mode, and its checkpoint dict."""
+    ckpt = load_checkpoint(path, CKPT_FORMAT_TOKENIZER)
+    tok = VQTokenizer(TokenizerConfig(**ckpt["config"]))
+    tok.load_state_dict(ckpt["state_dict"], strict=True)
+    return tok.to(device).eval(), ckpt
+
+
+def load_model(path: str | os.PathLike, device="cpu") -> tuple[GPT, dict]:
+    """A trained AR model from ``model.ckpt`` (strict, ``weights_only``), in eval mode."""
+    ckpt = load_checkpoint(path, CKPT_FORMAT_MODEL)
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.to(device).eval(), ckpt
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[SmallCNN, dict]:
+    """The evaluation classifier from ``classifier.ckpt`` (strict), in eval mode, on the CPU."""
+    ckpt = load_checkpoint(path, CKPT_FORMAT_CLASSIFIER)
+    net = SmallCNN(**ckpt["hparams"])
+    net.load_state_dict(ckpt["state_dict"], strict=True)
+    return net.eval(), ckpt
+
+
+def load_model_and_tokenizer(
+    model_path: str | os.PathLike, tokenizer_path: str | os.PathLike | None, device="cpu"
+) -> tuple[GPT, dict, VQTokenizer, dict]:
+    """A model and the tokenizer its codes came from: ``tokenizer_path``, else the path recorded
+    in the model's code-store header. Refuses a tokenizer of another codebook size or grid, or
+    one whose file hash differs from the recorded one. Returns ``(model, model checkpoint,
+    tokenizer, tokenizer checkpoint)``; the latter gains the tokenizer's ``path`` and ``sha256``."""
+    model, ckpt = load_model(model_path, device)
+    recorded = ckpt["code_store"].get("tokenizer_path")
+    path = tokenizer_path or recorded
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"tokenizer {path!r} (recorded in {model_path}) not found; pass --tokenizer DIR/tokenizer.ckpt"
+        )
+    tok, tck = load_tokenizer(path, device)
+    if tok.codebook_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer {path} has codebook size {tok.codebook_size} but the model was trained "
+                         f"on K = {model.config.vocab_size}; pass the tokenizer the codes came from")  # fmt: skip
+    if tok.config.latent_size**2 != model.config.seq_len:
+        raise ValueError(f"tokenizer {path} gives {tok.config.latent_size}^2 tokens per image; the model expects "
+                         f"{model.config.seq_len}")  # fmt: skip
+    want = ckpt["code_store"].get("tokenizer_sha256")
+    if want and sha256_file(path) != want:
+        raise ValueError(
+            f"tokenizer {path} is not the one the model's codes came from (sha256 differs from "
+            f"{want[:12]}..., recorded in {model_path}); its codes mean other things. Pass the "
+            f"original tokenizer with --tokenizer (recorded path: {recorded})"
+        )
+    tck["path"], tck["sha256"] = str(Path(path).resolve()), want or sha256_file(path)
+    return model, ckpt, tok, tck
+
+
+__all__ = [
+    "CKPT_FORMAT_CLASSIFIER",
+    "CKPT_FORMAT_MODEL",
+    "CKPT_FORMAT_TOKENIZER",
+    "atomic_path",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "classifier_checkpoint",
+    "load_checkpoint",
+    "load_classifier",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "model_checkpoint",
+    "package_version",
+    "save_image_grid",
+    "sha256_file",
+    "tokenizer_checkpoint",
+]

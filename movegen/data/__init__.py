@@ -1,0 +1,47 @@
+"""Data: image datasets (``images.py``) and the code store with its DataModule (``codes.py``).
+
+The data side may import Lightning (the DataModules) and the model config, never ``lit``,
+``metrics``, ``checkpoint`` or ``cli``.
+"""
+
+from .codes import (
+    STORE_FORMAT,
+    CodeDataModule,
+    CodeStore,
+    FlatViews,
+    ViewSampler,
+    code_dtype,
+    extract_codes,
+    split_holdout,
+    write_code_store,
+)
+from .images import (
+    DATASETS,
+    SPLITS,
+    DatasetInfo,
+    FolderImages,
+    ImageDataModule,
+    TensorImages,
+    collate_skip_none,
+    load_dataset,
+)
+
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "STORE_FORMAT",
+    "CodeDataModule",
+    "CodeStore",
+    "DatasetInfo",
+    "FlatViews",
+    "FolderImages",
+    "ImageDataModule",
+    "TensorImages",
+    "ViewSampler",
+    "code_dtype",
+    "collate_skip_none",
+    "extract_codes",
+    "load_dataset",
+    "split_holdout",
+    "write_code_store",
+]
