@@ -397,13 +397,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
-def _settings(a) -> dict:
+def _settings(a):
+    """The sampling flags as a ``SamplingSettings`` (which rejects bad values with a ValueError)."""
+    from .sample import SamplingSettings
+
     interval = None
     if a.cfg_interval:
         lo, hi = a.cfg_interval.split(":")
         interval = (int(lo), int(hi))
-    return {"cfg_scale": a.cfg_scale, "cfg_interval": interval, "temperature": a.temperature, "top_k": a.top_k,
-            "top_p": a.top_p}  # fmt: skip
+    return SamplingSettings(cfg_scale=a.cfg_scale, cfg_interval=interval, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p)  # fmt: skip
 
 
 def cmd_sample(argv: list[str]) -> int:
@@ -432,8 +435,8 @@ def cmd_sample(argv: list[str]) -> int:
     classes = _parse_classes(a.classes, model.config.num_classes)
     labels = torch.tensor(classes, device=dev).repeat_interleave(a.per_class)
     g = torch.Generator(device=dev).manual_seed(a.seed)
-    images, _ = generate_images(model, tok.decode, labels, batch_size=a.batch_size, generator=g, progress=True,
-                                **_settings(a))  # fmt: skip
+    images, _ = generate_images(model, tok.decode, labels, _settings(a), batch_size=a.batch_size, generator=g,
+                                progress=True)  # fmt: skip
     save_image_grid(images, a.out, nrow=a.per_class)
     if a.out_dir:
         od = Path(a.out_dir)
