@@ -185,19 +185,21 @@ writes with ``index_copy_`` and attends over the whole cache under a mask; ``aut
 class KVCache(nn.Module):
     """The decoding state of one model for a fixed batch, held in static buffers.
 
-    ``k``, ``v`` ``(L, B, H, T_max, D)``: keys and *mixed* values of every layer (``T_max =
-    seq_len``). Positions are tensors (``positions``: ``0..T_max-1`` on the device) and writes are
-    ``index_copy_`` at them, so every step has the same shapes and addresses and one captured CUDA
-    graph replays it at any position. Reads attend over the whole cache under a ``position <= pos``
-    mask (or, fused, over the positions written so far), so stale rows of an earlier generation
-    never matter and a cache is reused by overwriting it from position 0.
+    ``layers[l]`` holds layer ``l``'s keys ``k`` and *mixed* values ``v`` ``(B, H, T_max, D)``
+    (``T_max = seq_len``) and its fused projection ``weight``. Positions are tensors
+    (``positions``: ``0..T_max-1`` on the device) and writes are ``index_copy_`` at them, so every
+    step has the same shapes and addresses and one captured CUDA graph replays it at any
+    position. Reads attend over the whole cache under a ``position <= pos`` mask (or, fused, over
+    the positions written so far), so rows of an earlier generation never count and a cache is
+    reused by writing it again from position 0. Each layer's buffers are whole tensors, not
+    views of one stacked buffer: what the fused op and ``index_copy_`` mutate under
+    ``torch.compile`` is then a plain input, never a view to functionalise.
 
-    ``weight (L, P, d)``: every layer's QKV and router weights fused into one product, made once
-    here: one matmul per layer and step instead of two. The router rows follow the QKV rows and
-    zero rows pad ``P`` to a multiple of 128 outputs (GEMM tiles fit; the extra is unused) when
-    any layer has a router; a layer without one gets the same padding. It is a snapshot of the
-    model's weights (in their dtype): make a new cache after they change. ``dtype`` is the cache's
-    (default: the model's).
+    ``weight ([3d + H*G + pad], d)``: the layer's QKV and router weights as one product, made once
+    here (one matmul per layer and step instead of two); with a router, zero rows pad it to a
+    multiple of 128 outputs (GEMM tiles fit; the extra is unused). Built from the model's weights
+    in their dtype (a copy where a router is appended): make a new cache after they change.
+    ``dtype`` is the dtype of k and v (default: the model's).
     """
 
     def __init__(self, model: GPT, batch_size: int, *, dtype: torch.dtype | None = None,
@@ -219,34 +221,32 @@ class KVCache(nn.Module):
         self.attention: Literal["fused", "sdpa"] = attention
         self.launch = launch or kernels.DecodeLaunch()
         self.batch_size = batch_size
+        shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
         dtype = dtype or model.head.weight.dtype
-        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=dev, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=dev, dtype=dtype), persistent=False)
-        self.register_buffer("weight", _fused_projection(model), persistent=False)
+        self.layers = nn.ModuleList(_LayerCache(b.attn, shape, dtype) for b in model.blocks)
         self.register_buffer("positions", torch.arange(cfg.seq_len, device=dev), persistent=False)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
 
     def fused_at(self, n_positions: int) -> bool:
         """Whether a step of ``n_positions`` runs the fused layer (one-token steps only)."""
         return self.attention == "fused" and n_positions == 1
 
 
-def _fused_projection(model: GPT) -> torch.Tensor:
-    """Every layer's ``[W_qkv; W_router; 0]`` stacked, ``(L, P, d)`` (see :class:`KVCache`)."""
-    ws = []
-    for block in model.blocks:
-        w = block.attn.qkv.weight.detach()
-        if block.attn.router is not None:
-            w = torch.cat([w, block.attn.router.weight.detach()])
-        ws.append(w)
-    rows = max(w.shape[0] for w in ws)
-    if any(b.attn.router is not None for b in model.blocks):
-        rows += -rows % 128
-    return torch.stack([F.pad(w, (0, 0, 0, rows - w.shape[0])) for w in ws])
+class _LayerCache(nn.Module):
+    """One layer's part of a :class:`KVCache`: ``k``, ``v`` and the fused projection ``weight``."""
+
+    def __init__(self, attn: Attention, shape: tuple[int, ...], dtype: torch.dtype):
+        super().__init__()
+        w = attn.qkv.weight.detach()
+        if attn.router is not None:
+            w = torch.cat([w, attn.router.weight.detach()])
+            w = F.pad(w, (0, 0, 0, -w.shape[0] % 128))
+        self.register_buffer("weight", w, persistent=False)
+        self.register_buffer(
+            "k", torch.zeros(shape, device=w.device, dtype=dtype), persistent=False
+        )
+        self.register_buffer(
+            "v", torch.zeros(shape, device=w.device, dtype=dtype), persistent=False
+        )
 
 
 # --------------------------------------------------------------------------- blocks
@@ -278,7 +278,7 @@ class Attention(nn.Module):
         route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
         out: ``memh`` or, with the Triton kernels, ``(table, ids)`` (``move.py``).
         ``proj``: the QKV (and router) projections of ``x`` already computed as one product
-        ``(B, S, 3d [+ H*G])`` (the decoder fuses the two weights)."""
+        ``(B, S, 3d [+ H*G])`` (decoding fuses the two weights: :class:`KVCache`)."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if proj is None:
@@ -313,14 +313,15 @@ class Attention(nn.Module):
         """Normed hidden ``x (B, S, d)`` at input positions ``pos (S,)`` -> the attention output
         ``(B, S, d)``, writing this layer's keys and mixed values into ``cache``.
 
-        One product gives q, k, v and the router logits (``cache.weight[layer]``). With
+        One product gives q, k, v and the router logits (``cache.layers[layer].weight``). With
         ``fused`` one-token steps the rest is one Triton launch (``mem``: the bank ``(V, M, d)``,
         ``rope``: the whole cos/sin tables, read at ``pos``); otherwise ``mixed_qkv``, an
         ``index_copy_`` into the cache and SDPA over the whole cache under ``mask (S, T_max)``
         (``mem``: the gathered bank ``(B, S, H, M, D)``, ``rope``: cos/sin at ``pos``)."""
         B, S, _ = x.shape
-        proj = F.linear(x, cache.weight[layer])  # (B, S, 3d [+ H*G] + padding)
-        k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, H, T_max, D)
+        state = cache.layers[layer]
+        proj = F.linear(x, state.weight)  # (B, S, 3d [+ H*G + pad])
+        k_cache, v_cache = state.k, state.v  # (B, H, T_max, D)
         if cache.fused_at(S):
             cfg = self.cfg
             table, slots = None, 0

@@ -63,9 +63,8 @@ class SamplingSettings:
         if not isinstance(self.cfg_scale, (int, float)) or not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale!r}")
         if self.cfg_interval is not None:
-            if len(self.cfg_interval) != 2 or not all(
-                isinstance(x, int) for x in self.cfg_interval
-            ):
+            pair = isinstance(self.cfg_interval, (tuple, list)) and len(self.cfg_interval) == 2
+            if not pair or not all(isinstance(x, int) for x in self.cfg_interval):
                 raise ValueError(
                     f"cfg_interval must be two integers (a, b), got {self.cfg_interval!r}"
                 )
@@ -296,7 +295,7 @@ class CompiledStep:
     def _fn(self, guided: bool):
         """:meth:`step_choose` for one value of ``guided``, compiled once (unless eager)."""
         if guided not in self._fns:
-            fn = lambda ids, pos, u: self.step_choose(ids, pos, u, guided)  # noqa: E731
+            fn = lambda ids, pos, u: self.step_choose(ids, pos, u, guided)
             if self.mode != "eager":
                 fn = torch.compile(fn, fullgraph=True, dynamic=False)
             self._fns[guided] = fn

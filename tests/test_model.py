@@ -161,23 +161,27 @@ def test_kv_cache_decoding_equals_full_forward(memory, density, gated):
 
 
 def test_decode_cache_layout_and_fused_projection():
-    """The cache's fused weight is [W_qkv; W_router] padded to 128 outputs in every layer (LaVE x1:
-    layers without a table get zero router rows), and the cache needs the kernels for 'fused'."""
+    """Each layer's cache holds k, v (B, H, T, D) and [W_qkv; W_router] padded to 128 outputs
+    (LaVE x1: layers without a table have no router rows and no padding); 'fused' needs the
+    kernels."""
     from movegen import kernels
 
     model = randomize(GPT(tiny("lave", memory_density=1))).eval()
     cache = model.new_cache(2)
     cfg = model.config
     d = cfg.n_embd
-    assert cache.k.shape == (cfg.n_layer, 2, cfg.n_head, T, cfg.head_dim) == cache.v.shape
-    assert cache.weight.shape[1] % 128 == 0
-    for l, b in enumerate(model.blocks):
-        w = cache.weight[l]
+    assert len(cache.layers) == cfg.n_layer
+    for b, state in zip(model.blocks, cache.layers):
+        assert state.k.shape == (2, cfg.n_head, T, cfg.head_dim) == state.v.shape
+        w = state.weight
         assert torch.equal(w[: 3 * d], b.attn.qkv.weight)
-        n = b.attn.router.out_features if b.attn.router is not None else 0
-        if n:
-            assert torch.equal(w[3 * d : 3 * d + n], b.attn.router.weight)
-        assert not w[3 * d + n :].any()
+        if b.attn.router is None:
+            assert w.shape[0] == 3 * d
+        else:
+            n = b.attn.router.out_features
+            assert w.shape[0] % 128 == 0 and torch.equal(w[3 * d : 3 * d + n], b.attn.router.weight)
+            assert not w[3 * d + n :].any()
+    assert {b.attn.router is None for b in model.blocks} == {True, False}  # both kinds of layer
     if not kernels.usable("cpu", cfg.head_dim):  # (the Triton interpreter makes the CPU usable)
         assert cache.attention == "sdpa"  # 'auto' on the CPU
         with pytest.raises(ValueError, match="Triton"):

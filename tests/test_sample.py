@@ -145,6 +145,7 @@ def test_sampling_settings_reject_what_cannot_be_sampled():
         (dict(cfg_interval=(-1, 2)), "0 <= a <= b"),
         (dict(cfg_interval=(1, 2, 3)), "two integers"),
         (dict(cfg_interval=(0.5, 2)), "two integers"),
+        (dict(cfg_interval=3), "two integers"),
         (dict(temperature=-0.1), "temperature must be >= 0"),
         (dict(temperature=float("nan")), "temperature must be >= 0"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
@@ -175,15 +176,24 @@ def test_fused_decode_kernel_matches_sdpa_decoder_in_interpreter(interpreted):
     assert interpreted("decode_interpret.py") < 1e-4
 
 
+@pytest.fixture
+def fp32_matmuls():
+    """Full-precision fp32 matmuls for the test (the training verbs switch on TF32 process-wide)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["fused", "sdpa"])
-def test_graphed_step_draws_the_codes_of_the_plain_loop_on_gpu(attention):
+def test_graphed_step_draws_the_codes_of_the_plain_loop_on_gpu(attention, fp32_matmuls):
     """The sampler's own CUDA graphs (compiled step, CFG mix, choice, bookkeeping) pick exactly
-    the codes of the plain loop (eager, the same decode loop) from the same generator seed. In
-    fp32 (``bf16=False``): bf16 rounding differs between compiled and eager kernels, and flips an
+    the codes of the plain loop from the same generator seed: of ``generate`` without a step
+    (fused attention, as 'auto' picks on CUDA) and of the same step object run eagerly. In fp32
+    (``bf16=False``): bf16 rounding differs between compiled and eager kernels and flips an
     argmax now and then; fp32 differences are far below the gaps between Gumbel-max candidates.
-    Intervals: the first needs only the guided graph, the second also the unguided one, captured
-    then; the third run replays both."""
+    Intervals: the first needs only the guided graph, the second also the unguided one."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     torch.manual_seed(0)
@@ -193,20 +203,23 @@ def test_graphed_step_draws_the_codes_of_the_plain_loop_on_gpu(attention):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     labels = torch.tensor([1, 2, 3], device="cuda")
+    seeded = lambda: torch.Generator("cuda").manual_seed(0)
     for interval in ((0, 16), (2, 12)):
         s = SamplingSettings(cfg_scale=2.0, cfg_interval=interval, top_k=20, bf16=False)
+        plain = generate(model, labels, s, generator=seeded())
+        assert model.new_cache(6).attention == "fused"  # what the plain loop ran
+        eager = CompiledStep(model, 3, s, mode="eager", attention=attention)
+        assert torch.equal(generate(model, labels, s, generator=seeded(), step=eager), plain)
         step = CompiledStep(model, 3, s, attention=attention)
         assert step.mode == "graph" and step.cache.attention == attention
-        plain = generate(model, labels, s, generator=torch.Generator("cuda").manual_seed(0))
-        for _ in range(2):  # captured (and compiled) on the first call, replayed on the second
-            g = torch.Generator("cuda").manual_seed(0)
-            assert torch.equal(generate(model, labels, s, generator=g, step=step), plain)
+        for _ in range(2):  # compiled and captured on the first call, replayed on the second
+            assert torch.equal(generate(model, labels, s, generator=seeded(), step=step), plain)
         assert set(step.graphs) == {s.guided(t) for t in range(16)}
     # bf16 (the default): a snapshot of the weights, the caller's model untouched; reproducible
     s = SamplingSettings(cfg_scale=2.0)
     step = CompiledStep(model, 3, s, attention=attention)
     assert step.model is not model and step.model.head.weight.dtype == torch.bfloat16
     assert model.head.weight.dtype == torch.float32 and step.model.rope_cos.dtype == torch.float32
-    a = generate(model, labels, s, generator=torch.Generator("cuda").manual_seed(1), step=step)
-    b = generate(model, labels, s, generator=torch.Generator("cuda").manual_seed(1), step=step)
+    a = generate(model, labels, s, generator=seeded(), step=step)
+    b = generate(model, labels, s, generator=seeded(), step=step)
     assert torch.equal(a, b) and a.min() >= 0 and a.max() < 64
