@@ -22,7 +22,7 @@ if "--smoke" in sys.argv:
 import torch  # noqa: E402
 from _util import device_name, json_line, median, print_table, time_fn  # noqa: E402
 
-from movegen import kernels  # noqa: E402
+import movegen.kernels  # noqa: E402, F401  (registers torch.ops.movegen)
 
 
 def run(rows: int, slots: int, conf: str, pos: int, args, dev) -> float:
@@ -30,7 +30,6 @@ def run(rows: int, slots: int, conf: str, pos: int, args, dev) -> float:
     d, G = H * D, slots + 1 if slots else 0
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     bt, nw, st = map(int, conf.split("-"))
-    kernels.DECODE_CONFIG.update(block_t=bt, num_warps=nw, stages=st)
     g = torch.Generator(device=dev).manual_seed(0)
     proj = torch.randn(rows, 3 * d + H * G, device=dev, dtype=dt, generator=g)
     kc = torch.randn(rows, H, T, D, device=dev, dtype=dt, generator=g)
@@ -42,7 +41,9 @@ def run(rows: int, slots: int, conf: str, pos: int, args, dev) -> float:
 
     def layers():
         for _ in range(L):
-            torch.ops.movegen.decode_attn(proj, cos, sin, p, kc, vc, table, ids, slots, True)
+            torch.ops.movegen.decode_attn(
+                proj, cos, sin, p, kc, vc, table, ids, slots, True, bt, nw, st
+            )
 
     fn = layers
     if dev.type == "cuda":

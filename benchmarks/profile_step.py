@@ -21,7 +21,7 @@ from train_step import ARMS  # noqa: E402
 
 from movegen.lit import optimizer_groups  # noqa: E402
 from movegen.model import GPT, GPTConfig  # noqa: E402
-from movegen.sample import generate, make_decoder  # noqa: E402
+from movegen.sample import CompiledStep, SamplingSettings, generate  # noqa: E402
 
 
 def main() -> None:
@@ -51,16 +51,12 @@ def main() -> None:
     labels = torch.randint(0, cfg.num_classes, (a.batch,), device=dev)
     if a.sampling:
         model.eval()
-        dec = make_decoder(model, a.batch, cfg=True, compile=dev.type == "cuda")
+        settings = SamplingSettings(cfg_scale=2.0)
+        step = CompiledStep(model, a.batch, settings)  # graphed on CUDA, eager on the CPU
 
         def work():
-            generate(
-                model,
-                labels,
-                cfg_scale=2.0,
-                decoder=dec,
-                generator=torch.Generator(device=dev).manual_seed(0),
-            )
+            g = torch.Generator(device=dev).manual_seed(0)
+            generate(model, labels, settings, generator=g, step=step)
     else:
         model.train()
         opt = torch.optim.AdamW(optimizer_groups(model, 0.05), lr=1e-4, fused=dev.type == "cuda")

@@ -1,6 +1,6 @@
 """Sampling benchmark: GPT-B (K=16384, 256 tokens), CFG 2.0 (batch doubled), temperature 1,
-no top-k/top-p, no VQ decode. images/s and ms per token step for the eager KV-cache loop and the
-static-cache decoder captured in a CUDA graph.
+no top-k/top-p, no VQ decode. images/s and ms per token step for the plain KV-cache loop and the
+sampler's compiled step (``CompiledStep``) replayed from CUDA graphs.
 
     python benchmarks/sampling.py           # GPU
     python benchmarks/sampling.py --smoke   # CPU, tiny
@@ -21,9 +21,8 @@ from _util import device_name, json_line, print_table, release, sync  # noqa: E4
 
 from movegen import kernels  # noqa: E402
 from movegen.model import GPT, GPTConfig  # noqa: E402
-from movegen.sample import generate, make_decoder  # noqa: E402
+from movegen.sample import CompiledStep, SamplingSettings, generate  # noqa: E402
 
-DEFAULT_DECODE = dict(kernels.DECODE_CONFIG)
 ARMS = {
     "standard": ("none", 1),
     "move-x1": ("move", 1),
@@ -43,22 +42,24 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
         cfg = GPTConfig.preset(
             "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
         )
-    kernels.DECODE_CONFIG.update(DEFAULT_DECODE)  # a row without a setting gets the default
+    launch = kernels.DecodeLaunch()  # a row without a setting gets the default
     if decode_config:  # BLOCK_T-WARPS-STAGES
         bt, nw, st = map(int, decode_config.split("-"))
-        kernels.DECODE_CONFIG.update(block_t=bt, num_warps=nw, stages=st)
+        launch = kernels.DecodeLaunch(block_t=bt, num_warps=nw, stages=st)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
     with torch.no_grad():  # a non-degenerate head (it is zero at init)
         model.head.weight.normal_(std=0.02)
     labels = torch.arange(batch, device=device) % cfg.num_classes
-    dec = make_decoder(model, batch, cfg=True, compile=False, attention=attention) if fast else None
-    if dec is not None and device.type == "cuda":
-        dec.compile(mode)
+    settings = SamplingSettings(cfg_scale=2.0, temperature=1.0)
+    mode = mode if device.type == "cuda" else "eager"
+    step = None
+    if fast:
+        step = CompiledStep(model, batch, settings, mode=mode, attention=attention, launch=launch)
     g = torch.Generator(device=device).manual_seed(0)
 
     def once():
-        return generate(model, labels, cfg_scale=2.0, temperature=1.0, generator=g, decoder=dec)
+        return generate(model, labels, settings, generator=g, step=step)
 
     t0 = time.perf_counter()
     once()  # warm-up (compiles and captures the graph on the fast path)
@@ -72,12 +73,10 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
         sync(device)
         times.append(time.perf_counter() - t0)
     s = sorted(times)[len(times) // 2]
-    path = (
-        f"static/{dec.attention}/{mode if device.type == 'cuda' else 'eager'}" if fast else "eager"
-    )
-    if fast and dec.attention == "fused":
-        c = kernels.DECODE_CONFIG
-        path += f"/{c['block_t']}-{c['num_warps']}-{c['stages']}"
+    # (the fast path's rows keep their old name, static/<attention>/<mode>[/<launch>])
+    path = f"static/{step.cache.attention}/{mode}" if fast else "eager"
+    if fast and step.cache.attention == "fused":
+        path += f"/{launch.block_t}-{launch.num_warps}-{launch.stages}"
     row = {"arm": arm, "batch": batch, "path": path, "s_per_batch": s,
            "images_per_s": batch / s, "ms_per_step": s / cfg.seq_len * 1e3, "warmup_s": warm_s,
            "codes_ok": bool(codes.min() >= 0 and codes.max() < cfg.vocab_size)}  # fmt: skip
@@ -96,12 +95,13 @@ def main() -> None:
     p.add_argument(
         "--attention",
         default="auto",
-        help="decoder attention(s) for the fast path: auto,fused,sdpa,math",
+        help="decode attention(s) for the fast path: auto,fused,sdpa",
     )
     p.add_argument(
         "--modes",
         default="graph",
-        help="fast path: graph (the step and its choice in one CUDA graph) or torch.compile modes",
+        help="fast path: graph (the compiled step and its choice in one CUDA graph), compiled "
+        "(compiled, called from Python) or eager",
     )
     p.add_argument(
         "--only",

@@ -2,12 +2,14 @@
 
 from .checkpoint import load_model, load_model_and_tokenizer, load_tokenizer
 from .model import GPT, GPTConfig
-from .sample import generate
+from .sample import CompiledStep, SamplingSettings, generate
 from .tokenizer import TokenizerConfig, VQTokenizer
 
 __all__ = [
+    "CompiledStep",
     "GPT",
     "GPTConfig",
+    "SamplingSettings",
     "TokenizerConfig",
     "VQTokenizer",
     "generate",

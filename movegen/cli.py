@@ -27,7 +27,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,7 +155,11 @@ def fit_tokenizer(model, data, *, out: str | Path, trainer: dict[str, Any] | Non
     seconds = time.time() - t0
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tok = model.tokenizer.to(dev).eval()
-    metrics: dict = {"train_seconds": round(seconds, 1), "steps": t.global_step, "device": _gpu_name()}
+    metrics: dict = {
+        "train_seconds": round(seconds, 1),
+        "steps": t.global_step,
+        "device": _gpu_name(),
+    }
     for split in ("val", "test"):
         m = evaluate_tokenizer(tok, data.dataset(split), device=dev)
         metrics[split] = m
@@ -184,7 +188,6 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None) 
     """Train the AR model ``model`` (a ``LitGPT``) on the code store of ``data`` (a
     ``CodeDataModule``); keeps ``model.ckpt`` at the best validation loss and writes
     ``metrics.json`` (best and final validation bits/token, the curve, the cost report)."""
-    import torch
 
     from .lit import BestCheckpoint
     from .model import cost_report
@@ -476,8 +479,8 @@ def sample(
     ids = _parse_classes(classes, net.config.num_classes)
     labels = torch.tensor(ids, device=dev).repeat_interleave(per_class)
     g = torch.Generator(device=dev).manual_seed(seed)
-    images, _ = generate_images(net, tok.decode, labels, batch_size=batch_size, generator=g,
-                                progress=True, **asdict(sampling))  # fmt: skip
+    images, _ = generate_images(net, tok.decode, labels, sampling, batch_size=batch_size, generator=g,
+                                progress=True)  # fmt: skip
     save_image_grid(images, out, nrow=per_class)
     if out_dir:
         od = Path(out_dir)
@@ -490,7 +493,16 @@ def sample(
 
 
 def _print_table(rows: list[dict]) -> None:
-    cols = ["run", "memory", "memory_density", "fid", "is", "kid", "val_bits_per_token", "params_total"]
+    cols = [
+        "run",
+        "memory",
+        "memory_density",
+        "fid",
+        "is",
+        "kid",
+        "val_bits_per_token",
+        "params_total",
+    ]
     print(" | ".join(f"{c:>18s}" for c in cols))
     for r in rows:
         cells = []
@@ -544,7 +556,9 @@ def evaluate(
     if not models:
         raise ValueError("give at least one model: --model DIR/model.ckpt")
     if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+        raise ValueError(
+            f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}"
+        )
     dev = _device(device)
     out_dir = Path(out)
     names = [Path(m).resolve().parent.name for m in models]
@@ -553,7 +567,7 @@ def evaluate(
                          "<run>.json, so evaluate them in separate calls with different --out folders")  # fmt: skip
     rows = []
     for m, run in zip(models, names):
-        r = evaluate_model(m, features=features, num_samples=num_samples, settings=asdict(sampling), seed=seed,
+        r = evaluate_model(m, features=features, num_samples=num_samples, settings=sampling, seed=seed,
                            device=dev, batch_size=batch_size, tokenizer=tokenizer, ref_split=ref_split,
                            cache_dir=cache_dir, inception_weights=inception_weights, data_root=data.root,
                            val_codes=val_codes, export_npz=out_dir / f"{run}.npz" if export_npz else None)  # fmt: skip
@@ -668,17 +682,23 @@ def demo(
                     num_samples=num_samples, sampling=SamplingSettings(cfg_scale=cfg_scale), seed=seed,
                     cache_dir=str(root / "cache"), out=str(root / "results"), device="cpu")  # fmt: skip
     log.info("demo: 6/6 grid and report")
-    grid = SamplingSettings(cfg_scale=grid_cfg_scale, temperature=grid_temperature, top_k=grid_top_k)
+    grid = SamplingSettings(
+        cfg_scale=grid_cfg_scale, temperature=grid_temperature, top_k=grid_top_k
+    )
     sample(model=str(root / "move-x1" / "model.ckpt"), classes="all", per_class=10, sampling=grid,
            seed=seed, out=str(root / "grid.png"), device="cpu")  # fmt: skip
     report(results=str(root / "results"), out=str(root / "report"))
     print(f"\nmovegen demo finished in {time.time() - t0:.0f} s -> {root}/")
-    print(f"  tokenizer: val PSNR {tokm['psnr']:.2f} dB, codebook usage {100 * tokm['codebook_usage']:.0f}%")
+    print(
+        f"  tokenizer: val PSNR {tokm['psnr']:.2f} dB, codebook usage {100 * tokm['codebook_usage']:.0f}%"
+    )
     print(f"  classifier (FID/IS/KID features): test accuracy {100 * clsm['test_accuracy']:.1f}%")
     for arm, r in zip(arms, rows):
         print(f"  {arm:9s} val {r['val_bits_per_token']:.3f} bits/token  FID {r['fid']:.2f}  IS {r['is']:.2f}  "
               f"KID {r['kid']:.4f}  ({r['params_total'] / 1e6:.2f} M params)")  # fmt: skip
-    print(f"  FID/IS/KID: {num_samples} samples per model, CFG {cfg_scale}, temperature 1, classifier features")
+    print(
+        f"  FID/IS/KID: {num_samples} samples per model, CFG {cfg_scale}, temperature 1, classifier features"
+    )
     print(f"  grid of MoVE samples (one row per class; CFG {grid_cfg_scale}, temperature "
           f"{grid_temperature}, top-k {grid_top_k}): {root / 'grid.png'}")  # fmt: skip
     print(f"  report: {root / 'report' / 'README.md'}")
@@ -702,7 +722,9 @@ def _typed_verb(verb: str, argv: list[str]) -> int:
 
     fn = TYPED_VERBS[verb]
     params = inspect.signature(fn).parameters
-    parser = ArgumentParser(prog=f"movegen {verb}", description=inspect.getdoc(fn).split("\n\nArgs:")[0])
+    parser = ArgumentParser(
+        prog=f"movegen {verb}", description=inspect.getdoc(fn).split("\n\nArgs:")[0]
+    )
     if "config" not in params:  # (``info`` has a --config of its own: the fit YAML it describes)
         parser.add_argument("--config", action=ActionConfigFile, help="a YAML of these arguments")
     parser.add_function_arguments(fn, as_group=False)

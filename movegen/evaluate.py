@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (torch is imported inside the functions)
+    from .sample import SamplingSettings
 
 import numpy as np
 import torch
@@ -42,8 +47,8 @@ def content_crop(images, tck: dict):
     return out.clamp(-1, 1)
 
 
-def evaluate_model(model_path: str, *, features: str, num_samples: int, settings: dict, seed: int, device: str,
-                   batch_size: int = 256, tokenizer: str | None = None, ref_split: str = "train",
+def evaluate_model(model_path: str, *, features: str, num_samples: int, settings: SamplingSettings, seed: int,
+                   device: str, batch_size: int = 256, tokenizer: str | None = None, ref_split: str = "train",
                    cache_dir: str | None = None, inception_weights: str | None = None, data_root: str | None = None,
                    val_codes: str | None = None, export_npz: str | None = None) -> dict:  # fmt: skip
     model, ckpt, tok, tck = load_model_and_tokenizer(model_path, tokenizer, device)
@@ -52,8 +57,8 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
     labels = torch.arange(num_samples, device=device) % C  # balanced over classes
     g = torch.Generator(device=device).manual_seed(seed)
     t0 = time.time()
-    images, _ = generate_images(model, tok.decode, labels, batch_size=batch_size, generator=g, progress=True,
-                                **settings)  # fmt: skip
+    images, _ = generate_images(model, tok.decode, labels, settings, batch_size=batch_size, generator=g,
+                                progress=True)  # fmt: skip
     sample_seconds = time.time() - t0
     images = content_crop(images, tck)
     dsname = ckpt["code_store"].get("dataset") or tck["dataset"]["name"]
@@ -81,7 +86,7 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
     run = Path(model_path).resolve().parent.name
     result = {
         "run": run, "model": str(Path(model_path).resolve()), **scores, "val_bits_per_token": bits,
-        "num_samples": num_samples, "seed": seed, "sampling": settings, **fdesc, "reference": key,
+        "num_samples": num_samples, "seed": seed, "sampling": asdict(settings), **fdesc, "reference": key,
         "reference_cache_hit": hit, "reference_size": len(real), "sample_seconds": round(sample_seconds, 2),
         "memory": model.config.memory, "memory_density": model.config.memory_density,
         "gate_standard_path": model.config.gate_standard_path, "train_tokens": ckpt["train"].get("train_tokens"),

@@ -31,6 +31,7 @@ The ops are opaque to ``torch.compile`` (it calls them as they are). Off CUDA, o
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -305,7 +306,7 @@ def _(grad, ids, num_rows):
 # gates from the router logits), the write of k and the mixed v into the static cache, and
 # attention of the one query over cache positions 0..pos (the current key and value come from
 # registers). One program per (row, head); an online softmax over blocks of cached keys
-# (``DECODE_CONFIG``) whose loop stops at the positions written so far.
+# (:class:`DecodeLaunch`) whose loop stops at the positions written so far.
 
 if HAVE_TRITON:
 
@@ -371,22 +372,39 @@ if HAVE_TRITON:
         tl.store(y_ptr + b * dm + h * D + dd, (acc / l_i).to(y_ptr.dtype.element_ty))
 
 
-DECODE_CONFIG = {"block_t": 32, "num_warps": 1, "stages": 1}
-"""Launch settings of the decoding kernel: cached keys per block, warps per program,
-software-pipelining stages of the block loop. The default was the fastest of a sweep on an H100
-at 32, 128 and 512 cache rows (``benchmarks/decode_kernel.py``, ``benchmarks/RESULTS.md``)."""
+@dataclass(frozen=True, kw_only=True)
+class DecodeLaunch:
+    """Launch settings of the decoding kernel. The defaults were the fastest of a sweep on an
+    H100 at 32, 128 and 512 cache rows (``benchmarks/decode_kernel.py``, ``benchmarks/RESULTS.md``)."""
+
+    block_t: int = 32
+    """Cached keys per block of the online softmax (a power of two)."""
+    num_warps: int = 1
+    """Warps per (row, head) program."""
+    stages: int = 1
+    """Software-pipelining stages of the block loop."""
+
+    def __post_init__(self):
+        if self.block_t < 1 or self.block_t & (self.block_t - 1):
+            raise ValueError(f"block_t must be a power of two, got {self.block_t}")
+        if self.num_warps < 1 or self.stages < 1:
+            raise ValueError(
+                f"num_warps and stages must be >= 1, got {self.num_warps}, {self.stages}"
+            )
 
 
 @torch.library.custom_op("movegen::decode_attn", mutates_args=("k_cache", "v_cache"))
 def decode_attn(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor | None,
-                ids: torch.Tensor, slots: int, gated: bool) -> torch.Tensor:  # fmt: skip
+                ids: torch.Tensor, slots: int, gated: bool, block_t: int = 32, num_warps: int = 1,
+                stages: int = 1) -> torch.Tensor:  # fmt: skip
     """One layer of one-token decoding after the QKV/router product.
 
     ``proj (B, 3d + H*G)``: q, k, v, then the router logits (G gates per head) when ``table`` is
     given; ``cos/sin (T, D/2)`` RoPE tables; ``pos (1,)`` the input position; ``k_cache/v_cache
     (B, H, T, D)`` written at ``pos``; ``table (V, slots, d)`` memory rows (MoVE bank, or a LaVE
-    table viewed ``(V, 1, d)``) indexed by ``ids (B,)``. Returns the attention output ``(B, d)``.
+    table viewed ``(V, 1, d)``) indexed by ``ids (B,)``; ``block_t, num_warps, stages``: the
+    launch (:class:`DecodeLaunch`). Returns the attention output ``(B, d)``.
     """
     B, H, T, D = k_cache.shape
     if proj.stride(-1) != 1:
@@ -395,22 +413,23 @@ def decode_attn(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: t
     y = torch.empty(B, H * D, device=proj.device, dtype=k_cache.dtype)
     mem = table is not None
     tab = table if mem else k_cache
-    bt, nw, stages = DECODE_CONFIG["block_t"], DECODE_CONFIG["num_warps"], DECODE_CONFIG["stages"]
     _decode_kernel[(B * H,)](proj, proj.stride(0), cos, sin, pos, k_cache, v_cache, y, tab, ids,
                              tab.stride(0) if mem else 0, tab.stride(1) if mem else 0, H, T,
                              1.0 / D**0.5, D=D, MEM=mem, M=max(slots, 1), M_PAD=_pad(slots),
                              G=slots + int(gated) if mem else 1, GATED=int(gated and mem),
-                             BLOCK_T=bt, STAGES=stages, num_warps=nw)  # fmt: skip
+                             BLOCK_T=block_t, STAGES=stages, num_warps=num_warps)  # fmt: skip
     return y
 
 
 @decode_attn.register_fake
-def _(proj, cos, sin, pos, k_cache, v_cache, table, ids, slots, gated):
+def _(proj, cos, sin, pos, k_cache, v_cache, table, ids, slots, gated, block_t=32, num_warps=1,
+      stages=1):  # fmt: skip
     B, H, T, D = k_cache.shape
     return torch.empty(B, H * D, device=proj.device, dtype=k_cache.dtype)
 
 
 __all__ = [
+    "DecodeLaunch",
     "available",
     "bank_rows_grad",
     "decode_attn",

@@ -255,7 +255,9 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict
     manifold ball has the radius of its k-th nearest real (fake) neighbour; precision is the
     fraction of fakes inside some real ball, recall the fraction of reals inside some fake ball."""
     if len(real) <= k or len(fake) <= k:
-        raise ValueError(f"precision/recall with k = {k} need more than {k} real and generated images")
+        raise ValueError(
+            f"precision/recall with k = {k} need more than {k} real and generated images"
+        )
 
     def covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
         hits = []
@@ -269,7 +271,9 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict
     return {"precision": covered(fake, real, r_real), "recall": covered(real, fake, r_fake)}
 
 
-def memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor) -> dict[str, float]:
+def memorisation(
+    samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor
+) -> dict[str, float]:
     """How much closer samples sit to the training images than fresh real images do, in one
     feature space. For each sample the distance to its nearest training image, against the same
     for held-out real images (which the model never saw):

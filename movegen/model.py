@@ -9,8 +9,11 @@ the class prefix) through ``scaled_dot_product_attention``, SwiGLU MLP (hidden r
 multiple of 256), no biases, untied zero-initialised output head. ``memory`` picks the value
 path: ``none``, ``lave`` (layer-wise tables) or ``move`` (one global bank, see ``move.py``).
 
-Decoding uses an explicit KV cache (:class:`KVCache`, :meth:`GPT.step`); the cache stores the
-*mixed* values. The sampler (``movegen.sample``) builds on these.
+Decoding has one cache type and one loop: :class:`KVCache` (static buffers, so that one CUDA graph
+replays a step at every position; it stores the *mixed* values) and :meth:`GPT.step`, which runs
+the same :class:`Block` / :class:`Attention` modules as the full forward. The fused one-launch
+Triton layer (``kernels.decode_attn``) is an option of that loop (``KVCache(attention=...)``).
+The sampler (``movegen.sample``) builds on these and owns compilation and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -176,17 +179,81 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-@dataclass
-class KVCache:
-    """Static per-layer key/value buffers ``(B, H, T_max, D)``; values are the mixed values."""
+# --------------------------------------------------------------------------- decoding state
 
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    length: int = 0
 
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
+DecodeAttention = Literal["auto", "fused", "sdpa"]
+"""How :meth:`GPT.step` attends: ``fused`` runs each layer's RoPE, value mix, cache write and
+one-query attention in one Triton launch (``kernels.decode_attn``; one-token steps, CUDA); ``sdpa``
+writes with ``index_copy_`` and attends over the whole cache under a mask; ``auto`` picks
+``fused`` where the kernels run."""
+
+
+class KVCache(nn.Module):
+    """The decoding state of one model for a fixed batch, held in static buffers.
+
+    ``layers[l]`` holds layer ``l``'s keys ``k`` and *mixed* values ``v`` ``(B, H, T_max, D)``
+    (``T_max = seq_len``) and its fused projection ``weight``. Positions are tensors
+    (``positions``: ``0..T_max-1`` on the device) and writes are ``index_copy_`` at them, so every
+    step has the same shapes and addresses and one captured CUDA graph replays it at any
+    position. Reads attend over the whole cache under a ``position <= pos`` mask (or, fused, over
+    the positions written so far), so rows of an earlier generation never count and a cache is
+    reused by writing it again from position 0. Each layer's buffers are whole tensors, not
+    views of one stacked buffer: what the fused op and ``index_copy_`` mutate under
+    ``torch.compile`` is then a plain input, never a view to functionalise.
+
+    ``weight ([3d + H*G + pad], d)``: the layer's QKV and router weights as one product, made once
+    here (one matmul per layer and step instead of two); with a router, zero rows pad it to a
+    multiple of 128 outputs (GEMM tiles fit; the extra is unused). Built from the model's weights
+    in their dtype (a copy where a router is appended): make a new cache after they change.
+    ``dtype`` is the dtype of k and v (default: the model's).
+    """
+
+    def __init__(self, model: GPT, batch_size: int, *, dtype: torch.dtype | None = None,
+                 attention: DecodeAttention = "auto",
+                 launch: kernels.DecodeLaunch | None = None):  # fmt: skip
+        super().__init__()
+        cfg = model.config
+        dev = model.head.weight.device
+        fusable = kernels.usable(dev, cfg.head_dim)
+        if attention == "auto":
+            attention = "fused" if fusable else "sdpa"
+        if attention not in ("fused", "sdpa"):
+            raise ValueError(f"attention must be 'auto', 'fused' or 'sdpa', got {attention!r}")
+        if attention == "fused" and not fusable:
+            raise ValueError(
+                "attention='fused' needs the Triton kernels (a CUDA device and a "
+                "power-of-two head width >= 16); use 'sdpa'"
+            )
+        self.attention: Literal["fused", "sdpa"] = attention
+        self.launch = launch or kernels.DecodeLaunch()
+        self.batch_size = batch_size
+        shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
+        dtype = dtype or model.head.weight.dtype
+        self.layers = nn.ModuleList(_LayerCache(b.attn, shape, dtype) for b in model.blocks)
+        self.register_buffer("positions", torch.arange(cfg.seq_len, device=dev), persistent=False)
+
+    def fused_at(self, n_positions: int) -> bool:
+        """Whether a step of ``n_positions`` runs the fused layer (one-token steps only)."""
+        return self.attention == "fused" and n_positions == 1
+
+
+class _LayerCache(nn.Module):
+    """One layer's part of a :class:`KVCache`: ``k``, ``v`` and the fused projection ``weight``."""
+
+    def __init__(self, attn: Attention, shape: tuple[int, ...], dtype: torch.dtype):
+        super().__init__()
+        w = attn.qkv.weight.detach()
+        if attn.router is not None:
+            w = torch.cat([w, attn.router.weight.detach()])
+            w = F.pad(w, (0, 0, 0, -w.shape[0] % 128))
+        self.register_buffer("weight", w, persistent=False)
+        self.register_buffer(
+            "k", torch.zeros(shape, device=w.device, dtype=dtype), persistent=False
+        )
+        self.register_buffer(
+            "v", torch.zeros(shape, device=w.device, dtype=dtype), persistent=False
+        )
 
 
 # --------------------------------------------------------------------------- blocks
@@ -218,7 +285,7 @@ class Attention(nn.Module):
         route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
         out: ``memh`` or, with the Triton kernels, ``(table, ids)`` (``move.py``).
         ``proj``: the QKV (and router) projections of ``x`` already computed as one product
-        ``(B, S, 3d [+ H*G])`` (the decoder fuses the two weights)."""
+        ``(B, S, 3d [+ H*G])`` (decoding fuses the two weights: :class:`KVCache`)."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if proj is None:
@@ -248,19 +315,41 @@ class Attention(nn.Module):
         return self.resid_drop(self.proj(y.transpose(1, 2).flatten(2)))
 
     def forward_cached(
-        self, x, ids, memh, cos, sin, cache: KVCache, layer: int, pos: int
+        self, x, ids, mem, pos, rope, mask, cache: KVCache, layer: int
     ) -> torch.Tensor:
-        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin)
-        S = x.shape[1]
-        cache.k[layer][:, :, pos : pos + S] = k
-        cache.v[layer][:, :, pos : pos + S] = v
-        K, V = cache.k[layer][:, :, : pos + S], cache.v[layer][:, :, : pos + S]
-        if S == 1:
-            y = F.scaled_dot_product_attention(q, K, V)
-        else:  # query i sees keys up to pos + i
-            mask = torch.ones(S, pos + S, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).flatten(2))
+        """Normed hidden ``x (B, S, d)`` at input positions ``pos (S,)`` -> the attention output
+        ``(B, S, d)``, writing this layer's keys and mixed values into ``cache``.
+
+        One product gives q, k, v and the router logits (``cache.layers[layer].weight``). With
+        ``fused`` one-token steps the rest is one Triton launch (``mem``: the bank ``(V, M, d)``,
+        ``rope``: the whole cos/sin tables, read at ``pos``); otherwise ``mixed_qkv``, an
+        ``index_copy_`` into the cache and SDPA over the whole cache under ``mask (S, T_max)``
+        (``mem``: the gathered bank ``(B, S, H, M, D)``, ``rope``: cos/sin at ``pos``)."""
+        B, S, _ = x.shape
+        state = cache.layers[layer]
+        proj = F.linear(x, state.weight)  # (B, S, 3d [+ H*G + pad])
+        k_cache, v_cache = state.k, state.v  # (B, H, T_max, D)
+        if cache.fused_at(S):
+            cfg = self.cfg
+            table, slots = None, 0
+            if self.table is not None:  # LaVE: this layer's table as one slot
+                table, slots = self.table.weight.view(cfg.num_ids, 1, cfg.n_embd), 1
+            elif self.has_memory:
+                table, slots = mem, cfg.slots
+            launch = cache.launch
+            y = torch.ops.movegen.decode_attn(proj.view(B, -1), *rope, pos, k_cache, v_cache, table, ids, slots,
+                                              self.gated, launch.block_t, launch.num_warps,
+                                              launch.stages)  # fmt: skip
+            y = y.view(B, 1, -1)  # (B, 1, d)
+        else:
+            q, k, v = self.mixed_qkv(x, ids, mem, *rope, proj=proj)  # (B, H, S, D)
+            k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+            y = F.scaled_dot_product_attention(
+                q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask
+            )
+            y = y.transpose(1, 2).flatten(2)  # (B, H, S, D) -> (B, S, d)
+        return self.proj(y)
 
 
 class SwiGLU(nn.Module):
@@ -288,8 +377,9 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), ids, memh, cos, sin, taps)
         return x + self.mlp(self.norm2(x))
 
-    def forward_cached(self, x, ids, memh, cos, sin, cache, layer, pos):
-        x = x + self.attn.forward_cached(self.norm1(x), ids, memh, cos, sin, cache, layer, pos)
+    def forward_cached(self, x, ids, mem, pos, rope, mask, cache: KVCache, layer: int):
+        """:meth:`forward` of positions ``pos`` through the cache (see :meth:`GPT.step`)."""
+        x = x + self.attn.forward_cached(self.norm1(x), ids, mem, pos, rope, mask, cache, layer)
         return x + self.mlp(self.norm2(x))
 
 
@@ -402,186 +492,51 @@ class GPT(nn.Module):
 
     # ---- cached decoding
 
-    def new_cache(self, batch_size: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
-        cfg = self.config
-        device = device or self.head.weight.device
-        dtype = dtype or self.head.weight.dtype
-        shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
-        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        return KVCache(k=k, v=v)
+    def new_cache(self, batch_size: int, *, dtype: torch.dtype | None = None,
+                  attention: DecodeAttention = "auto",
+                  launch: kernels.DecodeLaunch | None = None) -> KVCache:  # fmt: skip
+        """A :class:`KVCache` of this model for ``batch_size`` rows (see there)."""
+        return KVCache(self, batch_size, dtype=dtype, attention=attention, launch=launch)
 
-    def step(self, ids: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-        """Run input positions ``pos .. pos+S-1`` given a cache filled for positions ``< pos``.
-        ``ids (B, S)`` are unified ids (position 0 is the class id ``K + c``). Writes keys and
-        mixed values into ``cache`` and returns logits ``(B, S, K)`` (no dropout)."""
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run input positions ``pos`` given a cache filled for the positions before them.
+
+        ``ids (B, S)`` unified ids (position 0 is the class id ``K + c``); ``pos (S,)`` int64
+        positions on the model's device, ascending and consecutive (e.g. ``cache.positions[t :
+        t + S]``: a tensor, so that a captured step replays at any position). Writes keys and
+        mixed values into ``cache`` and returns logits ``(B, S, K)`` (no dropout). Prefill of
+        several positions and one-token steps run the same layers; the fused Triton layer,
+        when the cache asks for it, serves the one-token steps."""
         B, S = ids.shape
-        if pos != cache.length:
+        if pos.shape != (S,):
             raise ValueError(
-                f"cache holds {cache.length} positions; cannot run from position {pos}"
+                f"pos must hold one position per id, (S,) = ({S},); got {tuple(pos.shape)}"
             )
-        if pos + S > cache.capacity:
-            raise ValueError(
-                f"positions {pos}..{pos + S - 1} exceed the cache capacity {cache.capacity}"
-            )
+        if B != cache.batch_size:
+            raise ValueError(f"the cache holds {cache.batch_size} rows; got ids for {B}")
         if self.training:
             raise RuntimeError("step() is for inference; call model.eval() first")
-        x = self.embed(ids)
-        memh = self.bank.gather(ids) if self.bank is not None else None
-        cos, sin = self.rope_cos[pos : pos + S], self.rope_sin[pos : pos + S]
+        x = self.embed(ids)  # (B, S, d)
+        if cache.fused_at(
+            S
+        ):  # the kernel reads the bank rows, the RoPE tables and the cache by position
+            mem = self.bank.weight if self.bank is not None else None
+            rope, mask = (self.rope_cos, self.rope_sin), None
+        else:  # shared by every layer: bank rows (B, S, H, M, D), RoPE at pos, which keys each query sees
+            mem = self.bank.gather(ids) if self.bank is not None else None
+            rope = (
+                self.rope_cos.index_select(0, pos),
+                self.rope_sin.index_select(0, pos),
+            )  # (S, D/2)
+            mask = cache.positions[None, :] <= pos[:, None]  # (S, T_max)
         for l, block in enumerate(self.blocks):
-            x = block.forward_cached(x, ids, memh, cos, sin, cache, l, pos)
-        cache.length = pos + S
+            x = block.forward_cached(x, ids, mem, pos, rope, mask, cache, l)
         return self.head(self.norm(x)).float()
 
     # ---- accounting
 
     def param_counts(self) -> dict[str, int]:
         return param_counts(self)
-
-
-class StaticDecoder(nn.Module):
-    """One-token decoding with a fixed-size KV cache held as buffers, for CUDA graphs.
-
-    Every call has the same shapes and the position is a tensor, so one captured CUDA graph
-    replays the step for all positions (see :meth:`compile`). ``attention``: ``fused`` runs each
-    layer's RoPE, value mix, cache write and one-query attention in one Triton launch that reads
-    only the positions written so far (``kernels.decode_attn``); ``sdpa`` / ``math`` write with
-    ``index_copy_`` and attend over the whole cache under a ``position <= pos`` mask; ``auto``
-    picks ``fused`` where the kernels run. Gives the same logits as :meth:`GPT.step`. It holds a
-    snapshot of the weights made once (a converted copy for another ``dtype``, and fused
-    QKV/router products): build a new decoder after the model's weights change.
-    """
-
-    def __init__(self, model: GPT, batch_size: int, dtype: torch.dtype | None = None,
-                 attention: str = "auto"):  # fmt: skip
-        super().__init__()
-        dev = model.head.weight.device
-        fusable = kernels.usable(dev, model.config.head_dim)
-        if attention == "auto":
-            attention = "fused" if fusable else "sdpa"
-        if attention not in ("fused", "sdpa", "math"):
-            raise ValueError(
-                f"attention must be 'auto', 'fused', 'sdpa' or 'math', got {attention!r}"
-            )
-        if attention == "fused" and not fusable:
-            raise ValueError(
-                "attention='fused' needs the Triton kernels (a CUDA device and a "
-                "power-of-two head width >= 16); use 'sdpa'"
-            )
-        self.attention = attention
-        cfg = model.config
-        self.batch_size = batch_size
-        self.source = [model]  # the model it was made from (a list: not a submodule)
-        dtype = dtype or model.head.weight.dtype
-        if dtype != model.head.weight.dtype:
-            # decode with weights in the cache dtype: no per-step casts of every weight matrix
-            import copy
-
-            model = copy.deepcopy(model).to(dtype)
-            model.rope_cos, model.rope_sin = (
-                self.source[0].rope_cos,
-                self.source[0].rope_sin,
-            )  # keep fp32
-        self.model = model
-        # one product per layer for the QKV and router projections (fewer launches per step)
-        for l, block in enumerate(model.blocks):
-            w = block.attn.qkv.weight.detach()
-            if block.attn.router is not None:
-                w = torch.cat([w, block.attn.router.weight.detach()])
-                # zero rows up to a multiple of 128 outputs: GEMM tiles fit, the extra is unused
-                w = F.pad(w, (0, 0, 0, -w.shape[0] % 128))
-            self.register_buffer(f"w{l}", w, persistent=False)
-        shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.head_dim)
-        for l in range(cfg.n_layer):
-            self.register_buffer(
-                f"k{l}", torch.zeros(shape, device=dev, dtype=dtype), persistent=False
-            )
-            self.register_buffer(
-                f"v{l}", torch.zeros(shape, device=dev, dtype=dtype), persistent=False
-            )
-        self.register_buffer("positions", torch.arange(cfg.seq_len, device=dev), persistent=False)
-        self.compiled = False
-        self._pickers: dict = {}
-        self.graphs: dict = {}  # sampling settings -> captured step (movegen.sample)
-
-    def compile(self, mode: str = "graph") -> StaticDecoder:  # noqa: A003
-        """Compile the step. ``graph``: inductor's default mode, and the sampler captures each
-        step together with its choice and bookkeeping in one CUDA graph of its own (one replay
-        and one noise draw per token on the host); any other value is a ``torch.compile`` mode
-        (e.g. ``reduce-overhead``: inductor's CUDA graphs around the step alone)."""
-        self.compiled, self.mode = True, mode
-        self._pickers.clear()
-        self.graphs = {}
-        return self
-
-    def step_pick(
-        self, ids: torch.Tensor, pos: torch.Tensor, u: torch.Tensor, post
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoding step and the choice of the next codes in one graph: ``post(logits, u)``
-        maps the ``(rows, K)`` logits and uniform noise ``u`` to codes ``(B,)``. Returns the
-        codes and the next step's ids ``(rows, 1)`` (codes repeated for the CFG half)."""
-        tok = post(self.forward(ids, pos), u)
-        nxt = tok.repeat(self.batch_size // tok.shape[0])
-        return tok, nxt[:, None]
-
-    def picker(self, key: tuple, post):
-        """``step_pick`` bound to ``post``, compiled once per sampling-settings ``key``."""
-        if key not in self._pickers:
-            fn = lambda ids, pos, u: self.step_pick(ids, pos, u, post)  # noqa: E731
-            if self.compiled:
-                mode = None if self.mode == "graph" else self.mode
-                fn = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
-            self._pickers[key] = fn
-        return self._pickers[key]
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``ids (B, 1)`` unified ids at input position ``pos`` (a ``(1,)`` long tensor) ->
-        next-code logits ``(B, K)``."""
-        m = self.model
-        x = m.embed(ids)
-        if self.attention != "fused":  # what every layer shares: bank rows, RoPE at pos, mask
-            memh = m.bank.gather(ids) if m.bank is not None else None
-            cos, sin = m.rope_cos.index_select(0, pos), m.rope_sin.index_select(0, pos)  # (1, D/2)
-            mask = (self.positions <= pos).view(1, 1, 1, -1)
-        for l, block in enumerate(m.blocks):
-            h = block.norm1(x)
-            proj = F.linear(h, getattr(self, f"w{l}"))  # (B, 1, 3d [+ H*G]): QKV and router
-            if self.attention == "fused":
-                y = self._attend_fused(l, block.attn, proj, ids, pos)
-            else:
-                y = self._attend_cached(l, block.attn, h, proj, ids, pos, memh, cos, sin, mask)
-            x = x + block.attn.proj(y)
-            x = x + block.mlp(block.norm2(x))
-        return m.head(m.norm(x))[:, -1].float()
-
-    def _attend_fused(self, l: int, attn: Attention, proj, ids, pos) -> torch.Tensor:
-        """Layer ``l``'s attention (RoPE, value mix, cache write, one-query attention) in one
-        Triton launch after the QKV/router product (``kernels.decode_attn``) -> ``(B, 1, d)``."""
-        m, cfg = self.model, self.model.config
-        B = proj.shape[0]
-        table, slots = None, 0
-        if attn.table is not None:  # LaVE: this layer's table as one slot
-            table, slots = attn.table.weight.view(cfg.num_ids, 1, cfg.n_embd), 1
-        elif attn.has_memory:
-            table, slots = m.bank.weight, cfg.slots
-        y = torch.ops.movegen.decode_attn(proj.view(B, -1), m.rope_cos, m.rope_sin, pos, getattr(self, f"k{l}"),
-                                          getattr(self, f"v{l}"), table, ids, slots, attn.gated)  # fmt: skip
-        return y.view(B, 1, -1)
-
-    def _attend_cached(self, l: int, attn: Attention, h, proj, ids, pos, memh, cos, sin, mask):
-        """Layer ``l``'s attention with ``index_copy_`` into the cache and attention over all of
-        it under ``mask`` (SDPA, or plain math: two small products and one masked softmax)."""
-        q, k, v = attn.mixed_qkv(h, ids, memh, cos, sin, proj=proj)  # (B, H, 1, D)
-        kc, vc = getattr(self, f"k{l}"), getattr(self, f"v{l}")
-        kc.index_copy_(2, pos, k.to(kc.dtype))
-        vc.index_copy_(2, pos, v.to(vc.dtype))
-        if self.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=mask)
-        else:
-            att = (q.to(kc.dtype) @ kc.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
-            y = att.masked_fill(~mask, float("-inf")).softmax(-1).to(vc.dtype) @ vc
-        return y.transpose(1, 2).flatten(2)  # (B, 1, d)
 
 
 def param_counts(model: GPT) -> dict[str, int]:
@@ -639,4 +594,4 @@ PRESETS: dict[str, dict] = {
     "XL": dict(n_layer=36, n_head=20, n_embd=1280),
 }
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "StaticDecoder", "cost_report", "param_counts"]
+__all__ = ["GPT", "GPTConfig", "DecodeAttention", "KVCache", "cost_report", "param_counts"]

@@ -1,51 +1,108 @@
-"""Sampling from a trained :class:`~movegen.model.GPT`: pure functions over its KV cache.
+"""Sampling from a trained :class:`~movegen.model.GPT`: pure functions over its KV cache, and the
+compiled step that makes them fast.
 
 ``prefill`` runs the class token, ``decode_step`` one code, ``generate`` the whole image.
 Classifier-free guidance doubles the batch (conditional half, then the null-class half) and mixes
 the logits as ``uncond + s * (cond - uncond)``; with ``cfg_scale == 1`` no doubling happens, so
-it is exactly plain conditional sampling. All randomness comes from the passed ``torch.Generator``;
-the caller's tensors are never modified.
+it is exactly plain conditional sampling. Codes are chosen by the Gumbel-max trick from one
+uniform draw per logit. All randomness comes from the passed ``torch.Generator``; the caller's
+tensors are never modified. Settings travel as one frozen :class:`SamplingSettings`.
+
+:class:`CompiledStep` is the fast path of the same loop: it holds a cache and the step with its
+choice of codes (``model.step`` + the CFG mix + the Gumbel-max choice), compiled by
+``torch.compile``; on CUDA it captures the step, the write of the codes, their feedback as the next
+input and the position's increment in one CUDA graph per guidance value, so a token costs the
+host one noise draw and one replay. It draws exactly the codes of the plain loop (same noise, same
+ops; compiled kernels may round differently).
+
+    ids (rows, 1), pos ──► model.step ──► logits (rows, K) ──► CFG mix ──► (B, K) ──► Gumbel-max
+         ▲                                  rows = 2B with CFG, else B          u (B, K) ──┘   │
+         └──────────── codes (B,) repeated for the null half; pos + 1 ◄──────────────────────┘
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from .model import GPT, KVCache, StaticDecoder
+from . import kernels
+from .model import GPT, DecodeAttention, KVCache
+
+StepMode = Literal["auto", "graph", "compiled", "eager"]
+"""How :class:`CompiledStep` runs its step: ``graph`` compiles it and replays it from CUDA graphs
+(CUDA only), ``compiled`` compiles it and calls it from Python, ``eager`` calls it as it is;
+``auto`` is ``graph`` on CUDA and ``eager`` elsewhere (compiling on the CPU costs more than it
+saves for the sizes sampled there)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingSettings:
-    """How codes are drawn."""
+    """How codes are drawn; validated once here, so no sampler checks them again."""
 
     cfg_scale: float = 1.0
-    """Classifier-free guidance scale: uncond + s * (cond - uncond); 1 = no guidance."""
+    """Classifier-free guidance scale s: ``uncond + s * (cond - uncond)``; 1 = plain conditional
+    sampling (no batch doubling)."""
     cfg_interval: tuple[int, int] | None = None
-    """Guide only code positions a <= t < b (null: all)."""
+    """Guide only code positions ``a <= t < b`` (the batch stays doubled so the cache is
+    consistent); None: every position."""
     temperature: float = 1.0
-    """Softmax temperature; 0 = greedy."""
+    """Softmax temperature; 0 = greedy (no noise drawn)."""
     top_k: int = 0
-    """Keep the k most likely codes (0 = all)."""
+    """Keep only the k most likely codes; 0 = off."""
     top_p: float = 1.0
-    """Keep the smallest set of codes whose probability reaches p (1 = all)."""
+    """Keep the smallest set of codes whose probability reaches p; 1 = off."""
+    bf16: bool = True
+    """On CUDA: bf16 autocast, and bf16 weights and cache on the compiled step. Ignored on the CPU."""
 
     def __post_init__(self):
-        if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
+        if not isinstance(self.cfg_scale, (int, float)) or not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale!r}")
         if self.cfg_interval is not None:
+            pair = isinstance(self.cfg_interval, (tuple, list)) and len(self.cfg_interval) == 2
+            if not pair or not all(isinstance(x, int) for x in self.cfg_interval):
+                raise ValueError(
+                    f"cfg_interval must be two integers (a, b), got {self.cfg_interval!r}"
+                )
             lo, hi = self.cfg_interval
-            if not 0 <= lo < hi:
-                raise ValueError(f"cfg_interval must be (a, b) with 0 <= a < b, got {self.cfg_interval}")
+            if not 0 <= lo <= hi:
+                raise ValueError(
+                    f"cfg_interval (a, b) must have 0 <= a <= b (guidance on positions a <= t < b), "
+                    f"got ({lo}, {hi})"
+                )
+            object.__setattr__(self, "cfg_interval", (lo, hi))  # a list from a config: a tuple
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be finite, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+
+    @property
+    def doubled(self) -> bool:
+        """Whether the batch is doubled for guidance (``cfg_scale != 1``)."""
+        return self.cfg_scale != 1.0
+
+    def guided(self, t: int) -> bool:
+        """Whether code position ``t`` is guided."""
+        if not self.doubled:
+            return False
+        return self.cfg_interval is None or self.cfg_interval[0] <= t < self.cfg_interval[1]
 
 
 def _autocast(device: torch.device, enabled: bool = True):
     if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+# --------------------------------------------------------------------------- the choice of codes
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -80,8 +137,14 @@ def sample_logits(
     logit from ``generator``: no host sync, and the same draw on every code path."""
     if temperature <= 0:
         return logits.argmax(-1)
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    u = _noise(logits.shape, generator, logits.device)
     return pick(logits, u, temperature, top_k, top_p)
+
+
+def _noise(shape, generator: torch.Generator | None, device, out: torch.Tensor | None = None):
+    """The uniform draw of one token step, ``(B, K)``: the one place noise is drawn, so that every
+    path consumes the generator alike."""
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32, out=out)
 
 
 def pick(
@@ -93,229 +156,245 @@ def pick(
     return (z + gumbel).argmax(-1)
 
 
-def _guide(logits: torch.Tensor, cfg_scale: float, guided: bool) -> torch.Tensor:
-    """Doubled-batch logits ``(2B, K)`` -> ``(B, K)``."""
-    cond, uncond = logits.chunk(2)
-    return uncond + cfg_scale * (cond - uncond) if guided else cond
+def choose(
+    logits: torch.Tensor, u: torch.Tensor | None, settings: SamplingSettings, guided: bool
+) -> torch.Tensor:
+    """The codes of one step: next-code logits ``(rows, K)`` (doubled with CFG) and uniform noise
+    ``u (B, K)`` (unused when greedy) -> codes ``(B,)``. The CFG mix happens here, on ``guided``
+    steps; unguided steps of a doubled batch take the conditional half."""
+    if settings.doubled:
+        cond, uncond = logits.chunk(2)  # (B, K) each
+        logits = uncond + settings.cfg_scale * (cond - uncond) if guided else cond
+    if settings.temperature <= 0:
+        return logits.argmax(-1)
+    return pick(logits, u, settings.temperature, settings.top_k, settings.top_p)
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def _class_ids(model: GPT, labels: torch.Tensor, doubled: bool) -> torch.Tensor:
+    """Position 0's unified ids ``(rows, 1)``: ``K + label``, then (CFG) ``K + null``."""
+    if doubled:
+        labels = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
+    return (labels + model.config.vocab_size)[:, None]
 
 
 def prefill(model: GPT, labels: torch.Tensor, cache: KVCache, *, cfg: bool = False) -> torch.Tensor:
     """Run the class token(s). ``labels (B,)``; with ``cfg`` the cache holds ``2B`` rows (labels,
     then the null class). Returns logits for the first code, ``(B, K)`` or ``(2B, K)``."""
-    K = model.config.vocab_size
-    if cfg:
-        labels = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
-    return model.step((labels + K)[:, None], 0, cache)[:, -1]
+    return model.step(_class_ids(model, labels, cfg), cache.positions[:1], cache)[:, -1]
 
 
 def decode_step(model: GPT, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
     """Feed codes ``tokens (B,)`` at input position ``pos`` (>= 1); returns next-code logits ``(B, K)``."""
-    return model.step(tokens[:, None], pos, cache)[:, -1]
+    return model.step(tokens[:, None], cache.positions[pos : pos + 1], cache)[:, -1]
+
+
+def _check_labels(model: GPT, labels: torch.Tensor) -> None:
+    C = model.config.num_classes
+    if labels.ndim != 1 or len(labels) == 0 or labels.min() < 0 or labels.max() > C:
+        raise ValueError(f"labels must be (B,) in [0, {C}] ({C} = unconditional)")
 
 
 @torch.no_grad()
 def generate(
     model: GPT,
     labels: torch.Tensor,
+    settings: SamplingSettings | None = None,
     *,
-    cfg_scale: float = 1.0,
-    cfg_interval: tuple[int, int] | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     generator: torch.Generator | None = None,
-    bf16: bool = True,
-    decoder: StaticDecoder | None = None,
+    step: CompiledStep | None = None,
 ) -> torch.Tensor:
     """Sample codes ``(B, T)`` for ``labels (B,)`` (``num_classes`` = unconditional).
 
-    ``cfg_interval=(a, b)`` applies guidance only to code positions ``a <= t < b`` (the batch
-    stays doubled so the cache is consistent). bf16 autocast on CUDA when ``bf16``.
-    ``decoder``: a :class:`StaticDecoder` (see :func:`make_decoder`) for the fast path, a
-    fixed-shape step that a CUDA graph can replay; its batch must be ``2B`` with CFG, else ``B``.
-    """
-    cfg = model.config
+    ``settings`` default to ``SamplingSettings()`` (no guidance, temperature 1). ``step``: a
+    :class:`CompiledStep` of this model, batch and settings for the fast path; it draws the same
+    codes from the same generator as this plain loop."""
+    settings = settings or SamplingSettings()
     if model.training:
         raise RuntimeError("generate() needs model.eval()")
     labels = labels.to(model.head.weight.device)
-    if labels.ndim != 1 or labels.min() < 0 or labels.max() > cfg.num_classes:
-        raise ValueError(
-            f"labels must be (B,) in [0, {cfg.num_classes}] ({cfg.num_classes} = unconditional)"
-        )
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(
-            f"bad sampling settings: temperature {temperature}, top_k {top_k}, top_p {top_p}"
-        )
-    use_cfg = cfg_scale != 1.0
-    B, T = len(labels), cfg.seq_len
-    lo, hi = cfg_interval if cfg_interval is not None else (0, T)
-    rows = 2 * B if use_cfg else B
-    if decoder is not None:
-        if decoder.source[0] is not model or decoder.batch_size != rows:
-            raise ValueError(
-                f"decoder was made for batch {decoder.batch_size}; this call needs {rows} rows"
-            )
-        return _generate_static(decoder, labels, use_cfg, cfg_scale, (lo, hi), temperature, top_k, top_p,
-                                generator, bf16)  # fmt: skip
-    with _autocast(labels.device, bf16):
+    _check_labels(model, labels)
+    if step is not None:
+        step.check(model, len(labels), settings)
+        return step.sample(labels, generator)
+    B, T = len(labels), model.config.seq_len
+    rows = 2 * B if settings.doubled else B
+    noise = (B, model.config.vocab_size)
+    with _autocast(labels.device, settings.bf16):
         cache = model.new_cache(rows)
         out = torch.empty(B, T, dtype=torch.long, device=labels.device)
-        logits = prefill(model, labels, cache, cfg=use_cfg)
+        logits = prefill(model, labels, cache, cfg=settings.doubled)
         for t in range(T):
-            if use_cfg:
-                logits = _guide(logits, cfg_scale, lo <= t < hi)
-            tok = sample_logits(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
+            u = _noise(noise, generator, labels.device) if settings.temperature > 0 else None
+            tok = choose(logits, u, settings, settings.guided(t))
             out[:, t] = tok
             if t + 1 < T:
-                feed = torch.cat([tok, tok]) if use_cfg else tok
-                logits = decode_step(model, feed, t + 1, cache)
+                logits = decode_step(model, tok.repeat(rows // B), t + 1, cache)
     return out
 
 
-def make_decoder(model: GPT, batch_size: int, *, cfg: bool = True, compile: bool | None = None,
-                 attention: str = "auto") -> StaticDecoder:  # fmt: skip
-    """A :class:`StaticDecoder` for ``batch_size`` images (``2 * batch_size`` cache rows with CFG),
-    compiled and captured in CUDA graphs on GPU unless ``compile=False``; ``attention``: 'fused'
-    (one Triton launch per layer; what 'auto' picks where the kernels run), 'sdpa' or 'math'."""
-    dev = model.head.weight.device
-    dtype = torch.bfloat16 if dev.type == "cuda" else None
-    dec = StaticDecoder(
-        model, 2 * batch_size if cfg else batch_size, dtype=dtype, attention=attention
-    )
-    if compile if compile is not None else dev.type == "cuda":
-        dec.compile()
-    return dec
+# --------------------------------------------------------------------------- the fast path
 
 
-def _generate_static(
-    dec, labels, use_cfg, cfg_scale, interval, temperature, top_k, top_p, generator, bf16
-):
-    model = dec.model
-    cfg = model.config
-    B, T, K = len(labels), cfg.seq_len, cfg.vocab_size
-    lo, hi = interval
-    cond = labels + K
-    ids = torch.cat([cond, torch.full_like(cond, K + cfg.null_class)]) if use_cfg else cond
-    ids = ids[:, None]
-    out = torch.empty(B, T, dtype=torch.long, device=labels.device)
+class CompiledStep:
+    """The decoding step of one model for ``batch_size`` images and one :class:`SamplingSettings`,
+    made fast: a :class:`KVCache` of its own, the step with its choice of codes compiled once per
+    guidance value, and (``mode="graph"``) CUDA graphs that replay step and bookkeeping.
 
-    def make_post(guided: bool):
-        def post(logits, u):
-            if use_cfg:
-                logits = _guide(logits, cfg_scale, guided)
-            if temperature <= 0:
-                return logits.argmax(-1)
-            return pick(logits, u, temperature, top_k, top_p)
+    On CUDA with ``settings.bf16`` it decodes with a bf16 copy of the model made once here (RoPE
+    tables kept in fp32), so no step casts a weight; the cache's fused QKV/router weights are
+    another snapshot. Make a new step after the model's weights change. ``attention`` and
+    ``launch`` go to the cache (:class:`~movegen.model.KVCache`)."""
 
-        return post
-
-    settings = (use_cfg, cfg_scale, temperature, top_k, top_p, bf16)
-    guided = {lo <= t < hi for t in range(T)}
-    steps = {g: dec.picker((*settings, g), make_post(g)) for g in guided}
-    if dec.compiled and dec.mode == "graph" and labels.is_cuda:
-        with _autocast(labels.device, bf16):
-            run = dec.graphs.get(settings) or dec.graphs.setdefault(settings, _StepGraphs(dec, B))
-            for g, fn in steps.items():  # capture what this interval needs before the state is set
-                run.capture(g, fn)
-            run.ids.copy_(ids)
-            run.pos.zero_()
-            for t in range(T):
-                torch.rand(B, K, generator=generator, device=labels.device, out=run.u)
-                run.graphs[lo <= t < hi].replay()
-        return run.out.clone()
-    with _autocast(labels.device, bf16):
-        for t in range(T):
-            if dec.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            u = torch.rand(B, K, generator=generator, device=labels.device, dtype=torch.float32)
-            tok, nxt = steps[lo <= t < hi](ids, dec.positions[t : t + 1], u)
-            out[:, t] = tok
-            ids = nxt.clone()  # the graph's output buffer is reused by the next replay
-    return out
-
-
-class _StepGraphs:
-    """Decoding steps captured in CUDA graphs, one per value of ``guided``: the step, the choice
-    of the codes, their write into ``out`` and their feedback as the next input, and the
-    position's increment. Static buffers carry the state between replays, so a token costs the
-    host one noise draw (into ``u``) and one replay."""
-
-    def __init__(self, dec: StaticDecoder, n_images: int):
-        dev = self.device = dec.positions.device
-        T, K = dec.model.config.seq_len, dec.model.config.vocab_size
-        self.ids = torch.zeros(dec.batch_size, 1, dtype=torch.long, device=dev)
+    def __init__(self, model: GPT, batch_size: int, settings: SamplingSettings, *,
+                 mode: StepMode = "auto", attention: DecodeAttention = "auto",
+                 launch: kernels.DecodeLaunch | None = None):  # fmt: skip
+        if model.training:
+            raise RuntimeError("CompiledStep needs model.eval()")
+        dev = self.device = model.head.weight.device
+        if mode == "auto":
+            mode = "graph" if dev.type == "cuda" else "eager"
+        if mode not in ("graph", "compiled", "eager"):
+            raise ValueError(f"mode must be 'auto', 'graph', 'compiled' or 'eager', got {mode!r}")
+        if mode == "graph" and dev.type != "cuda":
+            raise ValueError("mode='graph' needs a CUDA device; use 'compiled' or 'eager'")
+        self.mode, self.settings, self.batch_size, self.source = mode, settings, batch_size, model
+        self.model = model
+        if dev.type == "cuda" and settings.bf16 and model.head.weight.dtype != torch.bfloat16:
+            self.model = copy.deepcopy(model).to(torch.bfloat16)
+            self.model.rope_cos, self.model.rope_sin = model.rope_cos, model.rope_sin  # fp32
+        cfg = model.config
+        self.rows = 2 * batch_size if settings.doubled else batch_size
+        self.cache = self.model.new_cache(self.rows, attention=attention, launch=launch)
+        # the state a replay reads and advances: next ids, position, noise, the codes so far
+        self.ids = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.u = torch.rand(n_images, K, device=dev)
-        self.out = torch.zeros(n_images, T, dtype=torch.long, device=dev)
+        self.u = torch.zeros(batch_size, cfg.vocab_size, device=dev)
+        self.out = torch.zeros(batch_size, cfg.seq_len, dtype=torch.long, device=dev)
+        self._fns: dict = {}  # guided -> step and choice (compiled unless eager)
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
 
-    def capture(self, guided: bool, fn) -> None:
-        """Capture the step ``fn`` (``step_pick`` bound to its choice) for ``guided`` once. Its
-        warm-up runs change the buffers: call before setting them for a generation."""
+    def check(self, model: GPT, batch_size: int, settings: SamplingSettings) -> None:
+        """Raise unless this step serves ``model``, ``batch_size`` images and ``settings``."""
+        if model is not self.source or batch_size != self.batch_size or settings != self.settings:
+            raise ValueError(
+                f"this CompiledStep was made for {self.batch_size} images with {self.settings} "
+                f"(of its model); this call has {batch_size} with {settings}: make a step for it"
+            )
+
+    def step_choose(self, ids: torch.Tensor, pos: torch.Tensor, u: torch.Tensor, guided: bool):
+        """One decoding step and the choice of its codes: ``ids (rows, 1)`` at position ``pos
+        (1,)`` and noise ``u (B, K)`` -> codes ``(B,)`` and the next step's ids ``(rows, 1)``
+        (the codes repeated for the null half)."""
+        logits = self.model.step(ids, pos, self.cache)[:, -1]  # (rows, K)
+        tok = choose(logits, u, self.settings, guided)
+        return tok, tok.repeat(self.rows // self.batch_size)[:, None]
+
+    def _fn(self, guided: bool):
+        """:meth:`step_choose` for one value of ``guided``, compiled once (unless eager)."""
+        if guided not in self._fns:
+            fn = lambda ids, pos, u: self.step_choose(ids, pos, u, guided)
+            if self.mode != "eager":
+                fn = torch.compile(fn, fullgraph=True, dynamic=False)
+            self._fns[guided] = fn
+        return self._fns[guided]
+
+    def _advance(self, fn) -> None:
+        """One token: the step and choice, the codes written at ``pos`` and fed back, ``pos + 1``
+        (all on the device, so a CUDA graph captures all of it)."""
+        tok, nxt = fn(self.ids, self.pos, self.u)
+        self.out.index_copy_(1, self.pos, tok[:, None])
+        self.ids.copy_(nxt)
+        self.pos.add_(1)
+
+    def _capture(self, guided: bool) -> None:
+        """Capture :meth:`_advance` for ``guided`` once. Its warm-up runs change the state (and
+        write cache position 0): call before the state is set for a generation."""
         if guided in self.graphs:
             return
-
-        def body():
-            tok, nxt = fn(self.ids, self.pos, self.u)
-            self.out.index_copy_(1, self.pos, tok[:, None])
-            self.ids.copy_(nxt)
-            self.pos.add_(1)
-
+        fn = self._fn(guided)
         side = torch.cuda.Stream(self.device)  # compile and warm up off the capture
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
                 self.pos.zero_()  # (a position inside the cache, whatever seq_len is)
-                body()
+                self._advance(fn)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         pool = next(iter(self.graphs.values())).pool() if self.graphs else None
         with torch.cuda.graph(graph, pool=pool):
-            body()
+            self._advance(fn)
         self.graphs[guided] = graph
+
+    @torch.no_grad()
+    def sample(
+        self, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Codes ``(B, T)`` for ``labels (B,)`` (checked by :func:`generate`, the public entry)."""
+        s, T = self.settings, self.model.config.seq_len
+        needed = {s.guided(t) for t in range(T)}
+        with _autocast(self.device, s.bf16):
+            if self.mode == "graph":  # capture what these settings need before setting the state
+                for g in needed:
+                    self._capture(g)
+            self.ids.copy_(_class_ids(self.model, labels, s.doubled))
+            self.pos.zero_()
+            for t in range(T):
+                if s.temperature > 0:
+                    _noise(self.u.shape, generator, self.device, out=self.u)
+                if self.mode == "graph":
+                    self.graphs[s.guided(t)].replay()
+                else:
+                    self._advance(self._fn(s.guided(t)))
+        return self.out.clone()
 
 
 def generate_images(
     model: GPT,
     decode,
     labels: torch.Tensor,
+    settings: SamplingSettings | None = None,
     *,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
     progress: bool = False,
     grid: tuple[int, int] | None = None,
     fast: bool | None = None,
-    **settings,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample codes for ``labels`` in batches and decode them with ``decode(codes (B, h, w))``.
-    Returns ``(images (N, C, H, W) on the CPU, codes (N, T))``. ``settings`` go to :func:`generate`."""
+    Returns ``(images (N, C, H, W) on the CPU, codes (N, T))``. ``fast`` (default: on CUDA):
+    one :class:`CompiledStep` per batch size (the last batch may be smaller)."""
     from tqdm.auto import tqdm
 
+    settings = settings or SamplingSettings()
     cfg = model.config
     h, w = grid or (cfg.grid_h, cfg.grid_w)
     images, codes = [], []
-    use_cfg = settings.get("cfg_scale", 1.0) != 1.0
-    decoders: dict[int, StaticDecoder] = {}
+    steps: dict[int, CompiledStep] = {}
     fast = labels.device.type == "cuda" if fast is None else fast
     for chunk in tqdm(labels.split(batch_size), desc="sample", disable=not progress, unit="batch"):
-        dec = None
-        if fast:  # one CUDA-graph decoder per batch size (the last chunk may be smaller)
-            dec = decoders.get(len(chunk)) or decoders.setdefault(
-                len(chunk), make_decoder(model, len(chunk), cfg=use_cfg)
+        step = None
+        if fast:
+            step = steps.get(len(chunk)) or steps.setdefault(
+                len(chunk), CompiledStep(model, len(chunk), settings)
             )
-        c = generate(model, chunk, generator=generator, decoder=dec, **settings)
+        c = generate(model, chunk, settings, generator=generator, step=step)
         codes.append(c.cpu())
         images.append(decode(c.view(len(c), h, w)).float().cpu())
     return torch.cat(images), torch.cat(codes)
 
 
 __all__ = [
+    "CompiledStep",
+    "SamplingSettings",
+    "StepMode",
+    "choose",
     "decode_step",
-    "generate_images",
     "filter_logits",
     "generate",
+    "generate_images",
     "prefill",
     "sample_logits",
 ]

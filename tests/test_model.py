@@ -139,14 +139,55 @@ def test_kv_cache_decoding_equals_full_forward(memory, density, gated):
     full = model(codes, labels)
     ids = model.input_ids(codes, labels)
     cache = model.new_cache(len(codes))
+    pos = cache.positions
     outs = [
-        model.step(ids[:, :1], 0, cache),
-        model.step(ids[:, 1:4], 1, cache),
+        model.step(ids[:, :1], pos[:1], cache),
+        model.step(ids[:, 1:4], pos[1:4], cache),
     ]  # prefill, then a chunk
-    outs += [model.step(ids[:, t : t + 1], t, cache) for t in range(4, T)]  # then one at a time
+    outs += [
+        model.step(ids[:, t : t + 1], pos[t : t + 1], cache) for t in range(4, T)
+    ]  # one at a time
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="cache holds"):
-        model.step(ids[:, :1], 3, cache)
+    # a reused cache is overwritten from position 0: stale rows of the first pass never count
+    codes2, _ = batch(seed=1)
+    ids2 = model.input_ids(codes2, labels)
+    again = [model.step(ids2[:, :5], pos[:5], cache)]
+    again += [model.step(ids2[:, t : t + 1], pos[t : t + 1], cache) for t in range(5, T)]
+    torch.testing.assert_close(torch.cat(again, 1), model(codes2, labels), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one position per id"):
+        model.step(ids[:, :2], pos[:1], cache)
+    with pytest.raises(ValueError, match="rows"):
+        model.step(ids[:2, :1], pos[:1], cache)
+
+
+def test_decode_cache_layout_and_fused_projection():
+    """Each layer's cache holds k, v (B, H, T, D) and [W_qkv; W_router] padded to 128 outputs
+    (LaVE x1: layers without a table have no router rows and no padding); 'fused' needs the
+    kernels."""
+    from movegen import kernels
+
+    model = randomize(GPT(tiny("lave", memory_density=1))).eval()
+    cache = model.new_cache(2)
+    cfg = model.config
+    d = cfg.n_embd
+    assert len(cache.layers) == cfg.n_layer
+    for b, state in zip(model.blocks, cache.layers):
+        assert state.k.shape == (2, cfg.n_head, T, cfg.head_dim) == state.v.shape
+        w = state.weight
+        assert torch.equal(w[: 3 * d], b.attn.qkv.weight)
+        if b.attn.router is None:
+            assert w.shape[0] == 3 * d
+        else:
+            n = b.attn.router.out_features
+            assert w.shape[0] % 128 == 0 and torch.equal(w[3 * d : 3 * d + n], b.attn.router.weight)
+            assert not w[3 * d + n :].any()
+    assert {b.attn.router is None for b in model.blocks} == {True, False}  # both kinds of layer
+    if not kernels.usable("cpu", cfg.head_dim):  # (the Triton interpreter makes the CPU usable)
+        assert cache.attention == "sdpa"  # 'auto' on the CPU
+        with pytest.raises(ValueError, match="Triton"):
+            model.new_cache(2, attention="fused")
+    with pytest.raises(ValueError, match="attention must be"):
+        model.new_cache(2, attention="math")
 
 
 def test_null_class_used_at_configured_rate():
