@@ -134,15 +134,36 @@ def test_no_import_cycle():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
+def forbidden_imports(name: str, forbidden: tuple[str, ...], imports=None) -> list[str]:
+    imports = external_imports() if imports is None else imports
+    return sorted(
+        m for m in imports[name] if any(m == f or m.startswith(f + ".") for f in forbidden)
+    )
+
+
 def test_model_files_import_no_training_data_or_cli_code():
-    imports = external_imports()
     for name in MODEL_FILES:
-        bad = sorted(
-            m
-            for m in imports[name]
-            if any(m == f or m.startswith(f + ".") for f in FORBIDDEN_IN_MODEL_FILES)
+        assert not (bad := forbidden_imports(name, FORBIDDEN_IN_MODEL_FILES)), (
+            f"{name} imports {bad}"
         )
-        assert not bad, f"{name} imports {bad}"
+
+
+ABOVE_DATA = ("movegen.lit", "movegen.metrics", "movegen.checkpoint", "movegen.cli",
+              "movegen.evaluate", "movegen.report", "movegen.study")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name,forbidden",
+    [
+        ("movegen.data", ABOVE_DATA),
+        ("movegen.data.images", ABOVE_DATA),
+        ("movegen.data.codes", ABOVE_DATA),
+        ("movegen.checkpoint", ("lightning", "movegen.data", *ABOVE_DATA[:2], *ABOVE_DATA[3:])),
+        ("movegen.metrics", ("lightning", "movegen.data", "movegen.lit", *ABOVE_DATA[3:])),
+    ],
+)
+def test_lower_layers_do_not_import_upper_ones(name, forbidden):
+    assert not (bad := forbidden_imports(name, forbidden)), f"{name} imports {bad}"
 
 
 @pytest.mark.parametrize("module", ["lit.py", "checkpoint.py", "metrics.py", "data/codes.py",
