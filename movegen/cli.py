@@ -63,12 +63,21 @@ _TRAINER_COMMON = {"enable_checkpointing": False, "enable_model_summary": False}
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")  # fmt: skip
-    # third-party chatter (device summaries, seeds, font caches) stays below INFO
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
-                  "matplotlib", "PIL"):  # fmt: skip
+    for noisy in ("matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-        for h in list(logging.getLogger(noisy).handlers):  # Lightning prints through its own
-            logging.getLogger(noisy).removeHandler(h)
+
+
+def _quiet_lightning() -> None:
+    """Lightning's device summaries, seeds and tips (INFO, printed through handlers of its own)
+    stay out of the terminal; its warnings and errors reach our handler. Call after importing
+    Lightning: its loggers exist from then on."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric"):
+            logger = logging.getLogger(name)
+            logger.setLevel(max(logger.level, logging.WARNING))
+            for h in list(logger.handlers):
+                logger.removeHandler(h)
+            logger.propagate = True
 
 
 def _quiet_third_party() -> None:
@@ -122,6 +131,7 @@ def _make_trainer(trainer: dict[str, Any], out: Path, callbacks: list | None = N
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
+    _quiet_lightning()
     kwargs = dict(trainer)
     if kwargs.get("logger") in (None, True):
         kwargs["logger"] = CSVLogger(str(out), name="logs")
@@ -307,6 +317,7 @@ def _training_verb(verb: str, argv: list[str]) -> int:
         "fit-classifier": (fit_classifier, LitClassifier, ImageDataModule, []),
     }[verb]  # fmt: skip
     torch.set_float32_matmul_precision("high")
+    _quiet_lightning()
     cli = _train_cli_class()(model_cls, dm_cls, verb=verb, args=argv, links=links)
     trainer = dict(cli.config_init.get("trainer", {}))
     run(cli.model, cli.datamodule, out=cli.config["out"], trainer=trainer)

@@ -14,17 +14,17 @@ TOKENIZER_YAMLS = sorted((ROOT / "tokenizers").rglob("*.yaml"))
 MODEL_YAMLS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-def _parse(model_cls, dm_cls, path):
-    from lightning.pytorch.cli import LightningCLI
+def _parse(verb, path):
+    """Parse a YAML with the training verb's own parser (its trainer defaults and links), build
+    nothing."""
+    from movegen.cli import _train_cli_class
 
-    class ParseOnly(LightningCLI):
+    class ParseOnly(_train_cli_class()):
         def instantiate_classes(self):  # parse and validate, build nothing
             pass
 
-    cli = ParseOnly(
-        model_cls, dm_cls, args=["--config", str(path)], run=False, save_config_callback=None
-    )
-    return cli.config
+    classes = {"fit": (LitGPT, CodeDataModule), "fit-tokenizer": (LitTokenizer, ImageDataModule)}
+    return ParseOnly(*classes[verb], verb=verb, args=["--config", str(path), "--out", "unused"]).config
 
 
 def test_yamls_exist():
@@ -33,7 +33,7 @@ def test_yamls_exist():
 
 @pytest.mark.parametrize("path", TOKENIZER_YAMLS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_tokenizer_yaml_parses(path):
-    cfg = _parse(LitTokenizer, ImageDataModule, path)
+    cfg = _parse("fit-tokenizer", path)
     from movegen.tokenizer import TokenizerConfig
 
     TokenizerConfig(**{k: v for k, v in vars(cfg.model.config).items()})
@@ -41,7 +41,7 @@ def test_tokenizer_yaml_parses(path):
 
 @pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_model_yaml_parses(path):
-    _parse(LitGPT, CodeDataModule, path)
+    _parse("fit", path)
     rep = cost_report(load_model_config(path))
     assert rep["params_total"] > 0 and rep["flops_per_token"] > 0
 
