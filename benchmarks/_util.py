@@ -1,12 +1,44 @@
-"""Shared helpers for the benchmarks: timing, the measured matmul peak, tables."""
+"""Shared helpers for the benchmarks: the arms' model configs, timing, the measured matmul peak,
+tables."""
 
 from __future__ import annotations
 
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+import yaml
+
+from movegen.model import GPTConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "imagenet"
+
+# arm -> (fit YAML in configs/imagenet, overrides of its model.config)
+ARMS: dict[str, tuple[str, dict]] = {
+    "standard": ("gpt-b-standard.yaml", {}),
+    "lave-x1": ("gpt-b-lave-x1.yaml", {}),
+    "move-x1": ("gpt-b-move-x1.yaml", {}),
+    "move-x2": ("gpt-b-move-x1.yaml", {"memory_density": 2}),
+    "move-x4": ("gpt-b-move-x1.yaml", {"memory_density": 4}),
+}
+
+
+def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
+    """The model of a benchmark arm: ``model.config`` of its ImageNet fit YAML (LlamaGen GPT-B,
+    K = 16384, 1000 classes, 256 positions) with the arm's overrides. ``smoke``: the ``tiny`` preset
+    (K = 64, 10 classes, 16 positions) with the arm's memory settings, for a CPU check."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose one of {', '.join(ARMS)}")
+    name, overrides = ARMS[arm]
+    # the `model.config` section as `movegen fit` reads it (parsed here so that the benchmarks
+    # depend on the YAML files, not on the CLI's internals)
+    fields = {**yaml.safe_load((CONFIGS / name).read_text())["model"]["config"], **overrides}
+    if smoke:
+        mem = {k: fields[k] for k in ("memory", "memory_density") if k in fields}
+        return GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, **mem)
+    return GPTConfig(**fields)
 
 
 def sync(device: torch.device) -> None:

@@ -1,12 +1,14 @@
 """Data-parallel training through Lightning (DDP) on N GPUs against one GPU.
 
-Trains LitGPT (GPT-B, K=16384, 256 positions, bf16-mixed, fused AdamW, clip 1.0) on a synthetic
-code store for a fixed number of steps and times the steps after warm-up (synchronised).
+Trains LitGPT (GPT-B of `configs/imagenet/gpt-b-standard.yaml`: K=16384, 256 positions;
+bf16-mixed, fused AdamW, clip 1.0) on a synthetic code store for a fixed number of steps and times
+the steps after warm-up (synchronised). Run it from the repository root: with ``--devices N``
+Lightning starts the other ranks with the same ``python -m benchmarks.ddp`` command line.
 
-    python benchmarks/ddp.py --devices 1 --out /tmp/ddp1.json
-    python benchmarks/ddp.py --devices 2 --out /tmp/ddp2.json
-    python benchmarks/ddp.py --table /tmp/ddp1.json /tmp/ddp2.json
-    python benchmarks/ddp.py --smoke            # CPU, tiny, one process
+    python -m benchmarks.ddp --devices 1 --out /tmp/ddp1.json
+    python -m benchmarks.ddp --devices 2 --out /tmp/ddp2.json
+    python -m benchmarks.ddp --table /tmp/ddp1.json /tmp/ddp2.json
+    python -m benchmarks.ddp --smoke            # CPU, tiny, one process
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import json_line, print_table  # noqa: E402
+from ._util import arm_config, json_line, print_table
 
 
 def make_store(path: Path, n: int, K: int, T: int, C: int) -> None:
@@ -70,14 +69,11 @@ def main() -> None:
 
     from movegen.data import CodeDataModule
     from movegen.lit import LitGPT
-    from movegen.model import GPTConfig
 
+    cfg = arm_config("standard", a.smoke)
+    n = 40_000
     if a.smoke:
-        cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16)
         a.devices, a.batch, a.steps, a.warmup, n = 1, 8, 6, 2, 2000
-    else:
-        cfg = GPTConfig.preset("B", vocab_size=16384, num_classes=1000, seq_len=256)
-        n = 40_000
     store = Path(tempfile.gettempdir()) / f"movegen-ddp-store-{cfg.vocab_size}-{cfg.seq_len}"
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         make_store(store, n, cfg.vocab_size, cfg.seq_len, cfg.num_classes)

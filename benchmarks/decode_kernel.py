@@ -3,8 +3,8 @@ launch setting (cached keys per block, warps, pipelining stages of the block loo
 D = 64, 256 positions), standard and MoVE-x1, at several positions. Calls are replayed from a
 CUDA graph (12 per replay, as 12 layers), so launch gaps are those of the sampler's graph.
 
-    python benchmarks/decode_kernel.py            # GPU
-    python benchmarks/decode_kernel.py --smoke    # CPU (Triton interpreter), tiny
+    python -m benchmarks.decode_kernel            # GPU
+    python -m benchmarks.decode_kernel --smoke    # CPU (Triton interpreter), tiny
 """
 
 from __future__ import annotations
@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from _util import device_name, json_line, median, print_table, time_fn  # noqa: E402
 
 import movegen.kernels  # noqa: E402, F401  (registers torch.ops.movegen)
+
+from ._util import device_name, json_line, median, print_table, time_fn  # noqa: E402
 
 
 def run(rows: int, slots: int, conf: str, pos: int, args, dev) -> float:

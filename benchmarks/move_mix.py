@@ -13,23 +13,19 @@ gradients. Once per step: the bank gradient reads the L value gradients and gate
 fp32 ``(V, M*d)`` gradient. "fwd" is the training forward
 (graph kept for backward); "extra GiB" is the peak memory of forward + backward above the inputs.
 
-    python benchmarks/move_mix.py            # GPU: GPT-B shapes, batch 256, M = 6 and 24
-    python benchmarks/move_mix.py --smoke    # CPU, tiny
+    python -m benchmarks.move_mix            # GPU: GPT-B shapes, batch 256, M = 6 and 24
+    python -m benchmarks.move_mix --smoke    # CPU, tiny
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import copy_bandwidth_gbs, device_name, json_line, median, print_table, release, time_fn  # noqa: E402
+from movegen.move import MoVEBank, mix, mix_tapped
 
-from movegen.move import MoVEBank, mix, mix_tapped  # noqa: E402
+from ._util import copy_bandwidth_gbs, device_name, json_line, median, print_table, release, time_fn
 
 
 def run(M: int, impl: str, args, device, bw: float) -> dict:

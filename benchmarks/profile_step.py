@@ -1,27 +1,23 @@
 """Where a training step (or a sampling step) spends GPU time: torch.profiler, top kernels.
 
-python benchmarks/profile_step.py --arm move-x4 --batch 256
-python benchmarks/profile_step.py --sampling --arm standard --batch 16
-python benchmarks/profile_step.py --smoke
+python -m benchmarks.profile_step --arm move-x4 --batch 256
+python -m benchmarks.profile_step --sampling --arm standard --batch 16
+python -m benchmarks.profile_step --smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_step import ARMS  # noqa: E402
+from movegen.lit import optimizer_groups
+from movegen.model import GPT
+from movegen.sample import CompiledStep, SamplingSettings, generate
 
-from movegen.lit import optimizer_groups  # noqa: E402
-from movegen.model import GPT, GPTConfig  # noqa: E402
-from movegen.sample import CompiledStep, SamplingSettings, generate  # noqa: E402
+from ._util import arm_config
 
 
 def main() -> None:
@@ -35,16 +31,9 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     a = p.parse_args()
     dev = torch.device("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
-    mem, dens = ARMS[a.arm]
+    cfg = arm_config(a.arm, a.smoke)
     if a.smoke:
-        cfg = GPTConfig.preset(
-            "tiny", vocab_size=64, num_classes=10, seq_len=16, memory=mem, memory_density=dens
-        )
         a.batch = 4
-    else:
-        cfg = GPTConfig.preset(
-            "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
-        )
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
     codes = torch.randint(1, cfg.vocab_size, (a.batch, cfg.seq_len), device=dev)

@@ -2,46 +2,27 @@
 no top-k/top-p, no VQ decode. images/s and ms per token step for the plain KV-cache loop and the
 sampler's compiled step (``CompiledStep``) replayed from CUDA graphs.
 
-    python benchmarks/sampling.py           # GPU
-    python benchmarks/sampling.py --smoke   # CPU, tiny
+    python -m benchmarks.sampling           # GPU
+    python -m benchmarks.sampling --smoke   # CPU, tiny
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import device_name, json_line, print_table, release, sync  # noqa: E402
+from movegen import kernels
+from movegen.model import GPT
+from movegen.sample import CompiledStep, SamplingSettings, generate
 
-from movegen import kernels  # noqa: E402
-from movegen.model import GPT, GPTConfig  # noqa: E402
-from movegen.sample import CompiledStep, SamplingSettings, generate  # noqa: E402
-
-ARMS = {
-    "standard": ("none", 1),
-    "move-x1": ("move", 1),
-    "lave-x1": ("lave", 1),
-    "move-x4": ("move", 4),
-}
+from ._util import arm_config, device_name, json_line, print_table, release, sync
 
 
 def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
         mode: str = "graph", decode_config: str = "") -> dict:  # fmt: skip
-    mem, dens = ARMS[arm]
-    if args.smoke:
-        cfg = GPTConfig.preset(
-            "tiny", vocab_size=64, num_classes=10, seq_len=16, memory=mem, memory_density=dens
-        )
-    else:
-        cfg = GPTConfig.preset(
-            "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
-        )
+    cfg = arm_config(arm, args.smoke)
     launch = kernels.DecodeLaunch()  # a row without a setting gets the default
     if decode_config:  # BLOCK_T-WARPS-STAGES
         bt, nw, st = map(int, decode_config.split("-"))

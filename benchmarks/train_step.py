@@ -1,45 +1,36 @@
 """Training-step benchmark: arms x batch x eager/compiled on LlamaGen GPT-B (K=16384, 1000 classes,
-256 positions). Protocol: dropout 0.1 (residual, FFN, token), class dropout 0.1, bf16 autocast,
+256 positions; `configs/imagenet/gpt-b-*.yaml`). Protocol: dropout 0.1 (residual, FFN, token), class dropout 0.1, bf16 autocast,
 cross-entropy, backward, grad clip 1.0, fused AdamW, random ids (never zeros), median of timed steps
 after warm-up with CUDA events. MFU against a bf16 matmul peak measured in the same run.
 
-    python benchmarks/train_step.py                       # GPU, full table
-    python benchmarks/train_step.py --smoke               # CPU, tiny, seconds
+    python -m benchmarks.train_step                       # GPU, full table
+    python -m benchmarks.train_step --smoke               # CPU, tiny, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import device_name, json_line, matmul_peak_tflops, median, print_table, release, time_fn  # noqa: E402
+from movegen.lit import optimizer_groups
+from movegen.model import GPT, cost_report
 
-from movegen.lit import optimizer_groups  # noqa: E402
-from movegen.model import GPT, GPTConfig, cost_report  # noqa: E402
-
-ARMS = {"standard": ("none", 1), "lave-x1": ("lave", 1), "move-x1": ("move", 1), "move-x2": ("move", 2),
-        "move-x4": ("move", 4)}  # fmt: skip
-
-
-def make_config(arm: str, smoke: bool) -> GPTConfig:
-    mem, dens = ARMS[arm]
-    if smoke:
-        return GPTConfig.preset(
-            "tiny", vocab_size=64, num_classes=10, seq_len=16, memory=mem, memory_density=dens
-        )
-    return GPTConfig.preset(
-        "B", vocab_size=16384, num_classes=1000, seq_len=256, memory=mem, memory_density=dens
-    )
+from ._util import (
+    arm_config,
+    device_name,
+    json_line,
+    matmul_peak_tflops,
+    median,
+    print_table,
+    release,
+    time_fn,
+)
 
 
 def bench(arm: str, batch: int, compiled: bool, args, device, peak: float) -> dict:
-    cfg = make_config(arm, args.smoke)
+    cfg = arm_config(arm, args.smoke)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
     opt = torch.optim.AdamW(

@@ -99,7 +99,7 @@ def digits_models(digits_pipeline):
                 "--trainer.max_steps",
                 "120",
                 "--trainer.val_check_interval",
-                "40",
+                "20",
                 "--trainer.default_root_dir",
                 str(d),
             ]

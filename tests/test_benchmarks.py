@@ -1,4 +1,5 @@
-"""Every benchmark still runs (``--smoke``: tiny, CPU) and prints its table and JSON line."""
+"""Every benchmark still runs as a module (``python -m benchmarks.X --smoke``: tiny, CPU) and
+prints its table and JSON line."""
 
 import json
 import subprocess
@@ -10,9 +11,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args):
+def run(module, *args):
     out = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
@@ -21,20 +26,20 @@ def run(*args):
 @pytest.mark.parametrize(
     "script,extra",
     [
-        ("train_step.py", ["--modes", "eager"]),
-        ("move_mix.py", []),
-        ("sampling.py", []),
-        ("decode_kernel.py", []),
+        ("train_step", ["--modes", "eager"]),
+        ("move_mix", []),
+        ("sampling", []),
+        ("decode_kernel", []),
     ],
 )
 def test_benchmark_smoke(script, extra):
-    out = run(f"benchmarks/{script}", "--smoke", *extra)
+    out = run(script, "--smoke", *extra)
     line = next(l for l in out.splitlines() if l.startswith("JSON "))
     payload = json.loads(line[5:].replace("NaN", "null"))
     assert payload["rows"] and out.rstrip().splitlines()[-1].startswith("|")
 
 
 def test_ddp_benchmark_smoke(tmp_path):
-    run("benchmarks/ddp.py", "--smoke", "--out", str(tmp_path / "r.json"))
-    out = run("benchmarks/ddp.py", "--table", str(tmp_path / "r.json"))
+    run("ddp", "--smoke", "--out", str(tmp_path / "r.json"))
+    out = run("ddp", "--table", str(tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text())["tokens_per_s"] > 0 and "x 1 GPU" in out

@@ -292,40 +292,22 @@ def test_weight_decay_groups_refuse_a_parameter_without_a_rule():
         optimizer_groups(model, 0.05)
 
 
-def test_tiny_model_learns_digits_codes(digits_pipeline, tmp_path):
+def test_tiny_model_learns_digits_codes(digits_models):
+    """The session's MoVE-x1 model (120 steps through `movegen fit`, validated every 20)."""
     import json
 
     from movegen.checkpoint import load_model
-    from movegen.cli import main
 
-    rc = main(
-        [
-            "fit",
-            "--config",
-            "configs/digits/move-x1.yaml",
-            "--data.codes",
-            str(digits_pipeline["codes"]),
-            "--data.val_codes",
-            str(digits_pipeline["val_codes"]),
-            "--out",
-            str(tmp_path),
-            "--trainer.max_steps",
-            "150",
-            "--trainer.val_check_interval",
-            "25",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-        ]
-    )
-    assert rc == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    d = digits_models["dir"] / "move-x1"
+    m = json.loads((d / "metrics.json").read_text())
     hist = [h["val_bits_per_token"] for h in m["history"]]
+    assert len(hist) == 6
     assert hist[-1] < hist[0] - 0.5, hist  # validation loss falls: a real learning signal
     assert m["val_bits_per_token"] == pytest.approx(min(hist))
     assert m["val_bits_per_token"] < math.log2(128)  # better than uniform over K
-    model, ckpt = load_model(tmp_path / "model.ckpt")
+    model, ckpt = load_model(d / "model.ckpt")
     assert ckpt["code_store"]["tokenizer_sha256"] and model.config.memory == "move"
-    assert m["train_tokens"] == 150 * 64 * 16
+    assert m["train_tokens"] == 120 * 64 * 16
 
 
 def test_fit_rejects_mismatched_code_store(digits_pipeline, tmp_path):

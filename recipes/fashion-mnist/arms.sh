@@ -2,10 +2,13 @@
 # Fashion-MNIST first look on one GPU: codes from a trained tokenizer, the four arms (standard,
 # LaVE-x1, MoVE-x1, MoVE-x4; same steps, seed and data order), the evaluation classifier, then
 # FID/IS/KID + bits/token for every arm. Prints a table last; everything small lands in $OUT.
-#   usage: benchmarks/fashion_arms.sh TOKENIZER_CKPT DATA_ROOT [MAX_STEPS]
+#   usage: bash recipes/fashion-mnist/arms.sh TOKENIZER_CKPT DATA_ROOT [MAX_STEPS]
+# (runs from the repository root whatever the current folder; relative arguments are taken from
+# the folder it was started in)
 set -uo pipefail
-TOK=$1; DATA_ROOT=$2; STEPS=${3:-2000}
-W=${WORK:-/tmp/fm}; OUT=${OUT:-$W/out}
+TOK=$(realpath "$1"); DATA_ROOT=$(realpath "$2"); STEPS=${3:-2000}
+W=$(realpath -m "${WORK:-/tmp/fm}"); OUT=$(realpath -m "${OUT:-$W/out}")
+cd "$(dirname "$0")/../.."
 mkdir -p "$W" "$OUT"
 mg() { python3 -m movegen.cli "$@"; }
 mkdir -p $W/tokenizer && cp "$TOK" $W/tokenizer/tokenizer.ckpt

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU benchmarks for one device call: each section runs under its own time limit, writes its
+# full log into $OUT and prints its table. Run from anywhere; it runs from the repository root.
+#   usage: bash benchmarks/gpu.sh SECTION...
+#   mix               the MoVE mix alone (move_mix)
+#   train             the training step: arms x batch x compiled/eager (train_step)
+#   sampling          the sampler: standard and MoVE-x1, fast and eager paths (sampling)
+#   sampling-variants decoder variants: fused one-launch layer + one CUDA graph per step vs SDPA +
+#                     inductor's CUDA graphs, batch 16-256 (sampling --only)
+#   decode-kernel     launch settings of the fused decoding kernel (decode_kernel)
+#   train-variants    the standard GPT-B step at batch 256 under attention backends / compile
+#                     options (train_step, one run per variant)
+#   profile-train     top kernels of a training step;  profile-sample: of a fused decode
+#   ddp               Lightning DDP on every GPU of the host against one GPU (ddp)
+#   all               mix, train and sampling (the headline tables)
+# Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
+# TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, DDP_STEPS.
+set -u
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+[ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+$PY -c 'import torch; print("torch", torch.__version__)'
+errors() { grep -m3 -E "Error|error:" "$1"; }
+bench() { local t=$1 log=$2; shift 2; timeout "$t" $PY -m "$@" > "$OUT/$log" 2>&1 || echo "== $log: exit $?"; }
+
+run_section() { case $1 in
+mix)
+  bench ${T_MIX:-90} move_mix.log benchmarks.move_mix
+  tail -8 "$OUT/move_mix.log";;
+train)
+  bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --only \
+    ${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,lave-x1:256:compiled,standard:64:compiled,standard:256:eager,move-x4:256:eager}
+  grep -E "^\{|^\||^training" "$OUT/train_step.log" | tail -22; errors "$OUT/train_step.log";;
+sampling)
+  bench ${T_SAMPLE:-150} sampling.log benchmarks.sampling --arms standard,move-x1 \
+    --batches ${SAMPLE_BATCHES:-16,64} --paths fast,eager --iters 2
+  grep -E "^\||^sampling" "$OUT/sampling.log" | tail -12; grep -E "^\{" "$OUT/sampling.log" | tail -8
+  errors "$OUT/sampling.log";;
+sampling-variants)
+  bench ${T_SAMPLE_VARIANTS:-420} sampling_variants.log benchmarks.sampling --iters 3 --only \
+    ${SAMPLE_ONLY:-standard:16:fused:graph,move-x1:16:fused:graph,standard:64:fused:graph,move-x1:64:fused:graph,standard:256:fused:graph,move-x1:256:fused:graph,standard:16:sdpa:graph,move-x1:16:sdpa:graph,standard:64:sdpa:graph,move-x1:64:sdpa:graph}
+  grep -E "^\||^sampling" "$OUT/sampling_variants.log"; errors "$OUT/sampling_variants.log";;
+decode-kernel)
+  bench ${T_KERNEL:-200} decode_kernel.log benchmarks.decode_kernel
+  grep -E "^\||^decode" "$OUT/decode_kernel.log"; errors "$OUT/decode_kernel.log";;
+train-variants)
+  local v VS
+  IFS=';' read -ra VS <<< "${VARIANTS:---sdpa default;--sdpa cudnn;--sdpa efficient;--sdpa default --coordinate-descent}"
+  for v in "${VS[@]}"; do
+    # $v unquoted on purpose: one variant is several flags
+    timeout ${T_VARIANT:-200} $PY -m benchmarks.train_step --warmup 5 --iters 15 \
+      --only ${TRAIN_ONLY:-standard:256:compiled} $v >> "$OUT/train_variants.log" 2>&1
+    echo "== $v"; grep -E "^\|.*compiled" "$OUT/train_variants.log" | tail -1
+  done;;
+profile-train)
+  bench ${T_PROFILE:-200} profile_train.log benchmarks.profile_step --arm ${PROFILE_ARM:-standard} --batch 256 --top 40
+  tail -48 "$OUT/profile_train.log" | cut -c1-200;;
+profile-sample)
+  bench ${T_PROFILE:-200} profile_sample.log benchmarks.profile_step --sampling --arm ${PROFILE_ARM:-standard} --batch 16 --top 30
+  tail -38 "$OUT/profile_sample.log" | cut -c1-200;;
+ddp)
+  local n k runs=(); n=$(nvidia-smi -L | wc -l)
+  for k in $( [ "$n" -gt 1 ] && echo 1 "$n" || echo 1 ); do
+    rm -f "$OUT/ddp$k.json"
+    bench ${T_DDP:-200} ddp$k.log benchmarks.ddp --devices "$k" --steps ${DDP_STEPS:-60} --out "$OUT/ddp$k.json"
+    if [ -f "$OUT/ddp$k.json" ]; then runs+=("$OUT/ddp$k.json"); else errors "$OUT/ddp$k.log"; fi
+  done
+  [ ${#runs[@]} -gt 0 ] && $PY -m benchmarks.ddp --table "${runs[@]}" | grep -E "^\||^Lightning";;
+all) run_section mix; run_section train; run_section sampling;;
+*) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;
+esac; }
+
+for s in "$@"; do echo "== $s"; run_section "$s"; done
