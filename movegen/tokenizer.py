@@ -530,14 +530,21 @@ def find_vgg_weights() -> str | None:
     return hub if os.path.exists(hub) else None
 
 
+_LLAMAGEN_VQ16 = dict(
+    architecture="llamagen-vq",
+    image_size=256,
+    channels=3,
+    base_channels=128,
+    channel_mult=(1, 1, 2, 2, 4),
+    num_res_blocks=2,
+    z_channels=256,
+    code_dim=8,
+    codebook_size=16384,
+)
 PRESETS: dict[str, dict] = {
     # LlamaGen's released tokenizers (vq_ds16_c2i.pt, vq_ds8_c2i.pt), for converted weights
-    "llamagen-vq16": dict(architecture="llamagen-vq", image_size=256, channels=3, base_channels=128,
-                          channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, code_dim=8,
-                          codebook_size=16384),
-    "llamagen-vq8": dict(architecture="llamagen-vq", image_size=256, channels=3, base_channels=128,
-                         channel_mult=(1, 2, 2, 4), num_res_blocks=2, z_channels=256, code_dim=8,
-                         codebook_size=16384),
-}  # fmt: skip
+    "llamagen-vq16": _LLAMAGEN_VQ16,
+    "llamagen-vq8": {**_LLAMAGEN_VQ16, "channel_mult": (1, 2, 2, 4)},
+}
 
 __all__ = ["PatchDiscriminator", "TokenizerConfig", "VQTokenizer", "psnr"]

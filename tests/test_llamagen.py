@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import os
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from movegen.convert import convert_llamagen_gpt, convert_llamagen_vq, load_llamagen_state_dict
-from movegen.data import atomic_torch_save
+from movegen.data import atomic_torch_save  # checkpoint helpers, moving to movegen.checkpoint
 from movegen.lit import load_model, load_tokenizer, tokenizer_checkpoint
 from movegen.model import GPT, GPTConfig
 from movegen.tokenizer import TokenizerConfig, VQTokenizer
@@ -198,7 +199,10 @@ def test_gpt_missing_extra_and_misshaped_keys_are_named(tmp_path):
     tok = _tiny_tokenizer(tmp_path)
     good = _llamagen_gpt_state_dict()
     path = _convert_gpt(_save_llamagen(good, tmp_path / "good.pt"), tok, tmp_path / "ok")
-    assert load_model(path)[0].config.prefix_rope == "zero"
+    model = load_model(path)[0]
+    assert model.config.prefix_rope == "zero" and model.config.mlp_hidden == 192
+    w13 = torch.cat([good[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")])
+    assert torch.equal(model.blocks[1].mlp.w13.weight, w13)  # silu(w1 x) * w3 x: (a, b) chunks
     # a bare state dict (as FSDP saves) with LlamaGen's RoPE table, which is checked and dropped
     bare = {**good, "freqs_cis": torch.zeros(1 + GRID * GRID, DIM // HEADS // 2, 2)}
     torch.save(bare, tmp_path / "bare.pt")
@@ -235,7 +239,11 @@ class _Payload:
         return (os.makedirs, (self.path,))
 
 
-def test_disallowed_global_in_the_pickle_fails_safely(tmp_path):
+def test_namespace_is_allow_listed_and_other_globals_fail_safely(tmp_path):
+    ns = _save_llamagen(_llamagen_gpt_state_dict(), tmp_path / "ns.pt", gpt_model="GPT-B")
+    with pytest.raises(pickle.UnpicklingError):  # weights_only alone refuses the Namespace
+        torch.load(ns, weights_only=True)
+    assert len(load_llamagen_state_dict(ns)) == 4 + 7 * LAYERS
     marker = tmp_path / "unpickled"
     path = tmp_path / "evil.pt"
     torch.save({"model": _llamagen_gpt_state_dict(), "args": _Payload(str(marker))}, path)
@@ -245,6 +253,35 @@ def test_disallowed_global_in_the_pickle_fails_safely(tmp_path):
     with pytest.raises(ValueError, match="not a LlamaGen checkpoint"):
         torch.save({"ema": {}}, tmp_path / "other.pt")
         load_llamagen_state_dict(tmp_path / "other.pt")
+
+
+def test_llamagen_vq_architecture_trains_and_quantizes_to_unit_codes():
+    cfg = TokenizerConfig.preset(
+        "llamagen-vq16",
+        image_size=16,
+        channels=1,
+        base_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        z_channels=16,
+        codebook_size=64,
+    )
+    tok = VQTokenizer(cfg)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    recon, codes, loss = tok(x)
+    assert recon.shape == x.shape and codes.shape == (4, 8, 8) and loss > 0
+    ((recon - x).pow(2).mean() + loss).backward()
+    assert tok.quantizer.embedding.weight.grad.abs().sum() > 0  # the codebook learns by gradient
+    assert tok.encoder.conv_in.weight.grad.abs().sum() > 0  # straight through the quantizer
+    tok.eval()
+    zq, codes, _ = tok.quantize(x)
+    torch.testing.assert_close(zq, tok.lookup(codes), rtol=0, atol=1e-6)
+    torch.testing.assert_close(tok.lookup(codes).norm(dim=1), torch.ones(4, 8, 8))
+    assert tok.decode(codes).shape == x.shape
+    with pytest.raises(ValueError, match="quantizer='vq'"):
+        TokenizerConfig(architecture="llamagen-vq", quantizer="fsq")
+    with pytest.raises(ValueError, match="architecture"):
+        TokenizerConfig(architecture="vqgan")
 
 
 # --------------------------------------------------------------------------- prefix_rope
