@@ -46,6 +46,7 @@ VERBS = {
     "fit-classifier": "train the small CNN whose features score FID/IS/KID offline",
     "evaluate": "FID / IS / KID and validation bits per token of one or more models",
     "report": "turn evaluation results into a markdown table and plots",
+    "convert": "turn LlamaGen checkpoints into movegen ones (convert llamagen-vq | llamagen-gpt ...)",
     "demo": "the whole pipeline on the embedded digits data",
 }
 
@@ -725,13 +726,21 @@ TYPED_VERBS = {
     "demo": demo,
 }
 TRAINING_VERBS = ("fit-tokenizer", "fit", "fit-classifier")
-COMMANDS = sorted([*TYPED_VERBS, *TRAINING_VERBS], key=list(VERBS).index)
+CONVERTERS = {"llamagen-vq": "convert_llamagen_vq", "llamagen-gpt": "convert_llamagen_gpt"}
+COMMANDS = sorted([*TYPED_VERBS, *TRAINING_VERBS, "convert"], key=list(VERBS).index)
 
 
 def _typed_verb(verb: str, argv: list[str]) -> int:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    fn = TYPED_VERBS[verb]
+    if verb == "convert":  # `movegen convert KIND ...`: one typed function per kind
+        from . import convert
+
+        if not argv or argv[0] not in CONVERTERS:
+            raise ValueError(f"usage: movegen convert {{{','.join(CONVERTERS)}}} --help")
+        fn, verb, argv = getattr(convert, CONVERTERS[argv[0]]), f"convert {argv[0]}", argv[1:]
+    else:
+        fn = TYPED_VERBS[verb]
     params = inspect.signature(fn).parameters
     parser = ArgumentParser(
         prog=f"movegen {verb}", description=inspect.getdoc(fn).split("\n\nArgs:")[0]

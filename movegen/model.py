@@ -79,12 +79,19 @@ class GPTConfig:
     """Probability that a training label is replaced by the null class (classifier-free guidance)."""
     rope_base: float = 10000.0
     """RoPE base."""
+    prefix_rope: Literal["identity", "zero"] = "identity"
+    """Rotation of the class position's queries and keys: 'identity' (ours: unrotated) or
+    'zero' (cos = sin = 0, which zeroes them: the class key scores 0 with every query). 'zero'
+    exists for models converted from LlamaGen, whose RoPE table pads the class prefix with zeros;
+    leave it at 'identity' for models trained here."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Std of the normal init of linear layers, embeddings, the bank and LaVE tables."""
 
     def __post_init__(self):
+        if self.prefix_rope not in ("identity", "zero"):
+            raise ValueError(f"prefix_rope must be 'identity' or 'zero', got {self.prefix_rope!r}")
         if self.memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {self.memory!r}")
         if self.n_embd % self.n_head:
@@ -158,8 +165,9 @@ class RMSNorm(nn.Module):
 
 def rope_2d(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape ``(T, D/2)`` for the input positions: position 0 (class) gets the
-    identity rotation; position t >= 1 holds grid cell t-1 (row-major). The first half of the
-    head's pairs rotate with the row index, the second half with the column index."""
+    identity rotation (or cos = sin = 0 with ``prefix_rope='zero'``); position t >= 1 holds grid
+    cell t-1 (row-major). The first half of the head's pairs rotate with the row index, the
+    second half with the column index."""
     D = cfg.head_dim
     quarter = D // 4
     freqs = 1.0 / (cfg.rope_base ** (torch.arange(quarter, dtype=torch.float64) / quarter))
@@ -167,7 +175,10 @@ def rope_2d(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = (cell // cfg.grid_w).double(), (cell % cfg.grid_w).double()
     ang = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # (T-1, D/2)
     ang = torch.cat([torch.zeros(1, D // 2, dtype=torch.float64), ang])  # class: angle 0
-    return ang.cos().float(), ang.sin().float()
+    cos, sin = ang.cos().float(), ang.sin().float()
+    if cfg.prefix_rope == "zero":
+        cos[0] = 0.0
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

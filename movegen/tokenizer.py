@@ -1,5 +1,5 @@
 """The VQ image tokenizer: a VQGAN-style conv encoder/decoder around a quantizer from
-``vector-quantize-pytorch``.
+``vector-quantize-pytorch``, or LlamaGen's VQ tokenizer (``architecture='llamagen-vq'``).
 
 ::
 
@@ -11,6 +11,19 @@
 Quantizers: ``vq`` (VectorQuantize, l2-normalised / cosine codes, EMA codebook, k-means init,
 dead-code replacement), ``fsq`` (finite scalar quantisation, codebook = prod(levels)) and ``lfq``
 (lookup-free, codebook = 2**bits). No Lightning here: ``movegen.lit.LitTokenizer`` trains it.
+
+``architecture='llamagen-vq'`` is the tokenizer of LlamaGen (Sun et al., "Autoregressive Model
+Beats Diffusion", 2024; their VQ-16 has a 16,384 x 8 codebook and turns 256 x 256 images into
+16 x 16 codes): the taming-transformers VQGAN layout (two residual blocks per stage, single-head
+self-attention at the lowest resolution and in the middle, 1x1 convs into and out of the code
+space) and a plain codebook matched by distance between l2-normalised vectors. It exists so that
+LlamaGen's released weights run inside movegen (``movegen.convert.convert_llamagen_vq``) behind
+the same ``encode`` / ``lookup`` / ``decode`` interface::
+
+    image --conv_in--> [stage: res x n (+ attn), down] x S --mid: res, attn, res--> norm, silu,
+          conv_out (z_channels) --quant_conv 1x1--> z (code_dim) --nearest l2-normalised code-->
+    codes --lookup--> z_q --post_quant_conv 1x1--> conv_in --mid--> [stage: res x (n+1)
+          (+ attn), up] x S --> norm, silu, conv_out --> image'
 """
 
 from __future__ import annotations
@@ -29,6 +42,13 @@ import torch.nn.functional as F
 class TokenizerConfig:
     """Architecture and quantizer of a VQ tokenizer."""
 
+    architecture: Literal["movegen", "llamagen-vq"] = "movegen"
+    """'movegen': the small conv encoder/decoder of this file around ``quantizer``.
+    'llamagen-vq': LlamaGen's VQ tokenizer (for its converted weights, see
+    ``TokenizerConfig.preset('llamagen-vq16')``); it reads ``base_channels``, ``channel_mult``,
+    ``num_res_blocks``, ``z_channels``, ``code_dim``, ``codebook_size``, ``use_cosine_sim`` and
+    ``commitment_weight``, needs ``quantizer='vq'``, and learns its codebook by gradient (the
+    EMA, k-means, dead-code and rotation-trick options are for 'movegen' only)."""
     image_size: int = 8
     """Side of the (square) input images in pixels."""
     channels: int = 1
@@ -61,10 +81,22 @@ class TokenizerConfig:
     """'vq': gradients through the quantizer by the rotation trick (else straight-through)."""
     lfq_entropy_weight: float = 0.1
     """'lfq': entropy loss weight."""
+    z_channels: int = 256
+    """'llamagen-vq': width of the encoder output and decoder input, on either side of the 1x1
+    convs to and from ``code_dim``."""
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.fsq_levels = tuple(self.fsq_levels)
+        if self.architecture not in ("movegen", "llamagen-vq"):
+            raise ValueError(
+                f"architecture must be 'movegen' or 'llamagen-vq', got {self.architecture!r}"
+            )
+        if self.architecture == "llamagen-vq" and self.quantizer != "vq":
+            raise ValueError(
+                f"architecture 'llamagen-vq' has its own codebook quantizer; set quantizer='vq' "
+                f"(got {self.quantizer!r})"
+            )
         if self.quantizer not in ("vq", "fsq", "lfq"):
             raise ValueError(f"quantizer must be 'vq', 'fsq' or 'lfq', got {self.quantizer!r}")
         if self.image_size % self.downsample:
@@ -98,6 +130,13 @@ class TokenizerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TokenizerConfig:
+        """A named architecture (``llamagen-vq16``, ``llamagen-vq8``) with field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -202,6 +241,165 @@ class Quantizer(nn.Module):
         return self.q.indices_to_codes(codes)
 
 
+# --------------------------------------------------------------------------- LlamaGen's VQ
+
+
+class SpatialAttention(nn.Module):
+    """Single-head self-attention over the ``h * w`` positions of a feature map, residual."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)  # (B, H*W, 3C)
+        q, k, v = qkv[:, None].chunk(3, dim=-1)  # each (B, 1, H*W, C): one head of width C
+        y = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, H*W, C)
+        return x + self.proj(y.transpose(1, 2).reshape(B, C, H, W))
+
+
+class Resample(nn.Module):
+    """Halve the resolution (a 3x3 stride-2 conv after padding right and bottom by one) or double
+    it (nearest neighbours, then a 3x3 conv)."""
+
+    def __init__(self, ch: int, up: bool):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Stage(nn.Module):
+    """Residual blocks at one resolution, each optionally followed by attention, then an
+    optional resampling."""
+
+    def __init__(
+        self, cin: int, cout: int, blocks: int, attention: bool, resample: Resample | None
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout) for i in range(blocks))
+        self.attn = nn.ModuleList(SpatialAttention(cout) for _ in range(blocks if attention else 0))
+        self.resample = resample if resample is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if self.attn:
+                x = self.attn[i](x)
+        return self.resample(x)
+
+
+def _mid(ch: int) -> nn.Sequential:
+    return nn.Sequential(ResBlock(ch, ch), SpatialAttention(ch), ResBlock(ch, ch))
+
+
+class LlamaGenEncoder(nn.Module):
+    """``images (B, C, H, W) -> z (B, code_dim, H/f, W/f)``: stages from ``base_channels`` up,
+    attention in the last (lowest-resolution) stage and the middle, ``quant_conv`` to code_dim."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        chs = [cfg.base_channels * m for m in cfg.channel_mult]
+        n = len(chs)
+        self.conv_in = nn.Conv2d(cfg.channels, cfg.base_channels, 3, padding=1)
+        self.stages = nn.ModuleList()
+        cin = cfg.base_channels
+        for i, ch in enumerate(chs):
+            down = Resample(ch, up=False) if i < n - 1 else None
+            self.stages.append(
+                Stage(cin, ch, cfg.num_res_blocks, attention=i == n - 1, resample=down)
+            )
+            cin = ch
+        self.mid = _mid(chs[-1])
+        self.norm_out = _norm(chs[-1])
+        self.conv_out = nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for stage in self.stages:
+            x = stage(x)
+        x = self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.quant_conv(x)
+
+
+class LlamaGenDecoder(nn.Module):
+    """``z_q (B, code_dim, h, w) -> images (B, C, h*f, w*f)`` (not clamped): ``post_quant_conv``,
+    the middle, then stages from the lowest resolution up, one residual block more per stage than
+    the encoder, attention in the first stage."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        chs = [cfg.base_channels * m for m in cfg.channel_mult][::-1]  # lowest resolution first
+        n = len(chs)
+        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[0], 3, padding=1)
+        self.mid = _mid(chs[0])
+        self.stages = nn.ModuleList()
+        cin = chs[0]
+        for i, ch in enumerate(chs):
+            up = Resample(ch, up=True) if i < n - 1 else None
+            self.stages.append(
+                Stage(cin, ch, cfg.num_res_blocks + 1, attention=i == 0, resample=up)
+            )
+            cin = ch
+        self.norm_out = _norm(chs[-1])
+        self.conv_out = nn.Conv2d(chs[-1], cfg.channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid(self.conv_in(self.post_quant_conv(z)))
+        for stage in self.stages:
+            x = stage(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class NormalizedCodebook(nn.Module):
+    """LlamaGen's quantizer, with :class:`Quantizer`'s interface: a plain table of codes learned
+    by gradient; with ``use_cosine_sim`` latents and codes are l2-normalised before the nearest
+    code is taken (so the code vectors are unit vectors). Loss: codebook term plus
+    ``commitment_weight`` times the commitment term; straight-through gradients."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.l2, self.beta = cfg.use_cosine_sim, cfg.commitment_weight
+        K = cfg.codebook_size
+        self.embedding = nn.Embedding(K, cfg.code_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / K, 1.0 / K)
+
+    def codebook(self) -> torch.Tensor:
+        """The code vectors ``(K, d)`` as the quantizer uses them."""
+        w = self.embedding.weight
+        return F.normalize(w, dim=-1) if self.l2 else w
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``z (B, N, d) -> (z_q (B, N, d), codes (B, N), loss ())``."""
+        if self.l2:
+            z = F.normalize(z, dim=-1)
+        e = self.codebook()
+        e2 = e.pow(2).sum(1)
+        # squared distances |z|^2 + |e|^2 - 2 z.e written out as LlamaGen computes them, so that
+        # near-ties resolve the same way; in row chunks to bound the (rows, K) matrix
+        rows = z.reshape(-1, z.shape[-1]).split(4096)
+        codes = torch.cat(
+            [(r.pow(2).sum(1, keepdim=True) + e2 - 2 * r @ e.t()).argmin(1) for r in rows]
+        )
+        codes = codes.view(z.shape[:-1])
+        zq = e[codes]
+        loss = (zq - z.detach()).pow(2).mean() + self.beta * (zq.detach() - z).pow(2).mean()
+        return z + (zq - z).detach(), codes, loss
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes (B, N) -> z_q (B, N, d)``."""
+        return self.codebook()[codes]
+
+
 class VQTokenizer(nn.Module):
     """Images in [-1, 1] to discrete codes and back.
 
@@ -213,9 +411,14 @@ class VQTokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.quantizer = Quantizer(config)
-        self.decoder = Decoder(config)
+        if config.architecture == "llamagen-vq":
+            self.encoder = LlamaGenEncoder(config)
+            self.quantizer = NormalizedCodebook(config)
+            self.decoder = LlamaGenDecoder(config)
+        else:
+            self.encoder = Encoder(config)
+            self.quantizer = Quantizer(config)
+            self.decoder = Decoder(config)
 
     @property
     def codebook_size(self) -> int:
@@ -335,5 +538,22 @@ def find_vgg_weights() -> str | None:
     hub = os.path.join(torch.hub.get_dir(), "checkpoints", VGG_WEIGHTS)
     return hub if os.path.exists(hub) else None
 
+
+_LLAMAGEN_VQ16 = dict(
+    architecture="llamagen-vq",
+    image_size=256,
+    channels=3,
+    base_channels=128,
+    channel_mult=(1, 1, 2, 2, 4),
+    num_res_blocks=2,
+    z_channels=256,
+    code_dim=8,
+    codebook_size=16384,
+)
+PRESETS: dict[str, dict] = {
+    # LlamaGen's released tokenizers (vq_ds16_c2i.pt, vq_ds8_c2i.pt), for converted weights
+    "llamagen-vq16": _LLAMAGEN_VQ16,
+    "llamagen-vq8": {**_LLAMAGEN_VQ16, "channel_mult": (1, 2, 2, 4)},
+}
 
 __all__ = ["PatchDiscriminator", "TokenizerConfig", "VQTokenizer", "psnr"]

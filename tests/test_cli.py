@@ -143,3 +143,9 @@ def test_training_verb_terminal_is_quiet(tmp_path):
     noisy = [l for l in text.splitlines() if "warning" in l.lower() or "deprecat" in l.lower()]
     assert not noisy, noisy
     assert "test accuracy" in text
+
+
+def test_convert_names_its_kinds(capsys, caplog):
+    assert main(["convert", "nonsense"]) == 2 and "llamagen-vq" in caplog.text
+    code, out = _exit_output(capsys, ["convert", "llamagen-gpt", "--help"])
+    assert code == 0 and "--tokenizer" in out and "--checkpoint" in out

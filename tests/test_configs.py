@@ -24,7 +24,9 @@ def _parse(verb, path):
             pass
 
     classes = {"fit": (LitGPT, CodeDataModule), "fit-tokenizer": (LitTokenizer, ImageDataModule)}
-    return ParseOnly(*classes[verb], verb=verb, args=["--config", str(path), "--out", "unused"]).config
+    return ParseOnly(
+        *classes[verb], verb=verb, args=["--config", str(path), "--out", "unused"]
+    ).config
 
 
 def test_yamls_exist():
