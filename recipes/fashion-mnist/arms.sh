@@ -13,25 +13,26 @@ mkdir -p "$W" "$OUT"
 mg() { python3 -m movegen.cli "$@"; }
 mkdir -p $W/tokenizer && cp "$TOK" $W/tokenizer/tokenizer.ckpt
 for s in train val; do
-  mg extract-codes --tokenizer $W/tokenizer/tokenizer.ckpt --data-root "$DATA_ROOT" --split $s --out $W/codes-$s --overwrite 2>&1 | grep -v "it/s" | tail -1
+  mg extract-codes --tokenizer $W/tokenizer/tokenizer.ckpt --data.root "$DATA_ROOT" --split $s --out $W/codes-$s --overwrite 2>&1 | grep -v "it/s" | tail -1
 done
 pids=()
 for arm in standard lave-x1 move-x1 move-x4; do
-  mg fit --config configs/fashion-mnist/$arm.yaml --codes $W/codes-train --val-codes $W/codes-val --out $W/$arm \
+  mg fit --config configs/fashion-mnist/$arm.yaml --data.codes $W/codes-train --data.val_codes $W/codes-val --out $W/$arm \
      --trainer.max_steps $STEPS --data.num_workers 3 > $W/$arm.log 2>&1 &
   pids+=($!)
 done
-mg fit-classifier --data fashion-mnist --data.data_root "$DATA_ROOT" --data.num_workers 2 --out $W/classifier \
+mg fit-classifier --data.name fashion-mnist --data.root "$DATA_ROOT" --data.num_workers 2 --out $W/classifier \
    --trainer.max_epochs 12 --data.batch_size 256 > $W/classifier.log 2>&1 &
 pids+=($!)
 for p in "${pids[@]}"; do wait $p; done
 for arm in standard lave-x1 move-x1 move-x4; do tail -n 1 $W/$arm.log; done
 tail -n 1 $W/classifier.log
-models=(); for arm in standard lave-x1 move-x1 move-x4; do [ -f $W/$arm/model.ckpt ] && models+=($W/$arm/model.ckpt); done
-mg evaluate --model "${models[@]}" --features classifier:$W/classifier/classifier.ckpt --num-samples 10000 \
-   --cfg-scale 2.0 --seed 0 --batch-size 1000 --data-root "$DATA_ROOT" --cache-dir $W/cache --out $W/results 2>&1 | grep -v "it/s"
-mg sample --model $W/move-x4/model.ckpt --classes all --per-class 12 --cfg-scale 2.0 --out $OUT/grid-move-x4.png 2>&1 | tail -1
-mg report $W/results --out $W/report 2>&1 | tail -1
+models=(); for arm in standard lave-x1 move-x1 move-x4; do [ -f $W/$arm/model.ckpt ] && models+=("$W/$arm/model.ckpt"); done
+list=$(IFS=,; echo "[${models[*]}]")
+mg evaluate --model "$list" --features classifier:$W/classifier/classifier.ckpt --num_samples 10000 \
+   --sampling.cfg_scale 2.0 --seed 0 --batch_size 1000 --data.root "$DATA_ROOT" --cache_dir $W/cache --out $W/results 2>&1 | grep -v "it/s"
+mg sample --model $W/move-x4/model.ckpt --classes all --per_class 12 --sampling.cfg_scale 2.0 --out $OUT/grid-move-x4.png 2>&1 | tail -1
+mg report --results $W/results --out $W/report 2>&1 | tail -1
 python3 - "$W" <<'PY'
 import json, sys, pathlib
 w = pathlib.Path(sys.argv[1])
