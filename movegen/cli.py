@@ -89,6 +89,7 @@ def _quiet_third_party() -> None:
         r".*LeafSpec.*is deprecated.*",  # Lightning's pytree helper on newer torch
         r".*does not have many workers.*",  # small in-memory datasets need none
         r".*`isinstance\(treespec, LeafSpec\)`.*",
+        r".*will save all extracted features in buffer.*",  # torchmetrics' KID/IS: ours are small
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
