@@ -160,7 +160,7 @@ def fit_tokenizer(model, data, *, out: str | Path, trainer: dict[str, Any] | Non
     data.image_size, data.channels = cfg.image_size, cfg.channels
     data.setup("fit")
     model.content = data.train_set.content
-    t = _make_trainer(trainer or _trainer_defaults("fit-tokenizer"), out,
+    t = _make_trainer({**_trainer_defaults("fit-tokenizer"), **(trainer or {})}, out,
                       num_batches=len(data.train_set) // data.batch_size)  # fmt: skip
     t0 = time.time()
     t.fit(model, datamodule=data)
@@ -208,7 +208,7 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     data.check(model.config)  # a clear error before any training
     best = BestCheckpoint(out, data.store.header)
-    t = _make_trainer(trainer or _trainer_defaults("fit"), out, callbacks=[best],
+    t = _make_trainer({**_trainer_defaults("fit"), **(trainer or {})}, out, callbacks=[best],
                       num_batches=len(data.train_idx) * data.store.views // data.batch_size)  # fmt: skip
     t0 = time.time()
     t.fit(model, datamodule=data)
@@ -253,7 +253,7 @@ def fit_classifier(model, data, *, out: str | Path, trainer: dict[str, Any] | No
     info = data.train_set.info
     x0 = data.train_set[0][0]
     model.build(info.num_classes, x0.shape[0], x0.shape[-1])
-    t = _make_trainer(trainer or _trainer_defaults("fit-classifier"), out,
+    t = _make_trainer({**_trainer_defaults("fit-classifier"), **(trainer or {})}, out,
                       num_batches=len(data.train_set) // data.batch_size)  # fmt: skip
     t0 = time.time()
     t.fit(model, datamodule=data)
@@ -614,7 +614,7 @@ def _repo_file(rel: str) -> Path:
     return p
 
 
-def _from_yaml(path: Path, model_cls, config_cls, dm_cls, *, data: dict | None = None,
+def _from_yaml(path: Path, model_cls, config_cls, dm_cls, *, seed: int | None = None, data: dict | None = None,
                trainer: dict | None = None, verb: str):  # fmt: skip
     """Build a training verb's module, data module and trainer settings from its YAML, as the
     parser would (``model.config`` into ``config_cls``), with overrides; seeds as the YAML says."""
@@ -622,7 +622,7 @@ def _from_yaml(path: Path, model_cls, config_cls, dm_cls, *, data: dict | None =
     import yaml
 
     doc = yaml.safe_load(Path(path).read_text()) or {}
-    L.seed_everything(doc.get("seed_everything", 0), verbose=False)
+    L.seed_everything(seed if seed is not None else doc.get("seed_everything", 0), verbose=False)
     m = dict(doc.get("model") or {})
     model = model_cls(config=config_cls(**m.pop("config")), **m) if config_cls else model_cls(**m)
     dm = dm_cls(**{**(doc.get("data") or {}), **(data or {})})
@@ -669,7 +669,7 @@ def demo(
     tok = root / "tokenizer"
     log.info("demo: 1/6 tokenizer")
     m, dm, tr = _from_yaml(_repo_file("tokenizers/digits/config.yaml"), LitTokenizer, TokenizerConfig,
-                           ImageDataModule, trainer={"max_steps": tokenizer_steps, **bar}, verb="fit-tokenizer")  # fmt: skip
+                           ImageDataModule, seed=seed, trainer={"max_steps": tokenizer_steps, **bar}, verb="fit-tokenizer")  # fmt: skip
     tokm = fit_tokenizer(m, dm, out=tok, trainer=tr)
     for split in ("train", "val"):
         log.info("demo: 2/6 codes (%s)", split)
@@ -680,7 +680,7 @@ def demo(
         log.info("demo: 3/6 model %s", arm)
         m, dm, tr = _from_yaml(_repo_file(f"configs/digits/{arm}.yaml"), LitGPT, GPTConfig, CodeDataModule,
                                data={"codes": str(root / "codes-train"), "val_codes": str(root / "codes-val")},
-                               trainer={"max_steps": model_steps, **bar}, verb="fit")  # fmt: skip
+                               seed=seed, trainer={"max_steps": model_steps, **bar}, verb="fit")  # fmt: skip
         fit(m, dm, out=root / arm, trainer=tr)
     log.info("demo: 4/6 classifier")
     import lightning as L
