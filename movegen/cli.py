@@ -209,7 +209,7 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None) 
     data.check(model.config)  # a clear error before any training
     best = BestCheckpoint(out, data.store.header)
     t = _make_trainer({**_trainer_defaults("fit"), **(trainer or {})}, out, callbacks=[best],
-                      num_batches=len(data.train_idx) * data.store.views // data.batch_size)  # fmt: skip
+                      num_batches=len(data.train_idx) // data.batch_size)  # fmt: skip
     t0 = time.time()
     t.fit(model, datamodule=data)
     seconds = time.time() - t0
@@ -615,9 +615,10 @@ def _repo_file(rel: str) -> Path:
 
 
 def _from_yaml(path: Path, model_cls, config_cls, dm_cls, *, seed: int | None = None, data: dict | None = None,
-               trainer: dict | None = None, verb: str):  # fmt: skip
+               trainer: dict | None = None):  # fmt: skip
     """Build a training verb's module, data module and trainer settings from its YAML, as the
-    parser would (``model.config`` into ``config_cls``), with overrides; seeds as the YAML says."""
+    parser would (``model.config`` into ``config_cls``), with overrides; seeds with ``seed``, else
+    as the YAML says."""
     import lightning as L
     import yaml
 
@@ -626,7 +627,11 @@ def _from_yaml(path: Path, model_cls, config_cls, dm_cls, *, seed: int | None = 
     m = dict(doc.get("model") or {})
     model = model_cls(config=config_cls(**m.pop("config")), **m) if config_cls else model_cls(**m)
     dm = dm_cls(**{**(doc.get("data") or {}), **(data or {})})
-    return model, dm, {**_trainer_defaults(verb), **(doc.get("trainer") or {}), **(trainer or {})}
+    return (
+        model,
+        dm,
+        {**(doc.get("trainer") or {}), **(trainer or {})},
+    )  # the verb adds its defaults
 
 
 def demo(
@@ -669,7 +674,7 @@ def demo(
     tok = root / "tokenizer"
     log.info("demo: 1/6 tokenizer")
     m, dm, tr = _from_yaml(_repo_file("tokenizers/digits/config.yaml"), LitTokenizer, TokenizerConfig,
-                           ImageDataModule, seed=seed, trainer={"max_steps": tokenizer_steps, **bar}, verb="fit-tokenizer")  # fmt: skip
+                           ImageDataModule, seed=seed, trainer={"max_steps": tokenizer_steps, **bar})  # fmt: skip
     tokm = fit_tokenizer(m, dm, out=tok, trainer=tr)
     for split in ("train", "val"):
         log.info("demo: 2/6 codes (%s)", split)
@@ -680,7 +685,7 @@ def demo(
         log.info("demo: 3/6 model %s", arm)
         m, dm, tr = _from_yaml(_repo_file(f"configs/digits/{arm}.yaml"), LitGPT, GPTConfig, CodeDataModule,
                                data={"codes": str(root / "codes-train"), "val_codes": str(root / "codes-val")},
-                               seed=seed, trainer={"max_steps": model_steps, **bar}, verb="fit")  # fmt: skip
+                               seed=seed, trainer={"max_steps": model_steps, **bar})  # fmt: skip
         fit(m, dm, out=root / arm, trainer=tr)
     log.info("demo: 4/6 classifier")
     import lightning as L
@@ -688,7 +693,7 @@ def demo(
     L.seed_everything(seed, verbose=False)
     clsm = fit_classifier(LitClassifier(), ImageDataModule(name="digits", batch_size=64),
                           out=root / "classifier",
-                          trainer={**_trainer_defaults("fit-classifier"), "max_epochs": classifier_epochs})  # fmt: skip
+                          trainer={"max_epochs": classifier_epochs})  # fmt: skip
     log.info("demo: 5/6 evaluation")
     rows = evaluate(model=[str(root / arm / "model.ckpt") for arm in arms],
                     features=f"classifier:{root / 'classifier' / 'classifier.ckpt'}",
