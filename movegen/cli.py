@@ -108,10 +108,30 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def _write_config(out: Path, config_yaml: str | None, resume: bool = False) -> None:
+    """The parsed configuration of a run, beside it (a resumed run keeps the first one and
+    adds its own as config-resumed.yaml)."""
+    if config_yaml:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(out / ("config-resumed.yaml" if resume else "config.yaml"), config_yaml)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None: the JSON we write is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj: Any) -> None:
     from .checkpoint import atomic_write_text
 
-    atomic_write_text(path, json.dumps(obj, indent=2))
+    atomic_write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False))
 
 
 # =========================================================================== training verbs
@@ -146,16 +166,26 @@ def _make_trainer(trainer: dict[str, Any], out: Path, callbacks: list | None = N
     return L.Trainer(**kwargs)
 
 
-def fit_tokenizer(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None) -> dict:
+def fit_tokenizer(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, overwrite: bool = False,
+                  argv: list[str] | None = None, config_yaml: str | None = None) -> dict:  # fmt: skip
     """Train the tokenizer ``model`` (a ``LitTokenizer``) on ``data`` (an ``ImageDataModule``)
-    and write ``tokenizer.ckpt``, ``metrics.json`` and ``reconstructions.png`` into ``out``."""
+    and write ``tokenizer.ckpt``, ``metrics.json`` and ``reconstructions.png`` into the run
+    folder ``out`` (a new or empty folder, or a previous tokenizer run with ``overwrite``)."""
+    from .runs import claim_run
+
+    with claim_run(out, "fit-tokenizer", overwrite=overwrite, argv=argv) as run:
+        _write_config(Path(out), config_yaml)
+        metrics = _fit_tokenizer(model, data, Path(out), trainer)
+        run.set_status("finished", steps=metrics["steps"])
+    return metrics
+
+
+def _fit_tokenizer(model, data, out: Path, trainer: dict[str, Any] | None) -> dict:
     import torch
 
     from .checkpoint import atomic_torch_save, save_image_grid, tokenizer_checkpoint
     from .metrics import evaluate_tokenizer
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     data.image_size, data.channels = cfg.image_size, cfg.channels
     data.setup("fit")
@@ -196,59 +226,89 @@ def fit_tokenizer(model, data, *, out: str | Path, trainer: dict[str, Any] | Non
     return metrics
 
 
-def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None) -> dict:
+def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, resume: bool = False,
+        overwrite: bool = False, state_every: int = 1, argv: list[str] | None = None,
+        config_yaml: str | None = None) -> dict:  # fmt: skip
     """Train the AR model ``model`` (a ``LitGPT``) on the code store of ``data`` (a
-    ``CodeDataModule``); keeps ``model.ckpt`` at the best validation loss and writes
-    ``metrics.json`` (best and final validation bits/token, the curve, the cost report)."""
+    ``CodeDataModule``) in the run folder ``out``; keeps ``model.ckpt`` at the best validation
+    loss, the training state ``last.ckpt`` after every ``state_every`` validations (and on
+    SIGINT/SIGTERM), and writes ``metrics.json`` (best and final validation bits/token, the
+    curve, the cost report, ``status``).
 
-    from .lit import BestCheckpoint
+    ``resume`` continues the run in ``out`` from its ``last.ckpt`` (the same validation curve as
+    an uninterrupted run); ``overwrite`` replaces a previous fit run there. Raises
+    :class:`~movegen.runs.RunInterrupted` after a signal (the state is saved) and
+    :class:`~movegen.runs.TrainingDiverged` when the loss becomes non-finite."""
+    from .lit import BestCheckpoint, SafeCheckpointIO, TrainingState, diverged_message
     from .model import cost_report
+    from .runs import TrainingDiverged, claim_run
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data.check(model.config)  # a clear error before any training
-    best = BestCheckpoint(out, data.store.header)
-    t = _make_trainer({**_trainer_defaults("fit"), **(trainer or {})}, out, callbacks=[best],
-                      num_batches=len(data.train_idx) // data.batch_size)  # fmt: skip
-    t0 = time.time()
-    t.fit(model, datamodule=data)
-    seconds = time.time() - t0
-    if not best.history:
-        raise ValueError(
-            "training ran no validation; lower --trainer.val_check_interval or raise max_steps"
-        )
-    final = best.history[-1]
-    metrics = {
-        "val_loss": best.best,
-        "val_bits_per_token": best.best / math.log(2),
-        "best_step": best.best_step,
-        "final_val_loss": final["val_loss"],
-        "final_val_bits_per_token": final["val_bits_per_token"],
-        "steps": t.global_step,
-        "train_tokens": model.train_tokens,
-        "train_seconds": round(seconds, 1),
-        "device": _gpu_name(),
-        "memory": model.config.memory,
-        "memory_density": model.config.memory_density,
-        **cost_report(model.config),
-        "history": best.history,
-    }
-    _write_json(out / "metrics.json", metrics)
+    data.check(model.config)  # a clear error before the folder is touched or anything trains
+    with claim_run(out, "fit", resume=resume, overwrite=overwrite, argv=argv) as run:
+        _write_config(out, config_yaml, resume)
+        best = BestCheckpoint(out, data.store.header)
+        state = TrainingState(out, every=state_every)
+        settings = {**_trainer_defaults("fit"), **(trainer or {})}
+        settings["plugins"] = [*(settings.get("plugins") or []), SafeCheckpointIO()]
+        t = _make_trainer(settings, out, callbacks=[best, state], num_batches=data.steps_per_epoch())
+        if resume:
+            log.info("resuming %s from %s", out, out / "last.ckpt")
+        t.fit(model, datamodule=data, ckpt_path=str(out / "last.ckpt") if resume else None)
+        bad = model.nonfinite_step()
+        if bad is not None:
+            raise TrainingDiverged(diverged_message(bad, best))
+        if not best.history:
+            raise ValueError(
+                "training ran no validation; lower --trainer.val_check_interval or raise max_steps"
+            )
+        if state.saved_step != t.global_step:
+            state.save(t, model)  # the final state, so a longer schedule can extend the run
+        final = best.history[-1]
+        metrics = {
+            "status": "finished",
+            "val_loss": best.best,
+            "val_bits_per_token": best.best / math.log(2),
+            "best_step": best.best_step,
+            "final_val_loss": final["val_loss"],
+            "final_val_bits_per_token": final["val_bits_per_token"],
+            "steps": t.global_step,
+            "train_tokens": model.train_tokens,
+            "train_seconds": round(state.train_seconds(), 1),
+            "resumed": run.resumed,
+            "device": _gpu_name(),
+            "memory": model.config.memory,
+            "memory_density": model.config.memory_density,
+            **cost_report(model.config),
+            "history": best.history,
+        }
+        _write_json(out / "metrics.json", metrics)
+        run.set_status("finished", steps=t.global_step)
     log.info("best val %.4f bits/token at step %d (final %.4f); wrote %s", metrics["val_bits_per_token"],
              best.best_step, final["val_bits_per_token"], out / "model.ckpt")  # fmt: skip
     return metrics
 
 
-def fit_classifier(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None) -> dict:
+def fit_classifier(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, overwrite: bool = False,
+                   argv: list[str] | None = None, config_yaml: str | None = None) -> dict:  # fmt: skip
     """Train the evaluation classifier ``model`` (a ``LitClassifier``) on ``data`` (an
-    ``ImageDataModule``); writes ``classifier.ckpt`` and ``metrics.json`` (val/test accuracy)."""
+    ``ImageDataModule``); writes ``classifier.ckpt`` and ``metrics.json`` (val/test accuracy)
+    into the run folder ``out`` (new or empty, or a previous classifier run with ``overwrite``)."""
+    from .runs import claim_run
+
+    with claim_run(out, "fit-classifier", overwrite=overwrite, argv=argv) as run:
+        _write_config(Path(out), config_yaml)
+        metrics = _fit_classifier(model, data, Path(out), trainer)
+        run.set_status("finished", epochs=metrics["epochs"])
+    return metrics
+
+
+def _fit_classifier(model, data, out: Path, trainer: dict[str, Any] | None) -> dict:
     import torch
 
     from .checkpoint import atomic_torch_save, classifier_checkpoint
     from .metrics import classifier_accuracy
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data.setup("fit")
     info = data.train_set.info
     x0 = data.train_set[0][0]
@@ -281,7 +341,7 @@ def _train_cli_class():
         (the verb builds one, with the run folder); offers no optimizer switch."""
 
         def __init__(self, model_cls, dm_cls, *, verb: str, args: list[str], links=()):
-            self._links = links
+            self._links, self._verb = links, verb
             super().__init__(
                 model_cls,
                 dm_cls,
@@ -296,6 +356,13 @@ def _train_cli_class():
 
         def add_arguments_to_parser(self, parser):
             parser.add_argument("--out", required=True, help="the run folder this verb writes")
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="replace a previous run of this verb in --out (only its own files)")  # fmt: skip
+            if self._verb == "fit":
+                parser.add_argument("--resume", type=bool, default=False,
+                                    help="continue the run in --out from its last.ckpt")  # fmt: skip
+                parser.add_argument("--state_every", type=int, default=1,
+                                    help="write the training state last.ckpt after every N validations")  # fmt: skip
             for source, target in self._links:
                 parser.link_arguments(source, target)
 
@@ -322,7 +389,9 @@ def _training_verb(verb: str, argv: list[str]) -> int:
     _quiet_lightning()
     cli = _train_cli_class()(model_cls, dm_cls, verb=verb, args=argv, links=links)
     trainer = dict(cli.config_init.get("trainer", {}))
-    run(cli.model, cli.datamodule, out=cli.config["out"], trainer=trainer)
+    extra = {k: cli.config[k] for k in ("resume", "state_every") if k in cli.config}
+    run(cli.model, cli.datamodule, out=cli.config["out"], trainer=trainer, overwrite=cli.config["overwrite"],
+        argv=argv, config_yaml=cli.parser.dump(cli.config, skip_none=False), **extra)  # fmt: skip
     return 0
 
 
@@ -791,10 +860,15 @@ def main(argv: list[str] | None = None) -> int:
     import jsonargparse
 
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    from .runs import RunError
+
     try:
         if a.subcommand in TRAINING_VERBS:
             return _training_verb(a.subcommand, rest)
         return _typed_verb(a.subcommand, rest)
+    except RunError as e:
+        log.error("%s", e)
+        return e.exit_code
     except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as e:
         log.error("%s", e)
         return 2

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +24,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import atomic_torch_save, model_checkpoint
@@ -28,6 +32,7 @@ from .classifier import SmallCNN
 from .metrics import reduce_tokenizer_stats, tokenizer_batch_stats
 from .model import GPT, GPTConfig, RMSNorm
 from .move import LaVETable, MoVEBank
+from .runs import RunInterrupted, TrainingDiverged
 from .tokenizer import (
     PatchDiscriminator,
     TokenizerConfig,
@@ -38,6 +43,8 @@ from .tokenizer import (
 )
 
 log = logging.getLogger(__name__)
+
+TRAIN_STATE_FORMAT = "movegen.train-state/1"
 
 
 def schedule_length(trainer) -> int:
@@ -272,6 +279,10 @@ class LitGPT(L.LightningModule):
         self._fwd = None
         self._t_last = None
         self.train_tokens = 0
+        # the first step whose loss was not finite (-1: none); kept on the device, read only at
+        # validation and at saves, so the step itself never waits for the host
+        self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self._rng_to_restore = None
 
     def loss_fn(self):
         """Cross-entropy of the model on ``(codes, labels)``; compiled as one graph (forward and
@@ -314,6 +325,8 @@ class LitGPT(L.LightningModule):
     def training_step(self, batch, batch_idx):
         codes, labels = batch
         loss = self.loss_fn()(codes, labels)
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step.copy_(torch.where(bad, self.trainer.global_step, self.first_bad_step))
         n = codes.numel() * self.trainer.world_size
         self.train_tokens += n
         now = time.perf_counter()
@@ -338,21 +351,66 @@ class LitGPT(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/bits_per_token": loss / math.log(2), "val/acc": acc},
                       prog_bar=True, sync_dist=True, batch_size=len(codes))  # fmt: skip
 
+    def nonfinite_step(self) -> int | None:
+        """The first training step whose loss was NaN or infinite, None if none (syncs)."""
+        s = int(self.first_bad_step)
+        return None if s < 0 else s
+
+    # The training state (``last.ckpt``) is Lightning's checkpoint plus what an exact resume
+    # needs beyond it: the token counter, the RNG states (dropout and class dropout draw from
+    # them) and the model config, all tensors, numbers and strings (``weights_only`` loads it).
     def on_save_checkpoint(self, checkpoint):
+        checkpoint["format"] = TRAIN_STATE_FORMAT
         checkpoint["train_tokens"] = self.train_tokens
+        checkpoint["model_config"] = asdict(self.config)
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint):
+        saved, now = checkpoint.get("model_config") or {}, asdict(self.config)
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if saved and diff:
+            raise ValueError("--resume continues the same model, but model.config differs from the saved state's: "
+                             + ", ".join(f"{k} {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items()))  # fmt: skip
+        saved_h = checkpoint.get("hyper_parameters") or {}
+        diff = {k: (saved_h.get(k), v) for k, v in dict(self.hparams).items()
+                if k in saved_h and _norm(saved_h[k]) != _norm(v)}  # fmt: skip
+        if diff:
+            raise ValueError("--resume continues the same run, but the model's settings differ from the saved state's: "
+                             + ", ".join(f"{k} {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items()))  # fmt: skip
         self.train_tokens = checkpoint.get("train_tokens", 0)
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_start(self):
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 class BestCheckpoint(L.Callback):
-    """Keeps ``DIR/model.ckpt`` at the best validation loss (written atomically) and a history."""
+    """Keeps ``DIR/model.ckpt`` at the best validation loss (written atomically) and a history.
+    Its state (best, best step, history) travels in the training state, so a resumed run keeps
+    the same best and the whole curve."""
 
     def __init__(self, out: Path, header: dict):
         self.out, self.header = Path(out), header
         self.best = float("inf")
         self.best_step = -1
         self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = float(state["best"]), int(state["best_step"])
+        self.history = list(state["history"])
 
     def on_validation_end(self, trainer, pl_module: LitGPT):
         if trainer.sanity_checking:
@@ -361,6 +419,9 @@ class BestCheckpoint(L.Callback):
         if "val/loss" not in m:
             return
         loss = float(m["val/loss"])
+        bad = pl_module.nonfinite_step()
+        if bad is not None or not math.isfinite(loss):
+            raise TrainingDiverged(diverged_message(bad if bad is not None else trainer.global_step, self, loss))
         rec = {"step": trainer.global_step, "val_loss": loss, "val_bits_per_token": loss / math.log(2),
                "train_tokens": pl_module.train_tokens}  # fmt: skip
         self.history.append(rec)
@@ -371,6 +432,128 @@ class BestCheckpoint(L.Callback):
                                            "hparams": dict(pl_module.hparams)},
                                     metrics=rec)  # fmt: skip
             atomic_torch_save(ckpt, self.out / "model.ckpt")
+
+
+def diverged_message(step: int, best: BestCheckpoint, val_loss: float | None = None) -> str:
+    """What a run that went non-finite at ``step`` says: where, what is kept, what to try."""
+    kept = (f"the last good {best.out / 'model.ckpt'} (step {best.best_step}, val {best.best / math.log(2):.4f} "
+            "bits/token) is kept" if best.best_step >= 0 else "no model.ckpt was written (no validation before it)")  # fmt: skip
+    val = f" (validation loss {val_loss})" if val_loss is not None else ""
+    return (f"the training loss became NaN or infinite at step {step}{val}; training stopped, {kept}. "
+            "Lower --model.lr, keep --trainer.gradient_clip_val 1.0, or raise --model.warmup_steps")
+
+
+class TrainingState(L.Callback):
+    """Writes the training state ``DIR/last.ckpt`` (weights, optimizer, LR schedule, EMA, data
+    position, RNG states, counters, the best-checkpoint tracker) atomically after every
+    ``every`` validations, and on SIGINT/SIGTERM at the next step boundary, then stops the run
+    (``interrupted`` is set; a second signal quits at once). Never writes a state whose loss
+    went non-finite."""
+
+    def __init__(self, out: Path, every: int = 1):
+        self.path, self.every = Path(out) / "last.ckpt", max(1, every)
+        self.interrupted: int | None = None  # the signal received
+        self.saved_step: int | None = None
+        self._validations = 0
+        self._old: dict = {}
+        self._seconds_before = 0.0  # training time of the run before this process
+        self._t0 = time.time()
+
+    def train_seconds(self) -> float:
+        """Wall time of the run so far, over every process that trained it."""
+        return self._seconds_before + time.time() - self._t0
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self.train_seconds()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._seconds_before = float(state.get("train_seconds", 0.0))
+
+    # signals: installed for the fit only, restored afterwards
+    def _handler(self, signum, frame):
+        if self.interrupted is not None:  # a second Ctrl-C: quit now
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.interrupted = signum
+
+    def on_fit_start(self, trainer, pl_module):
+        self._t0 = time.time()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+
+    def on_fit_end(self, trainer, pl_module):
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore()
+
+    def _restore(self):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        self._old = {}
+
+    def save(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "nonfinite_step", lambda: None)() is not None:
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_step = trainer.global_step
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        self._validations += 1
+        if self._validations % self.every == 0 or self.interrupted is not None:
+            self.save(trainer, pl_module)
+        if self.interrupted is not None:
+            self._stop(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.interrupted is None:
+            return
+        # A validation due at this step runs first and saves there (a state saved before it
+        # would skip it on resume); otherwise save now.
+        if not _val_due(trainer):
+            self.save(trainer, pl_module)
+            self._stop(trainer)
+
+    def _stop(self, trainer):
+        # raised, not ``trainer.should_stop``: Lightning would run an extra validation first
+        at = (f"the training state at step {self.saved_step} is in {self.path}" if self.saved_step is not None
+              else "no training state was saved")  # fmt: skip
+        raise RunInterrupted(f"interrupted at step {trainer.global_step}; {at}; continue with the same command "
+                             "and --resume true")  # fmt: skip
+
+
+def _val_due(trainer) -> bool:
+    """Whether Lightning runs a validation after the current training batch."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except Exception:  # a Lightning without these internals: save after the next validation
+        return True
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O for the training state: atomic writes, and loads that run no
+    pickled code (``weights_only=True``) and accept only a movegen training state."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable training state ({type(e).__name__}: {str(e)[:200]}); it may be "
+                             "truncated. Delete it and start again with --overwrite true") from None  # fmt: skip
+        if not isinstance(ckpt, dict) or ckpt.get("format") != TRAIN_STATE_FORMAT:
+            fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"{path} is not a movegen training state (format {fmt!r}, expected "
+                             f"{TRAIN_STATE_FORMAT!r}); --resume needs the last.ckpt `movegen fit` wrote")  # fmt: skip
+        return ckpt
 
 
 # =========================================================================== classifier

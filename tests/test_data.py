@@ -169,3 +169,50 @@ def test_extraction_flip_view_and_header(tmp_path):
 def test_not_a_code_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="extract-codes"):
         D.CodeStore(tmp_path)
+
+
+def test_step_batches_cover_every_item_once_per_epoch_and_resume_mid_epoch(tmp_path):
+    codes, labels = _write_fake_store(tmp_path / "s", 103, 2, 2, 50)
+    store = D.CodeStore(tmp_path / "s")
+    idx = np.arange(3, 103)  # a held-out split of 3 items
+    sb = D.StepBatches(store, idx, batch_size=10, seed=7)
+    assert len(sb) == 10
+    epoch0 = [(c.clone(), y.clone()) for c, y in sb]
+    rows = torch.cat([sb.batch_rows(s) for s in range(10)])
+    assert sorted(rows[:, 0].tolist()) == list(range(100))  # every training item once
+    assert 0.3 < rows[:, 1].float().mean() < 0.7  # both views drawn
+    for b, (c, y) in enumerate(epoch0):  # what is yielded is the store's row and view
+        r = sb.batch_rows(b)
+        assert torch.equal(c, torch.from_numpy(codes[idx[r[:, 0]], r[:, 1]].astype(np.int64)))
+        assert torch.equal(y, torch.from_numpy(labels[idx[r[:, 0]]]))
+    # the order is a function of (seed, step): a new order each epoch, the same for every arm
+    assert not torch.equal(sb.batch_rows(0), sb.batch_rows(10))
+    assert torch.equal(D.StepBatches(store, idx, batch_size=10, seed=7).batch_rows(13), sb.batch_rows(13))
+    assert not torch.equal(D.StepBatches(store, idx, batch_size=10, seed=8).batch_rows(0), sb.batch_rows(0))
+    # started mid-epoch (a resumed run), it yields the rest of that epoch's batches exactly
+    resumed = D.StepBatches(store, idx, batch_size=10, seed=7, position=lambda: 16)
+    tail = list(resumed)
+    assert len(tail) == 4
+    full1 = list(D.StepBatches(store, idx, batch_size=10, seed=7, position=lambda: 10))
+    for (a, ya), (b, yb) in zip(tail, full1[6:]):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    # device feed (here the CPU device) gives the same batches as the memory-map feed
+    dev = list(D.StepBatches(store, idx, batch_size=10, seed=7, device="cpu"))
+    for (a, ya), (b, yb) in zip(dev, epoch0):
+        assert torch.equal(a, b) and torch.equal(ya, yb) and a.dtype == torch.int64
+    # ranks share out each global batch without overlap
+    r0 = D.StepBatches(store, idx, batch_size=5, seed=7, rank=0, world=2)
+    r1 = D.StepBatches(store, idx, batch_size=5, seed=7, rank=1, world=2)
+    both = torch.cat([torch.cat([r0.batch_rows(s), r1.batch_rows(s)]) for s in range(len(r0))])
+    assert sorted(both[:, 0].tolist()) == list(range(100))
+    # a resume against other data is refused
+    with pytest.raises(ValueError, match="training data differ"):
+        D.StepBatches(store, idx, batch_size=10, seed=8).load_state_dict(sb.state_dict())
+
+
+def test_val_batches_are_view_zero_in_store_order(tmp_path):
+    codes, labels = _write_fake_store(tmp_path / "s", 23, 2, 2, 50)
+    vb = D.ValBatches(D.CodeStore(tmp_path / "s"), np.arange(23), batch_size=10)
+    got = list(vb)
+    assert len(vb) == len(got) == 3
+    assert torch.equal(torch.cat([c for c, _ in got]), torch.from_numpy(codes[:, 0].astype(np.int64)))

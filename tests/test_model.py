@@ -372,14 +372,3 @@ def test_compiled_training_path_equals_eager(memory):
     torch.testing.assert_close(out["compiled"][0], out["eager"][0])
     for n, g in out["eager"][1].items():
         torch.testing.assert_close(out["compiled"][1][n], g, rtol=1e-4, atol=1e-5, msg=n)
-
-
-def test_view_sampler_covers_every_item_once_per_epoch():
-    from movegen.data import ViewSampler
-
-    s = ViewSampler(1000, 2, seed=3)
-    e0, e1 = list(s), list(s)
-    for e in (e0, e1):
-        assert sorted(i // 2 for i in e) == list(range(1000))  # each item exactly once
-        assert 0.4 < sum(i % 2 for i in e) / 1000 < 0.6  # both views drawn
-    assert e0 != e1 and list(ViewSampler(1000, 2, seed=3)) == e0  # new order per epoch, seeded

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -43,13 +44,30 @@ def code_dtype(codebook_size: int) -> np.dtype:
     return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
 
 
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """``out`` may be written: it does not exist, or it is a code store and ``overwrite``."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite true to replace it")
+    hp = out / "header.json"
+    fmt = None
+    if hp.is_file():
+        try:
+            fmt = json.loads(hp.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+    if fmt != STORE_FORMAT:
+        raise FileExistsError(f"{out} exists and is not a code store (no movegen header.json); --overwrite replaces "
+                              "only a code store: choose another --out")  # fmt: skip
+
+
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move a finished directory into place; an existing store is removed only once the new
     one is complete."""
     if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        old = out.with_name(out.name + f".old-{os.getpid()}")
+        _check_replaceable(out, overwrite)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -72,13 +90,29 @@ def write_code_store(
 
     ``num_items`` bounds the array; fewer items (e.g. unreadable images skipped) shrink it.
     """
+    from ..runs import folder_lock
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    _check_replaceable(out, overwrite)
+    with folder_lock(out.parent / f".{out.name}.lock", f"code store {out}"):
+        # under the lock nobody else builds this store: what a killed run left is garbage
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in out.parent.glob(f".{out.name}.old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return _write_store(out, batches, num_items=num_items, views=views, h=h, w=w, header=header,
+                            overwrite=overwrite)  # fmt: skip
+
+
+def _write_store(out: Path, batches, *, num_items: int, views: int, h: int, w: int, header: dict,
+                 overwrite: bool) -> Path:  # fmt: skip
     K = int(header["codebook_size"])
     dtype = code_dtype(K)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: a shared dataset folder must stay readable
     try:
         codes = np.lib.format.open_memmap(
             tmp / "codes.partial.npy", mode="w+", dtype=dtype, shape=(num_items, views, h * w)
@@ -209,47 +243,118 @@ def extract_codes(
 # --------------------------------------------------------------------------- DataModule
 
 
-class FlatViews(Dataset):
-    """Every (item, view) pair of a code store as one index: ``i -> (codes[i // V, i % V], label)``.
-    A seeded sampler over this set picks a random view per sample deterministically."""
+def epoch_order(n_items: int, views: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: every item once, in a seeded random order, each with a
+    seeded random view; ``(n_items, 2)`` int64 ``[item, view]``. A function of ``(seed, epoch)``
+    only (model init never touches its generator), so every arm sees the same data per seed."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_items, generator=g)
+    view = torch.randint(views, (n_items,), generator=g)
+    return torch.stack([order, view], dim=1)
 
-    def __init__(self, store: CodeStore, indices: np.ndarray, views: int | None = None):
+
+class StepBatches:
+    """Training batches as a function of the training step: batch ``b`` of epoch ``e`` is rows
+    ``[(b * world + rank) * B, ... + B)`` of :func:`epoch_order` ``(seed, e)``. Iterating starts
+    at the step ``position()`` returns (the trainer's global step, so a resumed run continues
+    with exactly the batch it would have drawn) and ends at the epoch's end.
+
+    The codes are gathered from the store's memory map on the host, or, with ``device``, from
+    one copy of the store in device memory (no worker processes, no host round trip: the
+    order of an epoch is moved once, each batch is an index on the device).
+    """
+
+    def __init__(self, store: CodeStore, indices: np.ndarray, *, batch_size: int, seed: int,
+                 device: torch.device | str | None = None, rank: int = 0, world: int = 1,
+                 position: Callable[[], int] = lambda: 0):  # fmt: skip
         self.store, self.indices = store, np.asarray(indices)
-        self.views = store.views if views is None else views
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.position = position
+        self.views = store.views
+        self.device = torch.device(device) if device is not None else None
+        self.steps_per_epoch = len(self.indices) // (batch_size * world)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(self.indices)} training items make no batch of {batch_size} x {world} "
+                             "device(s); lower --data.batch_size")  # fmt: skip
+        self._codes = self._labels = None
+        if self.device is not None:  # the training items only, as stored (uint16 -> int32 here)
+            c = np.asarray(store.codes[self.indices])  # int16 halves the copy when K <= 32768
+            small = store.codebook_size <= 32768
+            self._codes = torch.from_numpy(c.astype(np.int16 if small else np.int32)).to(self.device)
+            self._labels = torch.from_numpy(store.labels[self.indices]).to(self.device)
 
     def __len__(self) -> int:
-        return len(self.indices) * self.views
+        return self.steps_per_epoch
 
-    def __getitem__(self, i: int):
-        j, v = int(self.indices[i // self.views]), i % self.views
-        return torch.from_numpy(self.store.codes[j, v].astype(np.int64)), int(self.store.labels[j])
+    def batch_rows(self, step: int) -> torch.Tensor:
+        """``[item, view]`` rows (positions in ``indices``) of the batch at global ``step``."""
+        epoch, b = divmod(step, self.steps_per_epoch)
+        lo = (b * self.world + self.rank) * self.batch_size
+        return epoch_order(len(self.indices), self.views, self.seed, epoch)[lo : lo + self.batch_size]
 
-
-class ViewSampler(torch.utils.data.Sampler):
-    """Each epoch: every item once, in a seeded random order, each with a random view; yields
-    :class:`FlatViews` indices ``item * views + view``. The same seed gives the same order for
-    every arm (model init does not touch this generator)."""
-
-    def __init__(self, n_items: int, views: int, seed: int = 0):
-        self.n, self.views, self.seed, self.epoch = n_items, views, seed, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _host_batch(self, rows: torch.Tensor):
+        items = self.indices[rows[:, 0].numpy()]
+        c = self.store.codes[items, rows[:, 1].numpy()]
+        return torch.from_numpy(c.astype(np.int64)), torch.from_numpy(self.store.labels[items])
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1  # a fresh order next time even if nobody calls set_epoch
-        order = torch.randperm(self.n, generator=g)
-        view = torch.randint(self.views, (self.n,), generator=g)
-        return iter((order * self.views + view).tolist())
+        start = int(self.position())
+        epoch, first = divmod(start, self.steps_per_epoch)
+        order = epoch_order(len(self.indices), self.views, self.seed, epoch)
+        span = self.batch_size * self.world
+        if self.device is not None:
+            order = order.to(self.device, non_blocking=True)
+        for b in range(first, self.steps_per_epoch):
+            lo = b * span + self.rank * self.batch_size
+            rows = order[lo : lo + self.batch_size]
+            if self.device is None:
+                yield self._host_batch(rows)
+            else:
+                yield self._codes[rows[:, 0], rows[:, 1]].long(), self._labels[rows[:, 0]]
+
+    # Lightning saves and restores this with the training state: a resume against another
+    # store, split, batch size or seed would continue a different run, so it is refused.
+    def state_dict(self) -> dict:
+        return {"num_items": len(self.indices), "views": self.views, "batch_size": self.batch_size,
+                "seed": self.seed, "world": self.world}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        diff = {k: (v, mine.get(k)) for k, v in state.items() if mine.get(k) != v}
+        if diff:
+            raise ValueError("--resume continues the same run, but the training data differ from the saved "
+                             "state's: " + ", ".join(f"{k} {a} (saved) vs {b} (now)" for k, (a, b) in diff.items()))  # fmt: skip
+
+
+class ValBatches:
+    """Held-out codes (view 0) in store order, in batches; from device memory with ``device``."""
+
+    def __init__(self, store: CodeStore, indices: np.ndarray, *, batch_size: int,
+                 device: torch.device | str | None = None):  # fmt: skip
+        self.batch_size = batch_size
+        c = np.asarray(store.codes[np.asarray(indices), 0]).astype(np.int64)
+        self.codes = torch.from_numpy(c)
+        self.labels = torch.from_numpy(store.labels[np.asarray(indices)])
+        if device is not None:
+            self.codes, self.labels = self.codes.to(device), self.labels.to(device)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for lo in range(0, len(self.labels), self.batch_size):
+            yield self.codes[lo : lo + self.batch_size], self.labels[lo : lo + self.batch_size]
+
+
+# A store is fed from device memory ("feed: auto") when its training items take at
+# most this many bytes there (int16 codes): Fashion-MNIST's 55k x 2 views x 64 codes are 14 MB.
+DEVICE_RESIDENT_MAX_BYTES = 4 << 30
 
 
 class CodeDataModule(L.LightningDataModule):
-    """A code store as training data (a random view per sample) and held-out validation codes
-    (view 0): either a separate store (``val_codes``) or a seeded fraction of the training store."""
+    """A code store as training data (a random view per sample, a seeded order that is a
+    function of the step: see :class:`StepBatches`) and held-out validation codes (view 0):
+    either a separate store (``val_codes``) or a seeded fraction of the training store."""
 
     def __init__(
         self,
@@ -259,6 +364,7 @@ class CodeDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        feed: Literal["auto", "device", "host"] = "auto",
     ):
         """
         Args:
@@ -266,12 +372,21 @@ class CodeDataModule(L.LightningDataModule):
             val_codes: code store of held-out codes; default: hold out ``val_fraction`` of ``codes``.
             val_fraction: fraction held out when ``val_codes`` is not given.
             batch_size: sequences per batch (per device).
-            num_workers: DataLoader workers.
+            num_workers: unused (kept so that older configs parse): batches are gathered in the
+                training process, from the memory map or from device memory.
             seed: seed of the held-out split and of the data order (the same for every arm).
+            feed: where batches are gathered: 'device' keeps the training items in GPU memory
+                (no workers, no host round trip), 'host' reads the memory map; 'auto' is
+                'device' on a GPU when the items fit in 4 GiB, else 'host'.
         """
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if feed not in ("auto", "device", "host"):
+            raise ValueError(f"feed must be 'auto', 'device' or 'host', got {feed!r}")
         self.codes, self.val_codes, self.val_fraction = codes, val_codes, val_fraction
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.feed = feed
         self.store: CodeStore | None = None
 
     def prepare(self) -> None:
@@ -322,26 +437,41 @@ class CodeDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None):
         self.prepare()
 
+    def steps_per_epoch(self, world: int = 1) -> int:
+        self.prepare()
+        return len(self.train_idx) // (self.batch_size * world)
+
+    def _device(self):
+        """The device the batches are built on: the trainer's GPU when resident, else None."""
+        t = getattr(self, "trainer", None)
+        dev = t.strategy.root_device if t is not None else torch.device("cpu")
+        if self.feed == "host" or (dev.type != "cuda" and self.feed == "auto"):
+            return None
+        nbytes = len(self.train_idx) * self.store.views * self.store.seq_len * 2
+        if self.feed == "auto" and nbytes > DEVICE_RESIDENT_MAX_BYTES:
+            return None
+        return dev
+
     def train_dataloader(self):
-        ds = FlatViews(self.store, self.train_idx)
-        sampler = ViewSampler(len(self.train_idx), self.store.views, self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
+        t = getattr(self, "trainer", None)
+        rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
+        accumulate = t.accumulate_grad_batches if t is not None else 1
+        position = (lambda: t.global_step * accumulate) if t is not None else (lambda: 0)
+        return StepBatches(self.store, self.train_idx, batch_size=self.batch_size, seed=self.seed,
+                           device=self._device(), rank=rank, world=world, position=position)  # fmt: skip
 
     def val_dataloader(self):
-        ds = FlatViews(self.val_store, self.val_idx, views=1)
-        return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-        )
+        return ValBatches(self.val_store, self.val_idx, batch_size=self.batch_size, device=self._device())
 
 
 __all__ = [
     "STORE_FORMAT",
     "CodeDataModule",
     "CodeStore",
-    "FlatViews",
-    "ViewSampler",
+    "StepBatches",
+    "ValBatches",
     "code_dtype",
+    "epoch_order",
     "extract_codes",
     "split_holdout",
     "write_code_store",

@@ -1,0 +1,7 @@
+"""``python -m movegen``: the ``movegen`` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
