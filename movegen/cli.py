@@ -251,7 +251,9 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, 
         state = TrainingState(out, every=state_every)
         settings = {**_trainer_defaults("fit"), **(trainer or {})}
         settings["plugins"] = [*(settings.get("plugins") or []), SafeCheckpointIO()]
-        t = _make_trainer(settings, out, callbacks=[best, state], num_batches=data.steps_per_epoch())
+        t = _make_trainer(
+            settings, out, callbacks=[best, state], num_batches=data.steps_per_epoch()
+        )
         if resume:
             log.info("resuming %s from %s", out, out / "last.ckpt")
         t.fit(model, datamodule=data, ckpt_path=str(out / "last.ckpt") if resume else None)

@@ -421,7 +421,9 @@ class BestCheckpoint(L.Callback):
         loss = float(m["val/loss"])
         bad = pl_module.nonfinite_step()
         if bad is not None or not math.isfinite(loss):
-            raise TrainingDiverged(diverged_message(bad if bad is not None else trainer.global_step, self, loss))
+            raise TrainingDiverged(
+                diverged_message(bad if bad is not None else trainer.global_step, self, loss)
+            )
         rec = {"step": trainer.global_step, "val_loss": loss, "val_bits_per_token": loss / math.log(2),
                "train_tokens": pl_module.train_tokens}  # fmt: skip
         self.history.append(rec)
@@ -439,8 +441,10 @@ def diverged_message(step: int, best: BestCheckpoint, val_loss: float | None = N
     kept = (f"the last good {best.out / 'model.ckpt'} (step {best.best_step}, val {best.best / math.log(2):.4f} "
             "bits/token) is kept" if best.best_step >= 0 else "no model.ckpt was written (no validation before it)")  # fmt: skip
     val = f" (validation loss {val_loss})" if val_loss is not None else ""
-    return (f"the training loss became NaN or infinite at step {step}{val}; training stopped, {kept}. "
-            "Lower --model.lr, keep --trainer.gradient_clip_val 1.0, or raise --model.warmup_steps")
+    return (
+        f"the training loss became NaN or infinite at step {step}{val}; training stopped, {kept}. "
+        "Lower --model.lr, keep --trainer.gradient_clip_val 1.0, or raise --model.warmup_steps"
+    )
 
 
 class TrainingState(L.Callback):

@@ -40,7 +40,13 @@ LOCK_FILE = ".lock"
 # What each verb writes into its folder: the only names ``overwrite`` removes.
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "fit": ("model.ckpt", "last.ckpt", "metrics.json", "config.yaml", "logs"),
-    "fit-tokenizer": ("tokenizer.ckpt", "metrics.json", "reconstructions.png", "config.yaml", "logs"),
+    "fit-tokenizer": (
+        "tokenizer.ckpt",
+        "metrics.json",
+        "reconstructions.png",
+        "config.yaml",
+        "logs",
+    ),
     "fit-classifier": ("classifier.ckpt", "metrics.json", "config.yaml", "logs"),
 }
 
@@ -123,7 +129,9 @@ def folder_lock(lock: Path, what: str) -> Iterator[None]:
                 f"wait for it to finish, or, if no such process runs any more, delete {lock}"
             ) from None
         except PermissionError:
-            raise RunFolderError(f"cannot write in {lock.parent}: permission denied; choose another --out") from None
+            raise RunFolderError(
+                f"cannot write in {lock.parent}: permission denied; choose another --out"
+            ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break
@@ -172,7 +180,9 @@ def claim_run(out: str | os.PathLike, verb: str, *, resume: bool = False, overwr
     new. The status in ``run.json`` becomes ``failed`` if the block raises without setting one.
     """
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
+        raise ValueError(
+            "--resume and --overwrite exclude each other: continue the run or replace it"
+        )
     outputs = OUTPUTS[verb]
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -180,7 +190,9 @@ def claim_run(out: str | os.PathLike, verb: str, *, resume: bool = False, overwr
     try:
         out.mkdir(parents=True, exist_ok=True)
     except PermissionError:
-        raise RunFolderError(f"cannot create {out}: permission denied; choose another --out") from None
+        raise RunFolderError(
+            f"cannot create {out}: permission denied; choose another --out"
+        ) from None
     except OSError as e:  # a file where a parent folder should be, a read-only file system, ...
         raise RunFolderError(f"cannot create {out}: {e.strerror}; choose another --out") from None
     if not os.access(out, os.W_OK | os.X_OK):
@@ -193,7 +205,9 @@ def claim_run(out: str | os.PathLike, verb: str, *, resume: bool = False, overwr
         old = _read_json(out / RUN_FILE) if RUN_FILE in present else None
         owner = (old or {}).get("verb")
         if present and owner not in (None, verb):
-            raise RunFolderError(f"{out} holds a `movegen {owner}` run, not a {verb} run; choose another --out")
+            raise RunFolderError(
+                f"{out} holds a `movegen {owner}` run, not a {verb} run; choose another --out"
+            )
         if resume:
             if not (out / "last.ckpt").is_file():
                 raise RunFolderError(f"nothing to resume in {out}: it has no last.ckpt (files: "
@@ -208,14 +222,21 @@ def claim_run(out: str | os.PathLike, verb: str, *, resume: bool = False, overwr
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         elif present:
             what = f"a {verb} run" if owner == verb else "files"
-            hint = "--resume true to continue it, " if verb == "fit" and (out / "last.ckpt").exists() else ""
+            hint = (
+                "--resume true to continue it, "
+                if verb == "fit" and (out / "last.ckpt").exists()
+                else ""
+            )
             raise RunFolderError(f"{out} already holds {what} ({', '.join(present[:6])}{', ...' if len(present) > 6 else ''}); "
                                  f"pass {hint}--overwrite true to replace it, or choose another --out")  # fmt: skip
         record = {"format": RUN_FORMAT, "verb": verb, "status": "running", "argv": list(argv or []),
                   "started": (old or {}).get("started") if resume else time.strftime("%Y-%m-%d %H:%M:%S"),
                   "pid": os.getpid(), "host": socket.gethostname()}  # fmt: skip
         if resume:
-            record["resumed"] = [*((old or {}).get("resumed") or []), time.strftime("%Y-%m-%d %H:%M:%S")]
+            record["resumed"] = [
+                *((old or {}).get("resumed") or []),
+                time.strftime("%Y-%m-%d %H:%M:%S"),
+            ]
         run = Run(out, verb, record, resume)
         run.set_status("running")
         try:

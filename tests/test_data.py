@@ -187,8 +187,12 @@ def test_step_batches_cover_every_item_once_per_epoch_and_resume_mid_epoch(tmp_p
         assert torch.equal(y, torch.from_numpy(labels[idx[r[:, 0]]]))
     # the order is a function of (seed, step): a new order each epoch, the same for every arm
     assert not torch.equal(sb.batch_rows(0), sb.batch_rows(10))
-    assert torch.equal(D.StepBatches(store, idx, batch_size=10, seed=7).batch_rows(13), sb.batch_rows(13))
-    assert not torch.equal(D.StepBatches(store, idx, batch_size=10, seed=8).batch_rows(0), sb.batch_rows(0))
+    assert torch.equal(
+        D.StepBatches(store, idx, batch_size=10, seed=7).batch_rows(13), sb.batch_rows(13)
+    )
+    assert not torch.equal(
+        D.StepBatches(store, idx, batch_size=10, seed=8).batch_rows(0), sb.batch_rows(0)
+    )
     # started mid-epoch (a resumed run), it yields the rest of that epoch's batches exactly
     resumed = D.StepBatches(store, idx, batch_size=10, seed=7, position=lambda: 16)
     tail = list(resumed)
@@ -215,4 +219,6 @@ def test_val_batches_are_view_zero_in_store_order(tmp_path):
     vb = D.ValBatches(D.CodeStore(tmp_path / "s"), np.arange(23), batch_size=10)
     got = list(vb)
     assert len(vb) == len(got) == 3
-    assert torch.equal(torch.cat([c for c, _ in got]), torch.from_numpy(codes[:, 0].astype(np.int64)))
+    assert torch.equal(
+        torch.cat([c for c, _ in got]), torch.from_numpy(codes[:, 0].astype(np.int64))
+    )

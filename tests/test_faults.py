@@ -24,7 +24,10 @@ def fit_args(codes, val_codes, out, *extra):
 
 
 def history(run: Path) -> list[tuple[int, float]]:
-    return [(h["step"], h["val_loss"]) for h in json.loads((run / "metrics.json").read_text())["history"]]
+    return [
+        (h["step"], h["val_loss"])
+        for h in json.loads((run / "metrics.json").read_text())["history"]
+    ]
 
 
 def spawn(args, log: Path) -> subprocess.Popen:
@@ -54,7 +57,9 @@ def reference(digits_pipeline, tmp_path_factory):
 
 def test_kill9_mid_fit_then_resume_gives_the_same_curve(digits_pipeline, reference, tmp_path):
     run = tmp_path / "run"
-    p = spawn(fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run), tmp_path / "fit.log")
+    p = spawn(
+        fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run), tmp_path / "fit.log"
+    )
     wait_for_state(run, p)
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
@@ -66,7 +71,14 @@ def test_kill9_mid_fit_then_resume_gives_the_same_curve(digits_pipeline, referen
     assert main(fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run)) == 2
     assert files() == before and not (run / ".lock").exists()  # the stale lock was cleared
     # the stale lock of the killed process is taken over; the curve is the uninterrupted one
-    assert main(fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run, "--resume", "true")) == 0
+    assert (
+        main(
+            fit_args(
+                digits_pipeline["codes"], digits_pipeline["val_codes"], run, "--resume", "true"
+            )
+        )
+        == 0
+    )
     assert history(run) == reference
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "finished" and m["resumed"] is True and m["steps"] == STEPS
@@ -76,18 +88,29 @@ def test_kill9_mid_fit_then_resume_gives_the_same_curve(digits_pipeline, referen
 
 def test_sigint_saves_the_state_exits_130_and_resumes(digits_pipeline, reference, tmp_path):
     run = tmp_path / "run"
-    p = spawn(fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run), tmp_path / "fit.log")
+    p = spawn(
+        fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run), tmp_path / "fit.log"
+    )
     wait_for_state(run, p)
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=120) == 130
     text = (tmp_path / "fit.log").read_text()
     assert "interrupted at step" in text and "--resume true" in text and "Traceback" not in text
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
-    assert main(fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run, "--resume", "true")) == 0
+    assert (
+        main(
+            fit_args(
+                digits_pipeline["codes"], digits_pipeline["val_codes"], run, "--resume", "true"
+            )
+        )
+        == 0
+    )
     assert history(run) == reference
 
 
-def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_model(digits_pipeline, tmp_path, caplog):
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_model(
+    digits_pipeline, tmp_path, caplog
+):
     run = tmp_path / "run"
     # a large LR after 30 good steps: the loss goes NaN/inf and the best model stays
     args = fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run, "--model.lr", "1e6",
@@ -106,7 +129,9 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_model(digits_pip
         assert all(torch.isfinite(v).all() for v in st.values() if v.is_floating_point())
 
 
-def test_resume_refuses_a_truncated_or_foreign_state_and_another_config(digits_pipeline, tmp_path, caplog):
+def test_resume_refuses_a_truncated_or_foreign_state_and_another_config(
+    digits_pipeline, tmp_path, caplog
+):
     codes, val = digits_pipeline["codes"], digits_pipeline["val_codes"]
     run = tmp_path / "run"
     assert main(fit_args(codes, val, run, "--trainer.max_steps", "20")) == 0
@@ -116,7 +141,14 @@ def test_resume_refuses_a_truncated_or_foreign_state_and_another_config(digits_p
                          "--model.config.n_layer", "3")) == 2  # fmt: skip
     assert "model.config differs" in caplog.text and "n_layer" in caplog.text
     # another data order
-    assert main(fit_args(codes, val, run, "--trainer.max_steps", "20", "--resume", "true", "--data.seed", "5")) == 2
+    assert (
+        main(
+            fit_args(
+                codes, val, run, "--trainer.max_steps", "20", "--resume", "true", "--data.seed", "5"
+            )
+        )
+        == 2
+    )
     assert "training data differ" in caplog.text
     # truncated
     (run / "last.ckpt").write_bytes(state[: len(state) // 2])
@@ -140,7 +172,10 @@ def test_run_folders_are_owned(digits_pipeline, tmp_path, caplog):
     assert main(fit_args(codes, val, run, "--trainer.max_steps", "10")) == 2
     assert "already holds a fit run" in caplog.text and (run / "model.ckpt").read_bytes() == ckpt
     # a fit-classifier into a fit folder is refused even with --overwrite
-    assert main(["fit-classifier", "--data.name", "digits", "--out", str(run), "--overwrite", "true"]) == 2
+    assert (
+        main(["fit-classifier", "--data.name", "digits", "--out", str(run), "--overwrite", "true"])
+        == 2
+    )
     assert "holds a `movegen fit` run" in caplog.text and (run / "model.ckpt").exists()
     # extract-codes --overwrite onto a run folder deletes nothing
     assert main(["extract-codes", "--tokenizer", str(digits_pipeline["tokenizer"]), "--out", str(run),
@@ -157,7 +192,9 @@ def test_run_folders_are_owned(digits_pipeline, tmp_path, caplog):
     assert not (run / ".model.ckpt.abc123").exists()
 
 
-def test_a_live_lock_refuses_a_second_process_and_a_stale_one_is_taken_over(digits_pipeline, tmp_path, caplog):
+def test_a_live_lock_refuses_a_second_process_and_a_stale_one_is_taken_over(
+    digits_pipeline, tmp_path, caplog
+):
     from movegen.runs import _start_time
 
     codes, val = digits_pipeline["codes"], digits_pipeline["val_codes"]
@@ -165,7 +202,11 @@ def test_a_live_lock_refuses_a_second_process_and_a_stale_one_is_taken_over(digi
     run.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock = {"pid": sleeper.pid, "host": os.uname().nodename, "started": _start_time(sleeper.pid)}
+        lock = {
+            "pid": sleeper.pid,
+            "host": os.uname().nodename,
+            "started": _start_time(sleeper.pid),
+        }
         (run / ".lock").write_text(json.dumps(lock))
         assert main(fit_args(codes, val, run, "--trainer.max_steps", "10")) == 2
         assert f"in use by process {sleeper.pid}" in caplog.text
@@ -177,7 +218,9 @@ def test_a_live_lock_refuses_a_second_process_and_a_stale_one_is_taken_over(digi
     assert (run / "model.ckpt").exists() and not (run / ".lock").exists()
 
 
-def test_an_out_that_cannot_be_a_run_folder_is_refused_before_any_work(digits_pipeline, tmp_path, caplog):
+def test_an_out_that_cannot_be_a_run_folder_is_refused_before_any_work(
+    digits_pipeline, tmp_path, caplog
+):
     codes, val = digits_pipeline["codes"], digits_pipeline["val_codes"]
     (tmp_path / "afile").write_text("x")
     assert main(fit_args(codes, val, tmp_path / "afile")) == 2
@@ -195,7 +238,15 @@ def test_an_out_that_cannot_be_a_run_folder_is_refused_before_any_work(digits_pi
 
 def test_kill9_mid_extraction_leaves_no_store_and_the_next_run_cleans_up(digits_pipeline, tmp_path):
     out = tmp_path / "codes"
-    args = ["extract-codes", "--tokenizer", str(digits_pipeline["tokenizer"]), "--out", str(out), "--batch_size", "8"]
+    args = [
+        "extract-codes",
+        "--tokenizer",
+        str(digits_pipeline["tokenizer"]),
+        "--out",
+        str(out),
+        "--batch_size",
+        "8",
+    ]
     p = spawn(args, tmp_path / "x.log")
     t0 = time.time()
     while not list(tmp_path.glob(".codes.tmp-*")) and time.time() - t0 < 120:
@@ -209,6 +260,8 @@ def test_kill9_mid_extraction_leaves_no_store_and_the_next_run_cleans_up(digits_
         assert main(args) == 0
     finally:
         os.umask(old)
-    assert not list(tmp_path.glob(".codes.tmp-*")) and not list(tmp_path.glob(".codes.lock"))  # ...are gone
+    assert not list(tmp_path.glob(".codes.tmp-*")) and not list(
+        tmp_path.glob(".codes.lock")
+    )  # ...are gone
     assert (out / "header.json").exists()
     assert oct(out.stat().st_mode & 0o777) == oct(0o750)  # the folder follows the umask

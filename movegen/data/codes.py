@@ -280,7 +280,9 @@ class StepBatches:
         if self.device is not None:  # the training items only, as stored (uint16 -> int32 here)
             c = np.asarray(store.codes[self.indices])  # int16 halves the copy when K <= 32768
             small = store.codebook_size <= 32768
-            self._codes = torch.from_numpy(c.astype(np.int16 if small else np.int32)).to(self.device)
+            self._codes = torch.from_numpy(c.astype(np.int16 if small else np.int32)).to(
+                self.device
+            )
             self._labels = torch.from_numpy(store.labels[self.indices]).to(self.device)
 
     def __len__(self) -> int:
@@ -290,7 +292,9 @@ class StepBatches:
         """``[item, view]`` rows (positions in ``indices``) of the batch at global ``step``."""
         epoch, b = divmod(step, self.steps_per_epoch)
         lo = (b * self.world + self.rank) * self.batch_size
-        return epoch_order(len(self.indices), self.views, self.seed, epoch)[lo : lo + self.batch_size]
+        return epoch_order(len(self.indices), self.views, self.seed, epoch)[
+            lo : lo + self.batch_size
+        ]
 
     def _host_batch(self, rows: torch.Tensor):
         items = self.indices[rows[:, 0].numpy()]
@@ -461,7 +465,9 @@ class CodeDataModule(L.LightningDataModule):
                            device=self._device(), rank=rank, world=world, position=position)  # fmt: skip
 
     def val_dataloader(self):
-        return ValBatches(self.val_store, self.val_idx, batch_size=self.batch_size, device=self._device())
+        return ValBatches(
+            self.val_store, self.val_idx, batch_size=self.batch_size, device=self._device()
+        )
 
 
 __all__ = [
