@@ -1,4 +1,6 @@
-"""``movegen report``: evaluation results -> a markdown table and plots.
+"""``movegen report``: evaluation results -> a markdown table and plots; and the statistics and
+report of ``movegen study`` (:func:`write_study_report`: mean ± sd over seeds, paired differences
+with t-intervals, the grid, targets, learning and density curves).
 
 Runs scored with different feature sets (Inception vs. a dataset classifier, or two different
 classifiers) are never put in one column: each feature set gets its own table and plots.

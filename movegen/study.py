@@ -1,4 +1,4 @@
-"""``movegen study``: arms x grid points x budgets x seeds, each trained and evaluated, in one command.
+"""``movegen study``: arms x grid points x budgets x seeds, trained and evaluated by one command.
 
 A study YAML names the inputs (a tokenizer, train and validation code stores, an evaluation
 classifier: paths, or how to build them), the arms (a ``movegen fit`` config plus dotted
@@ -163,7 +163,7 @@ def _grid(doc: Any) -> tuple[GridPoint, ...]:
     else:
         raise ValueError(f"grid must be a list of override sets or a mapping of lists, got {doc!r}")
     ids = [
-        "_".join(f"{k.split('.')[-1]}-{_slug(v)}" for k, v in p.items()) or "default"
+        "+".join(f"{k.split('.')[-1]}-{_slug(v)}" for k, v in p.items()) or "default"
         for p in points
     ]
     if len(set(ids)) != len(ids):
@@ -432,8 +432,12 @@ def fit_finished(run_dir: Path) -> bool:
 def fit_settings(spec: StudySpec, arm: Arm, run: Run) -> dict:
     """What a run was trained with, beside its record: a finished run is reused only when the YAML
     still asks for exactly this."""
+    import yaml
+
     args = {**spec.fit_args, **arm.overrides, **run.grid.overrides, **run.budget.args}
-    return {"config": arm.config_text, "config_sha256": hashlib.sha256(arm.config.read_bytes()).hexdigest(),
+    # the arm YAML's content, not its bytes: an edited comment changes no run
+    content = json.dumps(yaml.safe_load(arm.config.read_text()), sort_keys=True)
+    return {"config": arm.config_text, "config_sha256": hashlib.sha256(content.encode()).hexdigest(),
             "args": args, "seed": run.seed}  # fmt: skip
 
 
@@ -696,7 +700,7 @@ def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
                     log.error("%s failed (%s); log %s: %s", job.key, why, logp, _tail(logp, 3))
                     finish(job, Outcome("failed", f"{why}; see {logp}: {_tail(logp)}", seconds))
             if running:
-                time.sleep(0.2)
+                time.sleep(0.05)
             elif pending and not any(all(d in outcomes for d in j.deps) for j in pending):
                 raise ValueError(f"jobs wait on each other: {[j.key for j in pending]}")
     finally:
@@ -714,6 +718,9 @@ def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
 
 
 # =========================================================================== records
+
+# what a record's ``scores`` keep of each reference (the whole headline evaluation is kept too)
+SCORE_KEYS = ("fid", "is", "is_std", "kid", "kid_std", "precision", "recall", "memorisation", "num_samples")  # fmt: skip
 
 
 def _run_record(spec: StudySpec, run: Run, arm: Arm, status: str, detail: str, walls: dict) -> dict:
@@ -757,19 +764,6 @@ def _run_record(spec: StudySpec, run: Run, arm: Arm, status: str, detail: str, w
         rec["evaluated"] = True
     rec["wall_seconds"] = walls.get(run.id, {})
     return rec
-
-
-SCORE_KEYS = (
-    "fid",
-    "is",
-    "is_std",
-    "kid",
-    "kid_std",
-    "precision",
-    "recall",
-    "memorisation",
-    "num_samples",
-)
 
 
 # =========================================================================== the study
