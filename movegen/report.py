@@ -312,6 +312,8 @@ def _diff_cell(d: dict | None, fmt="{:+.4f}") -> str:
     s = fmt.format(d["mean"])
     if d["ci"]:
         s += f" [{fmt.format(d['ci'][0])}, {fmt.format(d['ci'][1])}]"
+    else:
+        s += " (1 seed)"
     if d["pct"] is not None:
         s += f" ({d['pct']:+.2f}%)"
     return s
@@ -535,14 +537,14 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
         L += ["## Targets", ""]
         for t in doc["targets"]:
             c = check_target(t, records)
-            kind = c["kind"].replace("at_least_", "at least ").replace("pct_", "").replace("_", " ")
-            claim = (f"`{t['arm']}` {t.get('metric', 'val_bits_per_token')} {kind} than `{t['vs']}` by "
-                     f"{t[c['kind']]}{'%' if 'pct' in c['kind'] else ''} on `{t['budget']}`"
-                     f"{', every seed' if t.get('every_seed') else ''}{', significant' if t.get('significant') else ''}")  # fmt: skip
+            unit = "%" if "pct" in c["kind"] else ""
+            side = "lower" if c["kind"].endswith("lower") else "higher"
+            claim = (f"`{t['arm']}` {t.get('metric', 'val_bits_per_token')} at least {t[c['kind']]}{unit} {side} "
+                     f"than `{t['vs']}` on `{t['budget']}`{', on every seed' if t.get('every_seed') else ''}"
+                     f"{', 95% interval excluding 0' if t.get('significant') else ''}")  # fmt: skip
             if c["met"] is None:
                 L.append(f"- {claim}: **not measured** ({c['detail']})")
                 continue
-            unit = "%" if "pct" in c["kind"] else ""
             verdict = f"**met** by {c['margin']:.3g}{unit}" if c["met"] else (
                 f"**missed** by {-c['margin']:.3g}{unit}" if c["margin"] < 0 else "**missed**")  # fmt: skip
             L.append(f"- {claim}: {verdict}; Δ {_diff_cell(c['diff'], fmt='{:+.4g}')}, per seed "

@@ -772,9 +772,20 @@ def _run_record(spec: StudySpec, run: Run, arm: Arm, status: str, detail: str, w
 def run_study(config: str | Path, out: str | Path, *, parallel: int | None = None) -> dict:
     """Train and evaluate every run of the study ``config`` into ``out`` (resuming what is
     there), write ``out/study.json`` and ``out/report/``; returns the study.json object."""
+    import fcntl
+
     spec = load_study(config)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / "study.lock", "w") as lock:
+        try:  # two studies in one folder would train the same runs twice
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `movegen study` is running in {out}") from None
+        return _run_study(spec, out, parallel)
+
+
+def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
     study_path = out / "study.json"
     prev = _read_json(study_path) if study_path.exists() else None
     if study_path.exists() and prev is None:

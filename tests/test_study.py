@@ -321,6 +321,19 @@ def test_changed_settings_are_refused(tmp_path, fake):
         study.run_study(y, tmp_path / "out")
 
 
+def test_two_studies_in_one_folder_are_refused(tmp_path, fake):
+    import fcntl
+
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path))
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / "study.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another `movegen study` is running"):
+            study.run_study(y, tmp_path / "out")
+    assert fake() == []
+
+
 def test_jobs_spread_over_gpus_and_never_exceed_parallel(tmp_path):
     # each job records its GPU and its start/end; the scheduler may run at most 2 at once
     code = ("import os, sys, time; t = time.time(); time.sleep(0.3); "
