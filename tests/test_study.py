@@ -216,7 +216,9 @@ def fake(tmp_path, monkeypatch):
     script.write_text(FAKE_VERBS)
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(calls))
-    monkeypatch.setattr(study, "_movegen", lambda verb, *a: [sys.executable, str(script), verb, *a])
+    monkeypatch.setattr(
+        study.runs, "_movegen", lambda verb, *a: [sys.executable, str(script), verb, *a]
+    )
 
     def read() -> list[dict]:
         return [json.loads(l) for l in calls.read_text().splitlines()] if calls.exists() else []
