@@ -45,6 +45,7 @@ VERBS = {
     "sample": "sample a PNG grid (one row per class) from a trained model",
     "fit-classifier": "train the small CNN whose features score FID/IS/KID offline",
     "evaluate": "FID / IS / KID and validation bits per token of one or more models",
+    "study": "train and evaluate arms x seeds x budgets, then a report (--config configs/studies/...)",
     "report": "turn evaluation results into a markdown table and plots",
     "convert": "turn LlamaGen checkpoints into movegen ones (convert llamagen-vq | llamagen-gpt ...)",
     "demo": "the whole pipeline on the embedded digits data",
@@ -676,6 +677,25 @@ def report(*, results: str, out: str) -> Path:
     return path
 
 
+def study(*, config: str, out: str, parallel: int | None = None) -> Path:
+    """Train every arm x grid point x budget x seed of a study, evaluate every run, and write
+    OUT/study.json and OUT/report/ (tables with mean ± sd and paired differences, targets, plots).
+    Runs are subprocesses (logs in OUT/logs/); a second call resumes: finished runs are never
+    trained or evaluated again.
+
+    Args:
+        config: a study YAML (configs/studies/...).
+        out: the study folder (inputs, runs, logs, study.json, report).
+        parallel: subprocesses at once (default: the YAML's, else one per visible GPU, else 1).
+    """
+    from .study import run_study
+
+    run_study(config, out, parallel=parallel)
+    path = Path(out) / "report" / "README.md"
+    log.info("wrote %s", path)
+    return path
+
+
 def _repo_file(rel: str) -> Path:
     p = Path(__file__).resolve().parents[1] / rel
     if not p.exists():
@@ -799,6 +819,7 @@ TYPED_VERBS = {
     "info": info,
     "sample": sample,
     "evaluate": evaluate,
+    "study": study,
     "report": report,
     "demo": demo,
 }

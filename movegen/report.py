@@ -1,4 +1,6 @@
-"""``movegen report``: evaluation results -> a markdown table and plots.
+"""``movegen report``: evaluation results -> a markdown table and plots; and the statistics and
+report of ``movegen study`` (:func:`write_study_report`: mean ± sd over seeds, paired differences
+with t-intervals, the grid, targets, learning and density curves).
 
 Runs scored with different feature sets (Inception vs. a dataset classifier, or two different
 classifiers) are never put in one column: each feature set gets its own table and plots.
@@ -38,8 +40,13 @@ def load_results(folder: str | Path) -> list[dict]:
         )
     rows = []
     for p in sorted(folder.glob("*.json")):
-        r = json.loads(p.read_text())
-        if "fid" in r and "id" in r:
+        try:
+            r = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            # one truncated file (a run killed mid-copy) must not hide every other result
+            log.warning("skipping %s: not readable JSON (%s)", p, e)
+            continue
+        if isinstance(r, dict) and "fid" in r and "id" in r:
             rows.append(r)
     if not rows:
         raise ValueError(f"no evaluation results (*.json from `movegen evaluate`) in {folder}")
@@ -128,4 +135,436 @@ def write_report(results: str | Path, out: str | Path) -> Path:
         lines.append("")
     readme = out / "README.md"
     atomic_write_text(readme, "\n".join(lines) + "\n")
+    return readme
+
+
+# =========================================================================== studies
+#
+# ``movegen study`` writes study.json (one record per run, see ``study.py``); what follows turns
+# it into numbers one can make a claim with: mean +- sd over seeds, paired differences to the
+# standard arm (same seed: same init seed and data order) with a t-interval, the grid table, the
+# targets and the plots. Scores of different feature sets or references never share a column.
+
+TARGET_KINDS = ("at_least_pct_lower", "at_least_pct_higher", "at_least_lower", "at_least_higher")
+SCORES = ("fid", "is", "kid", "precision", "recall")
+
+
+def mean_sd(xs) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); sd is None for fewer than two values."""
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The two-sided Student-t quantile: P(|T| <= q) = level with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, df))
+
+
+def paired_difference(x: dict, base: dict, level: float = 0.95) -> dict | None:
+    """``x - base`` over the seeds both have (seed -> value): mean, sd, a ``level`` t-interval of
+    the mean (None for one seed) and the same relative to the base mean, in percent."""
+    seeds = sorted(s for s in x if s in base and x[s] is not None and base[s] is not None)
+    if not seeds:
+        return None
+    d = [x[s] - base[s] for s in seeds]
+    m, sd = mean_sd(d)
+    b, _ = mean_sd([base[s] for s in seeds])
+    ci = None
+    if sd is not None:
+        h = t_quantile(len(d) - 1, level) * sd / len(d) ** 0.5
+        ci = (m - h, m + h)
+    pct = (lambda v: 100.0 * v / b) if b else (lambda v: None)
+    return {
+        "n": len(d), "seeds": seeds, "mean": m, "sd": sd, "ci": ci, "level": level, "base_mean": b,
+        "pct": pct(m), "pct_ci": (pct(ci[0]), pct(ci[1])) if ci and b else None,
+        "per_seed": dict(zip(seeds, d)),
+        "per_seed_pct": {s: (100.0 * v / base[s] if base[s] else None) for s, v in zip(seeds, d)},
+    }  # fmt: skip
+
+
+def _scalar(v) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, dict):  # a memorisation section: its headline number
+        for k in ("score", "ratio", "value", "mean"):
+            if isinstance(v.get(k), int | float) and not isinstance(v.get(k), bool):
+                return float(v[k])
+    return None
+
+
+def features_of(rec: dict) -> str | None:
+    """The feature set of a run's headline evaluation."""
+    return next(iter(rec.get("scores") or {}), None)
+
+
+def metric_value(rec: dict, metric: str, features: str | None = None) -> float | None:
+    """A number of one run: a record field (``val_bits_per_token``...), ``memorisation``, or a
+    score ``fid``/``is``/``kid``/... against the headline reference, ``fid:train`` against another;
+    scores on ``features`` (default: the run's headline feature set)."""
+    name, _, split = metric.partition(":")
+    if name in SCORES:
+        per = (rec.get("scores") or {}).get(features or features_of(rec)) or {}
+        return _scalar((per.get(split or rec.get("reference")) or {}).get(name))
+    if name == "memorisation":
+        return _scalar(rec.get("memorisation"))
+    return _scalar(rec.get(metric))
+
+
+def _finished(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("status") == "finished"]
+
+
+def choose_grid(records: list[dict], arm: str, budget: str, metric: str = "val_loss") -> str | None:
+    """The grid point of ``arm`` on ``budget`` with the lowest mean ``metric`` over seeds (ties:
+    the first listed), among the points with every seed finished that any point has."""
+    by: dict[str, dict] = {}
+    for r in _finished(records):
+        if r["arm"] == arm and r["budget"] == budget and metric_value(r, metric) is not None:
+            by.setdefault(r["grid"], {})[r["seed"]] = metric_value(r, metric)
+    if not by:
+        return None
+    n = max(len(v) for v in by.values())
+    full = {g: mean_sd(v.values())[0] for g, v in by.items() if len(v) == n}
+    return min(full, key=lambda g: (full[g], list(full).index(g)))
+
+
+def chosen_runs(records: list[dict], arm: str, budget: str) -> tuple[str | None, dict[int, dict]]:
+    g = choose_grid(records, arm, budget)
+    runs = {
+        r["seed"]: r
+        for r in _finished(records)
+        if (r["arm"], r["budget"], r["grid"]) == (arm, budget, g)
+    }
+    return g, runs
+
+
+def check_target(target: dict, records: list[dict]) -> dict:
+    """Is ``target`` met? E.g. ``{arm: move-x4, vs: standard, metric: val_bits_per_token, budget:
+    short, at_least_pct_lower: 2, every_seed: true}``: the paired difference (each arm at its chosen
+    grid point) must be at least 2% lower, on the mean, or on every seed with ``every_seed``, and
+    with ``significant`` its 95% interval must exclude 0 on the wanted side. ``margin`` is how far
+    past the threshold the worst counted value is (in % for the pct kinds): > 0 met by, < 0 missed
+    by."""
+    kind = next(k for k in TARGET_KINDS if k in target)
+    thr = float(target[kind])
+    metric, budget = target.get("metric", "val_bits_per_token"), target["budget"]
+    out = {**target, "kind": kind, "met": None, "margin": None}
+    _, a = chosen_runs(records, target["arm"], budget)
+    _, b = chosen_runs(records, target["vs"], budget)
+    feats = (
+        {features_of(r) for r in [*a.values(), *b.values()]}
+        if metric.split(":")[0] in SCORES
+        else set()
+    )
+    if len(feats) > 1:
+        return {
+            **out,
+            "detail": f"not comparable: scored with different feature sets {sorted(map(str, feats))}",
+        }
+    f = next(iter(feats), None)
+    diff = paired_difference({s: metric_value(r, metric, f) for s, r in a.items()},
+                             {s: metric_value(r, metric, f) for s, r in b.items()})  # fmt: skip
+    if diff is None:
+        return {**out, "detail": "not measured: no seed with both arms finished and scored"}
+    pct, lower = kind.startswith("at_least_pct"), kind.endswith("lower")
+    sign = -1.0 if lower else 1.0  # the wanted direction of arm - vs
+    values = diff["per_seed_pct" if pct else "per_seed"] if target.get("every_seed") else {
+        "mean": diff["pct" if pct else "mean"]}  # fmt: skip
+    if any(v is None for v in values.values()):
+        return {**out, "detail": "not measured: the reference value is 0, so no percentage"}
+    gains = {s: sign * v for s, v in values.items()}
+    margin = min(gains.values()) - thr
+    met = margin >= 0
+    detail = ""
+    if target.get("significant"):
+        if diff["ci"] is None:
+            met, detail = False, "one seed: no interval, so not significant"
+        elif (diff["ci"][1] if lower else -diff["ci"][0]) >= 0:
+            met, detail = False, "the 95% interval includes 0"
+    return {
+        **out,
+        "met": met,
+        "margin": margin,
+        "diff": diff,
+        "detail": detail,
+        "unit": "%" if pct else "",
+    }
+
+
+def _pm(m, sd, fmt="{:.4f}") -> str:
+    if m is None:
+        return "–"
+    return fmt.format(m) + ("" if sd is None else " ± " + fmt.format(sd))
+
+
+def _diff_cell(d: dict | None, fmt="{:+.4f}") -> str:
+    if d is None:
+        return "–"
+    s = fmt.format(d["mean"])
+    if d["ci"]:
+        s += f" [{fmt.format(d['ci'][0])}, {fmt.format(d['ci'][1])}]"
+    else:
+        s += " (1 seed)"
+    if d["pct"] is not None:
+        s += f" ({d['pct']:+.2f}%)"
+    return s
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _curves_plot(series: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Validation bits/token against step and against training FLOPs (3 x forward FLOPs/token x
+    tokens): each arm's mean over seeds with its min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, runs in series.items():
+        steps = sorted({h["step"] for r in runs for h in r.get("history") or []})
+        rows = []
+        for st in steps:
+            pts = [(h["val_bits_per_token"], 3.0 * r["flops_per_token"] * h["train_tokens"])
+                   for r in runs for h in r.get("history") or [] if h["step"] == st]  # fmt: skip
+            ys = [p[0] for p in pts]
+            rows.append(
+                (st, sum(ys) / len(ys), min(ys), max(ys), sum(p[1] for p in pts) / len(pts))
+            )
+        if not rows:
+            continue
+        st, m, lo, hi, fl = zip(*rows)
+        for ax, x in zip(axes, (st, fl)):
+            (line,) = ax.plot(x, m, label=f"{arm} (n={len(runs)})")
+            ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training FLOPs (3 x fwd FLOPs/token x tokens)")
+    axes[1].set_xscale("log")
+    for ax in axes:
+        ax.set_ylabel("val bits/token")
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize=7)
+    fig.suptitle(title + " (mean over seeds, band: min-max)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _points_plot(
+    points: list[tuple], panels: list[str], xlabel: str, path: Path, title: str
+) -> None:
+    """``points``: (label, x, [(mean, sd) per panel], group) -> one errorbar point per label per
+    panel; the points of a group (a memory kind: the density curve) are joined in x order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for j, (ax, ylabel) in enumerate(zip(axes[0], panels)):
+        groups: dict[str, list] = {}
+        for label, x, ys, group in points:
+            m, sd = ys[j]
+            if x is None or m is None:
+                continue
+            ax.errorbar([x], [m], yerr=[sd or 0.0], fmt="o", capsize=3, label=label)
+            ax.annotate(label, (x, m), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            if group:
+                groups.setdefault(group, []).append((x, m))
+        for xy in groups.values():
+            if len(xy) > 1:
+                xs, ms = zip(*sorted(xy))
+                ax.plot(xs, ms, "--", color="grey", lw=0.8, zorder=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_study_report(doc: dict, out: str | Path) -> Path:
+    """``out/README.md`` and PNG plots from a study.json object; returns the README path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, std = doc["runs"], doc["standard"]
+    arms, budgets, grid = doc["arms"], list(doc["budgets"]), doc["grid"]
+    done = _finished(records)
+    ev = doc.get("evaluate") or {}
+    L = [f"# Study `{doc['study']}`", "",
+         f"{len(done)} of {len(records)} runs finished ({len(arms)} arms x {len(grid)} grid points x "
+         f"{len(budgets)} budgets x {len(doc['seeds'])} seeds {doc['seeds']}; every arm sees the same data order "
+         f"per seed). Config `{doc['config']}`.", "",
+         f"Each arm's grid point is the one with the lowest mean validation loss over seeds "
+         f"({'on budget ' + repr(doc['select_on']) + ', used for every budget' if doc.get('select_on') else 'per budget'}). "
+         f"Δ is the paired difference to `{std}` over matching seeds, mean [95% t-interval] (relative to "
+         f"`{std}`'s mean); ± is the sd over seeds. Evaluation: {ev.get('num_samples')} samples per run, "
+         f"sampling {json.dumps(ev.get('sampling') or {})}, seed {ev.get('seed')}.", ""]  # fmt: skip
+    feats = list(dict.fromkeys(f for r in done if (f := features_of(r))))
+    for budget in budgets:
+        args = doc["budgets"][budget]
+        settings = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in args.items())
+        L += [f"## Budget `{budget}` ({settings})", ""]
+        chosen = {a: chosen_runs(records, a, budget) for a in arms}
+        base = chosen[std][1]
+        for fi, f in enumerate(feats or [None]):
+            splits = list(dict.fromkeys(s for r in done if r["budget"] == budget
+                                        for s in ((r.get("scores") or {}).get(f) or {})))  # fmt: skip
+            if f is not None:
+                L += [
+                    f"### Features `{f}`" + (" (val bits/token repeated from above)" if fi else ""),
+                    "",
+                ]
+            head = ["arm", "grid point", "seeds", "params (M)", "memory params (M)", "fwd MFLOP/token",
+                    "val bits/token", f"Δ bits vs {std}"]  # fmt: skip
+            for s in splits:
+                head += (
+                    [f"FID ({s})", f"Δ FID ({s}) vs {std}"] if s == splits[0] else [f"FID ({s})"]
+                )
+            if f is not None:
+                head += ["IS", "KID", "memorisation"]
+            L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for a in arms:
+                g, runs = chosen[a]
+                if not runs:
+                    L.append(f"| {a} | – | 0 |" + " – |" * (len(head) - 3))
+                    continue
+                r0 = next(iter(runs.values()))
+
+                def col(metric, runs=runs, f=f):
+                    return mean_sd([metric_value(r, metric, f) for r in runs.values()])
+
+                def dif(metric, runs=runs, f=f, base=base):
+                    return paired_difference({s: metric_value(r, metric, f) for s, r in runs.items()},
+                                             {s: metric_value(r, metric, f) for s, r in base.items()})  # fmt: skip
+
+                cells = [a, g, str(len(runs)), f"{r0.get('params_total', 0) / 1e6:.2f}",
+                         f"{r0.get('params_memory', 0) / 1e6:.2f}", f"{r0.get('flops_per_token', 0) / 1e6:.2f}",
+                         _pm(*col("val_bits_per_token")), "–" if a == std else _diff_cell(dif("val_bits_per_token"))]  # fmt: skip
+                for s in splits:
+                    cells.append(_pm(*col(f"fid:{s}"), fmt="{:.3f}"))
+                    if s == splits[0]:
+                        cells.append(
+                            "–" if a == std else _diff_cell(dif(f"fid:{s}"), fmt="{:+.3f}")
+                        )
+                if f is not None:
+                    cells += [_pm(*col("is"), fmt="{:.3f}"), _pm(*col("kid"), fmt="{:.4f}"),
+                              _pm(*col("memorisation"), fmt="{:.3f}")]  # fmt: skip
+                L.append("| " + " | ".join(cells) + " |")
+            L.append("")
+        # plots of this budget: learning curves, density curve, FID against memorisation
+        series = {a: list(chosen[a][1].values()) for a in arms if chosen[a][1]}
+        name = f"curves-{budget}.png"
+        _curves_plot(series, out / name, f"budget {budget}")
+        L += [f"![validation curves, {budget}]({name})", ""]
+        f = feats[0] if feats else None
+        head_split = next(
+            (r.get("reference") for r in done if r["budget"] == budget and features_of(r) == f),
+            None,
+        )
+        pts = []
+        for a, runs in series.items():
+            r0 = runs[0]
+            ys = [
+                mean_sd([metric_value(r, m, f) for r in runs])
+                for m in ("fid", "val_bits_per_token")
+            ]
+            pts.append(
+                (
+                    a,
+                    r0.get("memory_slots"),
+                    ys,
+                    r0.get("memory") if r0.get("memory") != "none" else None,
+                )
+            )
+        name = f"density-{budget}.png"
+        _points_plot(pts, [f"FID ({head_split})", "val bits/token"], "memory slots per token", out / name,
+                     f"budget {budget}: against memory slots (density curve; mean ± sd over seeds)")  # fmt: skip
+        L += [f"![FID and bits/token against memory slots, {budget}]({name})", ""]
+        mem = [(a, *mean_sd([metric_value(r, "memorisation") for r in runs]), mean_sd([metric_value(r, "fid", f) for r in runs]))
+               for a, runs in series.items()]  # fmt: skip
+        if any(m is not None for _, m, _, _ in mem):
+            name = f"fid-vs-memorisation-{budget}.png"
+            _points_plot([(a, m, [fid], None) for a, m, _, fid in mem], [f"FID ({head_split})"], "memorisation score",
+                         out / name, f"budget {budget}: FID against memorisation")  # fmt: skip
+            L += [f"![FID against memorisation, {budget}]({name})", ""]
+        else:
+            L += [
+                "(No memorisation score in these evaluation results, so no FID-against-memorisation plot.)",
+                "",
+            ]
+    # the grid: every point, every arm, every budget
+    L += [
+        "## Grid",
+        "",
+        "Every grid point of every arm; **bold**: the chosen one (lowest mean val loss).",
+        "",
+    ]
+    L += ["| budget | arm | grid point | overrides | seeds | val bits/token | final val bits/token | FID |",
+          "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for budget in budgets:
+        for a in arms:
+            g_best = choose_grid(records, a, budget)
+            for g, ov in grid.items():
+                rs = [r for r in done if (r["arm"], r["budget"], r["grid"]) == (a, budget, g)]
+                if not rs:
+                    continue
+                gname = f"**{g}**" if g == g_best else g
+                L.append(f"| {budget} | {a} | {gname} | `{json.dumps(ov)}` | {len(rs)} | "
+                         f"{_pm(*mean_sd([r.get('val_bits_per_token') for r in rs]))} | "
+                         f"{_pm(*mean_sd([r.get('final_val_bits_per_token') for r in rs]))} | "
+                         f"{_pm(*mean_sd([metric_value(r, 'fid') for r in rs]), fmt='{:.3f}')} |")  # fmt: skip
+    L.append("")
+    # targets
+    if doc.get("targets"):
+        L += ["## Targets", ""]
+        for t in doc["targets"]:
+            c = check_target(t, records)
+            unit = "%" if "pct" in c["kind"] else ""
+            side = "lower" if c["kind"].endswith("lower") else "higher"
+            claim = (f"`{t['arm']}` {t.get('metric', 'val_bits_per_token')} at least {t[c['kind']]}{unit} {side} "
+                     f"than `{t['vs']}` on `{t['budget']}`{', on every seed' if t.get('every_seed') else ''}"
+                     f"{', 95% interval excluding 0' if t.get('significant') else ''}")  # fmt: skip
+            if c["met"] is None:
+                L.append(f"- {claim}: **not measured** ({c['detail']})")
+                continue
+            verdict = f"**met** by {c['margin']:.3g}{unit}" if c["met"] else (
+                f"**missed** by {-c['margin']:.3g}{unit}" if c["margin"] < 0 else "**missed**")  # fmt: skip
+            L.append(f"- {claim}: {verdict}; Δ {_diff_cell(c['diff'], fmt='{:+.4g}')}, per seed "
+                     + ", ".join(f"{s}: {v:+.3g}{unit}" for s, v in
+                                 c["diff"]["per_seed_pct" if unit else "per_seed"].items())
+                     + (f" ({c['detail']})" if c["detail"] else ""))  # fmt: skip
+        L.append("")
+    # every run
+    L += ["## Runs", "", "| run | status | steps | best step | val bits/token | final | FID | fit s | eval s |",
+          "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in records:
+        w = r.get("wall_seconds") or {}
+        fid = metric_value(r, "fid")
+        L.append(f"| {r['id']} | {r['status']}{' (not evaluated)' if r['status'] == 'finished' and not r.get('evaluated') else ''} | "
+                 f"{r.get('steps', '–')} | {r.get('best_step', '–')} | {_pm(r.get('val_bits_per_token'), None)} | "
+                 f"{_pm(r.get('final_val_bits_per_token'), None)} | {_pm(fid, None, '{:.3f}')} | "
+                 f"{w.get('fit', '–')} | {w.get('evaluate', '–')} |")  # fmt: skip
+    bad = [r for r in records if r["status"] != "finished" and r.get("detail")]
+    if bad:
+        L += ["", "Not finished:", ""] + [f"- `{r['id']}`: {r['detail']}" for r in bad]
+    readme = out / "README.md"
+    atomic_write_text(readme, "\n".join(L) + "\n")
     return readme

@@ -1,0 +1,281 @@
+"""``movegen study``: arms x grid points x budgets x seeds, trained and evaluated by one command.
+
+A study YAML names the inputs (a tokenizer, train and validation code stores, an evaluation
+classifier: paths, or how to build them), the arms (a ``movegen fit`` config plus dotted
+overrides), the seeds, the budgets (trainer settings such as ``max_steps``), an optional
+regularisation grid applied to every arm alike, the evaluation and the claims to check::
+
+    DIR/
+      inputs/      tokenizer/, codes-train/, codes-val/, classifier/ (when built here)
+      runs/<arm>/<grid point>/<budget>/seed<S>/       a `movegen fit` run folder
+      runs/<arm>/<grid point>/<budget>/seed<S>/eval/  its `movegen evaluate` results
+      logs/        one log per subprocess, mirroring runs/ (a run folder belongs to its verb)
+      cache/       reference statistics, shared by every evaluation
+      study.json   one record per run, rewritten (atomically) after every subprocess
+      report/      README.md (tables, targets) and PNG plots (see ``report.write_study_report``)
+
+Every training and evaluation is a subprocess (``python -m movegen.cli fit|evaluate ...``), so a
+crash costs one run and its log says why; up to ``parallel`` run at once, spread over the visible
+GPUs (``CUDA_VISIBLE_DEVICES`` per subprocess, least-loaded first). Seed S sets both the model
+init (``--seed_everything``) and the data order (``--data.seed``): every arm sees the same batches
+in the same order for a given seed.
+
+Resume: a run whose ``metrics.json`` says ``"status": "finished"`` (or, from a fit without that
+field, a ``metrics.json`` beside a ``model.ckpt``) is never trained again; an unfinished one with
+a ``last.ckpt`` continues with ``--resume true``; one with neither is removed and restarted. A
+run with its evaluation files is never evaluated again. A run trained with other settings than
+the YAML now asks for is an error, not a silent reuse.
+
+The package: ``spec`` (the YAML and its checks), ``runs`` (a run's folder, commands, contract
+and record), ``jobs`` (the subprocess scheduler), and here :func:`run_study`, which ties them.
+Imports: ``report`` (statistics and the report) and ``checkpoint`` (atomic writes); ``lit``,
+``model`` and ``data`` only to check overrides. ``cli`` imports this package, never the reverse:
+the verbs run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write_text
+from ..report import choose_grid, write_study_report
+from .jobs import Job, Outcome, run_jobs, visible_gpus
+from .runs import (
+    Run,
+    _input_jobs,
+    _read_json,
+    _run_record,
+    eval_command,
+    evaluated_refs,
+    fit_command,
+    fit_finished,
+    fit_settings,
+)
+from .spec import Arm, Budget, StudySpec, load_study
+
+log = logging.getLogger(__name__)
+
+STUDY_FORMAT = "movegen.study/1"
+
+__all__ = [
+    "Job",
+    "StudySpec",
+    "fit_finished",
+    "load_study",
+    "run_jobs",
+    "run_study",
+    "visible_gpus",
+]
+
+
+def run_study(config: str | Path, out: str | Path, *, parallel: int | None = None) -> dict:
+    """Train and evaluate every run of the study ``config`` into ``out`` (resuming what is
+    there), write ``out/study.json`` and ``out/report/``; returns the study.json object."""
+    import fcntl
+
+    spec = load_study(config)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "study.lock", "w") as lock:
+        try:  # two studies in one folder would train the same runs twice
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `movegen study` is running in {out}") from None
+        return _run_study(spec, out, parallel)
+
+
+def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
+    study_path = out / "study.json"
+    prev = _read_json(study_path) if study_path.exists() else None
+    if study_path.exists() and prev is None:
+        raise ValueError(
+            f"{study_path} is unreadable (truncated?); move it aside to rebuild it from the runs"
+        )
+    if prev and prev.get("study") not in (None, spec.name):
+        raise ValueError(
+            f"{out} holds study {prev.get('study')!r}, not {spec.name!r}; use another --out"
+        )
+    gpus = visible_gpus()
+    parallel = parallel or spec.parallel or max(1, len(gpus))
+    inputs, jobs, in_settings = _input_jobs(spec, out)
+    if prev and prev.get("inputs_settings") not in (None, in_settings):
+        raise ValueError(f"the inputs in {out} were built with {prev['inputs_settings']}, the YAML now asks for "
+                         f"{in_settings}; use another --out, or delete {out / 'inputs'} and the runs")  # fmt: skip
+    walls: dict[str, dict] = {
+        r["id"]: r.get("wall_seconds") or {} for r in (prev or {}).get("runs", [])
+    }
+    prev_settings = {r["id"]: r.get("settings") for r in (prev or {}).get("runs", [])}
+    outcomes: dict[str, Outcome] = {}
+    counts = {"input": 0, "fit": 0, "evaluate": 0}
+    t_start = time.time()
+
+    bound: dict[str, Run] = {}  # run key -> Run, once its grid point is known
+    keys = []  # (arm, budget, seed, grid id or None), in order
+
+    def run_of(arm: str, gid: str, budget: Budget, seed: int) -> Run:
+        grid = next(g for g in spec.grid if g.id == gid)
+        return Run(arm=arm, grid=grid, budget=budget, seed=seed, root=out)
+
+    def records() -> list[dict]:
+        recs = []
+        for arm_name, budget, seed, gid in keys:
+            arm = spec.arm(arm_name)
+            key = _key(arm_name, gid, budget.name, seed)
+            run = bound.get(key) or (run_of(arm_name, gid, budget, seed) if gid else None)
+            if run is None:
+                gid = _chosen(arm_name, budget)
+                run = run_of(arm_name, gid, budget, seed) if gid else None
+            if run is None:  # its grid point is chosen on another budget, not yet
+                recs.append({"id": f"{arm_name}/?/{budget.name}/seed{seed}", "arm": arm_name, "grid": None,
+                             "budget": budget.name, "seed": seed, "status": outcome_status(key)[0]})  # fmt: skip
+                continue
+            status, detail = ("finished", "") if fit_finished(run.dir) else outcome_status(key)
+            ekey = "eval:" + key
+            if ekey in outcomes and outcomes[ekey].state in ("failed", "skipped"):
+                detail = (detail + "; " if detail else "") + "evaluation: " + outcomes[ekey].detail
+            recs.append(_run_record(spec, run, arm, status, detail, walls))
+        return recs
+
+    def outcome_status(key: str) -> tuple[str, str]:
+        o = outcomes.get("fit:" + key)
+        if o is None:
+            return "pending", ""
+        return {"failed": "failed", "skipped": "skipped"}.get(o.state, "pending"), o.detail
+
+    def _chosen(arm: str, budget: Budget) -> str | None:
+        """The grid point of ``arm`` on ``budget`` when it is chosen on the select_on budget."""
+        sel = next(b for b in spec.budgets if b.name == spec.select_on)
+        recs = [_run_record(spec, run_of(arm, g.id, sel, s), spec.arm(arm), "finished", "", {})
+                for g in spec.grid for s in spec.seeds if fit_finished(run_of(arm, g.id, sel, s).dir)]  # fmt: skip
+        if len(recs) < len(spec.grid) * len(spec.seeds):
+            return None
+        return choose_grid(recs, arm, sel.name)
+
+    def write(final: bool = False) -> dict:
+        doc = {
+            "format": STUDY_FORMAT, "study": spec.name, "config": str(spec.path), "config_sha256": spec.sha256,
+            "out": str(out), "standard": spec.standard, "arms": [a.name for a in spec.arms],
+            "seeds": list(spec.seeds), "budgets": {b.name: b.args for b in spec.budgets},
+            "grid": {g.id: g.overrides for g in spec.grid}, "select_on": spec.select_on,
+            "evaluate": {**vars(spec.evaluate), "references": list(spec.evaluate.references)},
+            "targets": list(spec.targets), "inputs": {k: str(v) for k, v in inputs.items()},
+            "inputs_settings": in_settings, "parallel": parallel, "gpus": gpus,
+            "launched": dict(counts), "seconds": round(time.time() - t_start, 1), "runs": records(),
+        }  # fmt: skip
+        doc["complete"] = final and all(
+            r["status"] == "finished" and r.get("evaluated") for r in doc["runs"]
+        )
+        atomic_write_text(study_path, json.dumps(doc, indent=1))
+        return doc
+
+    def on_finish(job: Job, o: Outcome) -> None:
+        outcomes[job.key] = o
+        if o.state in ("ok", "failed"):
+            counts[job.kind] += 1
+        if o.seconds is not None and job.kind in ("fit", "evaluate"):
+            run = bound.get(job.key.split(":", 1)[1].split("#")[0])
+            if run is not None:
+                w = walls.setdefault(run.id, {})
+                # a fit is timed once (a resumed one adds its new part); the passes of an evaluation add up
+                w[job.kind] = (
+                    round(w.get(job.kind, 0) + o.seconds, 1)
+                    if job.kind == "evaluate" or "--resume" in (launched.get(job.key) or [])
+                    else o.seconds
+                )
+        if job.kind in ("fit", "evaluate") and o.state != "done":
+            write()
+
+    def bind(arm: Arm, budget: Budget, seed: int, gid: str | None, key: str) -> Run:
+        if key in bound:
+            return bound[key]
+        gid = gid or _chosen(arm.name, budget)
+        if gid is None:
+            raise ValueError(f"no grid point chosen for {arm.name} on {spec.select_on}")
+        run = bound[key] = run_of(arm.name, gid, budget, seed)
+        settings = fit_settings(spec, arm, run)
+        if fit_finished(run.dir) and prev_settings.get(run.id) not in (None, settings):
+            raise ValueError(f"{run.dir} was trained with {prev_settings[run.id]}, the study now asks for "
+                             f"{settings}; delete that run folder or use another --out")  # fmt: skip
+        return run
+
+    launched: dict[str, Any] = {}  # job key -> its command (fit) or reference split (evaluate)
+
+    def fit_prepare(
+        arm: Arm, budget: Budget, seed: int, gid: str | None, key: str
+    ) -> list[str] | None:
+        run = bind(arm, budget, seed, gid, key)
+        if fit_finished(run.dir):
+            return None
+        resume = (run.dir / "last.ckpt").exists()
+        if run.dir.exists() and not resume:
+            log.warning(
+                "%s has no finished run and nothing to resume from; starting it again", run.dir
+            )
+            shutil.rmtree(run.dir)
+        cmd = launched["fit:" + key] = fit_command(spec, arm, run, inputs, resume)
+        return cmd
+
+    def eval_prepare(key: str, ekey: str) -> list[str] | None:
+        run = bound[key]
+        refs = spec.evaluate.references
+        missing = [r for r in refs if r not in evaluated_refs(run, refs)]
+        if not missing:
+            return None
+        # one reference per pass: the next pass skips what this one also scored
+        ref = launched[ekey] = missing[0]
+        return eval_command(spec, run, ref, inputs, out)
+
+    # the runs: every arm x grid point x seed on each budget (only the chosen point off select_on)
+    deps_in = tuple(j.key for j in jobs)
+    fit_deps = tuple(k for k in deps_in if k in ("input:codes", "input:val_codes"))
+    eval_deps = tuple(k for k in deps_in if k == "input:classifier")
+    for budget in spec.budgets:
+        # (with one grid point there is nothing to choose, so nothing to wait for)
+        lazy = spec.select_on is not None and budget.name != spec.select_on and len(spec.grid) > 1
+        for arm in spec.arms:
+            for gid in [None] if lazy else [g.id for g in spec.grid]:
+                for seed in spec.seeds:
+                    key = _key(arm.name, gid, budget.name, seed)
+                    keys.append((arm.name, budget, seed, gid))
+                    sel_deps = tuple(f"fit:{_key(arm.name, g.id, spec.select_on, s)}"
+                                     for g in spec.grid for s in spec.seeds) if lazy else ()  # fmt: skip
+                    if not lazy:
+                        bind(arm, budget, seed, gid, key)
+                    jobs.append(Job(key="fit:" + key, kind="fit", deps=fit_deps + sel_deps,
+                                    prepare=lambda a=arm, b=budget, s=seed, g=gid, k=key: fit_prepare(a, b, s, g, k),
+                                    done=lambda k=key: fit_finished(bound[k].dir),
+                                    log=lambda k=key: bound[k].log("fit")))  # fmt: skip
+                    # each evaluation scores one reference; more references, more passes
+                    for i in range(len(spec.evaluate.references)):
+                        ek = "eval:" + key + (f"#{i}" if i else "")
+                        prev_e = ("eval:" + key + (f"#{i - 1}" if i > 1 else ""),) if i else ()
+                        jobs.append(Job(key=ek, kind="evaluate", deps=("fit:" + key, *eval_deps, *prev_e),
+                                        prepare=lambda k=key, e=ek: eval_prepare(k, e),
+                                        done=lambda k=key, e=ek: bound[k].eval_file(launched[e]).exists(),
+                                        log=lambda k=key: bound[k].log("evaluate")))  # fmt: skip
+    log.info("study %s: %d arms x %d grid points x %d budgets x %d seeds; %d at once%s", spec.name,
+             len(spec.arms), len(spec.grid), len(spec.budgets), len(spec.seeds), parallel,
+             f" on GPUs {','.join(gpus)}" if gpus else " on the CPU")  # fmt: skip
+    write()
+    try:
+        run_jobs(jobs, parallel=parallel, gpus=gpus, on_finish=on_finish)
+    finally:
+        doc = write(final=True)
+    report = write_study_report(doc, out / "report")
+    log.info("wrote %s and %s (launched %d fits, %d evaluations, %d input builds)", study_path, report,
+             counts["fit"], counts["evaluate"], counts["input"])  # fmt: skip
+    bad = {k: o for k, o in outcomes.items() if o.state in ("failed", "skipped")}
+    if bad:
+        first = "; ".join(f"{k}: {o.detail}" for k, o in list(bad.items())[:3])
+        raise ValueError(f"{len(bad)} of {len(outcomes)} steps of the study did not succeed ({first}); the report "
+                         "covers the rest. Run the same command again to retry them: finished runs are kept")  # fmt: skip
+    return doc
+
+
+def _key(arm: str, gid: str | None, budget: str, seed: int) -> str:
+    return f"{arm}/{gid or '@chosen'}/{budget}/seed{seed}"

@@ -1,0 +1,284 @@
+"""One run of a study: its folder, its ``movegen fit`` and ``movegen evaluate`` commands, the
+fit verb's finished/resumable contract, the jobs that build missing inputs, and the record a
+finished run gets in study.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .jobs import Job
+from .spec import Arm, Budget, GridPoint, StudySpec, _mapping, _resolve_path
+
+log = logging.getLogger(__name__)
+
+
+def _flags(args: dict[str, Any]) -> list[str]:
+    out = []
+    for k, v in args.items():
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif v is None:
+            v = "null"
+        elif isinstance(v, list | dict):
+            v = json.dumps(v)
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def _movegen(verb: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "movegen.cli", "--log-level", "INFO", verb, *args]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    arm: str
+    grid: GridPoint
+    budget: Budget
+    seed: int
+    root: Path
+
+    @property
+    def id(self) -> str:
+        return f"{self.arm}/{self.grid.id}/{self.budget.name}/seed{self.seed}"
+
+    @property
+    def dir(self) -> Path:
+        return self.root / "runs" / self.id
+
+    def log(self, verb: str) -> Path:
+        return self.root / "logs" / f"{self.id}.{verb}.log"
+
+    def eval_dir(self, ref: str | None) -> Path:
+        return self.dir / "eval" / (ref or "default")
+
+    def eval_file(self, ref: str | None) -> Path:
+        # (evaluate names its result after the model's folder)
+        return self.eval_dir(ref) / f"{self.dir.name}.json"
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object, or None when the file is missing, truncated or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def fit_finished(run_dir: Path) -> bool:
+    """The fit verb's contract: ``metrics.json`` with ``"status": "finished"``; a metrics.json
+    without a status (fits before that field) counts when the best ``model.ckpt`` is beside it."""
+    m = _read_json(run_dir / "metrics.json")
+    if m is None:
+        return False
+    if "status" in m:
+        return m["status"] == "finished" and (run_dir / "model.ckpt").exists()
+    return (run_dir / "model.ckpt").exists()
+
+
+def fit_settings(spec: StudySpec, arm: Arm, run: Run) -> dict:
+    """What a run was trained with, beside its record: a finished run is reused only when the YAML
+    still asks for exactly this."""
+    import yaml
+
+    args = {**spec.fit_args, **arm.overrides, **run.grid.overrides, **run.budget.args}
+    # the arm YAML's content, not its bytes: an edited comment changes no run
+    content = json.dumps(yaml.safe_load(arm.config.read_text()), sort_keys=True)
+    return {"config": arm.config_text, "config_sha256": hashlib.sha256(content.encode()).hexdigest(),
+            "args": args, "seed": run.seed}  # fmt: skip
+
+
+def fit_command(
+    spec: StudySpec, arm: Arm, run: Run, inputs: dict[str, Path], resume: bool
+) -> list[str]:
+    args = {**spec.fit_args, **arm.overrides, **run.grid.overrides, **run.budget.args,
+            "seed_everything": run.seed, "data.seed": run.seed,
+            "data.codes": str(inputs["codes"]), "data.val_codes": str(inputs["val_codes"])}  # fmt: skip
+    cmd = _movegen("fit", "--config", str(arm.config), *_flags(args), "--out", str(run.dir))
+    return cmd + (["--resume", "true"] if resume else [])
+
+
+def eval_command(
+    spec: StudySpec, run: Run, ref: str | None, inputs: dict[str, Path], out: Path
+) -> list[str]:
+    ev = spec.evaluate
+    features = ev.features or f"classifier:{inputs['classifier']}"
+    args = {"model": str(run.dir / "model.ckpt"), "features": features, "out": str(run.eval_dir(ref)),
+            "num_samples": ev.num_samples, "batch_size": ev.batch_size, "seed": ev.seed,
+            "cache_dir": str(out / "cache"), **{f"sampling.{k}": v for k, v in ev.sampling.items()}}  # fmt: skip
+    if ref is not None:
+        args["ref_split"] = ref
+    if root := (spec.inputs.get("data") or {}).get("root"):
+        args["data.root"] = root
+    return _movegen("evaluate", *_flags({**args, **ev.args}))
+
+
+def evaluated_refs(run: Run, refs: tuple[str | None, ...]) -> set[str | None]:
+    """Reference splits this run has scores for: its own eval file, or another's ``references``
+    section (a single evaluation may score several references)."""
+    have: set[str | None] = set()
+    for ref in refs:
+        r = _read_json(run.eval_file(ref))
+        if r is None:
+            continue
+        have.add(ref)
+        have.update(k for k in r.get("references") or {} if k in refs)
+        split = (r.get("reference") or {}).get("split")
+        if split in refs:
+            have.add(split)
+    return have
+
+
+# =========================================================================== inputs
+
+
+def _input_jobs(spec: StudySpec, out: Path) -> tuple[dict[str, Path], list[Job], dict]:
+    """Paths of the four inputs, the jobs that build the missing ones (into ``out/inputs``), and
+    the settings they are built with (kept in study.json to refuse a changed recipe)."""
+    import yaml
+
+    inp = dict(spec.inputs)
+    data = _mapping(inp.pop("data", None), "inputs.data")
+    if bad := sorted(set(data) - {"name", "root"}):
+        raise ValueError(f"inputs.data: unknown keys {bad} (name, root)")
+    if bad := sorted(set(inp) - {"tokenizer", "codes", "val_codes", "classifier"}):
+        raise ValueError(
+            f"inputs: unknown keys {bad} (tokenizer, codes, val_codes, classifier, data)"
+        )
+    base = spec.path.parent
+    data_flags = {f"data.{k}": v for k, v in data.items() if v is not None}
+    paths: dict[str, Path] = {}
+    jobs: list[Job] = []
+    settings: dict[str, Any] = {"data": data}
+    dataset = data.get("name")
+
+    def given(key: str, file: str | None) -> bool:
+        v = inp.get(key)
+        if isinstance(v, str):
+            p = _resolve_path(v, base)
+            paths[key] = p / file if file and p.is_dir() else p
+            settings[key] = str(paths[key])
+            return True
+        return False
+
+    def add(key: str, cmd: list[str], folder: Path, done: Callable[[], bool], deps=()) -> None:
+        def prepare() -> list[str] | None:
+            if done():
+                return None
+            if folder.exists():  # an interrupted build: nothing in it is resumable
+                log.warning("removing the incomplete %s", folder)
+                shutil.rmtree(folder)
+            return cmd
+
+        jobs.append(Job(key=f"input:{key}", deps=tuple(deps), prepare=prepare, done=done,
+                        log=out / "logs" / "inputs" / f"{key}.log", kind="input"))  # fmt: skip
+
+    if not given("tokenizer", "tokenizer.ckpt") and inp.get("tokenizer") is not None:
+        t = _mapping(inp["tokenizer"], "inputs.tokenizer")
+        if "config" not in t or set(t) - {"config", "args"}:
+            raise ValueError(
+                "inputs.tokenizer is a tokenizer.ckpt path or {config: tokenizers/...yaml, args: {...}}"
+            )
+        cfg = _resolve_path(t["config"], base)
+        dataset = dataset or ((yaml.safe_load(cfg.read_text()) or {}).get("data") or {}).get("name")
+        folder = out / "inputs" / "tokenizer"
+        paths["tokenizer"] = folder / "tokenizer.ckpt"
+        args = {**data_flags, **_mapping(t.get("args"), "inputs.tokenizer.args")}
+        settings["tokenizer"] = {"config": t["config"], "args": args}
+        add("tokenizer", _movegen("fit-tokenizer", "--config", str(cfg), *_flags(args), "--out", str(folder)),
+            folder, lambda f=folder: (f / "tokenizer.ckpt").exists() and (f / "metrics.json").exists())  # fmt: skip
+    for key, split in (("codes", "train"), ("val_codes", "val")):
+        if given(key, None):
+            continue
+        c = _mapping(inp.get(key), f"inputs.{key}")
+        if "tokenizer" not in paths:
+            raise ValueError(
+                f"inputs.{key}: give a code store path, or a tokenizer (a path or a config) to build it"
+            )
+        if bad := sorted(set(c) - {"split", "views", "args"}):
+            raise ValueError(f"inputs.{key}: unknown keys {bad} (split, views, args)")
+        folder = out / "inputs" / f"codes-{c.get('split', split)}"
+        paths[key] = folder
+        args = {"tokenizer": str(paths["tokenizer"]), "split": c.get("split", split), "views": c.get("views", 2),
+                **data_flags, **_mapping(c.get("args"), f"inputs.{key}.args"), "out": str(folder),
+                "overwrite": True}  # fmt: skip
+        settings[key] = {k: v for k, v in args.items() if k not in ("tokenizer", "out")}
+        deps = ("input:tokenizer",) if any(j.key == "input:tokenizer" for j in jobs) else ()
+        add(key, _movegen("extract-codes", *_flags(args)), folder,
+            lambda f=folder: (f / "header.json").exists(), deps)  # fmt: skip
+    if not given("classifier", "classifier.ckpt") and spec.evaluate.features is None:
+        c = _mapping(inp.get("classifier"), "inputs.classifier")
+        if bad := sorted(set(c) - {"args"}):
+            raise ValueError(
+                f"inputs.classifier: unknown keys {bad} (a classifier.ckpt path, or {{args: {{...}}}})"
+            )
+        if not dataset:
+            raise ValueError("inputs.classifier: which dataset? set inputs.data.name")
+        folder = out / "inputs" / "classifier"
+        paths["classifier"] = folder / "classifier.ckpt"
+        args = {
+            "data.name": dataset,
+            **data_flags,
+            **_mapping(c.get("args"), "inputs.classifier.args"),
+        }
+        settings["classifier"] = args
+        add("classifier", _movegen("fit-classifier", *_flags(args), "--out", str(folder)), folder,
+            lambda f=folder: (f / "classifier.ckpt").exists() and (f / "metrics.json").exists())  # fmt: skip
+    return paths, jobs, settings
+
+
+# =========================================================================== records
+
+# what a record's ``scores`` keep of each reference (the whole headline evaluation is kept too)
+SCORE_KEYS = ("fid", "is", "is_std", "kid", "kid_std", "precision", "recall", "memorisation", "num_samples")  # fmt: skip
+
+
+def _run_record(spec: StudySpec, run: Run, arm: Arm, status: str, detail: str, walls: dict) -> dict:
+    m = _read_json(run.dir / "metrics.json") if status == "finished" else None
+    rec: dict[str, Any] = {
+        "id": run.id, "arm": run.arm, "grid": run.grid.id, "grid_overrides": run.grid.overrides,
+        "budget": run.budget.name, "seed": run.seed, "config": arm.config_text, "overrides": arm.overrides,
+        "status": status, "run_dir": str(run.dir.relative_to(run.root)), "settings": fit_settings(spec, arm, run),
+    }  # fmt: skip
+    if detail:
+        rec["detail"] = detail
+    if m is not None:
+        keep = ("steps", "train_tokens", "flops_per_token", "memory", "memory_density", "memory_slots",
+                "bank_bytes_per_token", "val_loss", "val_bits_per_token", "best_step", "final_val_loss",
+                "final_val_bits_per_token", "train_seconds", "device", "history")  # fmt: skip
+        rec.update({k: m[k] for k in keep if k in m})
+        rec.update({k: v for k, v in m.items() if k.startswith("params_")})
+        rec["status"] = "finished"
+    evals, scores = [], {}
+    for ref in spec.evaluate.references:
+        r = _read_json(run.eval_file(ref))
+        if r is None:
+            continue
+        evals.append(r)
+        fid_id = r.get("id") or r.get("features") or "features"
+        split = (r.get("reference") or {}).get("split") or ref or "default"
+        per = scores.setdefault(fid_id, {})
+        per.setdefault(split, {k: r[k] for k in r if k in SCORE_KEYS})
+        for split2, s in (r.get("references") or {}).items():
+            if isinstance(s, dict):
+                per.setdefault(split2, {k: v for k, v in s.items() if k in SCORE_KEYS})
+    if evals:
+        rec["evaluation"] = evals[0]  # every key of the headline evaluation, copied through
+        rec["evaluations"] = evals[1:]
+        rec["scores"] = scores
+        rec["reference"] = (evals[0].get("reference") or {}).get(
+            "split"
+        ) or spec.evaluate.references[0]
+        if isinstance(evals[0].get("memorisation"), dict | int | float):
+            rec["memorisation"] = evals[0]["memorisation"]
+        rec["evaluated"] = True
+    rec["wall_seconds"] = walls.get(run.id, {})
+    return rec
