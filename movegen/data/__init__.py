@@ -23,6 +23,7 @@ from .images import (
     ImageDataModule,
     TensorImages,
     collate_skip_none,
+    dataset_fingerprint,
     load_dataset,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "ViewSampler",
     "code_dtype",
     "collate_skip_none",
+    "dataset_fingerprint",
     "extract_codes",
     "load_dataset",
     "split_holdout",
