@@ -363,13 +363,18 @@ def extract_codes(
         device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
         overwrite: replace an existing store at ``out``.
     """
-    from .checkpoint import load_tokenizer, sha256_file
+    from .checkpoint import ensure_writable, load_tokenizer, sha256_file
     from .data import extract_codes as _extract
     from .data import load_dataset
 
+    if Path(out).exists() and not overwrite:  # before any encoding
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    ensure_writable(Path(out).absolute().parent, f"--out {out}")
     dev = _device(device)
     tok, ckpt = load_tokenizer(tokenizer, dev)
     name = data.name or ckpt["dataset"]["name"]
+    if name.startswith("folder:"):  # a folder is found again from any working directory
+        name = f"folder:{Path(name[7:]).expanduser().resolve()}"
     ds = load_dataset(name, split, data_root=data.root, image_size=tok.config.image_size,
                       fit=ckpt["dataset"].get("fit", "pad"), channels=tok.config.channels)  # fmt: skip
     header = {"dataset": name, "split": split, "tokenizer_path": str(Path(tokenizer).resolve()),
@@ -393,7 +398,12 @@ def load_model_config(path: str):
     try:
         doc = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{p} is not valid YAML: {e}") from None
+        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
+        what = getattr(e, "problem", None) or str(e)
+        if getattr(e, "context", None):
+            what += f" ({e.context}" + (f" from line {ctx.line + 1})" if ctx else ")")
+        raise ValueError(f"{where}: not valid YAML: {what}") from None
     cfg = (doc.get("model") or {}).get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{p} has no model.config section (a `movegen fit` config is expected)")
@@ -482,11 +492,14 @@ def sample(
     """
     import torch
 
-    from .checkpoint import load_model_and_tokenizer, save_image_grid
+    from .checkpoint import ensure_writable, load_model_and_tokenizer, save_image_grid
     from .sample import generate_images
 
     if per_class < 1 or batch_size < 1:
         raise ValueError(f"per_class and batch_size must be >= 1, got {per_class} and {batch_size}")
+    ensure_writable(Path(out).absolute().parent, f"--out {out}")
+    if out_dir:
+        ensure_writable(out_dir, f"--out_dir {out_dir}")
     dev = _device(device)
     net, _, tok, _ = load_model_and_tokenizer(model, tokenizer, dev)
     ids = _parse_classes(classes, net.config.num_classes)
