@@ -526,6 +526,8 @@ def _print_table(rows: list[dict]) -> None:
         "fid",
         "is",
         "kid",
+        "fid_train",
+        "memorisation",
         "val_bits_per_token",
         "params_total",
     ]
@@ -534,6 +536,7 @@ def _print_table(rows: list[dict]) -> None:
         cells = []
         for c in cols:
             v = r.get(c)
+            v = v.get("memorisation") if isinstance(v, dict) else v
             cells.append(f"{v:18.4f}" if isinstance(v, float) else f"{v!s:>18s}")
         print(" | ".join(cells))
 
@@ -547,7 +550,7 @@ def evaluate(
     sampling: SamplingSettings = CLI_SAMPLING,
     seed: int = 0,
     batch_size: int = 256,
-    ref_split: Literal["train", "val", "test"] = "train",
+    ref_splits: tuple[Literal["train", "val", "test"], ...] = ("test", "train"),
     data: DataSource = DataSource(),
     tokenizer: str | None = None,
     val_codes: str | None = None,
@@ -567,7 +570,10 @@ def evaluate(
         sampling: guidance, temperature, top-k, top-p of the samples.
         seed: seed of the sampler's generator.
         batch_size: images sampled at once.
-        ref_split: the real images to compare with.
+        ref_splits: the real images to compare with, e.g. '[test, train]' (the default): the
+            first (the held-out split) gives the primary fid/kid/precision/recall, each other
+            split its own (fid_train, ...); with train and a held-out split, the memorisation
+            score is computed too.
         data: the root folder of the reference dataset (its name comes from the model's tokenizer).
         tokenizer: a tokenizer.ckpt to decode with instead of the one the checkpoint records.
         val_codes: recompute bits/token on this held-out code store.
@@ -576,25 +582,30 @@ def evaluate(
         export_npz: also write OUT/<run>.npz (the ADM evaluator's layout).
         device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
     """
-    from .evaluate import evaluate_model
+    from .checkpoint import ensure_writable
+    from .evaluate import evaluate_model, preflight
 
     models = [model] if isinstance(model, str) else list(model)
     if not models:
         raise ValueError("give at least one model: --model DIR/model.ckpt")
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(
-            f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}"
-        )
+    if num_samples < 2 or batch_size < 1:
+        raise ValueError(f"num_samples must be >= 2 (FID/KID compare two sets) and batch_size >= 1, got "
+                         f"{num_samples} and {batch_size}")  # fmt: skip
+    ensure_writable(out, f"--out {out}")
     dev = _device(device)
     out_dir = Path(out)
     names = [Path(m).resolve().parent.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"two models share a run name (their folder names: {names}); results are written as "
                          "<run>.json, so evaluate them in separate calls with different --out folders")  # fmt: skip
+    if len(models) > 1:  # every model's inputs checked before the first is sampled
+        for m in models:
+            preflight(m, features=features, tokenizer=tokenizer, val_codes=val_codes,
+                      inception_weights=inception_weights)  # fmt: skip
     rows = []
     for m, run in zip(models, names):
         r = evaluate_model(m, features=features, num_samples=num_samples, settings=sampling, seed=seed,
-                           device=dev, batch_size=batch_size, tokenizer=tokenizer, ref_split=ref_split,
+                           device=dev, batch_size=batch_size, tokenizer=tokenizer, ref_splits=ref_splits,
                            cache_dir=cache_dir, inception_weights=inception_weights, data_root=data.root,
                            val_codes=val_codes, export_npz=out_dir / f"{run}.npz" if export_npz else None)  # fmt: skip
         _write_json(out_dir / f"{run}.json", r)
