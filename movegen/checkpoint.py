@@ -88,6 +88,32 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
+def ensure_writable(folder: str | os.PathLike, what: str | None = None) -> None:
+    """Raise now, before any long work, if files cannot be created in ``folder`` (which may not
+    exist yet: its nearest existing ancestor must then take the new folders). ``what`` names
+    the output in the message (e.g. ``"--out grid.png"``). Probes with a real temporary file, so
+    read-only mounts and immutable folders are caught whatever the permission bits say (and a
+    user who may write anyway is not refused). Creates nothing."""
+    folder = Path(folder).expanduser().absolute()
+    what = what or str(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(
+            f"cannot write {what}: {existing} is a file, not a folder; choose another location"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".movegen-write-test-", dir=existing)
+    except OSError as e:
+        raise PermissionError(
+            f"cannot write {what}: {existing} is not writable ({e.strerror or e}); "
+            "choose a location you can write to"
+        ) from None
+    os.close(fd)
+    os.remove(probe)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -258,6 +284,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_text",
     "classifier_checkpoint",
+    "ensure_writable",
     "load_checkpoint",
     "load_classifier",
     "load_model",

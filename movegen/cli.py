@@ -435,13 +435,18 @@ def extract_codes(
         device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
         overwrite: replace an existing store at ``out``.
     """
-    from .checkpoint import load_tokenizer, sha256_file
+    from .checkpoint import ensure_writable, load_tokenizer, sha256_file
     from .data import extract_codes as _extract
     from .data import load_dataset
 
+    if Path(out).exists() and not overwrite:  # before any encoding
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    ensure_writable(Path(out).absolute().parent, f"--out {out}")
     dev = _device(device)
     tok, ckpt = load_tokenizer(tokenizer, dev)
     name = data.name or ckpt["dataset"]["name"]
+    if name.startswith("folder:"):  # a folder is found again from any working directory
+        name = f"folder:{Path(name[7:]).expanduser().resolve()}"
     ds = load_dataset(name, split, data_root=data.root, image_size=tok.config.image_size,
                       fit=ckpt["dataset"].get("fit", "pad"), channels=tok.config.channels)  # fmt: skip
     header = {"dataset": name, "split": split, "tokenizer_path": str(Path(tokenizer).resolve()),
@@ -465,7 +470,12 @@ def load_model_config(path: str):
     try:
         doc = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{p} is not valid YAML: {e}") from None
+        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
+        what = getattr(e, "problem", None) or str(e)
+        if getattr(e, "context", None):
+            what += f" ({e.context}" + (f" from line {ctx.line + 1})" if ctx else ")")
+        raise ValueError(f"{where}: not valid YAML: {what}") from None
     cfg = (doc.get("model") or {}).get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{p} has no model.config section (a `movegen fit` config is expected)")
@@ -554,11 +564,14 @@ def sample(
     """
     import torch
 
-    from .checkpoint import load_model_and_tokenizer, save_image_grid
+    from .checkpoint import ensure_writable, load_model_and_tokenizer, save_image_grid
     from .sample import generate_images
 
     if per_class < 1 or batch_size < 1:
         raise ValueError(f"per_class and batch_size must be >= 1, got {per_class} and {batch_size}")
+    ensure_writable(Path(out).absolute().parent, f"--out {out}")
+    if out_dir:
+        ensure_writable(out_dir, f"--out_dir {out_dir}")
     dev = _device(device)
     net, _, tok, _ = load_model_and_tokenizer(model, tokenizer, dev)
     ids = _parse_classes(classes, net.config.num_classes)
@@ -585,6 +598,8 @@ def _print_table(rows: list[dict]) -> None:
         "fid",
         "is",
         "kid",
+        "fid_train",
+        "memorisation",
         "val_bits_per_token",
         "params_total",
     ]
@@ -593,6 +608,7 @@ def _print_table(rows: list[dict]) -> None:
         cells = []
         for c in cols:
             v = r.get(c)
+            v = v.get("memorisation") if isinstance(v, dict) else v
             cells.append(f"{v:18.4f}" if isinstance(v, float) else f"{v!s:>18s}")
         print(" | ".join(cells))
 
@@ -606,7 +622,7 @@ def evaluate(
     sampling: SamplingSettings = CLI_SAMPLING,
     seed: int = 0,
     batch_size: int = 256,
-    ref_split: Literal["train", "val", "test"] = "train",
+    ref_splits: tuple[Literal["train", "val", "test"], ...] = ("test", "train"),
     data: DataSource = DataSource(),
     tokenizer: str | None = None,
     val_codes: str | None = None,
@@ -626,7 +642,10 @@ def evaluate(
         sampling: guidance, temperature, top-k, top-p of the samples.
         seed: seed of the sampler's generator.
         batch_size: images sampled at once.
-        ref_split: the real images to compare with.
+        ref_splits: the real images to compare with, e.g. '[test, train]' (the default): the
+            first (the held-out split) gives the primary fid/kid/precision/recall, each other
+            split its own (fid_train, ...); with train and a held-out split, the memorisation
+            score is computed too.
         data: the root folder of the reference dataset (its name comes from the model's tokenizer).
         tokenizer: a tokenizer.ckpt to decode with instead of the one the checkpoint records.
         val_codes: recompute bits/token on this held-out code store.
@@ -635,25 +654,30 @@ def evaluate(
         export_npz: also write OUT/<run>.npz (the ADM evaluator's layout).
         device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
     """
-    from .evaluate import evaluate_model
+    from .checkpoint import ensure_writable
+    from .evaluate import evaluate_model, preflight
 
     models = [model] if isinstance(model, str) else list(model)
     if not models:
         raise ValueError("give at least one model: --model DIR/model.ckpt")
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(
-            f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}"
-        )
+    if num_samples < 2 or batch_size < 1:
+        raise ValueError(f"num_samples must be >= 2 (FID/KID compare two sets) and batch_size >= 1, got "
+                         f"{num_samples} and {batch_size}")  # fmt: skip
+    ensure_writable(out, f"--out {out}")
     dev = _device(device)
     out_dir = Path(out)
     names = [Path(m).resolve().parent.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"two models share a run name (their folder names: {names}); results are written as "
                          "<run>.json, so evaluate them in separate calls with different --out folders")  # fmt: skip
+    if len(models) > 1:  # every model's inputs checked before the first is sampled
+        for m in models:
+            preflight(m, features=features, tokenizer=tokenizer, val_codes=val_codes,
+                      inception_weights=inception_weights)  # fmt: skip
     rows = []
     for m, run in zip(models, names):
         r = evaluate_model(m, features=features, num_samples=num_samples, settings=sampling, seed=seed,
-                           device=dev, batch_size=batch_size, tokenizer=tokenizer, ref_split=ref_split,
+                           device=dev, batch_size=batch_size, tokenizer=tokenizer, ref_splits=ref_splits,
                            cache_dir=cache_dir, inception_weights=inception_weights, data_root=data.root,
                            val_codes=val_codes, export_npz=out_dir / f"{run}.npz" if export_npz else None)  # fmt: skip
         _write_json(out_dir / f"{run}.json", r)

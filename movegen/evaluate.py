@@ -1,5 +1,13 @@
 """Evaluation of trained models: samples -> FID / IS / KID (+ bits per token) for one checkpoint.
 
+The protocol (DESIGN §4): the samples are scored against every reference split asked for, the
+held-out split first (``test``: the primary numbers, top-level ``fid``/``kid``/...), the training
+split beside it (``fid_train``, ...), never in one column; IS needs no reference and is computed
+once. Precision/recall (k-NN manifolds, k = 3) come with each reference, and a memorisation
+score compares the samples' nearest-training-image distances with those of held-out real images.
+Everything that can be checked without sampling (the held-out codes, the classifier's dataset
+and image size, the reference images) is checked before sampling starts.
+
 Used by ``movegen evaluate``; the scores themselves live in ``metrics.py``, the loaders in
 ``checkpoint.py``.
 
@@ -23,12 +31,32 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_path, load_model_and_tokenizer
-from .data import CodeStore, load_dataset
-from .metrics import bits_per_token, build_extractors, extract_features, reference_features, score
+from .data import CodeStore, collate_skip_none, dataset_fingerprint, load_dataset
+from .metrics import (
+    bits_per_token,
+    build_extractors,
+    describe_features,
+    extract_features,
+    fid_kid,
+    inception_score,
+    memorisation,
+    precision_recall,
+    reference_features,
+)
 from .model import cost_report
 from .sample import generate_images
 
 log = logging.getLogger(__name__)
+
+REF_SPLITS = ("test", "train")
+"""The default references: the held-out split (primary) and the training split beside it."""
+REF_MAX = 50_000
+"""Reference images per split at most (a seeded subset beyond): ImageNet's train split would
+otherwise take 1.28 M images through the feature network."""
+KNN_MAX = 10_000
+"""Images per set at most in the k-NN scores (precision/recall; the samples and held-out images
+of the memorisation score), a seeded subset beyond: their cost grows with the product of sizes."""
+PR_K = 3
 
 
 def content_crop(images, tck: dict):
@@ -47,12 +75,190 @@ def content_crop(images, tck: dict):
     return out.clamp(-1, 1)
 
 
+def model_dataset(ckpt: dict, tck: dict) -> str:
+    """The dataset a model's codes came from (its code store's), else its tokenizer's."""
+    return ckpt["code_store"].get("dataset") or tck["dataset"]["name"]
+
+
+def native_size(tck: dict) -> int:
+    """The side of the dataset's own images: the size samples are cropped to (:func:`content_crop`)."""
+    return int(tck.get("dataset", {}).get("native_size") or tck["config"]["image_size"])
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    """Two dataset names that denote one dataset (``folder:`` paths compared resolved)."""
+    if a.startswith("folder:") and b.startswith("folder:"):
+        return Path(a[7:]).expanduser().resolve() == Path(b[7:]).expanduser().resolve()
+    return a == b
+
+
+def check_inputs(model_path: str, ckpt: dict, tck: dict, fdesc: dict, *, val_codes: str | None = None,
+                 num_classes: int | None = None) -> None:  # fmt: skip
+    """Every check of an evaluation's inputs that needs no sampling; a ValueError naming both
+    sides of a mismatch:
+
+    * ``val_codes`` must come from the model's tokenizer (its hash, codebook size and grid in
+      the store's header against the model's code-store header) and have the model's classes;
+    * classifier features must come from a classifier of the model's dataset, trained at the
+      native size the samples are scored at.
+    """
+    model_header = ckpt["code_store"]
+    if val_codes:
+        header = CodeStore(val_codes).header
+        keys = ("tokenizer_sha256", "codebook_size", "h", "w", "num_classes")
+        want = {**model_header, "num_classes": num_classes or model_header.get("num_classes")}
+        diffs = [k for k in keys if header.get(k) != want.get(k)]
+
+        def show(v):
+            return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
+
+        if diffs:
+            what = "; ".join(f"{k} {show(header.get(k))} vs {show(want.get(k))}" for k in diffs)
+            raise ValueError(
+                f"--val_codes {val_codes} does not hold codes of this model's tokenizer ({what}; "
+                f"val_codes vs model {model_path}). The store was extracted with "
+                f"{header.get('tokenizer_path')}, the model trained on codes of {model_header.get('tokenizer_path')}. "
+                f"Extract held-out codes with the model's tokenizer: movegen extract-codes --tokenizer "
+                f"{model_header.get('tokenizer_path')} --split val --out CODES"
+            )
+        if header.get("split") == model_header.get("split") and _same_dataset(
+            str(header.get("dataset")), str(model_header.get("dataset"))
+        ):
+            log.warning("--val_codes %s is the %s split the model was trained on: its bits/token "
+                        "are not a held-out number", val_codes, header.get("split"))  # fmt: skip
+    if fdesc.get("features", "").startswith("classifier:"):
+        dsname, native = model_dataset(ckpt, tck), native_size(tck)
+        cds, csize = fdesc.get("classifier_dataset"), fdesc.get("classifier_image_size")
+        if not _same_dataset(str(cds), dsname) or (csize is not None and int(csize) != native):
+            raise ValueError(
+                f"the classifier {fdesc.get('classifier_path')} was trained on {cds} at {csize}x{csize} px, "
+                f"but the model {model_path} makes {dsname} images scored at {native}x{native} px "
+                f"(its tokenizer's native size); train a classifier on the model's data: "
+                f"movegen fit-classifier --data.name {dsname} --out DIR"
+            )
+
+
+def preflight(model_path: str, *, features: str, tokenizer: str | None = None, val_codes: str | None = None,
+              inception_weights: str | None = None) -> None:  # fmt: skip
+    """:func:`check_inputs` of one model, loaded on the CPU: run for every model of a call
+    before the first is sampled, so a mistake in the last one costs no sampling time."""
+    model, ckpt, _, tck = load_model_and_tokenizer(model_path, tokenizer, "cpu")
+    fdesc = describe_features(features, inception_weights)
+    check_inputs(
+        model_path, ckpt, tck, fdesc, val_codes=val_codes, num_classes=model.config.num_classes
+    )
+
+
+def _subset(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """At most ``k`` rows of ``x``: a seeded subset (in the original order) when there are more."""
+    if len(x) <= k:
+        return x
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k].sort().values
+    return x[idx]
+
+
+def reference_set(module, feature_id: str, dataset: str, split: str, *, resolution: int, channels: int,
+                  cache_dir: str, data_root: str | None = None, device="cpu",
+                  max_images: int = REF_MAX) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """Features of one reference split, from the cache when it holds them for this exact
+    content (the key has the dataset's :func:`~movegen.data.dataset_fingerprint`), and
+    ``{"key", "cache_hit"}``. Unreadable images are left out, counted and named; a split with
+    fewer than 2 readable images is an error."""
+    key = {"dataset": dataset, "split": split, "content": dataset_fingerprint(dataset, split, data_root),
+           "resolution": resolution, "channels": channels, "features": feature_id,
+           "max_images": max_images}  # fmt: skip
+
+    def batches():
+        ds = load_dataset(dataset, split, data_root=data_root, channels=channels,
+                          image_size=resolution if dataset.startswith("folder:") else None)  # fmt: skip
+        items = ds
+        if len(ds) > max_images:
+            items = torch.utils.data.Subset(
+                ds, _subset(torch.arange(len(ds)), max_images, 0).tolist()
+            )
+        kept = bad = 0
+        for x, _, b in torch.utils.data.DataLoader(
+            items, batch_size=500, collate_fn=collate_skip_none
+        ):
+            bad += b
+            if len(x):
+                kept += len(x)
+                yield x
+        failures = getattr(ds, "failures", [])
+        if bad:
+            log.warning("%d images of the %s split of %s could not be decoded and are left out of the "
+                        "reference: %s", bad, split, dataset, "; ".join(failures[-bad:][:5]))  # fmt: skip
+        if kept < 2:
+            raise ValueError(
+                f"the {split} split of {dataset} has {kept} readable image(s); FID needs at least 2"
+            )
+
+    feats, hit = reference_features(module, key, batches, cache_dir, device)
+    if len(feats) < 2:
+        raise ValueError(
+            f"the cached {split} reference of {dataset} has {len(feats)} image(s); FID needs 2"
+        )
+    return feats, {"key": key, "cache_hit": hit}
+
+
+def score_reference(
+    real: torch.Tensor, fake: torch.Tensor, *, seed: int = 0, knn_max: int = KNN_MAX
+) -> dict:
+    """FID, KID and precision/recall (k = 3, on seeded subsets of at most ``knn_max``) of the
+    samples' features against one reference's, and the reference's size."""
+    out = {**fid_kid(real, fake, seed=seed), "precision": None, "recall": None, "size": len(real)}
+    r, f = _subset(real, knn_max, seed), _subset(fake, knn_max, seed + 1)
+    if min(len(r), len(f)) > PR_K:
+        out.update(precision_recall(r, f, k=PR_K))
+    else:
+        log.warning("precision/recall need more than %d real and generated images (have %d and %d); "
+                    "not computed", PR_K, len(r), len(f))  # fmt: skip
+    return out
+
+
+def score_memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor, *, seed: int = 0,
+                       knn_max: int = KNN_MAX) -> dict:  # fmt: skip
+    """The memorisation block of a result: :func:`~movegen.metrics.memorisation` of the samples
+    against the training features, with held-out real images as the yardstick. Every training
+    feature is searched (a copy must find its original); samples and held-out images are
+    seeded subsets of at most ``knn_max``."""
+    s, h = _subset(samples, knn_max, seed + 2), _subset(heldout, knn_max, seed + 3)
+    return {**memorisation(s, train, h), "num_samples": len(s), "num_train": len(train),
+            "num_heldout": len(h)}  # fmt: skip
+
+
+def _check_ref_splits(ref_splits) -> tuple[str, ...]:
+    refs = tuple([ref_splits] if isinstance(ref_splits, str) else ref_splits)
+    bad = [s for s in refs if s not in ("train", "val", "test")]
+    if not refs or bad or len(set(refs)) != len(refs):
+        raise ValueError(f"--ref_splits must list distinct splits of train, val, test (the first is the "
+                         f"primary reference), got {list(refs)}")  # fmt: skip
+    return refs
+
+
 def evaluate_model(model_path: str, *, features: str, num_samples: int, settings: SamplingSettings, seed: int,
-                   device: str, batch_size: int = 256, tokenizer: str | None = None, ref_split: str = "train",
-                   cache_dir: str | None = None, inception_weights: str | None = None, data_root: str | None = None,
-                   val_codes: str | None = None, export_npz: str | None = None) -> dict:  # fmt: skip
+                   device: str, batch_size: int = 256, tokenizer: str | None = None,
+                   ref_splits=REF_SPLITS, cache_dir: str | None = None, inception_weights: str | None = None,
+                   data_root: str | None = None, val_codes: str | None = None, export_npz: str | None = None,
+                   ref_max: int = REF_MAX, knn_max: int = KNN_MAX) -> dict:  # fmt: skip
+    """Sample ``num_samples`` images (balanced over classes) from one model and score them
+    against each reference split of ``ref_splits`` (the first is the primary one); returns the
+    result dict that ``movegen evaluate`` writes as ``<run>.json``."""
+    refs = _check_ref_splits(ref_splits)
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 (FID/KID compare two sets), got {num_samples}")
     model, ckpt, tok, tck = load_model_and_tokenizer(model_path, tokenizer, device)
     feat_mod, logit_mod, fdesc = build_extractors(features, inception_weights, device)
+    check_inputs(
+        model_path, ckpt, tck, fdesc, val_codes=val_codes, num_classes=model.config.num_classes
+    )
+    dsname, res, channels = model_dataset(ckpt, tck), native_size(tck), tok.config.channels
+    cache = cache_dir or str(Path.home() / ".cache" / "movegen" / "ref")
+    # the references before the samples: a missing or unreadable dataset costs no sampling time
+    reals = {}
+    for split in refs:
+        reals[split] = reference_set(feat_mod, fdesc["id"], dsname, split, resolution=res, channels=channels,
+                                     cache_dir=cache, data_root=data_root, device=device, max_images=ref_max)  # fmt: skip
     C = model.config.num_classes
     labels = torch.arange(num_samples, device=device) % C  # balanced over classes
     g = torch.Generator(device=device).manual_seed(seed)
@@ -61,33 +267,34 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
                                 progress=True)  # fmt: skip
     sample_seconds = time.time() - t0
     images = content_crop(images, tck)
-    dsname = ckpt["code_store"].get("dataset") or tck["dataset"]["name"]
-    if fdesc["features"].startswith("classifier:") and fdesc["features"].split(":", 1)[1] != dsname:
-        raise ValueError(f"classifier features were trained on {fdesc['features'].split(':', 1)[1]}, the model on "
-                         f"{dsname}; use a classifier of the same dataset")  # fmt: skip
-    res = images.shape[-1]
-
-    def real_batches():
-        ds = load_dataset(dsname, ref_split, data_root=data_root, channels=images.shape[1],
-                          image_size=None if not dsname.startswith("folder:") else res)  # fmt: skip
-        loader = torch.utils.data.DataLoader(ds, batch_size=500)
-        for batch in loader:
-            yield batch[0]
-
-    key = {"dataset": dsname, "split": ref_split, "resolution": res, "features": fdesc["id"]}
-    cache = cache_dir or str(Path.home() / ".cache" / "movegen" / "ref")
-    real, hit = reference_features(feat_mod, key, real_batches, cache, device)
     fake = extract_features(feat_mod, images, device=device)
     logits = extract_features(logit_mod, images, device=device)
-    scores = score(real, fake, logits, seed=seed)
+    blocks = {}
+    for split, (real, meta) in reals.items():
+        blocks[split] = {**score_reference(real, fake, seed=seed, knn_max=knn_max), **meta}
+    heldout = next((s for s in refs if s != "train"), None)
+    mem = None
+    if "train" in reals and heldout:
+        mem = {**score_memorisation(fake, reals["train"][0], reals[heldout][0], seed=seed, knn_max=knn_max),
+               "train_split": "train", "heldout_split": heldout}  # fmt: skip
+    else:
+        log.info(
+            "no memorisation score: it needs the train split and a held-out one in --ref_splits"
+        )
     bits = ckpt["metrics"].get("val_bits_per_token")
     if val_codes:
         bits = bits_per_token(model, CodeStore(val_codes), device=device)
+    primary = blocks[refs[0]]
+    names = ("fid", "kid", "kid_std", "precision", "recall")
     run = Path(model_path).resolve().parent.name
     result = {
-        "run": run, "model": str(Path(model_path).resolve()), **scores, "val_bits_per_token": bits,
-        "num_samples": num_samples, "seed": seed, "sampling": asdict(settings), **fdesc, "reference": key,
-        "reference_cache_hit": hit, "reference_size": len(real), "sample_seconds": round(sample_seconds, 2),
+        "run": run, "model": str(Path(model_path).resolve()), **{k: primary[k] for k in names},
+        **inception_score(logits, seed=seed),
+        **{f"{k}_{s}": blocks[s][k] for s in refs[1:] for k in names},
+        "reference_split": refs[0], "references": blocks, "memorisation": mem, "val_bits_per_token": bits,
+        "num_samples": num_samples, "seed": seed, "sampling": asdict(settings), **fdesc,
+        "reference": primary["key"], "reference_cache_hit": primary["cache_hit"], "reference_size": primary["size"],
+        "sample_seconds": round(sample_seconds, 2),
         "memory": model.config.memory, "memory_density": model.config.memory_density,
         "gate_standard_path": model.config.gate_standard_path, "train_tokens": ckpt["train"].get("train_tokens"),
         "train_step": ckpt["train"].get("step"), "dataset": dsname, "tokenizer_path": tck.get("path"),

@@ -10,8 +10,8 @@ Two feature sets (never mixed in one column of a report):
   its penultimate layer feeds FID/KID and its logits feed IS. Works offline; the usual practice
   for MNIST-like data.
 
-Reference features of the real images are computed once per (dataset, split, resolution,
-feature set) and cached as a ``.pt`` file. The tokenizer's scores (PSNR, codebook usage,
+Reference features of the real images are computed once per key (dataset content, split,
+resolution, feature set: see ``evaluate.reference_set``) and cached as a ``.pt`` file. The tokenizer's scores (PSNR, codebook usage,
 perplexity) and the classifier's accuracy live here too, beside the other scores.
 
 Imports run one way: this module imports ``checkpoint`` (the classifier loader, atomic writes) and
@@ -121,24 +121,35 @@ class InceptionFeatures(nn.Module):
         return self.net(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
 
+def describe_features(spec: str, inception_weights: str | None = None) -> dict:
+    """What ``spec`` ('inception' or 'classifier:PATH') means, without building the networks:
+    the feature set's id (of the cache key and the report's tables), its files, and for a
+    classifier the dataset and image size it was trained on. Raises when the files are absent."""
+    if spec == "inception":
+        w = find_inception_weights(inception_weights)
+        return {"features": "inception", "weights": w, "id": f"inception-{Path(w).name}"}
+    if spec.startswith("classifier:"):
+        path = spec.split(":", 1)[1]
+        _, ckpt = load_classifier(path)
+        sha = sha256_file(path)
+        return {"features": f"classifier:{ckpt['dataset']}", "classifier_path": str(Path(path).resolve()),
+                "classifier_sha256": sha, "classifier_test_accuracy": ckpt["metrics"].get("test_accuracy"),
+                "classifier_dataset": ckpt["dataset"], "classifier_image_size": ckpt.get("image_size"),
+                "id": f"classifier-{sha[:12]}"}  # fmt: skip
+    raise ValueError(f"--features must be 'inception' or 'classifier:PATH', got {spec!r}")
+
+
 def build_extractors(
     spec: str, inception_weights: str | None = None, device="cpu"
 ) -> tuple[nn.Module, nn.Module, dict]:
-    """``spec`` ('inception' or 'classifier:PATH') -> (FID/KID module, IS module, description)."""
+    """``spec`` ('inception' or 'classifier:PATH') -> (FID/KID module, IS module, description
+    from :func:`describe_features`)."""
+    desc = describe_features(spec, inception_weights)
     if spec == "inception":
-        w = find_inception_weights(inception_weights)
-        desc = {"features": "inception", "weights": w, "id": f"inception-{Path(w).name}"}
+        w = desc["weights"]
         return InceptionFeatures(w).to(device), InceptionFeatures(w, "logits").to(device), desc
-    if spec.startswith("classifier:"):
-        path = spec.split(":", 1)[1]
-        net, ckpt = load_classifier(path)
-        sha = sha256_file(path)
-        desc = {"features": f"classifier:{ckpt['dataset']}", "classifier_path": str(Path(path).resolve()),
-                "classifier_sha256": sha, "classifier_test_accuracy": ckpt["metrics"].get("test_accuracy"),
-                "id": f"classifier-{sha[:12]}"}  # fmt: skip
-        net = net.to(device)
-        return ClassifierFeatures(net, "features"), ClassifierFeatures(net, "logits"), desc
-    raise ValueError(f"--features must be 'inception' or 'classifier:PATH', got {spec!r}")
+    net = load_classifier(desc["classifier_path"])[0].to(device)
+    return ClassifierFeatures(net, "features"), ClassifierFeatures(net, "logits"), desc
 
 
 # --------------------------------------------------------------------------- reference features
@@ -177,7 +188,11 @@ def reference_features(module: nn.Module, key: dict, load_images, cache_dir: str
             return blob["features"], True
     log.info("computing reference features for %s", key)
     feats = extract_features(module, load_images(), device=device, progress=True)
-    atomic_torch_save({"key": {k: str(v) for k, v in key.items()}, "features": feats}, path)
+    try:
+        atomic_torch_save({"key": {k: str(v) for k, v in key.items()}, "features": feats}, path)
+    except OSError as e:  # a read-only shared cache: the features are still good for this run
+        log.warning("could not cache reference features in %s (%s); pass a writable --cache_dir "
+                    "to compute them only once", cache_dir, e.strerror or e)  # fmt: skip
     return feats, False
 
 
@@ -203,28 +218,48 @@ class _Passthrough(nn.Module):
         return x
 
 
-def score(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits: torch.Tensor, *, seed: int = 0,
-          kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10) -> dict[str, float]:  # fmt: skip
-    """FID, IS (mean, std) and KID (mean, std) through torchmetrics, deterministic given ``seed``."""
-    from torchmetrics.image.inception import InceptionScore
+def fid_kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, *, seed: int = 0, kid_subsets: int = 100,
+            kid_subset_size: int = 1000) -> dict[str, float]:  # fmt: skip
+    """FID and KID (mean, std) of generated against real features, deterministic given ``seed``."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     n = min(len(real_feats), len(fake_feats))
     if n < 2:
         raise ValueError("FID/KID need at least 2 real and 2 generated images")
-    torch.manual_seed(seed)  # IS and KID draw random permutations / subsets
     kid = KernelInceptionDistance(feature=_Passthrough(real_feats.shape[1]), subsets=kid_subsets,
                                   subset_size=min(kid_subset_size, n))  # fmt: skip
     kid.update(real_feats, real=True)
     kid.update(fake_feats, real=False)
-    kid_mean, kid_std = kid.compute()
+    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"fid": fid_from_features(real_feats, fake_feats), "kid": float(kid_mean),
+            "kid_std": float(kid_std)}  # fmt: skip
+
+
+def inception_score(
+    fake_logits: torch.Tensor, *, seed: int = 0, splits: int = 10
+) -> dict[str, float]:
+    """IS (mean, std over ``splits``) of generated images' logits; needs no real images."""
+    from torchmetrics.image.inception import InceptionScore
+
     inc = InceptionScore(
-        feature=_Passthrough(fake_logits.shape[1]), splits=min(is_splits, len(fake_logits))
+        feature=_Passthrough(fake_logits.shape[1]), splits=min(splits, len(fake_logits))
     )
     inc.update(fake_logits)
-    is_mean, is_std = inc.compute()
-    return {"fid": fid_from_features(real_feats, fake_feats), "is": float(is_mean), "is_std": float(is_std),
-            "kid": float(kid_mean), "kid_std": float(kid_std)}  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # IS permutes the samples with the global generator
+        torch.manual_seed(seed)
+        is_mean, is_std = inc.compute()
+    return {"is": float(is_mean), "is_std": float(is_std)}
+
+
+def score(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits: torch.Tensor, *, seed: int = 0,
+          kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10) -> dict[str, float]:  # fmt: skip
+    """FID, IS (mean, std) and KID (mean, std) through torchmetrics, deterministic given ``seed``."""
+    out = fid_kid(
+        real_feats, fake_feats, seed=seed, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size
+    )
+    return {**out, **inception_score(fake_logits, seed=seed, splits=is_splits)}
 
 
 def fid_float64_scipy(real: np.ndarray, fake: np.ndarray) -> float:
@@ -243,6 +278,7 @@ def _nn_distances(x: torch.Tensor, ref: torch.Tensor, k: int = 1, *, skip_self: 
     """Distance of each row of ``x (N, F)`` to its k-th nearest row of ``ref (R, F)`` (float64;
     ``skip_self``: ``x`` is ``ref``, so each row's zero distance to itself is not counted)."""
     x, ref = x.double(), ref.double()
+    chunk = max(1, min(chunk, (1 << 25) // max(1, len(ref))))  # a (chunk, R) block of <= 256 MiB
     out = []
     for i in range(0, len(x), chunk):
         d = torch.cdist(x[i : i + chunk], ref)  # (n, R)
@@ -350,7 +386,13 @@ def evaluate_tokenizer(
     """PSNR (over the dataset's original pixels), codebook usage and perplexity on a split."""
     stats: dict[str, list] = {}
     content = getattr(dataset, "content", None)
-    for x, _ in DataLoader(dataset, batch_size=batch_size):
+    # a folder dataset's images that fail to decode come out as None; its collate drops them
+    loader = DataLoader(
+        dataset, batch_size=batch_size, collate_fn=getattr(dataset, "collate_fn", None)
+    )
+    for x, *_ in loader:
+        if not len(x):
+            continue
         for k, v in tokenizer_batch_stats(tok, x.to(device), content).items():
             stats.setdefault(k, []).append(v)
     return reduce_tokenizer_stats(stats, tok.codebook_size)
@@ -361,7 +403,11 @@ def classifier_accuracy(net: SmallCNN, dataset, device="cpu", batch_size: int = 
     """Top-1 accuracy of the classifier on a dataset split."""
     net = net.to(device).eval()
     right = n = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
+    for x, y, *_ in DataLoader(
+        dataset, batch_size=batch_size, collate_fn=getattr(dataset, "collate_fn", None)
+    ):
+        if not len(x):
+            continue
         right += (net(x.to(device)).argmax(-1).cpu() == y).sum().item()
         n += len(y)
     return right / max(n, 1)
@@ -372,11 +418,14 @@ __all__ = [
     "bits_per_token",
     "build_extractors",
     "classifier_accuracy",
+    "describe_features",
     "evaluate_tokenizer",
     "extract_features",
     "fid_float64_scipy",
     "fid_from_features",
+    "fid_kid",
     "find_inception_weights",
+    "inception_score",
     "memorisation",
     "precision_recall",
     "reduce_tokenizer_stats",

@@ -87,14 +87,6 @@ def test_fit_help_shows_field_docstrings(capsys):
     assert "--optimizer" not in out  # would bypass the bank's weight-decay exclusion
 
 
-def test_optimizer_switch_is_refused(capsys):
-    code, out = _exit_output(
-        capsys, ["fit", "--config", str(ROOT / "configs/digits/standard.yaml"), "--optimizer", "SGD",
-                 "--out", "/nonexistent"],
-    )  # fmt: skip
-    assert code != 0 and "optimizer" in out
-
-
 def test_typed_verbs_document_every_knob(capsys):
     code, out = _exit_output(capsys, ["sample", "--help"])
     assert code == 0

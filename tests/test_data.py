@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,35 +66,80 @@ def test_unknown_dataset_and_split():
         D.load_dataset("digits", "training")
 
 
-def test_folder_dataset_counts_unreadable_images(tmp_path):
+def _image_folder(root, classes=("a", "b"), n=10, side=(12, 10), seed=0):
+    """An ImageFolder tree of random RGB PNGs, ``n`` per class."""
     from PIL import Image
 
-    for c in ("a", "b"):
-        (tmp_path / c).mkdir()
-        for i in range(10):
-            Image.fromarray((np.random.rand(12, 10, 3) * 255).astype(np.uint8)).save(
-                tmp_path / c / f"{i}.png"
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray((rng.random((*side, 3)) * 255).astype(np.uint8)).save(
+                root / c / f"{i}.png"
             )
-    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_folder_dataset_counts_unreadable_images(tmp_path):
+    _image_folder(tmp_path)
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")  # caught when the split is built
+    (tmp_path / "b" / "empty.png").write_bytes(b"")
+    good = (tmp_path / "a" / "0.png").read_bytes()
+    (tmp_path / "b" / "truncated.png").write_bytes(good[:80])  # a header, no pixels: fails decoding
     ds_all = [D.load_dataset(f"folder:{tmp_path}", s, image_size=8) for s in ("train", "val")]
-    assert sum(len(d) for d in ds_all) == 21
+    left_out = [f for d in ds_all for f in d.failures]
+    assert sorted(Path(f.split(" (")[0]).name for f in left_out) == ["broken.png", "empty.png"]
+    assert sum(len(d) for d in ds_all) == 21  # 20 good + the truncated one, read lazily
     seen, bad = 0, 0
     for ds in ds_all:
-        for batch in torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=D.collate_skip_none):
+        for batch in torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=ds.collate_fn):
             x, y, b = batch
             seen += len(x)
             bad += b
             assert len(x) == 0 or x.shape[1:] == (3, 8, 8)
     assert (seen, bad) == (20, 1)
-    assert sum(len(d.failures) for d in ds_all) == 1
+    assert sum(len(d.failures) for d in ds_all) == 3
+    assert any("truncated.png" in f for d in ds_all for f in d.failures)
     # extraction leaves them out and says so in the header
     train = D.load_dataset(f"folder:{tmp_path}", "train", image_size=8)
+    files = len(train) + len(train.failures)  # the files of this split
     enc = lambda x: (x[:, 0, ::4, ::4] > 0).long()
     D.extract_codes(enc, train, tmp_path / "codes", codebook_size=2, num_classes=2, header={}, views=1,
                     batch_size=4, progress=False)  # fmt: skip
     hd = json.loads((tmp_path / "codes/header.json").read_text())
-    assert hd["num_items"] + hd.get("skipped_unreadable", 0) == len(train)
-    assert hd.get("skipped_unreadable", 0) == sum("broken" in f for f in train.failures)
+    assert hd["num_items"] + hd.get("skipped_unreadable", 0) == files
+    assert hd["skipped_unreadable"] == len(set(train.failures)) >= 1  # each named once in the log
+
+
+def test_folder_of_only_unreadable_images_is_a_clear_error(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "x.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable image") as e:
+        D.load_dataset(f"folder:{tmp_path}", "train", image_size=8)
+    assert "x.png" in str(e.value)
+
+
+def test_dataset_fingerprint_follows_the_content(tmp_path):
+    import os
+
+    root = _image_folder(tmp_path / "imgs", n=3)
+    name = f"folder:{root}"
+    a = D.dataset_fingerprint(name, "train")
+    assert a == D.dataset_fingerprint(name, "train")  # stable
+    assert D.dataset_fingerprint(f"folder:{tmp_path}/./imgs", "train") == a  # one folder, one print
+    _image_folder(root, classes=("a",), n=1, seed=1)  # rewrite a.0 with other pixels and mtime
+    st = (root / "a" / "0.png").stat()
+    os.utime(root / "a" / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    b = D.dataset_fingerprint(name, "train")
+    assert b != a
+    (root / "b" / "new.png").write_bytes((root / "b" / "0.png").read_bytes())
+    assert D.dataset_fingerprint(name, "train") not in (a, b)
+    # digits: stable, split-specific; unknown names are refused
+    assert D.dataset_fingerprint("digits", "test") == D.dataset_fingerprint("digits", "test")
+    assert D.dataset_fingerprint("digits", "test") != D.dataset_fingerprint("digits", "train")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        D.dataset_fingerprint("imagenet-typo", "train")
 
 
 def _write_fake_store(path, n, views, side, K, bs=7):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from movegen.cli import main
+from movegen.data import load_dataset
 from movegen.metrics import (
     build_extractors,
     fid_float64_scipy,
@@ -174,6 +175,18 @@ def test_evaluate_and_report(digits_models, tmp_path):
         assert k in r, k
     assert r["fid"] > 0 and r["reference_cache_hit"] is True  # computed once, for the first model
     assert json.loads((tmp_path / "res/standard.json").read_text())["reference_cache_hit"] is False
+    # the held-out split is the primary reference; the training split is reported beside it
+    refs = r["references"]
+    assert list(refs) == ["test", "train"] and r["reference_split"] == "test"
+    assert refs["test"]["size"] == len(load_dataset("digits", "test"))
+    assert refs["train"]["size"] == len(load_dataset("digits", "train"))
+    for k in ("fid", "kid", "kid_std", "precision", "recall"):
+        assert r[k] == refs["test"][k] and r[f"{k}_train"] == refs["train"][k], k
+    assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["fid"] != r["fid_train"]
+    assert "is_train" not in r and r["is"] > 1  # IS needs no reference: once
+    mem = r["memorisation"]
+    assert (mem["train_split"], mem["heldout_split"]) == ("train", "test")
+    assert mem["num_samples"] == 200 and mem["memorisation"] > 0
     npz = np.load(tmp_path / "res/move-x1.npz")
     assert npz["arr_0"].shape == (200, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
     # same seed, same numbers
@@ -213,6 +226,36 @@ def test_generated_images_reach_the_native_size():
     )
     assert _content_crop(x, {"dataset": {"fit": "resize", "native_size": 28}}).shape[-1] == 28
     assert _content_crop(x, {"dataset": {"fit": "resize", "native_size": 32}}) is x
+
+
+def test_evaluation_memorisation_block_flags_a_copying_model():
+    """Through the function ``evaluate`` scores its memorisation block with, in a real feature
+    space (the digits' pixels): a "model" whose samples are its training images is flagged;
+    one whose samples are unseen real images (the val split) is not."""
+    from movegen.evaluate import score_memorisation
+
+    def pixels(split):
+        return load_dataset("digits", split).images.flatten(1).float()
+
+    train, heldout, unseen = pixels("train"), pixels("test"), pixels("val")
+    copier = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:170]]
+    bad = score_memorisation(copier, train, heldout)
+    ok = score_memorisation(unseen, train, heldout)
+    assert bad["memorisation"] < 0.05 and bad["copy_z"] < -10 and bad["copy_fraction"] > 0.9
+    assert 0.8 < ok["memorisation"] < 1.25 and abs(ok["copy_z"]) < 3 and ok["copy_fraction"] < 0.1
+    assert (bad["num_samples"], bad["num_train"], bad["num_heldout"]) == (
+        170,
+        len(train),
+        len(heldout),
+    )
+    # capped: the samples and held-out images are seeded subsets, every training image is searched
+    capped = score_memorisation(copier, train, heldout, knn_max=50)
+    assert (capped["num_samples"], capped["num_train"], capped["num_heldout"]) == (
+        50,
+        len(train),
+        50,
+    )
+    assert capped["memorisation"] < 0.05
 
 
 def test_memorisation_flags_copies_and_passes_fresh_samples():

@@ -24,6 +24,7 @@ from .images import (
     ImageDataModule,
     TensorImages,
     collate_skip_none,
+    dataset_fingerprint,
     load_dataset,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "code_dtype",
     "epoch_order",
     "collate_skip_none",
+    "dataset_fingerprint",
     "extract_codes",
     "load_dataset",
     "split_holdout",

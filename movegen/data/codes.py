@@ -212,9 +212,13 @@ def extract_codes(
             f"views must be 1 (original) or 2 (original + horizontal flip), got {views}"
         )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
-    x0 = next(x for x, _, _ in loader if len(x))
+    failures = getattr(dataset, "failures", [])  # a folder's files already left out, then more
+    skipped = len(failures)
+    x0 = next((x for x, _, _ in loader if len(x)), None)
+    if x0 is None:
+        raise ValueError(f"no readable image in the dataset to encode ({len(dataset)} items); "
+                         f"unreadable: {'; '.join(failures[:3]) or 'none named'}")  # fmt: skip
     h, w = encode(x0[:1].to(device)).shape[-2:]
-    skipped = 0
 
     def batches():
         nonlocal skipped
@@ -236,7 +240,8 @@ def extract_codes(
     path = write_code_store(out, batches(), num_items=len(dataset), views=views, h=int(h), w=int(w),
                             header=full, overwrite=overwrite)  # fmt: skip
     if skipped:
-        log.warning("%d unreadable images were skipped and are not in the store", skipped)
+        log.warning("%d unreadable images were skipped and are not in the store: %s%s", skipped,
+                    "; ".join(failures[:5]), " ..." if len(failures) > 5 else "")  # fmt: skip
     return path
 
 

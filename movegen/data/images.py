@@ -22,6 +22,7 @@ from movegen.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import struct
@@ -189,13 +190,22 @@ def _find_idx_files(dirs: Iterable[Path]) -> Path | None:
     return None
 
 
+TORCHVISION_NAMES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+
+
+def _idx_dirs(name: str, data_root: str | None) -> list[Path]:
+    """Where the idx files of (fashion-)mnist are looked for, in order."""
+    dirs = [Path(p) for p in (FASHION_DIRS if name == "fashion-mnist" else ())]
+    if data_root:
+        dirs = [Path(data_root), Path(data_root) / TORCHVISION_NAMES[name] / "raw", *dirs]
+    return dirs
+
+
 def _mnist_like(
     name: str, split: str, data_root: str | None
 ) -> tuple[torch.Tensor, torch.Tensor, DatasetInfo]:
-    tv_name = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}[name]
-    dirs = [Path(p) for p in (FASHION_DIRS if name == "fashion-mnist" else ())]
-    if data_root:
-        dirs = [Path(data_root), Path(data_root) / tv_name / "raw", *dirs]
+    tv_name = TORCHVISION_NAMES[name]
+    dirs = _idx_dirs(name, data_root)
     found = _find_idx_files(dirs)
     train = split in ("train", "val")
     if found is not None:
@@ -253,28 +263,84 @@ def _cifar10(split: str, data_root: str | None) -> tuple[torch.Tensor, torch.Ten
     return images, labels, info
 
 
+def collate_skip_none(batch):
+    """Default collation that drops ``None`` items (unreadable images) and reports how many."""
+    kept = [b for b in batch if b is not None]
+    images = torch.stack([b[0] for b in kept]) if kept else torch.empty(0)
+    labels = torch.tensor([b[1] for b in kept], dtype=torch.int64)
+    return images, labels, len(batch) - len(kept)
+
+
+def _folder_tree(root: Path, split: str) -> Path:
+    """The tree a split of ``folder:<root>`` reads: ``root/train`` or ``root/val`` when present,
+    else ``root`` itself (split 95/5)."""
+    sub = root / ("train" if split == "train" else "val")
+    return sub if sub.is_dir() else root
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be an image (None when its header reads): the cheap check (no
+    decoding) that catches empty, truncated-to-nothing and non-image files."""
+    from PIL import Image
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path):  # opening parses the header, decodes nothing
+            pass
+    except Exception as e:  # (PIL's messages repeat the path)
+        return getattr(e, "strerror", None) or type(e).__name__
+    return None
+
+
 class FolderImages(Dataset):
-    """An ImageFolder tree read lazily; unreadable files are counted in ``self.failures``
-    and come out as ``None`` so :func:`collate_skip_none` can drop them."""
+    """An ImageFolder tree read lazily.
+
+    Every file's header is checked once when the split is built: unreadable files (empty, not
+    an image) are left out of the split, counted in ``self.failures`` and named in one warning;
+    a split with no readable image is a clear error. A file that fails later, while decoding,
+    comes out as ``None`` (and is counted too), so loaders use :func:`collate_skip_none`
+    (``self.collate_fn``)."""
+
+    collate_fn = staticmethod(collate_skip_none)
 
     def __init__(self, root: Path, split: str, image_size: int, channels: int = 3):
         import torchvision
 
         self.image_size, self.channels = image_size, channels
-        sub = root / ("train" if split == "train" else "val")
-        tree = sub if sub.is_dir() else root
+        tree = _folder_tree(root, split)
         if not tree.is_dir():
             raise FileNotFoundError(f"image folder {tree} does not exist")
         self.tree = torchvision.datasets.ImageFolder(str(tree), loader=lambda p: p)
-        self.indices = np.arange(len(self.tree))
+        indices = np.arange(len(self.tree))
         if tree == root:  # one tree: a seeded 95/5 split, test == val
             rng = np.random.default_rng(0)
             perm = rng.permutation(len(self.tree))
             n_val = max(1, len(perm) // 20)
-            self.indices = np.sort(perm[n_val:] if split == "train" else perm[:n_val])
+            indices = np.sort(perm[n_val:] if split == "train" else perm[:n_val])
         self.failures: list[str] = []
+        self.indices = self._readable(indices, tree, split)
         self.info = DatasetInfo(name=f"folder:{root}", num_classes=len(self.tree.classes), channels=channels,
                                 native_size=image_size, class_names=tuple(self.tree.classes))  # fmt: skip
+
+    def _readable(self, indices: np.ndarray, tree: Path, split: str) -> np.ndarray:
+        from concurrent.futures import ThreadPoolExecutor
+
+        paths = [self.tree.samples[int(i)][0] for i in indices]
+        with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) * 2)) as pool:
+            why = list(pool.map(_unreadable, paths))
+        bad = [f"{p} ({w})" for p, w in zip(paths, why) if w is not None]
+        if len(bad) == len(paths):
+            raise ValueError(
+                f"no readable image in the {split} split of {tree}: all {len(paths)} files are "
+                f"unreadable, e.g. {'; '.join(bad[:3])}. Replace or remove them"
+            )
+        if bad:
+            self.failures += bad
+            log.warning("%d of %d images of the %s split of %s are unreadable and left out: %s%s",
+                        len(bad), len(paths), split, tree, "; ".join(bad[:5]),
+                        f"; ... ({len(bad) - 5} more)" if len(bad) > 5 else "")  # fmt: skip
+        return indices[[w is None for w in why]]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -295,19 +361,11 @@ class FolderImages(Dataset):
                 im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
                 x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
         except Exception as e:  # corrupt or unreadable: count it, never drop it silently
-            self.failures.append(f"{path}: {type(e).__name__}")
-            log.warning("unreadable image %s (%s)", path, e)
+            self.failures.append(f"{path} ({type(e).__name__})")
+            log.warning("unreadable image %s (%s); left out of its batch", path, e)
             return None
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
         return x.float() / 127.5 - 1.0, label
-
-
-def collate_skip_none(batch):
-    """Default collation that drops ``None`` items (unreadable images) and reports how many."""
-    kept = [b for b in batch if b is not None]
-    images = torch.stack([b[0] for b in kept]) if kept else torch.empty(0)
-    labels = torch.tensor([b[1] for b in kept], dtype=torch.int64)
-    return images, labels, len(batch) - len(kept)
 
 
 def load_dataset(
@@ -333,6 +391,59 @@ def load_dataset(
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return TensorImages(images, labels, info, image_size=image_size, fit=fit, channels=channels)
+
+
+def _file_stats(folder: Path, pattern: str = "*") -> list[str]:
+    """``relative path, size, mtime`` of every file under ``folder`` matching ``pattern``, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            if p.match(pattern):
+                st = p.stat()
+                out.append(f"{p.relative_to(folder)}\t{st.st_size}\t{st.st_mtime_ns}")
+    return out
+
+
+def dataset_fingerprint(name: str, split: str, root: str | None = None) -> str:
+    """A short hash of what a dataset split is made of, cheap to compute (no image is decoded).
+    Cached reference features are keyed on it, so features of data that changed are never reused.
+
+    * ``folder:<path>``: the split's tree: every file's relative path, size and mtime.
+    * ``digits``: scikit-learn's version and a hash of its arrays.
+    * ``fashion-mnist``, ``mnist``, ``cifar10``: the names, sizes and mtimes of the source files
+      the loader would read (from ``root`` or the usual places).
+    """
+    h = hashlib.sha256(f"{split}\n".encode())
+    if not name.startswith("folder:"):  # (a folder is named by its resolved tree below)
+        h.update(f"{name}\n".encode())
+    if name.startswith("folder:"):
+        tree = _folder_tree(Path(name.split(":", 1)[1]), split)
+        h.update(f"{tree.resolve()}\n".encode())
+        h.update("\n".join(_file_stats(tree) if tree.is_dir() else ["(missing)"]).encode())
+    elif name == "digits":
+        import sklearn
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        h.update(sklearn.__version__.encode())
+        h.update(
+            np.ascontiguousarray(d.images).tobytes() + np.ascontiguousarray(d.target).tobytes()
+        )
+    elif name in TORCHVISION_NAMES:
+        cache = Path(root or os.path.expanduser("~/.cache/movegen/data")) / TORCHVISION_NAMES[name]
+        found = _find_idx_files([*_idx_dirs(name, root), cache / "raw"])
+        if found is not None:
+            h.update(f"{found.resolve()}\n".encode())
+            h.update("\n".join(_file_stats(found, "*-idx?-ubyte*")).encode())
+    elif name == "cifar10":
+        folder = Path(root or os.path.expanduser("~/.cache/movegen/data")) / "cifar-10-batches-py"
+        if folder.is_dir():
+            h.update("\n".join(_file_stats(folder)).encode())
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- DataModule
@@ -380,8 +491,11 @@ class ImageDataModule(L.LightningDataModule):
             self.val_set = self.dataset("val")
 
     def _loader(self, ds, shuffle: bool):
+        # batches are (images, labels, unreadable count): a folder image that fails to decode
+        # is left out of its batch and counted (the steps read batch[:2])
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=shuffle and len(ds) > self.batch_size, persistent_workers=self.num_workers > 0)  # fmt: skip
+                          drop_last=shuffle and len(ds) > self.batch_size, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate_skip_none)  # fmt: skip
 
     def train_dataloader(self):
         return self._loader(self.train_set, True)
@@ -399,5 +513,6 @@ __all__ = [
     "ImageDataModule",
     "TensorImages",
     "collate_skip_none",
+    "dataset_fingerprint",
     "load_dataset",
 ]
