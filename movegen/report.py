@@ -30,6 +30,26 @@ COLUMNS = [
     ("is", "IS", "{:.3f}"),
     ("kid", "KID", "{:.4f}"),
 ]
+"""The columns of ``movegen report``; FID/KID are against the primary reference (the table's
+heading names it). More follow when the results have them (:func:`_columns`)."""
+EXTRA_COLUMNS = [
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+]
+
+
+def _columns(rows: list[dict]) -> list[tuple]:
+    """:data:`COLUMNS`, then those of :data:`EXTRA_COLUMNS` that a row has, ``FID (<split>)`` of
+    each other reference, and the memorisation ratio."""
+    cols = COLUMNS + [c for c in EXTRA_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    primary = {r.get("reference_split") for r in rows}
+    others = dict.fromkeys(s for r in rows for s in (r.get("references") or {}) if s not in primary)
+    cols += [
+        (f"fid_{s}", f"FID ({s})", "{:.3f}") for s in others if any(f"fid_{s}" in r for r in rows)
+    ]
+    if any(isinstance(r.get("memorisation"), dict) for r in rows):
+        cols.append(("memorisation.memorisation", "memorisation", "{:.3f}"))
+    return cols
 
 
 def load_results(folder: str | Path) -> list[dict]:
@@ -55,7 +75,9 @@ def load_results(folder: str | Path) -> list[dict]:
 
 def _cell(r: dict, col) -> str:
     key, _, fmt, *scale = col
-    v = r.get(key)
+    v = r
+    for part in key.split("."):  # "memorisation.memorisation": a field of a section
+        v = v.get(part) if isinstance(v, dict) else None
     if v is None:
         return "–"
     if scale:
@@ -106,22 +128,29 @@ def write_report(results: str | Path, out: str | Path) -> Path:
     rows = load_results(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    groups: dict[str, list[dict]] = {}
+    # one table per feature set and primary reference: their FIDs never share a column
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        groups.setdefault(r["id"], []).append(r)
+        split = r.get("reference_split") or (r.get("reference") or {}).get("split") or "?"
+        groups.setdefault((r["id"], split), []).append(r)
     lines = ["# movegen report", "", f"{len(rows)} runs from `{results}`.", ""]
-    for i, (fid_id, rs) in enumerate(sorted(groups.items())):
+    for i, ((fid_id, split), rs) in enumerate(sorted(groups.items())):
         suffix = "" if len(groups) == 1 else f"-{i}"
         r0 = rs[0]
-        lines += [f"## Features: {r0['features']} (`{fid_id}`)", ""]
-        lines.append(f"Reference: {r0['reference']['dataset']} {r0['reference']['split']} split "
+        cols = _columns(rs)
+        lines += [f"## Features: {r0['features']} (`{fid_id}`), reference: {split}", ""]
+        lines.append(f"Reference: {r0['reference']['dataset']} {split} split "
                      f"({r0.get('reference_size', '?')} images); {r0['num_samples']} samples per model; "
                      f"sampling {json.dumps(r0['sampling'])}; seed {r0['seed']}.")  # fmt: skip
+        if any(c[0] == "memorisation.memorisation" for c in cols):
+            lines.append("Memorisation: median distance of the samples to their nearest training image "
+                         "over that of held-out real images (about 1: no copying; below 1: the samples "
+                         "sit closer to the training images than new real images do).")  # fmt: skip
         lines.append("")
-        lines.append("| " + " | ".join(c[1] for c in COLUMNS) + " |")
-        lines.append("|" + "---|" * len(COLUMNS))
+        lines.append("| " + " | ".join(c[1] for c in cols) + " |")
+        lines.append("|" + "---|" * len(cols))
         for r in sorted(rs, key=lambda r: r["run"]):
-            lines.append("| " + " | ".join(_cell(r, c) for c in COLUMNS) + " |")
+            lines.append("| " + " | ".join(_cell(r, c) for c in cols) + " |")
         lines.append("")
         plots = [
             (f"fid_vs_train_flops{suffix}.png", train_flops, [("fid", "FID")], "training FLOPs", True),
@@ -146,7 +175,15 @@ def write_report(results: str | Path, out: str | Path) -> Path:
 # targets and the plots. Scores of different feature sets or references never share a column.
 
 TARGET_KINDS = ("at_least_pct_lower", "at_least_pct_higher", "at_least_lower", "at_least_higher")
-SCORES = ("fid", "is", "kid", "precision", "recall")
+REFERENCE_SCORES = ("fid", "kid", "kid_std", "precision", "recall")
+"""Scores against one reference split: ``fid`` (the headline split), ``fid:train`` (another)."""
+SAMPLE_SCORES = ("is", "is_std")
+"""Scores of the samples alone (no reference)."""
+MEMORISATION_SCORES = ("memorisation", "copy_z", "copy_fraction")
+"""Of a record's ``memorisation`` section; ``memorisation`` is the ratio of median
+nearest-training-image distances, samples over held-out real images (< 1: copying)."""
+SCORES = REFERENCE_SCORES + SAMPLE_SCORES + MEMORISATION_SCORES
+"""Every number measured in a feature space: comparable only within one feature set."""
 
 
 def mean_sd(xs) -> tuple[float | None, float | None]:
@@ -190,32 +227,29 @@ def paired_difference(x: dict, base: dict, level: float = 0.95) -> dict | None:
 
 
 def _scalar(v) -> float | None:
-    if isinstance(v, bool):
+    if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    if isinstance(v, int | float):
-        return float(v)
-    if isinstance(v, dict):  # a memorisation section: its headline number
-        for k in ("score", "ratio", "value", "mean"):
-            if isinstance(v.get(k), int | float) and not isinstance(v.get(k), bool):
-                return float(v[k])
-    return None
+    return float(v)
 
 
 def features_of(rec: dict) -> str | None:
-    """The feature set of a run's headline evaluation."""
-    return next(iter(rec.get("scores") or {}), None)
+    """The feature set of a run's evaluation."""
+    return rec.get("features") or next(iter(rec.get("scores") or {}), None)
 
 
 def metric_value(rec: dict, metric: str, features: str | None = None) -> float | None:
-    """A number of one run: a record field (``val_bits_per_token``...), ``memorisation``, or a
-    score ``fid``/``is``/``kid``/... against the headline reference, ``fid:train`` against another;
-    scores on ``features`` (default: the run's headline feature set)."""
+    """A number of one run: a record field (``val_bits_per_token``...), a score against a
+    reference (``fid``/``kid``/``precision``/``recall`` against the headline reference,
+    ``fid:train`` against another), ``is``, or ``memorisation``/``copy_z``/``copy_fraction``;
+    the scores only when the run was scored on ``features`` (default: its own feature set)."""
     name, _, split = metric.partition(":")
-    if name in SCORES:
-        per = (rec.get("scores") or {}).get(features or features_of(rec)) or {}
+    if name in SCORES and features is not None and features_of(rec) != features:
+        return None
+    if name in REFERENCE_SCORES:
+        per = (rec.get("scores") or {}).get(features_of(rec)) or {}
         return _scalar((per.get(split or rec.get("reference")) or {}).get(name))
-    if name == "memorisation":
-        return _scalar(rec.get("memorisation"))
+    if name in MEMORISATION_SCORES:
+        return _scalar((rec.get("memorisation") or {}).get(name))
     return _scalar(rec.get(metric))
 
 
@@ -407,16 +441,22 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
     records, std = doc["runs"], doc["standard"]
     arms, budgets, grid = doc["arms"], list(doc["budgets"]), doc["grid"]
     done = _finished(records)
+    diverged = [r for r in records if r.get("status") == "diverged"]
     ev = doc.get("evaluate") or {}
+    refs_order = list(ev.get("references") or [])
     L = [f"# Study `{doc['study']}`", "",
-         f"{len(done)} of {len(records)} runs finished ({len(arms)} arms x {len(grid)} grid points x "
+         f"{len(done)} of {len(records)} runs finished{f', {len(diverged)} diverged' if diverged else ''} ({len(arms)} arms x {len(grid)} grid points x "
          f"{len(budgets)} budgets x {len(doc['seeds'])} seeds {doc['seeds']}; every arm sees the same data order "
          f"per seed). Config `{doc['config']}`.", "",
          f"Each arm's grid point is the one with the lowest mean validation loss over seeds "
          f"({'on budget ' + repr(doc['select_on']) + ', used for every budget' if doc.get('select_on') else 'per budget'}). "
          f"Δ is the paired difference to `{std}` over matching seeds, mean [95% t-interval] (relative to "
          f"`{std}`'s mean); ± is the sd over seeds. Evaluation: {ev.get('num_samples')} samples per run, "
-         f"sampling {json.dumps(ev.get('sampling') or {})}, seed {ev.get('seed')}.", ""]  # fmt: skip
+         f"sampling {json.dumps(ev.get('sampling') or {})}, seed {ev.get('seed')}, references {refs_order} "
+         "(the first, held out, is the headline; each split has its own columns). Memorisation: median "
+         "distance of the samples to their nearest training image over that of held-out real images "
+         "(about 1: no copying; below 1: samples sit closer to the training images than new real images do).",
+         ""]  # fmt: skip
     feats = list(dict.fromkeys(f for r in done if (f := features_of(r))))
     for budget in budgets:
         args = doc["budgets"][budget]
@@ -425,8 +465,11 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
         chosen = {a: chosen_runs(records, a, budget) for a in arms}
         base = chosen[std][1]
         for fi, f in enumerate(feats or [None]):
-            splits = list(dict.fromkeys(s for r in done if r["budget"] == budget
-                                        for s in ((r.get("scores") or {}).get(f) or {})))  # fmt: skip
+            scored = [r for r in done if r["budget"] == budget and features_of(r) == f]
+            # the headline (held-out) split first, each other split in its own columns
+            found = [s for r in scored for s in ((r.get("scores") or {}).get(f) or {})]
+            splits = list(dict.fromkeys([s for s in refs_order if s in found] + found))
+            head_split = splits[0] if splits else None
             if f is not None:
                 L += [
                     f"### Features `{f}`" + (" (val bits/token repeated from above)" if fi else ""),
@@ -436,15 +479,23 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
                     "val bits/token", f"Δ bits vs {std}"]  # fmt: skip
             for s in splits:
                 head += (
-                    [f"FID ({s})", f"Δ FID ({s}) vs {std}"] if s == splits[0] else [f"FID ({s})"]
+                    [f"FID ({s})", f"Δ FID ({s}) vs {std}"] if s == head_split else [f"FID ({s})"]
                 )
-            if f is not None:
-                head += ["IS", "KID", "memorisation"]
+            if head_split is not None:
+                head += [f"KID ({head_split})", f"precision ({head_split})", f"recall ({head_split})",
+                         "IS", "memorisation"]  # fmt: skip
             L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for a in arms:
                 g, runs = chosen[a]
+                n_div = sum(
+                    1 for r in diverged if (r["arm"], r["budget"], r["grid"]) == (a, budget, g)
+                )
                 if not runs:
-                    L.append(f"| {a} | – | 0 |" + " – |" * (len(head) - 3))
+                    n_all = sum(1 for r in diverged if (r["arm"], r["budget"]) == (a, budget))
+                    L.append(
+                        f"| {a} | – | 0{f' ({n_all} diverged)' if n_all else ''} |"
+                        + " – |" * (len(head) - 3)
+                    )
                     continue
                 r0 = next(iter(runs.values()))
 
@@ -455,19 +506,28 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
                     return paired_difference({s: metric_value(r, metric, f) for s, r in runs.items()},
                                              {s: metric_value(r, metric, f) for s, r in base.items()})  # fmt: skip
 
-                cells = [a, g, str(len(runs)), f"{r0.get('params_total', 0) / 1e6:.2f}",
+                cells = [a, g, f"{len(runs)}{f' (+{n_div} diverged)' if n_div else ''}",
+                         f"{r0.get('params_total', 0) / 1e6:.2f}",
                          f"{r0.get('params_memory', 0) / 1e6:.2f}", f"{r0.get('flops_per_token', 0) / 1e6:.2f}",
                          _pm(*col("val_bits_per_token")), "–" if a == std else _diff_cell(dif("val_bits_per_token"))]  # fmt: skip
                 for s in splits:
                     cells.append(_pm(*col(f"fid:{s}"), fmt="{:.3f}"))
-                    if s == splits[0]:
+                    if s == head_split:
                         cells.append(
                             "–" if a == std else _diff_cell(dif(f"fid:{s}"), fmt="{:+.3f}")
                         )
-                if f is not None:
-                    cells += [_pm(*col("is"), fmt="{:.3f}"), _pm(*col("kid"), fmt="{:.4f}"),
-                              _pm(*col("memorisation"), fmt="{:.3f}")]  # fmt: skip
+                if head_split is not None:
+                    cells += [_pm(*col(f"kid:{head_split}"), fmt="{:.4f}"),
+                              _pm(*col(f"precision:{head_split}"), fmt="{:.3f}"),
+                              _pm(*col(f"recall:{head_split}"), fmt="{:.3f}"),
+                              _pm(*col("is"), fmt="{:.3f}"), _pm(*col("memorisation"), fmt="{:.3f}")]  # fmt: skip
                 L.append("| " + " | ".join(cells) + " |")
+            L.append("")
+        div_here = [r for r in diverged if r["budget"] == budget]
+        if div_here:
+            L += [f"Diverged on `{budget}` (the loss became NaN or infinite; left out of the means "
+                  "and differences above):", ""]  # fmt: skip
+            L += [f"- `{r['id']}` at step {r.get('diverged_step', '?')}" for r in div_here]
             L.append("")
         # plots of this budget: learning curves, density curve, FID against memorisation
         series = {a: list(chosen[a][1].values()) for a in arms if chosen[a][1]}
@@ -511,13 +571,17 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
                 "",
             ]
     # the grid: every point, every arm, every budget
+    f0 = feats[0] if feats else None  # one feature set per column
+    fid_head = f"FID ({refs_order[0] if refs_order else 'headline'}" + (
+        f", `{f0}`)" if len(feats) > 1 else ")"
+    )
     L += [
         "## Grid",
         "",
         "Every grid point of every arm; **bold**: the chosen one (lowest mean val loss).",
         "",
     ]
-    L += ["| budget | arm | grid point | overrides | seeds | val bits/token | final val bits/token | FID |",
+    L += [f"| budget | arm | grid point | overrides | seeds | val bits/token | final val bits/token | {fid_head} |",
           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for budget in budgets:
         for a in arms:
@@ -530,7 +594,7 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
                 L.append(f"| {budget} | {a} | {gname} | `{json.dumps(ov)}` | {len(rs)} | "
                          f"{_pm(*mean_sd([r.get('val_bits_per_token') for r in rs]))} | "
                          f"{_pm(*mean_sd([r.get('final_val_bits_per_token') for r in rs]))} | "
-                         f"{_pm(*mean_sd([metric_value(r, 'fid') for r in rs]), fmt='{:.3f}')} |")  # fmt: skip
+                         f"{_pm(*mean_sd([metric_value(r, 'fid', f0) for r in rs]), fmt='{:.3f}')} |")  # fmt: skip
     L.append("")
     # targets
     if doc.get("targets"):
@@ -553,16 +617,28 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
                      + (f" ({c['detail']})" if c["detail"] else ""))  # fmt: skip
         L.append("")
     # every run
-    L += ["## Runs", "", "| run | status | steps | best step | val bits/token | final | FID | fit s | eval s |",
+    L += ["## Runs", "", f"| run | status | steps | best step | val bits/token | final | {fid_head} | fit s | eval s |",
           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
         w = r.get("wall_seconds") or {}
-        fid = metric_value(r, "fid")
-        L.append(f"| {r['id']} | {r['status']}{' (not evaluated)' if r['status'] == 'finished' and not r.get('evaluated') else ''} | "
+        fid = metric_value(r, "fid", f0)
+        status = r["status"] + (
+            " (not evaluated)" if r["status"] == "finished" and not r.get("evaluated") else ""
+        )
+        if r["status"] == "diverged":
+            status += f" at step {r.get('diverged_step', '?')}"
+        L.append(f"| {r['id']} | {status} | "
                  f"{r.get('steps', '–')} | {r.get('best_step', '–')} | {_pm(r.get('val_bits_per_token'), None)} | "
                  f"{_pm(r.get('final_val_bits_per_token'), None)} | {_pm(fid, None, '{:.3f}')} | "
                  f"{w.get('fit', '–')} | {w.get('evaluate', '–')} |")  # fmt: skip
-    bad = [r for r in records if r["status"] != "finished" and r.get("detail")]
+    if diverged:
+        L += [
+            "",
+            "Diverged (recorded, not retried; delete a run's folder under `runs/` to train it again):",
+            "",
+        ]
+        L += [f"- `{r['id']}`: {r.get('detail', '')}" for r in diverged]
+    bad = [r for r in records if r["status"] not in ("finished", "diverged") and r.get("detail")]
     if bad:
         L += ["", "Not finished:", ""] + [f"- `{r['id']}`: {r['detail']}" for r in bad]
     readme = out / "README.md"

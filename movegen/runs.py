@@ -244,8 +244,9 @@ def claim_run(out: str | os.PathLike, verb: str, *, resume: bool = False, overwr
         except (RunInterrupted, KeyboardInterrupt):
             run.set_status("interrupted")
             raise
-        except TrainingDiverged:
-            run.set_status("diverged")
+        except TrainingDiverged as e:
+            # the message names the step and what to try (`movegen study` reads it)
+            run.set_status("diverged", error=str(e)[:500])
             raise
         except BaseException as e:
             if run.record.get("status") == "running":

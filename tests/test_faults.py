@@ -119,7 +119,10 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_model(
     assert rc == 3
     msg = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     assert "NaN or infinite at step" in msg
-    assert json.loads((run / "run.json").read_text())["status"] == "diverged"
+    rec = json.loads((run / "run.json").read_text())
+    assert (
+        rec["status"] == "diverged" and "NaN or infinite at step" in rec["error"]
+    )  # `study` reads it
     if (run / "metrics.json").exists():  # strictly valid JSON when written at all
         json.loads((run / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     if (run / "last.ckpt").exists():  # never a state with non-finite weights
@@ -127,6 +130,16 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_model(
 
         st = torch.load(run / "last.ckpt", weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in st.values() if v.is_floating_point())
+
+
+def test_a_diverged_run_records_why_in_run_json(tmp_path):
+    from movegen.runs import TrainingDiverged, claim_run
+
+    with pytest.raises(TrainingDiverged), claim_run(tmp_path / "run", "fit"):
+        raise TrainingDiverged("the training loss became NaN or infinite at step 7; ...")
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert rec["status"] == "diverged" and rec["error"].startswith("the training loss became NaN")
+    assert not (tmp_path / "run" / ".lock").exists()
 
 
 def test_resume_refuses_a_truncated_or_foreign_state_and_another_config(

@@ -199,6 +199,7 @@ def test_evaluate_and_report(digits_models, tmp_path):
     text = (tmp_path / "rep/README.md").read_text()
     assert text.count("## Features:") == 2
     assert "| move-x1 |" in text and "| standard |" in text
+    assert "| FID (train) | memorisation |" in text  # beside the held-out FID, never in its column
     assert len(list((tmp_path / "rep").glob("*.png"))) == 6
 
 

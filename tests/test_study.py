@@ -133,6 +133,7 @@ def test_study_configs_are_valid():
         ("    overrides: {model.config.memory_densty: 4}\n", "memory_densty is not a fit setting"),
         ("    overrides: {data.seed: 3}\n", "set by the study itself"),
         ("    overrides: {model.config.n_embd: 100}\n", "bad model config"),
+        ("    overrides: {data.num_workers: 2}\n", "data.num_workers has no effect"),
     ],
 )
 def test_a_bad_override_is_a_clear_error(tmp_path, caplog, extra, message):
@@ -144,12 +145,38 @@ def test_a_bad_override_is_a_clear_error(tmp_path, caplog, extra, message):
     assert not (tmp_path / "out" / "runs").exists()  # nothing started
 
 
+@pytest.mark.parametrize(
+    "evaluate,message",
+    [
+        ("{references: [test, test]}", "distinct splits"),
+        ("{references: [holdout]}", "distinct splits"),
+        ("{references: []}", "distinct splits"),
+        ("{args: {ref_splits: [test]}}", "set it with evaluate.references"),
+        ("{args: {num_samples: 5}}", "set it with evaluate.num_samples"),
+        ("{args: {sampling.cfg_scale: 2}}", "set it with evaluate.sampling"),
+    ],
+)
+def test_bad_references_are_a_clear_error(tmp_path, evaluate, message):
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path, evaluate=evaluate))
+    with pytest.raises(ValueError, match=message):
+        study.load_study(y)
+
+
+def test_references_default_to_the_held_out_split_then_train(tmp_path):
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path, evaluate="{num_samples: 10}"))
+    assert study.load_study(y).evaluate.references == ("test", "train")
+
+
 # --------------------------------------------------------------------------- stand-in verbs
 
-# Plays `movegen fit` / `movegen evaluate` in milliseconds: writes what the real verbs write
-# (metrics.json with the fields study.py reads, model.ckpt, <run>.json) and logs every call.
+# Plays `movegen fit` / `movegen evaluate` in milliseconds, keeping their contracts: fit owns its
+# --out (a non-empty one only with --resume or --overwrite, run.json with the status, exit 3 when
+# the loss diverges), evaluate takes --ref_splits and writes one <run>.json scoring every
+# reference, IS once and a memorisation block; both refuse flags the real verbs do not have.
 FAKE_VERBS = r"""
-import json, os, sys
+import json, os, shutil, sys
 from pathlib import Path
 
 verb, a = sys.argv[1], sys.argv[2:]
@@ -158,10 +185,25 @@ with open(os.environ["FAKE_CALLS"], "a") as f:
     f.write(json.dumps({"verb": verb, "flags": flags, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
 out = Path(flags["out"])
 if verb == "fit":
+    resume, overwrite = flags.get("resume") == "true", flags.get("overwrite") == "true"
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        print(f"{out} already holds files; pass --resume true or --overwrite true", file=sys.stderr)
+        sys.exit(2)
+    if resume and not (out / "last.ckpt").exists():
+        sys.exit(2)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"verb": "fit", "status": "running"}))
     seed = int(flags["seed_everything"])
     if os.environ.get("FAKE_FAIL") == f"seed{seed}":
+        sys.exit(1)  # a crash: run.json stays behind
+    if os.environ.get("FAKE_DIVERGE") == f"seed{seed}":
+        msg = "the training loss became NaN or infinite at step 17; training stopped, no model.ckpt was written"
+        (out / "last.ckpt").write_text("the state at step 10")
+        (out / "run.json").write_text(json.dumps({"verb": "fit", "status": "diverged", "error": msg}))
+        print("ERROR movegen.cli: " + msg, file=sys.stderr)
         sys.exit(3)
-    out.mkdir(parents=True, exist_ok=True)
     drop = float(flags.get("model.config.resid_dropout", 0.1))
     move = "move" in Path(flags["config"]).name
     loss = 4.0 - 0.1 * move + drop * (1 if move else -1) + 0.01 * seed
@@ -169,27 +211,43 @@ if verb == "fit":
     hist = [{"step": s, "val_loss": loss + 1 / s, "val_bits_per_token": (loss + 1 / s) / 0.693147,
              "train_tokens": 100 * s} for s in range(every, steps + 1, every)]
     (out / "model.ckpt").write_text("weights")
+    (out / "last.ckpt").write_text("state")
     (out / "metrics.json").write_text(json.dumps({
         "status": "finished", "val_loss": loss, "val_bits_per_token": loss / 0.693147, "best_step": steps,
         "final_val_bits_per_token": hist[-1]["val_bits_per_token"], "steps": steps, "train_tokens": 100 * steps,
         "flops_per_token": 1000, "params_total": 10 + 5 * move, "params_memory": 5 * move,
         "memory": "move" if move else "none", "memory_slots": 2 * move, "history": hist,
-        "resumed": flags.get("resume") == "true"}))
+        "resumed": resume}))
+    (out / "run.json").write_text(json.dumps({"verb": "fit", "status": "finished", "steps": steps}))
 elif verb == "evaluate":
+    known = {"model", "features", "out", "num_samples", "batch_size", "seed", "ref_splits", "cache_dir",
+             "data.root"}
+    if bad := [k for k in flags if k not in known and not k.startswith("sampling.")]:
+        sys.exit(f"error: unrecognized arguments {bad}")
     out.mkdir(parents=True, exist_ok=True)
     run = Path(flags["model"]).parent
     m = json.loads((run / "metrics.json").read_text())
-    split = flags.get("ref_split", "train")
-    r = {"run": run.name, "id": "feat-1", "features": flags["features"], "fid": 10 * m["val_loss"], "is": 2.0,
-         "kid": 0.01, "reference": {"split": split}, "memorisation": {"score": 0.5}}
-    if os.environ.get("FAKE_REFS"):  # the evaluate that scores every reference in one call
-        r["references"] = {"test": {"fid": r["fid"]}, "train": {"fid": r["fid"] / 2}}
+    refs = json.loads(flags.get("ref_splits", '["test", "train"]'))
+    names = ("fid", "kid", "kid_std", "precision", "recall")
+    blocks = {s: {"fid": 10 * m["val_loss"] / (2 if s == "train" else 1), "kid": 0.01, "kid_std": 0.001,
+                  "precision": 0.7, "recall": 0.6 if s == "test" else 0.5, "size": 100,
+                  "key": {"dataset": "digits", "split": s}, "cache_hit": False} for s in refs}
+    held = next((s for s in refs if s != "train"), None)
+    mem = {"memorisation": 0.8 if m.get("memory") == "move" else 0.95, "copy_z": -1.5, "copy_fraction": 0.02,
+           "num_samples": 10, "num_train": 100, "num_heldout": 100, "train_split": "train",
+           "heldout_split": held} if "train" in refs and held else None
+    r = {"run": run.name, "id": "feat-1", "features": flags["features"], **{k: blocks[refs[0]][k] for k in names},
+         "is": 2.0, "is_std": 0.1, **{f"{k}_{s}": blocks[s][k] for s in refs[1:] for k in names},
+         "reference_split": refs[0], "references": blocks, "memorisation": mem,
+         "num_samples": int(flags["num_samples"]), "seed": int(flags.get("seed", 0)),
+         "sampling": {"cfg_scale": float(flags.get("sampling.cfg_scale", 1.0)), "temperature": 1.0},
+         "reference": blocks[refs[0]]["key"]}
     (out / f"{run.name}.json").write_text(json.dumps(r))
 """
 
 
-def _study_yaml(tmp_path: Path, *, arm_extra: str = "", grid: str = "", budgets: str = "",
-                more: str = "") -> str:  # fmt: skip
+def _study_yaml(tmp_path: Path, *, arm_extra: str = "", grid: str = "", budgets: str = "", more: str = "",
+                evaluate: str = "{num_samples: 10, references: [test, train]}") -> str:  # fmt: skip
     for name in ("codes", "val_codes"):
         (tmp_path / name).mkdir(exist_ok=True)
     (tmp_path / "classifier.ckpt").write_text("c")
@@ -206,8 +264,7 @@ def _study_yaml(tmp_path: Path, *, arm_extra: str = "", grid: str = "", budgets:
         """) + arm_extra + textwrap.dedent("""\
           move-x1: {config: configs/digits/move-x1.yaml}
         seeds: [0, 1]
-        evaluate: {num_samples: 10, references: [test, train]}
-        """) + "budgets:\n" + budgets + grid + more  # fmt: skip
+        """) + f"evaluate: {evaluate}\nbudgets:\n" + budgets + grid + more  # fmt: skip
 
 
 @pytest.fixture
@@ -226,6 +283,9 @@ def fake(tmp_path, monkeypatch):
     return read
 
 
+FIT_FILES = {"model.ckpt", "last.ckpt", "metrics.json", "config.yaml", "logs", "run.json"}
+
+
 def test_resume_contract(tmp_path, fake):
     y = tmp_path / "s.yaml"
     y.write_text(_study_yaml(tmp_path))
@@ -235,13 +295,18 @@ def test_resume_contract(tmp_path, fake):
         arm: {s: runs / arm / "default" / "short" / f"seed{s}" for s in (0, 1)}
         for arm in ("standard", "move-x1")
     }
-    # standard/seed0: finished by today's fit (no status field); standard/seed1: interrupted with a
-    # last.ckpt; move-x1/seed0: a folder with nothing resumable; move-x1/seed1: never started
+    # standard/seed0: finished by an older fit (no status field) and evaluated against the test
+    # split only; standard/seed1: interrupted with a last.ckpt; move-x1/seed0: a folder with
+    # nothing resumable; move-x1/seed1: never started
     d["standard"][0].mkdir(parents=True)
     (d["standard"][0] / "model.ckpt").write_text("w")
     (d["standard"][0] / "metrics.json").write_text(
         json.dumps({"val_loss": 3.0, "history": [], "steps": 20})
     )
+    stale = out / "evals" / "standard/default/short/seed0" / "seed0.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"id": "feat-1", "fid": 1.0, "reference_split": "test", "num_samples": 10,
+                                 "seed": 0, "references": {"test": {"fid": 1.0}}}))  # fmt: skip
     d["standard"][1].mkdir(parents=True)
     (d["standard"][1] / "last.ckpt").write_text("state")
     (d["standard"][1] / "metrics.json").write_text(json.dumps({"status": "running"}))
@@ -250,23 +315,44 @@ def test_resume_contract(tmp_path, fake):
     fits = {c["flags"]["out"]: c["flags"] for c in fake() if c["verb"] == "fit"}
     assert set(fits) == {str(d["standard"][1]), str(d["move-x1"][0]), str(d["move-x1"][1])}
     assert fits[str(d["standard"][1])].get("resume") == "true"
-    assert "resume" not in fits[str(d["move-x1"][0])] and not (d["move-x1"][0] / "logs").exists()
+    # nothing to resume: fit is told to replace its own files (it owns the folder), not bypassed
+    assert fits[str(d["move-x1"][0])].get("overwrite") == "true"
+    assert (
+        "resume" not in fits[str(d["move-x1"][0])] and "overwrite" not in fits[str(d["move-x1"][1])]
+    )
     # the seed reaches both the init and the data order
     assert all(f["seed_everything"] == f["data.seed"] == p[-1] for p, f in fits.items())
-    # two references on a verb that scores one per call: two evaluations per run
-    evals = [c for c in fake() if c["verb"] == "evaluate"]
-    assert sorted(c["flags"]["ref_split"] for c in evals) == ["test"] * 4 + ["train"] * 4
-    assert doc["complete"] and doc["launched"] == {"input": 0, "fit": 3, "evaluate": 8}
+    # one evaluation per run scores both references (the stale test-only one is redone)
+    evals = [c["flags"] for c in fake() if c["verb"] == "evaluate"]
+    assert len(evals) == 4 and all(json.loads(e["ref_splits"]) == ["test", "train"] for e in evals)
+    assert all("ref_split" not in e for e in evals)
+    assert doc["complete"] and doc["launched"] == {"input": 0, "fit": 3, "evaluate": 4}
     rec = {r["id"]: r for r in doc["runs"]}["move-x1/default/short/seed1"]
     assert set(rec["scores"]["feat-1"]) == {"test", "train"} and rec["reference"] == "test"
-    assert rec["memorisation"] == {"score": 0.5} and rec["history"][-1]["step"] == 20
+    test, train = rec["scores"]["feat-1"]["test"], rec["scores"]["feat-1"]["train"]
+    assert train["fid"] == test["fid"] / 2 and (test["precision"], test["recall"]) == (0.7, 0.6)
+    assert rec["memorisation"]["memorisation"] == 0.8 and rec["memorisation"]["copy_z"] == -1.5
+    assert rec["memorisation"]["copy_fraction"] == 0.02 and rec["is"] == 2.0
+    assert rec["history"][-1]["step"] == 20
+    # the evaluations live beside the runs, not in a fit's folder
+    for arm in d.values():
+        for run in arm.values():
+            assert {p.name for p in run.iterdir()} <= FIT_FILES
+    assert rec["eval_file"] == "evals/move-x1/default/short/seed1/seed1.json"
+    readme = (out / "report" / "README.md").read_text()
+    for col in ("FID (test)", "FID (train)", "precision (test)", "recall (test)", "memorisation"):
+        assert f"| {col}" in readme or f" {col} |" in readme, col
+    assert "| move-x1 | default | 2 |" in readme and "| 0.800 ± 0.000 |" in readme
     n = len(fake())
     again = study.run_study(y, out)
     assert len(fake()) == n and again["launched"] == {"input": 0, "fit": 0, "evaluate": 0}
+    # another evaluation setting is not the evaluation asked for: it is redone, the fits kept
+    y.write_text(_study_yaml(tmp_path, evaluate="{num_samples: 12, references: [test, train]}"))
+    again = study.run_study(y, out)
+    assert again["launched"] == {"input": 0, "fit": 0, "evaluate": 4}
 
 
-def test_select_on_trains_only_the_chosen_point_on_other_budgets(tmp_path, fake, monkeypatch):
-    monkeypatch.setenv("FAKE_REFS", "1")
+def test_select_on_trains_only_the_chosen_point_on_other_budgets(tmp_path, fake):
     y = tmp_path / "s.yaml"
     grid = "grid: {model.config.resid_dropout: [0.0, 0.1]}\nselect_on: short\n"
     budgets = "  short: {max_steps: 20, val_check_interval: 10}\n  long: {max_steps: 40, val_check_interval: 10}\n"
@@ -282,8 +368,7 @@ def test_select_on_trains_only_the_chosen_point_on_other_budgets(tmp_path, fake,
     assert long == {("standard", "0.1"), ("move-x1", "0.0")}
     assert len(fits) == 2 * 2 * 2 + 2 * 2  # every point on short, the chosen one on long
     assert len(doc["runs"]) == 12 and doc["complete"]
-    # one evaluation scored both references, so no second pass
-    assert sum(c["verb"] == "evaluate" for c in fake()) == 12
+    assert sum(c["verb"] == "evaluate" for c in fake()) == 12  # one per run
     rec = doc["runs"][-1]
     assert rec["scores"]["feat-1"]["train"]["fid"] == rec["scores"]["feat-1"]["test"]["fid"] / 2
     readme = (tmp_path / "out" / "report" / "README.md").read_text()
@@ -303,15 +388,48 @@ def test_a_failed_run_is_reported_and_retried(tmp_path, fake, monkeypatch, caplo
     assert status == {"standard/default/short/seed0": "finished", "standard/default/short/seed1": "failed",
                       "move-x1/default/short/seed0": "finished", "move-x1/default/short/seed1": "failed"}  # fmt: skip
     assert (
-        "exit status 3"
+        "exit status 1"
         in {r["id"]: r for r in doc["runs"]}["standard/default/short/seed1"]["detail"]
     )
     assert (out / "report" / "README.md").exists() and not doc["complete"]
     monkeypatch.delenv("FAKE_FAIL")
     n = len(fake())
     doc = study.run_study(y, out)
-    retried = [c["flags"]["out"] for c in fake()[n:] if c["verb"] == "fit"]
-    assert sorted(Path(p).name for p in retried) == ["seed1", "seed1"] and doc["complete"]
+    retried = [c["flags"] for c in fake()[n:] if c["verb"] == "fit"]
+    assert sorted(Path(f["out"]).name for f in retried) == ["seed1", "seed1"] and doc["complete"]
+    assert all(f.get("overwrite") == "true" for f in retried)  # the crash left a folder behind
+
+
+def test_a_diverged_run_is_recorded_reported_and_not_retried(tmp_path, fake, monkeypatch, caplog):
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path))
+    out = tmp_path / "out"
+    monkeypatch.setenv("FAKE_DIVERGE", "seed1")
+    with caplog.at_level(logging.WARNING):
+        assert (
+            main(["study", "--config", str(y), "--out", str(out)]) == 0
+        )  # a result, not a failure
+    assert "2 run(s) diverged" in caplog.text
+    doc = json.loads((out / "study.json").read_text())
+    by = {r["id"]: r for r in doc["runs"]}
+    div = ["standard/default/short/seed1", "move-x1/default/short/seed1"]
+    assert doc["diverged"] == div and doc["complete"]
+    for i in div:
+        assert by[i]["status"] == "diverged" and by[i]["diverged_step"] == 17
+        assert "NaN or infinite" in by[i]["detail"] and not by[i].get("evaluated")
+    assert [c["flags"]["out"].endswith("seed1") for c in fake() if c["verb"] == "evaluate"] == [
+        False
+    ] * 2
+    readme = (out / "report" / "README.md").read_text()
+    assert "2 of 4 runs finished, 2 diverged" in readme and "Diverged on `short`" in readme
+    assert "| standard/default/short/seed1 | diverged at step 17 |" in readme
+    assert "| standard | default | 1 (+1 diverged) |" in readme
+    # a rerun, even once the cause is gone, does not train the diverged runs again
+    monkeypatch.delenv("FAKE_DIVERGE")
+    n = len(fake())
+    again = study.run_study(y, out)
+    assert len(fake()) == n and again["launched"] == {"input": 0, "fit": 0, "evaluate": 0}
+    assert again["diverged"] == div
 
 
 def test_changed_settings_are_refused(tmp_path, fake):
@@ -361,6 +479,31 @@ def test_jobs_spread_over_gpus_and_never_exceed_parallel(tmp_path):
         assert sum(float(o[1]) <= t < float(o[2]) for o in spans) <= 2
 
 
+def test_job_exit_states_settled_jobs_and_after(tmp_path):
+    # a job that exits 3 is "diverged" (its dependents skipped, its `after` jobs run); prepare
+    # may settle a job without running it
+    out = tmp_path / "ran"
+    jobs = [
+        study.Job(key="div", kind="fit", deps=(), prepare=lambda: [sys.executable, "-c", "exit(3)"],
+                  done=lambda: False, log=tmp_path / "div.log", exit_states={3: "diverged"}),
+        study.Job(key="dep", kind="evaluate", deps=("div",), prepare=lambda: ["false"], done=lambda: True,
+                  log=tmp_path / "dep.log"),
+        study.Job(key="aft", kind="fit", deps=(), after=("div",),
+                  prepare=lambda: [sys.executable, "-c", f"open({str(out)!r}, 'w')"],
+                  done=out.exists, log=tmp_path / "aft.log"),
+        study.Job(key="set", kind="fit", deps=(), prepare=lambda: study.Outcome("diverged", "before"),
+                  done=lambda: False, log=tmp_path / "set.log"),
+        study.Job(key="exit4", kind="fit", deps=(), prepare=lambda: [sys.executable, "-c", "exit(4)"],
+                  done=lambda: False, log=tmp_path / "e4.log", exit_states={3: "diverged"}),
+    ]  # fmt: skip
+    res = study.run_jobs(jobs, parallel=2, gpus=[])
+    assert res["div"].state == "diverged" and res["div"].rc == 3
+    assert res["dep"].state == "skipped" and "div (diverged)" in res["dep"].detail
+    assert res["aft"].state == "ok" and out.exists()
+    assert res["set"].state == "diverged" and res["set"].rc is None
+    assert res["exit4"].state == "failed"
+
+
 # --------------------------------------------------------------------------- movegen report
 
 
@@ -376,6 +519,28 @@ def test_report_skips_a_corrupt_result_file(tmp_path, caplog):
     assert "b.json" in caplog.text and "skipping" in caplog.text
     text = readme.read_text()
     assert "| a |" in text and "| b |" not in text
+
+
+def test_report_shows_the_training_reference_and_memorisation_when_present(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    base = {"id": "feat", "features": "classifier:digits", "num_samples": 10, "seed": 0, "sampling": {},
+            "reference": {"dataset": "digits", "split": "test"}, "reference_split": "test"}  # fmt: skip
+    new = {**base, "run": "new", "fid": 3.0, "fid_train": 1.5, "precision": 0.7, "recall": 0.6,
+           "references": {"test": {"fid": 3.0}, "train": {"fid": 1.5}},
+           "memorisation": {"memorisation": 0.875, "copy_z": -2.0, "copy_fraction": 0.01}}  # fmt: skip
+    (res / "new.json").write_text(json.dumps(new))
+    (res / "old.json").write_text(json.dumps({**base, "run": "old", "fid": 4.0}))  # one reference
+    text = write_report(res, tmp_path / "report").read_text()
+    head = next(l for l in text.splitlines() if l.startswith("| run |"))
+    assert head.endswith("| FID | IS | KID | precision | recall | FID (train) | memorisation |")
+    assert "| new |" in text and "| 3.000 | – | – | 0.700 | 0.600 | 1.500 | 0.875 |" in text
+    assert "| 4.000 | – | – | – | – | – | – |" in text and "reference: test" in text
+    # a result whose primary reference is the training split gets a table of its own
+    (res / "tr.json").write_text(json.dumps({**base, "run": "tr", "fid": 1.0, "reference_split": "train",
+                                             "reference": {"dataset": "digits", "split": "train"}}))  # fmt: skip
+    text = write_report(res, tmp_path / "report").read_text()
+    assert text.count("| run |") == 2 and "reference: train" in text
 
 
 # --------------------------------------------------------------------------- the smoke study
@@ -397,19 +562,28 @@ def test_digits_smoke_study_end_to_end(tmp_path):
         assert r["status"] == "finished" and r["steps"] == 30
         assert [h["step"] for h in r["history"]] == [10, 20, 30]
         assert r["history"][-1]["val_bits_per_token"] < r["history"][0]["val_bits_per_token"]
-        fid = r["scores"][r["evaluation"]["id"]]["test"]["fid"]
+        ev, scores = r["evaluation"], r["scores"][r["evaluation"]["id"]]
+        # one evaluation: the held-out split is the headline, train beside it
+        assert ev["reference_split"] == "test" and list(scores) == ["test", "train"]
         assert (
-            fid == r["evaluation"]["fid"]
-            and fid > 0
-            and r["evaluation"]["reference"]["split"] == "test"
+            scores["test"]["fid"] == ev["fid"] > 0 and scores["train"]["fid"] == ev["fid_train"] > 0
         )
+        assert 0 <= scores["test"]["precision"] <= 1 and 0 <= scores["test"]["recall"] <= 1
+        assert r["memorisation"]["memorisation"] > 0 and "copy_z" in r["memorisation"]
+        assert r["memorisation"]["heldout_split"] == "test"
+        assert {
+            p.name for p in (out / r["run_dir"]).iterdir()
+        } <= FIT_FILES  # fit's folder, fit's files
+        assert (out / r["eval_file"]).is_file()
         assert r["flops_per_token"] > 0 and r["params_total"] > 0 and r["wall_seconds"]["fit"] > 0
     by = {(r["arm"], r["seed"]): r for r in doc["runs"]}
     assert by[("standard", 0)]["val_loss"] != by[("standard", 1)]["val_loss"]  # seeds differ
     assert by[("move-x1", 0)]["params_memory"] > 0 == by[("standard", 0)]["params_memory"]
     readme = (out / "report" / "README.md").read_text()
     assert "| standard | resid_dropout-0.1 | 2 |" in readme and "| move-x1 |" in readme
-    assert "Δ bits vs standard" in readme and "FID (test)" in readme and "## Targets" in readme
+    assert "Δ bits vs standard" in readme and "## Targets" in readme
+    assert "| FID (test) | Δ FID (test) vs standard | FID (train) |" in readme
+    assert "| precision (test) | recall (test) | IS | memorisation |" in readme
     assert "## Grid" in readme and ("**met**" in readme or "**missed**" in readme)
     for png in ("curves-short.png", "density-short.png"):
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

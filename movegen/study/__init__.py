@@ -7,8 +7,8 @@ regularisation grid applied to every arm alike, the evaluation and the claims to
 
     DIR/
       inputs/      tokenizer/, codes-train/, codes-val/, classifier/ (when built here)
-      runs/<arm>/<grid point>/<budget>/seed<S>/       a `movegen fit` run folder
-      runs/<arm>/<grid point>/<budget>/seed<S>/eval/  its `movegen evaluate` results
+      runs/<arm>/<grid point>/<budget>/seed<S>/   a `movegen fit` run folder (owned by fit)
+      evals/<arm>/<grid point>/<budget>/seed<S>/  its `movegen evaluate` result, seed<S>.json
       logs/        one log per subprocess, mirroring runs/ (a run folder belongs to its verb)
       cache/       reference statistics, shared by every evaluation
       study.json   one record per run, rewritten (atomically) after every subprocess
@@ -20,11 +20,18 @@ GPUs (``CUDA_VISIBLE_DEVICES`` per subprocess, least-loaded first). Seed S sets 
 init (``--seed_everything``) and the data order (``--data.seed``): every arm sees the same batches
 in the same order for a given seed.
 
+One evaluation per run scores every reference of ``evaluate.references`` (``--ref_splits``; the
+first, a held-out split, is the headline) and, with ``train`` and a held-out split, memorisation.
+
 Resume: a run whose ``metrics.json`` says ``"status": "finished"`` (or, from a fit without that
 field, a ``metrics.json`` beside a ``model.ckpt``) is never trained again; an unfinished one with
-a ``last.ckpt`` continues with ``--resume true``; one with neither is removed and restarted. A
-run with its evaluation files is never evaluated again. A run trained with other settings than
-the YAML now asks for is an error, not a silent reuse.
+a ``last.ckpt`` continues with ``--resume true``; one with neither starts again with
+``--overwrite true`` (fit removes only its own files). A fit that exits 3 (the loss became NaN
+or infinite; ``run.json`` says ``diverged``) is a result, not a failure: it is recorded with its
+step, reported, never evaluated and never retried (delete its run folder to train it again). A
+run with a current evaluation result (the references, samples, seed and sampling asked for) is
+never evaluated again. A run trained with other settings than the YAML now asks for is an
+error, not a silent reuse.
 
 The package: ``spec`` (the YAML and its checks), ``runs`` (a run's folder, commands, contract
 and record), ``jobs`` (the subprocess scheduler), and here :func:`run_study`, which ties them.
@@ -37,7 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,13 +52,15 @@ from ..checkpoint import atomic_write_text
 from ..report import choose_grid, write_study_report
 from .jobs import Job, Outcome, run_jobs, visible_gpus
 from .runs import (
+    DIVERGED_EXIT,
     Run,
     _input_jobs,
     _read_json,
     _run_record,
     eval_command,
-    evaluated_refs,
+    evaluation,
     fit_command,
+    fit_diverged,
     fit_finished,
     fit_settings,
 )
@@ -64,7 +72,9 @@ STUDY_FORMAT = "movegen.study/1"
 
 __all__ = [
     "Job",
+    "Outcome",
     "StudySpec",
+    "fit_diverged",
     "fit_finished",
     "load_study",
     "run_jobs",
@@ -134,26 +144,30 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
                 recs.append({"id": f"{arm_name}/?/{budget.name}/seed{seed}", "arm": arm_name, "grid": None,
                              "budget": budget.name, "seed": seed, "status": outcome_status(key)[0]})  # fmt: skip
                 continue
+            diverged = fit_diverged(run.dir, run.log("fit"))
             status, detail = ("finished", "") if fit_finished(run.dir) else outcome_status(key)
             ekey = "eval:" + key
-            if ekey in outcomes and outcomes[ekey].state in ("failed", "skipped"):
+            if ekey in outcomes and outcomes[ekey].state in ("failed", "skipped") and not diverged:
                 detail = (detail + "; " if detail else "") + "evaluation: " + outcomes[ekey].detail
-            recs.append(_run_record(spec, run, arm, status, detail, walls))
+            recs.append(_run_record(spec, run, arm, status, detail, walls, diverged))
         return recs
 
     def outcome_status(key: str) -> tuple[str, str]:
         o = outcomes.get("fit:" + key)
         if o is None:
             return "pending", ""
-        return {"failed": "failed", "skipped": "skipped"}.get(o.state, "pending"), o.detail
+        states = {"failed": "failed", "skipped": "skipped", "diverged": "diverged"}
+        return states.get(o.state, "pending"), o.detail
 
     def _chosen(arm: str, budget: Budget) -> str | None:
-        """The grid point of ``arm`` on ``budget`` when it is chosen on the select_on budget."""
+        """The grid point of ``arm`` on ``budget`` when it is chosen on the select_on budget: once
+        every run there has finished or diverged (a point with a diverged seed is not chosen)."""
         sel = next(b for b in spec.budgets if b.name == spec.select_on)
-        recs = [_run_record(spec, run_of(arm, g.id, sel, s), spec.arm(arm), "finished", "", {})
-                for g in spec.grid for s in spec.seeds if fit_finished(run_of(arm, g.id, sel, s).dir)]  # fmt: skip
-        if len(recs) < len(spec.grid) * len(spec.seeds):
+        sel_runs = [run_of(arm, g.id, sel, s) for g in spec.grid for s in spec.seeds]
+        if not all(fit_finished(r.dir) or fit_diverged(r.dir) for r in sel_runs):
             return None
+        recs = [_run_record(spec, r, spec.arm(arm), "finished", "", {}) for r in sel_runs
+                if fit_finished(r.dir)]  # fmt: skip
         return choose_grid(recs, arm, sel.name)
 
     def write(final: bool = False) -> dict:
@@ -167,26 +181,26 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
             "inputs_settings": in_settings, "parallel": parallel, "gpus": gpus,
             "launched": dict(counts), "seconds": round(time.time() - t_start, 1), "runs": records(),
         }  # fmt: skip
+        doc["diverged"] = [r["id"] for r in doc["runs"] if r["status"] == "diverged"]
+        # complete: nothing left to do (a diverged run is a result, and is not retried)
         doc["complete"] = final and all(
-            r["status"] == "finished" and r.get("evaluated") for r in doc["runs"]
+            (r["status"] == "finished" and r.get("evaluated")) or r["status"] == "diverged"
+            for r in doc["runs"]
         )
         atomic_write_text(study_path, json.dumps(doc, indent=1))
         return doc
 
     def on_finish(job: Job, o: Outcome) -> None:
         outcomes[job.key] = o
-        if o.state in ("ok", "failed"):
+        if o.rc is not None or o.state == "failed":
             counts[job.kind] += 1
         if o.seconds is not None and job.kind in ("fit", "evaluate"):
-            run = bound.get(job.key.split(":", 1)[1].split("#")[0])
+            run = bound.get(job.key.split(":", 1)[1])
             if run is not None:
                 w = walls.setdefault(run.id, {})
-                # a fit is timed once (a resumed one adds its new part); the passes of an evaluation add up
-                w[job.kind] = (
-                    round(w.get(job.kind, 0) + o.seconds, 1)
-                    if job.kind == "evaluate" or "--resume" in (launched.get(job.key) or [])
-                    else o.seconds
-                )
+                # a resumed fit adds its new part to the time of the part before
+                resumed = job.kind == "fit" and "--resume" in (launched.get(job.key) or [])
+                w[job.kind] = round(w.get(job.kind, 0) + o.seconds, 1) if resumed else o.seconds
         if job.kind in ("fit", "evaluate") and o.state != "done":
             write()
 
@@ -195,40 +209,42 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
             return bound[key]
         gid = gid or _chosen(arm.name, budget)
         if gid is None:
-            raise ValueError(f"no grid point chosen for {arm.name} on {spec.select_on}")
+            raise ValueError(f"no grid point of {arm.name} can be chosen on budget {spec.select_on}: its runs there "
+                             "did not all finish (or diverge), or a seed diverged at every point")  # fmt: skip
         run = bound[key] = run_of(arm.name, gid, budget, seed)
         settings = fit_settings(spec, arm, run)
-        if fit_finished(run.dir) and prev_settings.get(run.id) not in (None, settings):
+        settled = fit_finished(run.dir) or fit_diverged(run.dir)
+        if settled and prev_settings.get(run.id) not in (None, settings):
             raise ValueError(f"{run.dir} was trained with {prev_settings[run.id]}, the study now asks for "
                              f"{settings}; delete that run folder or use another --out")  # fmt: skip
         return run
 
-    launched: dict[str, Any] = {}  # job key -> its command (fit) or reference split (evaluate)
+    launched: dict[str, Any] = {}  # fit job key -> its command
 
     def fit_prepare(
         arm: Arm, budget: Budget, seed: int, gid: str | None, key: str
-    ) -> list[str] | None:
+    ) -> list[str] | Outcome | None:
         run = bind(arm, budget, seed, gid, key)
         if fit_finished(run.dir):
             return None
+        if d := fit_diverged(run.dir, run.log("fit")):
+            log.info("%s diverged at step %s before; not retried (delete %s to train it again)",
+                     run.id, d["step"], run.dir)  # fmt: skip
+            return Outcome("diverged", d["message"])
         resume = (run.dir / "last.ckpt").exists()
-        if run.dir.exists() and not resume:
+        # a folder with nothing to resume from: fit replaces its own files (and refuses others)
+        overwrite = not resume and run.dir.is_dir() and any(run.dir.iterdir())
+        if overwrite:
             log.warning(
                 "%s has no finished run and nothing to resume from; starting it again", run.dir
             )
-            shutil.rmtree(run.dir)
-        cmd = launched["fit:" + key] = fit_command(spec, arm, run, inputs, resume)
+        cmd = fit_command(spec, arm, run, inputs, resume=resume, overwrite=overwrite)
+        launched["fit:" + key] = cmd
         return cmd
 
-    def eval_prepare(key: str, ekey: str) -> list[str] | None:
+    def eval_prepare(key: str) -> list[str] | None:
         run = bound[key]
-        refs = spec.evaluate.references
-        missing = [r for r in refs if r not in evaluated_refs(run, refs)]
-        if not missing:
-            return None
-        # one reference per pass: the next pass skips what this one also scored
-        ref = launched[ekey] = missing[0]
-        return eval_command(spec, run, ref, inputs, out)
+        return None if evaluation(spec, run) else eval_command(spec, run, inputs, out)
 
     # the runs: every arm x grid point x seed on each budget (only the chosen point off select_on)
     deps_in = tuple(j.key for j in jobs)
@@ -246,18 +262,17 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
                                      for g in spec.grid for s in spec.seeds) if lazy else ()  # fmt: skip
                     if not lazy:
                         bind(arm, budget, seed, gid, key)
-                    jobs.append(Job(key="fit:" + key, kind="fit", deps=fit_deps + sel_deps,
+                    # (a diverged run on select_on still lets the choice be made: `after`, not deps)
+                    jobs.append(Job(key="fit:" + key, kind="fit", deps=fit_deps, after=sel_deps,
                                     prepare=lambda a=arm, b=budget, s=seed, g=gid, k=key: fit_prepare(a, b, s, g, k),
                                     done=lambda k=key: fit_finished(bound[k].dir),
-                                    log=lambda k=key: bound[k].log("fit")))  # fmt: skip
-                    # each evaluation scores one reference; more references, more passes
-                    for i in range(len(spec.evaluate.references)):
-                        ek = "eval:" + key + (f"#{i}" if i else "")
-                        prev_e = ("eval:" + key + (f"#{i - 1}" if i > 1 else ""),) if i else ()
-                        jobs.append(Job(key=ek, kind="evaluate", deps=("fit:" + key, *eval_deps, *prev_e),
-                                        prepare=lambda k=key, e=ek: eval_prepare(k, e),
-                                        done=lambda k=key, e=ek: bound[k].eval_file(launched[e]).exists(),
-                                        log=lambda k=key: bound[k].log("evaluate")))  # fmt: skip
+                                    log=lambda k=key: bound[k].log("fit"),
+                                    exit_states={DIVERGED_EXIT: "diverged"}))  # fmt: skip
+                    # one evaluation scores every reference (and memorisation)
+                    jobs.append(Job(key="eval:" + key, kind="evaluate", deps=("fit:" + key, *eval_deps),
+                                    prepare=lambda k=key: eval_prepare(k),
+                                    done=lambda k=key: evaluation(spec, bound[k]) is not None,
+                                    log=lambda k=key: bound[k].log("evaluate")))  # fmt: skip
     log.info("study %s: %d arms x %d grid points x %d budgets x %d seeds; %d at once%s", spec.name,
              len(spec.arms), len(spec.grid), len(spec.budgets), len(spec.seeds), parallel,
              f" on GPUs {','.join(gpus)}" if gpus else " on the CPU")  # fmt: skip
@@ -269,7 +284,17 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
     report = write_study_report(doc, out / "report")
     log.info("wrote %s and %s (launched %d fits, %d evaluations, %d input builds)", study_path, report,
              counts["fit"], counts["evaluate"], counts["input"])  # fmt: skip
-    bad = {k: o for k, o in outcomes.items() if o.state in ("failed", "skipped")}
+    if doc["diverged"]:
+        log.warning("%d run(s) diverged (recorded, reported, not retried): %s", len(doc["diverged"]),
+                    ", ".join(doc["diverged"]))  # fmt: skip
+
+    def diverged_fit(k: str) -> bool:  # an evaluation skipped because its fit diverged
+        return (
+            k.startswith("eval:") and outcomes.get("fit:" + k[5:], Outcome("")).state == "diverged"
+        )
+
+    bad = {k: o for k, o in outcomes.items()
+           if o.state == "failed" or (o.state == "skipped" and not diverged_fit(k))}  # fmt: skip
     if bad:
         first = "; ".join(f"{k}: {o.detail}" for k, o in list(bad.items())[:3])
         raise ValueError(f"{len(bad)} of {len(outcomes)} steps of the study did not succeed ({first}); the report "

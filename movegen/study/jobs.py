@@ -9,7 +9,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +19,37 @@ log = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
+@dataclass
+class Outcome:
+    state: str
+    """What became of the job: "done" (nothing to do), "ok" (ran and succeeded), "failed",
+    "skipped" (a dependency did not succeed), or a state of the job's own (``Job.exit_states``,
+    or an Outcome returned by ``prepare``)."""
+    detail: str = ""
+    seconds: float | None = None
+    rc: int | None = None
+
+
+SUCCEEDED = ("ok", "done")
+
+
 @dataclass(eq=False, kw_only=True)
 class Job:
-    """One subprocess. ``prepare`` runs when every dependency has succeeded and returns the
-    command, or None when there is nothing to do (already done); ``done`` says afterwards whether
-    it produced what it should."""
+    """One subprocess. ``prepare`` runs when every dependency has succeeded (and every job of
+    ``after`` has ended, whatever its outcome) and returns the command, None when there is
+    nothing to do (already done), or an :class:`Outcome` when the job is settled without running
+    (its dependents are skipped unless that outcome succeeded); ``done`` says afterwards whether
+    it produced what it should. ``exit_states`` names the outcome of particular exit codes
+    (e.g. ``{3: "diverged"}``); any other non-zero code is "failed"."""
 
     key: str
     kind: str
     deps: tuple[str, ...]
-    prepare: Callable[[], list[str] | None]
+    prepare: Callable[[], list[str] | Outcome | None]
     done: Callable[[], bool]
     log: Path | Callable[[], Path]
-
-
-@dataclass
-class Outcome:
-    state: str  # "done" (nothing to do), "ok" (ran and succeeded), "failed", "skipped"
-    detail: str = ""
-    seconds: float | None = None
+    after: tuple[str, ...] = ()
+    exit_states: dict[int, str] = field(default_factory=dict)
 
 
 def visible_gpus() -> list[str]:
@@ -60,11 +72,11 @@ def _tail(path: Path, n: int = 5) -> str:
 def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
              on_finish: Callable[[Job, Outcome], None] = lambda j, o: None) -> dict[str, Outcome]:  # fmt: skip
     """Run ``jobs`` as subprocesses, at most ``parallel`` at once, each after its dependencies;
-    a job whose dependency failed is skipped. With GPUs, each subprocess sees one of them
+    a job whose dependency did not succeed is skipped. With GPUs, each subprocess sees one of them
     (``CUDA_VISIBLE_DEVICES``), the least loaded first. On CPU each gets cores // parallel threads.
     The subprocesses still running when this returns by an exception are terminated."""
     keys = {j.key for j in jobs}
-    if missing := sorted({d for j in jobs for d in j.deps} - keys):
+    if missing := sorted({d for j in jobs for d in (*j.deps, *j.after)} - keys):
         raise ValueError(f"jobs depend on unknown jobs {missing}")
     env = {
         **os.environ,
@@ -90,12 +102,12 @@ def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
             for job in list(pending):
                 if len(running) >= parallel:
                     break
-                states = [outcomes[d].state if d in outcomes else None for d in job.deps]
-                if None in states:
+                if any(d not in outcomes for d in (*job.deps, *job.after)):
                     continue
                 pending.remove(job)
-                if bad := [d for d, s in zip(job.deps, states) if s in ("failed", "skipped")]:
-                    finish(job, Outcome("skipped", f"{', '.join(bad)} did not succeed"))
+                if bad := [d for d in job.deps if outcomes[d].state not in SUCCEEDED]:
+                    why = ", ".join(f"{d} ({outcomes[d].state})" for d in bad)
+                    finish(job, Outcome("skipped", f"{why} did not succeed"))
                     continue
                 try:
                     cmd = job.prepare()
@@ -104,6 +116,9 @@ def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
                     continue
                 if cmd is None:
                     finish(job, Outcome("done"))
+                    continue
+                if isinstance(cmd, Outcome):
+                    finish(job, cmd)
                     continue
                 gpu = min(gpus, key=lambda g: (load[g], gpus.index(g))) if gpus else None
                 logp = job.log() if callable(job.log) else job.log
@@ -132,14 +147,17 @@ def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
                 logp = job.log() if callable(job.log) else job.log
                 if rc == 0 and job.done():
                     log.info("finished %s in %.0f s", job.key, seconds)
-                    finish(job, Outcome("ok", seconds=seconds))
-                else:
-                    why = f"exit status {rc}" if rc else "it exited 0 but wrote no result"
-                    log.error("%s failed (%s); log %s: %s", job.key, why, logp, _tail(logp, 3))
-                    finish(job, Outcome("failed", f"{why}; see {logp}: {_tail(logp)}", seconds))
+                    finish(job, Outcome("ok", seconds=seconds, rc=rc))
+                    continue
+                state = job.exit_states.get(rc, "failed") if rc else "failed"
+                why = f"exit status {rc}" if rc else "it exited 0 but wrote no result"
+                log.error("%s %s (%s); log %s: %s", job.key, state, why, logp, _tail(logp, 3))
+                finish(job, Outcome(state, f"{why}; see {logp}: {_tail(logp)}", seconds, rc))
             if running:
                 time.sleep(0.05)
-            elif pending and not any(all(d in outcomes for d in j.deps) for j in pending):
+            elif pending and not any(
+                all(d in outcomes for d in (*j.deps, *j.after)) for j in pending
+            ):
                 raise ValueError(f"jobs wait on each other: {[j.key for j in pending]}")
     finally:
         for job, p, *_ in running:

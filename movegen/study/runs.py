@@ -1,5 +1,5 @@
 """One run of a study: its folder, its ``movegen fit`` and ``movegen evaluate`` commands, the
-fit verb's finished/resumable contract, the jobs that build missing inputs, and the record a
+fit verb's finished/diverged/resumable contract, the jobs that build missing inputs, and the record a
 finished run gets in study.json."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -56,12 +57,16 @@ class Run:
     def log(self, verb: str) -> Path:
         return self.root / "logs" / f"{self.id}.{verb}.log"
 
-    def eval_dir(self, ref: str | None) -> Path:
-        return self.dir / "eval" / (ref or "default")
+    @property
+    def eval_dir(self) -> Path:
+        # outside the run folder: `movegen fit` owns that one (a later --overwrite or --resume of
+        # it must find only its own files)
+        return self.root / "evals" / self.id
 
-    def eval_file(self, ref: str | None) -> Path:
+    @property
+    def eval_file(self) -> Path:
         # (evaluate names its result after the model's folder)
-        return self.eval_dir(ref) / f"{self.dir.name}.json"
+        return self.eval_dir / f"{self.dir.name}.json"
 
 
 def _read_json(path: Path) -> dict | None:
@@ -84,6 +89,27 @@ def fit_finished(run_dir: Path) -> bool:
     return (run_dir / "model.ckpt").exists()
 
 
+DIVERGED_EXIT = 3  # `movegen fit`: the loss became NaN or infinite (runs.TrainingDiverged)
+_AT_STEP = re.compile(r"NaN or infinite at step (\d+)")
+
+
+def fit_diverged(run_dir: Path, log: Path | None = None) -> dict | None:
+    """``{"step", "message"}`` of a fit whose ``run.json`` says ``diverged`` (the step from its
+    message there, else from the last such message in its log), or None."""
+    rec = _read_json(run_dir / "run.json")
+    if rec is None or rec.get("status") != "diverged" or fit_finished(run_dir):
+        return None
+    msg = rec.get("error") or ""
+    if not _AT_STEP.search(msg) and log is not None and log.exists():
+        lines = [l for l in log.read_text(errors="replace").splitlines() if _AT_STEP.search(l)]
+        msg = lines[-1].strip() if lines else msg
+    m = _AT_STEP.search(msg)
+    return {
+        "step": int(m.group(1)) if m else None,
+        "message": msg or "the loss became NaN or infinite",
+    }
+
+
 def fit_settings(spec: StudySpec, arm: Arm, run: Run) -> dict:
     """What a run was trained with, beside its record: a finished run is reused only when the YAML
     still asks for exactly this."""
@@ -96,45 +122,48 @@ def fit_settings(spec: StudySpec, arm: Arm, run: Run) -> dict:
             "args": args, "seed": run.seed}  # fmt: skip
 
 
-def fit_command(
-    spec: StudySpec, arm: Arm, run: Run, inputs: dict[str, Path], resume: bool
-) -> list[str]:
+def fit_command(spec: StudySpec, arm: Arm, run: Run, inputs: dict[str, Path], *, resume: bool = False,
+                overwrite: bool = False) -> list[str]:  # fmt: skip
     args = {**spec.fit_args, **arm.overrides, **run.grid.overrides, **run.budget.args,
             "seed_everything": run.seed, "data.seed": run.seed,
             "data.codes": str(inputs["codes"]), "data.val_codes": str(inputs["val_codes"])}  # fmt: skip
     cmd = _movegen("fit", "--config", str(arm.config), *_flags(args), "--out", str(run.dir))
-    return cmd + (["--resume", "true"] if resume else [])
+    return (
+        cmd
+        + (["--resume", "true"] if resume else [])
+        + (["--overwrite", "true"] if overwrite else [])
+    )
 
 
-def eval_command(
-    spec: StudySpec, run: Run, ref: str | None, inputs: dict[str, Path], out: Path
-) -> list[str]:
+def eval_command(spec: StudySpec, run: Run, inputs: dict[str, Path], out: Path) -> list[str]:
+    """One ``movegen evaluate`` of the run's best model against every reference of the study."""
     ev = spec.evaluate
     features = ev.features or f"classifier:{inputs['classifier']}"
-    args = {"model": str(run.dir / "model.ckpt"), "features": features, "out": str(run.eval_dir(ref)),
+    args = {"model": str(run.dir / "model.ckpt"), "features": features, "out": str(run.eval_dir),
             "num_samples": ev.num_samples, "batch_size": ev.batch_size, "seed": ev.seed,
-            "cache_dir": str(out / "cache"), **{f"sampling.{k}": v for k, v in ev.sampling.items()}}  # fmt: skip
-    if ref is not None:
-        args["ref_split"] = ref
+            "ref_splits": list(ev.references), "cache_dir": str(out / "cache"),
+            **{f"sampling.{k}": v for k, v in ev.sampling.items()}}  # fmt: skip
     if root := (spec.inputs.get("data") or {}).get("root"):
         args["data.root"] = root
     return _movegen("evaluate", *_flags({**args, **ev.args}))
 
 
-def evaluated_refs(run: Run, refs: tuple[str | None, ...]) -> set[str | None]:
-    """Reference splits this run has scores for: its own eval file, or another's ``references``
-    section (a single evaluation may score several references)."""
-    have: set[str | None] = set()
-    for ref in refs:
-        r = _read_json(run.eval_file(ref))
-        if r is None:
-            continue
-        have.add(ref)
-        have.update(k for k in r.get("references") or {} if k in refs)
-        split = (r.get("reference") or {}).get("split")
-        if split in refs:
-            have.add(split)
-    return have
+def evaluation(spec: StudySpec, run: Run) -> dict | None:
+    """The run's evaluation result when it is one the study asks for now (its references, in
+    order, and its number of samples and seed); None when missing, unreadable or stale."""
+    r = _read_json(run.eval_file)
+    if r is None:
+        return None
+    ev = spec.evaluate
+    refs = list(r.get("references") or {})
+    if (r.get("reference_split"), refs) != (ev.references[0], list(ev.references)):
+        return None
+    if (r.get("num_samples"), r.get("seed")) != (ev.num_samples, ev.seed):
+        return None
+    sampling = r.get("sampling") or {}
+    if any(sampling.get(k) != v for k, v in ev.sampling.items()):
+        return None
+    return r
 
 
 # =========================================================================== inputs
@@ -237,11 +266,14 @@ def _input_jobs(spec: StudySpec, out: Path) -> tuple[dict[str, Path], list[Job],
 
 # =========================================================================== records
 
-# what a record's ``scores`` keep of each reference (the whole headline evaluation is kept too)
-SCORE_KEYS = ("fid", "is", "is_std", "kid", "kid_std", "precision", "recall", "memorisation", "num_samples")  # fmt: skip
+# what a record keeps of each reference of its evaluation (the whole evaluation is kept too)
+REFERENCE_KEYS = ("fid", "kid", "kid_std", "precision", "recall", "size")
+MEMORISATION_KEYS = ("memorisation", "copy_z", "copy_fraction", "num_samples", "num_train",
+                     "num_heldout", "train_split", "heldout_split")  # fmt: skip
 
 
-def _run_record(spec: StudySpec, run: Run, arm: Arm, status: str, detail: str, walls: dict) -> dict:
+def _run_record(spec: StudySpec, run: Run, arm: Arm, status: str, detail: str, walls: dict,
+                diverged: dict | None = None) -> dict:  # fmt: skip
     m = _read_json(run.dir / "metrics.json") if status == "finished" else None
     rec: dict[str, Any] = {
         "id": run.id, "arm": run.arm, "grid": run.grid.id, "grid_overrides": run.grid.overrides,
@@ -250,6 +282,8 @@ def _run_record(spec: StudySpec, run: Run, arm: Arm, status: str, detail: str, w
     }  # fmt: skip
     if detail:
         rec["detail"] = detail
+    if diverged is not None:
+        rec.update(status="diverged", diverged_step=diverged["step"], detail=diverged["message"])
     if m is not None:
         keep = ("steps", "train_tokens", "flops_per_token", "memory", "memory_density", "memory_slots",
                 "bank_bytes_per_token", "val_loss", "val_bits_per_token", "best_step", "final_val_loss",
@@ -257,28 +291,21 @@ def _run_record(spec: StudySpec, run: Run, arm: Arm, status: str, detail: str, w
         rec.update({k: m[k] for k in keep if k in m})
         rec.update({k: v for k, v in m.items() if k.startswith("params_")})
         rec["status"] = "finished"
-    evals, scores = [], {}
-    for ref in spec.evaluate.references:
-        r = _read_json(run.eval_file(ref))
-        if r is None:
-            continue
-        evals.append(r)
+    r = evaluation(spec, run) if rec["status"] == "finished" else None
+    if r is not None:
+        # scores per feature set, then per reference split: never one column across either
         fid_id = r.get("id") or r.get("features") or "features"
-        split = (r.get("reference") or {}).get("split") or ref or "default"
-        per = scores.setdefault(fid_id, {})
-        per.setdefault(split, {k: r[k] for k in r if k in SCORE_KEYS})
-        for split2, s in (r.get("references") or {}).items():
-            if isinstance(s, dict):
-                per.setdefault(split2, {k: v for k, v in s.items() if k in SCORE_KEYS})
-    if evals:
-        rec["evaluation"] = evals[0]  # every key of the headline evaluation, copied through
-        rec["evaluations"] = evals[1:]
-        rec["scores"] = scores
-        rec["reference"] = (evals[0].get("reference") or {}).get(
-            "split"
-        ) or spec.evaluate.references[0]
-        if isinstance(evals[0].get("memorisation"), dict | int | float):
-            rec["memorisation"] = evals[0]["memorisation"]
+        refs = r.get("references") or {}
+        rec["evaluation"] = r  # every key of the evaluation, copied through
+        rec["eval_file"] = str(run.eval_file.relative_to(run.root))
+        rec["features"] = fid_id
+        rec["reference"] = r["reference_split"]
+        rec["scores"] = {fid_id: {split: {k: b.get(k) for k in REFERENCE_KEYS}
+                                  for split, b in refs.items() if isinstance(b, dict)}}  # fmt: skip
+        rec["is"], rec["is_std"] = r.get("is"), r.get("is_std")
+        mem = r.get("memorisation")
+        if isinstance(mem, dict):
+            rec["memorisation"] = {k: mem[k] for k in MEMORISATION_KEYS if k in mem}
         rec["evaluated"] = True
     rec["wall_seconds"] = walls.get(run.id, {})
     return rec

@@ -17,7 +17,13 @@ from ..report import TARGET_KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 # flags the study sets on every fit itself; an arm, grid point or budget may not set them
-OWNED_FIT_KEYS = ("seed_everything", "data.seed", "data.codes", "data.val_codes", "out", "resume")
+OWNED_FIT_KEYS = ("seed_everything", "data.seed", "data.codes", "data.val_codes", "out", "resume",
+                  "overwrite")  # fmt: skip
+# fit flags that parse but cannot take effect: an override of one is refused, saying why
+INERT_FIT_KEYS = {
+    "data.num_workers": "fit gathers its batches in-process (from device memory on a GPU), "
+    "so it has no workers; remove it",
+}
 SECTIONS = ("arms", "seeds", "budgets", "grid", "select_on", "standard", "fit_args", "evaluate",
             "inputs", "parallel", "targets", "name", "description")  # fmt: skip
 
@@ -56,8 +62,10 @@ class EvalSpec:
     seed: int = 0
     features: str | None = None
     """'inception' or 'classifier:PATH'; default: the classifier of the inputs."""
-    references: tuple[str | None, ...] = (None,)
-    """Reference splits (``--ref_split``), the first is the headline one; None: the verb's default."""
+    references: tuple[str, ...] = ("test", "train")
+    """Reference splits, passed to one ``movegen evaluate`` call as ``--ref_splits``: the first
+    (a held-out split) gives the headline scores; with ``train`` and a held-out split the
+    evaluation also scores memorisation."""
     sampling: dict[str, Any] = field(default_factory=dict)
     args: dict[str, Any] = field(default_factory=dict)
     """More ``movegen evaluate`` flags, passed as they are."""
@@ -199,14 +207,23 @@ def load_study(path: str | Path) -> StudySpec:
     if standard not in arms_doc:
         raise ValueError(f"standard arm {standard!r} is not one of the arms {list(arms_doc)}")
     ev = dict(_mapping(doc.get("evaluate"), "evaluate"))
-    refs = ev.pop("references", None)
-    refs = (None,) if refs is None else tuple(refs if isinstance(refs, list) else [refs])
-    if any(r not in ("train", "val", "test") for r in refs if r is not None) or len(
-        set(refs)
-    ) != len(refs):
-        raise ValueError(
-            f"evaluate.references must be distinct splits among train/val/test, got {list(refs)}"
-        )
+    refs = ev.pop("references", list(EvalSpec.references))
+    refs = tuple(refs if isinstance(refs, list) else [refs])
+    if (
+        not refs
+        or any(r not in ("train", "val", "test") for r in refs)
+        or len(set(refs)) != len(refs)
+    ):
+        raise ValueError(f"evaluate.references must list distinct splits of train, val, test (the first is the "
+                         f"headline reference, e.g. [test, train]), got {list(refs)}")  # fmt: skip
+    owned = {"ref_splits": "evaluate.references", "num_samples": "evaluate.num_samples",
+             "seed": "evaluate.seed", "batch_size": "evaluate.batch_size", "features": "evaluate.features",
+             "model": None, "out": None, "cache_dir": None}  # fmt: skip
+    for k in _mapping(ev.get("args"), "evaluate.args"):
+        if k in owned or k.startswith("sampling."):
+            where = owned.get(k) or ("evaluate.sampling" if k.startswith("sampling.") else None)
+            raise ValueError(f"evaluate.args: {k} is set by the study itself" +
+                             (f"; set it with {where}" if where else ""))  # fmt: skip
     known = set(inspect.signature(EvalSpec).parameters)
     if bad := sorted(set(ev) - known):
         raise ValueError(
@@ -288,6 +305,8 @@ def check_overrides(spec: StudySpec) -> None:
                 raise ValueError(
                     f"{where}: {key} is set by the study itself (seeds, inputs, run folder)"
                 )
+            if key in INERT_FIT_KEYS:
+                raise ValueError(f"{where}: {key} has no effect: {INERT_FIT_KEYS[key]}")
             section, _, name = key.rpartition(".")
             if section not in fields or name not in fields[section]:
                 close = sorted(fields.get(section, ()))
