@@ -41,27 +41,40 @@ def main() -> None:
     work = Path(a.work or tempfile.mkdtemp(prefix="resume-"))
     env = {**os.environ, "TQDM_DISABLE": "1"}
     t0 = time.time()
-    ref = subprocess.Popen(fit(a, work / "uninterrupted"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    cut = subprocess.Popen(fit(a, work / "resumed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    ref = subprocess.Popen(
+        fit(a, work / "uninterrupted"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    cut = subprocess.Popen(
+        fit(a, work / "resumed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
     state = work / "resumed" / "last.ckpt"
     while not state.exists():  # written once, at --kill_at (--state_every)
         if cut.poll() is not None:
-            sys.exit(f"the run ended (exit {cut.returncode}) before its state at step {a.kill_at} was written")
+            sys.exit(
+                f"the run ended (exit {cut.returncode}) before its state at step {a.kill_at} was written"
+            )
         time.sleep(0.05)
     cut.send_signal(signal.SIGKILL)
     cut.wait()
     killed_after = time.time() - t0
-    rc = subprocess.run(fit(a, work / "resumed", "--resume", "true"), env=env, capture_output=True, text=True)
+    rc = subprocess.run(
+        fit(a, work / "resumed", "--resume", "true"), env=env, capture_output=True, text=True
+    )
     if rc.returncode != 0:
         sys.exit(f"resume failed (exit {rc.returncode}):\n{rc.stdout[-2000:]}{rc.stderr[-2000:]}")
     if ref.wait() != 0:
         sys.exit("the uninterrupted run failed")
 
     def curve(d):
-        return {h["step"]: h["val_loss"] for h in json.loads((work / d / "metrics.json").read_text())["history"]}
+        return {
+            h["step"]: h["val_loss"]
+            for h in json.loads((work / d / "metrics.json").read_text())["history"]
+        }
 
     x, y = curve("uninterrupted"), curve("resumed")
-    print(f"killed with SIGKILL after {killed_after:.1f} s (state at step {a.kill_at}), resumed to {a.steps}")
+    print(
+        f"killed with SIGKILL after {killed_after:.1f} s (state at step {a.kill_at}), resumed to {a.steps}"
+    )
     print("| step | uninterrupted val loss | resumed val loss | difference |")
     print("|---|---|---|---|")
     for s in sorted(x):

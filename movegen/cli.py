@@ -228,12 +228,14 @@ def _fit_tokenizer(model, data, out: Path, trainer: dict[str, Any] | None) -> di
 
 
 def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, resume: bool = False,
-        overwrite: bool = False, state_every: int = 1, argv: list[str] | None = None,
+        overwrite: bool = False, state_every: int | None = None, state_interval: float = 600.0,
+        argv: list[str] | None = None,
         config_yaml: str | None = None) -> dict:  # fmt: skip
     """Train the AR model ``model`` (a ``LitGPT``) on the code store of ``data`` (a
     ``CodeDataModule``) in the run folder ``out``; keeps ``model.ckpt`` at the best validation
-    loss, the training state ``last.ckpt`` after every ``state_every`` validations (and on
-    SIGINT/SIGTERM), and writes ``metrics.json`` (best and final validation bits/token, the
+    loss, the training state ``last.ckpt`` (at the first validation ``state_interval`` seconds
+    after the last write, or after every ``state_every`` validations when given; at the end;
+    on SIGINT/SIGTERM), and writes ``metrics.json`` (best and final validation bits/token, the
     curve, the cost report, ``status``).
 
     ``resume`` continues the run in ``out`` from its ``last.ckpt`` (the same validation curve as
@@ -249,7 +251,7 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, 
     with claim_run(out, "fit", resume=resume, overwrite=overwrite, argv=argv) as run:
         _write_config(out, config_yaml, resume)
         best = BestCheckpoint(out, data.store.header)
-        state = TrainingState(out, every=state_every)
+        state = TrainingState(out, every=state_every, interval_s=state_interval, best=best)
         settings = {**_trainer_defaults("fit"), **(trainer or {})}
         settings["plugins"] = [*(settings.get("plugins") or []), SafeCheckpointIO()]
         t = _make_trainer(
@@ -260,6 +262,7 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, 
         t.fit(model, datamodule=data, ckpt_path=str(out / "last.ckpt") if resume else None)
         bad = model.nonfinite_step()
         if bad is not None:
+            best.write()
             raise TrainingDiverged(diverged_message(bad, best))
         if not best.history:
             raise ValueError(
@@ -364,8 +367,11 @@ def _train_cli_class():
             if self._verb == "fit":
                 parser.add_argument("--resume", type=bool, default=False,
                                     help="continue the run in --out from its last.ckpt")  # fmt: skip
-                parser.add_argument("--state_every", type=int, default=1,
-                                    help="write the training state last.ckpt after every N validations")  # fmt: skip
+                parser.add_argument("--state_every", type=int | None, default=None,
+                                    help="write the training state last.ckpt (and model.ckpt) after every N "
+                                         "validations (default: by --state_interval)")  # fmt: skip
+                parser.add_argument("--state_interval", type=float, default=600.0,
+                                    help="seconds between writes of the training state, at validations")  # fmt: skip
             for source, target in self._links:
                 parser.link_arguments(source, target)
 
@@ -392,7 +398,9 @@ def _training_verb(verb: str, argv: list[str]) -> int:
     _quiet_lightning()
     cli = _train_cli_class()(model_cls, dm_cls, verb=verb, args=argv, links=links)
     trainer = dict(cli.config_init.get("trainer", {}))
-    extra = {k: cli.config[k] for k in ("resume", "state_every") if k in cli.config}
+    extra = {
+        k: cli.config[k] for k in ("resume", "state_every", "state_interval") if k in cli.config
+    }
     run(cli.model, cli.datamodule, out=cli.config["out"], trainer=trainer, overwrite=cli.config["overwrite"],
         argv=argv, config_yaml=cli.parser.dump(cli.config, skip_none=False), **extra)  # fmt: skip
     return 0

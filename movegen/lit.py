@@ -329,10 +329,15 @@ class LitGPT(L.LightningModule):
         self.first_bad_step.copy_(torch.where(bad, self.trainer.global_step, self.first_bad_step))
         n = codes.numel() * self.trainer.world_size
         self.train_tokens += n
-        now = time.perf_counter()
-        if self._t_last is not None:
-            self.log("train/tokens_per_s", n / max(now - self._t_last, 1e-9))
-        self._t_last = now
+        # tokens/s over the logging window, on the host: a Python number logged every step
+        # would be copied to the device, and that copy waits for the GPU at every step
+        every = max(1, self.trainer.log_every_n_steps)
+        if self.trainer.global_step % every == 0:
+            now = time.perf_counter()
+            if self._t_last is not None:
+                t, tokens = self._t_last
+                self.log("train/tokens_per_s", (self.train_tokens - tokens) / max(now - t, 1e-9))
+            self._t_last = (now, self.train_tokens)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -395,15 +400,20 @@ def _norm(v):
 
 
 class BestCheckpoint(L.Callback):
-    """Keeps ``DIR/model.ckpt`` at the best validation loss (written atomically) and a history.
-    Its state (best, best step, history) travels in the training state, so a resumed run keeps
+    """Keeps ``DIR/model.ckpt`` at the best validation loss (written atomically, with the
+    training state and at the end of training) and a history. Its state (best, best step, history) travels in the training state, so a resumed run keeps
     the same best and the whole curve."""
 
-    def __init__(self, out: Path, header: dict):
+    def __init__(self, out: Path, header: dict, write_every_validation: bool = False):
         self.out, self.header = Path(out), header
         self.best = float("inf")
         self.best_step = -1
         self.history: list[dict] = []
+        # The best weights are written with the training state (and at the end): on disk,
+        # model.ckpt is always the best of what last.ckpt has seen, and short runs are not
+        # bound by writing a checkpoint at every validation.
+        self.write_every_validation = write_every_validation
+        self._pending: dict | None = None
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "history": self.history}
@@ -421,19 +431,28 @@ class BestCheckpoint(L.Callback):
         loss = float(m["val/loss"])
         bad = pl_module.nonfinite_step()
         if bad is not None or not math.isfinite(loss):
+            self.write()  # the best model so far was finite: keep it
             raise TrainingDiverged(
                 diverged_message(bad if bad is not None else trainer.global_step, self, loss)
             )
         rec = {"step": trainer.global_step, "val_loss": loss, "val_bits_per_token": loss / math.log(2),
                "train_tokens": pl_module.train_tokens}  # fmt: skip
         self.history.append(rec)
-        if loss < self.best and trainer.is_global_zero:
+        if loss < self.best:
             self.best, self.best_step = loss, trainer.global_step
-            ckpt = model_checkpoint(pl_module.eval_model(), header=self.header,
-                                    train={"step": trainer.global_step, "train_tokens": pl_module.train_tokens,
-                                           "hparams": dict(pl_module.hparams)},
-                                    metrics=rec)  # fmt: skip
-            atomic_torch_save(ckpt, self.out / "model.ckpt")
+            if trainer.is_global_zero:  # a CPU copy now; on disk when the training state is
+                self._pending = model_checkpoint(pl_module.eval_model(), header=self.header,
+                                                 train={"step": trainer.global_step, "train_tokens": pl_module.train_tokens,
+                                                        "hparams": dict(pl_module.hparams)},
+                                                 metrics=rec)  # fmt: skip
+        if self.write_every_validation:
+            self.write()
+
+    def write(self) -> None:
+        """Put the best model seen so far on disk (``model.ckpt``, atomically), if it is not."""
+        if self._pending is not None:
+            atomic_torch_save(self._pending, self.out / "model.ckpt")
+            self._pending = None
 
 
 def diverged_message(step: int, best: BestCheckpoint, val_loss: float | None = None) -> str:
@@ -449,13 +468,21 @@ def diverged_message(step: int, best: BestCheckpoint, val_loss: float | None = N
 
 class TrainingState(L.Callback):
     """Writes the training state ``DIR/last.ckpt`` (weights, optimizer, LR schedule, EMA, data
-    position, RNG states, counters, the best-checkpoint tracker) atomically after every
-    ``every`` validations, and on SIGINT/SIGTERM at the next step boundary, then stops the run
-    (``interrupted`` is set; a second signal quits at once). Never writes a state whose loss
-    went non-finite."""
+    position, RNG states, counters, the best-checkpoint tracker) atomically, with the best
+    model beside it: at the first validation ``interval_s`` seconds after the last write (or
+    after every ``every`` validations when given), at the end, and on SIGINT/SIGTERM at the
+    next step boundary, after which the run stops (a second signal quits at once). Never
+    writes a state whose loss went non-finite."""
 
-    def __init__(self, out: Path, every: int = 1):
-        self.path, self.every = Path(out) / "last.ckpt", max(1, every)
+    def __init__(self, out: Path, every: int | None = None, interval_s: float = 600.0,
+                 best: BestCheckpoint | None = None):  # fmt: skip
+        self.path, self.every, self.interval_s, self.best = (
+            Path(out) / "last.ckpt",
+            every,
+            interval_s,
+            best,
+        )
+        self._last_save = time.time()
         self.interrupted: int | None = None  # the signal received
         self.saved_step: int | None = None
         self._validations = 0
@@ -500,14 +527,19 @@ class TrainingState(L.Callback):
     def save(self, trainer, pl_module) -> None:
         if getattr(pl_module, "nonfinite_step", lambda: None)() is not None:
             return
+        if self.best is not None and trainer.is_global_zero:
+            self.best.write()  # first: a model.ckpt never lags the state that records it as best
         trainer.save_checkpoint(self.path)
         self.saved_step = trainer.global_step
+        self._last_save = time.time()
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
         self._validations += 1
-        if self._validations % self.every == 0 or self.interrupted is not None:
+        due = (self._validations % self.every == 0 if self.every
+               else time.time() - self._last_save >= self.interval_s)  # fmt: skip
+        if due or self.interrupted is not None:
             self.save(trainer, pl_module)
         if self.interrupted is not None:
             self._stop(trainer)

@@ -20,7 +20,8 @@ STEPS, EVERY = 60, 10
 def fit_args(codes, val_codes, out, *extra):
     return ["fit", "--config", str(ROOT / "configs/digits/standard.yaml"), "--data.codes", str(codes),
             "--data.val_codes", str(val_codes), "--out", str(out), "--trainer.max_steps", str(STEPS),
-            "--trainer.val_check_interval", str(EVERY), "--model.config.resid_dropout", "0.1", *extra]  # fmt: skip
+            "--trainer.val_check_interval", str(EVERY), "--model.config.resid_dropout", "0.1",
+            "--state_every", "1", *extra]  # fmt: skip
 
 
 def history(run: Path) -> list[tuple[int, float]]:
