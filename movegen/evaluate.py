@@ -201,13 +201,12 @@ def reference_set(module, feature_id: str, dataset: str, split: str, *, resoluti
     return feats, {"key": key, "cache_hit": hit}
 
 
-def score_reference(
-    real: torch.Tensor, fake: torch.Tensor, *, seed: int = 0, knn_max: int = KNN_MAX
-) -> dict:
-    """FID, KID and precision/recall (k = 3, on seeded subsets of at most ``knn_max``) of the
-    samples' features against one reference's, and the reference's size."""
+def score_reference(real: torch.Tensor, fake: torch.Tensor, *, seed: int = 0, knn_max: int = KNN_MAX,
+                    device: str = "cpu") -> dict:  # fmt: skip
+    """FID, KID and precision/recall (k = 3, on seeded subsets of at most ``knn_max``, searched
+    on ``device``) of the samples' features against one reference's, and the reference's size."""
     out = {**fid_kid(real, fake, seed=seed), "precision": None, "recall": None, "size": len(real)}
-    r, f = _subset(real, knn_max, seed), _subset(fake, knn_max, seed + 1)
+    r, f = _subset(real, knn_max, seed).to(device), _subset(fake, knn_max, seed + 1)
     if min(len(r), len(f)) > PR_K:
         out.update(precision_recall(r, f, k=PR_K))
     else:
@@ -217,13 +216,13 @@ def score_reference(
 
 
 def score_memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor, *, seed: int = 0,
-                       knn_max: int = KNN_MAX) -> dict:  # fmt: skip
+                       knn_max: int = KNN_MAX, device: str = "cpu") -> dict:  # fmt: skip
     """The memorisation block of a result: :func:`~movegen.metrics.memorisation` of the samples
     against the training features, with held-out real images as the yardstick. Every training
     feature is searched (a copy must find its original); samples and held-out images are
     seeded subsets of at most ``knn_max``."""
     s, h = _subset(samples, knn_max, seed + 2), _subset(heldout, knn_max, seed + 3)
-    return {**memorisation(s, train, h), "num_samples": len(s), "num_train": len(train),
+    return {**memorisation(s, train.to(device), h), "num_samples": len(s), "num_train": len(train),
             "num_heldout": len(h)}  # fmt: skip
 
 
@@ -271,11 +270,15 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
     logits = extract_features(logit_mod, images, device=device)
     blocks = {}
     for split, (real, meta) in reals.items():
-        blocks[split] = {**score_reference(real, fake, seed=seed, knn_max=knn_max), **meta}
+        blocks[split] = {
+            **score_reference(real, fake, seed=seed, knn_max=knn_max, device=device),
+            **meta,
+        }
     heldout = next((s for s in refs if s != "train"), None)
     mem = None
     if "train" in reals and heldout:
-        mem = {**score_memorisation(fake, reals["train"][0], reals[heldout][0], seed=seed, knn_max=knn_max),
+        mem = {**score_memorisation(fake, reals["train"][0], reals[heldout][0], seed=seed, knn_max=knn_max,
+                                    device=device),
                "train_split": "train", "heldout_split": heldout}  # fmt: skip
     else:
         log.info(

@@ -275,30 +275,34 @@ def fid_float64_scipy(real: np.ndarray, fake: np.ndarray) -> float:
 
 def _nn_distances(x: torch.Tensor, ref: torch.Tensor, k: int = 1, *, skip_self: bool = False,
                   chunk: int = 2048) -> torch.Tensor:  # fmt: skip
-    """Distance of each row of ``x (N, F)`` to its k-th nearest row of ``ref (R, F)`` (float64;
-    ``skip_self``: ``x`` is ``ref``, so each row's zero distance to itself is not counted)."""
-    x, ref = x.double(), ref.double()
+    """Distance of each row of ``x (N, F)`` to its k-th nearest row of ``ref (R, F)`` (float64, on
+    ``ref``'s device, returned on the CPU; ``skip_self``: ``x`` is ``ref``, so each row's zero
+    distance to itself is not counted)."""
+    x, ref = x.to(ref.device).double(), ref.double()
     chunk = max(1, min(chunk, (1 << 25) // max(1, len(ref))))  # a (chunk, R) block of <= 256 MiB
     out = []
     for i in range(0, len(x), chunk):
         d = torch.cdist(x[i : i + chunk], ref)  # (n, R)
         out.append(d.topk(k + int(skip_self), dim=1, largest=False).values[:, -1])
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict[str, float]:
     """k-NN manifold precision and recall (Kynkaanniemi et al. 2019): a real (fake) image's
     manifold ball has the radius of its k-th nearest real (fake) neighbour; precision is the
-    fraction of fakes inside some real ball, recall the fraction of reals inside some fake ball."""
+    fraction of fakes inside some real ball, recall the fraction of reals inside some fake ball.
+    Computed on ``real``'s device (a GPU makes the k-NN searches of large sets take seconds)."""
     if len(real) <= k or len(fake) <= k:
         raise ValueError(
             f"precision/recall with k = {k} need more than {k} real and generated images"
         )
 
     def covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
-        hits = []
+        hits, radii = [], radii.to(centres.device)
         for i in range(0, len(points), 2048):
-            d = torch.cdist(points[i : i + 2048].double(), centres.double())  # (n, R)
+            d = torch.cdist(
+                points[i : i + 2048].to(centres.device).double(), centres.double()
+            )  # (n, R)
             hits.append((d <= radii[None]).any(dim=1))
         return float(torch.cat(hits).double().mean())
 
