@@ -72,12 +72,13 @@ def test_trainer_defaults_really_apply(tmp_path, monkeypatch):
 
     seen = {}
 
-    def capture(model, data, *, out, trainer):
-        seen.update(trainer)
+    def capture(model, data, *, out, trainer, overwrite, argv, config_yaml):
+        seen.update(trainer, overwrite=overwrite, config_yaml=config_yaml)
 
     monkeypatch.setattr(cli, "fit_classifier", capture)
     assert main(["fit-classifier", "--data.name", "digits", "--out", str(tmp_path / "c")]) == 0
     assert seen["max_epochs"] == 6 and seen["enable_checkpointing"] is False
+    assert seen["overwrite"] is False and "max_epochs: 6" in seen["config_yaml"]  # the run's record
 
 
 def test_fit_help_shows_field_docstrings(capsys):
