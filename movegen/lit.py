@@ -206,18 +206,27 @@ NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+MEMORY_MODULES: tuple[type[nn.Module], ...] = (MoVEBank, LaVETable)
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float, *, memory_lr_scale: float = 1.0,
+                     memory_weight_decay: float = 0.0, lr: float | None = None) -> list[dict]:  # fmt: skip
     """AdamW groups ``[decay, no_decay]``: weight decay on ``nn.Linear`` weights only, never on
     norms, embeddings, the MoVE bank or LaVE tables (biases, if any, do not decay either).
-    Raises for a parameter of a module type without a rule; every trainable parameter lands in
-    exactly one group."""
-    decay, no_decay, seen = [], [], set()
+    With ``memory_lr_scale != 1`` or ``memory_weight_decay != 0`` the memory (bank, tables)
+    gets a third group ``[decay, no_decay, memory]`` with learning rate ``lr *
+    memory_lr_scale`` and that weight decay. Raises for a parameter of a module type without a
+    rule; every trainable parameter lands in exactly one group."""
+    own = memory_lr_scale != 1.0 or memory_weight_decay != 0.0
+    decay, no_decay, memory, seen = [], [], [], set()
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            if isinstance(module, DECAY_MODULES) and pname == "weight":
+            if own and isinstance(module, MEMORY_MODULES):
+                memory.append(p)
+            elif isinstance(module, DECAY_MODULES) and pname == "weight":
                 decay.append(p)
             elif isinstance(module, DECAY_MODULES + NO_DECAY_MODULES):
                 no_decay.append(p)
@@ -227,14 +236,21 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                     "add its module type to DECAY_MODULES or NO_DECAY_MODULES in movegen/lit.py"
                 )
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    grouped = [id(p) for p in decay + no_decay]
+    grouped = [id(p) for p in decay + no_decay + memory]
     assert len(grouped) == len(set(grouped)) and set(grouped) == trainable, (
         "groups must partition the parameters"
     )
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if memory:
+        if lr is None:
+            raise ValueError("a memory learning-rate scale needs the base lr")
+        groups.append(
+            {"params": memory, "weight_decay": memory_weight_decay, "lr": lr * memory_lr_scale}
+        )
+    return groups
 
 
 class LitGPT(L.LightningModule):
@@ -252,6 +268,8 @@ class LitGPT(L.LightningModule):
         min_lr_ratio: float = 0.1,
         ema_decay: float = 0.0,
         compile: bool = False,
+        memory_lr_scale: float = 1.0,
+        memory_weight_decay: float = 0.0,
     ):
         """
         Args:
@@ -265,8 +283,15 @@ class LitGPT(L.LightningModule):
             ema_decay: keep an EMA of the weights with this decay (0 disables); validation and the
                 saved checkpoint then use the EMA weights.
             compile: run the training forward through torch.compile.
+            memory_lr_scale: learning rate of the memory (MoVE bank, LaVE tables) as a multiple
+                of lr (same schedule); 1 keeps it in the no-decay group.
+            memory_weight_decay: AdamW weight decay of the memory (0: none, as for every lookup
+                table); a regulariser for a bank that memorises.
         """
         super().__init__()
+        if memory_lr_scale < 0 or memory_weight_decay < 0:
+            raise ValueError(f"memory_lr_scale and memory_weight_decay must be >= 0, got {memory_lr_scale} "
+                             f"and {memory_weight_decay}")  # fmt: skip
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
         self.save_hyperparameters(ignore=["config"])
@@ -314,7 +339,10 @@ class LitGPT(L.LightningModule):
         # fused AdamW on GPU, except under fp16 loss scaling (its gradients must be unscaled first)
         fp16 = self.trainer is not None and str(self.trainer.precision).startswith("16")
         fused = self.device.type == "cuda" and not fp16
-        opt = torch.optim.AdamW(optimizer_groups(self.model, self.hparams.weight_decay), lr=self.hparams.lr,
+        h = self.hparams
+        groups = optimizer_groups(self.model, h.weight_decay, memory_lr_scale=h.memory_lr_scale,
+                                  memory_weight_decay=h.memory_weight_decay, lr=h.lr)  # fmt: skip
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr,
                                 betas=self.hparams.betas, fused=fused)  # fmt: skip
         total = schedule_length(self.trainer)
         f = lambda s: warmup_cosine(s, warmup=self.hparams.warmup_steps, total=total,

@@ -31,6 +31,7 @@ from . import kernels
 from .move import (
     LaVETable,
     MoVEBank,
+    drop_memory_gates,
     gates_from_logits,
     lave_layers,
     mix,
@@ -67,6 +68,10 @@ class GPTConfig:
     """k in 'xk': MoVE gets k * n_layer / 2 slots; LaVE 1 = every other layer, 2 = every layer."""
     gate_standard_path: bool | None = None
     """Gate the standard value path too (g0). None: on for MoVE, off for LaVE (as in the paper)."""
+    memory_dropout: float = 0.0
+    """Dropout on the retrieved memory (MoVE slots, LaVE tables): in training, each memory gate
+    (per token, head and slot) is zeroed with this probability and the others scaled by
+    1 / (1 - p); the standard path's gate g0 is never dropped. 0 disables it."""
     resid_dropout: float = 0.1
     """Dropout on the attention output projection."""
     ffn_dropout: float = 0.1
@@ -94,6 +99,8 @@ class GPTConfig:
             raise ValueError(f"prefix_rope must be 'identity' or 'zero', got {self.prefix_rope!r}")
         if self.memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {self.memory!r}")
+        if not 0.0 <= self.memory_dropout < 1.0:
+            raise ValueError(f"memory_dropout must be in [0, 1), got {self.memory_dropout}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.head_dim % 4:
@@ -101,6 +108,7 @@ class GPTConfig:
         if self.memory == "none":
             unused = [f"memory_density {self.memory_density}"] if self.memory_density != 1 else []
             unused += ["gate_standard_path true"] if self.gate_standard_path else []
+            unused += [f"memory_dropout {self.memory_dropout}"] if self.memory_dropout else []
             if unused:
                 warnings.warn(f"ignored: {' and '.join(unused)} (memory is 'none'; only memory 'lave' "
                               "or 'move' uses them)", stacklevel=3)  # fmt: skip
@@ -310,6 +318,8 @@ class Attention(nn.Module):
         q, k, v = qkv.view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
         if self.has_memory:
             gates = gates_from_logits(logits, H)  # (B, S, H, G)
+            if self.training and self.cfg.memory_dropout > 0:
+                gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
             if self.table is not None:
                 v = mix(v, gates, self.table.gather(ids), self.gated)  # LaVE: (B, S, H, 1, D)
             elif taps is not None:

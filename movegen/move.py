@@ -46,6 +46,16 @@ def gates_from_logits(logits: torch.Tensor, n_heads: int) -> torch.Tensor:
     return 2.0 * torch.sigmoid(logits.view(B, T, n_heads, -1))
 
 
+def drop_memory_gates(gates: torch.Tensor, p: float, gate_standard_path: bool) -> torch.Tensor:
+    """Memory dropout: each memory gate of ``gates (B, T, H, G)`` (every gate but g0 when the
+    standard path is gated) is zeroed with probability ``p``, the kept ones scaled by
+    ``1 / (1 - p)``, so a token's retrieved slots cannot be relied on one by one."""
+    off = int(gate_standard_path)
+    mem = gates[..., off:]
+    keep = torch.empty_like(mem).bernoulli_(1.0 - p)
+    return torch.cat([gates[..., :off], mem * keep / (1.0 - p)], dim=-1)
+
+
 def mix_reference(
     v: torch.Tensor, gates: torch.Tensor, mem: torch.Tensor, gate_standard_path: bool
 ) -> torch.Tensor:
@@ -316,6 +326,7 @@ def move_slots(n_layer: int, density: float) -> int:
 __all__ = [
     "LaVETable",
     "MoVEBank",
+    "drop_memory_gates",
     "gates_from_logits",
     "lave_layers",
     "mix",

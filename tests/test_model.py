@@ -372,3 +372,58 @@ def test_compiled_training_path_equals_eager(memory):
     torch.testing.assert_close(out["compiled"][0], out["eager"][0])
     for n, g in out["eager"][1].items():
         torch.testing.assert_close(out["compiled"][1][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_memory_dropout_drops_memory_gates_only_in_training():
+    from movegen.move import drop_memory_gates
+
+    torch.manual_seed(0)
+    gates = torch.rand(64, 16, 4, 7) + 0.5
+    out = drop_memory_gates(gates, 0.25, gate_standard_path=True)
+    assert torch.equal(out[..., 0], gates[..., 0])  # g0 is never dropped
+    dropped = out[..., 1:] == 0
+    assert 0.22 < dropped.float().mean() < 0.28
+    kept = ~dropped
+    torch.testing.assert_close(out[..., 1:][kept], gates[..., 1:][kept] / 0.75)
+    assert (
+        drop_memory_gates(gates, 0.25, gate_standard_path=False)[..., 0].eq(0).any()
+    )  # LaVE: all gates
+    for memory in ("move", "lave"):
+        model = randomize(GPT(tiny(memory, memory_dropout=0.5)))
+        plain = randomize(GPT(tiny(memory)))
+        plain.load_state_dict(model.state_dict())
+        codes, labels = batch()
+        model.eval(), plain.eval()
+        torch.testing.assert_close(model(codes, labels), plain(codes, labels))  # off in eval
+        model.train(), plain.train()
+        for m in (model, plain):  # the same dropout draws elsewhere, so only the gates differ
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.Dropout):
+                    mod.p = 0.0
+        torch.manual_seed(1)
+        a = model(codes, labels)
+        torch.manual_seed(1)
+        b = plain(codes, labels)
+        assert not torch.allclose(a, b)
+        a.square().mean().backward()  # gradients reach the bank / tables through the kept gates
+        mem = model.bank.weight if memory == "move" else model.blocks[-1].attn.table.weight
+        assert mem.grad is not None and mem.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="memory_dropout"):
+        tiny("move", memory_dropout=1.0)
+
+
+def test_the_memory_can_have_its_own_learning_rate_and_weight_decay():
+    model = GPT(tiny("move", memory_density=2))
+    assert len(optimizer_groups(model, 0.05)) == 2  # default: the bank in the no-decay group
+    decay, no_decay, memory = optimizer_groups(
+        model, 0.05, memory_lr_scale=0.1, memory_weight_decay=0.01, lr=1e-3
+    )
+    assert [p is model.bank.weight for p in memory["params"]] == [True]
+    assert memory["lr"] == pytest.approx(1e-4) and memory["weight_decay"] == 0.01
+    assert not any(p is model.bank.weight for p in decay["params"] + no_decay["params"])
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.05, memory_lr_scale=0.1, lr=1e-3), lr=1e-3)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)  # applied at construction
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-4, 5e-5])  # one schedule
+    lave = GPT(tiny("lave", memory_density=2))
+    *_, mem = optimizer_groups(lave, 0.05, memory_weight_decay=0.1, lr=1e-3)
+    assert len(mem["params"]) == len([m for m in lave.modules() if type(m).__name__ == "LaVETable"])
