@@ -564,7 +564,7 @@ def sample(
         classes: 'all' or comma-separated class ids, e.g. 0,3,7.
         per_class: images per class (the grid's columns).
         sampling: guidance, temperature, top-k, top-p.
-        seed: seed of the sampler's generator (a fixed seed gives the same images).
+        seed: seed of the sampling noise: image j depends only on (seed, j), not on the batch size or device.
         batch_size: images sampled at once.
         tokenizer: a tokenizer.ckpt to decode with instead of the one the checkpoint records.
         out_dir: also save every image as its own PNG in this folder.
@@ -573,7 +573,7 @@ def sample(
     import torch
 
     from .checkpoint import ensure_writable, load_model_and_tokenizer, save_image_grid
-    from .sample import generate_images
+    from .sample import SampleNoise, generate_images
 
     if per_class < 1 or batch_size < 1:
         raise ValueError(f"per_class and batch_size must be >= 1, got {per_class} and {batch_size}")
@@ -584,9 +584,8 @@ def sample(
     net, _, tok, _ = load_model_and_tokenizer(model, tokenizer, dev)
     ids = _parse_classes(classes, net.config.num_classes)
     labels = torch.tensor(ids, device=dev).repeat_interleave(per_class)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    images, _ = generate_images(net, tok.decode, labels, sampling, batch_size=batch_size, generator=g,
-                                progress=True)  # fmt: skip
+    images, _ = generate_images(net, tok.decode, labels, sampling, batch_size=batch_size,
+                                noise=SampleNoise(seed), progress=True)  # fmt: skip
     save_image_grid(images, out, nrow=per_class)
     if out_dir:
         od = Path(out_dir)
@@ -648,7 +647,7 @@ def evaluate(
         out: the results folder.
         num_samples: images per model, balanced over the classes.
         sampling: guidance, temperature, top-k, top-p of the samples.
-        seed: seed of the sampler's generator.
+        seed: seed of the sampling noise (each sample's depends only on the seed and its index).
         batch_size: images sampled at once.
         ref_splits: the real images to compare with, e.g. '[test, train]' (the default): the
             first (the held-out split) gives the primary fid/kid/precision/recall, each other

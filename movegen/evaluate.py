@@ -44,7 +44,7 @@ from .metrics import (
     reference_features,
 )
 from .model import cost_report
-from .sample import generate_images
+from .sample import SampleNoise, generate_images
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +260,10 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
                                      cache_dir=cache, data_root=data_root, device=device, max_images=ref_max)  # fmt: skip
     C = model.config.num_classes
     labels = torch.arange(num_samples, device=device) % C  # balanced over classes
-    g = torch.Generator(device=device).manual_seed(seed)
     t0 = time.time()
-    images, _ = generate_images(model, tok.decode, labels, settings, batch_size=batch_size, generator=g,
-                                progress=True)  # fmt: skip
+    # sample i's noise depends only on (seed, i): the same images at any batch size, on any device
+    images, _ = generate_images(model, tok.decode, labels, settings, batch_size=batch_size,
+                                noise=SampleNoise(seed), progress=True)  # fmt: skip
     sample_seconds = time.time() - t0
     images = content_crop(images, tck)
     fake = extract_features(feat_mod, images, device=device)

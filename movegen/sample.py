@@ -5,8 +5,9 @@ compiled step that makes them fast.
 Classifier-free guidance doubles the batch (conditional half, then the null-class half) and mixes
 the logits as ``uncond + s * (cond - uncond)``; with ``cfg_scale == 1`` no doubling happens, so
 it is exactly plain conditional sampling. Codes are chosen by the Gumbel-max trick from one
-uniform draw per logit. All randomness comes from the passed ``torch.Generator``; the caller's
-tensors are never modified. Settings travel as one frozen :class:`SamplingSettings`.
+uniform draw per logit. All randomness comes from the passed ``torch.Generator``, or from a
+:class:`SampleNoise` (a hash of seed, sample index, position and code: each image the same
+whatever the batch size, the process or the device); the caller's tensors are never modified. Settings travel as one frozen :class:`SamplingSettings`.
 
 :class:`CompiledStep` is the fast path of the same loop: it holds a cache and the step with its
 choice of codes (``model.step`` + the CFG mix + the Gumbel-max choice), compiled by
@@ -142,9 +143,62 @@ def sample_logits(
 
 
 def _noise(shape, generator: torch.Generator | None, device, out: torch.Tensor | None = None):
-    """The uniform draw of one token step, ``(B, K)``: the one place noise is drawn, so that every
-    path consumes the generator alike."""
+    """The uniform draw of one token step, ``(B, K)`` from a generator (its state depends on
+    everything drawn before: see :class:`SampleNoise` for noise that does not)."""
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float32, out=out)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32), in 16-bit halves so nothing overflows."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (xor-shift-multiply, two rounds) of int64 ``x`` in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _hash32_int(x: int) -> int:
+    """:func:`_hash32` of one Python int (no device copy for the per-step key)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+@dataclass(frozen=True)
+class SampleNoise:
+    """Counter-based noise: the uniform draw of sample ``i`` at code position ``t`` for code ``k``
+    is a hash of ``(seed, i, t, k)``, so each image depends only on the seed and its own index,
+    never on the batch size, the batch it lands in, the process or the device (integer
+    arithmetic: bit-identical on the CPU and a GPU). Uniforms have 24 bits, in (0, 1)."""
+
+    seed: int
+
+    def uniform(
+        self, index: torch.Tensor, t: int, K: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(B, K)`` float32 uniforms for samples ``index (B,)`` (int64) at position ``t``."""
+        dev = index.device
+        key = _hash32_int(
+            (self.seed * 0x9E3779B1 + t * 0x85EBCA77) & _M32
+        )  # (seed, t): on the host
+        row = _hash32(_hash32(index.long() & _M32) ^ key)
+        col = _hash32(torch.arange(K, device=dev, dtype=torch.long) * 0x9E37 + 0x632B)
+        x = _hash32(row[:, None] ^ col[None, :])
+        u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+        if out is not None:
+            return out.copy_(u)
+        return u
 
 
 def pick(
@@ -205,29 +259,46 @@ def generate(
     *,
     generator: torch.Generator | None = None,
     step: CompiledStep | None = None,
+    noise: SampleNoise | None = None,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample codes ``(B, T)`` for ``labels (B,)`` (``num_classes`` = unconditional).
 
-    ``settings`` default to ``SamplingSettings()`` (no guidance, temperature 1). ``step``: a
-    :class:`CompiledStep` of this model, batch and settings for the fast path; it draws the same
-    codes from the same generator as this plain loop."""
+    ``settings`` default to ``SamplingSettings()`` (no guidance, temperature 1). Noise comes from
+    ``noise`` (a :class:`SampleNoise`, for samples ``index (B,)``, default ``0..B-1``) when given,
+    else from ``generator``. ``step``: a :class:`CompiledStep` of this model, batch and settings
+    for the fast path; it draws the same codes from the same noise as this plain loop."""
     settings = settings or SamplingSettings()
     if model.training:
         raise RuntimeError("generate() needs model.eval()")
     labels = labels.to(model.head.weight.device)
     _check_labels(model, labels)
+    if noise is not None and index is None:
+        index = torch.arange(len(labels), device=labels.device)
+    if index is not None:
+        index = index.to(labels.device)
+        if index.shape != labels.shape:
+            raise ValueError(
+                f"index must give one sample index per label, got {tuple(index.shape)}"
+            )
     if step is not None:
         step.check(model, len(labels), settings)
-        return step.sample(labels, generator)
+        return step.sample(labels, generator, noise=noise, index=index)
     B, T = len(labels), model.config.seq_len
     rows = 2 * B if settings.doubled else B
-    noise = (B, model.config.vocab_size)
+    K = model.config.vocab_size
     with _autocast(labels.device, settings.bf16):
         cache = model.new_cache(rows)
         out = torch.empty(B, T, dtype=torch.long, device=labels.device)
         logits = prefill(model, labels, cache, cfg=settings.doubled)
         for t in range(T):
-            u = _noise(noise, generator, labels.device) if settings.temperature > 0 else None
+            u = None
+            if settings.temperature > 0:
+                u = (
+                    noise.uniform(index, t, K)
+                    if noise
+                    else _noise((B, K), generator, labels.device)
+                )
             tok = choose(logits, u, settings, settings.guided(t))
             out[:, t] = tok
             if t + 1 < T:
@@ -330,8 +401,9 @@ class CompiledStep:
 
     @torch.no_grad()
     def sample(
-        self, labels: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+        self, labels: torch.Tensor, generator: torch.Generator | None = None, *,
+        noise: SampleNoise | None = None, index: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Codes ``(B, T)`` for ``labels (B,)`` (checked by :func:`generate`, the public entry)."""
         s, T = self.settings, self.model.config.seq_len
         needed = {s.guided(t) for t in range(T)}
@@ -342,7 +414,9 @@ class CompiledStep:
             self.ids.copy_(_class_ids(self.model, labels, s.doubled))
             self.pos.zero_()
             for t in range(T):
-                if s.temperature > 0:
+                if s.temperature > 0 and noise is not None:
+                    noise.uniform(index, t, self.u.shape[1], out=self.u)
+                elif s.temperature > 0:
                     _noise(self.u.shape, generator, self.device, out=self.u)
                 if self.mode == "graph":
                     self.graphs[s.guided(t)].replay()
@@ -362,10 +436,14 @@ def generate_images(
     progress: bool = False,
     grid: tuple[int, int] | None = None,
     fast: bool | None = None,
+    noise: SampleNoise | None = None,
+    first_index: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample codes for ``labels`` in batches and decode them with ``decode(codes (B, h, w))``.
     Returns ``(images (N, C, H, W) on the CPU, codes (N, T))``. ``fast`` (default: on CUDA):
-    one :class:`CompiledStep` per batch size (the last batch may be smaller)."""
+    one :class:`CompiledStep` per batch size (the last batch may be smaller). With ``noise``,
+    label ``j`` is sample ``first_index + j`` whatever the batch size (a shard of a larger
+    evaluation passes its offset)."""
     from tqdm.auto import tqdm
 
     settings = settings or SamplingSettings()
@@ -374,13 +452,18 @@ def generate_images(
     images, codes = [], []
     steps: dict[int, CompiledStep] = {}
     fast = labels.device.type == "cuda" if fast is None else fast
+    start = first_index
     for chunk in tqdm(labels.split(batch_size), desc="sample", disable=not progress, unit="batch"):
+        index = torch.arange(start, start + len(chunk), device=chunk.device) if noise else None
+        start += len(chunk)
         step = None
         if fast:
             step = steps.get(len(chunk)) or steps.setdefault(
                 len(chunk), CompiledStep(model, len(chunk), settings)
             )
-        c = generate(model, chunk, settings, generator=generator, step=step)
+        c = generate(
+            model, chunk, settings, generator=generator, step=step, noise=noise, index=index
+        )
         codes.append(c.cpu())
         images.append(decode(c.view(len(c), h, w)).float().cpu())
     return torch.cat(images), torch.cat(codes)
@@ -388,6 +471,7 @@ def generate_images(
 
 __all__ = [
     "CompiledStep",
+    "SampleNoise",
     "SamplingSettings",
     "StepMode",
     "choose",

@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from movegen.model import GPT, GPTConfig
-from movegen.sample import CompiledStep, SamplingSettings, filter_logits, generate, sample_logits
+from movegen.sample import (
+    CompiledStep,
+    SampleNoise,
+    SamplingSettings,
+    filter_logits,
+    generate,
+    generate_images,
+    sample_logits,
+)
 
 K, C, T = 32, 5, 9
 
@@ -223,3 +231,43 @@ def test_graphed_step_draws_the_codes_of_the_plain_loop_on_gpu(attention, fp32_m
     a = generate(model, labels, s, generator=seeded(), step=step)
     b = generate(model, labels, s, generator=seeded(), step=step)
     assert torch.equal(a, b) and a.min() >= 0 and a.max() < 64
+
+
+def test_sample_noise_is_a_function_of_seed_index_position_and_code_only():
+    n = SampleNoise(7)
+    u = n.uniform(torch.arange(40), 3, 500)
+    assert u.shape == (40, 500) and u.dtype == torch.float32 and 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
+    assert torch.equal(n.uniform(torch.tensor([12, 5]), 3, 500), u[[12, 5]])  # whatever the batch
+    assert not torch.equal(n.uniform(torch.arange(40), 4, 500), u)  # another position
+    assert not torch.equal(SampleNoise(8).uniform(torch.arange(40), 3, 500), u)  # another seed
+    assert torch.corrcoef(u[:2])[0, 1].abs() < 0.15  # rows are not copies of each other
+    if torch.cuda.is_available():  # integer arithmetic: the same bits on a GPU
+        assert torch.equal(n.uniform(torch.arange(40, device="cuda"), 3, 500).cpu(), u)
+
+
+@pytest.mark.parametrize(
+    "settings", [SamplingSettings(cfg_scale=2.0, top_k=10), SamplingSettings(temperature=0.7)]
+)
+def test_per_sample_noise_gives_the_same_images_at_any_batch_size(settings):
+    model = model64("move")
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0])
+    noise = SampleNoise(3)
+    decode = lambda c: c.float()[:, None]  # noqa: E731 (codes as images)
+    _, whole = generate_images(
+        model, decode, labels, settings, batch_size=11, noise=noise, fast=False
+    )
+    for bs in (1, 4, 5):
+        _, parts = generate_images(
+            model, decode, labels, settings, batch_size=bs, noise=noise, fast=True
+        )
+        assert torch.equal(parts, whole), bs  # the compiled step and the plain loop, any split
+    # a shard of the evaluation (samples 6..10) draws the same images as in the whole run
+    _, shard = generate_images(
+        model, decode, labels[6:], settings, batch_size=2, noise=noise, first_index=6
+    )
+    assert torch.equal(shard, whole[6:])
+    _, other = generate_images(model, decode, labels, settings, batch_size=11, noise=SampleNoise(4))
+    assert not torch.equal(other, whole)
+    with pytest.raises(ValueError, match="one sample index per label"):
+        generate(model, labels, settings, noise=noise, index=torch.arange(3))
