@@ -659,7 +659,9 @@ def evaluate(
         inception_weights: path of the torch-fidelity Inception weights file (features 'inception').
         cache_dir: reference-statistics cache (default ~/.cache/movegen/ref).
         export_npz: also write OUT/<run>.npz (the ADM evaluator's layout).
-        device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
+        device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'. Under ``torchrun
+            --nproc_per_node N`` each process samples 1/N of the images (on its own GPU) and
+            the first scores them all: the same images and numbers as one process.
     """
     from .checkpoint import ensure_writable
     from .evaluate import evaluate_model, preflight
@@ -671,7 +673,7 @@ def evaluate(
         raise ValueError(f"num_samples must be >= 2 (FID/KID compare two sets) and batch_size >= 1, got "
                          f"{num_samples} and {batch_size}")  # fmt: skip
     ensure_writable(out, f"--out {out}")
-    dev = _device(device)
+    dev = _join_processes(_device(device))
     out_dir = Path(out)
     names = [Path(m).resolve().parent.name for m in models]
     if len(set(names)) != len(names):
@@ -687,10 +689,34 @@ def evaluate(
                            device=dev, batch_size=batch_size, tokenizer=tokenizer, ref_splits=ref_splits,
                            cache_dir=cache_dir, inception_weights=inception_weights, data_root=data.root,
                            val_codes=val_codes, export_npz=out_dir / f"{run}.npz" if export_npz else None)  # fmt: skip
+        if r is None:  # another process of a run over several: the first one writes
+            continue
         _write_json(out_dir / f"{run}.json", r)
         rows.append(r)
-    _print_table(rows)
+    if rows:
+        _print_table(rows)
     return rows
+
+
+def _join_processes(device: str) -> str:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL on GPUs, gloo on
+    CPUs) and return this process's device; otherwise ``device`` unchanged. Each process then
+    samples its share of the images, the first one scores them all."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (
+        dist.is_available() and dist.is_initialized()
+    ):
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
 
 
 def report(*, results: str, out: str) -> Path:

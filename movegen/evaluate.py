@@ -253,21 +253,34 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
     )
     dsname, res, channels = model_dataset(ckpt, tck), native_size(tck), tok.config.channels
     cache = cache_dir or str(Path.home() / ".cache" / "movegen" / "ref")
-    # the references before the samples: a missing or unreadable dataset costs no sampling time
-    reals = {}
-    for split in refs:
-        reals[split] = reference_set(feat_mod, fdesc["id"], dsname, split, resolution=res, channels=channels,
-                                     cache_dir=cache, data_root=data_root, device=device, max_images=ref_max)  # fmt: skip
+    rank, world = rank_and_world()
+
+    def references():  # before the samples: a missing or unreadable dataset costs no sampling time
+        return {split: reference_set(feat_mod, fdesc["id"], dsname, split, resolution=res, channels=channels,
+                                     cache_dir=cache, data_root=data_root, device=device, max_images=ref_max)
+                for split in refs}  # fmt: skip
+
+    reals = on_first_rank(references)  # every rank raises the first rank's error, if any
     C = model.config.num_classes
     labels = torch.arange(num_samples, device=device) % C  # balanced over classes
+    lo, hi = num_samples * rank // world, num_samples * (rank + 1) // world  # this process's shard
     t0 = time.time()
-    # sample i's noise depends only on (seed, i): the same images at any batch size, on any device
-    images, _ = generate_images(model, tok.decode, labels, settings, batch_size=batch_size,
-                                noise=SampleNoise(seed), progress=True)  # fmt: skip
+    # sample i's noise depends only on (seed, i): the same images at any batch size, on any
+    # device, in any shard, so a run over several processes scores the images of a run in one
+    images, _ = generate_images(model, tok.decode, labels[lo:hi], settings, batch_size=batch_size,
+                                noise=SampleNoise(seed), first_index=lo, progress=rank == 0)  # fmt: skip
     sample_seconds = time.time() - t0
     images = content_crop(images, tck)
     fake = extract_features(feat_mod, images, device=device)
     logits = extract_features(logit_mod, images, device=device)
+    if world > 1:  # features (and, for the .npz, the images as uint8) to the first rank
+        u8 = _uint8(images) if export_npz else None
+        parts = gather_to_first_rank((fake.cpu(), logits.cpu(), u8, sample_seconds))
+        if rank != 0:
+            return None
+        fake, logits = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        images = torch.cat([p[2] for p in parts]) if export_npz else None
+        sample_seconds = max(p[3] for p in parts)
     blocks = {}
     for split, (real, meta) in reals.items():
         blocks[split] = {
@@ -304,8 +317,10 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         "tokenizer_sha256": tck.get("sha256"),
     }  # fmt: skip
     result.update(cost_report(model.config))
+    if world > 1:
+        result["processes"] = world
     if export_npz:
-        arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        arr = images if images.dtype == torch.uint8 else _uint8(images)
         arr = arr.expand(-1, 3, -1, -1) if arr.shape[1] == 1 else arr
         write_npz(
             export_npz,
@@ -314,6 +329,55 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         )
         result["npz"] = str(export_npz)
     return result
+
+
+def _uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` without torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def on_first_rank(fn):
+    """``fn()`` on rank 0 only (None elsewhere); an error there is raised on every rank, so no
+    process waits forever on a peer that failed."""
+    rank, world = rank_and_world()
+    out, err = None, None
+    if rank == 0:
+        try:
+            out = fn()
+        except (ValueError, FileNotFoundError, PermissionError) as e:
+            err = e
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [None if err is None else (type(err).__name__, str(err))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and rank != 0:
+            kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError}
+            raise kind.get(box[0][0], ValueError)(box[0][1])
+    if err is not None:
+        raise err
+    return out
+
+
+def gather_to_first_rank(obj) -> list | None:
+    """Every rank's ``obj`` on rank 0, in rank order (None elsewhere)."""
+    import torch.distributed as dist
+
+    rank, world = rank_and_world()
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
 
 
 def write_npz(path, images, labels) -> None:

@@ -200,10 +200,12 @@ def reference_features(module: nn.Module, key: dict, load_images, cache_dir: str
 
 
 def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID through torchmetrics on precomputed features."""
+    """FID through torchmetrics on precomputed features (all of them here: no sync across
+    processes, which gather their features before scoring)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=_Passthrough(real.shape[1]), reset_real_features=False)
+    fid = FrechetInceptionDistance(feature=_Passthrough(real.shape[1]), reset_real_features=False,
+                                   sync_on_compute=False)  # fmt: skip
     fid.update(real, real=True)
     fid.update(fake, real=False)
     return float(fid.compute())
@@ -227,7 +229,7 @@ def fid_kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, *, seed: int = 0
     if n < 2:
         raise ValueError("FID/KID need at least 2 real and 2 generated images")
     kid = KernelInceptionDistance(feature=_Passthrough(real_feats.shape[1]), subsets=kid_subsets,
-                                  subset_size=min(kid_subset_size, n))  # fmt: skip
+                                  subset_size=min(kid_subset_size, n), sync_on_compute=False)  # fmt: skip
     kid.update(real_feats, real=True)
     kid.update(fake_feats, real=False)
     with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator
@@ -244,7 +246,9 @@ def inception_score(
     from torchmetrics.image.inception import InceptionScore
 
     inc = InceptionScore(
-        feature=_Passthrough(fake_logits.shape[1]), splits=min(splits, len(fake_logits))
+        feature=_Passthrough(fake_logits.shape[1]),
+        splits=min(splits, len(fake_logits)),
+        sync_on_compute=False,
     )
     inc.update(fake_logits)
     with torch.random.fork_rng(devices=[]):  # IS permutes the samples with the global generator

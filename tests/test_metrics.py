@@ -1,5 +1,6 @@
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from movegen.metrics import (
     reference_features,
     score,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def feats(n=400, d=16, shift=0.0, seed=0):
@@ -281,3 +284,43 @@ def test_precision_recall_of_a_collapsed_generator():
     collapsed = real[:1] + 0.01 * torch.randn(400, 8, generator=g)
     pr = precision_recall(real, collapsed)
     assert pr["precision"] > 0.95 and pr["recall"] < 0.1
+
+
+def test_evaluation_over_two_processes_scores_the_images_of_one(digits_models, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each samples half of the images (other batch sizes
+    too), the first scores them all: the numbers and the exported images of one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model = [str(digits_models["move-x1"])]
+    assert (
+        _evaluate(
+            model, digits_models, tmp_path, "one", "--batch_size", "64", "--export_npz", "true"
+        )
+        == 0
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["evaluate", "--model", json.dumps(model), "--features", f"classifier:{digits_models['classifier']}",
+            "--num_samples", "200", "--sampling.cfg_scale", "1.5", "--seed", "0", "--cache_dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "two"), "--device", "cpu", "--batch_size", "7", "--export_npz", "true"]  # fmt: skip
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), "-m", "movegen", *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = json.loads((tmp_path / "one/move-x1.json").read_text())
+    two = json.loads((tmp_path / "two/move-x1.json").read_text())
+    assert two["processes"] == 2 and "processes" not in one
+    npz1, npz2 = np.load(tmp_path / "one/move-x1.npz"), np.load(tmp_path / "two/move-x1.npz")
+    assert np.array_equal(npz1["arr_0"], npz2["arr_0"]) and np.array_equal(
+        npz1["arr_1"], npz2["arr_1"]
+    )
+    for k in ("fid", "kid", "is", "precision", "recall", "fid_train"):
+        assert two[k] == pytest.approx(one[k], rel=1e-6, abs=1e-9), k
+    assert two["memorisation"]["memorisation"] == pytest.approx(
+        one["memorisation"]["memorisation"], rel=1e-6
+    )
