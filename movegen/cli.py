@@ -637,6 +637,7 @@ def evaluate(
     cache_dir: str | None = None,
     export_npz: bool = False,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> list[dict]:
     """FID / IS / KID of samples against real images, and validation bits per token; one
     ``<run>.json`` per model in ``out`` (the run is the model's folder name).
@@ -662,6 +663,8 @@ def evaluate(
         device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'. Under ``torchrun
             --nproc_per_node N`` each process samples 1/N of the images (on its own GPU) and
             the first scores them all: the same images and numbers as one process.
+        overwrite: replace existing results of these runs in ``out`` (else they are refused
+            before any sampling; other runs' results in ``out`` are never touched).
     """
     from .checkpoint import ensure_writable
     from .evaluate import evaluate_model, preflight
@@ -679,6 +682,10 @@ def evaluate(
     if len(set(names)) != len(names):
         raise ValueError(f"two models share a run name (their folder names: {names}); results are written as "
                          "<run>.json, so evaluate them in separate calls with different --out folders")  # fmt: skip
+    taken = [f"{run}.json" for run in names if (out_dir / f"{run}.json").exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds results of {', '.join(taken)}; pass --overwrite true to "
+                              "replace them, or choose another --out")  # fmt: skip
     if len(models) > 1:  # every model's inputs checked before the first is sampled
         for m in models:
             preflight(m, features=features, tokenizer=tokenizer, val_codes=val_codes,

@@ -151,7 +151,13 @@ def folder_data(digits_models, tmp_path_factory):
 
 def test_reference_cache_follows_the_folder_content(folder_data, tmp_path, caplog):
     root = folder_data["root"]
-    args = _evaluate_args(folder_data["model"], f"classifier:{folder_data['classifier']}", tmp_path)
+    args = _evaluate_args(
+        folder_data["model"],
+        f"classifier:{folder_data['classifier']}",
+        tmp_path,
+        "--overwrite",
+        "true",
+    )  # (the same result, scored three times)
     result = tmp_path / "res/folder-model.json"
     assert main(args) == 0
     first = json.loads(result.read_text())
@@ -373,3 +379,18 @@ def test_a_copying_model_is_flagged_through_evaluate(digits_models, tmp_path, mo
     copier, fresh = scores["train"], scores["val"]
     assert copier["fid_train"] < copier["fid"]  # the copier looks best against what it copied
     assert np.isfinite([copier["precision"], copier["recall"], fresh["precision"]]).all()
+
+
+def test_evaluate_refuses_to_replace_a_result_without_overwrite(digits_models, tmp_path, caplog):
+    args = _evaluate_args(
+        digits_models["standard"], _classifier(digits_models), tmp_path, "--ref_splits", "[test]"
+    )
+    assert main(args) == 0
+    result = tmp_path / "res" / "standard.json"
+    first = result.read_text()
+    (tmp_path / "res" / "other.json").write_text("{}")  # another run's result
+    assert main(args + ["--seed", "1"]) == 2
+    assert "already holds results of standard.json" in caplog.text and result.read_text() == first
+    assert main(args + ["--seed", "1", "--overwrite", "true"]) == 0
+    assert json.loads(result.read_text())["seed"] == 1
+    assert (tmp_path / "res" / "other.json").read_text() == "{}"  # never touched

@@ -221,7 +221,7 @@ if verb == "fit":
     (out / "run.json").write_text(json.dumps({"verb": "fit", "status": "finished", "steps": steps}))
 elif verb == "evaluate":
     known = {"model", "features", "out", "num_samples", "batch_size", "seed", "ref_splits", "cache_dir",
-             "data.root"}
+             "data.root", "overwrite"}
     if bad := [k for k in flags if k not in known and not k.startswith("sampling.")]:
         sys.exit(f"error: unrecognized arguments {bad}")
     out.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,7 @@ def eval_command(spec: StudySpec, run: Run, inputs: dict[str, Path], out: Path) 
     args = {"model": str(run.dir / "model.ckpt"), "features": features, "out": str(run.eval_dir),
             "num_samples": ev.num_samples, "batch_size": ev.batch_size, "seed": ev.seed,
             "ref_splits": list(ev.references), "cache_dir": str(out / "cache"),
+            "overwrite": True,  # the study decides when a run is (re-)evaluated
             **{f"sampling.{k}": v for k, v in ev.sampling.items()}}  # fmt: skip
     if root := (spec.inputs.get("data") or {}).get("root"):
         args["data.root"] = root
