@@ -801,6 +801,7 @@ def demo(
     grid_temperature: float = 0.8,
     grid_top_k: int = 10,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """The whole pipeline on the embedded digits data: tokenizer -> codes -> a standard and a
     MoVE model -> evaluation classifier -> FID/IS/KID -> a grid and a report.
@@ -816,6 +817,7 @@ def demo(
         grid_temperature: temperature of the grid.
         grid_top_k: top-k of the grid.
         seed: seed of every stage.
+        overwrite: replace a previous demo in ``out`` (each stage replaces only its own files).
     """
     from .data import CodeDataModule, ImageDataModule
     from .lit import LitClassifier, LitGPT, LitTokenizer
@@ -824,13 +826,17 @@ def demo(
     from .tokenizer import TokenizerConfig
 
     root = Path(out)
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise FileExistsError(f"{root} is not empty (a previous demo?); pass --overwrite true to replace it, or "
+                              "choose another --out")  # fmt: skip
+    ow = {"overwrite": overwrite}
     t0 = time.time()
     bar = {"enable_progress_bar": True}
     tok = root / "tokenizer"
     log.info("demo: 1/6 tokenizer")
     m, dm, tr = _from_yaml(_repo_file("tokenizers/digits/config.yaml"), LitTokenizer, TokenizerConfig,
                            ImageDataModule, seed=seed, trainer={"max_steps": tokenizer_steps, **bar})  # fmt: skip
-    tokm = fit_tokenizer(m, dm, out=tok, trainer=tr)
+    tokm = fit_tokenizer(m, dm, out=tok, trainer=tr, **ow)
     for split in ("train", "val"):
         log.info("demo: 2/6 codes (%s)", split)
         extract_codes(tokenizer=str(tok / "tokenizer.ckpt"), split=split,
@@ -841,19 +847,19 @@ def demo(
         m, dm, tr = _from_yaml(_repo_file(f"configs/digits/{arm}.yaml"), LitGPT, GPTConfig, CodeDataModule,
                                data={"codes": str(root / "codes-train"), "val_codes": str(root / "codes-val")},
                                seed=seed, trainer={"max_steps": model_steps, **bar})  # fmt: skip
-        fit(m, dm, out=root / arm, trainer=tr)
+        fit(m, dm, out=root / arm, trainer=tr, **ow)
     log.info("demo: 4/6 classifier")
     import lightning as L
 
     L.seed_everything(seed, verbose=False)
     clsm = fit_classifier(LitClassifier(), ImageDataModule(name="digits", batch_size=64),
                           out=root / "classifier",
-                          trainer={"max_epochs": classifier_epochs})  # fmt: skip
+                          trainer={"max_epochs": classifier_epochs}, **ow)  # fmt: skip
     log.info("demo: 5/6 evaluation")
     rows = evaluate(model=[str(root / arm / "model.ckpt") for arm in arms],
                     features=f"classifier:{root / 'classifier' / 'classifier.ckpt'}",
                     num_samples=num_samples, sampling=SamplingSettings(cfg_scale=cfg_scale), seed=seed,
-                    cache_dir=str(root / "cache"), out=str(root / "results"), device="cpu")  # fmt: skip
+                    cache_dir=str(root / "cache"), out=str(root / "results"), device="cpu", **ow)  # fmt: skip
     log.info("demo: 6/6 grid and report")
     grid = SamplingSettings(
         cfg_scale=grid_cfg_scale, temperature=grid_temperature, top_k=grid_top_k
