@@ -427,6 +427,7 @@ def extract_codes(
     split: Literal["train", "val", "test"] = "train",
     data: DataSource = DataSource(),
     views: int = 2,
+    shifts: int | list[tuple[int, int]] = 0,
     batch_size: int = 512,
     device: str = "auto",
     overwrite: bool = False,
@@ -439,14 +440,19 @@ def extract_codes(
         split: which split to encode.
         data: the dataset (default: the tokenizer's) and its root folder.
         views: 2: each image and its horizontal flip; 1: the image only.
+        shifts: extra translated views (each also flipped with views 2), the border filled with
+            the background: 0 none; s the 8 neighbours at distance s pixels (1: 8 shifts, a
+            store of 18 views with flips); or a list of (dy, dx), e.g. [[0, 2], [0, -2]].
+            The store's header lists every view (view_list); view 0 is the original.
         batch_size: images per encoder batch.
         device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
         overwrite: replace an existing store at ``out``.
     """
     from .checkpoint import ensure_writable, load_tokenizer, sha256_file
     from .data import extract_codes as _extract
-    from .data import load_dataset
+    from .data import load_dataset, view_list
 
+    n_views = len(view_list(views, shifts))  # a bad --views / --shifts before any loading
     if Path(out).exists() and not overwrite:  # before any encoding
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ensure_writable(Path(out).absolute().parent, f"--out {out}")
@@ -460,9 +466,9 @@ def extract_codes(
     header = {"dataset": name, "split": split, "tokenizer_path": str(Path(tokenizer).resolve()),
               "tokenizer_sha256": sha256_file(tokenizer)}  # fmt: skip
     path = _extract(tok.encode, ds, out, codebook_size=tok.codebook_size,
-                    num_classes=ds.info.num_classes, header=header, views=views,
+                    num_classes=ds.info.num_classes, header=header, views=views, shifts=shifts,
                     batch_size=batch_size, device=dev, overwrite=overwrite)  # fmt: skip
-    log.info("wrote %s: %d items x %d views", path, len(ds), views)
+    log.info("wrote %s: %d items x %d views", path, len(ds), n_views)
     return path
 
 

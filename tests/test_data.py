@@ -212,6 +212,111 @@ def test_extraction_flip_view_and_header(tmp_path):
     assert hd["num_items"] == len(ds) and hd["views"] == 2 and hd["codebook_size"] == 2
 
 
+def _shifted(x, dy, dx):
+    """A reference translation, written independently of the library: numpy, pixel by pixel."""
+    a = x.numpy()
+    out = np.full_like(a, -1.0)
+    H, W = a.shape[-2:]
+    for i in range(H):
+        for j in range(W):
+            if 0 <= i - dy < H and 0 <= j - dx < W:
+                out[..., i, j] = a[..., i - dy, j - dx]
+    return torch.from_numpy(out)
+
+
+def test_extraction_shifted_views_equal_the_encoded_shifted_images(tmp_path):
+    ds = D.load_dataset("digits", "val")  # 8x8
+    enc = lambda x: ((x[:, 0] + 1) * 2).round().long().clamp(0, 4)  # (B, 8, 8): every pixel
+    D.extract_codes(enc, ds, tmp_path / "c", codebook_size=5, num_classes=10, header={}, shifts=1,
+                    batch_size=64, progress=False)  # fmt: skip
+    s = D.CodeStore(tmp_path / "c")
+    hd = json.loads((tmp_path / "c/header.json").read_text())
+    assert s.views == hd["views"] == 18 and s.codes.shape == (len(ds), 18, 64)
+    assert hd["view_list"] == s.view_list
+    assert hd["view_list"][:2] == [
+        {"flip": False, "dy": 0, "dx": 0},
+        {"flip": True, "dy": 0, "dx": 0},
+    ]
+    offsets = [(v["dy"], v["dx"]) for v in hd["view_list"]]
+    neighbours = {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    assert set(offsets) == neighbours and all(offsets.count(o) == 2 for o in neighbours)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    for k, v in enumerate(hd["view_list"]):
+        img = _shifted(x, v["dy"], v["dx"])
+        img = img.flip(-1) if v["flip"] else img
+        assert np.array_equal(np.asarray(s.codes[:, k]), enc(img).reshape(len(ds), -1).numpy()), v
+    # a shift moves the content: the shifted views differ from the original
+    assert not np.array_equal(np.asarray(s.codes[:, 0]), np.asarray(s.codes[:, 2]))
+
+
+def test_explicit_shift_list_without_flips_and_the_old_views_unchanged(tmp_path):
+    ds = D.load_dataset("digits", "val")
+    enc = lambda x: (x[:, 0] > 0).long()
+    D.extract_codes(enc, ds, tmp_path / "c", codebook_size=2, num_classes=10, header={}, views=1,
+                    shifts=[(0, 3), (-2, 0)], progress=False)  # fmt: skip
+    s = D.CodeStore(tmp_path / "c")
+    assert s.view_list == [{"flip": False, "dy": 0, "dx": 0}, {"flip": False, "dy": 0, "dx": 3},
+                           {"flip": False, "dy": -2, "dx": 0}]  # fmt: skip
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert np.array_equal(
+        np.asarray(s.codes[:, 1]), enc(_shifted(x, 0, 3)).reshape(len(ds), -1).numpy()
+    )
+    assert np.array_equal(
+        np.asarray(s.codes[:, 2]), enc(_shifted(x, -2, 0)).reshape(len(ds), -1).numpy()
+    )
+    # the defaults are the two views stores always had, now listed
+    assert D.view_list() == [{"flip": False, "dy": 0, "dx": 0}, {"flip": True, "dy": 0, "dx": 0}]
+    # a store written before view_list existed still says what its views are
+    _write_fake_store(tmp_path / "old", 3, 2, 2, 16)
+    assert D.CodeStore(tmp_path / "old").view_list == D.view_list(2)
+
+
+@pytest.mark.parametrize(
+    "shifts, match",
+    [
+        (8, "out of its frame"),  # 8x8 digits: a shift of 8 leaves only background
+        ([(0, -8)], "out of its frame"),
+        (-1, ">= 0"),
+        ([(0, 0)], "original image"),
+        ([(1, 1), (1, 1)], "twice"),
+        ([(1,)], "pair of ints"),
+        ([(1.5, 0)], "pair of ints"),
+        (True, "an int or a list"),
+    ],
+)
+def test_bad_shifts_are_refused_before_a_store_is_written(tmp_path, shifts, match):
+    ds = D.load_dataset("digits", "val")
+    enc = lambda x: (x[:, 0] > 0).long()
+    with pytest.raises(ValueError, match=match):
+        D.extract_codes(enc, ds, tmp_path / "c", codebook_size=2, num_classes=10, header={},
+                        shifts=shifts, progress=False)  # fmt: skip
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match="views must be 1"):
+        D.view_list(3)
+
+
+def test_cli_extract_codes_with_shifts(digits_pipeline, tmp_path):
+    from movegen.cli import main
+
+    tok = str(digits_pipeline["tokenizer"])
+    rc = main(["extract-codes", "--tokenizer", tok, "--split", "val", "--shifts", "1", "--device", "cpu",
+               "--out", str(tmp_path / "c")])  # fmt: skip
+    assert rc == 0
+    s = D.CodeStore(tmp_path / "c")
+    base = D.CodeStore(digits_pipeline["val_codes"])
+    assert s.views == 18 and len(s.view_list) == 18 and base.views == 2
+    assert np.array_equal(
+        np.asarray(s.codes[:, :2]), np.asarray(base.codes)
+    )  # views 0, 1 as before
+    rc = main(["extract-codes", "--tokenizer", tok, "--split", "val", "--views", "1", "--device", "cpu",
+               "--shifts", "[[0, 1], [1, 0]]", "--out", str(tmp_path / "l")])  # fmt: skip
+    assert rc == 0 and [(v["dy"], v["dx"]) for v in D.CodeStore(tmp_path / "l").view_list] == [
+        (0, 0), (0, 1), (1, 0)]  # fmt: skip
+    rc = main(["extract-codes", "--tokenizer", tok, "--split", "val", "--shifts", "8", "--device", "cpu",
+               "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert rc == 2 and not (tmp_path / "bad").exists()
+
+
 def test_not_a_code_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="extract-codes"):
         D.CodeStore(tmp_path)

@@ -14,6 +14,8 @@ from .codes import (
     epoch_order,
     extract_codes,
     split_holdout,
+    view_image,
+    view_list,
     write_code_store,
 )
 from .images import (
@@ -47,5 +49,7 @@ __all__ = [
     "extract_codes",
     "load_dataset",
     "split_holdout",
+    "view_image",
+    "view_list",
     "write_code_store",
 ]

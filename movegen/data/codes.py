@@ -4,7 +4,15 @@ The code store is one directory written once by :func:`extract_codes`::
 
     codes.npy    [N, views, h*w]  uint16 when K <= 65536 (else int32), memory-mapped on read
     labels.npy   [N]              int64
-    header.json  codebook size, h, w, views, classes, dataset, split, tokenizer path and sha256
+    header.json  codebook size, h, w, views, view_list, classes, dataset, split, tokenizer
+                 path and sha256
+
+**Views.** Each image is stored under several deterministic augmentations ("views"), listed in
+``header["view_list"]`` as ``{"flip": bool, "dy": int, "dx": int}``: the image translated by
+``dy`` rows down and ``dx`` columns right (negative: up / left), the uncovered border filled
+with the background value -1 (what padding uses), then mirrored left-right when ``flip``.
+View 0 is always the original image (what validation reads), view 1 its flip when flips are
+on, then each shift (and its flip). Training draws a seeded random view per item per epoch.
 
 It is built under a temporary name and renamed when complete, so a crash never leaves a
 directory that has a ``header.json``.
@@ -177,6 +185,14 @@ class CodeStore:
     seq_len = property(lambda self: int(self.header["h"]) * int(self.header["w"]))
     views = property(lambda self: int(self.header["views"]))
 
+    @property
+    def view_list(self) -> list[dict]:
+        """What each view is (see the module docstring); stores written before the header
+        listed them had views 1 (original) or 2 (+ flip)."""
+        if "view_list" in self.header:
+            return self.header["view_list"]
+        return view_list(self.views)
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -186,6 +202,79 @@ def split_holdout(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, n
     perm = np.random.default_rng(seed).permutation(n)
     k = max(1, int(round(n * fraction)))
     return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+# --------------------------------------------------------------------------- views
+
+BACKGROUND = -1.0  # the pixel value translated views are filled with (images are in [-1, 1])
+
+
+def _shift_list(shifts: int | Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    if isinstance(shifts, bool):
+        raise ValueError(f"shifts must be an int or a list of (dy, dx) pairs, got {shifts!r}")
+    if isinstance(shifts, int):
+        if shifts < 0:
+            raise ValueError(f"shifts must be >= 0 (0: no shifted views), got {shifts}")
+        if shifts == 0:
+            return []
+        return [(dy, dx) for dy in (-shifts, 0, shifts) for dx in (-shifts, 0, shifts)
+                if (dy, dx) != (0, 0)]  # fmt: skip
+    out = []
+    for pair in shifts:
+        if (isinstance(pair, (str, bytes)) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):  # fmt: skip
+            raise ValueError(f"each shift must be a pair of ints (dy, dx), got {pair!r}")
+        dy, dx = int(pair[0]), int(pair[1])
+        if (dy, dx) == (0, 0):
+            raise ValueError("shift (0, 0) is the original image, always view 0: leave it out")
+        if (dy, dx) in out:
+            raise ValueError(f"shift {(dy, dx)} is listed twice")
+        out.append((dy, dx))
+    return out
+
+
+def view_list(
+    views: int = 2,
+    shifts: int | Iterable[tuple[int, int]] = 0,
+    image_size: tuple[int, int] | None = None,
+) -> list[dict]:
+    """The views :func:`extract_codes` stores, in order, as ``{"flip", "dy", "dx"}`` dicts.
+
+    ``views`` 1: no flips; 2: every view also mirrored (view 1 is the original's flip).
+    ``shifts``: ``0`` none; an int ``s`` the 8 neighbours at distance ``s``
+    (``dy, dx`` in ``{-s, 0, s}``, row-major); or an explicit list of ``(dy, dx)`` pairs.
+    With ``image_size`` ``(H, W)``, every ``|dy| < H`` and ``|dx| < W`` is checked.
+    """
+    if views not in (1, 2):
+        raise ValueError(
+            f"views must be 1 (original) or 2 (original + horizontal flip), got {views}"
+        )
+    offsets = [(0, 0), *_shift_list(shifts)]
+    if image_size is not None:
+        H, W = image_size
+        if too_far := [o for o in offsets if abs(o[0]) >= H or abs(o[1]) >= W]:
+            raise ValueError(f"shifts {too_far} move a {H}x{W} image out of its frame: each |dy| must be "
+                             f"< {H} and each |dx| < {W}")  # fmt: skip
+    flips = (False, True) if views == 2 else (False,)
+    return [{"flip": f, "dy": dy, "dx": dx} for dy, dx in offsets for f in flips]
+
+
+def view_image(x: torch.Tensor, view: dict) -> torch.Tensor:
+    """Images ``(..., H, W)`` as one view: translated by ``(dy, dx)`` with the background
+    filling the uncovered border, then mirrored when ``flip``. Returns a new tensor."""
+    dy, dx = int(view["dy"]), int(view["dx"])
+    H, W = x.shape[-2:]
+    if abs(dy) >= H or abs(dx) >= W:
+        raise ValueError(f"shift ({dy}, {dx}) moves a {H}x{W} image out of its frame")
+    out = torch.full_like(x, BACKGROUND)
+    # target rows [max(dy, 0), H + min(dy, 0)) come from source rows [max(-dy, 0), H - max(dy, 0))
+    out[..., max(dy, 0) : H + min(dy, 0), max(dx, 0) : W + min(dx, 0)] = x[
+        ..., max(-dy, 0) : H - max(dy, 0), max(-dx, 0) : W - max(dx, 0)
+    ]
+    return torch.flip(out, dims=[-1]) if view["flip"] else out
+
+
+# --------------------------------------------------------------------------- extraction
 
 
 @torch.no_grad()
@@ -198,19 +287,22 @@ def extract_codes(
     num_classes: int,
     header: dict,
     views: int = 2,
+    shifts: int | Iterable[tuple[int, int]] = 0,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Encode every image of ``dataset`` (and its horizontal flip when ``views == 2``) with
-    ``encode: images (B, C, H, W) -> codes (B, h, w)`` into a code store at ``out``."""
+    """Encode every image of ``dataset`` under each view of :func:`view_list` ``(views,
+    shifts)`` with ``encode: images (B, C, H, W) -> codes (B, h, w)`` into a code store at
+    ``out`` (``[N, len(view_list), h*w]``; the list is written to ``header["view_list"]``).
+
+    ``views`` 2 adds the horizontal flip of every view, 1 does not; ``shifts`` adds translated
+    copies (an int ``s``: the 8 neighbours at distance ``s``; or a list of ``(dy, dx)``).
+    """
     from tqdm.auto import tqdm
 
-    if views not in (1, 2):
-        raise ValueError(
-            f"views must be 1 (original) or 2 (original + horizontal flip), got {views}"
-        )
+    vlist = view_list(views, shifts)  # the arguments' own errors before any image is read
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
     failures = getattr(dataset, "failures", [])  # a folder's files already left out, then more
     skipped = len(failures)
@@ -218,6 +310,7 @@ def extract_codes(
     if x0 is None:
         raise ValueError(f"no readable image in the dataset to encode ({len(dataset)} items); "
                          f"unreadable: {'; '.join(failures[:3]) or 'none named'}")  # fmt: skip
+    vlist = view_list(views, shifts, image_size=tuple(x0.shape[-2:]))
     h, w = encode(x0[:1].to(device)).shape[-2:]
 
     def batches():
@@ -227,18 +320,17 @@ def extract_codes(
             if not len(x):
                 continue
             x = x.to(device)
-            vs = [encode(x)]
-            if views == 2:
-                vs.append(encode(torch.flip(x, dims=[-1])))
+            vs = [encode(view_image(x, v)) for v in vlist]
             c = torch.stack([v.reshape(len(x), -1) for v in vs], dim=1)  # (n, views, h*w)
             yield c.cpu().numpy().astype(code_dtype(codebook_size)), y.numpy()
         if skipped:  # read by write_code_store after the last batch, before it writes header.json
             full["skipped_unreadable"] = skipped
 
-    full = {"codebook_size": codebook_size, "num_classes": num_classes, **header}
+    full = {"codebook_size": codebook_size, "num_classes": num_classes, **header,
+            "view_list": vlist, "view_fill": BACKGROUND}  # fmt: skip
 
-    path = write_code_store(out, batches(), num_items=len(dataset), views=views, h=int(h), w=int(w),
-                            header=full, overwrite=overwrite)  # fmt: skip
+    path = write_code_store(out, batches(), num_items=len(dataset), views=len(vlist), h=int(h),
+                            w=int(w), header=full, overwrite=overwrite)  # fmt: skip
     if skipped:
         log.warning("%d unreadable images were skipped and are not in the store: %s%s", skipped,
                     "; ".join(failures[:5]), " ..." if len(failures) > 5 else "")  # fmt: skip
@@ -485,5 +577,7 @@ __all__ = [
     "epoch_order",
     "extract_codes",
     "split_holdout",
+    "view_image",
+    "view_list",
     "write_code_store",
 ]
