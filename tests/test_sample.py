@@ -231,6 +231,16 @@ def test_graphed_step_draws_the_codes_of_the_plain_loop_on_gpu(attention, fp32_m
     a = generate(model, labels, s, generator=seeded(), step=step)
     b = generate(model, labels, s, generator=seeded(), step=step)
     assert torch.equal(a, b) and a.min() >= 0 and a.max() < 64
+    # per-sample noise through the graphs: the plain loop's codes, whatever the batch
+    s = SamplingSettings(cfg_scale=2.0, top_k=20, bf16=False)
+    noise = SampleNoise(5)
+    plain = generate(model, labels, s, noise=noise)
+    step = CompiledStep(model, 1, s, attention=attention)
+    rows = [
+        generate(model, labels[i : i + 1], s, noise=noise, index=torch.tensor([i]), step=step)
+        for i in range(3)
+    ]
+    assert torch.equal(torch.cat(rows), plain)
 
 
 def test_sample_noise_is_a_function_of_seed_index_position_and_code_only():

@@ -600,3 +600,17 @@ def test_digits_smoke_study_end_to_end(tmp_path):
     assert [r["val_bits_per_token"] for r in doc2["runs"]] == [
         r["val_bits_per_token"] for r in doc["runs"]
     ]
+
+
+def test_study_inputs_pass_extraction_shifts_on(tmp_path):
+    from movegen.study.runs import _input_jobs
+    from movegen.study.spec import load_study
+
+    text = (ROOT / "configs/studies/digits-smoke.yaml").read_text()
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(text.replace("codes: {split: train}", "codes: {split: train, shifts: 1}"))
+    paths, jobs, settings = _input_jobs(load_study(cfg), tmp_path / "out")
+    cmds = {j.key: j.prepare() for j in jobs}
+    train, val = cmds["input:codes"], cmds["input:val_codes"]
+    assert train[train.index("--shifts") + 1] == "1" and "--shifts" not in val
+    assert settings["codes"]["shifts"] == 1  # part of the recipe a rerun is checked against

@@ -233,11 +233,12 @@ def _input_jobs(spec: StudySpec, out: Path) -> tuple[dict[str, Path], list[Job],
             raise ValueError(
                 f"inputs.{key}: give a code store path, or a tokenizer (a path or a config) to build it"
             )
-        if bad := sorted(set(c) - {"split", "views", "args"}):
-            raise ValueError(f"inputs.{key}: unknown keys {bad} (split, views, args)")
+        if bad := sorted(set(c) - {"split", "views", "shifts", "args"}):
+            raise ValueError(f"inputs.{key}: unknown keys {bad} (split, views, shifts, args)")
         folder = out / "inputs" / f"codes-{c.get('split', split)}"
         paths[key] = folder
         args = {"tokenizer": str(paths["tokenizer"]), "split": c.get("split", split), "views": c.get("views", 2),
+                **({"shifts": c["shifts"]} if c.get("shifts") else {}),
                 **data_flags, **_mapping(c.get("args"), f"inputs.{key}.args"), "out": str(folder),
                 "overwrite": True}  # fmt: skip
         settings[key] = {k: v for k, v in args.items() if k not in ("tokenizer", "out")}
