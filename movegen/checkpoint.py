@@ -14,12 +14,13 @@ format                 written by                  built / loaded with
 ``movegen.classifier`` ``movegen fit-classifier``  :func:`classifier_checkpoint` / :func:`load_classifier`
 =====================  ==========================  ============================================
 
-Files reach their final name only when complete (:func:`atomic_path`): a crash never leaves a
-half-written checkpoint, result or image grid that looks whole.
+Files reach their final name only when complete (:func:`~movegen.files.atomic_path`, imported
+here): a crash never leaves a half-written checkpoint, result or image grid that looks whole.
 
 Imports run one way (DESIGN §6): this module imports only the model files (``model``,
 ``tokenizer``, ``classifier``); ``metrics``, ``lit``, ``evaluate``, ``report`` and ``cli`` import
-it. It never imports Lightning, ``data`` or ``metrics``.
+it (and ``files``, the standard-library file helpers). It never imports Lightning, ``data`` or
+``metrics``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .classifier import SmallCNN
+from .files import atomic_path, atomic_write_text  # noqa: F401 (written from here too)
 from .model import GPT, GPTConfig
 from .tokenizer import TokenizerConfig, VQTokenizer
 
@@ -53,34 +53,6 @@ def package_version() -> str:
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success the file is synced to disk, given the
-    usual permissions (0666 & ~umask; mkstemp makes 0600) and renamed to ``path``, else removed.
-    A crash never leaves a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it takes the final name
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:

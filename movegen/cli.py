@@ -172,12 +172,21 @@ def fit_tokenizer(model, data, *, out: str | Path, trainer: dict[str, Any] | Non
     """Train the tokenizer ``model`` (a ``LitTokenizer``) on ``data`` (an ``ImageDataModule``)
     and write ``tokenizer.ckpt``, ``metrics.json`` and ``reconstructions.png`` into the run
     folder ``out`` (a new or empty folder, or a previous tokenizer run with ``overwrite``)."""
+    return _in_run_folder("fit-tokenizer", out, lambda o: _fit_tokenizer(model, data, o, trainer), "steps",
+                          overwrite=overwrite, argv=argv, config_yaml=config_yaml)  # fmt: skip
+
+
+def _in_run_folder(
+    verb: str, out, train, count: str, *, overwrite: bool, argv, config_yaml
+) -> dict:
+    """``train(out)`` inside the claimed run folder of ``verb`` (its config written first; the
+    status ``finished`` with the metrics' ``count`` after); returns its metrics."""
     from .runs import claim_run
 
-    with claim_run(out, "fit-tokenizer", overwrite=overwrite, argv=argv) as run:
+    with claim_run(out, verb, overwrite=overwrite, argv=argv) as run:
         _write_config(Path(out), config_yaml)
-        metrics = _fit_tokenizer(model, data, Path(out), trainer)
-        run.set_status("finished", steps=metrics["steps"])
+        metrics = train(Path(out))
+        run.set_status("finished", **{count: metrics[count]})
     return metrics
 
 
@@ -300,13 +309,8 @@ def fit_classifier(model, data, *, out: str | Path, trainer: dict[str, Any] | No
     """Train the evaluation classifier ``model`` (a ``LitClassifier``) on ``data`` (an
     ``ImageDataModule``); writes ``classifier.ckpt`` and ``metrics.json`` (val/test accuracy)
     into the run folder ``out`` (new or empty, or a previous classifier run with ``overwrite``)."""
-    from .runs import claim_run
-
-    with claim_run(out, "fit-classifier", overwrite=overwrite, argv=argv) as run:
-        _write_config(Path(out), config_yaml)
-        metrics = _fit_classifier(model, data, Path(out), trainer)
-        run.set_status("finished", epochs=metrics["epochs"])
-    return metrics
+    return _in_run_folder("fit-classifier", out, lambda o: _fit_classifier(model, data, o, trainer), "epochs",
+                          overwrite=overwrite, argv=argv, config_yaml=config_yaml)  # fmt: skip
 
 
 def _fit_classifier(model, data, out: Path, trainer: dict[str, Any] | None) -> dict:

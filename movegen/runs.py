@@ -15,7 +15,7 @@ A verb that writes a run folder (``fit``, ``fit-tokenizer``, ``fit-classifier``)
 * **A record.** ``run.json`` holds the verb, its arguments and the status (``running``,
   ``finished``, ``interrupted``, ``diverged``, ``failed``), rewritten atomically.
 
-Imports: the standard library only.
+Imports: the standard library and ``files`` (atomic writes) only.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .files import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ def _alive(pid: int, started: str | None) -> bool:
     return started is None or _start_time(pid) in (None, started)
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 @contextmanager
 def folder_lock(lock: Path, what: str) -> Iterator[None]:
     """Hold ``lock`` (a file created exclusively) for the duration; refuse a live owner, take
@@ -114,7 +107,7 @@ def folder_lock(lock: Path, what: str) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
-            owner = _read_json(lock) or {}
+            owner = read_json(lock) or {}
             pid = owner.get("pid")
             same_host = owner.get("host") == me["host"]
             if isinstance(pid, int) and same_host and not _alive(pid, owner.get("started")):
@@ -128,9 +121,9 @@ def folder_lock(lock: Path, what: str) -> Iterator[None]:
                 f"{what} is in use by process {pid} on {owner.get('host', '?')} (since {owner.get('since', '?')}); "
                 f"wait for it to finish, or, if no such process runs any more, delete {lock}"
             ) from None
-        except PermissionError:
+        except OSError as e:  # permission bits, a read-only mount: the lock is the probe
             raise RunFolderError(
-                f"cannot write in {lock.parent}: permission denied; choose another --out"
+                f"cannot write in {lock.parent}: {(e.strerror or str(e)).lower()}; choose another --out"
             ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
@@ -149,14 +142,8 @@ def _is_temp(name: str, outputs: tuple[str, ...]) -> bool:
 
 
 def write_run_record(out: Path, record: dict) -> None:
-    """``run.json``, atomically (a temp file in the folder, renamed)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_FILE}.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, out / RUN_FILE)
+    """``run.json``, atomically."""
+    atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2))
 
 
 class Run:
@@ -195,14 +182,12 @@ def claim_run(out: str | os.PathLike, verb: str, *, resume: bool = False, overwr
         ) from None
     except OSError as e:  # a file where a parent folder should be, a read-only file system, ...
         raise RunFolderError(f"cannot create {out}: {e.strerror}; choose another --out") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise RunFolderError(f"cannot write in {out}: permission denied; choose another --out")
     with folder_lock(out / LOCK_FILE, f"run folder {out}"):
         for p in out.iterdir():  # temp files of an interrupted write: nobody else writes here
             if _is_temp(p.name, outputs):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
-        old = _read_json(out / RUN_FILE) if RUN_FILE in present else None
+        old = read_json(out / RUN_FILE) if RUN_FILE in present else None
         owner = (old or {}).get("verb")
         if present and owner not in (None, verb):
             raise RunFolderError(

@@ -24,6 +24,7 @@ ops; compiled kernels may round differently).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -175,6 +176,13 @@ def _hash32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
+@functools.lru_cache(maxsize=8)
+def _code_hashes(K: int, device: torch.device) -> torch.Tensor:
+    """The per-code half of :class:`SampleNoise`'s key, ``(K,)``: the same at every step, so made
+    once per vocabulary and device rather than at every token."""
+    return _hash32(torch.arange(K, device=device, dtype=torch.long) * 0x9E37 + 0x632B)
+
+
 @dataclass(frozen=True)
 class SampleNoise:
     """Counter-based noise: the uniform draw of sample ``i`` at code position ``t`` for code ``k``
@@ -193,7 +201,7 @@ class SampleNoise:
             (self.seed * 0x9E3779B1 + t * 0x85EBCA77) & _M32
         )  # (seed, t): on the host
         row = _hash32(_hash32(index.long() & _M32) ^ key)
-        col = _hash32(torch.arange(K, device=dev, dtype=torch.long) * 0x9E37 + 0x632B)
+        col = _code_hashes(K, dev)
         x = _hash32(row[:, None] ^ col[None, :])
         u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
         if out is not None:

@@ -24,6 +24,10 @@ def fit_args(codes, val_codes, out, *extra):
             "--state_every", "1", *extra]  # fmt: skip
 
 
+def resume_args(pipeline, run: Path) -> list[str]:
+    return fit_args(pipeline["codes"], pipeline["val_codes"], run, "--resume", "true")
+
+
 def history(run: Path) -> list[tuple[int, float]]:
     return [
         (h["step"], h["val_loss"])
@@ -72,14 +76,7 @@ def test_kill9_mid_fit_then_resume_gives_the_same_curve(digits_pipeline, referen
     assert main(fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run)) == 2
     assert files() == before and not (run / ".lock").exists()  # the stale lock was cleared
     # the stale lock of the killed process is taken over; the curve is the uninterrupted one
-    assert (
-        main(
-            fit_args(
-                digits_pipeline["codes"], digits_pipeline["val_codes"], run, "--resume", "true"
-            )
-        )
-        == 0
-    )
+    assert main(resume_args(digits_pipeline, run)) == 0
     assert history(run) == reference
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "finished" and m["resumed"] is True and m["steps"] == STEPS
@@ -98,14 +95,7 @@ def test_sigint_saves_the_state_exits_130_and_resumes(digits_pipeline, reference
     text = (tmp_path / "fit.log").read_text()
     assert "interrupted at step" in text and "--resume true" in text and "Traceback" not in text
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
-    assert (
-        main(
-            fit_args(
-                digits_pipeline["codes"], digits_pipeline["val_codes"], run, "--resume", "true"
-            )
-        )
-        == 0
-    )
+    assert main(resume_args(digits_pipeline, run)) == 0
     assert history(run) == reference
 
 

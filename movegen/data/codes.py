@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..files import current_umask
 from ..model import GPTConfig
 from .images import collate_skip_none
 
@@ -118,9 +119,9 @@ def _write_store(out: Path, batches, *, num_items: int, views: int, h: int, w: i
     K = int(header["codebook_size"])
     dtype = code_dtype(K)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: a shared dataset folder must stay readable
+    os.chmod(
+        tmp, 0o777 & ~current_umask()
+    )  # mkdtemp makes 0700: a shared dataset folder must stay readable
     try:
         codes = np.lib.format.open_memmap(
             tmp / "codes.partial.npy", mode="w+", dtype=dtype, shape=(num_items, views, h * w)
@@ -388,10 +389,12 @@ class StepBatches:
     def batch_rows(self, step: int) -> torch.Tensor:
         """``[item, view]`` rows (positions in ``indices``) of the batch at global ``step``."""
         epoch, b = divmod(step, self.steps_per_epoch)
+        return self._rows(epoch_order(len(self.indices), self.views, self.seed, epoch), b)
+
+    def _rows(self, order: torch.Tensor, b: int) -> torch.Tensor:
+        """This rank's share of batch ``b`` of an epoch's ``order``."""
         lo = (b * self.world + self.rank) * self.batch_size
-        return epoch_order(len(self.indices), self.views, self.seed, epoch)[
-            lo : lo + self.batch_size
-        ]
+        return order[lo : lo + self.batch_size]
 
     def _host_batch(self, rows: torch.Tensor):
         items = self.indices[rows[:, 0].numpy()]
@@ -402,12 +405,10 @@ class StepBatches:
         start = int(self.position())
         epoch, first = divmod(start, self.steps_per_epoch)
         order = epoch_order(len(self.indices), self.views, self.seed, epoch)
-        span = self.batch_size * self.world
         if self.device is not None:
             order = order.to(self.device, non_blocking=True)
         for b in range(first, self.steps_per_epoch):
-            lo = b * span + self.rank * self.batch_size
-            rows = order[lo : lo + self.batch_size]
+            rows = self._rows(order, b)
             if self.device is None:
                 yield self._host_batch(rows)
             else:

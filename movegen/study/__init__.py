@@ -35,7 +35,7 @@ error, not a silent reuse.
 
 The package: ``spec`` (the YAML and its checks), ``runs`` (a run's folder, commands, contract
 and record), ``jobs`` (the subprocess scheduler), and here :func:`run_study`, which ties them.
-Imports: ``report`` (statistics and the report) and ``checkpoint`` (atomic writes); ``lit``,
+Imports: ``report`` (statistics and the report) and ``files`` (atomic writes); ``lit``,
 ``model`` and ``data`` only to check overrides. ``cli`` imports this package, never the reverse:
 the verbs run as subprocesses.
 """
@@ -48,14 +48,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_text
+from ..files import atomic_write_text, read_json
 from ..report import choose_grid, write_study_report
 from .jobs import Job, Outcome, run_jobs, visible_gpus
 from .runs import (
     DIVERGED_EXIT,
     Run,
     _input_jobs,
-    _read_json,
     _run_record,
     eval_command,
     evaluation,
@@ -101,7 +100,7 @@ def run_study(config: str | Path, out: str | Path, *, parallel: int | None = Non
 
 def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
     study_path = out / "study.json"
-    prev = _read_json(study_path) if study_path.exists() else None
+    prev = read_json(study_path) if study_path.exists() else None
     if study_path.exists() and prev is None:
         raise ValueError(
             f"{study_path} is unreadable (truncated?); move it aside to rebuild it from the runs"

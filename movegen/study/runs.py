@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import read_json
 from .jobs import Job
 from .spec import Arm, Budget, GridPoint, StudySpec, _mapping, _resolve_path
 
@@ -69,19 +70,10 @@ class Run:
         return self.eval_dir / f"{self.dir.name}.json"
 
 
-def _read_json(path: Path) -> dict | None:
-    """A JSON object, or None when the file is missing, truncated or not an object."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def fit_finished(run_dir: Path) -> bool:
     """The fit verb's contract: ``metrics.json`` with ``"status": "finished"``; a metrics.json
     without a status (fits before that field) counts when the best ``model.ckpt`` is beside it."""
-    m = _read_json(run_dir / "metrics.json")
+    m = read_json(run_dir / "metrics.json")
     if m is None:
         return False
     if "status" in m:
@@ -96,7 +88,7 @@ _AT_STEP = re.compile(r"NaN or infinite at step (\d+)")
 def fit_diverged(run_dir: Path, log: Path | None = None) -> dict | None:
     """``{"step", "message"}`` of a fit whose ``run.json`` says ``diverged`` (the step from its
     message there, else from the last such message in its log), or None."""
-    rec = _read_json(run_dir / "run.json")
+    rec = read_json(run_dir / "run.json")
     if rec is None or rec.get("status") != "diverged" or fit_finished(run_dir):
         return None
     msg = rec.get("error") or ""
@@ -152,7 +144,7 @@ def eval_command(spec: StudySpec, run: Run, inputs: dict[str, Path], out: Path) 
 def evaluation(spec: StudySpec, run: Run) -> dict | None:
     """The run's evaluation result when it is one the study asks for now (its references, in
     order, and its number of samples and seed); None when missing, unreadable or stale."""
-    r = _read_json(run.eval_file)
+    r = read_json(run.eval_file)
     if r is None:
         return None
     ev = spec.evaluate
@@ -276,7 +268,7 @@ MEMORISATION_KEYS = ("memorisation", "copy_z", "copy_fraction", "num_samples", "
 
 def _run_record(spec: StudySpec, run: Run, arm: Arm, status: str, detail: str, walls: dict,
                 diverged: dict | None = None) -> dict:  # fmt: skip
-    m = _read_json(run.dir / "metrics.json") if status == "finished" else None
+    m = read_json(run.dir / "metrics.json") if status == "finished" else None
     rec: dict[str, Any] = {
         "id": run.id, "arm": run.arm, "grid": run.grid.id, "grid_overrides": run.grid.overrides,
         "budget": run.budget.name, "seed": run.seed, "config": arm.config_text, "overrides": arm.overrides,

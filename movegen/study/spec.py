@@ -103,6 +103,14 @@ def _resolve_path(p: str, base: Path) -> Path:
     raise FileNotFoundError(f"{p} not found (looked in {Path.cwd()}, {base} and {REPO})")
 
 
+def _check_folder_name(name: Any, what: str) -> None:
+    """Arm and budget names become folders of the run tree."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", str(name)):
+        raise ValueError(
+            f"{what} name {name!r} must be a plain folder name (letters, digits, . _ + -)"
+        )
+
+
 def _mapping(doc: Any, where: str) -> dict:
     if doc is None:
         return {}
@@ -163,10 +171,7 @@ def load_study(path: str | Path) -> StudySpec:
         )
     arms = []
     for name, a in arms_doc.items():
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", str(name)):
-            raise ValueError(
-                f"arm name {name!r} must be a plain folder name (letters, digits, . _ + -)"
-            )
+        _check_folder_name(name, "arm")
         a = {"config": a} if isinstance(a, str) else _mapping(a, f"arms.{name}")
         if "config" not in a or set(a) - {"config", "overrides"}:
             raise ValueError(
@@ -187,8 +192,7 @@ def load_study(path: str | Path) -> StudySpec:
     budgets = []
     for name, b in budgets_doc.items():
         b = _mapping(b, f"budgets.{name}")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", str(name)):
-            raise ValueError(f"budget name {name!r} must be a plain folder name")
+        _check_folder_name(name, "budget")
         if "max_steps" not in b and "trainer.max_steps" not in b:
             raise ValueError(
                 f"budgets.{name} needs max_steps (matched steps are what make arms comparable)"
