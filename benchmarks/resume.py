@@ -3,6 +3,7 @@ its training state holds step ``--kill_at``, then resumed with ``--resume true``
 validation losses of both at every validation and the largest difference.
 
     python -m benchmarks.resume --codes CODES --val_codes VAL [--steps 1000 --kill_at 500]
+        [--fit_flags '--model.cuda_graph true']
 
 On the CPU the curves are identical (the test suite checks it at a small scale); on a GPU they
 agree within bf16 noise. Run from the repository root.
@@ -25,7 +26,7 @@ def fit(args, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "movegen", "fit", "--config", args.config, "--data.codes", args.codes,
             "--data.val_codes", args.val_codes, "--out", str(out), "--trainer.max_steps", str(args.steps),
             "--trainer.val_check_interval", str(args.every), "--state_every", str(args.kill_at // args.every),
-            *extra]  # fmt: skip
+            *args.fit_flags.split(), *extra]  # fmt: skip
 
 
 def main() -> None:
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--kill_at", type=int, default=500)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--work", default=None)
+    p.add_argument("--fit_flags", default="", help="more fit flags, e.g. '--model.cuda_graph true'")
     a = p.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="resume-"))
     env = {**os.environ, "TQDM_DISABLE": "1"}

@@ -238,14 +238,15 @@ def _fit_tokenizer(model, data, out: Path, trainer: dict[str, Any] | None) -> di
 
 def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, resume: bool = False,
         overwrite: bool = False, state_every: int | None = None, state_interval: float = 600.0,
-        argv: list[str] | None = None,
+        patience: int | None = None, argv: list[str] | None = None,
         config_yaml: str | None = None) -> dict:  # fmt: skip
     """Train the AR model ``model`` (a ``LitGPT``) on the code store of ``data`` (a
     ``CodeDataModule``) in the run folder ``out``; keeps ``model.ckpt`` at the best validation
     loss, the training state ``last.ckpt`` (at the first validation ``state_interval`` seconds
     after the last write, or after every ``state_every`` validations when given; at the end;
     on SIGINT/SIGTERM), and writes ``metrics.json`` (best and final validation bits/token, the
-    curve, the cost report, ``status``).
+    curve, the cost report, ``status``). With ``patience`` N, training stops once N validations
+    in a row have not improved on the best (early stopping; the schedule keeps its length).
 
     ``resume`` continues the run in ``out`` from its ``last.ckpt`` (the same validation curve as
     an uninterrupted run); ``overwrite`` replaces a previous fit run there. Raises
@@ -259,7 +260,7 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, 
     data.check(model.config)  # a clear error before the folder is touched or anything trains
     with claim_run(out, "fit", resume=resume, overwrite=overwrite, argv=argv) as run:
         _write_config(out, config_yaml, resume)
-        best = BestCheckpoint(out, data.store.header)
+        best = BestCheckpoint(out, data.store.header, patience=patience)
         state = TrainingState(out, every=state_every, interval_s=state_interval, best=best)
         settings = {**_trainer_defaults("fit"), **(trainer or {})}
         settings["plugins"] = [*(settings.get("plugins") or []), SafeCheckpointIO()]
@@ -288,6 +289,7 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, 
             "final_val_loss": final["val_loss"],
             "final_val_bits_per_token": final["val_bits_per_token"],
             "steps": t.global_step,
+            "stopped_early": best.stopped_early,
             "train_tokens": model.train_tokens,
             "train_seconds": round(state.train_seconds(), 1),
             "resumed": run.resumed,
@@ -376,6 +378,9 @@ def _train_cli_class():
                                          "validations (default: by --state_interval)")  # fmt: skip
                 parser.add_argument("--state_interval", type=float, default=600.0,
                                     help="seconds between writes of the training state, at validations")  # fmt: skip
+                parser.add_argument("--patience", type=int | None, default=None,
+                                    help="stop early once N validations in a row have not improved on the "
+                                         "best (model.ckpt keeps the best; default: train max_steps)")  # fmt: skip
             for source, target in self._links:
                 parser.link_arguments(source, target)
 
@@ -403,7 +408,7 @@ def _training_verb(verb: str, argv: list[str]) -> int:
     cli = _train_cli_class()(model_cls, dm_cls, verb=verb, args=argv, links=links)
     trainer = dict(cli.config_init.get("trainer", {}))
     extra = {
-        k: cli.config[k] for k in ("resume", "state_every", "state_interval") if k in cli.config
+        k: cli.config[k] for k in ("resume", "state_every", "state_interval", "patience") if k in cli.config
     }
     run(cli.model, cli.datamodule, out=cli.config["out"], trainer=trainer, overwrite=cli.config["overwrite"],
         argv=argv, config_yaml=cli.parser.dump(cli.config, skip_none=False), **extra)  # fmt: skip
@@ -751,7 +756,7 @@ def report(*, results: str, out: str) -> Path:
     return path
 
 
-def study(*, config: str, out: str, parallel: int | None = None) -> Path:
+def study(*, config: str, out: str, parallel: int | None = None, inputs: str | None = None) -> Path:
     """Train every arm x grid point x budget x seed of a study, evaluate every run, and write
     OUT/study.json and OUT/report/ (tables with mean ± sd and paired differences, targets, plots).
     Runs are subprocesses (logs in OUT/logs/); a second call resumes: finished runs are never
@@ -761,10 +766,13 @@ def study(*, config: str, out: str, parallel: int | None = None) -> Path:
         config: a study YAML (configs/studies/...).
         out: the study folder (inputs, runs, logs, study.json, report).
         parallel: subprocesses at once (default: the YAML's, else one per visible GPU, else 1).
+        inputs: take the tokenizer, code stores and classifier from this folder (an earlier
+            study's OUT/inputs: tokenizer/tokenizer.ckpt, codes-train, codes-val,
+            classifier/classifier.ckpt) instead of building them from the YAML's recipes.
     """
     from .study import run_study
 
-    run_study(config, out, parallel=parallel)
+    run_study(config, out, parallel=parallel, inputs=inputs)
     path = Path(out) / "report" / "README.md"
     log.info("wrote %s", path)
     return path

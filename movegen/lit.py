@@ -268,6 +268,7 @@ class LitGPT(L.LightningModule):
         min_lr_ratio: float = 0.1,
         ema_decay: float = 0.0,
         compile: bool = False,
+        cuda_graph: bool = False,
         memory_lr_scale: float = 1.0,
         memory_weight_decay: float = 0.0,
     ):
@@ -283,6 +284,13 @@ class LitGPT(L.LightningModule):
             ema_decay: keep an EMA of the weights with this decay (0 disables); validation and the
                 saved checkpoint then use the EMA weights.
             compile: run the training forward through torch.compile.
+            cuda_graph: capture the training forward and backward (loss included) as CUDA graphs
+                at the first step (``torch.cuda.make_graphed_callables``) and replay them at
+                every step: two launches instead of ~1,000 small kernels dispatched from Python,
+                which bound the small models' steps. One CUDA device, bf16-mixed or 32-bit
+                precision, fixed batch shape (the step batches are), not with ``compile``.
+                Dropout and class dropout still draw fresh numbers at every replay; a resume
+                draws the same ones as the uninterrupted run.
             memory_lr_scale: learning rate of the memory (MoVE bank, LaVE tables) as a multiple
                 of lr (same schedule); 1 keeps it in the no-decay group.
             memory_weight_decay: AdamW weight decay of the memory (0: none, as for every lookup
@@ -292,6 +300,8 @@ class LitGPT(L.LightningModule):
         if memory_lr_scale < 0 or memory_weight_decay < 0:
             raise ValueError(f"memory_lr_scale and memory_weight_decay must be >= 0, got {memory_lr_scale} "
                              f"and {memory_weight_decay}")  # fmt: skip
+        if compile and cuda_graph:
+            raise ValueError("choose one of compile and cuda_graph (both remove the per-kernel launch overhead)")
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
         self.save_hyperparameters(ignore=["config"])
@@ -302,6 +312,7 @@ class LitGPT(L.LightningModule):
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
             self.ema.requires_grad_(False)
         self._fwd = None
+        self._graphed = None  # the captured training loss (cuda_graph), built at the first step
         self._t_last = None
         self.train_tokens = 0
         # the first step whose loss was not finite (-1: none); kept on the device, read only at
@@ -313,14 +324,43 @@ class LitGPT(L.LightningModule):
         """Cross-entropy of the model on ``(codes, labels)``; compiled as one graph (forward and
         loss, so the fp32 logits are never materialised) when ``compile``."""
         if self._fwd is None:
-            model = self.model
-
-            def loss(codes, labels):
-                logits = model(codes, labels)
-                return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
-
-            self._fwd = torch.compile(loss) if self.hparams.compile else loss
+            step = _LossStep(self.model)
+            # a plain attribute, not a submodule: no second copy of the weights in the state dict
+            object.__setattr__(self, "_fwd", torch.compile(step) if self.hparams.compile else step)
         return self._fwd
+
+    def train_loss(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch: the graphed replay with ``cuda_graph``, else
+        :meth:`loss_fn`."""
+        if not self.hparams.cuda_graph:
+            return self.loss_fn()(codes, labels)
+        if self._graphed is None:
+            object.__setattr__(self, "_graphed", self._capture(codes, labels))  # not a submodule
+        # the replay's output is a static buffer that the next replay overwrites: hand out a copy
+        return self._graphed(codes, labels).clone()
+
+    def _capture(self, codes: torch.Tensor, labels: torch.Tensor):
+        if codes.device.type != "cuda":
+            raise ValueError(f"--model.cuda_graph true needs a CUDA device; this run trains on {codes.device.type} "
+                             "(set --model.cuda_graph false)")  # fmt: skip
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:
+            raise ValueError(f"--model.cuda_graph true runs in one process; this run has {world} "
+                             "(set --model.cuda_graph false, or use --model.compile true)")  # fmt: skip
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        if precision.startswith("16") or precision.startswith("bf16-true") or precision.startswith("64"):
+            raise ValueError(f"--model.cuda_graph true supports bf16-mixed and 32-true precision, not {precision}")
+        step = _LossStep(self.model)  # not a submodule: no second copy in the state dict
+        # the warm-up and capture draw dropout numbers; put the generator back so that a replay
+        # at step s draws what it would have drawn, fresh or resumed
+        dev = codes.device
+        rng = torch.cuda.get_rng_state(dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision.startswith("bf16"),
+                            cache_enabled=False):  # fmt: skip
+            graphed = torch.cuda.make_graphed_callables(step, (codes, labels), allow_unused_input=True)
+        torch.cuda.set_rng_state(rng, dev)
+        return graphed
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -352,7 +392,7 @@ class LitGPT(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         codes, labels = batch
-        loss = self.loss_fn()(codes, labels)
+        loss = self.train_loss(codes, labels)
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
         self.first_bad_step.copy_(torch.where(bad, self.trainer.global_step, self.first_bad_step))
         n = codes.numel() * self.trainer.world_size
@@ -423,17 +463,34 @@ class LitGPT(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+class _LossStep(nn.Module):
+    """The model's training cross-entropy as a module, the unit that ``cuda_graph`` captures."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, codes, labels):
+        logits = self.model(codes, labels)
+        return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+
+
 def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
 class BestCheckpoint(L.Callback):
     """Keeps ``DIR/model.ckpt`` at the best validation loss (written atomically, with the
-    training state and at the end of training) and a history. Its state (best, best step, history) travels in the training state, so a resumed run keeps
-    the same best and the whole curve."""
+    training state and at the end of training) and a history. Its state (best, best step,
+    history) travels in the training state, so a resumed run keeps the same best and the whole
+    curve. With ``patience`` N it stops training once N validations in a row were no better than
+    the best (``stopped_early``)."""
 
-    def __init__(self, out: Path, header: dict, write_every_validation: bool = False):
-        self.out, self.header = Path(out), header
+    def __init__(self, out: Path, header: dict, write_every_validation: bool = False,
+                 patience: int | None = None):  # fmt: skip
+        if patience is not None and patience < 1:
+            raise ValueError(f"--patience counts validations without improvement and must be >= 1, got {patience}")
+        self.out, self.header, self.patience = Path(out), header, patience
         self.best = float("inf")
         self.best_step = -1
         self.history: list[dict] = []
@@ -473,8 +530,19 @@ class BestCheckpoint(L.Callback):
                                                  train={"step": trainer.global_step, "train_tokens": pl_module.train_tokens,
                                                         "hparams": dict(pl_module.hparams)},
                                                  metrics=rec)  # fmt: skip
+        since = sum(r["step"] > self.best_step for r in self.history)
+        if self.patience is not None and since >= self.patience:
+            log.info("stopping early at step %d: %d validations without improvement on %.4f (step %d)",
+                     trainer.global_step, since, self.best, self.best_step)  # fmt: skip
+            trainer.should_stop = True
         if self.write_every_validation:
             self.write()
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the last validation ended training by ``patience``."""
+        since = sum(r["step"] > self.best_step for r in self.history)
+        return self.patience is not None and since >= self.patience
 
     def write(self) -> None:
         """Put the best model seen so far on disk (``model.ckpt``, atomically), if it is not."""

@@ -257,6 +257,13 @@ def _finished(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("status") == "finished"]
 
 
+def _seeds_note(doc: dict) -> str:
+    chosen_by, seeds = doc.get("select_seeds"), doc.get("seeds") or []
+    if not chosen_by or list(chosen_by) == list(seeds):
+        return ""
+    return f" with seed{'s' if len(chosen_by) > 1 else ''} {', '.join(map(str, chosen_by))} (the other seeds train the chosen point only)"
+
+
 def choose_grid(records: list[dict], arm: str, budget: str, metric: str = "val_loss") -> str | None:
     """The grid point of ``arm`` on ``budget`` with the lowest mean ``metric`` over seeds (ties:
     the first listed), among the points with every seed finished that any point has."""
@@ -449,7 +456,7 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
          f"{len(budgets)} budgets x {len(doc['seeds'])} seeds {doc['seeds']}; every arm sees the same data order "
          f"per seed). Config `{doc['config']}`.", "",
          f"Each arm's grid point is the one with the lowest mean validation loss over seeds "
-         f"({'on budget ' + repr(doc['select_on']) + ', used for every budget' if doc.get('select_on') else 'per budget'}). "
+         f"({'on budget ' + repr(doc['select_on']) + _seeds_note(doc) + ', used for every budget' if doc.get('select_on') else 'per budget'}). "
          f"Δ is the paired difference to `{std}` over matching seeds, mean [95% t-interval] (relative to "
          f"`{std}`'s mean); ± is the sd over seeds. Evaluation: {ev.get('num_samples')} samples per run, "
          f"sampling {json.dumps(ev.get('sampling') or {})}, seed {ev.get('seed')}, references {refs_order} "

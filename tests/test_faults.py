@@ -269,3 +269,17 @@ def test_kill9_mid_extraction_leaves_no_store_and_the_next_run_cleans_up(digits_
     )  # ...are gone
     assert (out / "header.json").exists()
     assert oct(out.stat().st_mode & 0o777) == oct(0o750)  # the folder follows the umask
+
+
+def test_patience_stops_once_validation_stops_improving(digits_pipeline, tmp_path):
+    run = tmp_path / "run"
+    # lr 0: the validation loss never moves, so the first validation stays the best and the
+    # second one is the first without improvement
+    args = fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], run, "--model.lr", "0.0",
+                    "--patience", "2")  # fmt: skip
+    assert main(args) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 3 * EVERY and m["stopped_early"] is True and m["best_step"] == EVERY
+    assert [h["step"] for h in m["history"]] == [EVERY, 2 * EVERY, 3 * EVERY]
+    assert main(fit_args(digits_pipeline["codes"], digits_pipeline["val_codes"], tmp_path / "r2",
+                         "--patience", "0")) == 2  # fmt: skip

@@ -614,3 +614,49 @@ def test_study_inputs_pass_extraction_shifts_on(tmp_path):
     train, val = cmds["input:codes"], cmds["input:val_codes"]
     assert train[train.index("--shifts") + 1] == "1" and "--shifts" not in val
     assert settings["codes"]["shifts"] == 1  # part of the recipe a rerun is checked against
+
+
+def test_select_seeds_choose_the_point_and_the_other_seeds_train_it_only(tmp_path, fake):
+    y = tmp_path / "s.yaml"
+    grid = "grid: {model.config.resid_dropout: [0.0, 0.1]}\nselect_on: long\nselect_seeds: [0]\n"
+    budgets = ("  short: {max_steps: 20, val_check_interval: 10}\n"
+               "  long: {max_steps: 40, val_check_interval: 10, patience: 3}\n")  # fmt: skip
+    y.write_text(_study_yaml(tmp_path, grid=grid, budgets=budgets))
+    doc = study.run_study(y, tmp_path / "out")
+    fits = [c["flags"] for c in fake() if c["verb"] == "fit"]
+    assert all(f["patience"] == "3" for f in fits if f["trainer.max_steps"] == "40")
+    assert not any("patience" in f for f in fits if f["trainer.max_steps"] == "20")
+    by = {}
+    for f in fits:
+        by.setdefault((Path(f["config"]).stem, f["trainer.max_steps"]), set()).add(
+            (f["seed_everything"], f["model.config.resid_dropout"]))  # fmt: skip
+    # seed 0 tries both points on long; seed 1 there and both seeds on short train the choice
+    assert by[("standard", "40")] == {("0", "0.0"), ("0", "0.1"), ("1", "0.1")}
+    assert by[("move-x1", "40")] == {("0", "0.0"), ("0", "0.1"), ("1", "0.0")}
+    assert by[("standard", "20")] == {("0", "0.1"), ("1", "0.1")}
+    assert by[("move-x1", "20")] == {("0", "0.0"), ("1", "0.0")}
+    assert doc["complete"] and doc["select_seeds"] == [0] and len(doc["runs"]) == 2 * (3 + 2)
+    readme = (tmp_path / "out" / "report" / "README.md").read_text()
+    assert "with seed 0 (the other seeds train the chosen point only)" in readme
+    with pytest.raises(ValueError, match="select_seeds needs select_on"):
+        y.write_text(_study_yaml(tmp_path, grid="grid: {model.config.resid_dropout: [0.0, 0.1]}\nselect_seeds: [0]\n",
+                                 budgets=budgets))  # fmt: skip
+        study.run_study(y, tmp_path / "out2")
+
+
+def test_inputs_folder_replaces_the_recipes(tmp_path, fake):
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path))
+    inp = tmp_path / "built"
+    with pytest.raises(ValueError, match="lacks tokenizer/tokenizer.ckpt, codes-train"):
+        study.run_study(y, tmp_path / "out", inputs=inp)
+    for rel in ("tokenizer", "codes-train", "codes-val", "classifier"):
+        (inp / rel).mkdir(parents=True)
+    (inp / "tokenizer/tokenizer.ckpt").write_text("t")
+    (inp / "classifier/classifier.ckpt").write_text("c")
+    doc = study.run_study(y, tmp_path / "out", inputs=inp)
+    assert doc["complete"] and doc["inputs"]["codes"] == str(inp.resolve() / "codes-train")
+    fits = [c["flags"] for c in fake() if c["verb"] == "fit"]
+    assert {f["data.codes"] for f in fits} == {str(inp.resolve() / "codes-train")}
+    assert {c["flags"]["features"] for c in fake() if c["verb"] == "evaluate"} == {
+        "classifier:" + str(inp.resolve() / "classifier/classifier.ckpt")}

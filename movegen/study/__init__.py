@@ -82,12 +82,18 @@ __all__ = [
 ]
 
 
-def run_study(config: str | Path, out: str | Path, *, parallel: int | None = None) -> dict:
+def run_study(config: str | Path, out: str | Path, *, parallel: int | None = None,
+              inputs: str | Path | None = None) -> dict:  # fmt: skip
     """Train and evaluate every run of the study ``config`` into ``out`` (resuming what is
-    there), write ``out/study.json`` and ``out/report/``; returns the study.json object."""
+    there), write ``out/study.json`` and ``out/report/``; returns the study.json object.
+    ``inputs``: a folder of inputs built before (an earlier study's ``OUT/inputs``), used instead
+    of the YAML's input recipes."""
+    import dataclasses
     import fcntl
 
     spec = load_study(config)
+    if inputs is not None:
+        spec = dataclasses.replace(spec, inputs=given_inputs(Path(inputs), spec))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "study.lock", "w") as lock:
@@ -162,7 +168,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
         """The grid point of ``arm`` on ``budget`` when it is chosen on the select_on budget: once
         every run there has finished or diverged (a point with a diverged seed is not chosen)."""
         sel = next(b for b in spec.budgets if b.name == spec.select_on)
-        sel_runs = [run_of(arm, g.id, sel, s) for g in spec.grid for s in spec.seeds]
+        sel_runs = [run_of(arm, g.id, sel, s) for g in spec.grid for s in choosing_seeds]
         if not all(fit_finished(r.dir) or fit_diverged(r.dir) for r in sel_runs):
             return None
         recs = [_run_record(spec, r, spec.arm(arm), "finished", "", {}) for r in sel_runs
@@ -175,6 +181,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
             "out": str(out), "standard": spec.standard, "arms": [a.name for a in spec.arms],
             "seeds": list(spec.seeds), "budgets": {b.name: b.args for b in spec.budgets},
             "grid": {g.id: g.overrides for g in spec.grid}, "select_on": spec.select_on,
+            "select_seeds": list(choosing_seeds) if spec.select_on else None,
             "evaluate": {**vars(spec.evaluate), "references": list(spec.evaluate.references)},
             "targets": list(spec.targets), "inputs": {k: str(v) for k, v in inputs.items()},
             "inputs_settings": in_settings, "parallel": parallel, "gpus": gpus,
@@ -249,29 +256,35 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
     deps_in = tuple(j.key for j in jobs)
     fit_deps = tuple(k for k in deps_in if k in ("input:codes", "input:val_codes"))
     eval_deps = tuple(k for k in deps_in if k == "input:classifier")
+    choosing_seeds = spec.select_seeds or spec.seeds
     for budget in spec.budgets:
-        # (with one grid point there is nothing to choose, so nothing to wait for)
-        lazy = spec.select_on is not None and budget.name != spec.select_on and len(spec.grid) > 1
         for arm in spec.arms:
-            for gid in [None] if lazy else [g.id for g in spec.grid]:
-                for seed in spec.seeds:
-                    key = _key(arm.name, gid, budget.name, seed)
-                    keys.append((arm.name, budget, seed, gid))
-                    sel_deps = tuple(f"fit:{_key(arm.name, g.id, spec.select_on, s)}"
-                                     for g in spec.grid for s in spec.seeds) if lazy else ()  # fmt: skip
-                    if not lazy:
-                        bind(arm, budget, seed, gid, key)
-                    # (a diverged run on select_on still lets the choice be made: `after`, not deps)
-                    jobs.append(Job(key="fit:" + key, kind="fit", deps=fit_deps, after=sel_deps,
-                                    prepare=lambda a=arm, b=budget, s=seed, g=gid, k=key: fit_prepare(a, b, s, g, k),
-                                    done=lambda k=key: fit_finished(bound[k].dir),
-                                    log=lambda k=key: bound[k].log("fit"),
-                                    exit_states={DIVERGED_EXIT: "diverged"}))  # fmt: skip
-                    # one evaluation scores every reference (and memorisation)
-                    jobs.append(Job(key="eval:" + key, kind="evaluate", deps=("fit:" + key, *eval_deps),
-                                    prepare=lambda k=key: eval_prepare(k),
-                                    done=lambda k=key: evaluation(spec, bound[k]) is not None,
-                                    log=lambda k=key: bound[k].log("evaluate")))  # fmt: skip
+            # a run waits for the choice unless it is one of the choosing runs (and with one grid
+            # point there is nothing to choose, so nothing to wait for)
+            def is_lazy(seed: int) -> bool:
+                choosing = budget.name == spec.select_on and seed in choosing_seeds
+                return spec.select_on is not None and len(spec.grid) > 1 and not choosing
+
+            pairs = [(g.id, s) for g in spec.grid for s in spec.seeds if not is_lazy(s)]
+            for gid, seed in pairs + [(None, s) for s in spec.seeds if is_lazy(s)]:
+                lazy = gid is None
+                key = _key(arm.name, gid, budget.name, seed)
+                keys.append((arm.name, budget, seed, gid))
+                sel_deps = tuple(f"fit:{_key(arm.name, g.id, spec.select_on, s)}"
+                                 for g in spec.grid for s in choosing_seeds) if lazy else ()  # fmt: skip
+                if not lazy:
+                    bind(arm, budget, seed, gid, key)
+                # (a diverged run on select_on still lets the choice be made: `after`, not deps)
+                jobs.append(Job(key="fit:" + key, kind="fit", deps=fit_deps, after=sel_deps,
+                                prepare=lambda a=arm, b=budget, s=seed, g=gid, k=key: fit_prepare(a, b, s, g, k),
+                                done=lambda k=key: fit_finished(bound[k].dir),
+                                log=lambda k=key: bound[k].log("fit"),
+                                exit_states={DIVERGED_EXIT: "diverged"}))  # fmt: skip
+                # one evaluation scores every reference (and memorisation)
+                jobs.append(Job(key="eval:" + key, kind="evaluate", deps=("fit:" + key, *eval_deps),
+                                prepare=lambda k=key: eval_prepare(k),
+                                done=lambda k=key: evaluation(spec, bound[k]) is not None,
+                                log=lambda k=key: bound[k].log("evaluate")))  # fmt: skip
     log.info("study %s: %d arms x %d grid points x %d budgets x %d seeds; %d at once%s", spec.name,
              len(spec.arms), len(spec.grid), len(spec.budgets), len(spec.seeds), parallel,
              f" on GPUs {','.join(gpus)}" if gpus else " on the CPU")  # fmt: skip
@@ -299,6 +312,24 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
         raise ValueError(f"{len(bad)} of {len(outcomes)} steps of the study did not succeed ({first}); the report "
                          "covers the rest. Run the same command again to retry them: finished runs are kept")  # fmt: skip
     return doc
+
+
+INPUT_FILES = {"tokenizer": "tokenizer/tokenizer.ckpt", "codes": "codes-train", "val_codes": "codes-val",
+               "classifier": "classifier/classifier.ckpt"}  # fmt: skip
+
+
+def given_inputs(folder: Path, spec: StudySpec) -> dict:
+    """The study's ``inputs`` section pointing at the inputs in ``folder`` (laid out as a study's
+    ``OUT/inputs``); the data source stays the YAML's."""
+    folder = folder.resolve()
+    need = dict(INPUT_FILES)
+    if spec.evaluate.features is not None:  # the evaluation brings its own features
+        need.pop("classifier")
+    missing = [rel for rel in need.values() if not (folder / rel).exists()]
+    if missing:
+        raise ValueError(f"--inputs {folder} lacks {', '.join(missing)}; it takes a study's OUT/inputs folder "
+                         f"({', '.join(INPUT_FILES.values())})")  # fmt: skip
+    return {"data": spec.inputs.get("data"), **{k: str(folder / rel) for k, rel in need.items()}}
 
 
 def _key(arm: str, gid: str | None, budget: str, seed: int) -> str:

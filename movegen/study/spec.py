@@ -24,7 +24,9 @@ INERT_FIT_KEYS = {
     "data.num_workers": "fit gathers its batches in-process (from device memory on a GPU), "
     "so it has no workers; remove it",
 }
-SECTIONS = ("arms", "seeds", "budgets", "grid", "select_on", "standard", "fit_args", "evaluate",
+# flags of the fit verb itself (not of a section): a budget, grid point or fit_args may set them
+FIT_FLAGS = ("patience", "state_every", "state_interval")
+SECTIONS = ("arms", "seeds", "budgets", "grid", "select_on", "select_seeds", "standard", "fit_args", "evaluate",
             "inputs", "parallel", "targets", "name", "description")  # fmt: skip
 
 
@@ -52,7 +54,8 @@ class GridPoint:
 class Budget:
     name: str
     args: dict[str, Any]
-    """Dotted fit flags; a bare key is a trainer setting (``max_steps`` -> ``trainer.max_steps``)."""
+    """Dotted fit flags; a bare key is a trainer setting (``max_steps`` -> ``trainer.max_steps``)
+    or one of fit's own flags (``patience``: early stopping)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +86,9 @@ class StudySpec:
     select_on: str | None
     """Budget whose validation loss chooses each arm's grid point; the other budgets then train
     only the chosen point. None: every budget trains every point and chooses on its own."""
+    select_seeds: tuple[int, ...] = ()
+    """The seeds that choose the grid point on ``select_on`` (default: all); the other seeds
+    train only the chosen point there too. Choosing on one seed halves a grid's cost."""
     standard: str
     fit_args: dict[str, Any]
     evaluate: EvalSpec
@@ -199,7 +205,8 @@ def load_study(path: str | Path) -> StudySpec:
             )
         budgets.append(
             Budget(
-                name=str(name), args={(k if "." in k else f"trainer.{k}"): v for k, v in b.items()}
+                name=str(name),
+                args={(k if "." in k or k in FIT_FLAGS else f"trainer.{k}"): v for k, v in b.items()},
             )
         )
     grid = _grid(doc.get("grid"))
@@ -207,6 +214,13 @@ def load_study(path: str | Path) -> StudySpec:
     select_on = doc.get("select_on")
     if select_on is not None and select_on not in names:
         raise ValueError(f"select_on {select_on!r} is not a budget; budgets: {names}")
+    select_seeds = doc.get("select_seeds")
+    if select_seeds is not None:
+        select_seeds = select_seeds if isinstance(select_seeds, list) else [select_seeds]
+        if select_on is None:
+            raise ValueError("select_seeds needs select_on: the budget whose runs choose the grid point")
+        if not select_seeds or not set(select_seeds) <= set(seeds):
+            raise ValueError(f"select_seeds {select_seeds} must be some of the seeds {list(seeds)}")
     standard = doc.get("standard", "standard" if "standard" in arms_doc else arms[0].name)
     if standard not in arms_doc:
         raise ValueError(f"standard arm {standard!r} is not one of the arms {list(arms_doc)}")
@@ -247,7 +261,8 @@ def load_study(path: str | Path) -> StudySpec:
     )
     spec = StudySpec(name=str(doc.get("name") or path.stem), path=path.resolve(),
                      sha256=hashlib.sha256(text.encode()).hexdigest(), arms=tuple(arms), seeds=tuple(seeds),
-                     budgets=tuple(budgets), grid=grid, select_on=select_on, standard=standard,
+                     budgets=tuple(budgets), grid=grid, select_on=select_on,
+                     select_seeds=tuple(select_seeds or ()), standard=standard,
                      fit_args=dict(_mapping(doc.get("fit_args"), "fit_args")), evaluate=evaluate,
                      inputs=_mapping(doc.get("inputs"), "inputs"), parallel=parallel, targets=targets)  # fmt: skip
     check_overrides(spec)
@@ -312,6 +327,8 @@ def check_overrides(spec: StudySpec) -> None:
             if key in INERT_FIT_KEYS:
                 raise ValueError(f"{where}: {key} has no effect: {INERT_FIT_KEYS[key]}")
             section, _, name = key.rpartition(".")
+            if not section and name in FIT_FLAGS:
+                continue
             if section not in fields or name not in fields[section]:
                 close = sorted(fields.get(section, ()))
                 raise ValueError(f"{where}: {key} is not a fit setting" +
