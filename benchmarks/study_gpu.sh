@@ -51,7 +51,7 @@ PY
     --fit_flags '--model.cuda_graph true' 2>&1 | tail -12
   tar -cf $OUT/logs.tar -C $W logs ;;
 study)
-  timeout -s INT ${2:-540} $PY -m movegen study --config configs/studies/fashion-mnist.yaml --out $STUDY \
+  timeout -s INT ${2:-540} $PY -m movegen study --config ${STUDY_CONFIG:-configs/studies/fashion-mnist.yaml} --out $STUDY \
     --inputs $INPUTS --parallel ${PARALLEL:-4} > $W/logs/study.log 2>&1
   echo "study exit $?"; tail -5 $W/logs/study.log
   mkdir -p $OUT/study && cp -r $STUDY/study.json $STUDY/report $OUT/study/ 2>/dev/null
