@@ -52,7 +52,7 @@ PY
   tar -cf $OUT/logs.tar -C $W logs ;;
 study)
   timeout -s INT ${2:-540} $PY -m movegen study --config ${STUDY_CONFIG:-configs/studies/fashion-mnist.yaml} --out $STUDY \
-    --inputs $INPUTS --parallel ${PARALLEL:-4} > $W/logs/study.log 2>&1
+    --inputs $INPUTS --parallel ${PARALLEL:-4} ${ARMS:+--arms "[$ARMS]"} > $W/logs/study.log 2>&1
   echo "study exit $?"; tail -5 $W/logs/study.log
   mkdir -p $OUT/study && cp -r $STUDY/study.json $STUDY/report $OUT/study/ 2>/dev/null
   tar -cf $OUT/study-logs.tar -C $STUDY logs $(cd $STUDY && ls -d evals 2>/dev/null) \

@@ -756,7 +756,8 @@ def report(*, results: str, out: str) -> Path:
     return path
 
 
-def study(*, config: str, out: str, parallel: int | None = None, inputs: str | None = None) -> Path:
+def study(*, config: str, out: str, parallel: int | None = None, inputs: str | None = None,
+          arms: list[str] | None = None) -> Path:  # fmt: skip
     """Train every arm x grid point x budget x seed of a study, evaluate every run, and write
     OUT/study.json and OUT/report/ (tables with mean ± sd and paired differences, targets, plots).
     Runs are subprocesses (logs in OUT/logs/); a second call resumes: finished runs are never
@@ -769,10 +770,12 @@ def study(*, config: str, out: str, parallel: int | None = None, inputs: str | N
         inputs: take the tokenizer, code stores and classifier from this folder (an earlier
             study's OUT/inputs: tokenizer/tokenizer.ckpt, codes-train, codes-val,
             classifier/classifier.ckpt) instead of building them from the YAML's recipes.
+        arms: train and evaluate only these arms (the standard arm always); a later call with
+            all arms adds the others and keeps these.
     """
     from .study import run_study
 
-    run_study(config, out, parallel=parallel, inputs=inputs)
+    run_study(config, out, parallel=parallel, inputs=inputs, arms=arms)
     path = Path(out) / "report" / "README.md"
     log.info("wrote %s", path)
     return path

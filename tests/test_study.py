@@ -654,7 +654,12 @@ def test_inputs_folder_replaces_the_recipes(tmp_path, fake):
         (inp / rel).mkdir(parents=True)
     (inp / "tokenizer/tokenizer.ckpt").write_text("t")
     (inp / "classifier/classifier.ckpt").write_text("c")
+    with pytest.raises(ValueError, match=r"--arms: \['move-x9'\] not in"):
+        study.run_study(y, tmp_path / "out", inputs=inp, arms=["move-x9"])
+    doc = study.run_study(y, tmp_path / "out", inputs=inp, arms=["standard"])
+    assert doc["arms"] == ["standard"] and len(doc["runs"]) == 2
     doc = study.run_study(y, tmp_path / "out", inputs=inp)
+    assert doc["launched"]["fit"] == 2  # the other arm only
     assert doc["complete"] and doc["inputs"]["codes"] == str(inp.resolve() / "codes-train")
     fits = [c["flags"] for c in fake() if c["verb"] == "fit"]
     assert {f["data.codes"] for f in fits} == {str(inp.resolve() / "codes-train")}

@@ -83,17 +83,24 @@ __all__ = [
 
 
 def run_study(config: str | Path, out: str | Path, *, parallel: int | None = None,
-              inputs: str | Path | None = None) -> dict:  # fmt: skip
+              inputs: str | Path | None = None, arms: list[str] | None = None) -> dict:  # fmt: skip
     """Train and evaluate every run of the study ``config`` into ``out`` (resuming what is
     there), write ``out/study.json`` and ``out/report/``; returns the study.json object.
     ``inputs``: a folder of inputs built before (an earlier study's ``OUT/inputs``), used instead
-    of the YAML's input recipes."""
+    of the YAML's input recipes. ``arms``: only these arms (and the standard arm), e.g. to
+    see the key comparison first; a later call with all arms adds the rest."""
     import dataclasses
     import fcntl
 
     spec = load_study(config)
     if inputs is not None:
         spec = dataclasses.replace(spec, inputs=given_inputs(Path(inputs), spec))
+    if arms:
+        names = [a.name for a in spec.arms]
+        if bad := [a for a in arms if a not in names]:
+            raise ValueError(f"--arms: {bad} not in the study's arms {names}")
+        keep = {*arms, spec.standard}
+        spec = dataclasses.replace(spec, arms=tuple(a for a in spec.arms if a.name in keep))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "study.lock", "w") as lock:
