@@ -315,7 +315,11 @@ def check_target(target: dict, records: list[dict]) -> dict:
     diff = paired_difference({s: metric_value(r, metric, f) for s, r in a.items()},
                              {s: metric_value(r, metric, f) for s, r in b.items()})  # fmt: skip
     if diff is None:
-        return {**out, "detail": "not measured: no seed with both arms finished and scored"}
+        ran = {r["arm"] for r in records}
+        absent = [x for x in (target["arm"], target["vs"]) if x not in ran]
+        why = (f"{' and '.join(absent)} not in this study's runs" if absent
+               else "no seed with both arms finished and scored")  # fmt: skip
+        return {**out, "detail": f"not measured: {why}"}
     pct, lower = kind.startswith("at_least_pct"), kind.endswith("lower")
     sign = -1.0 if lower else 1.0  # the wanted direction of arm - vs
     values = diff["per_seed_pct" if pct else "per_seed"] if target.get("every_seed") else {
