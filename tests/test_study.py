@@ -665,3 +665,21 @@ def test_inputs_folder_replaces_the_recipes(tmp_path, fake):
     assert {f["data.codes"] for f in fits} == {str(inp.resolve() / "codes-train")}
     assert {c["flags"]["features"] for c in fake() if c["verb"] == "evaluate"} == {
         "classifier:" + str(inp.resolve() / "classifier/classifier.ckpt")}
+
+
+def test_an_interrupted_study_still_reports_what_finished(tmp_path, fake, monkeypatch):
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path))
+    out = tmp_path / "out"
+    study.run_study(y, out, arms=["standard"])  # two runs finished and evaluated
+    (out / "report" / "README.md").unlink()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_jobs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(y, out)
+    readme = (out / "report" / "README.md").read_text()
+    assert "2 of 4 runs finished" in readme
+    assert not json.loads((out / "study.json").read_text())["complete"]

@@ -298,8 +298,14 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
     write()
     try:
         run_jobs(jobs, parallel=parallel, gpus=gpus, on_finish=on_finish)
-    finally:
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: report what finished
         doc = write(final=True)
+        try:
+            write_study_report(doc, out / "report")
+        except Exception as e:  # never hide the first error behind the report's
+            log.warning("could not write the report of the runs so far: %s", e)
+        raise
+    doc = write(final=True)
     report = write_study_report(doc, out / "report")
     log.info("wrote %s and %s (launched %d fits, %d evaluations, %d input builds)", study_path, report,
              counts["fit"], counts["evaluate"], counts["input"])  # fmt: skip
