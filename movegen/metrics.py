@@ -1,11 +1,12 @@
-"""Feature extractors, cached reference features, and FID / IS / KID through torchmetrics.
+"""Feature extractors, cached reference features, and FID (float64 statistics) / IS / KID.
 
 Two feature sets (never mixed in one column of a report):
 
-* ``inception``: torchmetrics' InceptionV3 with the torch-fidelity weights file
-  ``weights-inception-2015-12-05-6726825d.pth`` from ``$TORCH_HOME/hub/checkpoints/`` (or a given
-  path). Comparable with published numbers. It is never downloaded here: when the file is absent
-  the error says which file to put where.
+* ``inception``: torch-fidelity's FID InceptionV3 (``pip install 'movegen[inception]'``) with its
+  weights file ``weights-inception-2015-12-05-6726825d.pth`` from ``$TORCH_HOME/hub/checkpoints/``
+  (or a given path), on uint8 images, TF32 off: the same features, and FID to 1e-6, as
+  torch-fidelity's ``calculate_metrics`` (tested). Comparable with published numbers. It is never
+  downloaded here: when the file is absent the error says which file to put where.
 * ``classifier:<ckpt>``: the small CNN trained by ``movegen fit-classifier`` on the dataset itself;
   its penultimate layer feeds FID/KID and its logits feed IS. Works offline; the usual practice
   for MNIST-like data.
@@ -21,6 +22,7 @@ optional libraries (torchmetrics, scipy, tqdm) are imported inside the functions
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -98,19 +100,25 @@ def find_inception_weights(path: str | None = None) -> str:
 
 
 class InceptionFeatures(nn.Module):
-    """torchmetrics' InceptionV3 on images in [-1, 1]: ``'2048'`` pool features or ``'logits_unbiased'``."""
+    """torch-fidelity's FID InceptionV3 (TF1.x-compatible resize to 299, the weights of the
+    original TF FID graph) on images in [-1, 1], quantised to uint8 as a PNG would hold them:
+    ``'2048'`` pool features or ``'logits_unbiased'`` (IS)."""
 
     def __init__(self, weights: str, kind: str = "features"):
         super().__init__()
         try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-        except Exception as e:  # torch-fidelity missing
-            raise ImportError(
-                f"Inception features need torch-fidelity (`pip install torch-fidelity`): {e}"
-            ) from e
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as e:
+            raise ImportError("Inception features need torch-fidelity: pip install 'movegen[inception]' "
+                              f"(or `pip install torch-fidelity`): {e}") from e  # fmt: skip
+        # torch-fidelity unpickles the file in full; check first that it holds tensors only
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{weights} is not a plain InceptionV3 state dict (only tensors may be loaded): "
+                             f"{type(e).__name__}: {e}") from None  # fmt: skip
         feat = "2048" if kind == "features" else "logits_unbiased"
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[feat],
-                                      feature_extractor_weights_path=weights)  # fmt: skip
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", [feat], feature_extractor_weights_path=weights)
         self.num_features = 2048 if kind == "features" else 1008
 
     @torch.no_grad()
@@ -118,7 +126,20 @@ class InceptionFeatures(nn.Module):
         if x.ndim == 2:
             return x.float()
         x = prepare_images(x.float(), 3, x.shape[-1])
-        return self.net(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # what a PNG would hold
+        with _full_fp32():  # the reference evaluators' network runs in full fp32
+            return self.net(u8)[0]
+
+
+@contextlib.contextmanager
+def _full_fp32():
+    """TF32 off for matmuls and convolutions inside (as reference FID scoring needs)."""
+    m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
 
 
 def describe_features(spec: str, inception_weights: str | None = None) -> dict:
@@ -199,16 +220,33 @@ def reference_features(module: nn.Module, key: dict, load_images, cache_dir: str
 # --------------------------------------------------------------------------- the scores
 
 
-def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID through torchmetrics on precomputed features (all of them here: no sync across
-    processes, which gather their features before scoring)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+def feature_statistics(feats: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``mu``, ``sigma`` of features ``(N, D)`` in float64 (``np.cov``: centred, unbiased): what
+    ADM's reference batches store and torch-fidelity computes."""
+    x = feats.double().cpu().numpy() if torch.is_tensor(feats) else np.asarray(feats, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"feature statistics need (N >= 2, D) features, got shape {x.shape}")
+    return x.mean(0), np.cov(x, rowvar=False)
 
-    fid = FrechetInceptionDistance(feature=_Passthrough(real.shape[1]), reset_real_features=False,
-                                   sync_on_compute=False)  # fmt: skip
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
-    return float(fid.compute())
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """FID from statistics, in float64: ``|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrt(s1 s2))``,
+    the last trace as the sum of the square roots of the eigenvalues of ``s1 s2`` (real parts),
+    as torch-fidelity and torchmetrics compute it; scipy's ``sqrtm`` (ADM's evaluator) gives
+    the same trace."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+        raise ValueError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs "
+                         f"{s2.shape} (features of another network or layer?)")  # fmt: skip
+    diff = mu1 - mu2
+    tr_covmean = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(np.complex128)).real.sum()
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID of two feature sets (float64 statistics, :func:`frechet_distance`)."""
+    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
 
 
 class _Passthrough(nn.Module):
@@ -264,17 +302,6 @@ def score(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits: torch
         real_feats, fake_feats, seed=seed, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size
     )
     return {**out, **inception_score(fake_logits, seed=seed, splits=is_splits)}
-
-
-def fid_float64_scipy(real: np.ndarray, fake: np.ndarray) -> float:
-    """Reference FID in float64 with scipy's matrix square root (for checking)."""
-    from scipy import linalg
-
-    mu1, mu2 = real.mean(0), fake.mean(0)
-    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
 def _nn_distances(x: torch.Tensor, ref: torch.Tensor, k: int = 1, *, skip_self: bool = False,
@@ -429,8 +456,9 @@ __all__ = [
     "describe_features",
     "evaluate_tokenizer",
     "extract_features",
-    "fid_float64_scipy",
+    "feature_statistics",
     "fid_from_features",
+    "frechet_distance",
     "fid_kid",
     "find_inception_weights",
     "inception_score",

@@ -10,7 +10,6 @@ from movegen.cli import main
 from movegen.data import load_dataset
 from movegen.metrics import (
     build_extractors,
-    fid_float64_scipy,
     fid_from_features,
     find_inception_weights,
     reference_features,
@@ -28,6 +27,16 @@ def feats(n=400, d=16, shift=0.0, seed=0):
     return a + shift
 
 
+def fid_float64_scipy(real: np.ndarray, fake: np.ndarray) -> float:
+    """An independent FID: float64, scipy's matrix square root (as ADM's evaluator)."""
+    from scipy import linalg
+
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
+
+
 def test_fid_of_a_set_with_itself_is_zero():
     x = feats()
     assert abs(fid_from_features(x, x)) < 1e-3
@@ -37,7 +46,7 @@ def test_fid_matches_float64_scipy():
     real, fake = feats(seed=0), feats(seed=1, shift=0.3)
     ours = fid_from_features(real, fake)
     ref = fid_float64_scipy(real.numpy(), fake.numpy())
-    assert ours == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    assert ours == pytest.approx(ref, rel=1e-8)
     assert ref > 0.5
 
 
@@ -324,3 +333,59 @@ def test_evaluation_over_two_processes_scores_the_images_of_one(digits_models, t
     assert two["memorisation"]["memorisation"] == pytest.approx(
         one["memorisation"]["memorisation"], rel=1e-6
     )
+
+
+def _random_inception_weights(path: Path) -> Path:
+    """A weights file in torch-fidelity's InceptionV3 layout with random values (the released file
+    cannot be fetched here): He-normal convolutions, unit batch norms, a random classifier."""
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    empty = path.with_suffix(".empty")
+    torch.save({}, empty)
+    cls = fe.FeatureExtractorInceptionV3
+    load, cls.load_state_dict = cls.load_state_dict, lambda self, *a, **k: None
+    try:
+        net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    finally:
+        cls.load_state_dict = load
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.fill_(1.0), m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.zero_(), m.running_var.fill_(1.0)
+            elif isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02), m.bias.zero_()
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_fid_equals_torch_fidelity(tmp_path):
+    """movegen's Inception FID (features, float64 statistics) against torch-fidelity's own
+    ``calculate_metrics`` on the same uint8 images and the same weights file."""
+    tf = pytest.importorskip("torch_fidelity")
+    weights = _random_inception_weights(tmp_path / "inception.pth")
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
+    b = (a.int() * 3 // 4 + torch.randint(0, 64, a.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    theirs = tf.calculate_metrics(input1=Images(b), input2=Images(a), fid=True, cuda=False, batch_size=12,
+                                  feature_extractor_weights_path=str(weights), verbose=False,
+                                  cache=False)["frechet_inception_distance"]  # fmt: skip
+    fid_net, _, desc = build_extractors("inception", str(weights))
+    as_model_output = lambda u8: u8.float() / 127.5 - 1  # noqa: E731  (what a decoder hands the scorer)
+    ours = fid_from_features(fid_net(as_model_output(a)), fid_net(as_model_output(b)))
+    assert desc["features"] == "inception" and theirs > 0
+    assert ours == pytest.approx(theirs, rel=1e-6)
