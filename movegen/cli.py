@@ -644,7 +644,8 @@ def evaluate(
     sampling: SamplingSettings = CLI_SAMPLING,
     seed: int = 0,
     batch_size: int = 256,
-    ref_splits: tuple[Literal["train", "val", "test"], ...] = ("test", "train"),
+    ref_splits: tuple[Literal["train", "val", "test"], ...] | None = None,
+    reference: str | None = None,
     data: DataSource = DataSource(),
     tokenizer: str | None = None,
     val_codes: str | None = None,
@@ -665,10 +666,14 @@ def evaluate(
         sampling: guidance, temperature, top-k, top-p of the samples.
         seed: seed of the sampling noise (each sample's depends only on the seed and its index).
         batch_size: images sampled at once.
-        ref_splits: the real images to compare with, e.g. '[test, train]' (the default): the
-            first (the held-out split) gives the primary fid/kid/precision/recall, each other
-            split its own (fid_train, ...); with train and a held-out split, the memorisation
-            score is computed too.
+        ref_splits: the real images to compare with, e.g. '[test, train]' (the default without
+            --reference; none with it): the first (the held-out split) gives the primary
+            fid/kid/precision/recall, each other split its own (fid_train, ...); with train and
+            a held-out split, the memorisation score is computed too.
+        reference: an ADM evaluator reference batch (.npz with mu, sigma[, mu_s, sigma_s,
+            arr_0], e.g. VIRTUAL_imagenet256_labeled.npz): the primary reference ('adm'), FID
+            from its statistics, sFID from mu_s/sigma_s, KID and precision/recall against its
+            arr_0 images. Needs --features inception.
         data: the root folder of the reference dataset (its name comes from the model's tokenizer).
         tokenizer: a tokenizer.ckpt to decode with instead of the one the checkpoint records.
         val_codes: recompute bits/token on this held-out code store.
@@ -710,7 +715,8 @@ def evaluate(
         r = evaluate_model(m, features=features, num_samples=num_samples, settings=sampling, seed=seed,
                            device=dev, batch_size=batch_size, tokenizer=tokenizer, ref_splits=ref_splits,
                            cache_dir=cache_dir, inception_weights=inception_weights, data_root=data.root,
-                           val_codes=val_codes, export_npz=out_dir / f"{run}.npz" if export_npz else None)  # fmt: skip
+                           val_codes=val_codes, export_npz=out_dir / f"{run}.npz" if export_npz else None,
+                           reference=reference)  # fmt: skip
         if r is None:  # another process of a run over several: the first one writes
             continue
         _write_json(out_dir / f"{run}.json", r)

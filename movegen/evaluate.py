@@ -37,8 +37,12 @@ from .metrics import (
     build_extractors,
     describe_features,
     extract_features,
+    feature_statistics,
     fid_kid,
+    frechet_distance,
+    InceptionFeatures,
     inception_score,
+    load_adm_reference,
     memorisation,
     precision_recall,
     reference_features,
@@ -235,19 +239,56 @@ def _check_ref_splits(ref_splits) -> tuple[str, ...]:
     return refs
 
 
+def adm_reference_block(adm: dict, path: str, fake: torch.Tensor, fake_spatial: torch.Tensor | None,
+                        feat_mod, feature_id: str, *, cache_dir: str, seed: int, knn_max: int,
+                        device: str) -> dict:  # fmt: skip
+    """Scores against an ADM reference batch: FID from its ``mu``/``sigma`` (the statistics of
+    the reference set the papers use), sFID from ``mu_s``/``sigma_s``, and KID and
+    precision/recall against the features of its ``arr_0`` images (cached by the file's hash)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    key = {"reference_npz": str(Path(path).resolve()), "sha256": h.hexdigest(), "features": feature_id}
+    block: dict = {"kid": None, "kid_std": None, "precision": None, "recall": None, "size": None, "cache_hit": None}
+    if "arr_0" in adm:
+        arr = adm["arr_0"]
+
+        def batches():
+            for i in range(0, len(arr), 500):
+                yield torch.from_numpy(arr[i : i + 500]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+        real, hit = reference_features(feat_mod, key, batches, cache_dir, device)
+        block.update(score_reference(real, fake, seed=seed, knn_max=knn_max, device=device), cache_hit=hit)
+    block["fid"] = frechet_distance(adm["mu"], adm["sigma"], *feature_statistics(fake))
+    block["sfid"] = None
+    if fake_spatial is not None and "mu_s" in adm:
+        block["sfid"] = frechet_distance(adm["mu_s"], adm["sigma_s"], *feature_statistics(fake_spatial))
+    return {**block, "key": key}
+
+
 def evaluate_model(model_path: str, *, features: str, num_samples: int, settings: SamplingSettings, seed: int,
                    device: str, batch_size: int = 256, tokenizer: str | None = None,
-                   ref_splits=REF_SPLITS, cache_dir: str | None = None, inception_weights: str | None = None,
+                   ref_splits=None, cache_dir: str | None = None, inception_weights: str | None = None,
                    data_root: str | None = None, val_codes: str | None = None, export_npz: str | None = None,
-                   ref_max: int = REF_MAX, knn_max: int = KNN_MAX) -> dict:  # fmt: skip
+                   ref_max: int = REF_MAX, knn_max: int = KNN_MAX, reference: str | None = None) -> dict:  # fmt: skip
     """Sample ``num_samples`` images (balanced over classes) from one model and score them
-    against each reference split of ``ref_splits`` (the first is the primary one); returns the
-    result dict that ``movegen evaluate`` writes as ``<run>.json``."""
-    refs = _check_ref_splits(ref_splits)
+    against each reference split of ``ref_splits`` (the first is the primary one; default
+    ``[test, train]``, or none with ``reference``) and against the ADM reference batch
+    ``reference`` (a ``.npz``; then the primary one, ``adm``); returns the result dict that
+    ``movegen evaluate`` writes as ``<run>.json``."""
+    if ref_splits is None:
+        ref_splits = () if reference else REF_SPLITS
+    refs = _check_ref_splits(ref_splits) if (ref_splits or not reference) else ()
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (FID/KID compare two sets), got {num_samples}")
     model, ckpt, tok, tck = load_model_and_tokenizer(model_path, tokenizer, device)
     feat_mod, logit_mod, fdesc = build_extractors(features, inception_weights, device)
+    if reference and fdesc["features"] != "inception":
+        raise ValueError(f"--reference {reference} holds Inception statistics; score with --features inception "
+                         f"(these are {features!r} features)")  # fmt: skip
     check_inputs(
         model_path, ckpt, tck, fdesc, val_codes=val_codes, num_classes=model.config.num_classes
     )
@@ -261,6 +302,7 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
                 for split in refs}  # fmt: skip
 
     reals = on_first_rank(references)  # every rank raises the first rank's error, if any
+    adm = on_first_rank(lambda: load_adm_reference(reference)) if reference else None
     C = model.config.num_classes
     labels = torch.arange(num_samples, device=device) % C  # balanced over classes
     lo, hi = num_samples * rank // world, num_samples * (rank + 1) // world  # this process's shard
@@ -273,15 +315,23 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
     images = content_crop(images, tck)
     fake = extract_features(feat_mod, images, device=device)
     logits = extract_features(logit_mod, images, device=device)
+    spatial = None
+    if reference:  # sFID features (every rank: adm is None off the first)
+        spatial_mod = InceptionFeatures(fdesc["weights"], "spatial").to(device)
+        spatial = extract_features(spatial_mod, images, device=device)
     if world > 1:  # features (and, for the .npz, the images as uint8) to the first rank
         u8 = _uint8(images) if export_npz else None
-        parts = gather_to_first_rank((fake.cpu(), logits.cpu(), u8, sample_seconds))
+        parts = gather_to_first_rank((fake.cpu(), logits.cpu(), u8, sample_seconds, spatial))
         if rank != 0:
             return None
         fake, logits = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         images = torch.cat([p[2] for p in parts]) if export_npz else None
         sample_seconds = max(p[3] for p in parts)
+        spatial = torch.cat([p[4] for p in parts]) if reference else None
     blocks = {}
+    if adm is not None:
+        blocks["adm"] = adm_reference_block(adm, reference, fake, spatial, feat_mod, fdesc["id"], cache_dir=cache,
+                                            seed=seed, knn_max=knn_max, device=device)  # fmt: skip
     for split, (real, meta) in reals.items():
         blocks[split] = {
             **score_reference(real, fake, seed=seed, knn_max=knn_max, device=device),
@@ -300,16 +350,18 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
     bits = ckpt["metrics"].get("val_bits_per_token")
     if val_codes:
         bits = bits_per_token(model, CodeStore(val_codes), device=device)
-    primary = blocks[refs[0]]
+    order = list(blocks)  # the ADM reference (when given) first, then the splits in their order
+    primary = blocks[order[0]]
     names = ("fid", "kid", "kid_std", "precision", "recall")
     run = Path(model_path).resolve().parent.name
     result = {
         "run": run, "model": str(Path(model_path).resolve()), **{k: primary[k] for k in names},
         **inception_score(logits, seed=seed),
-        **{f"{k}_{s}": blocks[s][k] for s in refs[1:] for k in names},
-        "reference_split": refs[0], "references": blocks, "memorisation": mem, "val_bits_per_token": bits,
+        **{f"{k}_{s}": blocks[s][k] for s in order[1:] for k in names},
+        **({"sfid": blocks["adm"]["sfid"]} if "adm" in blocks else {}),
+        "reference_split": order[0], "references": blocks, "memorisation": mem, "val_bits_per_token": bits,
         "num_samples": num_samples, "seed": seed, "sampling": asdict(settings), **fdesc,
-        "reference": primary["key"], "reference_cache_hit": primary["cache_hit"], "reference_size": primary["size"],
+        "reference": primary["key"], "reference_cache_hit": primary.get("cache_hit"), "reference_size": primary["size"],
         "sample_seconds": round(sample_seconds, 2),
         "memory": model.config.memory, "memory_density": model.config.memory_density,
         "gate_standard_path": model.config.gate_standard_path, "train_tokens": ckpt["train"].get("train_tokens"),

@@ -117,9 +117,12 @@ class InceptionFeatures(nn.Module):
         except Exception as e:
             raise ValueError(f"{weights} is not a plain InceptionV3 state dict (only tensors may be loaded): "
                              f"{type(e).__name__}: {e}") from None  # fmt: skip
-        feat = "2048" if kind == "features" else "logits_unbiased"
+        if kind not in ("features", "logits", "spatial"):
+            raise ValueError(f"InceptionFeatures kind must be features, logits or spatial, got {kind!r}")
+        feat = "logits_unbiased" if kind == "logits" else "2048"
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", [feat], feature_extractor_weights_path=weights)
-        self.num_features = 2048 if kind == "features" else 1008
+        self.kind = kind
+        self.num_features = {"features": 2048, "logits": 1008, "spatial": SFID_DIM}[kind]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +131,67 @@ class InceptionFeatures(nn.Module):
         x = prepare_images(x.float(), 3, x.shape[-1])
         u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # what a PNG would hold
         with _full_fp32():  # the reference evaluators' network runs in full fp32
+            if self.kind == "spatial":
+                return self._spatial(u8)
             return self.net(u8)[0]
+
+    def _spatial(self, u8: torch.Tensor) -> torch.Tensor:
+        """sFID features as ADM's evaluator takes them: the first 7 channels of ``mixed_6/conv``
+        (torch-fidelity's ``Mixed_6d.branch1x1``, after its ReLU), 17 x 17 x 7 in HWC order; the
+        forward stops there."""
+        out = {}
+
+        def grab(_m, _inp, y):
+            out["y"] = y
+            raise _StopForward
+
+        h = self.net.Mixed_6d.branch1x1.register_forward_hook(grab)
+        try:
+            self.net(u8)
+        except _StopForward:
+            pass
+        finally:
+            h.remove()
+        return out["y"][:, :7].permute(0, 2, 3, 1).flatten(1).float()
+
+
+class _StopForward(Exception):
+    pass
+
+
+SFID_DIM = 17 * 17 * 7
+ADM_KEYS = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (SFID_DIM,), "sigma_s": (SFID_DIM, SFID_DIM)}
+
+
+def load_adm_reference(path: str | os.PathLike) -> dict:
+    """An ADM evaluator reference batch (e.g. ``VIRTUAL_imagenet256_labeled.npz``): ``mu``,
+    ``sigma`` (Inception pool features), optionally ``mu_s``, ``sigma_s`` (sFID) and ``arr_0``
+    (``(N, H, W, 3)`` uint8 reference images, for KID and precision/recall). Loaded without
+    pickles; every present key's shape is checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--reference {path}: no such file (an ADM reference batch .npz)")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"--reference {path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    with z:
+        if "mu" not in z.files or "sigma" not in z.files:
+            raise ValueError(f"--reference {path} has keys {sorted(z.files)}; an ADM reference batch has mu and "
+                             "sigma (and mu_s, sigma_s, arr_0). A sample batch (arr_0 only) is not a reference")  # fmt: skip
+        out = {}
+        for k, shape in ADM_KEYS.items():
+            if k in z.files:
+                if z[k].shape != shape:
+                    raise ValueError(f"--reference {path}: {k} has shape {z[k].shape}, expected {shape} "
+                                     "(statistics of another network or layer?)")  # fmt: skip
+                out[k] = z[k].astype(np.float64)
+        if "arr_0" in z.files:
+            a = z["arr_0"]
+            if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
+                raise ValueError(f"--reference {path}: arr_0 must be (N, H, W, 3) uint8 images, got {a.shape} {a.dtype}")
+            out["arr_0"] = a
+    return out
 
 
 @contextlib.contextmanager
@@ -457,6 +520,7 @@ __all__ = [
     "evaluate_tokenizer",
     "extract_features",
     "feature_statistics",
+    "load_adm_reference",
     "fid_from_features",
     "frechet_distance",
     "fid_kid",

@@ -389,3 +389,44 @@ def test_inception_fid_equals_torch_fidelity(tmp_path):
     ours = fid_from_features(fid_net(as_model_output(a)), fid_net(as_model_output(b)))
     assert desc["features"] == "inception" and theirs > 0
     assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_adm_reference_batch_gives_fid_sfid_and_precision_recall(digits_models, tmp_path):
+    """``evaluate --reference X.npz``: FID from the batch's mu/sigma equals FID against the
+    images those statistics came from; sFID, KID and precision/recall come with it."""
+    from movegen.data import load_dataset
+    from movegen.evaluate import reference_set
+    from movegen.metrics import InceptionFeatures, feature_statistics, load_adm_reference
+
+    weights = str(_random_inception_weights(tmp_path / "inception.pth"))
+    model, cache = str(digits_models["standard"]), str(tmp_path / "cache")
+    common = ["evaluate", "--model", model, "--features", "inception", "--inception_weights", weights,
+              "--num_samples", "12", "--batch_size", "12", "--cache_dir", cache, "--device", "cpu"]  # fmt: skip
+    # the test split's statistics as a reference batch, with 16 of its images as arr_0
+    net, _, desc = build_extractors("inception", weights)
+    ds = load_dataset("digits", "test", channels=1)
+    res = ds[0][0].shape[-1]
+    feats, _ = reference_set(net, desc["id"], "digits", "test", resolution=res, channels=1, cache_dir=cache)
+    x = torch.stack([ds[i][0] for i in range(16)])
+    u8 = ((x.expand(-1, 3, -1, -1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    spatial = InceptionFeatures(weights, "spatial")(x)
+    assert spatial.shape == (16, 17 * 17 * 7)
+    mu, sigma = feature_statistics(feats)
+    mu_s, sigma_s = feature_statistics(spatial)
+    npz = tmp_path / "ref.npz"
+    np.savez(npz, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, arr_0=u8)
+    assert main([*common, "--reference", str(npz), "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--ref_splits", "[test]", "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "standard.json").read_text())
+    b = json.loads((tmp_path / "b" / "standard.json").read_text())
+    assert a["reference_split"] == "adm" and set(a["references"]) == {"adm"}
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-9)  # same statistics, same samples
+    assert a["sfid"] > 0 and 0 <= a["precision"] <= 1 and a["references"]["adm"]["size"] == 16
+    # mistakes: classifier features, a sample batch given as the reference
+    bad = tmp_path / "samples.npz"
+    np.savez(bad, arr_0=u8)
+    with pytest.raises(ValueError, match="has keys \\['arr_0'\\]; an ADM reference batch has mu and sigma"):
+        load_adm_reference(bad)
+    assert main(["evaluate", "--model", model, "--features", f"classifier:{digits_models['classifier']}",
+                 "--reference", str(npz), "--num_samples", "4", "--out", str(tmp_path / "c"),
+                 "--device", "cpu"]) == 2  # fmt: skip
