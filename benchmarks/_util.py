@@ -128,3 +128,42 @@ def release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     torch._dynamo.reset()
+
+
+def load_llamagen(root: str | Path):
+    """LlamaGen's ``gpt``, ``generate`` and ``vq_model`` modules, executed from the files of a
+    checkout of FoundationVision/LlamaGen at ``root`` (outside this repository or the git-ignored
+    ``.llamagen/``; nothing of it is copied, and nothing of it stays importable by name:
+    ``gpt.py``'s ``utils.drop_path`` import is served only while it loads)."""
+    import importlib.util
+    import sys
+    import types
+
+    root = Path(root)
+    if not (root / "autoregressive/models/gpt.py").is_file():
+        raise FileNotFoundError(f"{root} is not a LlamaGen checkout (no autoregressive/models/gpt.py); "
+                                "clone FoundationVision/LlamaGen and pass its folder")  # fmt: skip
+
+    def load(rel: str, name: str):
+        spec = importlib.util.spec_from_file_location(name, root / rel)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    vq = load("tokenizer/tokenizer_image/vq_model.py", "_llamagen_vq_model")
+    drop = root / "utils/drop_path.py"
+    dp = load("utils/drop_path.py", "_llamagen_drop_path") if drop.is_file() else types.SimpleNamespace(DropPath=None)
+    utils = types.ModuleType("utils")
+    utils.drop_path = dp
+    saved = {k: sys.modules.get(k) for k in ("utils", "utils.drop_path")}
+    sys.modules.update({"utils": utils, "utils.drop_path": dp})
+    try:
+        gpt = load("autoregressive/models/gpt.py", "_llamagen_gpt")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    gen = load("autoregressive/models/generate.py", "_llamagen_generate")
+    return types.SimpleNamespace(gpt=gpt, generate=gen, vq=vq)

@@ -12,15 +12,17 @@
 #                     options (train_step, one run per variant)
 #   profile-train     top kernels of a training step;  profile-sample: of a fused decode
 #   ddp               Lightning DDP on every GPU of the host against one GPU (ddp)
+#   peer              LlamaGen's GPT-B beside movegen's, one process (peer_llamagen; LLAMAGEN=checkout,
+#                     default .llamagen: carry it to the device)
 #   all               mix, train and sampling (the headline tables)
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
-# TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, DDP_STEPS.
+# TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, DDP_STEPS, LLAMAGEN.
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,19p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 errors() { grep -m3 -E "Error|error:" "$1"; }
@@ -61,6 +63,10 @@ profile-train)
 profile-sample)
   bench ${T_PROFILE:-200} profile_sample.log benchmarks.profile_step --sampling --arm ${PROFILE_ARM:-standard} --batch 16 --top 30
   tail -38 "$OUT/profile_sample.log" | cut -c1-200;;
+peer)
+  bench ${T_PEER:-420} peer.log benchmarks.peer_llamagen --llamagen "${LLAMAGEN:-.llamagen}" --warmup 5 --iters 15 \
+    --batches 64,256 --modes compiled --sample_batches ${SAMPLE_BATCHES:-16,64,256,1024}
+  grep -E "^\||^training|^sampling" "$OUT/peer.log" | tail -24; errors "$OUT/peer.log";;
 ddp)
   local n k runs=(); n=$(nvidia-smi -L | wc -l)
   for k in $( [ "$n" -gt 1 ] && echo 1 "$n" || echo 1 ); do

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .checkpoint import atomic_path, load_model_and_tokenizer
 from .data import CodeStore, collate_skip_none, dataset_fingerprint, load_dataset
 from .metrics import (
+    InceptionFeatures,
     bits_per_token,
     build_extractors,
     describe_features,
@@ -40,7 +41,6 @@ from .metrics import (
     feature_statistics,
     fid_kid,
     frechet_distance,
-    InceptionFeatures,
     inception_score,
     load_adm_reference,
     memorisation,

@@ -43,3 +43,19 @@ def test_ddp_benchmark_smoke(tmp_path):
     run("ddp", "--smoke", "--out", str(tmp_path / "r.json"))
     out = run("ddp", "--table", str(tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text())["tokens_per_s"] > 0 and "x 1 GPU" in out
+
+
+def test_peer_llamagen_smoke():
+    """LlamaGen's model beside movegen's under one protocol (needs a checkout of LlamaGen)."""
+    import os
+
+    root = os.environ.get("MOVEGEN_LLAMAGEN")
+    if not root:
+        pytest.skip("set MOVEGEN_LLAMAGEN to a checkout of FoundationVision/LlamaGen")
+    out = run("peer_llamagen", "--llamagen", str(Path(root).resolve()), "--smoke")
+    payloads = [json.loads(l[5:]) for l in out.splitlines() if l.startswith("JSON ")]
+    train, sample = payloads
+    arms = [r["arm"] for r in train["rows"]]
+    assert arms[0] == "llamagen" and {"standard", "move-x1"} <= set(arms)
+    assert all(r["speed_vs_llamagen"] > 0 for r in train["rows"][1:])
+    assert all(r["codes_ok"] for r in sample["rows"])

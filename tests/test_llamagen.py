@@ -8,12 +8,9 @@ released tokenizer's key/shape list is ``tests/data/llamagen-vq16-state-dict-sha
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pickle
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -34,34 +31,16 @@ V, C, GRID, DIM, LAYERS, HEADS, MULTIPLE = 256, 10, 4, 64, 2, 4, 32
 # --------------------------------------------------------------------------- LlamaGen's code
 
 
-def _exec(path: Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def llamagen():
     """LlamaGen's ``vq_model`` and ``gpt`` modules, loaded from their files (nothing of theirs
-    stays importable by name; ``gpt.py``'s ``utils.drop_path`` import is served for the load)."""
+    stays importable by name)."""
     root = os.environ.get("MOVEGEN_LLAMAGEN")
     if not root:
         pytest.skip("set MOVEGEN_LLAMAGEN to a checkout of FoundationVision/LlamaGen")
-    root = Path(root)
-    vq = _exec(root / "tokenizer/tokenizer_image/vq_model.py", "_llamagen_vq_model")
-    drop_path = root / "utils/drop_path.py"
-    if drop_path.is_file():
-        dp = _exec(drop_path, "_llamagen_drop_path")
-    else:  # only used with drop_path_rate > 0, which these tests never set
-        dp = types.SimpleNamespace(DropPath=None)
-    utils = types.ModuleType("utils")
-    utils.drop_path = dp
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "utils", utils)
-        mp.setitem(sys.modules, "utils.drop_path", dp)
-        gpt = _exec(root / "autoregressive/models/gpt.py", "_llamagen_gpt")
-    return types.SimpleNamespace(vq=vq, gpt=gpt)
+    from benchmarks._util import load_llamagen
+
+    return load_llamagen(root)
 
 
 def _randomize(module: torch.nn.Module, std: float, seed: int) -> None:

@@ -268,7 +268,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
         for arm in spec.arms:
             # a run waits for the choice unless it is one of the choosing runs (and with one grid
             # point there is nothing to choose, so nothing to wait for)
-            def is_lazy(seed: int) -> bool:
+            def is_lazy(seed: int, budget: Budget = budget) -> bool:
                 choosing = budget.name == spec.select_on and seed in choosing_seeds
                 return spec.select_on is not None and len(spec.grid) > 1 and not choosing
 
