@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -437,7 +438,9 @@ def extract_codes(
     data: DataSource = DataSource(),
     views: int = 2,
     shifts: int | list[tuple[int, int]] = 0,
+    ten_crop: bool = False,
     batch_size: int = 512,
+    num_workers: int | None = None,
     device: str = "auto",
     overwrite: bool = False,
 ) -> Path:
@@ -453,7 +456,13 @@ def extract_codes(
             the background: 0 none; s the 8 neighbours at distance s pixels (1: 8 shifts, a
             store of 18 views with flips); or a list of (dy, dx), e.g. [[0, 2], [0, -2]].
             The store's header lists every view (view_list); view 0 is the original.
+        ten_crop: LlamaGen's extraction augmentation (folder datasets): each image centre-cropped
+            at 1.1 x the tokenizer's size, then the centre and the four corner crops at its
+            size, each also flipped with views 2 (10 views; view 0 the centre crop). Not with
+            shifts; held-out stores keep the plain view.
         batch_size: images per encoder batch.
+        num_workers: DataLoader processes decoding the images (default: up to 8 for a folder
+            dataset, 0 for the in-memory ones).
         device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
         overwrite: replace an existing store at ``out``.
     """
@@ -461,7 +470,7 @@ def extract_codes(
     from .data import extract_codes as _extract
     from .data import load_dataset, view_list
 
-    n_views = len(view_list(views, shifts))  # a bad --views / --shifts before any loading
+    n_views = len(view_list(views, shifts, crop=1 if ten_crop else None))  # bad flags before any loading
     if Path(out).exists() and not overwrite:  # before any encoding
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ensure_writable(Path(out).absolute().parent, f"--out {out}")
@@ -470,13 +479,20 @@ def extract_codes(
     name = data.name or ckpt["dataset"]["name"]
     if name.startswith("folder:"):  # a folder is found again from any working directory
         name = f"folder:{Path(name[7:]).expanduser().resolve()}"
-    ds = load_dataset(name, split, data_root=data.root, image_size=tok.config.image_size,
+    size = tok.config.image_size
+    if ten_crop and not name.startswith("folder:"):
+        raise ValueError(f"--ten_crop needs a folder dataset (ImageNet-style); {name} is {size}x{size} in memory: "
+                         "use --shifts for translated views of it")  # fmt: skip
+    crop = size if ten_crop else None
+    ds = load_dataset(name, split, data_root=data.root, image_size=int(size * 1.1) if ten_crop else size,
                       fit=ckpt["dataset"].get("fit", "pad"), channels=tok.config.channels)  # fmt: skip
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1) if name.startswith("folder:") else 0
     header = {"dataset": name, "split": split, "tokenizer_path": str(Path(tokenizer).resolve()),
               "tokenizer_sha256": sha256_file(tokenizer)}  # fmt: skip
     path = _extract(tok.encode, ds, out, codebook_size=tok.codebook_size,
-                    num_classes=ds.info.num_classes, header=header, views=views, shifts=shifts,
-                    batch_size=batch_size, device=dev, overwrite=overwrite)  # fmt: skip
+                    num_classes=ds.info.num_classes, header=header, views=views, shifts=shifts, crop=crop,
+                    batch_size=batch_size, num_workers=num_workers, device=dev, overwrite=overwrite)  # fmt: skip
     log.info("wrote %s: %d items x %d views", path, len(ds), n_views)
     return path
 

@@ -373,3 +373,36 @@ def test_val_batches_are_view_zero_in_store_order(tmp_path):
     assert torch.equal(
         torch.cat([c for c, _ in got]), torch.from_numpy(codes[:, 0].astype(np.int64))
     )
+
+
+def test_ten_crop_views_are_the_centre_and_corner_crops_and_their_flips(tmp_path):
+    from movegen.data.images import DatasetInfo, TensorImages
+
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (6, 1, 12, 12), generator=g, dtype=torch.uint8)
+    ds = TensorImages(u8, torch.arange(6) % 2, DatasetInfo(name="t", num_classes=2, channels=1, native_size=12))
+    x = torch.stack([ds[i][0] for i in range(6)])
+    enc = lambda im: ((im[:, 0] + 1) * 2).round().long().clamp(0, 4)  # noqa: E731  (every pixel)
+    D.extract_codes(enc, ds, tmp_path / "c", codebook_size=5, num_classes=2, header={}, crop=10,
+                    batch_size=4, num_workers=2, progress=False)  # fmt: skip
+    s = D.CodeStore(tmp_path / "c")
+    assert s.views == 10 and s.codes.shape == (6, 10, 100)
+    spots = [(v["top"], v["left"]) for v in s.view_list[::2]]
+    assert spots == [(1, 1), (0, 0), (0, 2), (2, 0), (2, 2)]  # centre first: view 0
+    for k, v in enumerate(s.view_list):
+        img = x[..., v["top"] : v["top"] + 10, v["left"] : v["left"] + 10]
+        img = img.flip(-1) if v["flip"] else img
+        assert v["flip"] == bool(k % 2) and v["size"] == 10
+        assert np.array_equal(np.asarray(s.codes[:, k]), enc(img).reshape(6, -1).numpy()), v
+    with pytest.raises(ValueError, match="do not combine"):
+        D.view_list(2, 1, crop=10)
+    with pytest.raises(ValueError, match="does not fit"):
+        D.view_list(2, 0, image_size=(8, 8), crop=10)
+
+
+def test_cli_ten_crop_needs_a_folder_dataset(digits_pipeline, tmp_path):
+    from movegen.cli import main
+
+    rc = main(["extract-codes", "--tokenizer", str(digits_pipeline["tokenizer"]), "--split", "val",
+               "--ten_crop", "true", "--device", "cpu", "--out", str(tmp_path / "c")])  # fmt: skip
+    assert rc == 2 and not (tmp_path / "c").exists()

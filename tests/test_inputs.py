@@ -394,3 +394,16 @@ def test_evaluate_refuses_to_replace_a_result_without_overwrite(digits_models, t
     assert main(args + ["--seed", "1", "--overwrite", "true"]) == 0
     assert json.loads(result.read_text())["seed"] == 1
     assert (tmp_path / "res" / "other.json").read_text() == "{}"  # never touched
+
+
+def test_ten_crop_extraction_of_a_folder_with_workers(folder_data, digits_pipeline, tmp_path):
+    from movegen.data import CodeStore
+
+    out = tmp_path / "c"
+    rc = main(["extract-codes", "--tokenizer", str(digits_pipeline["tokenizer"]), "--data.name",
+               f"folder:{folder_data['root']}", "--ten_crop", "true", "--num_workers", "2", "--device", "cpu",
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    s = CodeStore(out)
+    assert s.views == 10 and all(v["size"] == 8 for v in s.view_list)  # the tokenizer's size
+    assert s.header["skipped_unreadable"] == 1  # the empty PNG, counted through the workers

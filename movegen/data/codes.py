@@ -238,6 +238,7 @@ def view_list(
     views: int = 2,
     shifts: int | Iterable[tuple[int, int]] = 0,
     image_size: tuple[int, int] | None = None,
+    crop: int | None = None,
 ) -> list[dict]:
     """The views :func:`extract_codes` stores, in order, as ``{"flip", "dy", "dx"}`` dicts.
 
@@ -245,24 +246,46 @@ def view_list(
     ``shifts``: ``0`` none; an int ``s`` the 8 neighbours at distance ``s``
     (``dy, dx`` in ``{-s, 0, s}``, row-major); or an explicit list of ``(dy, dx)`` pairs.
     With ``image_size`` ``(H, W)``, every ``|dy| < H`` and ``|dx| < W`` is checked.
+
+    ``crop`` ``S`` (ten-crop, LlamaGen's extraction): the images are larger than ``S`` and each
+    view is an ``S x S`` crop, ``{"flip", "top", "left", "size"}``: the centre (view 0), then the
+    four corners, each also mirrored with views 2 (10 views). Needs ``image_size``; not with
+    shifts.
     """
     if views not in (1, 2):
         raise ValueError(
             f"views must be 1 (original) or 2 (original + horizontal flip), got {views}"
         )
+    flips = (False, True) if views == 2 else (False,)
+    if crop is not None:
+        if shifts:
+            raise ValueError("ten-crop views and shifts do not combine; choose one")
+        if image_size is None:
+            return [{"flip": f, "top": 0, "left": 0, "size": crop} for _ in range(5) for f in flips]
+        H, W = image_size
+        if not 0 < crop <= min(H, W):
+            raise ValueError(f"crop size {crop} does not fit in {H}x{W} images")
+        spots = [((H - crop) // 2, (W - crop) // 2), (0, 0), (0, W - crop), (H - crop, 0), (H - crop, W - crop)]
+        return [{"flip": f, "top": t, "left": l, "size": crop} for t, l in spots for f in flips]
     offsets = [(0, 0), *_shift_list(shifts)]
     if image_size is not None:
         H, W = image_size
         if too_far := [o for o in offsets if abs(o[0]) >= H or abs(o[1]) >= W]:
             raise ValueError(f"shifts {too_far} move a {H}x{W} image out of its frame: each |dy| must be "
                              f"< {H} and each |dx| < {W}")  # fmt: skip
-    flips = (False, True) if views == 2 else (False,)
     return [{"flip": f, "dy": dy, "dx": dx} for dy, dx in offsets for f in flips]
 
 
 def view_image(x: torch.Tensor, view: dict) -> torch.Tensor:
     """Images ``(..., H, W)`` as one view: translated by ``(dy, dx)`` with the background
-    filling the uncovered border, then mirrored when ``flip``. Returns a new tensor."""
+    filling the uncovered border, then mirrored when ``flip``; a crop view (``top``, ``left``,
+    ``size``) is that square of the image, then mirrored. Returns a new tensor."""
+    if "size" in view:
+        t, l, S = int(view["top"]), int(view["left"]), int(view["size"])
+        if t < 0 or l < 0 or t + S > x.shape[-2] or l + S > x.shape[-1]:
+            raise ValueError(f"crop {S}x{S} at ({t}, {l}) leaves the {x.shape[-2]}x{x.shape[-1]} image")
+        out = x[..., t : t + S, l : l + S]
+        return torch.flip(out, dims=[-1]) if view["flip"] else out.clone()
     dy, dx = int(view["dy"]), int(view["dx"])
     H, W = x.shape[-2:]
     if abs(dy) >= H or abs(dx) >= W:
@@ -289,7 +312,9 @@ def extract_codes(
     header: dict,
     views: int = 2,
     shifts: int | Iterable[tuple[int, int]] = 0,
+    crop: int | None = None,
     batch_size: int = 256,
+    num_workers: int = 0,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: bool = True,
@@ -299,20 +324,23 @@ def extract_codes(
     ``out`` (``[N, len(view_list), h*w]``; the list is written to ``header["view_list"]``).
 
     ``views`` 2 adds the horizontal flip of every view, 1 does not; ``shifts`` adds translated
-    copies (an int ``s``: the 8 neighbours at distance ``s``; or a list of ``(dy, dx)``).
+    copies (an int ``s``: the 8 neighbours at distance ``s``; or a list of ``(dy, dx)``);
+    ``crop`` ``S``: ten-crop views of images larger than ``S`` (see :func:`view_list`).
+    ``num_workers`` decode the images in that many DataLoader processes (a folder of JPEGs).
     """
     from tqdm.auto import tqdm
 
-    vlist = view_list(views, shifts)  # the arguments' own errors before any image is read
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
+    vlist = view_list(views, shifts, crop=crop)  # the arguments' own errors before any image is read
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none,
+                        num_workers=num_workers, persistent_workers=False)  # fmt: skip
     failures = getattr(dataset, "failures", [])  # a folder's files already left out, then more
     skipped = len(failures)
     x0 = next((x for x, _, _ in loader if len(x)), None)
     if x0 is None:
         raise ValueError(f"no readable image in the dataset to encode ({len(dataset)} items); "
                          f"unreadable: {'; '.join(failures[:3]) or 'none named'}")  # fmt: skip
-    vlist = view_list(views, shifts, image_size=tuple(x0.shape[-2:]))
-    h, w = encode(x0[:1].to(device)).shape[-2:]
+    vlist = view_list(views, shifts, image_size=tuple(x0.shape[-2:]), crop=crop)
+    h, w = encode(view_image(x0[:1], vlist[0]).to(device)).shape[-2:]
 
     def batches():
         nonlocal skipped
