@@ -7,7 +7,8 @@ after warm-up with CUDA events, compiled (``torch.compile``, LlamaGen's training
 default) and eager; MFU against the bf16 matmul peak measured in the same run. Sampling
 (``benchmarks.sampling``'s): CFG 2.0, temperature 1, no top-k/top-p, codes only (no VQ decode);
 movegen's fast path (one CUDA graph per step) against LlamaGen's ``generate`` with the model
-compiled ``mode="reduce-overhead", fullgraph=True`` as its ``sample_c2i.py --compile`` does.
+in bf16 and compiled ``mode="reduce-overhead", fullgraph=True``, as its ``sample_c2i.py
+--compile`` does by default (``--precision bf16``).
 
     python -m benchmarks.peer_llamagen --llamagen PATH            # GPU: the full table
     python -m benchmarks.peer_llamagen --llamagen PATH --smoke    # CPU, tiny, seconds
@@ -108,6 +109,8 @@ def llamagen_sample(lg, batch: int, args, device) -> dict:
     cfg = arm_config("standard", args.smoke)
     T, C, K = cfg.seq_len, cfg.num_classes, cfg.vocab_size
     run = model
+    if device.type == "cuda":  # bf16 weights and KV cache, as movegen's sampler and sample_c2i.py's default
+        model = run = model.to(torch.bfloat16)
     if device.type == "cuda" and not args.no_compile_llamagen:
         run = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     labels = torch.arange(batch, device=device) % C

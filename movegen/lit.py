@@ -343,6 +343,9 @@ class LitGPT(L.LightningModule):
         :meth:`loss_fn`."""
         if not self.hparams.cuda_graph:
             if self.hparams.get("compile_mode") == "reduce-overhead" and codes.is_cuda:
+                if self._trainer is not None and self._trainer.accumulate_grad_batches > 1:
+                    raise ValueError("--model.compile_mode reduce-overhead trains one batch per step; set "
+                                     "--trainer.accumulate_grad_batches 1 or another compile mode")  # fmt: skip
                 # a new step for the compiled graphs; their output buffer is reused at the next
                 # replay, so the loss handed to Lightning is a copy
                 torch.compiler.cudagraph_mark_step_begin()
@@ -362,6 +365,11 @@ class LitGPT(L.LightningModule):
         if world > 1:
             raise ValueError(f"--model.cuda_graph true runs in one process; this run has {world} "
                              "(set --model.cuda_graph false, or use --model.compile true)")  # fmt: skip
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        if accumulate > 1:  # the replay's gradient buffer would be the .grad it accumulates into
+            raise ValueError(f"--model.cuda_graph true trains one batch per step; this run accumulates {accumulate} "
+                             "(set --trainer.accumulate_grad_batches 1 and raise --data.batch_size, or "
+                             "--model.cuda_graph false)")  # fmt: skip
         precision = str(trainer.precision) if trainer is not None else "32-true"
         if precision.startswith("16") or precision.startswith("bf16-true") or precision.startswith("64"):
             raise ValueError(f"--model.cuda_graph true supports bf16-mixed and 32-true precision, not {precision}")
@@ -469,6 +477,13 @@ class LitGPT(L.LightningModule):
         self.train_tokens = checkpoint.get("train_tokens", 0)
         self._rng_to_restore = checkpoint.get("rng")
 
+    def on_fit_end(self):
+        # the captured graphs read the parameters' memory at capture time, which the end of a fit
+        # may move (Lightning's teardown): a later fit of this module captures afresh
+        object.__setattr__(self, "_graphed", None)
+        if self.hparams.get("compile_mode") == "reduce-overhead":
+            object.__setattr__(self, "_fwd", None)
+
     def on_train_start(self):
         rng, self._rng_to_restore = self._rng_to_restore, None
         if rng:
@@ -505,6 +520,7 @@ class BestCheckpoint(L.Callback):
         if patience is not None and patience < 1:
             raise ValueError(f"--patience counts validations without improvement and must be >= 1, got {patience}")
         self.out, self.header, self.patience = Path(out), header, patience
+        self.stopped_at: int | None = None
         self.best = float("inf")
         self.best_step = -1
         self.history: list[dict] = []
@@ -545,7 +561,9 @@ class BestCheckpoint(L.Callback):
                                                         "hparams": dict(pl_module.hparams)},
                                                  metrics=rec)  # fmt: skip
         since = sum(r["step"] > self.best_step for r in self.history)
-        if self.patience is not None and since >= self.patience:
+        last = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        if self.patience is not None and since >= self.patience and not last:
+            self.stopped_at = trainer.global_step
             log.info("stopping early at step %d: %d validations without improvement on %.4f (step %d)",
                      trainer.global_step, since, self.best, self.best_step)  # fmt: skip
             trainer.should_stop = True
@@ -554,9 +572,8 @@ class BestCheckpoint(L.Callback):
 
     @property
     def stopped_early(self) -> bool:
-        """Whether the last validation ended training by ``patience``."""
-        since = sum(r["step"] > self.best_step for r in self.history)
-        return self.patience is not None and since >= self.patience
+        """Whether ``patience`` ended training before ``max_steps``."""
+        return self.stopped_at is not None
 
     def write(self) -> None:
         """Put the best model seen so far on disk (``model.ckpt``, atomically), if it is not."""

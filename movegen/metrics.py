@@ -172,10 +172,15 @@ def load_adm_reference(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"--reference {path}: no such file (an ADM reference batch .npz)")
     try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:
+        return _read_adm(path)
+    except ValueError:
+        raise
+    except Exception as e:  # a truncated or corrupt file: one clear error (and every rank sees it)
         raise ValueError(f"--reference {path} is not a readable .npz ({type(e).__name__}: {e})") from None
-    with z:
+
+
+def _read_adm(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
         if "mu" not in z.files or "sigma" not in z.files:
             raise ValueError(f"--reference {path} has keys {sorted(z.files)}; an ADM reference batch has mu and "
                              "sigma (and mu_s, sigma_s, arr_0). A sample batch (arr_0 only) is not a reference")  # fmt: skip

@@ -427,6 +427,10 @@ def test_adm_reference_batch_gives_fid_sfid_and_precision_recall(digits_models, 
     np.savez(bad, arr_0=u8)
     with pytest.raises(ValueError, match="has keys \\['arr_0'\\]; an ADM reference batch has mu and sigma"):
         load_adm_reference(bad)
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])  # a truncated download
+    with pytest.raises(ValueError, match="is not a readable .npz"):
+        load_adm_reference(cut)
     assert main(["evaluate", "--model", model, "--features", f"classifier:{digits_models['classifier']}",
                  "--reference", str(npz), "--num_samples", "4", "--out", str(tmp_path / "c"),
                  "--device", "cpu"]) == 2  # fmt: skip

@@ -658,6 +658,7 @@ def test_inputs_folder_replaces_the_recipes(tmp_path, fake):
         study.run_study(y, tmp_path / "out", inputs=inp, arms=["move-x9"])
     doc = study.run_study(y, tmp_path / "out", inputs=inp, arms=["standard"])
     assert doc["arms"] == ["standard"] and len(doc["runs"]) == 2
+    assert not doc["complete"] and doc["arms_subset"]  # the YAML has another arm
     doc = study.run_study(y, tmp_path / "out", inputs=inp)
     assert doc["launched"]["fit"] == 2  # the other arm only
     assert doc["complete"] and doc["inputs"]["codes"] == str(inp.resolve() / "codes-train")

@@ -101,6 +101,9 @@ def run_study(config: str | Path, out: str | Path, *, parallel: int | None = Non
             raise ValueError(f"--arms: {bad} not in the study's arms {names}")
         keep = {*arms, spec.standard}
         spec = dataclasses.replace(spec, arms=tuple(a for a in spec.arms if a.name in keep))
+        subset = True
+    else:
+        subset = False
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "study.lock", "w") as lock:
@@ -108,10 +111,10 @@ def run_study(config: str | Path, out: str | Path, *, parallel: int | None = Non
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"another `movegen study` is running in {out}") from None
-        return _run_study(spec, out, parallel)
+        return _run_study(spec, out, parallel, subset)
 
 
-def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
+def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = False) -> dict:
     study_path = out / "study.json"
     prev = read_json(study_path) if study_path.exists() else None
     if study_path.exists() and prev is None:
@@ -196,7 +199,8 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None) -> dict:
         }  # fmt: skip
         doc["diverged"] = [r["id"] for r in doc["runs"] if r["status"] == "diverged"]
         # complete: nothing left to do (a diverged run is a result, and is not retried)
-        doc["complete"] = final and all(
+        doc["arms_subset"] = subset  # (--arms: the YAML has more arms, so never complete)
+        doc["complete"] = final and not subset and all(
             (r["status"] == "finished" and r.get("evaluated")) or r["status"] == "diverged"
             for r in doc["runs"]
         )
