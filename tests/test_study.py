@@ -684,3 +684,13 @@ def test_an_interrupted_study_still_reports_what_finished(tmp_path, fake, monkey
     readme = (out / "report" / "README.md").read_text()
     assert "2 of 4 runs finished" in readme
     assert not json.loads((out / "study.json").read_text())["complete"]
+
+
+def test_an_unreadable_reference_dataset_stops_the_study_before_any_fit(tmp_path, fake):
+    y = tmp_path / "s.yaml"
+    missing = tmp_path / "no-images"
+    text = _study_yaml(tmp_path).replace("inputs:\n", f"inputs:\n  data: {{name: 'folder:{missing}'}}\n", 1)
+    y.write_text(text)
+    with pytest.raises(ValueError, match="the evaluation's test reference of folder:.* cannot be read"):
+        study.run_study(y, tmp_path / "out")
+    assert not [c for c in fake() if c["verb"] == "fit"]

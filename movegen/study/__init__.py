@@ -299,6 +299,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
     log.info("study %s: %d arms x %d grid points x %d budgets x %d seeds; %d at once%s", spec.name,
              len(spec.arms), len(spec.grid), len(spec.budgets), len(spec.seeds), parallel,
              f" on GPUs {','.join(gpus)}" if gpus else " on the CPU")  # fmt: skip
+    check_reference_data(spec, inputs)  # before hours of training, not at the first evaluation
     write()
     try:
         run_jobs(jobs, parallel=parallel, gpus=gpus, on_finish=on_finish)
@@ -329,6 +330,27 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         raise ValueError(f"{len(bad)} of {len(outcomes)} steps of the study did not succeed ({first}); the report "
                          "covers the rest. Run the same command again to retry them: finished runs are kept")  # fmt: skip
     return doc
+
+
+def check_reference_data(spec: StudySpec, inputs: dict[str, Path]) -> None:
+    """The evaluation's reference splits load (the dataset of ``inputs.data``, or of a given code
+    store's header); a clear error before any fit is launched. Skipped when the dataset cannot
+    be known yet (a code store the study builds later from a tokenizer recipe names it then)."""
+    from ..data import load_dataset
+
+    data = spec.inputs.get("data") or {}
+    name = data.get("name")
+    if name is None and (header := read_json(Path(inputs.get("codes", "")) / "header.json")):
+        name = header.get("dataset")
+    if not name or not spec.evaluate.references:
+        return
+    for split in spec.evaluate.references:
+        try:
+            load_dataset(name, split, data_root=data.get("root"))
+        except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+            raise ValueError(f"the evaluation's {split} reference of {name} cannot be read ({e}); every run "
+                             "would train and then fail to be scored. Make the dataset readable (or set "
+                             "inputs.data.root) and run the study again") from None  # fmt: skip
 
 
 INPUT_FILES = {"tokenizer": "tokenizer/tokenizer.ckpt", "codes": "codes-train", "val_codes": "codes-val",

@@ -18,7 +18,7 @@ done
 pids=()
 for arm in standard lave-x1 move-x1 move-x4; do
   mg fit --config configs/fashion-mnist/$arm.yaml --data.codes $W/codes-train --data.val_codes $W/codes-val --out $W/$arm \
-     --trainer.max_steps $STEPS --data.num_workers 3 > $W/$arm.log 2>&1 &
+     --trainer.max_steps $STEPS > $W/$arm.log 2>&1 &
   pids+=($!)
 done
 mg fit-classifier --data.name fashion-mnist --data.root "$DATA_ROOT" --data.num_workers 2 --out $W/classifier \
