@@ -21,7 +21,6 @@ in bf16 and compiled ``mode="reduce-overhead", fullgraph=True``, as its ``sample
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -32,11 +31,8 @@ from ._util import (
     json_line,
     load_llamagen,
     matmul_peak_tflops,
-    median,
     print_table,
     release,
-    sync,
-    time_fn,
 )
 
 
@@ -72,32 +68,9 @@ def llamagen_train(
             _, loss = fwd(cond_idx=c, idx=z[:, :-1], targets=z)
         return loss
 
-    g = torch.Generator(device=device).manual_seed(0)
-    batches = [(torch.randint(1, K, (batch, T), device=device, generator=g),
-                torch.randint(0, C, (batch,), device=device, generator=g)) for _ in range(4)]  # fmt: skip
-    it = iter(range(10**9))
-
-    def step():
-        z, c = batches[next(it) % len(batches)]
-        loss = loss_fn(z, c)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     row = {"arm": "llamagen", "batch": batch, "mode": "compiled" if compiled else "eager"}
-    try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = time_fn(step, warmup=args.warmup, iters=args.iters, device=device)
-        ms = median(times)
-        tokens = batch * T
-        row.update(ms=ms, tokens_per_s=tokens / (ms * 1e-3),
-                   mfu=3 * flops_per_token * tokens / (ms * 1e-3) / (peak * 1e12),
-                   peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                   spread=(max(times) - min(times)) / ms)  # fmt: skip
-    except torch.OutOfMemoryError:
-        row.update(ms="OOM")
+    row.update(train_step.time_training(loss_fn, model, opt, train_step.random_batches(batch, T, K, C, device),
+                                        flops_per_token=flops_per_token, args=args, device=device, peak=peak))  # fmt: skip
     return row
 
 
@@ -119,18 +92,7 @@ def llamagen_sample(lg, batch: int, args, device) -> dict:
         return lg.generate.generate(run, labels, T, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0,
                                     sample_logits=True)  # fmt: skip
 
-    t0 = time.perf_counter()
-    once()  # warm-up (compiles and captures)
-    sync(device)
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(args.iters):
-        sync(device)
-        t0 = time.perf_counter()
-        codes = once()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    s = sorted(times)[len(times) // 2]
+    s, warm, codes = sampling.time_generation(once, args.iters, device)
     return {"arm": "llamagen", "batch": batch, "path": "compiled" if run is not model else "eager",
             "s_per_batch": s, "images_per_s": batch / s, "warmup_s": warm,
             "codes_ok": bool(codes.min() >= 0 and codes.max() < K)}  # fmt: skip

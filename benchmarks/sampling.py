@@ -42,18 +42,7 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
     def once():
         return generate(model, labels, settings, generator=g, step=step)
 
-    t0 = time.perf_counter()
-    once()  # warm-up (compiles and captures the graph on the fast path)
-    sync(device)
-    warm_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.iters):
-        sync(device)
-        t0 = time.perf_counter()
-        codes = once()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    s = sorted(times)[len(times) // 2]
+    s, warm_s, codes = time_generation(once, args.iters, device)
     # (the fast path's rows keep their old name, static/<attention>/<mode>[/<launch>])
     path = f"static/{step.cache.attention}/{mode}" if fast else "eager"
     if fast and step.cache.attention == "fused":
@@ -62,6 +51,23 @@ def run(arm: str, batch: int, fast: bool, args, device, attention: str = "auto",
            "images_per_s": batch / s, "ms_per_step": s / cfg.seq_len * 1e3, "warmup_s": warm_s,
            "codes_ok": bool(codes.min() >= 0 and codes.max() < cfg.vocab_size)}  # fmt: skip
     return row
+
+
+def time_generation(once, iters: int, device) -> tuple[float, float, torch.Tensor]:
+    """``once()`` (one batch of codes) timed: the median seconds of ``iters`` calls after one
+    warm-up call (which compiles and captures), the warm-up's seconds, and the last codes."""
+    t0 = time.perf_counter()
+    once()
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        codes = once()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], warm_s, codes
 
 
 def main() -> None:

@@ -43,34 +43,49 @@ def bench(arm: str, batch: int, compiled: bool, args, device, peak: float) -> di
         return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
 
     fn = torch.compile(loss_fn, mode=args.compile_mode) if compiled else loss_fn
+    batches = random_batches(batch, cfg.seq_len, cfg.vocab_size, cfg.num_classes, device)
+    rep = cost_report(cfg)
+    row = {"arm": arm, "batch": batch, "mode": "compiled" if compiled else "eager"}
+    row.update(time_training(fn, model, opt, batches, flops_per_token=rep["flops_per_token"], args=args,
+                             device=device, peak=peak))  # fmt: skip
+    if row["ms"] != "OOM":
+        row["params_memory"] = rep["params_memory"]
+    return row
+
+
+def random_batches(batch: int, T: int, K: int, C: int, device, n: int = 4) -> list[tuple]:
+    """The protocol's inputs: ``n`` batches of random codes (never 0) and labels, seed 0."""
     g = torch.Generator(device=device).manual_seed(0)
-    batches = [(torch.randint(1, cfg.vocab_size, (batch, cfg.seq_len), device=device, generator=g),
-                torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)) for _ in range(4)]  # fmt: skip
+    return [(torch.randint(1, K, (batch, T), device=device, generator=g),
+             torch.randint(0, C, (batch,), device=device, generator=g)) for _ in range(n)]  # fmt: skip
+
+
+def time_training(loss_fn, model, opt, batches, *, flops_per_token: float, args, device, peak: float) -> dict:
+    """The protocol's step (``loss_fn(codes, labels)``, backward, clip 1.0, ``opt`` step) over
+    ``batches`` in turn, timed after ``args.warmup`` steps: ms (median), tokens/s, MFU against
+    ``peak``, peak memory, spread; ``{"ms": "OOM"}`` when it does not fit."""
     it = iter(range(10**9))
 
     def step():
         codes, labels = batches[next(it) % len(batches)]
-        loss = fn(codes, labels)
+        loss = loss_fn(codes, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    row = {"arm": arm, "batch": batch, "mode": "compiled" if compiled else "eager"}
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = time_fn(step, warmup=args.warmup, iters=args.iters, device=device)
-        ms = median(times)
-        tokens = batch * cfg.seq_len
-        rep = cost_report(cfg)
-        row.update(ms=ms, tokens_per_s=tokens / (ms * 1e-3),
-                   mfu=3 * rep["flops_per_token"] * tokens / (ms * 1e-3) / (peak * 1e12),
-                   peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                   params_memory=rep["params_memory"], spread=(max(times) - min(times)) / ms)  # fmt: skip
     except torch.OutOfMemoryError:
-        row.update(ms="OOM")
-    return row
+        return {"ms": "OOM"}
+    ms = median(times)
+    tokens = batches[0][0].numel()
+    return {"ms": ms, "tokens_per_s": tokens / (ms * 1e-3),
+            "mfu": 3 * flops_per_token * tokens / (ms * 1e-3) / (peak * 1e12),
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "spread": (max(times) - min(times)) / ms}  # fmt: skip
 
 
 def main() -> None:

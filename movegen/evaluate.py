@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_path, load_model_and_tokenizer
+from .checkpoint import atomic_path, load_model_and_tokenizer, sha256_file
 from .data import CodeStore, collate_skip_none, dataset_fingerprint, load_dataset
 from .metrics import (
     InceptionFeatures,
@@ -245,13 +245,7 @@ def adm_reference_block(adm: dict, path: str, fake: torch.Tensor, fake_spatial: 
     """Scores against an ADM reference batch: FID from its ``mu``/``sigma`` (the statistics of
     the reference set the papers use), sFID from ``mu_s``/``sigma_s``, and KID and
     precision/recall against the features of its ``arr_0`` images (cached by the file's hash)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    key = {"reference_npz": str(Path(path).resolve()), "sha256": h.hexdigest(), "features": feature_id}
+    key = {"reference_npz": str(Path(path).resolve()), "sha256": sha256_file(path), "features": feature_id}
     block: dict = {"kid": None, "kid_std": None, "precision": None, "recall": None, "size": None, "cache_hit": None}
     if "arr_0" in adm:
         arr = adm["arr_0"]

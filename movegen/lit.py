@@ -343,9 +343,6 @@ class LitGPT(L.LightningModule):
         :meth:`loss_fn`."""
         if not self.hparams.cuda_graph:
             if self.hparams.get("compile_mode") == "reduce-overhead" and codes.is_cuda:
-                if self._trainer is not None and self._trainer.accumulate_grad_batches > 1:
-                    raise ValueError("--model.compile_mode reduce-overhead trains one batch per step; set "
-                                     "--trainer.accumulate_grad_batches 1 or another compile mode")  # fmt: skip
                 # a new step for the compiled graphs; their output buffer is reused at the next
                 # replay, so the loss handed to Lightning is a copy
                 torch.compiler.cudagraph_mark_step_begin()
@@ -365,11 +362,6 @@ class LitGPT(L.LightningModule):
         if world > 1:
             raise ValueError(f"--model.cuda_graph true runs in one process; this run has {world} "
                              "(set --model.cuda_graph false, or use --model.compile true)")  # fmt: skip
-        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        if accumulate > 1:  # the replay's gradient buffer would be the .grad it accumulates into
-            raise ValueError(f"--model.cuda_graph true trains one batch per step; this run accumulates {accumulate} "
-                             "(set --trainer.accumulate_grad_batches 1 and raise --data.batch_size, or "
-                             "--model.cuda_graph false)")  # fmt: skip
         precision = str(trainer.precision) if trainer is not None else "32-true"
         if precision.startswith("16") or precision.startswith("bf16-true") or precision.startswith("64"):
             raise ValueError(f"--model.cuda_graph true supports bf16-mixed and 32-true precision, not {precision}")
@@ -476,6 +468,18 @@ class LitGPT(L.LightningModule):
                              + ", ".join(f"{k} {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items()))  # fmt: skip
         self.train_tokens = checkpoint.get("train_tokens", 0)
         self._rng_to_restore = checkpoint.get("rng")
+
+    def on_fit_start(self):
+        # graph replays hand out their gradient buffers: accumulating into them would add a
+        # micro-batch's gradient to itself, so both graph modes train one batch per step
+        accumulate = self.trainer.accumulate_grad_batches
+        graphs = ("--model.cuda_graph true" if self.hparams.cuda_graph else
+                  "--model.compile_mode reduce-overhead" if self.hparams.get("compile_mode") == "reduce-overhead"
+                  else None)  # fmt: skip
+        if graphs and accumulate > 1:
+            raise ValueError(f"{graphs} trains one batch per step; this run accumulates {accumulate} (set "
+                             "--trainer.accumulate_grad_batches 1 and raise --data.batch_size, or another "
+                             "compile setting)")  # fmt: skip
 
     def on_fit_end(self):
         # the captured graphs read the parameters' memory at capture time, which the end of a fit

@@ -12,20 +12,22 @@ def _cuda():
         pytest.skip("needs a CUDA GPU")
 
 
-def _model(cfg, graph: bool) -> LitGPT:
+def _model(cfg, graph: bool = False, **kw) -> LitGPT:
     torch.manual_seed(0)
-    m = LitGPT(cfg, cuda_graph=graph)
+    m = LitGPT(cfg, cuda_graph=graph, **kw)
     torch.nn.init.normal_(m.model.head.weight, std=0.05)  # the zero-initialised head would give
     return m.cuda()                                      # ln(K) whatever dropout does
 
 
-def _steps(model, batches, opt):
+def _steps(model, batches, opt, keep: list | None = None):
     out = []
     for codes, labels in batches:
         loss = model.train_loss(codes, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if keep is not None:
+            keep.append(loss)
         out.append(loss.item())
     return out
 
@@ -83,19 +85,8 @@ def test_compiled_graphs_train_as_the_eager_step():
            for _ in range(2)]  # fmt: skip
     losses, kept = {}, []
     for kw in ({}, {"compile": True, "compile_mode": "reduce-overhead"}):
-        torch.manual_seed(0)
-        m = LitGPT(cfg, **kw)
-        torch.nn.init.normal_(m.model.head.weight, std=0.05)
-        m = m.cuda()
+        m = _model(cfg, **kw)
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
-        out = []
-        for codes, labels in two * 3:
-            loss = m.train_loss(codes, labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            kept.append(loss)  # still readable after later replays
-            out.append(loss.item())
-        losses[bool(kw)] = out
+        losses[bool(kw)] = _steps(m, two * 3, opt, keep=kept)  # kept: still readable after later replays
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
     assert [t.item() for t in kept[-6:]] == losses[True]
