@@ -41,6 +41,25 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
     return GPTConfig(**fields)
 
 
+def random_codes(shape: tuple[int, ...], K: int, dist: str, *, generator: torch.Generator,
+                 zipf_s: float = 1.0) -> torch.Tensor:
+    """Codes in ``[1, K)`` (never 0) of ``shape``: ``uniform``, or ``zipf``: a Zipf(s) histogram
+    over the codes (rank r drawn with probability proportional to 1 / r**s, the ranks assigned to
+    codes by a fixed permutation), the skew of real VQ code usage."""
+    device = generator.device
+    if dist == "uniform":
+        return torch.randint(1, K, shape, device=device, generator=generator)
+    if dist != "zipf":
+        raise ValueError(f"unknown id distribution {dist!r}: uniform or zipf")
+    p = 1.0 / torch.arange(1, K, device=device, dtype=torch.float64) ** zipf_s
+    codes = torch.randperm(K - 1, device=device, generator=generator) + 1
+    n = 1
+    for x in shape:
+        n *= x
+    draw = torch.multinomial(p.float(), n, replacement=True, generator=generator)
+    return codes[draw].view(shape)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

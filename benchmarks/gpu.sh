@@ -14,15 +14,19 @@
 #   ddp               Lightning DDP on every GPU of the host against one GPU (ddp)
 #   peer              LlamaGen's GPT-B beside movegen's, one process (peer_llamagen; LLAMAGEN=checkout,
 #                     default .llamagen: carry it to the device)
+#   fid50k            one ImageNet-256 evaluation phase by phase (sample, VQ-16 decode, Inception,
+#                     scores) and extract-codes throughput, random weights (fid50k; needs
+#                     torch-fidelity: carry .whl/ into /tmp/site)
 #   all               mix, train and sampling (the headline tables)
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
-# TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, DDP_STEPS, LLAMAGEN.
+# TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, DDP_STEPS, LLAMAGEN, FID_ONLY,
+# EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, MIX_IMPLS.
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,19p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,23p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 errors() { grep -m3 -E "Error|error:" "$1"; }
@@ -30,8 +34,8 @@ bench() { local t=$1 log=$2; shift 2; timeout "$t" $PY -m "$@" > "$OUT/$log" 2>&
 
 run_section() { case $1 in
 mix)
-  bench ${T_MIX:-90} move_mix.log benchmarks.move_mix
-  tail -8 "$OUT/move_mix.log";;
+  bench ${T_MIX:-150} move_mix.log benchmarks.move_mix --impls ${MIX_IMPLS:-deferred,grouped,autograd}
+  grep -E "^\||^MoVE" "$OUT/move_mix.log"; errors "$OUT/move_mix.log";;
 train)
   bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --only \
     ${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,lave-x1:256:compiled,standard:64:compiled,standard:256:eager,move-x4:256:eager}
@@ -65,7 +69,7 @@ profile-sample)
   tail -38 "$OUT/profile_sample.log" | cut -c1-200;;
 peer)
   bench ${T_PEER:-420} peer.log benchmarks.peer_llamagen --llamagen "${LLAMAGEN:-.llamagen}" --warmup 5 --iters 15 \
-    --batches 64,256 --modes compiled --sample_batches ${SAMPLE_BATCHES:-16,64,256,1024}
+    --arms ${PEER_ARMS:-standard,move-x1} --batches ${PEER_BATCHES:-64,256} --modes compiled --sample_batches ${SAMPLE_BATCHES:-16,64,256,1024}
   grep -E "^\||^training|^sampling" "$OUT/peer.log" | tail -24; errors "$OUT/peer.log";;
 ddp)
   local n k runs=(); n=$(nvidia-smi -L | wc -l)
@@ -75,6 +79,10 @@ ddp)
     if [ -f "$OUT/ddp$k.json" ]; then runs+=("$OUT/ddp$k.json"); else errors "$OUT/ddp$k.log"; fi
   done
   [ ${#runs[@]} -gt 0 ] && $PY -m benchmarks.ddp --table "${runs[@]}" | grep -E "^\||^Lightning";;
+fid50k)
+  bench ${T_FID50K:-570} fid50k.log benchmarks.fid50k --only ${FID_ONLY:-move-x1:256:2048,standard:256:50000} \
+    --extract_images ${EXTRACT_IMAGES:-1500} --extract_workers ${EXTRACT_WORKERS:-16}
+  grep -E "^\||^movegen|^inputs|JPEGs" "$OUT/fid50k.log"; errors "$OUT/fid50k.log";;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;
 esac; }

@@ -4,13 +4,17 @@ Shapes of the training path: a bf16 bank ``(V, M, d)`` (V = 16384 codes + 1001 c
 ids in ``[1, V)`` for ``(B, T)`` (each id about B*T/V times), L layers. "deferred" is movegen's
 training path (``MoVEBank.tapped``: with the Triton kernels each layer reads the slots by id from
 the bank itself, and the bank gradient is formed in one pass over the tokens in id order, all
-layers summed into fp32 bank rows); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
+layers summed into fp32 bank rows) with the per-token kernels; "grouped" the same with the
+kernels grouped by id (the ids sorted once per forward, each bank row read once per run of equal
+ids in a tile of sorted tokens); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
 through every layer's mix (one bank-sized gradient per layer).
 
 Floor in bytes (bf16), per layer: forward reads each row's M slots, v and the gates and writes the
 mixed values; backward reads the slots again, dout, v and the gates and writes dv and the gate
 gradients. Once per step: the bank gradient reads the L value gradients and gates and writes the
-fp32 ``(V, M*d)`` gradient. "fwd" is the training forward
+fp32 ``(V, M*d)`` gradient. The grouped floor counts the slots once per distinct id instead of
+once per token. Ids: uniform random in ``[1, V)``, or Zipf(1) (the skew of real code usage).
+"fwd" is the training forward
 (graph kept for backward); "extra GiB" is the peak memory of forward + backward above the inputs.
 
     python -m benchmarks.move_mix            # GPU: GPT-B shapes, batch 256, M = 6 and 24
@@ -25,22 +29,33 @@ import torch
 
 from movegen.move import MoVEBank, mix, mix_tapped
 
-from ._util import copy_bandwidth_gbs, device_name, json_line, median, print_table, release, time_fn
+from ._util import (
+    copy_bandwidth_gbs,
+    device_name,
+    json_line,
+    median,
+    print_table,
+    random_codes,
+    release,
+    time_fn,
+)
 
 
-def run(M: int, impl: str, args, device, bw: float) -> dict:
+def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
     B, T, H, D, L, V = args.batch, args.seq, args.heads, args.head_dim, args.layers, args.ids
     d, G = H * D, M + 1
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     bank = MoVEBank(V, M, d, H).to(device, dt)
-    ids = torch.randint(1, V, (B, T), device=device, generator=g)
+    bank.group_by_id = impl == "grouped"
+    ids = random_codes((B, T), V, dist, generator=g)
+    distinct = ids.unique().numel()
     vs = [torch.randn(B, T, H, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(L)]  # fmt: skip
     gs = [(2 * torch.rand(B, T, H, G, device=device, dtype=dt, generator=g)).requires_grad_() for _ in range(L)]  # fmt: skip
     dout = torch.randn(B, T, H, D, device=device, dtype=dt, generator=g)
 
     def fwd():
-        if impl == "deferred":
+        if impl in ("deferred", "grouped"):
             mem, taps = bank.tapped(ids, L, G)
             return [mix_tapped(v, gt, mem, tp, True) for v, gt, tp in zip(vs, gs, taps)]
         memh = bank.gather(ids)
@@ -61,7 +76,7 @@ def run(M: int, impl: str, args, device, bw: float) -> dict:
             fwd_bwd()
             extra = (torch.cuda.max_memory_allocated(device) - base) / 2**30
     except torch.OutOfMemoryError:
-        return {"M": M, "impl": impl, "ms_fwd": "OOM"}
+        return {"M": M, "impl": impl, "ids": dist, "ms_fwd": "OOM"}
     e = 2 if dt == torch.bfloat16 else 4
     N = B * T
     slots = N * M * d * e  # every row's M slots, or the per-token bank gradient (B, T, M*d)
@@ -69,7 +84,10 @@ def run(M: int, impl: str, args, device, bw: float) -> dict:
     bwd_bytes = L * (slots + N * H * (3 * D + 2 * G) * e)  # + dout, v, gates read, dv, dg written
     bank_bytes = L * N * H * (D + G) * e + V * M * d * 4  # dv, gates read; fp32 rows out
     fb_bytes = fwd_bytes + bwd_bytes + bank_bytes
-    return {"M": M, "impl": impl, "ms_fwd": ms_f, "floor_fwd_ms": fwd_bytes / (bw * 1e9) * 1e3,
+    # grouped by id, the slots are read once per group: one row per distinct id and tile
+    grouped_bytes = fb_bytes - 2 * L * slots + 2 * L * distinct * M * d * e
+    return {"M": M, "impl": impl, "ids": dist, "distinct": distinct, "ms_fwd": ms_f,
+            "floor_grouped_ms": grouped_bytes / (bw * 1e9) * 1e3, "floor_fwd_ms": fwd_bytes / (bw * 1e9) * 1e3,
             "fwd_gbs": fwd_bytes / (ms_f * 1e-3) / 1e9, "ms_fwd_bwd": ms_fb,
             "floor_fwd_bwd_ms": fb_bytes / (bw * 1e9) * 1e3, "fwd_bwd_gbs": fb_bytes / (ms_fb * 1e-3) / 1e9,
             "extra_gib": extra}  # fmt: skip
@@ -88,6 +106,8 @@ def main() -> None:
     p.add_argument("--ids", type=int, default=16384 + 1001, help="bank rows V")
     p.add_argument("--slots", default="6,24")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--ids_dist", default="uniform,zipf", help="id distributions: uniform, zipf (Zipf(1) codes)")
+    p.add_argument("--impls", default="deferred,grouped,autograd")
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.smoke:
@@ -95,18 +115,21 @@ def main() -> None:
             2, 16, 2, 8, 2, 50, 2)  # fmt: skip
     bw = copy_bandwidth_gbs(device)
     rows = []
-    for M in args.slots.split(","):
-        for impl in ("deferred", "autograd"):
-            rows.append(run(int(M), impl, args, device, bw))
-            release(device)
+    for dist in args.ids_dist.split(","):
+        for M in args.slots.split(","):
+            for impl in args.impls.split(","):
+                rows.append(run(int(M), impl, dist, args, device, bw))
+                release(device)
     json_line(
         "move_mix",
         {"device": device_name(device), "torch": torch.__version__, "copy_gbs": bw, "rows": rows},
     )
-    print_table(rows, [("M", "slots M", "{}"), ("impl", "bank grad", "{}"), ("ms_fwd", "fwd ms (L layers)", "{:.2f}"),
+    print_table(rows, [("ids", "ids", "{}"), ("distinct", "distinct ids", "{}"), ("M", "slots M", "{}"),
+                       ("impl", "path", "{}"), ("ms_fwd", "fwd ms (L layers)", "{:.2f}"),
                        ("floor_fwd_ms", "fwd floor ms", "{:.2f}"), ("fwd_gbs", "fwd GB/s", "{:.0f}"),
                        ("ms_fwd_bwd", "fwd+bwd ms", "{:.2f}"), ("floor_fwd_bwd_ms", "fwd+bwd floor ms", "{:.2f}"),
-                       ("fwd_bwd_gbs", "fwd+bwd GB/s", "{:.0f}"), ("extra_gib", "extra GiB", "{:.2f}")],
+                       ("fwd_bwd_gbs", "fwd+bwd GB/s", "{:.0f}"),
+                       ("floor_grouped_ms", "grouped floor ms", "{:.2f}"), ("extra_gib", "extra GiB", "{:.2f}")],
                 f"MoVE mix, B={args.batch} T={args.seq} H={args.heads} D={args.head_dim} L={args.layers} "
                 f"V={args.ids}, {device_name(device)}, torch {torch.__version__}, copy {bw:.0f} GB/s")  # fmt: skip
 

@@ -108,7 +108,8 @@ def main() -> None:
     )
     p.add_argument("--batches", default="64,256", help="training batches")
     p.add_argument("--modes", default="compiled,eager")
-    p.add_argument("--arms", default="standard,move-x1", help="movegen arms beside LlamaGen")
+    p.add_argument("--arms", default="standard,move-x1",
+                   help="movegen arms beside LlamaGen (ARM@grouped / ARM@token: the MoVE kernels' form, training only)")
     p.add_argument(
         "--sample_batches", default="16,64,256,1024", help="sampling batches ('' to skip)"
     )
@@ -144,9 +145,15 @@ def main() -> None:
                     r["speed_vs_llamagen"] = ref["ms"] / r["ms"]
                 rows.append(r)
                 print(r, flush=True)
+            std = next((r["ms"] for r in rows if r["arm"] == "standard" and r["batch"] == b
+                        and r["mode"] == ref["mode"] and isinstance(r.get("ms"), float)), None)  # fmt: skip
+            for r in rows:
+                if std and r["batch"] == b and r["mode"] == ref["mode"] and isinstance(r.get("ms"), float):
+                    r["vs_standard"] = r["ms"] / std
     print_table(rows, [("arm", "arm", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"), ("ms", "ms/step", "{:.1f}"),
                        ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"), ("peak_gib", "peak GiB", "{:.1f}"),
-                       ("speed_vs_llamagen", "speed vs LlamaGen", "{:.3f}")],
+                       ("speed_vs_llamagen", "speed vs LlamaGen", "{:.3f}"),
+                       ("vs_standard", "step x standard", "{:.3f}")],
                 f"training step, {device_name(device)}, bf16 matmul peak {peak:.0f} TFLOP/s")  # fmt: skip
     json_line(
         "peer_llamagen_train", {"device": device_name(device), "peak_tflops": peak, "rows": rows}
@@ -159,7 +166,7 @@ def main() -> None:
         release(device)
         srows.append(ref)
         print(ref, flush=True)
-        for arm in args.arms.split(","):
+        for arm in dict.fromkeys(a.partition("@")[0] for a in args.arms.split(",")):  # no @form
             r = sampling.run(
                 arm,
                 b,

@@ -24,15 +24,21 @@ from ._util import (
     matmul_peak_tflops,
     median,
     print_table,
+    random_codes,
     release,
     time_fn,
 )
 
 
-def bench(arm: str, batch: int, compiled: bool, args, device, peak: float) -> dict:
-    cfg = arm_config(arm, args.smoke)
+def bench(arm: str, batch: int, compiled: bool, args, device, peak: float, dist: str = "uniform") -> dict:
+    name, _, path = arm.partition("@")  # move-x4@grouped / move-x4@token: the MoVE kernels' form
+    if path not in ("", "grouped", "token"):
+        raise ValueError(f"{arm}: the part after @ is grouped or token")
+    cfg = arm_config(name, args.smoke)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
+    if path and model.bank is not None:
+        model.bank.group_by_id = path == "grouped"
     opt = torch.optim.AdamW(
         optimizer_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
@@ -43,9 +49,9 @@ def bench(arm: str, batch: int, compiled: bool, args, device, peak: float) -> di
         return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
 
     fn = torch.compile(loss_fn, mode=args.compile_mode) if compiled else loss_fn
-    batches = random_batches(batch, cfg.seq_len, cfg.vocab_size, cfg.num_classes, device)
+    batches = random_batches(batch, cfg.seq_len, cfg.vocab_size, cfg.num_classes, device, dist=dist)
     rep = cost_report(cfg)
-    row = {"arm": arm, "batch": batch, "mode": "compiled" if compiled else "eager"}
+    row = {"arm": arm, "batch": batch, "mode": "compiled" if compiled else "eager", "ids": dist}
     row.update(time_training(fn, model, opt, batches, flops_per_token=rep["flops_per_token"], args=args,
                              device=device, peak=peak))  # fmt: skip
     if row["ms"] != "OOM":
@@ -53,10 +59,11 @@ def bench(arm: str, batch: int, compiled: bool, args, device, peak: float) -> di
     return row
 
 
-def random_batches(batch: int, T: int, K: int, C: int, device, n: int = 4) -> list[tuple]:
-    """The protocol's inputs: ``n`` batches of random codes (never 0) and labels, seed 0."""
+def random_batches(batch: int, T: int, K: int, C: int, device, n: int = 4, dist: str = "uniform") -> list[tuple]:
+    """The protocol's inputs: ``n`` batches of random codes (never 0; ``dist`` uniform or zipf,
+    ``_util.random_codes``) and labels, seed 0."""
     g = torch.Generator(device=device).manual_seed(0)
-    return [(torch.randint(1, K, (batch, T), device=device, generator=g),
+    return [(random_codes((batch, T), K, dist, generator=g),
              torch.randint(0, C, (batch,), device=device, generator=g)) for _ in range(n)]  # fmt: skip
 
 
@@ -95,7 +102,9 @@ def main() -> None:
     p.add_argument(
         "--smoke", action="store_true", help="tiny model on CPU, to check the script runs"
     )
-    p.add_argument("--arms", default="standard,lave-x1,move-x1,move-x4")
+    p.add_argument("--arms", default="standard,lave-x1,move-x1,move-x4",
+                   help="arms; ARM@grouped / ARM@token forces the MoVE kernels' form (default: kernels.group_pays)")
+    p.add_argument("--ids_dist", default="uniform", help="code distributions, e.g. uniform,zipf (Zipf(1))")
     p.add_argument("--batches", default="64,256")
     p.add_argument("--modes", default="compiled,eager")
     p.add_argument(
@@ -149,18 +158,19 @@ def main() -> None:
             for a in args.arms.split(",")
         ]
     rows = []
-    for arm, batch, mode in grid:
-        r = bench(arm, batch, mode == "compiled", args, device, peak)
-        rows.append(r)
-        print(r, flush=True)
-        release(device)
+    for dist in args.ids_dist.split(","):
+        for arm, batch, mode in grid:
+            r = bench(arm, batch, mode == "compiled", args, device, peak, dist)
+            rows.append(r)
+            print(r, flush=True)
+            release(device)
     std = {
-        (r["batch"], r["mode"]): r["ms"]
+        (r["batch"], r["mode"], r["ids"]): r["ms"]
         for r in rows
         if r["arm"] == "standard" and isinstance(r.get("ms"), float)
     }
     for r in rows:
-        base = std.get((r["batch"], r["mode"]))
+        base = std.get((r["batch"], r["mode"], r["ids"]))
         r["vs_standard"] = r["ms"] / base if base and isinstance(r.get("ms"), float) else "-"
     json_line(
         "train_step",
@@ -172,7 +182,7 @@ def main() -> None:
             "rows": rows,
         },
     )
-    print_table(rows, [("arm", "arm", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"), ("ms", "ms/step", "{:.1f}"),
+    print_table(rows, [("ids", "ids", "{}"), ("arm", "arm", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"), ("ms", "ms/step", "{:.1f}"),
                        ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
                        ("vs_standard", "x standard", "{:.3f}"), ("peak_gib", "peak GiB", "{:.1f}"),
                        ("spread", "spread", "{:.1%}")],

@@ -120,9 +120,13 @@ def save_image_grid(
 # --------------------------------------------------------------------------- builders
 
 
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # clone: a view of a live parameter must not change after the checkpoint is built
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return _cpu_copy(module.state_dict())
 
 
 def tokenizer_checkpoint(tok: VQTokenizer, *, dataset: dict, metrics: dict) -> dict:
@@ -138,14 +142,16 @@ def tokenizer_checkpoint(tok: VQTokenizer, *, dataset: dict, metrics: dict) -> d
     }
 
 
-def model_checkpoint(model: GPT, *, header: dict, train: dict, metrics: dict) -> dict:
+def model_checkpoint(model: GPT, *, header: dict, train: dict, metrics: dict,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> dict:  # fmt: skip
     """The self-describing ``model.ckpt``: config, code-store header (tokenizer path and hash),
-    training facts, metrics, package version."""
+    training facts, metrics, package version. ``state_dict``: the weights when the module does
+    not hold them whole (gathered from FSDP's shards); default: ``model.state_dict()``."""
     return {
         "format": CKPT_FORMAT_MODEL,
         "movegen_version": package_version(),
         "config": model.config.to_dict(),
-        "state_dict": _cpu_state(model),
+        "state_dict": _cpu_state(model) if state_dict is None else _cpu_copy(state_dict),
         "code_store": header,
         "train": train,
         "metrics": metrics,

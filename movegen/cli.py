@@ -92,6 +92,8 @@ def _quiet_third_party() -> None:
         r".*does not have many workers.*",  # small in-memory datasets need none
         r".*`isinstance\(treespec, LeafSpec\)`.*",
         r".*will save all extracted features in buffer.*",  # torchmetrics' KID/IS: ours are small
+        r".*FSDP is switching to use `NO_SHARD`.*",  # fsdp on one GPU: nothing to shard
+        r".*full_state_dict will ?be returned.*",  # the same, at every gathered checkpoint
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -252,22 +254,32 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, 
     ``resume`` continues the run in ``out`` from its ``last.ckpt`` (the same validation curve as
     an uninterrupted run); ``overwrite`` replaces a previous fit run there. Raises
     :class:`~movegen.runs.RunInterrupted` after a signal (the state is saved) and
-    :class:`~movegen.runs.TrainingDiverged` when the loss becomes non-finite."""
+    :class:`~movegen.runs.TrainingDiverged` when the loss becomes non-finite.
+
+    With several processes (DDP or FSDP over GPUs, ``--trainer.devices N``) every process runs
+    this; the first one claims the run folder and writes every file, the others join it.
+    ``strategy: fsdp`` is :class:`~movegen.lit.BlockFSDPStrategy` (a unit per transformer block)."""
     from .lit import BestCheckpoint, SafeCheckpointIO, TrainingState, diverged_message
     from .model import cost_report
-    from .runs import TrainingDiverged, claim_run
+    from .runs import TrainingDiverged, claim_run, join_run
 
     out = Path(out)
     data.check(model.config)  # a clear error before the folder is touched or anything trains
-    with claim_run(out, "fit", resume=resume, overwrite=overwrite, argv=argv) as run:
-        _write_config(out, config_yaml, resume)
-        best = BestCheckpoint(out, data.store.header, patience=patience)
-        state = TrainingState(out, every=state_every, interval_s=state_interval, best=best)
-        settings = {**_trainer_defaults("fit"), **(trainer or {})}
-        settings["plugins"] = [*(settings.get("plugins") or []), SafeCheckpointIO()]
-        t = _make_trainer(
-            settings, out, callbacks=[best, state], num_batches=data.steps_per_epoch()
-        )
+    settings = {**_trainer_defaults("fit"), **(trainer or {})}
+    settings["strategy"] = _fit_strategy(settings.get("strategy", "auto"), settings.get("accelerator"))
+    settings["plugins"] = [*(settings.get("plugins") or []), SafeCheckpointIO()]
+    best = BestCheckpoint(out, data.store.header, patience=patience)
+    state = TrainingState(out, every=state_every, interval_s=state_interval, best=best)
+    # built before the folder is claimed (it writes nothing): it knows which process this is
+    t = _make_trainer(settings, out, callbacks=[best, state], num_batches=data.steps_per_epoch())
+    first = t.is_global_zero
+    if first:
+        claim = claim_run(out, "fit", resume=resume, overwrite=overwrite, argv=argv)
+    else:
+        claim = join_run(out, "fit", resume=resume)
+    with claim as run:
+        if first:
+            _write_config(out, config_yaml, resume)
         if resume:
             log.info("resuming %s from %s", out, out / "last.ckpt")
         t.fit(model, datamodule=data, ckpt_path=str(out / "last.ckpt") if resume else None)
@@ -300,11 +312,35 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, 
             **cost_report(model.config),
             "history": best.history,
         }
-        _write_json(out / "metrics.json", metrics)
+        if first:
+            _write_json(out / "metrics.json", metrics)
         run.set_status("finished", steps=t.global_step)
-    log.info("best val %.4f bits/token at step %d (final %.4f); wrote %s", metrics["val_bits_per_token"],
-             best.best_step, final["val_bits_per_token"], out / "model.ckpt")  # fmt: skip
+    if first:
+        log.info("best val %.4f bits/token at step %d (final %.4f); wrote %s", metrics["val_bits_per_token"],
+                 best.best_step, final["val_bits_per_token"], out / "model.ckpt")  # fmt: skip
     return metrics
+
+
+def _fit_strategy(strategy, accelerator):
+    """``fit``'s training strategy: ``fsdp`` (the name) becomes movegen's FSDP strategy, a unit
+    per transformer block; Lightning's own FSDP, which would shard without them, is refused."""
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from .lit import BlockFSDPStrategy
+
+    if strategy == "fsdp":
+        strategy = BlockFSDPStrategy()
+    named = isinstance(strategy, str) and strategy.startswith("fsdp")
+    if named or (isinstance(strategy, FSDPStrategy) and not isinstance(strategy, BlockFSDPStrategy)):
+        raise ValueError(f"movegen fit shards with its own FSDP strategy (a unit per transformer block, fp32 shards "
+                         f"under autocast, full checkpoints), not {strategy if named else type(strategy).__name__}: "
+                         "pass --trainer.strategy fsdp, or for its options --trainer.strategy "
+                         "movegen.lit.BlockFSDPStrategy --trainer.strategy.sharding_strategy ...")  # fmt: skip
+    if isinstance(strategy, BlockFSDPStrategy) and (accelerator == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("--trainer.strategy fsdp shards the model over CUDA GPUs (torch's FSDP needs them) and "
+                         "this run has none; on CPUs train with --trainer.strategy ddp, or leave it auto")  # fmt: skip
+    return strategy
 
 
 def fit_classifier(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, overwrite: bool = False,

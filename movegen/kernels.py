@@ -196,6 +196,186 @@ if HAVE_TRITON:
     _mix_bwd_kernel = _tuned(_mix_bwd_kernel)
 
 
+# --------------------------------------------------------------------------- grouped by id
+#
+# The same mix and gate gradients with the tokens visited in id order: every layer reads the bank
+# at the same ids, so one sort per forward (``id_groups``) serves all layers and the backward. A
+# program takes a tile of BLOCK_T consecutive sorted tokens of one head; for each run of equal
+# ids in the tile (a group) it loads the bank row ``table[k, :, h, :]`` once and applies it to
+# the group's tokens as one small product: forward ``gates (BLOCK_T, M) @ slots (M, D)``, gate
+# gradient ``dout (BLOCK_T, D) @ slots^T``, each row of the product kept only for the tokens of
+# that group. The token side (v, gates, out, dout, dv) is read and written once, at the tokens'
+# rows; the slot bytes fall from one row per token to one per group.
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _tile(sid_ptr, order_ptr, N, H, BLOCK_T: tl.constexpr):
+        """This program's sorted tokens: positions i, mask, span [start, end), row n*H + h."""
+        c = tl.program_id(0)
+        h = tl.program_id(1)
+        start = c * BLOCK_T
+        i = start + tl.arange(0, BLOCK_T)
+        im = i < N
+        n = tl.load(order_ptr + i, mask=im, other=0).to(tl.int64)
+        return h, start, tl.minimum(start + BLOCK_T, N), i, im, n, n * H + h
+
+    @triton.jit
+    def _group_slots(tab_ptr, sid_ptr, send_ptr, p, end, h, m, mm, d, s_id, s_m, s_h):
+        """The group that starts at sorted position p: its end (within the tile) and its slots
+        ``table[k, :, h, :]`` as an ``(M_PAD, D)`` tile in the table's dtype."""
+        k = tl.load(sid_ptr + p).to(tl.int64)
+        q = tl.minimum(tl.load(send_ptr + p), end)
+        slots = tl.load(tab_ptr + k * s_id + h * s_h + m[:, None] * s_m + d[None, :], mask=mm[:, None], other=0.0)
+        return q, slots
+
+    @triton.jit
+    def _gmix_fwd_kernel(v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, send_ptr, out_ptr, N, H, s_vn, s_vh, s_id, s_m,
+                         s_h, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                         GATED: tl.constexpr, LOWP: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
+        m = tl.arange(0, M_PAD)
+        mm = m < M
+        d = tl.arange(0, D)
+        g = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=im[:, None] & mm[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_T, D), dtype=tl.float32)
+        p = start
+        while p < end:
+            q, slots = _group_slots(tab_ptr, sid_ptr, send_ptr, p, end, h, m, mm, d, s_id, s_m, s_h)
+            sel = (i >= p) & (i < q)
+            gs = tl.where(sel[:, None], g, 0.0)
+            if LOWP:  # bf16/fp16 gates and slots: exact products, fp32 sums
+                acc += tl.dot(gs.to(slots.dtype), slots)
+            else:
+                acc += tl.dot(gs.to(tl.float32), slots.to(tl.float32), input_precision="ieee")
+            p = q
+        v = _load_v(v_ptr, n, h, im, d, s_vn, s_vh).to(tl.float32)
+        if GATED:
+            g0 = tl.load(g_ptr + rows * G, mask=im, other=0.0).to(tl.float32)
+            acc += g0[:, None] * v
+        else:
+            acc += v
+        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=im[:, None])
+
+    @triton.jit
+    def _gmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, send_ptr, dv_ptr, dg_ptr, N, H, s_vn,
+                         s_vh, s_id, s_m, s_h, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+                         D: tl.constexpr, GATED: tl.constexpr, LOWP: tl.constexpr,
+                         BLOCK_T: tl.constexpr):  # fmt: skip
+        h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
+        m = tl.arange(0, M_PAD)
+        mm = m < M
+        d = tl.arange(0, D)
+        dout = tl.load(dout_ptr + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
+        dg = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
+        p = start
+        while p < end:
+            q, slots = _group_slots(tab_ptr, sid_ptr, send_ptr, p, end, h, m, mm, d, s_id, s_m, s_h)
+            sel = (i >= p) & (i < q)
+            if LOWP:
+                part = tl.dot(dout.to(slots.dtype), tl.trans(slots))
+            else:
+                part = tl.dot(dout.to(tl.float32), tl.trans(slots.to(tl.float32)), input_precision="ieee")
+            dg = tl.where(sel[:, None], part, dg)
+            p = q
+        tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
+                 mask=im[:, None] & mm[None, :])  # fmt: skip
+        dout = dout.to(tl.float32)
+        if GATED:
+            v = _load_v(v_ptr, n, h, im, d, s_vn, s_vh)
+            dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
+            tl.store(dg_ptr + rows * G, dg0.to(dg_ptr.dtype.element_ty), mask=im)
+            g0 = tl.load(g_ptr + rows * G, mask=im, other=0.0).to(tl.float32)
+            dout = g0[:, None] * dout
+        tl.store(dv_ptr + rows[:, None] * D + d[None, :], dout.to(dv_ptr.dtype.element_ty), mask=im[:, None])
+
+
+GROUP_BLOCK_T = 64
+"""Sorted tokens per program of the grouped kernels (16 in the interpreter)."""
+
+GROUP_MIN_TOKENS = 65536
+GROUP_MIN_SLOTS = 16
+"""``group_pays``: the grouped kernels from these tokens per forward and slots on. Measured on an
+H200 (``benchmarks/RESULTS.md``, 2026-12-02 third section) at GPT-B shapes, 65,536 tokens: with
+M = 24 grouping pays (mix fwd+bwd 23.2 -> 19.3 ms uniform ids, 18.8 -> 15.2 ms Zipf ids; step
+1.295 -> 1.246x standard), with M = 6 it costs (7.8 -> 11.2 ms; step 1.103 -> 1.137x). Smaller
+batches and other M are unmeasured, so they keep the per-token kernels."""
+
+
+def group_pays(tokens: int, slots: int) -> bool:
+    """Whether the training mix runs grouped by id for a forward of ``tokens`` ids and ``slots``
+    slots (``MoVEBank.group_by_id`` None): where it was measured to pay (``GROUP_MIN_*``)."""
+    return tokens >= GROUP_MIN_TOKENS and slots >= GROUP_MIN_SLOTS
+
+
+def id_groups(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sort of the flat ids for every layer's grouped kernels: ``(sid, order, send)``, int32
+    ``(B*T,)``: the sorted ids, the flat position of each sorted token, and for each sorted
+    position the end of its group (one past the last position with the same id). No host sync."""
+    flat = ids.reshape(-1)
+    sid, order = torch.sort(flat)
+    N = flat.numel()
+    last = torch.ones(N, dtype=torch.bool, device=flat.device)
+    last[:-1] = sid[1:] != sid[:-1]
+    end = torch.where(last, torch.arange(1, N + 1, device=flat.device, dtype=torch.int32), N)
+    send = end.flip(0).cummin(0).values.flip(0)
+    return sid.to(torch.int32), order.to(torch.int32), send.to(torch.int32)
+
+
+def _lowp(a: torch.Tensor, table: torch.Tensor) -> int:
+    return int(a.dtype == table.dtype and a.dtype in (torch.bfloat16, torch.float16))
+
+
+def _group_launch(N: int, H: int, M: int) -> tuple[tuple[int, int], dict]:
+    bt = 16 if INTERPRET else GROUP_BLOCK_T
+    return (triton.cdiv(N, bt), H), {"M": M, "M_PAD": max(16, _pad(M)), "BLOCK_T": bt,
+                                     "num_warps": 4}  # fmt: skip
+
+
+@torch.library.custom_op("movegen::gmix_fwd", mutates_args=())
+def gmix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: torch.Tensor, order: torch.Tensor,
+             send: torch.Tensor, gated: bool) -> torch.Tensor:  # fmt: skip
+    """``mix_fwd`` with the tokens grouped by id (``id_groups`` of the ids): same arguments, the
+    ids given as their sort."""
+    B, T, H, D = v.shape
+    table, _, s_id, s_m, s_h = _table_args(table, sid)
+    v, s_vn, s_vh = _as_rows(v)
+    out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
+    grid, meta = _group_launch(B * T, H, table.shape[1])
+    _gmix_fwd_kernel[grid](v, gates.contiguous(), table, sid, order, send, out, B * T, H, s_vn, s_vh, s_id, s_m, s_h,
+                           G=gates.shape[-1], D=D, GATED=int(gated), LOWP=_lowp(gates, table), **meta)  # fmt: skip
+    return out
+
+
+@gmix_fwd.register_fake
+def _(v, gates, table, sid, order, send, gated):
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
+@torch.library.custom_op("movegen::gmix_bwd", mutates_args=())
+def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: torch.Tensor,
+             order: torch.Tensor, send: torch.Tensor, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``mix_bwd`` with the tokens grouped by id: ``dv``, ``dg``."""
+    B, T, H, D = v.shape
+    table, _, s_id, s_m, s_h = _table_args(table, sid)
+    v, s_vn, s_vh = _as_rows(v)
+    dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
+    dg = torch.empty(B, T, H, gates.shape[-1], device=v.device, dtype=gates.dtype)
+    grid, meta = _group_launch(B * T, H, table.shape[1])
+    dout = dout.contiguous()
+    _gmix_bwd_kernel[grid](dout, v, gates.contiguous(), table, sid, order, send, dv, dg, B * T, H, s_vn, s_vh, s_id,
+                           s_m, s_h, G=gates.shape[-1], D=D, GATED=int(gated), LOWP=_lowp(dout, table),
+                           **meta)  # fmt: skip
+    return dv, dg
+
+
+@gmix_bwd.register_fake
+def _(dout, v, gates, table, sid, order, send, gated):
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device), torch.empty(
+        gates.shape, dtype=gates.dtype, device=gates.device
+    )
+
+
 def _as_rows(v: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """``v (B, T, H, D)`` addressed as rows (b*T + t, h): a view as it is when D has unit stride
     and (B, T) merge (the model's QKV split), else a contiguous copy. Returns (v, s_bt, s_h)."""
@@ -433,6 +613,9 @@ __all__ = [
     "available",
     "bank_rows_grad",
     "decode_attn",
+    "gmix_bwd",
+    "gmix_fwd",
+    "id_groups",
     "mix_bwd",
     "mix_fwd",
     "rows_grad",

@@ -25,12 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import atomic_torch_save, model_checkpoint
 from .classifier import SmallCNN
 from .metrics import reduce_tokenizer_stats, tokenizer_batch_stats
-from .model import GPT, GPTConfig, RMSNorm
+from .model import GPT, Block, GPTConfig, RMSNorm
 from .move import LaVETable, MoVEBank
 from .runs import RunInterrupted, TrainingDiverged
 from .tokenizer import (
@@ -125,6 +126,13 @@ class LitTokenizer(L.LightningModule):
             self.perceptual = VGGPerceptual(path)
         self._val: dict[str, list] = {}
         self.content = None  # set by the CLI: crops padding before PSNR
+
+    def setup(self, stage: str) -> None:
+        # the step clips the generator's gradients alone (the discriminator's stay out of the
+        # norm); Lightning's FSDP cannot clip a subset of the weights and refuses to clip at all
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("fit-tokenizer does not train under FSDP (its step clips the generator's gradients "
+                             "alone, which FSDP's clipping cannot); use --trainer.strategy ddp or one device")  # fmt: skip
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.tokenizer.parameters(), lr=self.hparams.lr, betas=self.hparams.betas,
@@ -372,7 +380,11 @@ class LitGPT(L.LightningModule):
         rng = torch.cuda.get_rng_state(dev)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision.startswith("bf16"),
                             cache_enabled=False):  # fmt: skip
-            graphed = torch.cuda.make_graphed_callables(step, (codes, labels), allow_unused_input=True)
+            # copies as the sample: the capture's sample tensors become the graphs' static
+            # inputs, which every replay overwrites with its batch (the caller's first batch
+            # must not change under it)
+            graphed = torch.cuda.make_graphed_callables(step, (codes.clone(), labels.clone()),
+                                                        allow_unused_input=True)  # fmt: skip
         torch.cuda.set_rng_state(rng, dev)
         return graphed
 
@@ -383,16 +395,26 @@ class LitGPT(L.LightningModule):
         # fp16 grad scaler). bf16 has no scaler, so clipping the gradients directly is exact.
         if not gradient_clip_val:
             return
-        if str(self.trainer.precision).startswith("16"):  # fp16: let Lightning unscale first
+        strategy = self.trainer.strategy
+        sharded = isinstance(strategy, FSDPStrategy)
+        fp16 = str(self.trainer.precision).startswith("16")
+        if fp16 and not sharded:  # let Lightning unscale first
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(f"only norm clipping is supported, got {gradient_clip_algorithm!r}")
+        if sharded:
+            # Each rank holds a shard of every gradient, so the norm of this rank's shards is not
+            # the norm: the FSDP root sums every rank's share (a collective). Lightning's FSDP
+            # plugin refuses norm clipping; under 16-mixed it has unscaled the gradients by now.
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val, foreach=True)
 
     def configure_optimizers(self):
-        # fused AdamW on GPU, except under fp16 loss scaling (its gradients must be unscaled first)
+        # fused AdamW on GPU, except under fp16 loss scaling (its gradients must be unscaled first);
+        # where the weights are, not the module: FSDP moves the weights without telling it
         fp16 = self.trainer is not None and str(self.trainer.precision).startswith("16")
-        fused = self.device.type == "cuda" and not fp16
+        fused = next(self.model.parameters()).is_cuda and not fp16
         h = self.hparams
         groups = optimizer_groups(self.model, h.weight_decay, memory_lr_scale=h.memory_lr_scale,
                                   memory_weight_decay=h.memory_weight_decay, lr=h.lr)  # fmt: skip
@@ -430,6 +452,15 @@ class LitGPT(L.LightningModule):
     def eval_model(self) -> GPT:
         return self.ema.module if self.ema is not None else self.model
 
+    def gathered_eval_weights(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP, the weights of :meth:`eval_model` gathered whole from every rank's
+        shards: a collective that every rank must call; rank 0 gets them (on the CPU), the
+        others an empty dict. None under any other strategy, where the module holds them."""
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, FSDPStrategy):
+            return None
+        return eval_weights(strategy.lightning_module_state_dict(), ema=self.ema is not None)
+
     def validation_step(self, batch, batch_idx):
         codes, labels = batch
         logits = self.eval_model()(codes, labels)
@@ -439,8 +470,16 @@ class LitGPT(L.LightningModule):
                       prog_bar=True, sync_dist=True, batch_size=len(codes))  # fmt: skip
 
     def nonfinite_step(self) -> int | None:
-        """The first training step whose loss was NaN or infinite, None if none (syncs)."""
-        s = int(self.first_bad_step)
+        """The first training step whose loss was NaN or infinite, None if none (syncs). With
+        several processes, the first over all of them: a collective, so that every rank stops
+        (or saves) alike."""
+        s, trainer = self.first_bad_step, self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            none = torch.iinfo(s.dtype).max  # stands for -1 (no bad step) in the minimum
+            s = torch.where(s < 0, none, s).to(trainer.strategy.root_device)
+            s = int(trainer.strategy.reduce(s, reduce_op="min"))
+            return None if s == none else s
+        s = int(s)
         return None if s < 0 else s
 
     # The training state (``last.ckpt``) is Lightning's checkpoint plus what an exact resume
@@ -453,8 +492,23 @@ class LitGPT(L.LightningModule):
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            checkpoint["fsdp"] = True  # the optimizer state is keyed in FSDP's order
 
     def on_load_checkpoint(self, checkpoint):
+        self.check_resumable(checkpoint)
+        self.train_tokens = checkpoint.get("train_tokens", 0)
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def check_resumable(self, checkpoint: dict) -> None:
+        """Raise unless the training state ``checkpoint`` continues this model with these settings."""
+        # FSDP numbers the optimizer's tensors in the model's order, Lightning's other strategies
+        # in the parameter groups' order: a state read the other way would scramble AdamW's moments
+        written = bool(checkpoint.get("fsdp"))
+        if written != isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("this training state was written " + ("under FSDP: resume it with --trainer.strategy fsdp"
+                             if written else "without FSDP: resume it with the strategy it was written with, not fsdp")
+                             + " (the optimizer state is laid out differently under FSDP)")  # fmt: skip
         saved, now = checkpoint.get("model_config") or {}, asdict(self.config)
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if saved and diff:
@@ -466,8 +520,6 @@ class LitGPT(L.LightningModule):
         if diff:
             raise ValueError("--resume continues the same run, but the model's settings differ from the saved state's: "
                              + ", ".join(f"{k} {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items()))  # fmt: skip
-        self.train_tokens = checkpoint.get("train_tokens", 0)
-        self._rng_to_restore = checkpoint.get("rng")
 
     def on_fit_start(self):
         # graph replays hand out their gradient buffers: accumulating into them would add a
@@ -480,6 +532,17 @@ class LitGPT(L.LightningModule):
             raise ValueError(f"{graphs} trains one batch per step; this run accumulates {accumulate} (set "
                              "--trainer.accumulate_grad_batches 1 and raise --data.batch_size, or another "
                              "compile setting)")  # fmt: skip
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            if graphs:
+                raise ValueError(f"{graphs} cannot capture FSDP's gathers of the weights; under FSDP use "
+                                 "--model.compile true (default mode), or train with DDP")  # fmt: skip
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            # the EMA update is a local operation only when each rank holds the same elements of
+            # the model and of its EMA copy: each GPT must be a unit of its own
+            if self.ema is not None and not (isinstance(self.model, FSDP) and isinstance(self.ema.module, FSDP)):
+                raise ValueError("--model.ema_decay under FSDP needs the model and its EMA copy sharded alike (each "
+                                 "GPT a unit of its own): train with --trainer.strategy fsdp")  # fmt: skip
 
     def on_fit_end(self):
         # the captured graphs read the parameters' memory at capture time, which the end of a fit
@@ -494,6 +557,13 @@ class LitGPT(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def eval_weights(state: dict[str, torch.Tensor], *, ema: bool) -> dict[str, torch.Tensor]:
+    """The weights of :meth:`LitGPT.eval_model` (the EMA copy's with ``ema``) out of a state dict
+    of the whole :class:`LitGPT`, keyed as :class:`GPT` keys them."""
+    prefix = "ema.module." if ema else "model."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 class _LossStep(nn.Module):
@@ -557,13 +627,14 @@ class BestCheckpoint(L.Callback):
         rec = {"step": trainer.global_step, "val_loss": loss, "val_bits_per_token": loss / math.log(2),
                "train_tokens": pl_module.train_tokens}  # fmt: skip
         self.history.append(rec)
-        if loss < self.best:
+        if loss < self.best:  # the same on every rank: the loss is reduced over all of them
             self.best, self.best_step = loss, trainer.global_step
+            weights = pl_module.gathered_eval_weights()  # under FSDP every rank gathers
             if trainer.is_global_zero:  # a CPU copy now; on disk when the training state is
                 self._pending = model_checkpoint(pl_module.eval_model(), header=self.header,
                                                  train={"step": trainer.global_step, "train_tokens": pl_module.train_tokens,
                                                         "hparams": dict(pl_module.hparams)},
-                                                 metrics=rec)  # fmt: skip
+                                                 metrics=rec, state_dict=weights)  # fmt: skip
         since = sum(r["step"] > self.best_step for r in self.history)
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
         if self.patience is not None and since >= self.patience and not last:
@@ -709,18 +780,76 @@ class SafeCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable training state ({type(e).__name__}: {str(e)[:200]}); it may be "
-                             "truncated. Delete it and start again with --overwrite true") from None  # fmt: skip
-        if not isinstance(ckpt, dict) or ckpt.get("format") != TRAIN_STATE_FORMAT:
-            fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"{path} is not a movegen training state (format {fmt!r}, expected "
-                             f"{TRAIN_STATE_FORMAT!r}); --resume needs the last.ckpt `movegen fit` wrote")  # fmt: skip
-        return ckpt
+        return read_training_state(path)
+
+
+def read_training_state(path, *, mmap: bool = False) -> dict:
+    """A training state ``last.ckpt``, loaded as data only (``weights_only``); a clear error for a
+    truncated file or one of another kind. ``mmap`` maps the tensors rather than reading them."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable training state ({type(e).__name__}: {str(e)[:200]}); it may be "
+                         "truncated. Delete it and start again with --overwrite true") from None  # fmt: skip
+    if not isinstance(ckpt, dict) or ckpt.get("format") != TRAIN_STATE_FORMAT:
+        fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a movegen training state (format {fmt!r}, expected "
+                         f"{TRAIN_STATE_FORMAT!r}); --resume needs the last.ckpt `movegen fit` wrote")  # fmt: skip
+    return ckpt
+
+
+class BlockFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP (torch's ``FullyShardedDataParallel``) as ``movegen fit`` trains with it;
+    ``--trainer.strategy fsdp`` picks it (on CUDA GPUs).
+
+    * **Units.** Each transformer :class:`~movegen.model.Block` is a unit of its own, and so is
+      each :class:`~movegen.model.GPT` (the model, and its EMA copy when there is one): a unit's
+      weights are gathered only around its forward and backward. The model and its EMA copy are
+      sharded alike, element for element, so the EMA update stays local to each rank's shards.
+    * **Arithmetic.** DDP's: the shards hold fp32 weights, gradients and AdamW state, bf16-mixed
+      autocasts the forward as on one device, and gradients are reduced in fp32. (Lightning's
+      FSDP default instead casts the weights, the buffers -- the RoPE tables -- and the
+      gradient reduction to bf16.) Every rank starts from rank 0's weights, as under DDP.
+    * **Clipping** is by the norm over every rank's shards (:meth:`LitGPT.configure_gradient_clipping`).
+    * **Checkpoints.** ``model.ckpt`` holds the full weights, gathered by every rank to rank 0;
+      the training state ``last.ckpt`` is one file with the full weights and optimizer state
+      (gathered to rank 0 too), which every rank reads on ``--resume``. Its optimizer state is
+      keyed in FSDP's order, so it resumes under FSDP only (and a DDP state under DDP only).
+    """
+
+    def __init__(
+        self,
+        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD",
+    ):
+        """
+        Args:
+            sharding_strategy: what is sharded over the GPUs: 'FULL_SHARD' the weights, gradients
+                and optimizer state (a unit's weights are gathered for its forward and again for
+                its backward); 'SHARD_GRAD_OP' gradients and optimizer state (the weights stay
+                gathered from forward to backward: more memory, less traffic); 'HYBRID_SHARD'
+                FULL_SHARD within each machine, replicated across machines; 'NO_SHARD' nothing
+                (DDP's layout).
+        """
+        from torch.distributed.fsdp import MixedPrecision
+
+        super().__init__(
+            auto_wrap_policy={GPT, Block},
+            mixed_precision=MixedPrecision(),  # no casts by FSDP: autocast does them
+            sharding_strategy=sharding_strategy,
+            state_dict_type="full",
+            sync_module_states=True,
+        )
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        # Lightning reads a full FSDP checkpoint with an unpickler of its own and loads the
+        # weights before any hook of the module runs: check the file first, as SafeCheckpointIO
+        # does under the other strategies (its tensors mapped, not read)
+        state = read_training_state(checkpoint_path, mmap=True)
+        if isinstance(self.lightning_module, LitGPT):
+            self.lightning_module.check_resumable(state)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
 
 # =========================================================================== classifier

@@ -118,6 +118,10 @@ def mix(
 #   ``(V, M, H, D)``, indexed by id inside the kernels -- no per-token copy of the slots is made
 #   or kept for backward. The bank gradient is formed in one pass over the tokens in id order
 #   that sums all layers and all tokens of an id into its row in fp32 (``bank_rows_grad``);
+#   The layers' kernels come in two forms: per token (each token reads its own M slots), or
+#   grouped by id (``kernels.gmix_*``: the ids sorted once per forward, each bank row read once
+#   per run of equal ids in a tile of sorted tokens and applied to them as a small product);
+#   ``MoVEBank.group_by_id`` chooses, by default ``kernels.group_pays``;
 # * otherwise the gathered ``memh (B, T, H, M, D)`` and PyTorch products (the plain path).
 
 
@@ -167,23 +171,29 @@ class _BankTaps(torch.autograd.Function):
 
 class _Mix(torch.autograd.Function):
     """One layer's mix; the bank gradient leaves through the taps (see ``_BankTaps``). ``mem`` is
-    the detached ``table (V, M, H, D)`` read at ``ids`` by the kernels, or ``memh`` (ids None)."""
+    the detached ``table (V, M, H, D)`` read at ``ids`` by the kernels, or ``memh`` (ids None);
+    ``groups`` (``kernels.id_groups`` of the ids, or None) selects the kernels grouped by id."""
 
     @staticmethod
-    def forward(ctx, v, gates, mem, ids, tap_g, tap_v, gated: bool):
-        ctx.gated = gated
-        ctx.save_for_backward(v, gates, mem, ids)
+    def forward(ctx, v, gates, mem, ids, groups, tap_g, tap_v, gated: bool):
+        ctx.gated, ctx.grouped = gated, groups is not None
+        ctx.save_for_backward(v, gates, mem, ids, *(groups or ()))
+        if groups is not None:
+            return torch.ops.movegen.gmix_fwd(v, gates, mem, *groups, gated)
         if ids is not None:
             return torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated)
         return mix(v, gates, mem, gated)
 
     @staticmethod
     def backward(ctx, dout):
-        v, gates, mem, ids = ctx.saved_tensors
+        v, gates, mem, ids, *groups = ctx.saved_tensors
         gated = ctx.gated
+        if ctx.grouped:
+            d_v, d_gates = torch.ops.movegen.gmix_bwd(dout, v, gates, mem, *groups, gated)
+            return d_v, d_gates, None, None, None, gates.detach(), dout, None
         if ids is not None:
             d_v, d_gates = torch.ops.movegen.mix_bwd(dout, v, gates, mem, ids, gated)
-            return d_v, d_gates, None, None, gates.detach(), dout, None
+            return d_v, d_gates, None, None, None, gates.detach(), dout, None
         # gate gradients of the slots: <dout, memh_i> per (b, t, h); the one unavoidable re-read
         if torch.compiler.is_compiling():
             d_gs = (mem * dout.to(mem.dtype).unsqueeze(-2)).sum(-1)  # (B, T, H, M)
@@ -199,25 +209,29 @@ class _Mix(torch.autograd.Function):
             d_gates = d_gs.to(gates.dtype)
             d_v = dout.to(v.dtype)
         # the taps carry g (value, not gradient) and dout to _BankTaps.backward
-        return d_v, d_gates, None, None, gates.detach(), dout, None
+        return d_v, d_gates, None, None, None, gates.detach(), dout, None
 
 
 def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None,
-              dtype: torch.dtype | None = None) -> tuple:  # fmt: skip
+              dtype: torch.dtype | None = None, grouped: bool = False) -> tuple:  # fmt: skip
     """Split the memory into what every layer reads plus per-layer taps ``[(tap_g, tap_v), ...]``.
     ``mem``: the gathered ``memh (B, T, H, M, D)``, or, with ``ids (B, T)`` (Triton kernels only),
     the ``table (V, M, H, D)`` they index, cast to ``dtype``; the layers then read ``(table cast
-    and detached, ids)`` and the table's gradient comes back in its own dtype."""
+    and detached, ids, groups)`` and the table's gradient comes back in its own dtype. With
+    ``grouped`` the ids are sorted once here (``kernels.id_groups``) and every layer runs the
+    kernels that read each bank row once per group of equal ids."""
     out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype)
     taps = [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
-    return (out[0] if ids is None else (out[0], ids)), taps
+    if ids is None:
+        return out[0], taps
+    return (out[0], ids, kernels.id_groups(ids) if grouped else None), taps
 
 
 def mix_tapped(v, gates, mem, taps, gate_standard_path: bool) -> torch.Tensor:
     """The mix for training: same values as :func:`mix`, bank gradient deferred to the taps.
-    ``mem``: what :func:`bank_taps` handed out, ``memh`` or ``(table, ids)``."""
-    table, ids = mem if isinstance(mem, tuple) else (mem, None)
-    return _Mix.apply(v, gates, table, ids, taps[0], taps[1], gate_standard_path)
+    ``mem``: what :func:`bank_taps` handed out, ``memh`` or ``(table, ids, groups)``."""
+    table, ids, groups = mem if isinstance(mem, tuple) else (mem, None, None)
+    return _Mix.apply(v, gates, table, ids, groups, taps[0], taps[1], gate_standard_path)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -243,6 +257,9 @@ class MoVEBank(nn.Module):
         super().__init__()
         self.slots, self.dim, self.n_heads = slots, dim, n_heads
         self.weight = nn.Parameter(torch.empty(num_ids, slots, dim))
+        self.group_by_id: bool | None = None
+        """The training kernels grouped by id (True), per token (False), or chosen by the number
+        of tokens (None: ``kernels.group_pays``)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -263,7 +280,10 @@ class MoVEBank(nn.Module):
         H = self.n_heads
         if kernels.usable(self.weight.device, d // H):
             table = self.weight.view(V, M, H, d // H)
-            return bank_taps(table, n_layers, n_gates, ids, self._dtype(ids, None))
+            grouped = self.group_by_id
+            if grouped is None:
+                grouped = kernels.group_pays(ids.numel(), M)
+            return bank_taps(table, n_layers, n_gates, ids, self._dtype(ids, None), grouped)
         return bank_taps(self.gather(ids), n_layers, n_gates)
 
     def gather(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -239,6 +239,21 @@ def claim_run(out: str | os.PathLike, verb: str, *, resume: bool = False, overwr
             raise
 
 
+class _JoinedRun(Run):
+    """The run folder as a process other than the first sees it: it writes no record."""
+
+    def set_status(self, status: str, **extra) -> None:
+        self.record.update(status=status, **extra)
+
+
+@contextmanager
+def join_run(out: str | os.PathLike, verb: str, *, resume: bool = False) -> Iterator[Run]:
+    """The run folder of a run of several processes, as every process but the first takes part
+    in it: the first claims the folder (:func:`claim_run`) and writes every file in it; the
+    others only train with it (Lightning's launcher starts them once the first has claimed it)."""
+    yield _JoinedRun(Path(out), verb, {"verb": verb, "status": "running"}, resume)
+
+
 __all__ = [
     "LOCK_FILE",
     "OUTPUTS",
@@ -250,4 +265,5 @@ __all__ = [
     "TrainingDiverged",
     "claim_run",
     "folder_lock",
+    "join_run",
 ]

@@ -59,3 +59,40 @@ def test_peer_llamagen_smoke():
     assert arms[0] == "llamagen" and {"standard", "move-x1"} <= set(arms)
     assert all(r["speed_vs_llamagen"] > 0 for r in train["rows"][1:])
     assert all(r["codes_ok"] for r in sample["rows"])
+
+
+def _payloads(out: str) -> dict:
+    return {
+        p["benchmark"]: p
+        for p in (json.loads(l[5:]) for l in out.splitlines() if l.startswith("JSON "))
+    }
+
+
+def test_fid50k_extraction_smoke():
+    """The extraction half of the FID-50k benchmark (``movegen extract-codes`` over a written
+    JPEG folder, plain and ten-crop): every image coded, 10 views with ten-crop."""
+    out = run("fid50k", "--smoke", "--parts", "extract")
+    rows = _payloads(out)["fid50k_extract"]["rows"]
+    assert [(r["views"], r["num_views"]) for r in rows] == [("plain", 2), ("ten-crop", 10)]
+    assert all(r["images"] == 12 and r["grid"] == "4x4" and r["images_per_s"] > 0 for r in rows)
+    assert out.rstrip().splitlines()[-1].startswith("|")
+
+
+@pytest.mark.slow
+def test_fid50k_smoke():
+    """The whole FID-50k benchmark on tiny models: ``evaluate_model`` with torch-fidelity's
+    InceptionV3 (random weights) against a written ADM batch, each phase timed (~30 s on 2 CPU
+    cores, most of it the 2048-dimensional FID eigenproblems and Inception at 299 x 299)."""
+    pytest.importorskip("torch_fidelity")
+    payloads = _payloads(run("fid50k", "--smoke"))
+    rows = payloads["fid50k_eval"]["rows"]
+    assert [r["arm"] for r in rows] == ["standard", "move-x1"]
+    for r in rows:
+        assert r["scores_finite"] and r["num_samples"] == 8
+        assert all(
+            r[f"{p}_s"] > 0
+            for p in ("setup", "sample", "decode", "inception", "ref_feats", "scoring")
+        )
+        # the timed phases and the untimed rest make up the total
+        assert r["other_s"] >= 0 and r["other_s"] < 0.2 * r["total_s"]
+    assert len(payloads["fid50k_extract"]["rows"]) == 2

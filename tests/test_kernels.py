@@ -11,7 +11,8 @@ def test_triton_kernels_match_reference_in_interpreter(interpreted):
 
 
 @pytest.mark.gpu
-def test_triton_kernels_on_gpu():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_triton_kernels_on_gpu(grouped):
     import torch
     import torch.nn.functional as F
 
@@ -27,7 +28,7 @@ def test_triton_kernels_on_gpu():
     vb = [torch.randn(B, T, 3, H, D, device=dev, dtype=bf, requires_grad=True) for _ in range(L)]
     gs = [(2 * torch.rand(B, T, H, M + 1, device=dev, dtype=bf)).requires_grad_() for _ in range(L)]
     douts = [torch.randn(B, T, H, D, device=dev, dtype=bf) for _ in range(L)]
-    mem, taps = bank_taps(weight.view(V, M, H, D), L, M + 1, ids)
+    mem, taps = bank_taps(weight.view(V, M, H, D), L, M + 1, ids, grouped=grouped)
     outs = [mix_tapped(v[:, :, 2], g, mem, tp, True) for v, g, tp in zip(vb, gs, taps)]
     grads = torch.autograd.grad(outs, [weight, *vb, *gs], douts)
     leaves = [t.detach().double().requires_grad_() for t in (weight, *vb, *gs)]

@@ -31,8 +31,9 @@ def reference(weight, ids, vbase, gates, gated):
     return [mix_reference(v[:, :, 2], g, mem, gated) for v, g in zip(vbase, gates)]
 
 
-for M, gated in [(6, True), (3, False), (24, True)]:
-    B, T, H, D, L, V = 2, 5, 3, 16, 3, 7  # R = 30 rows: a partial last block; 10 ids of 7
+for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
+    B, H, D, L, V = 2, 3, 16, 3, 7  # R = 30 rows: a partial last block; 10 ids of 7 (T = 23: 46
+    # tokens, three 16-token tiles of the grouped kernels, groups of ~7 spanning tiles)
     G = M + int(gated)
     assert kernels.available(torch.zeros(D))
     ids = torch.randint(V, (B, T))
@@ -56,10 +57,12 @@ for M, gated in [(6, True), (3, False), (24, True)]:
     leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
     refs = reference(leaves[0], ids, leaves[1 : L + 1], leaves[L + 1 :], gated)
     g_ref = torch.autograd.grad(refs, leaves, douts)
-    for idx in (ids, ids.int()):
+    # per token (int64 and int32 ids) and grouped by id (the ids sorted once, 16-token tiles:
+    # groups that span tiles, and tiles of several groups)
+    for idx, grouped in ((ids, False), (ids.int(), False), (ids, True)):
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
-        mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx)
-        assert isinstance(mem, tuple)
+        mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped)
+        assert isinstance(mem, tuple) and (mem[2] is not None) == grouped
         outs = [mix_tapped(v[:, :, 2], g, mem, tp, gated) for v, g, tp in zip(leaves[1 : L + 1], leaves[L + 1 :], taps)]  # fmt: skip
         worst = max(worst, *(diff(a, b) for a, b in zip(outs, refs)))
         worst = max(
@@ -79,13 +82,16 @@ assert isinstance(model.bank.tapped(model.input_ids(codes, labels), 2, cfg.slots
 
 
 res = []
-for deferred, fn in ((True, model), (True, torch.compile(model, fullgraph=True)), (False, model)):
+compiled = torch.compile(model, fullgraph=True)
+for deferred, grouped, fn in ((True, False, model), (True, False, compiled), (True, True, model),
+                              (True, True, compiled), (False, False, model)):  # fmt: skip
     model.zero_grad()
     model.deferred_bank_grad = deferred
+    model.bank.group_by_id = grouped
     out = fn(codes, labels)
     out.square().mean().backward()
     res.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-for out, grads in res[:2]:
+for out, grads in res[:-1]:
     worst = max(worst, diff(out, res[-1][0]))
     worst = max(worst, *(diff(a, b) for a, b in zip(grads, res[-1][1])))
 print(f"WORST {worst:.3e}")
