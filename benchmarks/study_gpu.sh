@@ -68,11 +68,12 @@ modes)
     speed $arm-2-graph $arm --model.cuda_graph true
     speed $arm-3-compile $arm --model.compile true
     speed $arm-4-compile-ro $arm --model.compile true --model.compile_mode reduce-overhead
+    speed_table > $OUT/modes.md  # kept in $OUT as it goes: a timeout keeps what finished
   done
   s=$(date +%s)
   for arm in standard lave-x1 move-x1 move-x4; do speed par-$arm $arm --model.compile true --model.compile_mode reduce-overhead & done
   wait; echo "4 arms at once, compile reduce-overhead: $(( $(date +%s) - s )) s wall"
-  speed_table
+  speed_table | tee $OUT/modes.md
   for f in $W/logs/speed-*.log; do grep -iE "error|Traceback" -A3 "$f" | head -8; done
   tar -cf $OUT/logs.tar -C $W logs ;;
 study)
