@@ -98,6 +98,28 @@ if HAVE_TRITON:
         )
 
     @triton.jit
+    def _add_standard(acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr, GATED: tl.constexpr):
+        """``acc`` plus the standard path: ``g0 * v`` (gated) or ``v``, in fp32."""
+        v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh).to(tl.float32)
+        if GATED:
+            g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
+            return acc + g0[:, None] * v
+        return acc + v
+
+    @triton.jit
+    def _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr,
+                        GATED: tl.constexpr):  # fmt: skip
+        """The standard path's gradients from the fp32 ``dout`` tile: stores ``dg0 = <dout, v>``
+        (gated) and returns ``dv`` (``g0 * dout``, or ``dout``)."""
+        if GATED:
+            v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh)
+            dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
+            tl.store(dg_ptr + rows * G, dg0.to(dg_ptr.dtype.element_ty), mask=rmask)
+            g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
+            return g0[:, None] * dout
+        return dout
+
+    @triton.jit
     def _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h):
         """The ``(BLOCK_R, M_PAD, D)`` tile of slots ``table[ids[n], m, h, :]`` in fp32."""
         row = tl.load(ids_ptr + n, mask=rmask, other=0).to(tl.int64) * s_id + h * s_h
@@ -117,12 +139,7 @@ if HAVE_TRITON:
                     mask=rmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
         mem = _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h)
         acc = tl.sum(g[:, :, None] * mem, axis=1)  # (BLOCK_R, D)
-        v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh).to(tl.float32)
-        if GATED:
-            g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
-            acc += g0[:, None] * v
-        else:
-            acc += v
+        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G, GATED)
         tl.store(
             out_ptr + rows[:, None] * D + d[None, :],
             acc.to(out_ptr.dtype.element_ty),
@@ -144,14 +161,7 @@ if HAVE_TRITON:
         dg = tl.sum(mem * dout[:, None, :], axis=2)  # (BLOCK_R, M_PAD): every slot's gate at once
         tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
                  mask=rmask[:, None] & mmask[None, :])  # fmt: skip
-        if GATED:
-            v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh)
-            dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
-            tl.store(dg_ptr + rows * G, dg0.to(dg_ptr.dtype.element_ty), mask=rmask)
-            g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
-            dv = g0[:, None] * dout
-        else:
-            dv = dout
+        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, rmask, d, s_vn, s_vh, G, GATED)
         tl.store(
             dv_ptr + rows[:, None] * D + d[None, :],
             dv.to(dv_ptr.dtype.element_ty),
@@ -249,12 +259,7 @@ if HAVE_TRITON:
             else:
                 acc += tl.dot(gs.to(tl.float32), slots.to(tl.float32), input_precision="ieee")
             p = q
-        v = _load_v(v_ptr, n, h, im, d, s_vn, s_vh).to(tl.float32)
-        if GATED:
-            g0 = tl.load(g_ptr + rows * G, mask=im, other=0.0).to(tl.float32)
-            acc += g0[:, None] * v
-        else:
-            acc += v
+        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
         tl.store(out_ptr + rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=im[:, None])
 
     @triton.jit
@@ -280,14 +285,8 @@ if HAVE_TRITON:
             p = q
         tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
                  mask=im[:, None] & mm[None, :])  # fmt: skip
-        dout = dout.to(tl.float32)
-        if GATED:
-            v = _load_v(v_ptr, n, h, im, d, s_vn, s_vh)
-            dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
-            tl.store(dg_ptr + rows * G, dg0.to(dg_ptr.dtype.element_ty), mask=im)
-            g0 = tl.load(g_ptr + rows * G, mask=im, other=0.0).to(tl.float32)
-            dout = g0[:, None] * dout
-        tl.store(dv_ptr + rows[:, None] * D + d[None, :], dout.to(dv_ptr.dtype.element_ty), mask=im[:, None])
+        dv = _standard_grads(dout.to(tl.float32), v_ptr, g_ptr, dg_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
+        tl.store(dv_ptr + rows[:, None] * D + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=im[:, None])
 
 
 GROUP_BLOCK_T = 64

@@ -337,29 +337,11 @@ def test_evaluation_over_two_processes_scores_the_images_of_one(digits_models, t
 
 def _random_inception_weights(path: Path) -> Path:
     """A weights file in torch-fidelity's InceptionV3 layout with random values (the released file
-    cannot be fetched here): He-normal convolutions, unit batch norms, a random classifier."""
-    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    empty = path.with_suffix(".empty")
-    torch.save({}, empty)
-    cls = fe.FeatureExtractorInceptionV3
-    load, cls.load_state_dict = cls.load_state_dict, lambda self, *a, **k: None
-    try:
-        net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    finally:
-        cls.load_state_dict = load
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5)
-            elif isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.fill_(1.0), m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.zero_(), m.running_var.fill_(1.0)
-            elif isinstance(m, torch.nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02), m.bias.zero_()
-    torch.save(net.state_dict(), path)
-    return path
+    cannot be fetched here): ``benchmarks.fid50k.write_inception_weights``."""
+    pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    from benchmarks.fid50k import write_inception_weights
+
+    return write_inception_weights(path)
 
 
 def test_inception_fid_equals_torch_fidelity(tmp_path):
