@@ -41,8 +41,9 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
     return GPTConfig(**fields)
 
 
-def random_codes(shape: tuple[int, ...], K: int, dist: str, *, generator: torch.Generator,
-                 zipf_s: float = 1.0) -> torch.Tensor:
+def random_codes(
+    shape: tuple[int, ...], K: int, dist: str, *, generator: torch.Generator, zipf_s: float = 1.0
+) -> torch.Tensor:
     """Codes in ``[1, K)`` (never 0) of ``shape``: ``uniform``, or ``zipf``: a Zipf(s) histogram
     over the codes (rank r drawn with probability proportional to 1 / r**s, the ranks assigned to
     codes by a fixed permutation), the skew of real VQ code usage."""
@@ -171,7 +172,11 @@ def load_llamagen(root: str | Path):
 
     vq = load("tokenizer/tokenizer_image/vq_model.py", "_llamagen_vq_model")
     drop = root / "utils/drop_path.py"
-    dp = load("utils/drop_path.py", "_llamagen_drop_path") if drop.is_file() else types.SimpleNamespace(DropPath=None)
+    dp = (
+        load("utils/drop_path.py", "_llamagen_drop_path")
+        if drop.is_file()
+        else types.SimpleNamespace(DropPath=None)
+    )
     utils = types.ModuleType("utils")
     utils.drop_path = dp
     saved = {k: sys.modules.get(k) for k in ("utils", "utils.drop_path")}

@@ -106,7 +106,9 @@ def main() -> None:
     p.add_argument("--ids", type=int, default=16384 + 1001, help="bank rows V")
     p.add_argument("--slots", default="6,24")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--ids_dist", default="uniform,zipf", help="id distributions: uniform, zipf (Zipf(1) codes)")
+    p.add_argument(
+        "--ids_dist", default="uniform,zipf", help="id distributions: uniform, zipf (Zipf(1) codes)"
+    )
     p.add_argument("--impls", default="deferred,grouped,autograd")
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")

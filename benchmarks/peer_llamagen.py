@@ -82,7 +82,9 @@ def llamagen_sample(lg, batch: int, args, device) -> dict:
     cfg = arm_config("standard", args.smoke)
     T, C, K = cfg.seq_len, cfg.num_classes, cfg.vocab_size
     run = model
-    if device.type == "cuda":  # bf16 weights and KV cache, as movegen's sampler and sample_c2i.py's default
+    if (
+        device.type == "cuda"
+    ):  # bf16 weights and KV cache, as movegen's sampler and sample_c2i.py's default
         model = run = model.to(torch.bfloat16)
     if device.type == "cuda" and not args.no_compile_llamagen:
         run = torch.compile(model, mode="reduce-overhead", fullgraph=True)
@@ -108,8 +110,11 @@ def main() -> None:
     )
     p.add_argument("--batches", default="64,256", help="training batches")
     p.add_argument("--modes", default="compiled,eager")
-    p.add_argument("--arms", default="standard,move-x1",
-                   help="movegen arms beside LlamaGen (ARM@grouped / ARM@token: the MoVE kernels' form, training only)")
+    p.add_argument(
+        "--arms",
+        default="standard,move-x1",
+        help="movegen arms beside LlamaGen (ARM@grouped / ARM@token: the MoVE kernels' form, training only)",
+    )
     p.add_argument(
         "--sample_batches", default="16,64,256,1024", help="sampling batches ('' to skip)"
     )
@@ -148,7 +153,12 @@ def main() -> None:
             std = next((r["ms"] for r in rows if r["arm"] == "standard" and r["batch"] == b
                         and r["mode"] == ref["mode"] and isinstance(r.get("ms"), float)), None)  # fmt: skip
             for r in rows:
-                if std and r["batch"] == b and r["mode"] == ref["mode"] and isinstance(r.get("ms"), float):
+                if (
+                    std
+                    and r["batch"] == b
+                    and r["mode"] == ref["mode"]
+                    and isinstance(r.get("ms"), float)
+                ):
                     r["vs_standard"] = r["ms"] / std
     print_table(rows, [("arm", "arm", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"), ("ms", "ms/step", "{:.1f}"),
                        ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"), ("peak_gib", "peak GiB", "{:.1f}"),

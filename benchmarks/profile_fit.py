@@ -37,7 +37,9 @@ def main() -> None:
         if s == t0:
             state["t"] = now
         elif s == t1:
-            print(f"steps {t0}..{t1}: {1000 * (now - state['t']) / (t1 - t0):.2f} ms/step (synchronised ends)")
+            print(
+                f"steps {t0}..{t1}: {1000 * (now - state['t']) / (t1 - t0):.2f} ms/step (synchronised ends)"
+            )
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             state["p"] = torch.profiler.profile(activities=acts)
             state["p"].__enter__()
@@ -49,7 +51,9 @@ def main() -> None:
             gpu = sum(e.self_device_time_total for e in ev) / 1e6
             print(f"profiled steps {t1}..{t2}: {1000 * wall / (t2 - t1):.2f} ms/step under the profiler; "
                   f"GPU busy {gpu:.3f} s of {wall:.3f} s ({100 * gpu / wall:.0f}%)")  # fmt: skip
-            print(ev.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
+            print(
+                ev.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60)
+            )
             print(ev.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
     lit.LitGPT.on_train_batch_end = hook

@@ -8,7 +8,9 @@
 #        --model.compile_mode reduce-overhead), standard and MoVE-x4 alone, then 4 arms at once in
 #        the fastest graphed mode. INPUTS=synthetic writes random code stores of the Fashion-MNIST
 #        shapes (55,000 + 5,000 items of 8x8 codes, K = 1024, 10 classes): the same compute.
-# study: `movegen study configs/studies/fashion-mnist.yaml --inputs $INPUTS` into $STUDY,
+# share: several fits on one GPU at once: compiled (cold, then warm cache), under MPS, graphed.
+# study: `movegen study configs/studies/fashion-mnist.yaml --inputs $INPUTS` into $STUDY (STATE:
+#        an earlier call's study-state.tar to go on from; MPS=1: share the GPU through MPS),
 #        interrupted (SIGINT: the fits save their state) after SECONDS (default 540) so that
 #        the call ends cleanly; a second call resumes it. Copies study.json, the report and the
 #        logs into $OUT.
@@ -76,11 +78,59 @@ modes)
   speed_table | tee $OUT/modes.md
   for f in $W/logs/speed-*.log; do grep -iE "error|Traceback" -A3 "$f" | head -8; done
   tar -cf $OUT/logs.tar -C $W logs ;;
+share)
+  # how several fits share one GPU: SHARE_ARMS at once (600 steps each), compiled
+  # (reduce-overhead) with a cold then a warm compile cache, then under MPS (kernels of several
+  # processes run at the same time instead of in turns) compiled and graphed, then graphed alone
+  arms_share=${SHARE_ARMS:-standard lave-x1 move-x1 move-x4}; n=$(echo $arms_share | wc -w)
+  ro=(--model.compile true --model.compile_mode reduce-overhead)
+  share_set() {
+    local label=$1 s; shift; s=$(date +%s)
+    for arm in $arms_share; do speed $label-$arm $arm "$@" & done; wait
+    echo "$label: $n fits of 600 steps at once, $(( $(date +%s) - s )) s wall" | tee -a $OUT/share.md
+  }
+  share_set 1-ro-cold "${ro[@]}"
+  share_set 2-ro-warm "${ro[@]}"
+  if command -v nvidia-cuda-mps-control > /dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mps-log; mkdir -p $W/mps $W/mps-log
+    nvidia-cuda-mps-control -d && echo "MPS on"
+    share_set 3-ro-warm-mps "${ro[@]}"
+    share_set 4-graph-mps --model.cuda_graph true
+    echo quit | nvidia-cuda-mps-control; sleep 2; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  else
+    echo "no nvidia-cuda-mps-control here: no MPS sets"
+  fi
+  share_set 5-graph --model.cuda_graph true
+  speed_table | tee -a $OUT/share.md
+  for f in $W/logs/speed-*.log; do grep -iE "error|Traceback" -A3 "$f" | head -8; done
+  tar -cf $OUT/logs.tar -C $W logs ;;
 study)
+  # STATE=FILE: a study-state.tar of an earlier call (on a machine given back since): the records,
+  # metrics and evaluations of the runs that finished there; the study goes on from them.
+  # MPS=1: the fits share the GPU through MPS (measured faster: `share`).
+  # (a warm machine's own folder, from the call before, is newer: it is kept)
+  if [ -n "${STATE:-}" ] && [ -f "$STATE" ] && [ ! -f $STUDY/study.json ]; then
+    mkdir -p $STUDY && tar -xf "$STATE" -C $STUDY && echo "restored $STATE"
+  fi
+  if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mps-log; mkdir -p $W/mps $W/mps-log
+    nvidia-cuda-mps-control -d && echo "MPS on"
+  fi
+  s=$(date +%s)
   timeout -s INT ${2:-540} $PY -m movegen study --config ${STUDY_CONFIG:-configs/studies/fashion-mnist.yaml} --out $STUDY \
-    --inputs $INPUTS --parallel ${PARALLEL:-4} ${ARMS:+--arms "[$ARMS]"} > $W/logs/study.log 2>&1
-  echo "study exit $?"; tail -5 $W/logs/study.log
+    --inputs $INPUTS --parallel ${PARALLEL:-4} ${ARMS:+--arms "[$ARMS]"} >> $W/logs/study.log 2>&1
+  echo "study exit $? after $(( $(date +%s) - s )) s"; tail -5 $W/logs/study.log
+  [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && { echo quit | nvidia-cuda-mps-control; sleep 2; }
   mkdir -p $OUT/study && cp -r $STUDY/study.json $STUDY/report $OUT/study/ 2>/dev/null
-  tar -cf $OUT/study-logs.tar -C $STUDY logs $(cd $STUDY && ls -d evals 2>/dev/null) \
-    $(cd $STUDY && find runs -name metrics.json -o -name run.json 2>/dev/null) ;;
+  # the state a later call (or session) goes on from: no checkpoints, every small file
+  tar -cf $OUT/study-state.tar -C $STUDY study.json logs $(cd $STUDY && ls -d report evals 2>/dev/null) \
+    $(cd $STUDY && find runs -name metrics.json -o -name run.json 2>/dev/null)
+  $PY - $STUDY/study.json <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d["runs"]:
+    print(f"{r['id']:55s} {r['status']:9s} steps {r.get('steps')} best {r.get('best_step')} "
+          f"bits {r.get('val_bits_per_token')} evaluated {r.get('evaluated')}")
+PY
+  ;;
 esac

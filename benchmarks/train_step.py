@@ -30,7 +30,9 @@ from ._util import (
 )
 
 
-def bench(arm: str, batch: int, compiled: bool, args, device, peak: float, dist: str = "uniform") -> dict:
+def bench(
+    arm: str, batch: int, compiled: bool, args, device, peak: float, dist: str = "uniform"
+) -> dict:
     name, _, path = arm.partition("@")  # move-x4@grouped / move-x4@token: the MoVE kernels' form
     if path not in ("", "grouped", "token"):
         raise ValueError(f"{arm}: the part after @ is grouped or token")
@@ -59,7 +61,9 @@ def bench(arm: str, batch: int, compiled: bool, args, device, peak: float, dist:
     return row
 
 
-def random_batches(batch: int, T: int, K: int, C: int, device, n: int = 4, dist: str = "uniform") -> list[tuple]:
+def random_batches(
+    batch: int, T: int, K: int, C: int, device, n: int = 4, dist: str = "uniform"
+) -> list[tuple]:
     """The protocol's inputs: ``n`` batches of random codes (never 0; ``dist`` uniform or zipf,
     ``_util.random_codes``) and labels, seed 0."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -67,7 +71,9 @@ def random_batches(batch: int, T: int, K: int, C: int, device, n: int = 4, dist:
              torch.randint(0, C, (batch,), device=device, generator=g)) for _ in range(n)]  # fmt: skip
 
 
-def time_training(loss_fn, model, opt, batches, *, flops_per_token: float, args, device, peak: float) -> dict:
+def time_training(
+    loss_fn, model, opt, batches, *, flops_per_token: float, args, device, peak: float
+) -> dict:
     """The protocol's step (``loss_fn(codes, labels)``, backward, clip 1.0, ``opt`` step) over
     ``batches`` in turn, timed after ``args.warmup`` steps: ms (median), tokens/s, MFU against
     ``peak``, peak memory, spread; ``{"ms": "OOM"}`` when it does not fit."""
@@ -102,9 +108,14 @@ def main() -> None:
     p.add_argument(
         "--smoke", action="store_true", help="tiny model on CPU, to check the script runs"
     )
-    p.add_argument("--arms", default="standard,lave-x1,move-x1,move-x4",
-                   help="arms; ARM@grouped / ARM@token forces the MoVE kernels' form (default: kernels.group_pays)")
-    p.add_argument("--ids_dist", default="uniform", help="code distributions, e.g. uniform,zipf (Zipf(1))")
+    p.add_argument(
+        "--arms",
+        default="standard,lave-x1,move-x1,move-x4",
+        help="arms; ARM@grouped / ARM@token forces the MoVE kernels' form (default: kernels.group_pays)",
+    )
+    p.add_argument(
+        "--ids_dist", default="uniform", help="code distributions, e.g. uniform,zipf (Zipf(1))"
+    )
     p.add_argument("--batches", default="64,256")
     p.add_argument("--modes", default="compiled,eager")
     p.add_argument(

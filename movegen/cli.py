@@ -266,7 +266,9 @@ def fit(model, data, *, out: str | Path, trainer: dict[str, Any] | None = None, 
     out = Path(out)
     data.check(model.config)  # a clear error before the folder is touched or anything trains
     settings = {**_trainer_defaults("fit"), **(trainer or {})}
-    settings["strategy"] = _fit_strategy(settings.get("strategy", "auto"), settings.get("accelerator"))
+    settings["strategy"] = _fit_strategy(
+        settings.get("strategy", "auto"), settings.get("accelerator")
+    )
     settings["plugins"] = [*(settings.get("plugins") or []), SafeCheckpointIO()]
     best = BestCheckpoint(out, data.store.header, patience=patience)
     state = TrainingState(out, every=state_every, interval_s=state_interval, best=best)
@@ -332,12 +334,16 @@ def _fit_strategy(strategy, accelerator):
     if strategy == "fsdp":
         strategy = BlockFSDPStrategy()
     named = isinstance(strategy, str) and strategy.startswith("fsdp")
-    if named or (isinstance(strategy, FSDPStrategy) and not isinstance(strategy, BlockFSDPStrategy)):
+    if named or (
+        isinstance(strategy, FSDPStrategy) and not isinstance(strategy, BlockFSDPStrategy)
+    ):
         raise ValueError(f"movegen fit shards with its own FSDP strategy (a unit per transformer block, fp32 shards "
                          f"under autocast, full checkpoints), not {strategy if named else type(strategy).__name__}: "
                          "pass --trainer.strategy fsdp, or for its options --trainer.strategy "
                          "movegen.lit.BlockFSDPStrategy --trainer.strategy.sharding_strategy ...")  # fmt: skip
-    if isinstance(strategy, BlockFSDPStrategy) and (accelerator == "cpu" or not torch.cuda.is_available()):
+    if isinstance(strategy, BlockFSDPStrategy) and (
+        accelerator == "cpu" or not torch.cuda.is_available()
+    ):
         raise ValueError("--trainer.strategy fsdp shards the model over CUDA GPUs (torch's FSDP needs them) and "
                          "this run has none; on CPUs train with --trainer.strategy ddp, or leave it auto")  # fmt: skip
     return strategy
@@ -445,7 +451,9 @@ def _training_verb(verb: str, argv: list[str]) -> int:
     cli = _train_cli_class()(model_cls, dm_cls, verb=verb, args=argv, links=links)
     trainer = dict(cli.config_init.get("trainer", {}))
     extra = {
-        k: cli.config[k] for k in ("resume", "state_every", "state_interval", "patience") if k in cli.config
+        k: cli.config[k]
+        for k in ("resume", "state_every", "state_interval", "patience")
+        if k in cli.config
     }
     run(cli.model, cli.datamodule, out=cli.config["out"], trainer=trainer, overwrite=cli.config["overwrite"],
         argv=argv, config_yaml=cli.parser.dump(cli.config, skip_none=False), **extra)  # fmt: skip
@@ -506,7 +514,9 @@ def extract_codes(
     from .data import extract_codes as _extract
     from .data import load_dataset, view_list
 
-    n_views = len(view_list(views, shifts, crop=1 if ten_crop else None))  # bad flags before any loading
+    n_views = len(
+        view_list(views, shifts, crop=1 if ten_crop else None)
+    )  # bad flags before any loading
     if Path(out).exists() and not overwrite:  # before any encoding
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ensure_writable(Path(out).absolute().parent, f"--out {out}")

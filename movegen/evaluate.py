@@ -245,8 +245,19 @@ def adm_reference_block(adm: dict, path: str, fake: torch.Tensor, fake_spatial: 
     """Scores against an ADM reference batch: FID from its ``mu``/``sigma`` (the statistics of
     the reference set the papers use), sFID from ``mu_s``/``sigma_s``, and KID and
     precision/recall against the features of its ``arr_0`` images (cached by the file's hash)."""
-    key = {"reference_npz": str(Path(path).resolve()), "sha256": sha256_file(path), "features": feature_id}
-    block: dict = {"kid": None, "kid_std": None, "precision": None, "recall": None, "size": None, "cache_hit": None}
+    key = {
+        "reference_npz": str(Path(path).resolve()),
+        "sha256": sha256_file(path),
+        "features": feature_id,
+    }
+    block: dict = {
+        "kid": None,
+        "kid_std": None,
+        "precision": None,
+        "recall": None,
+        "size": None,
+        "cache_hit": None,
+    }
     if "arr_0" in adm:
         arr = adm["arr_0"]
 
@@ -255,11 +266,15 @@ def adm_reference_block(adm: dict, path: str, fake: torch.Tensor, fake_spatial: 
                 yield torch.from_numpy(arr[i : i + 500]).permute(0, 3, 1, 2).float() / 127.5 - 1
 
         real, hit = reference_features(feat_mod, key, batches, cache_dir, device)
-        block.update(score_reference(real, fake, seed=seed, knn_max=knn_max, device=device), cache_hit=hit)
+        block.update(
+            score_reference(real, fake, seed=seed, knn_max=knn_max, device=device), cache_hit=hit
+        )
     block["fid"] = frechet_distance(adm["mu"], adm["sigma"], *feature_statistics(fake))
     block["sfid"] = None
     if fake_spatial is not None and "mu_s" in adm:
-        block["sfid"] = frechet_distance(adm["mu_s"], adm["sigma_s"], *feature_statistics(fake_spatial))
+        block["sfid"] = frechet_distance(
+            adm["mu_s"], adm["sigma_s"], *feature_statistics(fake_spatial)
+        )
     return {**block, "key": key}
 
 
@@ -295,8 +310,22 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
                                      cache_dir=cache, data_root=data_root, device=device, max_images=ref_max)
                 for split in refs}  # fmt: skip
 
+    phases: dict[
+        str, float
+    ] = {}  # seconds per phase, in the result: where an evaluation's time goes
+    tick = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        if torch.cuda.is_available() and str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        now = time.time()
+        phases[name] = round(phases.get(name, 0.0) + now - tick, 2)
+        tick = now
+
     reals = on_first_rank(references)  # every rank raises the first rank's error, if any
     adm = on_first_rank(lambda: load_adm_reference(reference)) if reference else None
+    lap("references")
     C = model.config.num_classes
     labels = torch.arange(num_samples, device=device) % C  # balanced over classes
     lo, hi = num_samples * rank // world, num_samples * (rank + 1) // world  # this process's shard
@@ -306,6 +335,7 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
     images, _ = generate_images(model, tok.decode, labels[lo:hi], settings, batch_size=batch_size,
                                 noise=SampleNoise(seed), first_index=lo, progress=rank == 0)  # fmt: skip
     sample_seconds = time.time() - t0
+    lap("sample")
     images = content_crop(images, tck)
     fake = extract_features(feat_mod, images, device=device)
     logits = extract_features(logit_mod, images, device=device)
@@ -313,6 +343,7 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
     if reference:  # sFID features (every rank: adm is None off the first)
         spatial_mod = InceptionFeatures(fdesc["weights"], "spatial").to(device)
         spatial = extract_features(spatial_mod, images, device=device)
+    lap("features")
     if world > 1:  # features (and, for the .npz, the images as uint8) to the first rank
         u8 = _uint8(images) if export_npz else None
         parts = gather_to_first_rank((fake.cpu(), logits.cpu(), u8, sample_seconds, spatial))
@@ -331,6 +362,7 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
             **score_reference(real, fake, seed=seed, knn_max=knn_max, device=device),
             **meta,
         }
+    lap("scores")
     heldout = next((s for s in refs if s != "train"), None)
     mem = None
     if "train" in reals and heldout:
@@ -341,9 +373,11 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         log.info(
             "no memorisation score: it needs the train split and a held-out one in --ref_splits"
         )
+    lap("memorisation")
     bits = ckpt["metrics"].get("val_bits_per_token")
     if val_codes:
         bits = bits_per_token(model, CodeStore(val_codes), device=device)
+        lap("bits")
     order = list(blocks)  # the ADM reference (when given) first, then the splits in their order
     primary = blocks[order[0]]
     names = ("fid", "kid", "kid_std", "precision", "recall")
@@ -356,7 +390,7 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         "reference_split": order[0], "references": blocks, "memorisation": mem, "val_bits_per_token": bits,
         "num_samples": num_samples, "seed": seed, "sampling": asdict(settings), **fdesc,
         "reference": primary["key"], "reference_cache_hit": primary.get("cache_hit"), "reference_size": primary["size"],
-        "sample_seconds": round(sample_seconds, 2),
+        "sample_seconds": round(sample_seconds, 2), "seconds": phases,
         "memory": model.config.memory, "memory_density": model.config.memory_density,
         "gate_standard_path": model.config.gate_standard_path, "train_tokens": ckpt["train"].get("train_tokens"),
         "train_step": ckpt["train"].get("step"), "dataset": dsname, "tokenizer_path": tck.get("path"),

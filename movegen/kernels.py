@@ -98,7 +98,9 @@ if HAVE_TRITON:
         )
 
     @triton.jit
-    def _add_standard(acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr, GATED: tl.constexpr):
+    def _add_standard(
+        acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr, GATED: tl.constexpr
+    ):
         """``acc`` plus the standard path: ``g0 * v`` (gated) or ``v``, in fp32."""
         v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh).to(tl.float32)
         if GATED:
@@ -236,7 +238,11 @@ if HAVE_TRITON:
         ``table[k, :, h, :]`` as an ``(M_PAD, D)`` tile in the table's dtype."""
         k = tl.load(sid_ptr + p).to(tl.int64)
         q = tl.minimum(tl.load(send_ptr + p), end)
-        slots = tl.load(tab_ptr + k * s_id + h * s_h + m[:, None] * s_m + d[None, :], mask=mm[:, None], other=0.0)
+        slots = tl.load(
+            tab_ptr + k * s_id + h * s_h + m[:, None] * s_m + d[None, :],
+            mask=mm[:, None],
+            other=0.0,
+        )
         return q, slots
 
     @triton.jit
@@ -247,7 +253,11 @@ if HAVE_TRITON:
         m = tl.arange(0, M_PAD)
         mm = m < M
         d = tl.arange(0, D)
-        g = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=im[:, None] & mm[None, :], other=0.0)
+        g = tl.load(
+            g_ptr + rows[:, None] * G + GATED + m[None, :],
+            mask=im[:, None] & mm[None, :],
+            other=0.0,
+        )
         acc = tl.zeros((BLOCK_T, D), dtype=tl.float32)
         p = start
         while p < end:
@@ -260,7 +270,11 @@ if HAVE_TRITON:
                 acc += tl.dot(gs.to(tl.float32), slots.to(tl.float32), input_precision="ieee")
             p = q
         acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
-        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=im[:, None])
+        tl.store(
+            out_ptr + rows[:, None] * D + d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=im[:, None],
+        )
 
     @triton.jit
     def _gmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, send_ptr, dv_ptr, dg_ptr, N, H, s_vn,
@@ -280,13 +294,21 @@ if HAVE_TRITON:
             if LOWP:
                 part = tl.dot(dout.to(slots.dtype), tl.trans(slots))
             else:
-                part = tl.dot(dout.to(tl.float32), tl.trans(slots.to(tl.float32)), input_precision="ieee")
+                part = tl.dot(
+                    dout.to(tl.float32), tl.trans(slots.to(tl.float32)), input_precision="ieee"
+                )
             dg = tl.where(sel[:, None], part, dg)
             p = q
         tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
                  mask=im[:, None] & mm[None, :])  # fmt: skip
-        dv = _standard_grads(dout.to(tl.float32), v_ptr, g_ptr, dg_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
-        tl.store(dv_ptr + rows[:, None] * D + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=im[:, None])
+        dv = _standard_grads(
+            dout.to(tl.float32), v_ptr, g_ptr, dg_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED
+        )
+        tl.store(
+            dv_ptr + rows[:, None] * D + d[None, :],
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=im[:, None],
+        )
 
 
 GROUP_BLOCK_T = 64

@@ -276,7 +276,9 @@ class LitGPT(L.LightningModule):
         min_lr_ratio: float = 0.1,
         ema_decay: float = 0.0,
         compile: bool = False,
-        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
+        compile_mode: Literal[
+            "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+        ] = "default",
         cuda_graph: bool = False,
         memory_lr_scale: float = 1.0,
         memory_weight_decay: float = 0.0,
@@ -316,7 +318,9 @@ class LitGPT(L.LightningModule):
             raise ValueError("choose one of compile and cuda_graph (for both, compile with "
                              "--model.compile_mode reduce-overhead)")  # fmt: skip
         if compile_mode != "default" and not compile:
-            raise ValueError(f"--model.compile_mode {compile_mode} takes effect with --model.compile true")
+            raise ValueError(
+                f"--model.compile_mode {compile_mode} takes effect with --model.compile true"
+            )
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
         self.save_hyperparameters(ignore=["config"])
@@ -371,8 +375,14 @@ class LitGPT(L.LightningModule):
             raise ValueError(f"--model.cuda_graph true runs in one process; this run has {world} "
                              "(set --model.cuda_graph false, or use --model.compile true)")  # fmt: skip
         precision = str(trainer.precision) if trainer is not None else "32-true"
-        if precision.startswith("16") or precision.startswith("bf16-true") or precision.startswith("64"):
-            raise ValueError(f"--model.cuda_graph true supports bf16-mixed and 32-true precision, not {precision}")
+        if (
+            precision.startswith("16")
+            or precision.startswith("bf16-true")
+            or precision.startswith("64")
+        ):
+            raise ValueError(
+                f"--model.cuda_graph true supports bf16-mixed and 32-true precision, not {precision}"
+            )
         step = _LossStep(self.model)  # not a submodule: no second copy in the state dict
         # the warm-up and capture draw dropout numbers; put the generator back so that a replay
         # at step s draws what it would have drawn, fresh or resumed
@@ -540,7 +550,9 @@ class LitGPT(L.LightningModule):
 
             # the EMA update is a local operation only when each rank holds the same elements of
             # the model and of its EMA copy: each GPT must be a unit of its own
-            if self.ema is not None and not (isinstance(self.model, FSDP) and isinstance(self.ema.module, FSDP)):
+            if self.ema is not None and not (
+                isinstance(self.model, FSDP) and isinstance(self.ema.module, FSDP)
+            ):
                 raise ValueError("--model.ema_decay under FSDP needs the model and its EMA copy sharded alike (each "
                                  "GPT a unit of its own): train with --trainer.strategy fsdp")  # fmt: skip
 
@@ -592,7 +604,9 @@ class BestCheckpoint(L.Callback):
     def __init__(self, out: Path, header: dict, write_every_validation: bool = False,
                  patience: int | None = None):  # fmt: skip
         if patience is not None and patience < 1:
-            raise ValueError(f"--patience counts validations without improvement and must be >= 1, got {patience}")
+            raise ValueError(
+                f"--patience counts validations without improvement and must be >= 1, got {patience}"
+            )
         self.out, self.header, self.patience = Path(out), header, patience
         self.stopped_at: int | None = None
         self.best = float("inf")
@@ -821,7 +835,9 @@ class BlockFSDPStrategy(FSDPStrategy):
 
     def __init__(
         self,
-        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD",
+        sharding_strategy: Literal[
+            "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"
+        ] = "FULL_SHARD",
     ):
         """
         Args:

@@ -118,9 +118,13 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"{weights} is not a plain InceptionV3 state dict (only tensors may be loaded): "
                              f"{type(e).__name__}: {e}") from None  # fmt: skip
         if kind not in ("features", "logits", "spatial"):
-            raise ValueError(f"InceptionFeatures kind must be features, logits or spatial, got {kind!r}")
+            raise ValueError(
+                f"InceptionFeatures kind must be features, logits or spatial, got {kind!r}"
+            )
         feat = "logits_unbiased" if kind == "logits" else "2048"
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", [feat], feature_extractor_weights_path=weights)
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", [feat], feature_extractor_weights_path=weights
+        )
         self.kind = kind
         self.num_features = {"features": 2048, "logits": 1008, "spatial": SFID_DIM}[kind]
 
@@ -160,7 +164,12 @@ class _StopForward(Exception):
 
 
 SFID_DIM = 17 * 17 * 7
-ADM_KEYS = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (SFID_DIM,), "sigma_s": (SFID_DIM, SFID_DIM)}
+ADM_KEYS = {
+    "mu": (2048,),
+    "sigma": (2048, 2048),
+    "mu_s": (SFID_DIM,),
+    "sigma_s": (SFID_DIM, SFID_DIM),
+}
 
 
 def load_adm_reference(path: str | os.PathLike) -> dict:
@@ -176,7 +185,9 @@ def load_adm_reference(path: str | os.PathLike) -> dict:
     except ValueError:
         raise
     except Exception as e:  # a truncated or corrupt file: one clear error (and every rank sees it)
-        raise ValueError(f"--reference {path} is not a readable .npz ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"--reference {path} is not a readable .npz ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _read_adm(path: Path) -> dict:
@@ -194,7 +205,9 @@ def _read_adm(path: Path) -> dict:
         if "arr_0" in z.files:
             a = z["arr_0"]
             if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
-                raise ValueError(f"--reference {path}: arr_0 must be (N, H, W, 3) uint8 images, got {a.shape} {a.dtype}")
+                raise ValueError(
+                    f"--reference {path}: arr_0 must be (N, H, W, 3) uint8 images, got {a.shape} {a.dtype}"
+                )
             out["arr_0"] = a
     return out
 
@@ -291,13 +304,19 @@ def reference_features(module: nn.Module, key: dict, load_images, cache_dir: str
 def feature_statistics(feats: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``mu``, ``sigma`` of features ``(N, D)`` in float64 (``np.cov``: centred, unbiased): what
     ADM's reference batches store and torch-fidelity computes."""
-    x = feats.double().cpu().numpy() if torch.is_tensor(feats) else np.asarray(feats, dtype=np.float64)
+    x = (
+        feats.double().cpu().numpy()
+        if torch.is_tensor(feats)
+        else np.asarray(feats, dtype=np.float64)
+    )
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"feature statistics need (N >= 2, D) features, got shape {x.shape}")
     return x.mean(0), np.cov(x, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """FID from statistics, in float64: ``|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrt(s1 s2))``,
     the last trace as the sum of the square roots of the eigenvalues of ``s1 s2`` (real parts),
     as torch-fidelity and torchmetrics compute it; scipy's ``sqrtm`` (ADM's evaluator) gives

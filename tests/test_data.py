@@ -380,7 +380,9 @@ def test_ten_crop_views_are_the_centre_and_corner_crops_and_their_flips(tmp_path
 
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (6, 1, 12, 12), generator=g, dtype=torch.uint8)
-    ds = TensorImages(u8, torch.arange(6) % 2, DatasetInfo(name="t", num_classes=2, channels=1, native_size=12))
+    ds = TensorImages(
+        u8, torch.arange(6) % 2, DatasetInfo(name="t", num_classes=2, channels=1, native_size=12)
+    )
     x = torch.stack([ds[i][0] for i in range(6)])
     enc = lambda im: ((im[:, 0] + 1) * 2).round().long().clamp(0, 4)  # noqa: E731  (every pixel)
     D.extract_codes(enc, ds, tmp_path / "c", codebook_size=5, num_classes=2, header={}, crop=10,

@@ -34,7 +34,9 @@ def fid_float64_scipy(real: np.ndarray, fake: np.ndarray) -> float:
     mu1, mu2 = real.mean(0), fake.mean(0)
     s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
     covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
+    return float(
+        ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real)
+    )
 
 
 def test_fid_of_a_set_with_itself_is_zero():
@@ -351,7 +353,11 @@ def test_inception_fid_equals_torch_fidelity(tmp_path):
     weights = _random_inception_weights(tmp_path / "inception.pth")
     g = torch.Generator().manual_seed(1)
     a = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
-    b = (a.int() * 3 // 4 + torch.randint(0, 64, a.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    b = (
+        (a.int() * 3 // 4 + torch.randint(0, 64, a.shape, generator=g))
+        .clamp(0, 255)
+        .to(torch.uint8)
+    )
 
     class Images(torch.utils.data.Dataset):
         def __init__(self, x):
@@ -388,7 +394,9 @@ def test_adm_reference_batch_gives_fid_sfid_and_precision_recall(digits_models, 
     net, _, desc = build_extractors("inception", weights)
     ds = load_dataset("digits", "test", channels=1)
     res = ds[0][0].shape[-1]
-    feats, _ = reference_set(net, desc["id"], "digits", "test", resolution=res, channels=1, cache_dir=cache)
+    feats, _ = reference_set(
+        net, desc["id"], "digits", "test", resolution=res, channels=1, cache_dir=cache
+    )
     x = torch.stack([ds[i][0] for i in range(16)])
     u8 = ((x.expand(-1, 3, -1, -1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     spatial = InceptionFeatures(weights, "spatial")(x)
@@ -407,7 +415,9 @@ def test_adm_reference_batch_gives_fid_sfid_and_precision_recall(digits_models, 
     # mistakes: classifier features, a sample batch given as the reference
     bad = tmp_path / "samples.npz"
     np.savez(bad, arr_0=u8)
-    with pytest.raises(ValueError, match="has keys \\['arr_0'\\]; an ADM reference batch has mu and sigma"):
+    with pytest.raises(
+        ValueError, match="has keys \\['arr_0'\\]; an ADM reference batch has mu and sigma"
+    ):
         load_adm_reference(bad)
     cut = tmp_path / "cut.npz"
     cut.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])  # a truncated download

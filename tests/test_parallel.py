@@ -47,7 +47,10 @@ def fit_args(stores, out: Path, steps: int, *extra: str) -> list[str]:
 
 
 def history(run: Path) -> list[tuple[int, float]]:
-    return [(h["step"], h["val_loss"]) for h in json.loads((run / "metrics.json").read_text())["history"]]
+    return [
+        (h["step"], h["val_loss"])
+        for h in json.loads((run / "metrics.json").read_text())["history"]
+    ]
 
 
 # --------------------------------------------------------------------------- which strategy
@@ -58,10 +61,15 @@ def history(run: Path) -> list[tuple[int, float]]:
     [
         ("fsdp", "--trainer.strategy ddp"),  # on CPUs
         ("fsdp_cpu_offload", "pass --trainer.strategy fsdp"),
-        ('{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}', "pass --trainer.strategy fsdp"),
+        (
+            '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}',
+            "pass --trainer.strategy fsdp",
+        ),
     ],
 )
-def test_fit_refuses_fsdp_it_cannot_run_before_touching_the_folder(stores, tmp_path, caplog, strategy, says):
+def test_fit_refuses_fsdp_it_cannot_run_before_touching_the_folder(
+    stores, tmp_path, caplog, strategy, says
+):
     if torch.cuda.is_available() and strategy == "fsdp":
         pytest.skip("fsdp runs here")
     out = tmp_path / "run"
@@ -82,7 +90,9 @@ def test_fsdp_states_resume_under_fsdp_only():
         lit._trainer = SimpleNamespace(strategy=strategy)
         with pytest.raises(ValueError, match=says):
             lit.check_resumable({**state, "fsdp": True} if written else state)
-        lit.check_resumable({**state, "fsdp": True} if not written else state)  # its own kind resumes
+        lit.check_resumable(
+            {**state, "fsdp": True} if not written else state
+        )  # its own kind resumes
 
 
 # --------------------------------------------------------------------------- gathered weights
@@ -92,7 +102,10 @@ def test_fsdp_states_resume_under_fsdp_only():
 def test_eval_weights_out_of_the_whole_module_are_the_eval_models(ema):
     """What FSDP's full state dict (keyed as the LightningModule) becomes in ``model.ckpt``: the
     weights of the model validated (the EMA copy with an EMA), keyed as a GPT loads them."""
-    lit = LitGPT(GPTConfig.preset("tiny", vocab_size=K, num_classes=C, seq_len=T, memory="move"), ema_decay=ema)
+    lit = LitGPT(
+        GPTConfig.preset("tiny", vocab_size=K, num_classes=C, seq_len=T, memory="move"),
+        ema_decay=ema,
+    )
     with torch.no_grad():
         lit.model.head.weight.add_(1.0)  # the EMA copy (zero head) and the model now differ
     w = eval_weights(lit.state_dict(), ema=ema > 0)
@@ -107,7 +120,10 @@ def test_a_model_checkpoint_from_gathered_weights_is_the_modules_own():
 
     model = GPT(GPTConfig.preset("tiny", vocab_size=K, num_classes=C, seq_len=T, memory="lave"))
     meta = {"header": {"codebook_size": K}, "train": {"step": 1}, "metrics": {}}
-    own, given = model_checkpoint(model, **meta), model_checkpoint(model, **meta, state_dict=model.state_dict())
+    own, given = (
+        model_checkpoint(model, **meta),
+        model_checkpoint(model, **meta, state_dict=model.state_dict()),
+    )
     with torch.no_grad():
         model.tok_emb.weight.add_(1.0)  # both hold copies, not views of the live weights
     assert own.keys() == given.keys() and own["config"] == given["config"]

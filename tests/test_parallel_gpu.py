@@ -33,8 +33,11 @@ def stores(tmp_path_factory):
 
 
 def run(args: list[str], log: Path) -> None:
-    env = {**os.environ, "TQDM_DISABLE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     with log.open("w") as f:
         rc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                             timeout=600).returncode  # fmt: skip
@@ -65,10 +68,14 @@ def check_run(r: dict, val_store: Path) -> None:
     assert sd.keys() == r["live"].keys() and all(torch.equal(sd[k], r["live"][k]) for k in sd)
     # and it reproduces what the run measured (the run validated under bf16 autocast)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        bits = bits_per_token(r["model"], CodeStore(val_store), batch_size=8, device="cuda")  # the run's batches
+        bits = bits_per_token(
+            r["model"], CodeStore(val_store), batch_size=8, device="cuda"
+        )  # the run's batches
     assert bits == pytest.approx(m["val_bits_per_token"], rel=1e-4)
     # every step was clipped to the global norm (a shard's own norm would leave it sqrt(world) too big)
-    assert len(r["norms"]) == m["steps"] and r["norms"] == pytest.approx([CLIP] * m["steps"], rel=1e-3)
+    assert len(r["norms"]) == m["steps"] and r["norms"] == pytest.approx(
+        [CLIP] * m["steps"], rel=1e-3
+    )
 
 
 def check_same_training(a: dict, b: dict) -> None:
@@ -132,17 +139,24 @@ def test_fsdp_resume_gives_the_uninterrupted_curve(stores, tmp_path, devices):
     assert [h["val_loss"] for h in hs] == pytest.approx([h["val_loss"] for h in hr], rel=1e-5)
     a, b = read_training_state(ref / "last.ckpt"), read_training_state(split / "last.ckpt")
     assert a["fsdp"] and a["global_step"] == b["global_step"] == 8
-    worst = max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"])
+    worst = max(
+        float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"]
+    )
     assert worst < 1e-5, worst
     # the state says how its optimizer state is laid out: another strategy refuses it up front
-    env = {**os.environ, "TQDM_DISABLE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     args = [sys.executable, "-m", "movegen", "fit", "--config", str(ROOT / "configs/digits/standard.yaml"),
             "--data.codes", str(stores[0]), "--data.val_codes", str(stores[1]), "--data.batch_size", "8",
             "--out", str(split), "--trainer.max_steps", "10", "--model.warmup_steps", "2", "--model.schedule",
             "constant", "--model.ema_decay", "0.9", "--resume", "true"]  # fmt: skip
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 2 and "resume it with --trainer.strategy fsdp" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and "resume it with --trainer.strategy fsdp" in out.stderr, (
+        out.stderr[-2000:]
+    )
 
 
 @pytest.mark.gpu

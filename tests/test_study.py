@@ -4,6 +4,7 @@ on a folder with a corrupt result."""
 
 import json
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -221,7 +222,7 @@ if verb == "fit":
     (out / "run.json").write_text(json.dumps({"verb": "fit", "status": "finished", "steps": steps}))
 elif verb == "evaluate":
     known = {"model", "features", "out", "num_samples", "batch_size", "seed", "ref_splits", "cache_dir",
-             "data.root", "overwrite"}
+             "data.root", "overwrite", "tokenizer"}
     if bad := [k for k in flags if k not in known and not k.startswith("sampling.")]:
         sys.exit(f"error: unrecognized arguments {bad}")
     out.mkdir(parents=True, exist_ok=True)
@@ -454,10 +455,13 @@ def test_two_studies_in_one_folder_are_refused(tmp_path, fake):
     assert fake() == []
 
 
-def test_jobs_spread_over_gpus_and_never_exceed_parallel(tmp_path):
+def test_jobs_spread_over_gpus_and_never_exceed_parallel(tmp_path, monkeypatch):
     # each job records its GPU and its start/end; the scheduler may run at most 2 at once
-    code = ("import os, sys, time; t = time.time(); time.sleep(0.3); "
-            "open(sys.argv[1], 'w').write(f\"{os.environ['CUDA_VISIBLE_DEVICES']} {t} {time.time()}\")")  # fmt: skip
+    # (and its CPU threads: its share of the cores, GPU or not)
+    code = ("import os, sys, time; t = time.time(); time.sleep(0.3); open(sys.argv[1], 'w').write("
+            "f\"{os.environ['CUDA_VISIBLE_DEVICES']} {t} {time.time()} {os.environ['OMP_NUM_THREADS']}\")")  # fmt: skip
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     jobs = []
     for i in range(5):
         f = tmp_path / f"j{i}"
@@ -473,6 +477,7 @@ def test_jobs_spread_over_gpus_and_never_exceed_parallel(tmp_path):
     assert all(res[f"j{i}"].state == "ok" for i in range(5))
     spans = [(tmp_path / f"j{i}").read_text().split() for i in range(5)]
     assert {s[0] for s in spans} == {"3", "5"}
+    assert {s[3] for s in spans} == {"8"}  # 16 cores, 2 at once
     assert float(spans[4][1]) >= float(spans[0][2])  # j4 started after its dependency ended
     for s in spans:  # at no job's start were more than 2 jobs running
         t = float(s[1])
@@ -638,6 +643,19 @@ def test_select_seeds_choose_the_point_and_the_other_seeds_train_it_only(tmp_pat
     assert doc["complete"] and doc["select_seeds"] == [0] and len(doc["runs"]) == 2 * (3 + 2)
     readme = (tmp_path / "out" / "report" / "README.md").read_text()
     assert "with seed 0 (the other seeds train the chosen point only)" in readme
+    # the small files alone (records, metrics, evaluations: what a machine given back between
+    # calls can keep) carry the study on: no fit or evaluation again, the same choice
+    for ckpt in (tmp_path / "out" / "runs").rglob("*.ckpt"):
+        ckpt.unlink()
+    n = len(fake())
+    again = study.run_study(y, tmp_path / "out")
+    assert len(fake()) == n and again["launched"] == {"input": 0, "fit": 0, "evaluate": 0}
+    assert again["complete"] and [r["id"] for r in again["runs"]] == [r["id"] for r in doc["runs"]]
+    # a run without its checkpoint and without its evaluation is trained again
+    ev = next((tmp_path / "out" / "evals").rglob("*.json"))
+    ev.unlink()
+    again = study.run_study(y, tmp_path / "out")
+    assert again["launched"] == {"input": 0, "fit": 1, "evaluate": 1}
     with pytest.raises(ValueError, match="select_seeds needs select_on"):
         y.write_text(_study_yaml(tmp_path, grid="grid: {model.config.resid_dropout: [0.0, 0.1]}\nselect_seeds: [0]\n",
                                  budgets=budgets))  # fmt: skip
@@ -665,7 +683,13 @@ def test_inputs_folder_replaces_the_recipes(tmp_path, fake):
     fits = [c["flags"] for c in fake() if c["verb"] == "fit"]
     assert {f["data.codes"] for f in fits} == {str(inp.resolve() / "codes-train")}
     assert {c["flags"]["features"] for c in fake() if c["verb"] == "evaluate"} == {
-        "classifier:" + str(inp.resolve() / "classifier/classifier.ckpt")}
+        "classifier:" + str(inp.resolve() / "classifier/classifier.ckpt")
+    }
+    # the model's code store records where the tokenizer was when the codes were extracted (often
+    # another machine's path); the evaluation is given the study's own
+    assert {c["flags"]["tokenizer"] for c in fake() if c["verb"] == "evaluate"} == {
+        str(inp.resolve() / "tokenizer/tokenizer.ckpt")
+    }
 
 
 def test_an_interrupted_study_still_reports_what_finished(tmp_path, fake, monkeypatch):
@@ -689,8 +713,12 @@ def test_an_interrupted_study_still_reports_what_finished(tmp_path, fake, monkey
 def test_an_unreadable_reference_dataset_stops_the_study_before_any_fit(tmp_path, fake):
     y = tmp_path / "s.yaml"
     missing = tmp_path / "no-images"
-    text = _study_yaml(tmp_path).replace("inputs:\n", f"inputs:\n  data: {{name: 'folder:{missing}'}}\n", 1)
+    text = _study_yaml(tmp_path).replace(
+        "inputs:\n", f"inputs:\n  data: {{name: 'folder:{missing}'}}\n", 1
+    )
     y.write_text(text)
-    with pytest.raises(ValueError, match="the evaluation's test reference of folder:.* cannot be read"):
+    with pytest.raises(
+        ValueError, match="the evaluation's test reference of folder:.* cannot be read"
+    ):
         study.run_study(y, tmp_path / "out")
     assert not [c for c in fake() if c["verb"] == "fit"]

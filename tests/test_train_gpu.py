@@ -16,7 +16,7 @@ def _model(cfg, graph: bool = False, **kw) -> LitGPT:
     torch.manual_seed(0)
     m = LitGPT(cfg, cuda_graph=graph, **kw)
     torch.nn.init.normal_(m.model.head.weight, std=0.05)  # the zero-initialised head would give
-    return m.cuda()                                      # ln(K) whatever dropout does
+    return m.cuda()  # ln(K) whatever dropout does
 
 
 def _steps(model, batches, opt, keep: list | None = None):
@@ -59,7 +59,10 @@ def test_graphed_step_draws_fresh_dropout_and_resumes_the_stream():
     _cuda()
     cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, memory="move", class_dropout=0.5,
                            resid_dropout=0.2)  # fmt: skip
-    codes, labels = torch.randint(64, (8, 16), device="cuda"), torch.randint(10, (8,), device="cuda")
+    codes, labels = (
+        torch.randint(64, (8, 16), device="cuda"),
+        torch.randint(10, (8,), device="cuda"),
+    )
     m = _model(cfg, True)
     torch.cuda.manual_seed(1)
     a = [m.train_loss(codes, labels).item() for _ in range(3)]
@@ -87,6 +90,8 @@ def test_compiled_graphs_train_as_the_eager_step():
     for kw in ({}, {"compile": True, "compile_mode": "reduce-overhead"}):
         m = _model(cfg, **kw)
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
-        losses[bool(kw)] = _steps(m, two * 3, opt, keep=kept)  # kept: still readable after later replays
+        losses[bool(kw)] = _steps(
+            m, two * 3, opt, keep=kept
+        )  # kept: still readable after later replays
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
     assert [t.item() for t in kept[-6:]] == losses[True]

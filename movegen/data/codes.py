@@ -265,7 +265,13 @@ def view_list(
         H, W = image_size
         if not 0 < crop <= min(H, W):
             raise ValueError(f"crop size {crop} does not fit in {H}x{W} images")
-        spots = [((H - crop) // 2, (W - crop) // 2), (0, 0), (0, W - crop), (H - crop, 0), (H - crop, W - crop)]
+        spots = [
+            ((H - crop) // 2, (W - crop) // 2),
+            (0, 0),
+            (0, W - crop),
+            (H - crop, 0),
+            (H - crop, W - crop),
+        ]
         return [{"flip": f, "top": t, "left": l, "size": crop} for t, l in spots for f in flips]
     offsets = [(0, 0), *_shift_list(shifts)]
     if image_size is not None:
@@ -283,7 +289,9 @@ def view_image(x: torch.Tensor, view: dict) -> torch.Tensor:
     if "size" in view:
         t, l, S = int(view["top"]), int(view["left"]), int(view["size"])
         if t < 0 or l < 0 or t + S > x.shape[-2] or l + S > x.shape[-1]:
-            raise ValueError(f"crop {S}x{S} at ({t}, {l}) leaves the {x.shape[-2]}x{x.shape[-1]} image")
+            raise ValueError(
+                f"crop {S}x{S} at ({t}, {l}) leaves the {x.shape[-2]}x{x.shape[-1]} image"
+            )
         out = x[..., t : t + S, l : l + S]
         return torch.flip(out, dims=[-1]) if view["flip"] else out.clone()
     dy, dx = int(view["dy"]), int(view["dx"])
@@ -330,7 +338,9 @@ def extract_codes(
     """
     from tqdm.auto import tqdm
 
-    vlist = view_list(views, shifts, crop=crop)  # the arguments' own errors before any image is read
+    vlist = view_list(
+        views, shifts, crop=crop
+    )  # the arguments' own errors before any image is read
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none,
                         num_workers=num_workers, persistent_workers=False)  # fmt: skip
     failures = getattr(dataset, "failures", [])  # a folder's files already left out, then more

@@ -62,6 +62,7 @@ from .runs import (
     fit_diverged,
     fit_finished,
     fit_settings,
+    run_settled,
 )
 from .spec import Arm, Budget, StudySpec, load_study
 
@@ -75,6 +76,7 @@ __all__ = [
     "StudySpec",
     "fit_diverged",
     "fit_finished",
+    "run_settled",
     "load_study",
     "run_jobs",
     "run_study",
@@ -160,7 +162,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
                              "budget": budget.name, "seed": seed, "status": outcome_status(key)[0]})  # fmt: skip
                 continue
             diverged = fit_diverged(run.dir, run.log("fit"))
-            status, detail = ("finished", "") if fit_finished(run.dir) else outcome_status(key)
+            status, detail = ("finished", "") if run_settled(spec, run) else outcome_status(key)
             ekey = "eval:" + key
             if ekey in outcomes and outcomes[ekey].state in ("failed", "skipped") and not diverged:
                 detail = (detail + "; " if detail else "") + "evaluation: " + outcomes[ekey].detail
@@ -179,10 +181,10 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         every run there has finished or diverged (a point with a diverged seed is not chosen)."""
         sel = next(b for b in spec.budgets if b.name == spec.select_on)
         sel_runs = [run_of(arm, g.id, sel, s) for g in spec.grid for s in choosing_seeds]
-        if not all(fit_finished(r.dir) or fit_diverged(r.dir) for r in sel_runs):
+        if not all(run_settled(spec, r) or fit_diverged(r.dir) for r in sel_runs):
             return None
         recs = [_run_record(spec, r, spec.arm(arm), "finished", "", {}) for r in sel_runs
-                if fit_finished(r.dir)]  # fmt: skip
+                if run_settled(spec, r)]  # fmt: skip
         return choose_grid(recs, arm, sel.name)
 
     def write(final: bool = False) -> dict:
@@ -200,9 +202,13 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         doc["diverged"] = [r["id"] for r in doc["runs"] if r["status"] == "diverged"]
         # complete: nothing left to do (a diverged run is a result, and is not retried)
         doc["arms_subset"] = subset  # (--arms: the YAML has more arms, so never complete)
-        doc["complete"] = final and not subset and all(
-            (r["status"] == "finished" and r.get("evaluated")) or r["status"] == "diverged"
-            for r in doc["runs"]
+        doc["complete"] = (
+            final
+            and not subset
+            and all(
+                (r["status"] == "finished" and r.get("evaluated")) or r["status"] == "diverged"
+                for r in doc["runs"]
+            )
         )
         atomic_write_text(study_path, json.dumps(doc, indent=1))
         return doc
@@ -230,7 +236,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
                              "did not all finish (or diverge), or a seed diverged at every point")  # fmt: skip
         run = bound[key] = run_of(arm.name, gid, budget, seed)
         settings = fit_settings(spec, arm, run)
-        settled = fit_finished(run.dir) or fit_diverged(run.dir)
+        settled = run_settled(spec, run) or fit_diverged(run.dir)
         if settled and prev_settings.get(run.id) not in (None, settings):
             raise ValueError(f"{run.dir} was trained with {prev_settings[run.id]}, the study now asks for "
                              f"{settings}; delete that run folder or use another --out")  # fmt: skip
@@ -242,7 +248,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         arm: Arm, budget: Budget, seed: int, gid: str | None, key: str
     ) -> list[str] | Outcome | None:
         run = bind(arm, budget, seed, gid, key)
-        if fit_finished(run.dir):
+        if run_settled(spec, run):
             return None
         if d := fit_diverged(run.dir, run.log("fit")):
             log.info("%s diverged at step %s before; not retried (delete %s to train it again)",
@@ -288,7 +294,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
                 # (a diverged run on select_on still lets the choice be made: `after`, not deps)
                 jobs.append(Job(key="fit:" + key, kind="fit", deps=fit_deps, after=sel_deps,
                                 prepare=lambda a=arm, b=budget, s=seed, g=gid, k=key: fit_prepare(a, b, s, g, k),
-                                done=lambda k=key: fit_finished(bound[k].dir),
+                                done=lambda k=key: run_settled(spec, bound[k]),
                                 log=lambda k=key: bound[k].log("fit"),
                                 exit_states={DIVERGED_EXIT: "diverged"}))  # fmt: skip
                 # one evaluation scores every reference (and memorisation)
@@ -299,6 +305,11 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
     log.info("study %s: %d arms x %d grid points x %d budgets x %d seeds; %d at once%s", spec.name,
              len(spec.arms), len(spec.grid), len(spec.budgets), len(spec.seeds), parallel,
              f" on GPUs {','.join(gpus)}" if gpus else " on the CPU")  # fmt: skip
+    if spec.select_on is not None and len(spec.grid) > 1:
+        # the choosing fits first: the other seeds' fits on select_on wait for them, and they are
+        # the longest (this budget decides the regularisation because it overfits), so starting
+        # them last would leave the study waiting on a few long fits at its end
+        jobs.sort(key=lambda j: not (j.kind == "fit" and f"/{spec.select_on}/" in j.key))
     check_reference_data(spec, inputs)  # before hours of training, not at the first evaluation
     write()
     try:

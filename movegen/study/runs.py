@@ -81,6 +81,18 @@ def fit_finished(run_dir: Path) -> bool:
     return (run_dir / "model.ckpt").exists()
 
 
+def run_settled(spec: StudySpec, run: Run) -> bool:
+    """A run the study need not train again: its fit finished (:func:`fit_finished`), or its
+    ``metrics.json`` says finished and its evaluation is the one the study asks for. The second
+    lets a study go on where only the small files of its runs were kept (the records, the
+    metrics and the evaluations, without the checkpoints: e.g. on a machine that is given back
+    between calls)."""
+    if fit_finished(run.dir):
+        return True
+    m = read_json(run.dir / "metrics.json")
+    return bool(m) and m.get("status") == "finished" and evaluation(spec, run) is not None
+
+
 DIVERGED_EXIT = 3  # `movegen fit`: the loss became NaN or infinite (runs.TrainingDiverged)
 _AT_STEP = re.compile(r"NaN or infinite at step (\d+)")
 
@@ -89,7 +101,11 @@ def fit_diverged(run_dir: Path, log: Path | None = None) -> dict | None:
     """``{"step", "message"}`` of a fit whose ``run.json`` says ``diverged`` (the step from its
     message there, else from the last such message in its log), or None."""
     rec = read_json(run_dir / "run.json")
-    if rec is None or rec.get("status") != "diverged" or fit_finished(run_dir):
+    if (
+        rec is None
+        or rec.get("status") != "diverged"
+        or (read_json(run_dir / "metrics.json") or {}).get("status") == "finished"
+    ):
         return None
     msg = rec.get("error") or ""
     if not _AT_STEP.search(msg) and log is not None and log.exists():
@@ -136,6 +152,12 @@ def eval_command(spec: StudySpec, run: Run, inputs: dict[str, Path], out: Path) 
             "ref_splits": list(ev.references), "cache_dir": str(out / "cache"),
             "overwrite": True,  # the study decides when a run is (re-)evaluated
             **{f"sampling.{k}": v for k, v in ev.sampling.items()}}  # fmt: skip
+    if inputs.get(
+        "tokenizer"
+    ):  # the code store records the path it was built at, which may have moved
+        args["tokenizer"] = str(
+            inputs["tokenizer"]
+        )  # (evaluate still checks its hash against the model's)
     if root := (spec.inputs.get("data") or {}).get("root"):
         args["data.root"] = root
     return _movegen("evaluate", *_flags({**args, **ev.args}))

@@ -206,7 +206,9 @@ def load_study(path: str | Path) -> StudySpec:
         budgets.append(
             Budget(
                 name=str(name),
-                args={(k if "." in k or k in FIT_FLAGS else f"trainer.{k}"): v for k, v in b.items()},
+                args={
+                    (k if "." in k or k in FIT_FLAGS else f"trainer.{k}"): v for k, v in b.items()
+                },
             )
         )
     grid = _grid(doc.get("grid"))
@@ -218,7 +220,9 @@ def load_study(path: str | Path) -> StudySpec:
     if select_seeds is not None:
         select_seeds = select_seeds if isinstance(select_seeds, list) else [select_seeds]
         if select_on is None:
-            raise ValueError("select_seeds needs select_on: the budget whose runs choose the grid point")
+            raise ValueError(
+                "select_seeds needs select_on: the budget whose runs choose the grid point"
+            )
         if not select_seeds or not set(select_seeds) <= set(seeds):
             raise ValueError(f"select_seeds {select_seeds} must be some of the seeds {list(seeds)}")
     standard = doc.get("standard", "standard" if "standard" in arms_doc else arms[0].name)

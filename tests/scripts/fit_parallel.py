@@ -65,7 +65,9 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=1e-3)
     a = p.parse_args()
     L.seed_everything(0)
-    cfg = GPTConfig.preset("tiny", vocab_size=128, num_classes=10, seq_len=16, memory="move", memory_density=2)
+    cfg = GPTConfig.preset(
+        "tiny", vocab_size=128, num_classes=10, seq_len=16, memory="move", memory_density=2
+    )
     model = LitGPT(cfg, lr=1e-3, warmup_steps=2, schedule="constant", ema_decay=a.ema)
     data = CodeDataModule(codes=a.store, val_codes=a.val_store, batch_size=8)
     probe = ClippedNorms()
