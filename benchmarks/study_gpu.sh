@@ -10,7 +10,8 @@
 #        shapes (55,000 + 5,000 items of 8x8 codes, K = 1024, 10 classes): the same compute.
 # share: several fits on one GPU at once: compiled (cold, then warm cache), under MPS, graphed.
 # study: `movegen study configs/studies/fashion-mnist.yaml --inputs $INPUTS` into $STUDY (STATE:
-#        an earlier call's study-state.tar to go on from; MPS=1: share the GPU through MPS),
+#        an earlier call's study-state.tar, or a folder of its files, to go on from; MPS=1: share
+#        the GPU through MPS; INPUTS may be a study's inputs.tar.xz, unpacked where it was built),
 #        interrupted (SIGINT: the fits save their state) after SECONDS (default 540) so that
 #        the call ends cleanly; a second call resumes it. Copies study.json, the report and the
 #        logs into $OUT.
@@ -21,6 +22,12 @@ OUT=${OUT:-/tmp/study-gpu}; INPUTS=${INPUTS:?the inputs folder}; STUDY=${STUDY:-
 W=${WORK:-/tmp/study-gpu-work}; mkdir -p "$OUT" "$W/logs"
 PY=${PYTHON:-python3}
 mg() { $PY -m movegen "$@"; }
+if [[ "$INPUTS" == *.tar.xz ]]; then  # the inputs a study keeps in the repo (studies/*/inputs.tar.xz)
+  # unpacked where they were built: the runs record their code stores' paths
+  to=${INPUTS_AT:-/tmp/study-work/inputs}
+  [ -f $to/codes-train/codes.npy ] || { mkdir -p $to && tar -xJf "$INPUTS" -C $to && echo "unpacked $INPUTS into $to"; }
+  INPUTS=$to
+fi
 if [ "$INPUTS" = synthetic ]; then
   INPUTS=$W/synthetic
   $PY -c "import sys; from pathlib import Path; from benchmarks.ddp import make_store
@@ -109,8 +116,13 @@ study)
   # metrics and evaluations of the runs that finished there; the study goes on from them.
   # MPS=1: the fits share the GPU through MPS (measured faster: `share`).
   # (a warm machine's own folder, from the call before, is newer: it is kept)
-  if [ -n "${STATE:-}" ] && [ -f "$STATE" ] && [ ! -f $STUDY/study.json ]; then
-    mkdir -p $STUDY && tar -xf "$STATE" -C $STUDY && echo "restored $STATE"
+  # STATE may also be a folder of those files (studies/fashion-mnist: the study kept in the repo)
+  if [ -n "${STATE:-}" ] && [ ! -f $STUDY/study.json ]; then
+    mkdir -p $STUDY
+    if [ -f "$STATE" ]; then tar -xf "$STATE" -C $STUDY && echo "restored $STATE"
+    elif [ -d "$STATE" ]; then
+      (cd "$STATE" && tar -cf - --exclude=inputs.tar.xz --exclude=README.md .) | tar -xf - -C $STUDY && echo "restored $STATE"
+    fi
   fi
   if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
     export CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mps-log; mkdir -p $W/mps $W/mps-log

@@ -302,7 +302,7 @@ def check_target(target: dict, records: list[dict]) -> dict:
     _, a = chosen_runs(records, target["arm"], budget)
     _, b = chosen_runs(records, target["vs"], budget)
     feats = (
-        {features_of(r) for r in [*a.values(), *b.values()]}
+        {features_of(r) for r in [*a.values(), *b.values()]} - {None}  # (None: not scored yet)
         if metric.split(":")[0] in SCORES
         else set()
     )
