@@ -34,7 +34,8 @@ reference batch is written here with random ``mu``/``sigma``/``mu_s``/``sigma_s`
 ``VIRTUAL_imagenet256_labeled.npz`` arr_0). Needs torch-fidelity (``pip install torch-fidelity``).
 The extraction runs first (the short part: a time limit that cuts the evaluation off loses only
 the evaluation); a row that runs out of GPU memory is reported as OOM with the phases timed so
-far (batch 1024 does, on an H200: its VQ decode of 1024 images at once).
+far (batch 1024 did on an H200 while the VQ decode took a whole batch at once; it now
+decodes 256 at a time: ``sample.DECODE_BATCH``).
 
     python -m benchmarks.fid50k                                  # GPU: standard + MoVE-x1, 50k, batch 256
     python -m benchmarks.fid50k --only standard:256:50000,move-x1:512:10000 --extract_workers 16

@@ -117,27 +117,54 @@ class InceptionFeatures(nn.Module):
         except Exception as e:
             raise ValueError(f"{weights} is not a plain InceptionV3 state dict (only tensors may be loaded): "
                              f"{type(e).__name__}: {e}") from None  # fmt: skip
-        if kind not in ("features", "logits", "spatial"):
+        if kind not in INCEPTION_KINDS:
             raise ValueError(
-                f"InceptionFeatures kind must be features, logits or spatial, got {kind!r}"
+                f"InceptionFeatures kind must be one of {', '.join(INCEPTION_KINDS)}, got {kind!r}"
             )
-        feat = "logits_unbiased" if kind == "logits" else "2048"
+        feats = {"logits": ["logits_unbiased"], "all": ["2048", "logits_unbiased"],
+                 "pool+logits": ["2048", "logits_unbiased"]}.get(kind, ["2048"])  # fmt: skip
         self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", [feat], feature_extractor_weights_path=weights
+            "inception-v3-compat", feats, feature_extractor_weights_path=weights
         )
-        self.kind = kind
-        self.num_features = {"features": 2048, "logits": 1008, "spatial": SFID_DIM}[kind]
+        self.kind, self.weights = kind, weights
+        self.num_features = {"features": 2048, "logits": 1008, "spatial": SFID_DIM}.get(kind)
+
+    @staticmethod
+    def quantise(x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] as a PNG would hold them (uint8, 3 channels); uint8 images (already
+        quantised, e.g. by :func:`movegen.evaluate.evaluate_model`) pass as they are."""
+        if x.dtype == torch.uint8:
+            return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = prepare_images(x.float(), 3, x.shape[-1])
+        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """Features ``(N, F)``; with kind ``'pool+logits'`` the tuple (pool features, IS logits)
+        and with ``'all'`` (pool features, IS logits, sFID features), from one pass."""
         if x.ndim == 2:
             return x.float()
-        x = prepare_images(x.float(), 3, x.shape[-1])
-        u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # what a PNG would hold
+        u8 = self.quantise(x)
         with _full_fp32():  # the reference evaluators' network runs in full fp32
             if self.kind == "spatial":
                 return self._spatial(u8)
+            if self.kind == "all":
+                out = {}
+                h = self.net.Mixed_6d.branch1x1.register_forward_hook(
+                    lambda _m, _inp, y: out.setdefault("y", y)
+                )
+                try:
+                    pool, logits = self.net(u8)
+                finally:
+                    h.remove()
+                return pool, logits, self._sfid(out["y"])
+            if self.kind == "pool+logits":
+                return tuple(self.net(u8))
             return self.net(u8)[0]
+
+    @staticmethod
+    def _sfid(y: torch.Tensor) -> torch.Tensor:
+        return y[:, :7].permute(0, 2, 3, 1).flatten(1).float()
 
     def _spatial(self, u8: torch.Tensor) -> torch.Tensor:
         """sFID features as ADM's evaluator takes them: the first 7 channels of ``mixed_6/conv``
@@ -156,7 +183,10 @@ class InceptionFeatures(nn.Module):
             pass
         finally:
             h.remove()
-        return out["y"][:, :7].permute(0, 2, 3, 1).flatten(1).float()
+        return self._sfid(out["y"])
+
+
+INCEPTION_KINDS = ("features", "logits", "spatial", "pool+logits", "all")
 
 
 class _StopForward(Exception):
@@ -260,17 +290,17 @@ def build_extractors(
 @torch.no_grad()
 def extract_features(
     module: nn.Module, images, batch_size: int = 500, device="cpu", progress=False
-) -> torch.Tensor:
-    """Features ``(N, F)`` of an image tensor ``(N, C, H, W)`` or an iterable of batches."""
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Features ``(N, F)`` of an image tensor ``(N, C, H, W)`` or an iterable of batches (a
+    tuple of them for a module with several outputs, e.g. ``InceptionFeatures(kind='all')``)."""
     from tqdm.auto import tqdm
 
     if isinstance(images, torch.Tensor):
         images = images.split(batch_size)
-    out = [
-        module(x.to(device)).float().cpu()
-        for x in tqdm(images, desc="features", disable=not progress)
-    ]
-    return torch.cat(out)
+    out = [module(x.to(device)) for x in tqdm(images, desc="features", disable=not progress)]
+    if out and isinstance(out[0], tuple):  # a module with several outputs: each concatenated
+        return tuple(torch.cat([o[i].float().cpu() for o in out]) for i in range(len(out[0])))
+    return torch.cat([o.float().cpu() for o in out])
 
 
 def reference_features(module: nn.Module, key: dict, load_images, cache_dir: str | os.PathLike,

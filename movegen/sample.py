@@ -433,6 +433,11 @@ class CompiledStep:
         return self.out.clone()
 
 
+DECODE_BATCH = 256
+"""Images decoded at once by :func:`generate_images`: LlamaGen's VQ-16 decoder in fp32 ran out of
+memory on an H200 (139 GiB) with 1,024 images of 256 x 256 at once."""
+
+
 def generate_images(
     model: GPT,
     decode,
@@ -446,12 +451,17 @@ def generate_images(
     fast: bool | None = None,
     noise: SampleNoise | None = None,
     first_index: int = 0,
+    decode_batch_size: int | None = DECODE_BATCH,
+    transform=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample codes for ``labels`` in batches and decode them with ``decode(codes (B, h, w))``.
-    Returns ``(images (N, C, H, W) on the CPU, codes (N, T))``. ``fast`` (default: on CUDA):
-    one :class:`CompiledStep` per batch size (the last batch may be smaller). With ``noise``,
-    label ``j`` is sample ``first_index + j`` whatever the batch size (a shard of a larger
-    evaluation passes its offset)."""
+    """Sample codes for ``labels`` in batches and decode them with ``decode(codes (B, h, w))``,
+    at most ``decode_batch_size`` at a time (None: a whole batch; a decoder runs in fp32 and
+    holds far more activations per image than the sampler). Returns ``(images (N, C, H, W) on
+    the CPU, codes (N, T))``: float images, or what ``transform`` makes of each decoded part on
+    the device (e.g. a crop and uint8, a quarter of float32's host memory at 50,000 images).
+    ``fast`` (default: on CUDA): one :class:`CompiledStep` per batch size (the last batch may be
+    smaller). With ``noise``, label ``j`` is sample ``first_index + j`` whatever the batch size (a
+    shard of a larger evaluation passes its offset)."""
     from tqdm.auto import tqdm
 
     settings = settings or SamplingSettings()
@@ -473,7 +483,9 @@ def generate_images(
             model, chunk, settings, generator=generator, step=step, noise=noise, index=index
         )
         codes.append(c.cpu())
-        images.append(decode(c.view(len(c), h, w)).float().cpu())
+        for part in c.view(len(c), h, w).split(decode_batch_size or len(c)):
+            x = decode(part)
+            images.append((transform(x) if transform is not None else x.float()).cpu())
     return torch.cat(images), torch.cat(codes)
 
 

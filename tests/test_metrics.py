@@ -379,6 +379,24 @@ def test_inception_fid_equals_torch_fidelity(tmp_path):
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
+def test_one_inception_pass_gives_the_three_feature_sets(tmp_path):
+    """The evaluation's single pass (pool features, IS logits, sFID's mixed_6/conv) on uint8
+    images equals the three networks of one kind each on the same images in [-1, 1]."""
+    from movegen.metrics import InceptionFeatures
+
+    weights = str(_random_inception_weights(tmp_path / "inception.pth"))
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 2 - 1  # gray
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8)
+    pool, logits, spatial = InceptionFeatures(weights, "all")(u8)
+    for kind, got in (("features", pool), ("logits", logits), ("spatial", spatial)):
+        want = InceptionFeatures(weights, kind)(x)
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6), kind
+    two = InceptionFeatures(weights, "pool+logits")(u8)
+    assert torch.equal(two[0], pool) and torch.equal(two[1], logits)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        InceptionFeatures(weights, "pool")
+
+
 def test_adm_reference_batch_gives_fid_sfid_and_precision_recall(digits_models, tmp_path):
     """``evaluate --reference X.npz``: FID from the batch's mu/sigma equals FID against the
     images those statistics came from; sFID, KID and precision/recall come with it."""

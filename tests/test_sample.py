@@ -281,3 +281,28 @@ def test_per_sample_noise_gives_the_same_images_at_any_batch_size(settings):
     assert not torch.equal(other, whole)
     with pytest.raises(ValueError, match="one sample index per label"):
         generate(model, labels, settings, noise=noise, index=torch.arange(3))
+
+
+def test_images_are_decoded_in_parts_and_transformed_on_the_device():
+    # a batch of 11 decoded 4 at a time: the decoder never sees more than 4 codes, the images
+    # are those of one whole decode, and `transform` (here the evaluation's uint8) sees each part
+    model = model64("move")
+    labels = torch.arange(11) % 5
+    seen = []
+
+    def decode(c):
+        seen.append(len(c))
+        return torch.tanh(c.float()[:, None] / 100 - 2)  # images in [-1, 1]
+
+    settings, noise = SamplingSettings(cfg_scale=2.0), SampleNoise(1)
+    whole, codes = generate_images(model, decode, labels, settings, batch_size=11, noise=noise,
+                                   decode_batch_size=None)  # fmt: skip
+    assert seen == [11]
+    seen.clear()
+    parts, codes4 = generate_images(model, decode, labels, settings, batch_size=11, noise=noise,
+                                    decode_batch_size=4)  # fmt: skip
+    assert seen == [4, 4, 3] and torch.equal(parts, whole) and torch.equal(codes4, codes)
+    u8 = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    small, _ = generate_images(model, decode, labels, settings, batch_size=11, noise=noise,
+                               decode_batch_size=4, transform=u8)  # fmt: skip
+    assert small.dtype == torch.uint8 and torch.equal(small, u8(whole))

@@ -95,7 +95,9 @@ def test_targets_met_and_missed_with_margins():
     # an arm trained but not yet scored: not measured, not "different feature sets"
     unscored = [*recs[:3], *(_rec("lave", s, 9.0) for s in (0, 1, 2))]
     pending = check_target({**t, "arm": "lave", "metric": "fid", "at_least_pct_lower": 0}, unscored)
-    assert pending["met"] is None and "no seed with both arms finished and scored" in pending["detail"]
+    assert (
+        pending["met"] is None and "no seed with both arms finished and scored" in pending["detail"]
+    )
 
 
 # --------------------------------------------------------------------------- the study YAMLs
