@@ -94,6 +94,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_file_cached(path: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
+    """:func:`sha256_file`, remembered in ``cache_dir`` under the file's resolved path with its
+    size and modification time: a reference batch of gigabytes is hashed once, not at every
+    evaluation, and hashed again as soon as it is replaced or touched. A cache that cannot be
+    written costs only the hashing."""
+    import json
+
+    p = Path(path).resolve()
+    st = p.stat()
+    stamp = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = Path(cache_dir) / f"sha256-{hashlib.sha256(str(p).encode()).hexdigest()[:16]}.json"
+    try:
+        old = json.loads(memo.read_text())
+        if isinstance(old, dict) and {k: old.get(k) for k in stamp} == stamp and old.get("sha256"):
+            return old["sha256"]
+    except (OSError, ValueError):
+        pass
+    sha = sha256_file(p)
+    try:
+        atomic_write_text(memo, json.dumps({**stamp, "sha256": sha}))
+    except OSError:
+        pass
+    return sha
+
+
 def save_image_grid(
     images: torch.Tensor, path: str | os.PathLike, nrow: int, min_tile: int = 64
 ) -> Path:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_path, load_model_and_tokenizer, sha256_file
+from .checkpoint import atomic_path, load_model_and_tokenizer, sha256_file_cached
 from .data import CodeStore, collate_skip_none, dataset_fingerprint, load_dataset
 from .metrics import (
     InceptionFeatures,
@@ -247,7 +247,7 @@ def adm_reference_block(adm: dict, path: str, fake: torch.Tensor, fake_spatial: 
     precision/recall against the features of its ``arr_0`` images (cached by the file's hash)."""
     key = {
         "reference_npz": str(Path(path).resolve()),
-        "sha256": sha256_file(path),
+        "sha256": sha256_file_cached(path, cache_dir),  # ADM's batches are ~2 GB each
         "features": feature_id,
     }
     block: dict = {

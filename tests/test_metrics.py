@@ -379,6 +379,24 @@ def test_inception_fid_equals_torch_fidelity(tmp_path):
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
+def test_a_reference_batch_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    import os
+
+    import movegen.checkpoint as ck
+
+    f, cache, calls, real = tmp_path / "ref.npz", tmp_path / "cache", [], ck.sha256_file
+    f.write_bytes(b"a" * 1000)
+    monkeypatch.setattr(ck, "sha256_file", lambda p, *a: calls.append(p) or real(p))
+    first = ck.sha256_file_cached(f, cache)
+    assert ck.sha256_file_cached(f, cache) == first == real(f) and len(calls) == 1
+    f.write_bytes(b"b" * 1000)  # replaced: same size, another content and modification time
+    os.utime(f, ns=(1, 1))
+    assert ck.sha256_file_cached(f, cache) == real(f) != first and len(calls) == 2
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would be")
+    assert ck.sha256_file_cached(f, blocked) == real(f)  # no cache: still the hash
+
+
 def test_one_inception_pass_gives_the_three_feature_sets(tmp_path):
     """The evaluation's single pass (pool features, IS logits, sFID's mixed_6/conv) on uint8
     images equals the three networks of one kind each on the same images in [-1, 1]."""
