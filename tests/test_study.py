@@ -716,6 +716,32 @@ def test_an_interrupted_study_still_reports_what_finished(tmp_path, fake, monkey
     assert not json.loads((out / "study.json").read_text())["complete"]
 
 
+def test_a_target_judged_on_part_of_the_seeds_says_so(tmp_path, fake, monkeypatch):
+    import shutil
+
+    y = tmp_path / "s.yaml"
+    target = "targets:\n  - {arm: move-x1, vs: standard, metric: val_bits_per_token, budget: short, at_least_lower: -100}\n"
+    y.write_text(_study_yaml(tmp_path, more=target))
+    out = tmp_path / "out"
+    study.run_study(y, out)
+    done = (out / "report" / "README.md").read_text()
+    assert (
+        "at least -100 lower than `standard` on `short`: **met**" in done
+        and "provisional" not in done
+    )
+    for d in (*out.glob("runs/move-x1/*/short/seed1"), *out.glob("evals/move-x1/*/short/seed1")):
+        shutil.rmtree(d)  # as if that run had not been trained yet
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_jobs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(y, out)
+    part = (out / "report" / "README.md").read_text()
+    assert "(provisional: 1 of 2 seeds so far); Δ" in part and "(1 seed)" in part
+
+
 def test_an_unreadable_reference_dataset_stops_the_study_before_any_fit(tmp_path, fake):
     y = tmp_path / "s.yaml"
     missing = tmp_path / "no-images"
