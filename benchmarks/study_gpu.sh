@@ -129,8 +129,13 @@ study)
     nvidia-cuda-mps-control -d && echo "MPS on"
   fi
   s=$(date +%s)
-  timeout -s INT ${2:-540} $PY -m movegen study --config ${STUDY_CONFIG:-configs/studies/fashion-mnist.yaml} --out $STUDY \
-    --inputs $INPUTS --parallel ${PARALLEL:-4} ${ARMS:+--arms "[$ARMS]"} >> $W/logs/study.log 2>&1
+  # DRAIN=S: no fit starts in the last S seconds (the running ones go on, every finished one is
+  # evaluated): for the last call before the machine goes back, where a fit finished but not
+  # evaluated would be trained again
+  T=${2:-540}
+  timeout -s INT $T $PY -m movegen study --config ${STUDY_CONFIG:-configs/studies/fashion-mnist.yaml} --out $STUDY \
+    --inputs $INPUTS --parallel ${PARALLEL:-4} ${ARMS:+--arms "[$ARMS]"} \
+    ${DRAIN:+--stop_fits_after $(( T > DRAIN ? T - DRAIN : 0 ))} >> $W/logs/study.log 2>&1
   echo "study exit $? after $(( $(date +%s) - s )) s"; tail -5 $W/logs/study.log
   [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && { echo quit | nvidia-cuda-mps-control; sleep 2; }
   mkdir -p $OUT/study && cp -r $STUDY/study.json $STUDY/report $OUT/study/ 2>/dev/null

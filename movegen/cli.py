@@ -825,7 +825,7 @@ def report(*, results: str, out: str) -> Path:
 
 
 def study(*, config: str, out: str, parallel: int | None = None, inputs: str | None = None,
-          arms: list[str] | None = None) -> Path:  # fmt: skip
+          arms: list[str] | None = None, stop_fits_after: float | None = None) -> Path:  # fmt: skip
     """Train every arm x grid point x budget x seed of a study, evaluate every run, and write
     OUT/study.json and OUT/report/ (tables with mean ± sd and paired differences, targets, plots).
     Runs are subprocesses (logs in OUT/logs/); a second call resumes: finished runs are never
@@ -840,10 +840,16 @@ def study(*, config: str, out: str, parallel: int | None = None, inputs: str | N
             classifier/classifier.ckpt) instead of building them from the YAML's recipes.
         arms: train and evaluate only these arms (the standard arm always); a later call with
             all arms adds the others and keeps these.
+        stop_fits_after: start no fit after this many seconds, while the fits running then go
+            on and every finished fit is still evaluated; for a time slot (a cluster's time
+            limit, a lent GPU): set it a fit's length before the end, and a finished fit is never
+            left unevaluated. A rerun goes on with the rest.
     """
     from .study import run_study
 
-    run_study(config, out, parallel=parallel, inputs=inputs, arms=arms)
+    run_study(
+        config, out, parallel=parallel, inputs=inputs, arms=arms, stop_fits_after=stop_fits_after
+    )
     path = Path(out) / "report" / "README.md"
     log.info("wrote %s", path)
     return path

@@ -490,6 +490,31 @@ def test_jobs_spread_over_gpus_and_never_exceed_parallel(tmp_path, monkeypatch):
         assert sum(float(o[1]) <= t < float(o[2]) for o in spans) <= 2
 
 
+def test_no_job_of_a_closed_kind_starts_after_its_time(tmp_path):
+    # fits may start only in the first 0.3 s: the first fit runs past it and is evaluated after
+    # it; the fit that waits on the first never starts, nor its evaluation, and nothing fails
+    import time
+
+    code = "import sys, time; time.sleep(float(sys.argv[2])); open(sys.argv[1], 'w')"
+
+    def job(key, kind, deps=(), sleep=0.0):
+        f = tmp_path / key
+        return study.Job(key=key, kind=kind, deps=deps, log=tmp_path / f"{key}.log", done=f.exists,
+                         prepare=lambda: [sys.executable, "-c", code, str(f), str(sleep)])  # fmt: skip
+
+    jobs = [job("fit-a", "fit", sleep=0.6), job("eval-a", "evaluate", ("fit-a",)),
+            job("fit-b", "fit", ("fit-a",)), job("eval-b", "evaluate", ("fit-b",))]  # fmt: skip
+    t = time.time()
+    res = study.run_jobs(jobs, parallel=2, gpus=[], start_until={"fit": time.time() + 0.3})
+    assert (
+        res["fit-a"].state == "ok"
+        and res["eval-a"].state == "ok"
+        and set(res) == {"fit-a", "eval-a"}
+    )
+    assert (tmp_path / "eval-a").exists() and not (tmp_path / "fit-b").exists()
+    assert time.time() - t < 10
+
+
 def test_job_exit_states_settled_jobs_and_after(tmp_path):
     # a job that exits 3 is "diverged" (its dependents skipped, its `after` jobs run); prepare
     # may settle a job without running it
@@ -714,6 +739,20 @@ def test_an_interrupted_study_still_reports_what_finished(tmp_path, fake, monkey
     readme = (out / "report" / "README.md").read_text()
     assert "2 of 4 runs finished" in readme
     assert not json.loads((out / "study.json").read_text())["complete"]
+
+
+def test_a_study_told_to_stop_starting_fits_ends_incomplete_and_goes_on_later(
+    tmp_path, fake, caplog
+):
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        doc = study.run_study(y, out, stop_fits_after=0)
+    assert doc["launched"]["fit"] == 0 and not doc["complete"]
+    assert "stopped starting fits after 0 s: 4 fit(s) and 4 evaluation(s) left" in caplog.text
+    again = study.run_study(y, out)
+    assert again["complete"] and again["launched"] == {"input": 0, "fit": 4, "evaluate": 4}
 
 
 def test_a_target_judged_on_part_of_the_seeds_says_so(tmp_path, fake, monkeypatch):

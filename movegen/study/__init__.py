@@ -85,12 +85,15 @@ __all__ = [
 
 
 def run_study(config: str | Path, out: str | Path, *, parallel: int | None = None,
-              inputs: str | Path | None = None, arms: list[str] | None = None) -> dict:  # fmt: skip
+              inputs: str | Path | None = None, arms: list[str] | None = None,
+              stop_fits_after: float | None = None) -> dict:  # fmt: skip
     """Train and evaluate every run of the study ``config`` into ``out`` (resuming what is
     there), write ``out/study.json`` and ``out/report/``; returns the study.json object.
     ``inputs``: a folder of inputs built before (an earlier study's ``OUT/inputs``), used instead
     of the YAML's input recipes. ``arms``: only these arms (and the standard arm), e.g. to
-    see the key comparison first; a later call with all arms adds the rest."""
+    see the key comparison first; a later call with all arms adds the rest. ``stop_fits_after``
+    (seconds): no fit starts after it; the running ones and the evaluations of every finished
+    fit go on, then the study stops, incomplete, and a later call goes on."""
     import dataclasses
     import fcntl
 
@@ -113,10 +116,11 @@ def run_study(config: str | Path, out: str | Path, *, parallel: int | None = Non
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"another `movegen study` is running in {out}") from None
-        return _run_study(spec, out, parallel, subset)
+        return _run_study(spec, out, parallel, subset, stop_fits_after)
 
 
-def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = False) -> dict:
+def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = False,
+               stop_fits_after: float | None = None) -> dict:  # fmt: skip
     study_path = out / "study.json"
     prev = read_json(study_path) if study_path.exists() else None
     if study_path.exists() and prev is None:
@@ -313,7 +317,8 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
     check_reference_data(spec, inputs)  # before hours of training, not at the first evaluation
     write()
     try:
-        run_jobs(jobs, parallel=parallel, gpus=gpus, on_finish=on_finish)
+        until = None if stop_fits_after is None else {"fit": t_start + stop_fits_after}
+        run_jobs(jobs, parallel=parallel, gpus=gpus, on_finish=on_finish, start_until=until)
     except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: report what finished
         doc = write(final=True)
         try:
@@ -328,6 +333,11 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
     if doc["diverged"]:
         log.warning("%d run(s) diverged (recorded, reported, not retried): %s", len(doc["diverged"]),
                     ", ".join(doc["diverged"]))  # fmt: skip
+    left = [k for k in (j.key for j in jobs) if k not in outcomes]
+    if left:  # (only --stop_fits_after leaves jobs without an outcome)
+        log.warning("stopped starting fits after %s s: %d fit(s) and %d evaluation(s) left; run the same "
+                    "command again to go on", stop_fits_after, sum(k.startswith("fit:") for k in left),
+                    sum(k.startswith("eval:") for k in left))  # fmt: skip
 
     def diverged_fit(k: str) -> bool:  # an evaluation skipped because its fit diverged
         return (

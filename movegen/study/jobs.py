@@ -78,12 +78,16 @@ def _tail(path: Path, n: int = 5) -> str:
 
 
 def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
-             on_finish: Callable[[Job, Outcome], None] = lambda j, o: None) -> dict[str, Outcome]:  # fmt: skip
+             on_finish: Callable[[Job, Outcome], None] = lambda j, o: None,
+             start_until: dict[str, float] | None = None) -> dict[str, Outcome]:  # fmt: skip
     """Run ``jobs`` as subprocesses, at most ``parallel`` at once, each after its dependencies;
     a job whose dependency did not succeed is skipped. With GPUs, each subprocess sees one of them
     (``CUDA_VISIBLE_DEVICES``), the least loaded first. Each gets cores // parallel CPU threads
     (``OMP_NUM_THREADS``, unless set).
-    The subprocesses still running when this returns by an exception are terminated."""
+    The subprocesses still running when this returns by an exception are terminated.
+    ``start_until``: kind -> a ``time.time()`` after which no job of that kind starts (e.g. no new
+    fit late in a time slot, while the evaluations of the finished ones still run); such jobs,
+    and those waiting on them, are left without an outcome once nothing else can run."""
     keys = {j.key for j in jobs}
     if missing := sorted({d for j in jobs for d in (*j.deps, *j.after)} - keys):
         raise ValueError(f"jobs depend on unknown jobs {missing}")
@@ -109,12 +113,18 @@ def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
         outcomes[job.key] = o
         on_finish(job, o)
 
+    def closed(job: Job) -> bool:  # past its kind's last start time
+        return start_until is not None and time.time() > start_until.get(job.kind, float("inf"))
+
+    def ready(job: Job) -> bool:
+        return all(d in outcomes for d in (*job.deps, *job.after)) and not closed(job)
+
     try:
         while pending or running:
             for job in list(pending):
                 if len(running) >= parallel:
                     break
-                if any(d not in outcomes for d in (*job.deps, *job.after)):
+                if not ready(job):
                     continue
                 pending.remove(job)
                 if bad := [d for d in job.deps if outcomes[d].state not in SUCCEEDED]:
@@ -167,9 +177,11 @@ def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
                 finish(job, Outcome(state, f"{why}; see {logp}: {_tail(logp)}", seconds, rc))
             if running:
                 time.sleep(0.05)
-            elif pending and not any(
-                all(d in outcomes for d in (*j.deps, *j.after)) for j in pending
-            ):
+            elif pending and not any(ready(j) for j in pending):
+                if any(closed(j) for j in pending):
+                    log.warning("%d job(s) not started: past the last start time of their kind (or waiting "
+                                "on such a job)", len(pending))  # fmt: skip
+                    break
                 raise ValueError(f"jobs wait on each other: {[j.key for j in pending]}")
     finally:
         for job, p, *_ in running:
