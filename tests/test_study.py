@@ -652,7 +652,7 @@ def test_study_inputs_pass_extraction_shifts_on(tmp_path):
     assert settings["codes"]["shifts"] == 1  # part of the recipe a rerun is checked against
 
 
-def test_select_seeds_choose_the_point_and_the_other_seeds_train_it_only(tmp_path, fake):
+def test_select_seeds_choose_the_point_and_the_other_seeds_train_it_only(tmp_path, fake, caplog):
     y = tmp_path / "s.yaml"
     grid = "grid: {model.config.resid_dropout: [0.0, 0.1]}\nselect_on: long\nselect_seeds: [0]\n"
     budgets = ("  short: {max_steps: 20, val_check_interval: 10}\n"
@@ -685,8 +685,10 @@ def test_select_seeds_choose_the_point_and_the_other_seeds_train_it_only(tmp_pat
     # a run without its checkpoint and without its evaluation is trained again
     ev = next((tmp_path / "out" / "evals").rglob("*.json"))
     ev.unlink()
-    again = study.run_study(y, tmp_path / "out")
+    with caplog.at_level(logging.WARNING):
+        again = study.run_study(y, tmp_path / "out")
     assert again["launched"] == {"input": 0, "fit": 1, "evaluate": 1}
+    assert "finished before but was never evaluated, and its model.ckpt is gone" in caplog.text
     with pytest.raises(ValueError, match="select_seeds needs select_on"):
         y.write_text(_study_yaml(tmp_path, grid="grid: {model.config.resid_dropout: [0.0, 0.1]}\nselect_seeds: [0]\n",
                                  budgets=budgets))  # fmt: skip

@@ -262,9 +262,10 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         # a folder with nothing to resume from: fit replaces its own files (and refuses others)
         overwrite = not resume and run.dir.is_dir() and any(run.dir.iterdir())
         if overwrite:
-            log.warning(
-                "%s has no finished run and nothing to resume from; starting it again", run.dir
-            )
+            was = (read_json(run.dir / "metrics.json") or {}).get("status") == "finished"
+            log.warning("%s %s; starting it again", run.dir,
+                        "finished before but was never evaluated, and its model.ckpt is gone" if was
+                        else "has no finished run and nothing to resume from")  # fmt: skip
         cmd = fit_command(spec, arm, run, inputs, resume=resume, overwrite=overwrite)
         launched["fit:" + key] = cmd
         return cmd
