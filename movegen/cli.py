@@ -825,7 +825,8 @@ def report(*, results: str, out: str) -> Path:
 
 
 def study(*, config: str, out: str, parallel: int | None = None, inputs: str | None = None,
-          arms: list[str] | None = None, stop_fits_after: float | None = None) -> Path:  # fmt: skip
+          arms: list[str] | None = None, stop_fits_after: float | None = None,
+          plan: bool = False) -> Path | None:  # fmt: skip
     """Train every arm x grid point x budget x seed of a study, evaluate every run, and write
     OUT/study.json and OUT/report/ (tables with mean ± sd and paired differences, targets, plots).
     Runs are subprocesses (logs in OUT/logs/); a second call resumes: finished runs are never
@@ -844,9 +845,19 @@ def study(*, config: str, out: str, parallel: int | None = None, inputs: str | N
             on and every finished fit is still evaluated; for a time slot (a cluster's time
             limit, a lent GPU): set it a fit's length before the end, and a finished fit is never
             left unevaluated. A rerun goes on with the rest.
+        plan: print what this call would do with each run (settled, evaluate, resume, fit...)
+            and the inputs it would build, and do nothing.
     """
     from .study import run_study
 
+    if plan:
+        p = run_study(config, out, parallel=parallel, inputs=inputs, arms=arms, plan=True)
+        print("| run | action |\n|---|---|")
+        for row in p["plan"]:
+            print(f"| {row['id']} | {row['action']} |")
+        print(f"\n{p['fits']} fit(s) and {p['evaluations']} evaluation(s) to run"
+              + (f"; inputs to build: {', '.join(p['inputs'])}" if p["inputs"] else ""))  # fmt: skip
+        return None
     run_study(
         config, out, parallel=parallel, inputs=inputs, arms=arms, stop_fits_after=stop_fits_after
     )

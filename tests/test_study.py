@@ -757,6 +757,25 @@ def test_a_study_told_to_stop_starting_fits_ends_incomplete_and_goes_on_later(
     assert again["complete"] and again["launched"] == {"input": 0, "fit": 4, "evaluate": 4}
 
 
+def test_plan_says_what_a_call_would_do_and_does_nothing(tmp_path, fake, capsys):
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path))
+    out = tmp_path / "out"
+    fresh = study.run_study(y, out, plan=True)
+    assert not out.exists() and fake() == []  # nothing written, nothing run
+    assert (fresh["fits"], fresh["evaluations"]) == (4, 4)
+    study.run_study(y, out, arms=["standard"])  # standard's two runs: trained and evaluated
+    next((out / "evals" / "standard").rglob("seed1.json")).unlink()
+    n, before = len(fake()), sorted(p.name for p in out.rglob("*"))
+    assert main(["study", "--config", str(y), "--out", str(out), "--plan", "true"]) == 0
+    printed = capsys.readouterr().out
+    assert "| standard/default/short/seed0 | settled |" in printed
+    assert "| standard/default/short/seed1 | evaluate |" in printed
+    assert "| move-x1/default/short/seed0 | fit, evaluate |" in printed
+    assert "2 fit(s) and 3 evaluation(s) to run" in printed
+    assert len(fake()) == n and sorted(p.name for p in out.rglob("*")) == before
+
+
 def test_a_target_judged_on_part_of_the_seeds_says_so(tmp_path, fake, monkeypatch):
     import shutil
 

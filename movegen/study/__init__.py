@@ -86,14 +86,16 @@ __all__ = [
 
 def run_study(config: str | Path, out: str | Path, *, parallel: int | None = None,
               inputs: str | Path | None = None, arms: list[str] | None = None,
-              stop_fits_after: float | None = None) -> dict:  # fmt: skip
+              stop_fits_after: float | None = None, plan: bool = False) -> dict:  # fmt: skip
     """Train and evaluate every run of the study ``config`` into ``out`` (resuming what is
     there), write ``out/study.json`` and ``out/report/``; returns the study.json object.
     ``inputs``: a folder of inputs built before (an earlier study's ``OUT/inputs``), used instead
     of the YAML's input recipes. ``arms``: only these arms (and the standard arm), e.g. to
     see the key comparison first; a later call with all arms adds the rest. ``stop_fits_after``
     (seconds): no fit starts after it; the running ones and the evaluations of every finished
-    fit go on, then the study stops, incomplete, and a later call goes on."""
+    fit go on, then the study stops, incomplete, and a later call goes on. ``plan``: write and run
+    nothing; return ``{"plan": [...], "fits": n, "evaluations": m, "inputs": k}``, what a call
+    would do now with each run (see :func:`_plan`)."""
     import dataclasses
     import fcntl
 
@@ -110,6 +112,8 @@ def run_study(config: str | Path, out: str | Path, *, parallel: int | None = Non
     else:
         subset = False
     out = Path(out).resolve()
+    if plan:
+        return _run_study(spec, out, parallel, subset, plan=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "study.lock", "w") as lock:
         try:  # two studies in one folder would train the same runs twice
@@ -120,7 +124,7 @@ def run_study(config: str | Path, out: str | Path, *, parallel: int | None = Non
 
 
 def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = False,
-               stop_fits_after: float | None = None) -> dict:  # fmt: skip
+               stop_fits_after: float | None = None, plan: bool = False) -> dict:  # fmt: skip
     study_path = out / "study.json"
     prev = read_json(study_path) if study_path.exists() else None
     if study_path.exists() and prev is None:
@@ -315,6 +319,8 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         # the longest (this budget decides the regularisation because it overfits), so starting
         # them last would leave the study waiting on a few long fits at its end
         jobs.sort(key=lambda j: not (j.kind == "fit" and f"/{spec.select_on}/" in j.key))
+    if plan:
+        return _plan(spec, keys, jobs, run_of, _chosen)
     check_reference_data(spec, inputs)  # before hours of training, not at the first evaluation
     write()
     try:
@@ -352,6 +358,38 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         raise ValueError(f"{len(bad)} of {len(outcomes)} steps of the study did not succeed ({first}); the report "
                          "covers the rest. Run the same command again to retry them: finished runs are kept")  # fmt: skip
     return doc
+
+
+def _plan(spec: StudySpec, keys: list, jobs: list[Job], run_of, chosen) -> dict:
+    """What a call of the study would do now, run by run, without doing it: ``settled`` (fit
+    and evaluation done), ``evaluate`` (the fit's model.ckpt is there), ``resume, evaluate``
+    (a last.ckpt), ``fit again, evaluate`` (finished once, but neither its checkpoint nor its
+    evaluation is kept), ``fit, evaluate``, ``diverged`` (not retried), or ``after the choice``
+    (its grid point is chosen on another budget first)."""
+    rows, fits, evals = [], 0, 0
+    for arm, budget, seed, gid in keys:
+        g = gid or chosen(arm, budget)
+        if g is None:
+            rows.append({"id": f"{arm}/?/{budget.name}/seed{seed}", "action": "after the choice"})
+            fits, evals = fits + 1, evals + 1
+            continue
+        run = run_of(arm, g, budget, seed)
+        current = evaluation(spec, run) is not None
+        if fit_diverged(run.dir, run.log("fit")):
+            action = "diverged"
+        elif run_settled(spec, run):
+            action = "settled" if current else "evaluate"
+        elif (run.dir / "last.ckpt").exists():
+            action = "resume, evaluate"
+        elif (read_json(run.dir / "metrics.json") or {}).get("status") == "finished":
+            action = "fit again, evaluate"
+        else:
+            action = "fit, evaluate"
+        fits += "fit" in action or action.startswith("resume")
+        evals += "evaluate" in action
+        rows.append({"id": run.id, "action": action})
+    missing = [j.key.split(":", 1)[1] for j in jobs if j.kind == "input" and not j.done()]
+    return {"plan": rows, "fits": fits, "evaluations": evals, "inputs": missing}
 
 
 def check_reference_data(spec: StudySpec, inputs: dict[str, Path]) -> None:
