@@ -24,8 +24,14 @@ PY=${PYTHON:-python3}
 mg() { $PY -m movegen "$@"; }
 if [[ "$INPUTS" == *.tar.xz ]]; then  # the inputs a study keeps in the repo (studies/*/inputs.tar.xz)
   # unpacked where they were built: the runs record their code stores' paths
-  to=${INPUTS_AT:-/tmp/study-work/inputs}
-  [ -f $to/codes-train/codes.npy ] || { mkdir -p $to && tar -xJf "$INPUTS" -C $to && echo "unpacked $INPUTS into $to"; }
+  # (a marker names the archive: a folder holding other inputs, e.g. from study_inputs.sh, is
+  # refused rather than used under the same paths; a cut unpack never takes the final name)
+  to=${INPUTS_AT:-/tmp/study-work/inputs}; mark=.from-$(sha256sum "$INPUTS" | cut -c1-16)
+  if [ ! -f "$to/$mark" ]; then
+    [ -e "$to" ] && { echo "$to holds other inputs than $INPUTS: remove it or set INPUTS_AT"; exit 2; }
+    rm -rf "$to.part" && mkdir -p "$to.part" && tar -xJf "$INPUTS" -C "$to.part" && touch "$to.part/$mark" \
+      && mv "$to.part" "$to" && echo "unpacked $INPUTS into $to" || { echo "could not unpack $INPUTS"; exit 2; }
+  fi
   INPUTS=$to
 fi
 if [ "$INPUTS" = synthetic ]; then

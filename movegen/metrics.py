@@ -297,10 +297,13 @@ def extract_features(
 
     if isinstance(images, torch.Tensor):
         images = images.split(batch_size)
-    out = [module(x.to(device)) for x in tqdm(images, desc="features", disable=not progress)]
+    out = []
+    for x in tqdm(images, desc="features", disable=not progress):
+        y = module(x.to(device))  # each batch's features to the CPU as they come
+        out.append(tuple(t.float().cpu() for t in y) if isinstance(y, tuple) else y.float().cpu())
     if out and isinstance(out[0], tuple):  # a module with several outputs: each concatenated
-        return tuple(torch.cat([o[i].float().cpu() for o in out]) for i in range(len(out[0])))
-    return torch.cat([o.float().cpu() for o in out])
+        return tuple(torch.cat([o[i] for o in out]) for i in range(len(out[0])))
+    return torch.cat(out)
 
 
 def reference_features(module: nn.Module, key: dict, load_images, cache_dir: str | os.PathLike,

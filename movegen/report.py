@@ -623,7 +623,7 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
             verdict = f"**met** by {c['margin']:.3g}{unit}" if c["met"] else (
                 f"**missed** by {-c['margin']:.3g}{unit}" if c["margin"] < 0 else "**missed**")  # fmt: skip
             # a study still running judges on the seeds it has: said so, next to the verdict
-            k, n = len(c["diff"]["per_seed"]), len(doc["seeds"])
+            k, n = len(c["diff"]["per_seed"]), len(doc.get("seeds") or [])
             if k < n and not doc.get("complete"):
                 verdict += f" (provisional: {k} of {n} seeds so far)"
             L.append(f"- {claim}: {verdict}; Δ {_diff_cell(c['diff'], fmt='{:+.4g}')}, per seed "

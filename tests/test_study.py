@@ -491,7 +491,7 @@ def test_jobs_spread_over_gpus_and_never_exceed_parallel(tmp_path, monkeypatch):
 
 
 def test_no_job_of_a_closed_kind_starts_after_its_time(tmp_path):
-    # fits may start only in the first 0.3 s: the first fit runs past it and is evaluated after
+    # fits may start only in the first 0.3 s: the first two run past it and are evaluated after
     # it; the fit that waits on the first never starts, nor its evaluation, and nothing fails
     import time
 
@@ -502,15 +502,19 @@ def test_no_job_of_a_closed_kind_starts_after_its_time(tmp_path):
         return study.Job(key=key, kind=kind, deps=deps, log=tmp_path / f"{key}.log", done=f.exists,
                          prepare=lambda: [sys.executable, "-c", code, str(f), str(sleep)])  # fmt: skip
 
+    # a fit finished in an earlier call, queued behind the two running fits: it is still settled
+    # after the deadline (when a slot frees) and evaluated
+    (tmp_path / "fit-c").touch()
+    settled = study.Job(key="fit-c", kind="fit", deps=(), log=tmp_path / "c.log", prepare=lambda: None,
+                        done=(tmp_path / "fit-c").exists)  # fmt: skip
     jobs = [job("fit-a", "fit", sleep=0.6), job("eval-a", "evaluate", ("fit-a",)),
-            job("fit-b", "fit", ("fit-a",)), job("eval-b", "evaluate", ("fit-b",))]  # fmt: skip
+            job("fit-b", "fit", ("fit-a",)), job("eval-b", "evaluate", ("fit-b",)),
+            job("fit-x", "fit", sleep=0.6), settled, job("eval-c", "evaluate", ("fit-c",))]  # fmt: skip
     t = time.time()
     res = study.run_jobs(jobs, parallel=2, gpus=[], start_until={"fit": time.time() + 0.3})
-    assert (
-        res["fit-a"].state == "ok"
-        and res["eval-a"].state == "ok"
-        and set(res) == {"fit-a", "eval-a"}
-    )
+    assert set(res) == {"fit-a", "eval-a", "fit-x", "fit-c", "eval-c"}
+    assert all(res[k].state == "ok" for k in ("fit-a", "eval-a", "fit-x", "eval-c"))
+    assert res["fit-c"].state == "done"
     assert (tmp_path / "eval-a").exists() and not (tmp_path / "fit-b").exists()
     assert time.time() - t < 10
 
@@ -688,7 +692,9 @@ def test_select_seeds_choose_the_point_and_the_other_seeds_train_it_only(tmp_pat
     with caplog.at_level(logging.WARNING):
         again = study.run_study(y, tmp_path / "out")
     assert again["launched"] == {"input": 0, "fit": 1, "evaluate": 1}
-    assert "finished before but was never evaluated, and its model.ckpt is gone" in caplog.text
+    assert (
+        "finished before but has no current evaluation, and its model.ckpt is gone" in caplog.text
+    )
     with pytest.raises(ValueError, match="select_seeds needs select_on"):
         y.write_text(_study_yaml(tmp_path, grid="grid: {model.config.resid_dropout: [0.0, 0.1]}\nselect_seeds: [0]\n",
                                  budgets=budgets))  # fmt: skip

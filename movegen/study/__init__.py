@@ -94,7 +94,7 @@ def run_study(config: str | Path, out: str | Path, *, parallel: int | None = Non
     see the key comparison first; a later call with all arms adds the rest. ``stop_fits_after``
     (seconds): no fit starts after it; the running ones and the evaluations of every finished
     fit go on, then the study stops, incomplete, and a later call goes on. ``plan``: write and run
-    nothing; return ``{"plan": [...], "fits": n, "evaluations": m, "inputs": k}``, what a call
+    nothing; return ``{"plan": [...], "fits": n, "evaluations": m, "inputs": [names]}``, what a call
     would do now with each run (see :func:`_plan`)."""
     import dataclasses
     import fcntl
@@ -250,6 +250,12 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
                              f"{settings}; delete that run folder or use another --out")  # fmt: skip
         return run
 
+    def fit_done(arm: Arm, budget: Budget, seed: int, gid: str | None, key: str) -> bool:
+        if key in bound:
+            return run_settled(spec, bound[key])
+        g = gid or _chosen(arm.name, budget)  # (a run waiting for the choice, not bound yet)
+        return g is not None and run_settled(spec, run_of(arm.name, g, budget, seed))
+
     launched: dict[str, Any] = {}  # fit job key -> its command
 
     def fit_prepare(
@@ -268,7 +274,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         if overwrite:
             was = (read_json(run.dir / "metrics.json") or {}).get("status") == "finished"
             log.warning("%s %s; starting it again", run.dir,
-                        "finished before but was never evaluated, and its model.ckpt is gone" if was
+                        "finished before but has no current evaluation, and its model.ckpt is gone" if was
                         else "has no finished run and nothing to resume from")  # fmt: skip
         cmd = fit_command(spec, arm, run, inputs, resume=resume, overwrite=overwrite)
         launched["fit:" + key] = cmd
@@ -303,7 +309,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
                 # (a diverged run on select_on still lets the choice be made: `after`, not deps)
                 jobs.append(Job(key="fit:" + key, kind="fit", deps=fit_deps, after=sel_deps,
                                 prepare=lambda a=arm, b=budget, s=seed, g=gid, k=key: fit_prepare(a, b, s, g, k),
-                                done=lambda k=key: run_settled(spec, bound[k]),
+                                done=lambda a=arm, b=budget, s=seed, g=gid, k=key: fit_done(a, b, s, g, k),
                                 log=lambda k=key: bound[k].log("fit"),
                                 exit_states={DIVERGED_EXIT: "diverged"}))  # fmt: skip
                 # one evaluation scores every reference (and memorisation)
@@ -314,11 +320,6 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
     log.info("study %s: %d arms x %d grid points x %d budgets x %d seeds; %d at once%s", spec.name,
              len(spec.arms), len(spec.grid), len(spec.budgets), len(spec.seeds), parallel,
              f" on GPUs {','.join(gpus)}" if gpus else " on the CPU")  # fmt: skip
-    if spec.select_on is not None and len(spec.grid) > 1:
-        # the choosing fits first: the other seeds' fits on select_on wait for them, and they are
-        # the longest (this budget decides the regularisation because it overfits), so starting
-        # them last would leave the study waiting on a few long fits at its end
-        jobs.sort(key=lambda j: not (j.kind == "fit" and f"/{spec.select_on}/" in j.key))
     if plan:
         return _plan(spec, keys, jobs, run_of, _chosen)
     check_reference_data(spec, inputs)  # before hours of training, not at the first evaluation

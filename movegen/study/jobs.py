@@ -113,8 +113,15 @@ def run_jobs(jobs: list[Job], *, parallel: int, gpus: list[str],
         outcomes[job.key] = o
         on_finish(job, o)
 
-    def closed(job: Job) -> bool:  # past its kind's last start time
-        return start_until is not None and time.time() > start_until.get(job.kind, float("inf"))
+    was_done: dict[str, bool] = {}  # (a job that has not run does not become done: asked once)
+
+    def closed(job: Job) -> bool:  # past its kind's last start time (and not already done:
+        # a finished fit is still settled, when a slot frees, so that its evaluation runs)
+        if start_until is None or time.time() <= start_until.get(job.kind, float("inf")):
+            return False
+        if job.key not in was_done:
+            was_done[job.key] = job.done()
+        return not was_done[job.key]
 
     def ready(job: Job) -> bool:
         return all(d in outcomes for d in (*job.deps, *job.after)) and not closed(job)
