@@ -759,8 +759,11 @@ def test_a_study_told_to_stop_starting_fits_ends_incomplete_and_goes_on_later(
         doc = study.run_study(y, out, stop_fits_after=0)
     assert doc["launched"]["fit"] == 0 and not doc["complete"]
     assert "stopped starting fits after 0 s: 4 fit(s) and 4 evaluation(s) left" in caplog.text
-    again = study.run_study(y, out)
+    with caplog.at_level(logging.INFO):
+        again = study.run_study(y, out)
     assert again["complete"] and again["launched"] == {"input": 0, "fit": 4, "evaluate": 4}
+    assert "progress: fits 1/4, evaluations 0/4" in caplog.text  # logged as runs end
+    assert "progress: fits 4/4, evaluations 4/4" in caplog.text
 
 
 def test_plan_says_what_a_call_would_do_and_does_nothing(tmp_path, fake, capsys):

@@ -234,6 +234,15 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
                 w[job.kind] = round(w.get(job.kind, 0) + o.seconds, 1) if resumed else o.seconds
         if job.kind in ("fit", "evaluate") and o.state != "done":
             write()
+            log.info("progress: %s; %.0f s since the start", progress(), time.time() - t_start)
+
+    def progress() -> str:
+        """``fits a/n, evaluations b/n``: the ended ones (settled, run, diverged or failed)."""
+        parts = []
+        for kind, name in (("fit", "fits"), ("evaluate", "evaluations")):
+            mine = [j.key for j in jobs if j.kind == kind]
+            parts.append(f"{name} {sum(k in outcomes for k in mine)}/{len(mine)}")
+        return ", ".join(parts)
 
     def bind(arm: Arm, budget: Budget, seed: int, gid: str | None, key: str) -> Run:
         if key in bound:
