@@ -58,6 +58,7 @@ from .runs import (
     _run_record,
     eval_command,
     evaluation,
+    fit_action,
     fit_command,
     fit_diverged,
     fit_finished,
@@ -271,20 +272,21 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         arm: Arm, budget: Budget, seed: int, gid: str | None, key: str
     ) -> list[str] | Outcome | None:
         run = bind(arm, budget, seed, gid, key)
-        if run_settled(spec, run):
+        action = fit_action(spec, run)
+        if action == "settled":
             return None
-        if d := fit_diverged(run.dir, run.log("fit")):
+        if action == "diverged":
+            d = fit_diverged(run.dir, run.log("fit"))
             log.info("%s diverged at step %s before; not retried (delete %s to train it again)",
                      run.id, d["step"], run.dir)  # fmt: skip
             return Outcome("diverged", d["message"])
-        resume = (run.dir / "last.ckpt").exists()
+        resume = action == "resume"
         # a folder with nothing to resume from: fit replaces its own files (and refuses others)
-        overwrite = not resume and run.dir.is_dir() and any(run.dir.iterdir())
+        overwrite = action in ("again", "restart")
         if overwrite:
-            was = (read_json(run.dir / "metrics.json") or {}).get("status") == "finished"
             log.warning("%s %s; starting it again", run.dir,
-                        "finished before but has no current evaluation, and its model.ckpt is gone" if was
-                        else "has no finished run and nothing to resume from")  # fmt: skip
+                        "finished before but has no current evaluation, and its model.ckpt is gone"
+                        if action == "again" else "has no finished run and nothing to resume from")  # fmt: skip
         cmd = fit_command(spec, arm, run, inputs, resume=resume, overwrite=overwrite)
         launched["fit:" + key] = cmd
         return cmd
@@ -384,17 +386,12 @@ def _plan(spec: StudySpec, keys: list, jobs: list[Job], run_of, chosen) -> dict:
             fits, evals = fits + 1, evals + 1
             continue
         run = run_of(arm, g, budget, seed)
-        current = evaluation(spec, run) is not None
-        if fit_diverged(run.dir, run.log("fit")):
-            action = "diverged"
-        elif run_settled(spec, run):
-            action = "settled" if current else "evaluate"
-        elif (run.dir / "last.ckpt").exists():
-            action = "resume, evaluate"
-        elif (read_json(run.dir / "metrics.json") or {}).get("status") == "finished":
-            action = "fit again, evaluate"
+        fit = fit_action(spec, run)  # what fit_prepare will decide
+        if fit == "settled":
+            action = "settled" if evaluation(spec, run) is not None else "evaluate"
         else:
-            action = "fit, evaluate"
+            action = {"diverged": "diverged", "resume": "resume, evaluate",
+                      "again": "fit again, evaluate"}.get(fit, "fit, evaluate")  # fmt: skip
         fits += "fit" in action or action.startswith("resume")
         evals += "evaluate" in action
         rows.append({"id": run.id, "action": action})

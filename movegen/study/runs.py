@@ -89,8 +89,28 @@ def run_settled(spec: StudySpec, run: Run) -> bool:
     between calls)."""
     if fit_finished(run.dir):
         return True
-    m = read_json(run.dir / "metrics.json")
-    return bool(m) and m.get("status") == "finished" and evaluation(spec, run) is not None
+    return recorded_finished(run.dir) and evaluation(spec, run) is not None
+
+
+def recorded_finished(run_dir: Path) -> bool:
+    """The run's ``metrics.json`` says its fit finished (its checkpoints may be gone)."""
+    return (read_json(run_dir / "metrics.json") or {}).get("status") == "finished"
+
+
+def fit_action(spec: StudySpec, run: Run) -> str:
+    """What a call of the study does with a run's fit: ``settled`` (:func:`run_settled`: nothing),
+    ``diverged`` (not retried), ``resume`` (from its last.ckpt), ``again`` (it finished once, but
+    neither its checkpoint nor a current evaluation is kept), ``restart`` (a folder with nothing
+    to resume from) or ``new``."""
+    if run_settled(spec, run):
+        return "settled"
+    if fit_diverged(run.dir, run.log("fit")):
+        return "diverged"
+    if (run.dir / "last.ckpt").exists():
+        return "resume"
+    if recorded_finished(run.dir):
+        return "again"
+    return "restart" if run.dir.is_dir() and any(run.dir.iterdir()) else "new"
 
 
 DIVERGED_EXIT = 3  # `movegen fit`: the loss became NaN or infinite (runs.TrainingDiverged)
@@ -101,11 +121,7 @@ def fit_diverged(run_dir: Path, log: Path | None = None) -> dict | None:
     """``{"step", "message"}`` of a fit whose ``run.json`` says ``diverged`` (the step from its
     message there, else from the last such message in its log), or None."""
     rec = read_json(run_dir / "run.json")
-    if (
-        rec is None
-        or rec.get("status") != "diverged"
-        or (read_json(run_dir / "metrics.json") or {}).get("status") == "finished"
-    ):
+    if rec is None or rec.get("status") != "diverged" or recorded_finished(run_dir):
         return None
     msg = rec.get("error") or ""
     if not _AT_STEP.search(msg) and log is not None and log.exists():
