@@ -310,9 +310,8 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
                                      cache_dir=cache, data_root=data_root, device=device, max_images=ref_max)
                 for split in refs}  # fmt: skip
 
-    phases: dict[
-        str, float
-    ] = {}  # seconds per phase, in the result: where an evaluation's time goes
+    # seconds per phase, in the result: where an evaluation's time goes
+    phases: dict[str, float] = {}
     tick = time.time()
 
     def lap(name: str) -> None:

@@ -147,43 +147,34 @@ class InceptionFeatures(nn.Module):
         u8 = self.quantise(x)
         with _full_fp32():  # the reference evaluators' network runs in full fp32
             if self.kind == "spatial":
-                return self._spatial(u8)
+                return self._with_spatial(u8, stop=True)[1]
             if self.kind == "all":
-                out = {}
-                h = self.net.Mixed_6d.branch1x1.register_forward_hook(
-                    lambda _m, _inp, y: out.setdefault("y", y)
-                )
-                try:
-                    pool, logits = self.net(u8)
-                finally:
-                    h.remove()
-                return pool, logits, self._sfid(out["y"])
+                (pool, logits), spatial = self._with_spatial(u8, stop=False)
+                return pool, logits, spatial
             if self.kind == "pool+logits":
                 return tuple(self.net(u8))
             return self.net(u8)[0]
 
-    @staticmethod
-    def _sfid(y: torch.Tensor) -> torch.Tensor:
-        return y[:, :7].permute(0, 2, 3, 1).flatten(1).float()
-
-    def _spatial(self, u8: torch.Tensor) -> torch.Tensor:
-        """sFID features as ADM's evaluator takes them: the first 7 channels of ``mixed_6/conv``
-        (torch-fidelity's ``Mixed_6d.branch1x1``, after its ReLU), 17 x 17 x 7 in HWC order; the
-        forward stops there."""
+    def _with_spatial(self, u8: torch.Tensor, stop: bool):
+        """``(the network's outputs, or None with stop, sFID features)``: the sFID features as
+        ADM's evaluator takes them, the first 7 channels of ``mixed_6/conv`` (torch-fidelity's
+        ``Mixed_6d.branch1x1``, after its ReLU), 17 x 17 x 7 in HWC order; with ``stop`` the
+        forward ends there."""
         out = {}
 
         def grab(_m, _inp, y):
             out["y"] = y
-            raise _StopForward
+            if stop:
+                raise _StopForward
 
         h = self.net.Mixed_6d.branch1x1.register_forward_hook(grab)
         try:
-            self.net(u8)
+            res = self.net(u8)
         except _StopForward:
-            pass
+            res = None
         finally:
             h.remove()
-        return self._sfid(out["y"])
+        return res, out["y"][:, :7].permute(0, 2, 3, 1).flatten(1).float()
 
 
 INCEPTION_KINDS = ("features", "logits", "spatial", "pool+logits", "all")
