@@ -731,12 +731,8 @@ def test_inputs_folder_replaces_the_recipes(tmp_path, fake):
     }
 
 
-def test_an_interrupted_study_still_reports_what_finished(tmp_path, fake, monkeypatch):
-    y = tmp_path / "s.yaml"
-    y.write_text(_study_yaml(tmp_path))
-    out = tmp_path / "out"
-    study.run_study(y, out, arms=["standard"])  # two runs finished and evaluated
-    (out / "report" / "README.md").unlink()
+def _interrupted_study(y, out, monkeypatch):
+    """`movegen study` interrupted (Ctrl-C) before any job runs: it still writes its report."""
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -744,6 +740,15 @@ def test_an_interrupted_study_still_reports_what_finished(tmp_path, fake, monkey
     monkeypatch.setattr(study, "run_jobs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         study.run_study(y, out)
+
+
+def test_an_interrupted_study_still_reports_what_finished(tmp_path, fake, monkeypatch):
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path))
+    out = tmp_path / "out"
+    study.run_study(y, out, arms=["standard"])  # two runs finished and evaluated
+    (out / "report" / "README.md").unlink()
+    _interrupted_study(y, out, monkeypatch)
     readme = (out / "report" / "README.md").read_text()
     assert "2 of 4 runs finished" in readme
     assert not json.loads((out / "study.json").read_text())["complete"]
@@ -800,13 +805,7 @@ def test_a_target_judged_on_part_of_the_seeds_says_so(tmp_path, fake, monkeypatc
     )
     for d in (*out.glob("runs/move-x1/*/short/seed1"), *out.glob("evals/move-x1/*/short/seed1")):
         shutil.rmtree(d)  # as if that run had not been trained yet
-
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(study, "run_jobs", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        study.run_study(y, out)
+    _interrupted_study(y, out, monkeypatch)
     part = (out / "report" / "README.md").read_text()
     assert "(provisional: 1 of 2 seeds so far); Δ" in part and "(1 seed)" in part
 
