@@ -822,3 +822,20 @@ def test_an_unreadable_reference_dataset_stops_the_study_before_any_fit(tmp_path
     ):
         study.run_study(y, tmp_path / "out")
     assert not [c for c in fake() if c["verb"] == "fit"]
+
+
+def test_the_longest_budget_fits_first_and_the_choosing_budget_before_all(tmp_path, fake):
+    budgets = ("  short: {max_steps: 20, val_check_interval: 10}\n  long: {max_steps: 40, val_check_interval: 10}\n"
+               "  mid: {max_steps: 30, val_check_interval: 10}\n")  # fmt: skip
+    y = tmp_path / "s.yaml"
+    y.write_text(_study_yaml(tmp_path, budgets=budgets))
+    study.run_study(y, tmp_path / "out", parallel=1)
+    steps = [f["flags"]["trainer.max_steps"] for f in fake() if f["verb"] == "fit"]
+    assert steps == ["40"] * 4 + ["30"] * 4 + ["20"] * 4  # 2 arms x 2 seeds per budget
+    # with a grid chosen on the short budget, its choosing runs start first
+    grid = "grid: {model.config.resid_dropout: [0.0, 0.1]}\nselect_on: short\n"
+    y.write_text(_study_yaml(tmp_path, budgets=budgets, grid=grid))
+    before = len(fake())
+    study.run_study(y, tmp_path / "out2", parallel=1)
+    steps = [f["flags"]["trainer.max_steps"] for f in fake()[before:] if f["verb"] == "fit"]
+    assert steps == ["20"] * 8 + ["40"] * 4 + ["30"] * 4, steps

@@ -328,6 +328,10 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
                                 prepare=lambda k=key: eval_prepare(k),
                                 done=lambda k=key: evaluation(spec, bound[k]) is not None,
                                 log=lambda k=key: bound[k].log("evaluate")))  # fmt: skip
+    # the longest budget's fits start first (the choosing budget before all): its runs bound the
+    # study's end, and a call cut short by --stop_fits_after then leaves the short runs, not the long
+    rank = {b.name: i for i, b in enumerate(launch_order(spec))}
+    jobs.sort(key=lambda j: rank[j.key.rsplit("/", 2)[1]] if j.kind != "input" else -1)
     log.info("study %s: %d arms x %d grid points x %d budgets x %d seeds; %d at once%s", spec.name,
              len(spec.arms), len(spec.grid), len(spec.budgets), len(spec.seeds), parallel,
              f" on GPUs {','.join(gpus)}" if gpus else " on the CPU")  # fmt: skip
@@ -436,6 +440,17 @@ def given_inputs(folder: Path, spec: StudySpec) -> dict:
         raise ValueError(f"--inputs {folder} lacks {', '.join(missing)}; it takes a study's OUT/inputs folder "
                          f"({', '.join(INPUT_FILES.values())})")  # fmt: skip
     return {"data": spec.inputs.get("data"), **{k: str(folder / rel) for k, rel in need.items()}}
+
+
+def launch_order(spec: StudySpec) -> list[Budget]:
+    """The budgets in the order their fits start: the one that chooses the grid point first
+    (the other budgets' runs wait on it), then the most steps first (longest-job-first keeps
+    a study's wall time near its longest run's and leaves the quick runs for the end)."""
+    return sorted(spec.budgets, key=lambda b: (b.name != spec.select_on, -_max_steps(b)))
+
+
+def _max_steps(budget: Budget) -> int:
+    return int(budget.args.get("trainer.max_steps", budget.args.get("max_steps", 0)))
 
 
 def _key(arm: str, gid: str | None, budget: str, seed: int) -> str:
