@@ -195,8 +195,11 @@ class Phases:
     for its own phase only. The device is synchronised at each boundary, so queued GPU work is
     charged to the phase that queued it."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, progress_every: float = 30.0):
         self.device, self.seconds, self._inner = device, defaultdict(float), []
+        # a line of the phases so far at most every progress_every seconds, so that a run cut
+        # off by a time limit still leaves its rates (decoded images are counted as they come)
+        self.decoded, self._every, self._printed = 0, progress_every, time.perf_counter()
 
     def wrap(self, fn, phase: str):
         @functools.wraps(fn)
@@ -212,6 +215,10 @@ class Phases:
                 self.seconds[phase] += dt - self._inner.pop()
                 if self._inner:
                     self._inner[-1] += dt
+                if time.perf_counter() - self._printed > self._every:
+                    self._printed = time.perf_counter()
+                    so_far = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+                    print(f"  so far: {so_far}; {self.decoded:,} images decoded", flush=True)
 
         return timed
 
@@ -225,7 +232,14 @@ class Phases:
 
         def load_and_time_decode(*args, **kwargs):
             model, ckpt, tok, tck = load(*args, **kwargs)
-            tok.decode = self.wrap(tok.decode, "decode")  # generate_images receives tok.decode
+            decode = tok.decode
+
+            def counted(*a, **k):
+                images = decode(*a, **k)
+                self.decoded += len(images)
+                return images
+
+            tok.decode = self.wrap(counted, "decode")  # generate_images receives tok.decode
             return model, ckpt, tok, tck
 
         patches = {
@@ -233,7 +247,7 @@ class Phases:
             (evaluate, "build_extractors"): self.wrap(evaluate.build_extractors, "setup"),
             (evaluate, "InceptionFeatures"): self.wrap(evaluate.InceptionFeatures, "setup"),
             (evaluate, "load_adm_reference"): self.wrap(evaluate.load_adm_reference, "ref_load"),
-            (evaluate, "sha256_file"): self.wrap(evaluate.sha256_file, "ref_load"),
+            (evaluate, "sha256_file_cached"): self.wrap(evaluate.sha256_file_cached, "ref_load"),
             (evaluate, "generate_images"): self.wrap(evaluate.generate_images, "sample"),
             (CompiledStep, "_capture"): self.wrap(CompiledStep._capture, "capture"),
             (evaluate, "extract_features"): self.wrap(evaluate.extract_features, "inception"),
