@@ -300,7 +300,9 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
     fit_deps = tuple(k for k in deps_in if k in ("input:codes", "input:val_codes"))
     eval_deps = tuple(k for k in deps_in if k == "input:classifier")
     choosing_seeds = spec.select_seeds or spec.seeds
-    for budget in spec.budgets:
+    # the longest budget's fits start first (the choosing budget before all): its runs bound the
+    # study's end, and a call cut short by --stop_fits_after then leaves the short runs, not the long
+    for budget in launch_order(spec):
         for arm in spec.arms:
             # a run waits for the choice unless it is one of the choosing runs (and with one grid
             # point there is nothing to choose, so nothing to wait for)
@@ -328,10 +330,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
                                 prepare=lambda k=key: eval_prepare(k),
                                 done=lambda k=key: evaluation(spec, bound[k]) is not None,
                                 log=lambda k=key: bound[k].log("evaluate")))  # fmt: skip
-    # the longest budget's fits start first (the choosing budget before all): its runs bound the
-    # study's end, and a call cut short by --stop_fits_after then leaves the short runs, not the long
-    rank = {b.name: i for i, b in enumerate(launch_order(spec))}
-    jobs.sort(key=lambda j: rank[j.key.rsplit("/", 2)[1]] if j.kind != "input" else -1)
+    keys.sort(key=lambda k: spec.budgets.index(k[1]))  # the records keep the config's order
     log.info("study %s: %d arms x %d grid points x %d budgets x %d seeds; %d at once%s", spec.name,
              len(spec.arms), len(spec.grid), len(spec.budgets), len(spec.seeds), parallel,
              f" on GPUs {','.join(gpus)}" if gpus else " on the CPU")  # fmt: skip
@@ -446,11 +445,10 @@ def launch_order(spec: StudySpec) -> list[Budget]:
     """The budgets in the order their fits start: the one that chooses the grid point first
     (the other budgets' runs wait on it), then the most steps first (longest-job-first keeps
     a study's wall time near its longest run's and leaves the quick runs for the end)."""
-    return sorted(spec.budgets, key=lambda b: (b.name != spec.select_on, -_max_steps(b)))
-
-
-def _max_steps(budget: Budget) -> int:
-    return int(budget.args.get("trainer.max_steps", budget.args.get("max_steps", 0)))
+    # (load_study gives every budget trainer.max_steps)
+    return sorted(
+        spec.budgets, key=lambda b: (b.name != spec.select_on, -int(b.args["trainer.max_steps"]))
+    )
 
 
 def _key(arm: str, gid: str | None, budget: str, seed: int) -> str:
