@@ -714,11 +714,17 @@ def test_inputs_folder_replaces_the_recipes(tmp_path, fake):
     with pytest.raises(ValueError, match=r"--arms: \['move-x9'\] not in"):
         study.run_study(y, tmp_path / "out", inputs=inp, arms=["move-x9"])
     doc = study.run_study(y, tmp_path / "out", inputs=inp, arms=["standard"])
-    assert doc["arms"] == ["standard"] and len(doc["runs"]) == 2
-    assert not doc["complete"] and doc["arms_subset"]  # the YAML has another arm
-    doc = study.run_study(y, tmp_path / "out", inputs=inp)
-    assert doc["launched"]["fit"] == 2  # the other arm only
+    # the record keeps every arm: the other one's runs pending, not dropped
+    assert doc["arms"] == ["standard", "move-x1"] and doc["arms_subset"] == ["standard"]
+    assert [r["status"] for r in doc["runs"] if r["arm"] == "standard"] == ["finished"] * 2
+    assert [r["status"] for r in doc["runs"] if r["arm"] == "move-x1"] == ["pending"] * 2
+    assert not doc["complete"] and doc["launched"]["fit"] == 2
+    doc = study.run_study(y, tmp_path / "out", inputs=inp, arms=["move-x1"])
+    assert doc["launched"]["fit"] == 2  # the other arm only (standard's runs are settled)
     assert doc["complete"] and doc["inputs"]["codes"] == str(inp.resolve() / "codes-train")
+    # a subset call after the others finished leaves every arm's records in study.json
+    doc = study.run_study(y, tmp_path / "out", inputs=inp, arms=["standard"])
+    assert doc["launched"]["fit"] == 0 and len(doc["runs"]) == 4 and doc["complete"]
     fits = [c["flags"] for c in fake() if c["verb"] == "fit"]
     assert {f["data.codes"] for f in fits} == {str(inp.resolve() / "codes-train")}
     assert {c["flags"]["features"] for c in fake() if c["verb"] == "evaluate"} == {
@@ -787,6 +793,10 @@ def test_plan_says_what_a_call_would_do_and_does_nothing(tmp_path, fake, capsys)
     assert "| standard/default/short/seed1 | evaluate |" in printed
     assert "| move-x1/default/short/seed0 | fit, evaluate |" in printed
     assert "2 fit(s) and 3 evaluation(s) to run" in printed
+    assert main(["study", "--config", str(y), "--out", str(out), "--plan", "true", "--arms", "[standard]"]) == 0
+    printed = capsys.readouterr().out
+    assert "| move-x1/default/short/seed0 | not in --arms |" in printed
+    assert "0 fit(s) and 1 evaluation(s) to run" in printed
     assert len(fake()) == n and sorted(p.name for p in out.rglob("*")) == before
 
 

@@ -103,15 +103,12 @@ def run_study(config: str | Path, out: str | Path, *, parallel: int | None = Non
     spec = load_study(config)
     if inputs is not None:
         spec = dataclasses.replace(spec, inputs=given_inputs(Path(inputs), spec))
+    subset = None  # --arms: only these arms' runs are trained and evaluated
     if arms:
         names = [a.name for a in spec.arms]
         if bad := [a for a in arms if a not in names]:
             raise ValueError(f"--arms: {bad} not in the study's arms {names}")
-        keep = {*arms, spec.standard}
-        spec = dataclasses.replace(spec, arms=tuple(a for a in spec.arms if a.name in keep))
-        subset = True
-    else:
-        subset = False
+        subset = [a for a in names if a in {*arms, spec.standard}]
     out = Path(out).resolve()
     if plan:
         return _run_study(spec, out, parallel, subset, plan=True)
@@ -124,7 +121,7 @@ def run_study(config: str | Path, out: str | Path, *, parallel: int | None = Non
         return _run_study(spec, out, parallel, subset, stop_fits_after)
 
 
-def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = False,
+def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: list[str] | None = None,
                stop_fits_after: float | None = None, plan: bool = False) -> dict:  # fmt: skip
     study_path = out / "study.json"
     prev = read_json(study_path) if study_path.exists() else None
@@ -210,10 +207,11 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
         }  # fmt: skip
         doc["diverged"] = [r["id"] for r in doc["runs"] if r["status"] == "diverged"]
         # complete: nothing left to do (a diverged run is a result, and is not retried)
-        doc["arms_subset"] = subset  # (--arms: the YAML has more arms, so never complete)
+        # --arms: the arms this call ran; the record still holds every arm's runs (the others as
+        # an earlier call left them), so it is complete once they are all settled
+        doc["arms_subset"] = subset
         doc["complete"] = (
             final
-            and not subset
             and all(
                 (r["status"] == "finished" and r.get("evaluated")) or r["status"] == "diverged"
                 for r in doc["runs"]
@@ -319,6 +317,8 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
                                  for g in spec.grid for s in choosing_seeds) if lazy else ()  # fmt: skip
                 if not lazy:
                     bind(arm, budget, seed, gid, key)
+                if subset is not None and arm.name not in subset:
+                    continue  # recorded as it stands, not run
                 # (a diverged run on select_on still lets the choice be made: `after`, not deps)
                 jobs.append(Job(key="fit:" + key, kind="fit", deps=fit_deps, after=sel_deps,
                                 prepare=lambda a=arm, b=budget, s=seed, g=gid, k=key: fit_prepare(a, b, s, g, k),
@@ -335,7 +335,7 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
              len(spec.arms), len(spec.grid), len(spec.budgets), len(spec.seeds), parallel,
              f" on GPUs {','.join(gpus)}" if gpus else " on the CPU")  # fmt: skip
     if plan:
-        return _plan(spec, keys, jobs, run_of, _chosen)
+        return _plan(spec, keys, jobs, run_of, _chosen, subset)
     check_reference_data(spec, inputs)  # before hours of training, not at the first evaluation
     write()
     try:
@@ -375,15 +375,23 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: bool = 
     return doc
 
 
-def _plan(spec: StudySpec, keys: list, jobs: list[Job], run_of, chosen) -> dict:
+def _plan(spec: StudySpec, keys: list, jobs: list[Job], run_of, chosen,
+          subset: list[str] | None = None) -> dict:  # fmt: skip
     """What a call of the study would do now, run by run, without doing it: ``settled`` (fit
     and evaluation done), ``evaluate`` (the fit's model.ckpt is there), ``resume, evaluate``
     (a last.ckpt), ``fit again, evaluate`` (finished once, but neither its checkpoint nor its
     evaluation is kept), ``fit, evaluate``, ``diverged`` (not retried), or ``after the choice``
-    (its grid point is chosen on another budget first)."""
+    (its grid point is chosen on another budget first); with ``subset`` (``--arms``), an arm
+    outside it is ``not in --arms`` unless settled."""
     rows, fits, evals = [], 0, 0
     for arm, budget, seed, gid in keys:
         g = gid or chosen(arm, budget)
+        if subset is not None and arm not in subset:
+            run = run_of(arm, g, budget, seed) if g else None
+            done = run is not None and run_settled(spec, run) and evaluation(spec, run) is not None
+            rows.append({"id": run.id if run else f"{arm}/?/{budget.name}/seed{seed}",
+                         "action": "settled" if done else "not in --arms"})  # fmt: skip
+            continue
         if g is None:
             rows.append({"id": f"{arm}/?/{budget.name}/seed{seed}", "action": "after the choice"})
             fits, evals = fits + 1, evals + 1
