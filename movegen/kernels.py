@@ -183,18 +183,18 @@ if HAVE_TRITON:
         d = tl.arange(0, D)
         start = c * CHUNK
         end = tl.minimum(start + CHUNK, N)
-        prev = tl.load(sid_ptr + start)
+        prev = tl.load(sid_ptr + start).to(tl.int64)  # (int32 or int64 indices: 64-bit offsets)
         acc = tl.zeros((M_PAD, D), dtype=tl.float32)
         cols = m[:, None] * (H * D) + h * D + d[None, :]  # a row's (M, H, D) layout
         for i in range(start, end):
-            idv = tl.load(sid_ptr + i)
+            idv = tl.load(sid_ptr + i).to(tl.int64)
             if idv != prev:
                 tl.atomic_add(
                     out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed"
                 )
                 acc = tl.zeros((M_PAD, D), dtype=tl.float32)
                 prev = idv
-            row = tl.load(order_ptr + i) * H + h  # (b*T + t) * H + h
+            row = tl.load(order_ptr + i).to(tl.int64) * H + h  # (b*T + t) * H + h
             gp = g_ptr + row * G + (G - M) + m
             dp = dv_ptr + row * D + d
             for _ in tl.static_range(L):  # stepping the pointers: no 32-bit l * stride (> 2**31)
@@ -463,17 +463,19 @@ def _(dout, v, gates, table, ids, gated):
 
 
 @torch.library.custom_op("movegen::bank_rows_grad", mutates_args=())
-def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_rows: int,
-                   slots: int) -> torch.Tensor:  # fmt: skip
+def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_rows: int, slots: int,
+                   sid: torch.Tensor | None = None, order: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The bank gradient in one pass: ``gs (L, B, T, H, G)`` gates, ``dvs (L, B, T, H, D)`` value
     gradients, ``ids (B, T)`` -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens
     with id ``k`` and over layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order,
     so a run of one id is summed in registers and added to its row once (fp32 atomics: the
-    order of the adds, and so the last bits, may vary between runs)."""
+    order of the adds, and so the last bits, may vary between runs). ``sid, order``: the ids
+    sorted before (``id_groups``' first two, as the grouped forward sorted them), else sorted here."""
     L, B, T, H, G = gs.shape
     D = dvs.shape[-1]
     gs, dvs = gs.contiguous(), dvs.contiguous()
-    sid, order = torch.sort(ids.reshape(-1))
+    if sid is None or order is None:
+        sid, order = torch.sort(ids.reshape(-1))
     out = torch.zeros(num_rows, slots, H, D, device=dvs.device, dtype=torch.float32)
     N, chunk = B * T, 64
     _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0),
@@ -483,7 +485,7 @@ def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_r
 
 
 @bank_rows_grad.register_fake
-def _(gs, dvs, ids, num_rows, slots):
+def _(gs, dvs, ids, num_rows, slots, sid=None, order=None):
     H, D = dvs.shape[-2:]
     return torch.empty(num_rows, slots, H, D, dtype=torch.float32, device=dvs.device)
 

@@ -131,12 +131,13 @@ class _BankTaps(torch.autograd.Function):
     ``mem`` from the taps' gradients: ``d memh = sum_l g_l (x) dv_l``, or its rows summed by id."""
 
     @staticmethod
-    def forward(ctx, mem, ids, n_layers: int, n_gates: int, dtype=None):
+    def forward(ctx, mem, ids, n_layers: int, n_gates: int, dtype=None, groups=None):
         if ids is None:
             B, T, H, M, D = mem.shape
         else:  # the table is cast here, so its gradient goes to the weight in fp32 directly
             (V, M, H, D), (B, T) = mem.shape, ids.shape
-            ctx.save_for_backward(ids)
+            # the grouped forward's sort (sid, order) serves the bank gradient too
+            ctx.save_for_backward(ids, *(groups[:2] if groups is not None else ()))
             ctx.num_rows = V
             mem = mem.to(dtype or mem.dtype)
         ctx.table, ctx.off, ctx.slots, ctx.dtype = ids is not None, n_gates - M, M, mem.dtype
@@ -153,20 +154,21 @@ class _BankTaps(torch.autograd.Function):
         gs = [g for g in grads[0::2] if g is not None]
         dvs = [d for d in grads[1::2] if d is not None]
         if not gs:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if ctx.table:  # Triton: all layers and all tokens of an id summed into its row, fp32
-            (ids,) = ctx.saved_tensors
+            ids, *sorted_ids = ctx.saved_tensors
             rows = torch.ops.movegen.bank_rows_grad(
-                torch.stack(gs), torch.stack(dvs).to(ctx.dtype), ids, ctx.num_rows, ctx.slots
+                torch.stack(gs), torch.stack(dvs).to(ctx.dtype), ids, ctx.num_rows, ctx.slots,
+                *sorted_ids,
             )  # (V, M, H, D)
-            return rows, None, None, None, None
+            return rows, None, None, None, None, None
         G = torch.stack([g[..., off:] for g in gs], dim=-1)  # (B, T, H, M, L)
         DV = torch.stack(dvs, dim=-2).to(G.dtype)  # (B, T, H, L, D)
         if torch.compiler.is_compiling():  # fused: sum over L of g (x) dv, written once
             grad = (G.unsqueeze(-1) * DV.unsqueeze(-3)).sum(-2)
         else:
             grad = torch.matmul(G, DV)  # (B, T, H, M, D): one product over the L layers
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class _Mix(torch.autograd.Function):
@@ -220,11 +222,12 @@ def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor 
     and detached, ids, groups)`` and the table's gradient comes back in its own dtype. With
     ``grouped`` the ids are sorted once here (``kernels.id_groups``) and every layer runs the
     kernels that read each bank row once per group of equal ids."""
-    out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype)
+    groups = kernels.id_groups(ids) if grouped and ids is not None else None
+    out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype, groups)
     taps = [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
     if ids is None:
         return out[0], taps
-    return (out[0], ids, kernels.id_groups(ids) if grouped else None), taps
+    return (out[0], ids, groups), taps
 
 
 def mix_tapped(v, gates, mem, taps, gate_standard_path: bool) -> torch.Tensor:
