@@ -157,9 +157,9 @@ class _BankTaps(torch.autograd.Function):
             return None, None, None, None, None, None
         if ctx.table:  # Triton: all layers and all tokens of an id summed into its row, fp32
             ids, *sorted_ids = ctx.saved_tensors
+            gs, dvs = torch.stack(gs), torch.stack(dvs).to(ctx.dtype)
             rows = torch.ops.movegen.bank_rows_grad(
-                torch.stack(gs), torch.stack(dvs).to(ctx.dtype), ids, ctx.num_rows, ctx.slots,
-                *sorted_ids,
+                gs, dvs, ids, ctx.num_rows, ctx.slots, *sorted_ids
             )  # (V, M, H, D)
             return rows, None, None, None, None, None
         G = torch.stack([g[..., off:] for g in gs], dim=-1)  # (B, T, H, M, L)

@@ -793,7 +793,8 @@ def test_plan_says_what_a_call_would_do_and_does_nothing(tmp_path, fake, capsys)
     assert "| standard/default/short/seed1 | evaluate |" in printed
     assert "| move-x1/default/short/seed0 | fit, evaluate |" in printed
     assert "2 fit(s) and 3 evaluation(s) to run" in printed
-    assert main(["study", "--config", str(y), "--out", str(out), "--plan", "true", "--arms", "[standard]"]) == 0
+    args = ["study", "--config", str(y), "--out", str(out), "--plan", "true"]
+    assert main([*args, "--arms", "[standard]"]) == 0
     printed = capsys.readouterr().out
     assert "| move-x1/default/short/seed0 | not in --arms |" in printed
     assert "0 fit(s) and 1 evaluation(s) to run" in printed

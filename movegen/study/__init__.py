@@ -210,12 +210,9 @@ def _run_study(spec: StudySpec, out: Path, parallel: int | None, subset: list[st
         # --arms: the arms this call ran; the record still holds every arm's runs (the others as
         # an earlier call left them), so it is complete once they are all settled
         doc["arms_subset"] = subset
-        doc["complete"] = (
-            final
-            and all(
-                (r["status"] == "finished" and r.get("evaluated")) or r["status"] == "diverged"
-                for r in doc["runs"]
-            )
+        doc["complete"] = final and all(
+            (r["status"] == "finished" and r.get("evaluated")) or r["status"] == "diverged"
+            for r in doc["runs"]
         )
         atomic_write_text(study_path, json.dumps(doc, indent=1))
         return doc
