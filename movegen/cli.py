@@ -507,7 +507,9 @@ def extract_codes(
         batch_size: images per encoder batch.
         num_workers: DataLoader processes decoding the images (default: up to 8 for a folder
             dataset, 0 for the in-memory ones).
-        device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'.
+        device: 'auto' (a GPU when there is one), 'cpu' or 'cuda'. Under ``torchrun
+            --nproc_per_node N`` each process (one GPU each) encodes its share of the batches
+            and the first joins them: the same store as one process writes.
         overwrite: replace an existing store at ``out``.
     """
     from .checkpoint import ensure_writable, load_tokenizer, sha256_file
@@ -520,7 +522,10 @@ def extract_codes(
     if Path(out).exists() and not overwrite:  # before any encoding
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ensure_writable(Path(out).absolute().parent, f"--out {out}")
-    dev = _device(device)
+    from .evaluate import rank_and_world
+
+    dev = _join_processes(_device(device))  # under torchrun: each process encodes its share
+    rank, world = rank_and_world()
     tok, ckpt = load_tokenizer(tokenizer, dev)
     name = data.name or ckpt["dataset"]["name"]
     if name.startswith("folder:"):  # a folder is found again from any working directory
@@ -538,8 +543,11 @@ def extract_codes(
               "tokenizer_sha256": sha256_file(tokenizer)}  # fmt: skip
     path = _extract(tok.encode, ds, out, codebook_size=tok.codebook_size,
                     num_classes=ds.info.num_classes, header=header, views=views, shifts=shifts, crop=crop,
-                    batch_size=batch_size, num_workers=num_workers, device=dev, overwrite=overwrite)  # fmt: skip
-    log.info("wrote %s: %d items x %d views", path, len(ds), n_views)
+                    batch_size=batch_size, num_workers=num_workers, device=dev, overwrite=overwrite,
+                    progress=rank == 0, rank=rank, world=world)  # fmt: skip
+    if rank == 0:
+        log.info("wrote %s: %d items x %d views%s", path, len(ds), n_views,
+                 f" ({world} processes)" if world > 1 else "")  # fmt: skip
     return path
 
 

@@ -408,3 +408,49 @@ def test_cli_ten_crop_needs_a_folder_dataset(digits_pipeline, tmp_path):
     rc = main(["extract-codes", "--tokenizer", str(digits_pipeline["tokenizer"]), "--split", "val",
                "--ten_crop", "true", "--device", "cpu", "--out", str(tmp_path / "c")])  # fmt: skip
     assert rc == 2 and not (tmp_path / "c").exists()
+
+
+def test_extraction_over_two_processes_writes_the_store_of_one(digits_pipeline, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each encodes its share of the batches into a part
+    beside the store, the first joins them: the store one process writes, and no part left."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from movegen.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    tok = str(digits_pipeline["tokenizer"])
+    args = [
+        "extract-codes",
+        "--tokenizer",
+        tok,
+        "--split",
+        "train",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "100",
+    ]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / ".two.part-1-of-2").mkdir()  # what a killed run left: removed, not joined
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), "-m", "movegen", *args, "--out", str(tmp_path / "two")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = D.CodeStore(tmp_path / "one"), D.CodeStore(tmp_path / "two")
+    assert (
+        len(one) > 1000 and -(-len(one) // 100) % 2 == 1
+    )  # an odd number of batches: unequal shares
+    assert np.array_equal(np.asarray(one.codes), np.asarray(two.codes))
+    assert np.array_equal(one.labels, two.labels)
+    assert two.header["processes"] == 2 and "processes" not in one.header
+    assert {k: v for k, v in two.header.items() if k != "processes"} == json.loads(
+        (tmp_path / "one/header.json").read_text()
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no part, no lock left

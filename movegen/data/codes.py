@@ -326,6 +326,8 @@ def extract_codes(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
 ) -> Path:
     """Encode every image of ``dataset`` under each view of :func:`view_list` ``(views,
     shifts)`` with ``encode: images (B, C, H, W) -> codes (B, h, w)`` into a code store at
@@ -335,17 +337,36 @@ def extract_codes(
     copies (an int ``s``: the 8 neighbours at distance ``s``; or a list of ``(dy, dx)``);
     ``crop`` ``S``: ten-crop views of images larger than ``S`` (see :func:`view_list`).
     ``num_workers`` decode the images in that many DataLoader processes (a folder of JPEGs).
+
+    ``world`` > 1 (torch.distributed initialised, every rank calling): rank ``r`` encodes its
+    contiguous share of the batches (the same batches one process would encode) into a part
+    store beside ``out``; the first rank joins the parts in rank order into ``out`` and removes
+    them, so the store equals one process's.
     """
+    view_list(views, shifts, crop=crop)  # the arguments' own errors before any image is read
+    kw = dict(codebook_size=codebook_size, num_classes=num_classes, header=header, views=views, shifts=shifts,
+              crop=crop, batch_size=batch_size, num_workers=num_workers, device=device)  # fmt: skip
+    if world <= 1:
+        return _extract_store(encode, dataset, out, overwrite=overwrite, progress=progress, **kw)
+    return _extract_sharded(encode, dataset, Path(out), rank, world, overwrite=overwrite,
+                            progress=progress, **kw)  # fmt: skip
+
+
+def _extract_store(encode, dataset, out, *, codebook_size: int, num_classes: int, header: dict, views: int,
+                   shifts, crop: int | None, batch_size: int, num_workers: int, device, overwrite: bool,
+                   progress: bool, allow_empty: bool = False) -> Path | None:  # fmt: skip
+    """:func:`extract_codes` in one process; ``allow_empty``: a dataset with no readable image
+    writes nothing and returns None (a rank's share), instead of raising."""
     from tqdm.auto import tqdm
 
-    vlist = view_list(
-        views, shifts, crop=crop
-    )  # the arguments' own errors before any image is read
+    vlist = view_list(views, shifts, crop=crop)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none,
                         num_workers=num_workers, persistent_workers=False)  # fmt: skip
     failures = getattr(dataset, "failures", [])  # a folder's files already left out, then more
     skipped = len(failures)
     x0 = next((x for x, _, _ in loader if len(x)), None)
+    if x0 is None and allow_empty:
+        return None
     if x0 is None:
         raise ValueError(f"no readable image in the dataset to encode ({len(dataset)} items); "
                          f"unreadable: {'; '.join(failures[:3]) or 'none named'}")  # fmt: skip
@@ -374,6 +395,76 @@ def extract_codes(
         log.warning("%d unreadable images were skipped and are not in the store: %s%s", skipped,
                     "; ".join(failures[:5]), " ..." if len(failures) > 5 else "")  # fmt: skip
     return path
+
+
+def _extract_sharded(encode, dataset, out: Path, rank: int, world: int, *, overwrite: bool, progress: bool,
+                     batch_size: int, **kw) -> Path:  # fmt: skip
+    """Each rank encodes batches ``[nb * r // world, nb * (r + 1) // world)`` of the ``nb``
+    batches into ``.<out>.part-<r>-of-<world>``; the first rank joins them into ``out``. An error
+    on any rank is raised on every rank (no rank waits forever for another's part)."""
+    import torch.distributed as dist
+    from torch.utils.data import Subset
+
+    def agree(fn):  # fn() on this rank, then every rank learns every rank's error
+        err = None
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - passed on to every rank below
+            value, err = None, f"{type(e).__name__}: {e}"
+        errors = [None] * world
+        dist.all_gather_object(errors, err)
+        bad = [(r, m) for r, m in enumerate(errors) if m]
+        if bad:
+            r, m = bad[0]
+            raise RuntimeError(f"code extraction failed on rank {r} of {world}: {m}")
+        return value
+
+    prefix = f".{out.name}.part-"
+    if rank == 0:  # what a killed run left
+        agree(lambda: [shutil.rmtree(p) for p in out.parent.glob(prefix + "*") if p.is_dir()])
+    else:
+        agree(lambda: None)
+    n = len(dataset)
+    nb = -(-n // batch_size)
+    lo, hi = min(n, nb * rank // world * batch_size), min(n, nb * (rank + 1) // world * batch_size)
+    share = Subset(dataset, range(lo, hi))
+    # a folder's files left out when it was listed: counted once, in the first share
+    share.failures = getattr(dataset, "failures", []) if rank == 0 else []
+    part = out.parent / f"{prefix}{rank}-of-{world}"
+    agree(lambda: _extract_store(encode, share, part, overwrite=True, progress=progress and rank == 0,
+                                 batch_size=batch_size, allow_empty=True, **kw))  # fmt: skip
+
+    def join() -> Path:
+        parts = [
+            CodeStore(p)
+            for r in range(world)
+            if (p := out.parent / f"{prefix}{r}-of-{world}").is_dir()
+        ]
+        if not parts:
+            raise ValueError(f"no readable image in the dataset to encode ({n} items)")
+        head = dict(parts[0].header)
+        for k in ("format", "num_items", "views", "h", "w", "dtype", "skipped_unreadable"):
+            head.pop(k, None)
+        skipped = sum(int(p.header.get("skipped_unreadable", 0)) for p in parts)
+        if skipped:
+            head["skipped_unreadable"] = skipped
+        head["processes"] = world
+
+        def batches():
+            for p in parts:
+                for i in range(0, len(p.codes), 65536):
+                    yield np.asarray(p.codes[i : i + 65536]), p.labels[i : i + 65536]
+
+        first = parts[0]
+        h, w = int(first.header["h"]), int(first.header["w"])
+        path = write_code_store(out, batches(), num_items=sum(len(p.codes) for p in parts), views=first.views,
+                                h=h, w=w, header=head, overwrite=overwrite)  # fmt: skip
+        for p in parts:
+            shutil.rmtree(p.path, ignore_errors=True)
+        return path
+
+    agree(join if rank == 0 else lambda: None)
+    return out
 
 
 # --------------------------------------------------------------------------- DataModule
