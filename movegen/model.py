@@ -190,12 +190,16 @@ def rope_2d(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x (B, S, H, D)``, ``cos/sin (S, D/2)``; rotates consecutive pairs."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
-    x1, x2 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """``x (B, S, H, D)``, ``cos/sin (S, D/2)``; rotates consecutive pairs ``(x1, x2)`` to
+    ``(x1 c - x2 s, x2 c + x1 s)``, written as ``x * C + swap(x) * S`` with ``C = (c, c)``,
+    ``S = (-s, s)`` per pair and ``swap`` exchanging each pair's entries (a flip, whose gradient
+    is a flip): the same fp32 products, and a backward without the select/stack scatter of the
+    pairwise form (``benchmarks/RESULTS.md``, 2026-12-03)."""
+    c = cos.repeat_interleave(2, dim=-1)[:, None, :]  # (S, 1, D)
+    s = torch.stack([-sin, sin], dim=-1).flatten(-2)[:, None, :]
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * c + swapped * s).type_as(x)
 
 
 # --------------------------------------------------------------------------- decoding state

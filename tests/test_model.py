@@ -427,3 +427,27 @@ def test_the_memory_can_have_its_own_learning_rate_and_weight_decay():
     lave = GPT(tiny("lave", memory_density=2))
     *_, mem = optimizer_groups(lave, 0.05, memory_weight_decay=0.1, lr=1e-3)
     assert len(mem["params"]) == len([m for m in lave.modules() if type(m).__name__ == "LaVETable"])
+
+
+def test_rope_is_the_pairwise_rotation_exactly_and_its_gradient_the_inverse_rotation():
+    """apply_rope (x * C + swap(x) * S) against the rotation written out pair by pair: the same
+    fp32 values bit for bit; the gradient is the rotation by the opposite angle (an isometry:
+    the gradient's norm is the incoming one's)."""
+    from movegen.model import apply_rope, rope_2d
+
+    cos, sin = rope_2d(GPTConfig.preset("tiny", vocab_size=32, num_classes=4, seq_len=16))
+    S, half = cos.shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, S, 3, 2 * half, generator=g, requires_grad=True)
+    out = apply_rope(x, cos, sin)
+    x1, x2 = x.detach().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    ref = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    assert torch.equal(out, ref)
+    dout = torch.randn(out.shape, generator=g)
+    (dx,) = torch.autograd.grad(out, x, dout)
+    assert torch.allclose(dx, apply_rope(dout, cos, -sin), atol=1e-6)
+    assert torch.allclose(dx.norm(), dout.norm(), rtol=1e-5)
+    bf = x.detach().bfloat16()
+    assert apply_rope(bf, cos, sin).dtype == torch.bfloat16
+    assert torch.equal(apply_rope(bf, cos, sin), apply_rope(bf.float(), cos, sin).bfloat16())
