@@ -359,7 +359,6 @@ def _extract_store(encode, dataset, out, *, codebook_size: int, num_classes: int
     writes nothing and returns None (a rank's share), instead of raising."""
     from tqdm.auto import tqdm
 
-    vlist = view_list(views, shifts, crop=crop)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none,
                         num_workers=num_workers, persistent_workers=False)  # fmt: skip
     failures = getattr(dataset, "failures", [])  # a folder's files already left out, then more
@@ -450,10 +449,10 @@ def _extract_sharded(encode, dataset, out: Path, rank: int, world: int, *, overw
             head["skipped_unreadable"] = skipped
         head["processes"] = world
 
-        def batches():
+        def batches(rows: int = 65536):  # streamed from the parts' memory maps
             for p in parts:
-                for i in range(0, len(p.codes), 65536):
-                    yield np.asarray(p.codes[i : i + 65536]), p.labels[i : i + 65536]
+                for i in range(0, len(p.codes), rows):
+                    yield np.asarray(p.codes[i : i + rows]), p.labels[i : i + rows]
 
         first = parts[0]
         h, w = int(first.header["h"]), int(first.header["w"])

@@ -383,26 +383,23 @@ def _plan(spec: StudySpec, keys: list, jobs: list[Job], run_of, chosen,
     rows, fits, evals = [], 0, 0
     for arm, budget, seed, gid in keys:
         g = gid or chosen(arm, budget)
-        if subset is not None and arm not in subset:
-            run = run_of(arm, g, budget, seed) if g else None
-            done = run is not None and run_settled(spec, run) and evaluation(spec, run) is not None
-            rows.append({"id": run.id if run else f"{arm}/?/{budget.name}/seed{seed}",
-                         "action": "settled" if done else "not in --arms"})  # fmt: skip
-            continue
         if g is None:
-            rows.append({"id": f"{arm}/?/{budget.name}/seed{seed}", "action": "after the choice"})
-            fits, evals = fits + 1, evals + 1
-            continue
-        run = run_of(arm, g, budget, seed)
-        fit = fit_action(spec, run)  # what fit_prepare will decide
-        if fit == "settled":
-            action = "settled" if evaluation(spec, run) is not None else "evaluate"
+            rid, action = f"{arm}/?/{budget.name}/seed{seed}", "after the choice"
         else:
-            action = {"diverged": "diverged", "resume": "resume, evaluate",
-                      "again": "fit again, evaluate"}.get(fit, "fit, evaluate")  # fmt: skip
-        fits += "fit" in action or action.startswith("resume")
-        evals += "evaluate" in action
-        rows.append({"id": run.id, "action": action})
+            run = run_of(arm, g, budget, seed)
+            fit = fit_action(spec, run)  # what fit_prepare will decide
+            if fit == "settled":
+                action = "settled" if evaluation(spec, run) is not None else "evaluate"
+            else:
+                action = {"diverged": "diverged", "resume": "resume, evaluate",
+                          "again": "fit again, evaluate"}.get(fit, "fit, evaluate")  # fmt: skip
+            rid = run.id
+        if subset is not None and arm not in subset and action != "settled":
+            action = "not in --arms"  # this call leaves it as it is
+        after = action == "after the choice"
+        fits += after or "fit" in action or action.startswith("resume")
+        evals += after or "evaluate" in action
+        rows.append({"id": rid, "action": action})
     missing = [j.key.split(":", 1)[1] for j in jobs if j.kind == "input" and not j.done()]
     return {"plan": rows, "fits": fits, "evaluations": evals, "inputs": missing}
 
