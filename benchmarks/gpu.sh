@@ -3,6 +3,7 @@
 # full log into $OUT and prints its table. Run from anywhere; it runs from the repository root.
 #   usage: bash benchmarks/gpu.sh SECTION...
 #   mix               the MoVE mix alone (move_mix)
+#   block-ops         the step's fused norm and attention variants alone, against floors (block_ops)
 #   train             the training step: arms x batch x compiled/eager (train_step)
 #   sampling          the sampler: standard and MoVE-x1, fast and eager paths (sampling)
 #   sampling-variants decoder variants: fused one-launch layer + one CUDA graph per step vs SDPA +
@@ -26,7 +27,7 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,23p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 errors() { grep -m3 -E "Error|error:" "$1"; }
@@ -36,6 +37,9 @@ run_section() { case $1 in
 mix)
   bench ${T_MIX:-150} move_mix.log benchmarks.move_mix --impls ${MIX_IMPLS:-deferred,grouped,autograd}
   grep -E "^\||^MoVE" "$OUT/move_mix.log"; errors "$OUT/move_mix.log";;
+block-ops)
+  bench ${T_BLOCK:-240} block_ops.log benchmarks.block_ops
+  grep -E "^\||^block" "$OUT/block_ops.log"; errors "$OUT/block_ops.log";;
 train)
   bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --only \
     ${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,lave-x1:256:compiled,standard:64:compiled,standard:256:eager,move-x4:256:eager}
@@ -61,7 +65,10 @@ train-variants)
       --only ${TRAIN_ONLY:-standard:256:compiled} $v >> "$OUT/train_variants.log" 2>&1
     echo "== $v"; grep -E "^\|.*compiled" "$OUT/train_variants.log" | tail -1
   done;;
-profile-train)
+profile-block-ops)
+  bench ${T_BLOCK:-240} block_ops.log benchmarks.block_ops
+  grep -E "^\||^block" "$OUT/block_ops.log"; errors "$OUT/block_ops.log";;
+train)
   bench ${T_PROFILE:-200} profile_train.log benchmarks.profile_step --arm ${PROFILE_ARM:-standard} --batch 256 --top 40
   tail -48 "$OUT/profile_train.log" | cut -c1-200;;
 profile-sample)

@@ -33,14 +33,26 @@ from ._util import (
 def bench(
     arm: str, batch: int, compiled: bool, args, device, peak: float, dist: str = "uniform"
 ) -> dict:
-    name, _, path = arm.partition("@")  # move-x4@grouped / move-x4@token: the MoVE kernels' form
-    if path not in ("", "grouped", "token"):
-        raise ValueError(f"{arm}: the part after @ is grouped or token")
+    # options after @, joined by +: grouped / token (the MoVE kernels' form); unfused (the
+    # model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels), or only
+    # one of them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product)
+    name, _, opts = arm.partition("@")
+    opts = set(opts.split("+")) - {""}
+    if (
+        not opts <= {"grouped", "token", "unfused", "nonorm", "noswiglu"}
+        or {"grouped", "token"} <= opts
+    ):
+        raise ValueError(
+            f"{arm}: after @ come grouped or token, and unfused, nonorm or noswiglu, joined by +"
+        )
     cfg = arm_config(name, args.smoke)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
-    if path and model.bank is not None:
-        model.bank.group_by_id = path == "grouped"
+    if "unfused" in opts:
+        model.fused_ops = ()
+    model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
+    if opts & {"grouped", "token"} and model.bank is not None:
+        model.bank.group_by_id = "grouped" in opts
     opt = torch.optim.AdamW(
         optimizer_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
@@ -111,7 +123,8 @@ def main() -> None:
     p.add_argument(
         "--arms",
         default="standard,lave-x1,move-x1,move-x4",
-        help="arms; ARM@grouped / ARM@token forces the MoVE kernels' form (default: kernels.group_pays)",
+        help="arms; ARM@grouped / ARM@token forces the MoVE kernels' form (default: kernels.group_pays), "
+        "ARM@unfused the elementwise steps as PyTorch ops (nonorm, noswiglu: one of them); options join with +",
     )
     p.add_argument(
         "--ids_dist", default="uniform", help="code distributions, e.g. uniform,zipf (Zipf(1))"

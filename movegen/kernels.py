@@ -644,3 +644,268 @@ __all__ = [
     "rows_grad",
     "usable",
 ]
+
+
+# --------------------------------------------------------------------------- residual + RMSNorm
+#
+# The block boundary of training, ``x' = x + dropout(y)`` then ``n = rmsnorm(x') * w``, in one
+# pass each way (``residual_norm``). The forward writes x' (the residual stream's dtype) and n
+# (the matmuls' dtype) and keeps one fp32 rstd per row; the dropout mask is never stored: both
+# passes draw it from Philox at the element's flat offset under one seed, a device tensor drawn
+# from torch's generator (no host sync; CUDA graphs replay fresh masks). The backward computes
+# the residual's gradient ``dx = dx'_in + rstd * (g - x_hat * mean(g * x_hat))`` with
+# ``g = dn * w``, the branch's ``dy = mask * dx / (1 - p)`` in y's dtype, and the weight's
+# gradient as per-program fp32 partial sums over a fixed grid of programs.
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _resnorm_fwd_kernel(x_ptr, y_ptr, w_ptr, seed_ptr, xo_ptr, n_ptr, rstd_ptr, R, D, p, scale, eps,
+                            HAS_Y: tl.constexpr, DROP: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_D)
+        rmask, cmask = rows < R, cols < D
+        m = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_Y:
+            y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            if DROP:
+                keep = tl.rand(tl.load(seed_ptr), offs) >= p
+                y = tl.where(keep, y * scale, 0.0)
+            x = x + y
+            tl.store(xo_ptr + offs, x.to(xo_ptr.dtype.element_ty), mask=m)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        n = x * rstd[:, None] * w[None, :]
+        tl.store(n_ptr + offs, n.to(n_ptr.dtype.element_ty), mask=m)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+    @triton.jit
+    def _resnorm_bwd_kernel(dn_ptr, dxi_ptr, x_ptr, w_ptr, rstd_ptr, seed_ptr, dx_ptr, dy_ptr, dw_ptr, R, D, p,
+                            scale, HAS_DXI: tl.constexpr, HAS_Y: tl.constexpr, DROP: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for start in range(pid * BLOCK_M, R, nprog * BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            rmask = rows < R
+            m = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+            rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+            xhat = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * rstd[:, None]
+            dn = tl.load(dn_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            g = dn * w[None, :]
+            c = tl.sum(g * xhat, axis=1) / D
+            dx = rstd[:, None] * (g - xhat * c[:, None])
+            if HAS_DXI:
+                dx += tl.load(dxi_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+            if HAS_Y:
+                dy = dx
+                if DROP:
+                    keep = tl.rand(tl.load(seed_ptr), offs) >= p
+                    dy = tl.where(keep, dx * scale, 0.0)
+                tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=m)
+            dw += dn * xhat
+        tl.store(dw_ptr + pid * D + cols, tl.sum(dw, axis=0), mask=cmask)
+
+
+def fused_usable(x: torch.Tensor) -> bool:
+    """Whether :func:`residual_norm` runs for ``x`` (CUDA or the interpreter, width <= 16384)."""
+    on = x.device.type == "cuda" or INTERPRET
+    return HAVE_TRITON and on and x.shape[-1] <= 16384 and x.is_floating_point()
+
+
+def _resnorm_launch(R: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): about 4096 elements a program (one row when D is larger)."""
+    bd = triton.next_power_of_2(D)
+    bm = 2 if INTERPRET else max(1, min(16, 4096 // bd))
+    return bm, bd, (4 if INTERPRET else max(4, min(16, bm * bd // 512)))
+
+
+def _resnorm_programs(device: torch.device, R: int, block_m: int) -> int:
+    """The backward's fixed grid: a few programs per SM (each sums its rows' weight gradient)."""
+    sms = 2 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(R, block_m), 8 * sms))
+
+
+@torch.library.custom_op("movegen::resnorm_fwd", mutates_args=())
+def resnorm_fwd(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, seed: torch.Tensor | None,
+                p: float, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``x (..., D)`` (+ ``y`` with dropout ``p`` under ``seed``) -> ``(x', n, rstd)``; x' is an
+    empty tensor when ``y`` is None (x' = x)."""
+    D = x.shape[-1]
+    R = x.numel() // D
+    x = x.contiguous()
+    xo = torch.empty_like(x) if y is not None else x.new_empty(0)
+    n = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    rstd = torch.empty(R, device=x.device, dtype=torch.float32)
+    bm, bd, warps = _resnorm_launch(R, D)
+    drop = y is not None and p > 0
+    _resnorm_fwd_kernel[(triton.cdiv(R, bm),)](
+        x, y.contiguous() if y is not None else x, weight, seed if drop else x, xo, n, rstd, R, D, p,
+        1.0 / (1.0 - p), eps, HAS_Y=y is not None, DROP=drop, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps,
+    )  # fmt: skip
+    return xo, n, rstd
+
+
+@resnorm_fwd.register_fake
+def _(x, y, weight, seed, p, eps, out_dtype):
+    xo = torch.empty_like(x) if y is not None else x.new_empty(0)
+    R = x.numel() // x.shape[-1]
+    n = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    return xo, n, x.new_empty(R, dtype=torch.float32)
+
+
+@torch.library.custom_op("movegen::resnorm_bwd", mutates_args=())
+def resnorm_bwd(dn: torch.Tensor, dxi: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                seed: torch.Tensor | None, p: float, has_y: bool,
+                y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients of :func:`resnorm_fwd`: ``dx`` (x's dtype), ``dy`` (``y_dtype``; empty without
+    y) and ``dw`` (fp32). ``x`` is the saved x'; ``dxi`` the incoming gradient of x' (or None)."""
+    D = x.shape[-1]
+    R = x.numel() // D
+    dn = dn.contiguous()
+    dx = torch.empty_like(x)
+    dy = torch.empty(x.shape, device=x.device, dtype=y_dtype) if has_y else x.new_empty(0)
+    bm, bd, warps = _resnorm_launch(R, D)
+    progs = _resnorm_programs(x.device, R, bm)
+    dw = torch.empty(progs, D, device=x.device, dtype=torch.float32)
+    drop = has_y and p > 0
+    _resnorm_bwd_kernel[(progs,)](
+        dn, dxi.contiguous() if dxi is not None else dn, x, weight, rstd, seed if drop else x, dx, dy, dw, R, D,
+        p, 1.0 / (1.0 - p), HAS_DXI=dxi is not None, HAS_Y=has_y, DROP=drop, BLOCK_M=bm, BLOCK_D=bd,
+        num_warps=warps,
+    )  # fmt: skip
+    return dx, dy, dw.sum(0).to(weight.dtype)
+
+
+@resnorm_bwd.register_fake
+def _(dn, dxi, x, weight, rstd, seed, p, has_y, y_dtype):
+    dy = torch.empty(x.shape, device=x.device, dtype=y_dtype) if has_y else x.new_empty(0)
+    return torch.empty_like(x), dy, torch.empty_like(weight)
+
+
+class _ResidualNorm(torch.autograd.Function):
+    """(x, y) -> (x', n); without y, x -> n (x' is x, whose gradient autograd sums itself)."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, seed, p: float, eps: float, out_dtype):
+        xo, n, rstd = torch.ops.movegen.resnorm_fwd(x, y, weight, seed, p, eps, out_dtype)
+        ctx.p, ctx.has_y, ctx.n_dtype = p, y is not None, out_dtype
+        ctx.y_dtype = y.dtype if y is not None else x.dtype
+        ctx.save_for_backward(xo if y is not None else x, weight, rstd, seed)
+        ctx.set_materialize_grads(False)
+        return (xo, n) if y is not None else n
+
+    @staticmethod
+    def backward(ctx, *grads):
+        xo, weight, rstd, seed = ctx.saved_tensors
+        dxo, dn = grads if ctx.has_y else (None, grads[0])
+        if dn is None:  # only x' was used: its gradient through the dropout alone
+            dn = torch.zeros(xo.shape, device=xo.device, dtype=ctx.n_dtype)
+        dx, dy, dw = torch.ops.movegen.resnorm_bwd(
+            dn, dxo, xo, weight, rstd, seed, ctx.p, ctx.has_y, ctx.y_dtype
+        )
+        return dx, (dy if ctx.has_y else None), dw, None, None, None, None
+
+
+def residual_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                  p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``x' = x + dropout(y, p)`` (``x' = x`` when y is None) and ``rmsnorm(x') * weight``, as two
+    fused kernels (forward, backward). The norm comes out in the autocast dtype when autocast is
+    on (what the next product reads), else in x's dtype; x' in x's dtype."""
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    seed = None
+    if y is not None and p > 0:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    if y is None:
+        return x, _ResidualNorm.apply(x, None, weight, None, 0.0, float(eps), out_dtype)
+    return _ResidualNorm.apply(x, y, weight, seed, float(p), float(eps), out_dtype)
+
+
+# --------------------------------------------------------------------------- SwiGLU product
+#
+# ``h = silu(a) * b`` for ``u = [a | b]`` (the MLP's one input product, halves on the last dim),
+# and its backward ``du = [dh * b * s * (1 + a * (1 - s)) | dh * silu(a)]`` with ``s = sigmoid(a)``:
+# one read of u (and dh) and one write each way, in fp32 registers. The backward reads u again
+# rather than a saved h; the output product saves h itself for its weight gradient.
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _silu_mul_kernel(u_ptr, dh_ptr, out_ptr, R, Hd, BWD: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m = (rows < R)[:, None] & (cols < Hd)[None, :]
+        ua = rows[:, None].to(tl.int64) * (2 * Hd) + cols[None, :]
+        a = tl.load(u_ptr + ua, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(u_ptr + ua + Hd, mask=m, other=0.0).to(tl.float32)
+        s = tl.sigmoid(a)
+        if BWD:
+            dh = tl.load(
+                dh_ptr + rows[:, None].to(tl.int64) * Hd + cols[None, :], mask=m, other=0.0
+            )
+            dh = dh.to(tl.float32)
+            tl.store(
+                out_ptr + ua, (dh * b * s * (1 + a * (1 - s))).to(out_ptr.dtype.element_ty), mask=m
+            )
+            tl.store(out_ptr + ua + Hd, (dh * a * s).to(out_ptr.dtype.element_ty), mask=m)
+        else:
+            off = rows[:, None].to(tl.int64) * Hd + cols[None, :]
+            tl.store(out_ptr + off, (a * s * b).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _silu_mul_launch(R: int, Hd: int):
+    bc = min(1024, triton.next_power_of_2(Hd)) if not INTERPRET else 16
+    br = max(1, (8192 if not INTERPRET else 32) // bc)
+    return (triton.cdiv(R, br), triton.cdiv(Hd, bc)), {
+        "BLOCK_R": br,
+        "BLOCK_C": bc,
+        "num_warps": 8 if not INTERPRET else 4,
+    }
+
+
+@torch.library.custom_op("movegen::silu_mul", mutates_args=())
+def silu_mul_op(u: torch.Tensor, dh: torch.Tensor | None) -> torch.Tensor:
+    """``u (..., 2h)`` -> ``silu(u[..., :h]) * u[..., h:]`` (dh None), or the gradient of u."""
+    u = u.contiguous()
+    Hd = u.shape[-1] // 2
+    R = u.numel() // (2 * Hd)
+    out = torch.empty_like(u) if dh is not None else u.new_empty(*u.shape[:-1], Hd)
+    grid, meta = _silu_mul_launch(R, Hd)
+    _silu_mul_kernel[grid](
+        u, dh.contiguous() if dh is not None else u, out, R, Hd, BWD=dh is not None, **meta
+    )
+    return out
+
+
+@silu_mul_op.register_fake
+def _(u, dh):
+    return torch.empty_like(u) if dh is not None else u.new_empty(*u.shape[:-1], u.shape[-1] // 2)
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u):
+        ctx.save_for_backward(u)
+        return torch.ops.movegen.silu_mul(u, None)
+
+    @staticmethod
+    def backward(ctx, dh):
+        (u,) = ctx.saved_tensors
+        return torch.ops.movegen.silu_mul(u, dh)
+
+
+def silu_mul(u: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b`` for ``u = [a | b]`` on the last dim (SwiGLU), one kernel each way."""
+    if u.shape[-1] % 2:
+        raise ValueError(f"silu_mul needs an even last dim, got {u.shape[-1]}")
+    return _SiluMul.apply(u)

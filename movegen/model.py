@@ -202,6 +202,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * c + swapped * s).type_as(x)
 
 
+def _rate(drop: nn.Dropout) -> float:
+    """The rate a dropout module applies now (0 in eval mode)."""
+    return drop.p if drop.training else 0.0
+
+
+def add_norm(x: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm, p: float,
+             fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``x' = x + dropout(y, p)`` (``x' = x`` when y is None) and ``norm(x')``: the step between
+    two branches of the residual stream. ``fused``: one Triton kernel each way where the kernels
+    run (:func:`kernels.residual_norm`; its own dropout masks), else these PyTorch ops."""
+    if fused and kernels.fused_usable(x):
+        return kernels.residual_norm(x, y, norm.weight, norm.eps, p)
+    if y is not None:
+        x = x + (F.dropout(y, p) if p > 0 else y)
+    return x, norm(x)
+
+
 # --------------------------------------------------------------------------- decoding state
 
 
@@ -333,11 +350,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, ids, memh, cos, sin, taps=None) -> torch.Tensor:
+    def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True) -> torch.Tensor:
+        """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``)."""
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps)
         p = self.cfg.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, S, D)
-        return self.resid_drop(self.proj(y.transpose(1, 2).flatten(2)))
+        y = self.proj(y.transpose(1, 2).flatten(2))
+        return self.resid_drop(y) if dropout else y
 
     def forward_cached(
         self, x, ids, mem, pos, rope, mask, cache: KVCache, layer: int
@@ -385,9 +404,16 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(h, cfg.n_embd, bias=False)
         self.drop = nn.Dropout(cfg.ffn_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w13(x).chunk(2, dim=-1)
-        return self.drop(self.w2(F.silu(a) * b))
+    def forward(self, x: torch.Tensor, dropout: bool = True, fused: bool = False) -> torch.Tensor:
+        """``fused``: the SiLU product as one Triton kernel each way where the kernels run."""
+        u = self.w13(x)
+        if fused and kernels.fused_usable(u):  # fmt: skip
+            h = kernels.silu_mul(u)
+        else:
+            a, b = u.chunk(2, dim=-1)
+            h = F.silu(a) * b
+        y = self.w2(h)
+        return self.drop(y) if dropout else y
 
 
 class Block(nn.Module):
@@ -398,9 +424,17 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, ids, memh, cos, sin, taps=None):
-        x = x + self.attn(self.norm1(x), ids, memh, cos, sin, taps)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, y, ids, memh, cos, sin, taps=None, fused: tuple = (), p_y: float = 0.0):
+        """The block on the residual stream ``x`` that still lacks ``y``, the previous block's MLP
+        output before its dropout (None for the first block; ``p_y``: that dropout's rate). Returns ``(x, y)`` in the same form
+        for the next block: each dropout, residual add and the norm after it are one step
+        (:func:`add_norm`), across block boundaries too. ``fused``: the ops run as Triton kernels
+        (``"norm"``: those steps, ``"swiglu"``: the MLP's SiLU product; :attr:`GPT.fused_ops`)."""
+        norm = "norm" in fused
+        x, h = add_norm(x, y, self.norm1, p_y, norm)
+        y = self.attn(h, ids, memh, cos, sin, taps, dropout=False)
+        x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
+        return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
     def forward_cached(self, x, ids, mem, pos, rope, mask, cache: KVCache, layer: int):
         """:meth:`forward` of positions ``pos`` through the cache (see :meth:`GPT.step`)."""
@@ -438,6 +472,10 @@ class GPT(nn.Module):
         # MoVE training path: form the bank gradient once from all layers (move.py); False
         # gives plain autograd through every layer's mix (the reference)
         self.deferred_bank_grad = True
+        # the elementwise steps run as Triton kernels where the kernels run: "norm" each dropout +
+        # residual add + RMSNorm (kernels.residual_norm), "swiglu" the MLP's SiLU product
+        # (kernels.silu_mul); () gives the PyTorch ops (the reference)
+        self.fused_ops: tuple[str, ...] = ("norm", "swiglu")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -511,9 +549,15 @@ class GPT(nn.Module):
             else:
                 mem = self.bank.gather(ids)
         cos, sin = self.rope_cos, self.rope_sin
+        fused = self.fused_ops
+        # each block's MLP output (y) and its dropout rate (p): the dropout and residual add are
+        # the next norm's step
+        y, p = None, 0.0
         for block, tap in zip(self.blocks, taps):
-            x = block(x, ids, mem, cos, sin, tap)
-        return self.head(self.norm(x)).float()
+            x, y = block(x, y, ids, mem, cos, sin, tap, fused, p)
+            p = _rate(block.mlp.drop)
+        _, h = add_norm(x, y, self.norm, p, "norm" in fused)
+        return self.head(h).float()
 
     # ---- cached decoding
 

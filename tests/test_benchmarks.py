@@ -30,6 +30,8 @@ def run(module, *args):
         ("move_mix", []),
         ("sampling", []),
         ("decode_kernel", []),
+        ("block_ops", []),
+        ("train_step", ["--modes", "eager", "--arms", "standard@unfused,move-x1@grouped+unfused"]),
     ],
 )
 def test_benchmark_smoke(script, extra):

@@ -1,0 +1,67 @@
+"""Run under TRITON_INTERPRET=1 (CPU): ``kernels.residual_norm`` (x + dropout(y), RMSNorm, one
+kernel each way) against PyTorch's ops, with and without y, with dropout 0 and 0.3: x', the norm
+and the gradients of x, y and the weight. With dropout the mask is read back from x' - x and the
+reference applies that mask, so the backward must redraw the forward's mask exactly; the kept
+fraction must be near 1 - p. ``kernels.silu_mul`` and its gradient against PyTorch's. A GPT's fused and plain training paths agree with dropout off."""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+from movegen import kernels  # noqa: E402
+from movegen.model import GPT, GPTConfig  # noqa: E402
+
+torch.manual_seed(0)
+worst = 0.0
+R, D = 301, 48  # rows: a partial last block; several rows per backward program
+for has_y in (True, False):
+    for p in (0.0, 0.3):
+        x = torch.randn(R, D).requires_grad_()
+        y = (torch.randn(R, D).abs() + 1).requires_grad_() if has_y else None  # never near 0
+        w = (1 + 0.1 * torch.randn(D)).requires_grad_()
+        leaves = [t for t in (x, y, w) if t is not None]
+        xo, n = kernels.residual_norm(x, y, w, 1e-5, p)
+        gxo, gn = torch.randn(R, D), torch.randn(R, D)
+        torch.autograd.backward([xo, n] if has_y else [n], [gxo, gn] if has_y else [gn])
+        refs = [t.detach().clone().requires_grad_() for t in leaves]
+        xr = refs[0]
+        if has_y:
+            keep = (xo - x).detach().abs() > 1e-3
+            frac = keep.float().mean().item()
+            assert abs(frac - (1 - p)) < 0.03, (p, frac)
+            xr = xr + refs[1] * keep / (1 - p)
+        nr = F.rms_norm(xr, (D,), refs[-1], 1e-5)
+        loss = (nr * gn).sum() + ((xr * gxo).sum() if has_y else 0)
+        loss.backward()
+        outs = [(xo, xr), (n, nr)] + [(a.grad, b.grad) for a, b in zip(leaves, refs)]
+        worst = max(worst, *((a - b).abs().max().item() for a, b in outs))
+
+# the SwiGLU product: silu(a) * b and the gradient of u = [a | b]
+u = (3 * torch.randn(5, 7, 2 * 40)).requires_grad_()  # h = 40: a partial column block
+h = kernels.silu_mul(u)
+dh = torch.randn(h.shape)
+(du,) = torch.autograd.grad(h, u, dh)
+ur = u.detach().clone().requires_grad_()
+a, b = ur.chunk(2, dim=-1)
+hr = F.silu(a) * b
+(dur,) = torch.autograd.grad(hr, ur, dh)
+worst = max(worst, (h - hr).abs().max().item(), (du - dur).abs().max().item())
+
+# the model: fused (kernels) and plain paths, same weights, dropout off, forward and gradients
+cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, resid_dropout=0.0,
+                       ffn_dropout=0.0, token_dropout=0.0, class_dropout=0.0)  # fmt: skip
+model = GPT(cfg).train()
+for prm in model.parameters():
+    torch.nn.init.normal_(prm, std=0.1)
+codes, labels = torch.randint(64, (3, 16)), torch.tensor([1, 5, 9])
+res = []
+for fused in (True, False):
+    model.fused_ops = ("norm", "swiglu") if fused else ()
+    model.zero_grad()
+    out = model(codes, labels)
+    out.square().mean().backward()
+    res.append([out, *(q.grad.clone() for q in model.parameters())])
+worst = max(worst, *((a - b).abs().max().item() for a, b in zip(*res)))
+print("WORST", worst)
