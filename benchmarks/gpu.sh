@@ -65,10 +65,7 @@ train-variants)
       --only ${TRAIN_ONLY:-standard:256:compiled} $v >> "$OUT/train_variants.log" 2>&1
     echo "== $v"; grep -E "^\|.*compiled" "$OUT/train_variants.log" | tail -1
   done;;
-profile-block-ops)
-  bench ${T_BLOCK:-240} block_ops.log benchmarks.block_ops
-  grep -E "^\||^block" "$OUT/block_ops.log"; errors "$OUT/block_ops.log";;
-train)
+profile-train)
   bench ${T_PROFILE:-200} profile_train.log benchmarks.profile_step --arm ${PROFILE_ARM:-standard} --batch 256 --top 40
   tail -48 "$OUT/profile_train.log" | cut -c1-200;;
 profile-sample)

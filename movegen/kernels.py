@@ -649,20 +649,43 @@ __all__ = [
 # --------------------------------------------------------------------------- residual + RMSNorm
 #
 # The block boundary of training, ``x' = x + dropout(y)`` then ``n = rmsnorm(x') * w``, in one
-# pass each way (``residual_norm``). The forward writes x' (the residual stream's dtype) and n
-# (the matmuls' dtype) and keeps one fp32 rstd per row; the dropout mask is never stored: both
-# passes draw it from Philox at the element's flat offset under one seed, a device tensor drawn
-# from torch's generator (no host sync; CUDA graphs replay fresh masks). The backward computes
-# the residual's gradient ``dx = dx'_in + rstd * (g - x_hat * mean(g * x_hat))`` with
-# ``g = dn * w``, the branch's ``dy = mask * dx / (1 - p)`` in y's dtype, and the weight's
-# gradient as per-program fp32 partial sums over a fixed grid of programs.
+# pass each way (``residual_norm``). The forward writes x' (the residual stream's dtype), n (the
+# matmuls' dtype), one fp32 rstd per row and the dropout mask as bits (one byte per 8 elements);
+# the mask comes from Philox under a seed drawn from torch's generator as a device tensor (no host
+# sync; CUDA graphs replay fresh masks), four draws per Philox call. The backward computes the
+# residual's gradient ``dx = dx'_in + rstd * (g - x_hat * mean(g * x_hat))`` with ``g = dn * w``,
+# the branch's ``dy = mask * dx / (1 - p)`` in y's dtype, and the weight's gradient as fp32
+# partial sums of a fixed grid of programs. Widths must be multiples of 8 (``fused_usable``).
 
 if HAVE_TRITON:
 
+    def _norm_configs(persistent: bool):
+        if INTERPRET:
+            return [triton.Config({"BLOCK_M": 2, "PER_SM": 1}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": m, "PER_SM": s}, num_warps=w) for m in (1, 2, 4, 8)
+                for w in (4, 8) for s in ((4, 8, 16) if persistent else (1,))]  # fmt: skip
+
+    def _norm_prune(configs, named_args, **kwargs):
+        """Tiles of 1024 to 8192 elements (one row when a row is larger)."""
+        bd = kwargs["BLOCK_D"]
+        keep = [c for c in configs if 1024 <= c.kwargs["BLOCK_M"] * bd <= 8192]
+        return keep or [c for c in configs if c.kwargs["BLOCK_M"] == 1]
+
     @triton.jit
-    def _resnorm_fwd_kernel(x_ptr, y_ptr, w_ptr, seed_ptr, xo_ptr, n_ptr, rstd_ptr, R, D, p, scale, eps,
-                            HAS_Y: tl.constexpr, DROP: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_D: tl.constexpr):  # fmt: skip
+    def _keep_bits(seed, rows, D, thr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The keep mask of a (BLOCK_M, BLOCK_D) tile: element j of a row from draw j % 4 of the
+        Philox call at offset row * D/4 + j // 4."""
+        q = rows[:, None].to(tl.int64) * (D // 4) + tl.arange(0, BLOCK_D // 4)[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, q)
+        r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_D))
+        return r >= thr
+
+    @triton.autotune(_norm_configs(False), key=["D", "HAS_Y", "DROP"],
+                     prune_configs_by={"early_config_prune": _norm_prune})  # fmt: skip
+    @triton.jit
+    def _resnorm_fwd_kernel(x_ptr, y_ptr, w_ptr, seed_ptr, xo_ptr, n_ptr, rstd_ptr, bits_ptr, R, D, thr, scale,
+                            eps, HAS_Y: tl.constexpr, DROP: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr, PER_SM: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
         rmask, cmask = rows < R, cols < D
@@ -672,8 +695,17 @@ if HAVE_TRITON:
         if HAS_Y:
             y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
             if DROP:
-                keep = tl.rand(tl.load(seed_ptr), offs) >= p
+                keep = _keep_bits(tl.load(seed_ptr), rows, D, thr.to(tl.uint32), BLOCK_M, BLOCK_D)
                 y = tl.where(keep, y * scale, 0.0)
+                b = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_D // 8, 8))
+                b = tl.sum(b << tl.arange(0, 8)[None, None, :], axis=2)
+                bcols = tl.arange(0, BLOCK_D // 8)
+                bm = rmask[:, None] & (bcols < D // 8)[None, :]
+                tl.store(
+                    bits_ptr + rows[:, None].to(tl.int64) * (D // 8) + bcols[None, :],
+                    b.to(tl.uint8),
+                    mask=bm,
+                )
             x = x + y
             tl.store(xo_ptr + offs, x.to(xo_ptr.dtype.element_ty), mask=m)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
@@ -682,10 +714,13 @@ if HAVE_TRITON:
         tl.store(n_ptr + offs, n.to(n_ptr.dtype.element_ty), mask=m)
         tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
+    @triton.autotune(_norm_configs(True), key=["D", "HAS_DXI", "HAS_Y", "DROP"],
+                     prune_configs_by={"early_config_prune": _norm_prune},
+                     reset_to_zero=["dw_ptr"])  # fmt: skip
     @triton.jit
-    def _resnorm_bwd_kernel(dn_ptr, dxi_ptr, x_ptr, w_ptr, rstd_ptr, seed_ptr, dx_ptr, dy_ptr, dw_ptr, R, D, p,
+    def _resnorm_bwd_kernel(dn_ptr, dxi_ptr, x_ptr, w_ptr, rstd_ptr, bits_ptr, dx_ptr, dy_ptr, dw_ptr, R, D,
                             scale, HAS_DXI: tl.constexpr, HAS_Y: tl.constexpr, DROP: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PER_SM: tl.constexpr):  # fmt: skip
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
@@ -708,7 +743,15 @@ if HAVE_TRITON:
             if HAS_Y:
                 dy = dx
                 if DROP:
-                    keep = tl.rand(tl.load(seed_ptr), offs) >= p
+                    bcols = tl.arange(0, BLOCK_D // 8)
+                    bm = rmask[:, None] & (bcols < D // 8)[None, :]
+                    b = tl.load(
+                        bits_ptr + rows[:, None].to(tl.int64) * (D // 8) + bcols[None, :],
+                        mask=bm,
+                        other=0,
+                    )
+                    b = (b.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+                    keep = tl.reshape(b, (BLOCK_M, BLOCK_D)) != 0
                     dy = tl.where(keep, dx * scale, 0.0)
                 tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=m)
             dw += dn * xhat
@@ -716,55 +759,52 @@ if HAVE_TRITON:
 
 
 def fused_usable(x: torch.Tensor) -> bool:
-    """Whether :func:`residual_norm` runs for ``x`` (CUDA or the interpreter, width <= 16384)."""
+    """Whether :func:`residual_norm` and :func:`silu_mul` run for ``x`` (CUDA or the interpreter,
+    a floating dtype, a last dim that is a multiple of 8 and at most 16384)."""
     on = x.device.type == "cuda" or INTERPRET
-    return HAVE_TRITON and on and x.shape[-1] <= 16384 and x.is_floating_point()
+    D = x.shape[-1]
+    return HAVE_TRITON and on and D % 8 == 0 and D <= 16384 and x.is_floating_point()
 
 
-def _resnorm_launch(R: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): about 4096 elements a program (one row when D is larger)."""
-    bd = triton.next_power_of_2(D)
-    bm = 2 if INTERPRET else max(1, min(16, 4096 // bd))
-    return bm, bd, (4 if INTERPRET else max(4, min(16, bm * bd // 512)))
-
-
-def _resnorm_programs(device: torch.device, R: int, block_m: int) -> int:
-    """The backward's fixed grid: a few programs per SM (each sums its rows' weight gradient)."""
-    sms = 2 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(R, block_m), 8 * sms))
+def _sms(device: torch.device) -> int:
+    return 2 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @torch.library.custom_op("movegen::resnorm_fwd", mutates_args=())
 def resnorm_fwd(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, seed: torch.Tensor | None,
-                p: float, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``x (..., D)`` (+ ``y`` with dropout ``p`` under ``seed``) -> ``(x', n, rstd)``; x' is an
-    empty tensor when ``y`` is None (x' = x)."""
+                p: float, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``x (..., D)`` (+ ``y`` with dropout ``p`` under ``seed``) -> ``(x', n, rstd, bits)``; x' is
+    empty when ``y`` is None (x' = x), bits (``(R, D/8)`` uint8, the kept elements) without dropout."""
     D = x.shape[-1]
     R = x.numel() // D
     x = x.contiguous()
+    drop = y is not None and p > 0
     xo = torch.empty_like(x) if y is not None else x.new_empty(0)
     n = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     rstd = torch.empty(R, device=x.device, dtype=torch.float32)
-    bm, bd, warps = _resnorm_launch(R, D)
-    drop = y is not None and p > 0
-    _resnorm_fwd_kernel[(triton.cdiv(R, bm),)](
-        x, y.contiguous() if y is not None else x, weight, seed if drop else x, xo, n, rstd, R, D, p,
-        1.0 / (1.0 - p), eps, HAS_Y=y is not None, DROP=drop, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps,
+    bits = torch.empty(R if drop else 0, D // 8, device=x.device, dtype=torch.uint8)
+    thr = min(max(int(p * 2**32), 2), 2**32 - 1)  # drop below thr (2 or more: never a constexpr 1)
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]),)  # noqa: E731
+    _resnorm_fwd_kernel[grid](
+        x, y.contiguous() if y is not None else x, weight, seed if drop else x, xo, n, rstd, bits, R, D, thr,
+        1.0 / (1.0 - p), eps, HAS_Y=y is not None, DROP=drop, BLOCK_D=triton.next_power_of_2(D),
     )  # fmt: skip
-    return xo, n, rstd
+    return xo, n, rstd, bits
 
 
 @resnorm_fwd.register_fake
 def _(x, y, weight, seed, p, eps, out_dtype):
     xo = torch.empty_like(x) if y is not None else x.new_empty(0)
-    R = x.numel() // x.shape[-1]
+    D = x.shape[-1]
+    R = x.numel() // D
     n = torch.empty(x.shape, device=x.device, dtype=out_dtype)
-    return xo, n, x.new_empty(R, dtype=torch.float32)
+    bits = x.new_empty(R if y is not None and p > 0 else 0, D // 8, dtype=torch.uint8)
+    return xo, n, x.new_empty(R, dtype=torch.float32), bits
 
 
 @torch.library.custom_op("movegen::resnorm_bwd", mutates_args=())
 def resnorm_bwd(dn: torch.Tensor, dxi: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                seed: torch.Tensor | None, p: float, has_y: bool,
+                bits: torch.Tensor, p: float, has_y: bool,
                 y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients of :func:`resnorm_fwd`: ``dx`` (x's dtype), ``dy`` (``y_dtype``; empty without
     y) and ``dw`` (fp32). ``x`` is the saved x'; ``dxi`` the incoming gradient of x' (or None)."""
@@ -773,20 +813,18 @@ def resnorm_bwd(dn: torch.Tensor, dxi: torch.Tensor | None, x: torch.Tensor, wei
     dn = dn.contiguous()
     dx = torch.empty_like(x)
     dy = torch.empty(x.shape, device=x.device, dtype=y_dtype) if has_y else x.new_empty(0)
-    bm, bd, warps = _resnorm_launch(R, D)
-    progs = _resnorm_programs(x.device, R, bm)
-    dw = torch.empty(progs, D, device=x.device, dtype=torch.float32)
-    drop = has_y and p > 0
-    _resnorm_bwd_kernel[(progs,)](
-        dn, dxi.contiguous() if dxi is not None else dn, x, weight, rstd, seed if drop else x, dx, dy, dw, R, D,
-        p, 1.0 / (1.0 - p), HAS_DXI=dxi is not None, HAS_Y=has_y, DROP=drop, BLOCK_M=bm, BLOCK_D=bd,
-        num_warps=warps,
+    sms = _sms(x.device)
+    dw = torch.zeros(16 * sms, D, device=x.device, dtype=torch.float32)  # a row per program
+    grid = lambda meta: (min(triton.cdiv(R, meta["BLOCK_M"]), meta["PER_SM"] * sms),)  # noqa: E731
+    _resnorm_bwd_kernel[grid](
+        dn, dxi.contiguous() if dxi is not None else dn, x, weight, rstd, bits, dx, dy, dw, R, D, 1.0 / (1.0 - p),
+        HAS_DXI=dxi is not None, HAS_Y=has_y, DROP=bits.numel() > 0, BLOCK_D=triton.next_power_of_2(D),
     )  # fmt: skip
     return dx, dy, dw.sum(0).to(weight.dtype)
 
 
 @resnorm_bwd.register_fake
-def _(dn, dxi, x, weight, rstd, seed, p, has_y, y_dtype):
+def _(dn, dxi, x, weight, rstd, bits, p, has_y, y_dtype):
     dy = torch.empty(x.shape, device=x.device, dtype=y_dtype) if has_y else x.new_empty(0)
     return torch.empty_like(x), dy, torch.empty_like(weight)
 
@@ -796,21 +834,21 @@ class _ResidualNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, weight, seed, p: float, eps: float, out_dtype):
-        xo, n, rstd = torch.ops.movegen.resnorm_fwd(x, y, weight, seed, p, eps, out_dtype)
+        xo, n, rstd, bits = torch.ops.movegen.resnorm_fwd(x, y, weight, seed, p, eps, out_dtype)
         ctx.p, ctx.has_y, ctx.n_dtype = p, y is not None, out_dtype
         ctx.y_dtype = y.dtype if y is not None else x.dtype
-        ctx.save_for_backward(xo if y is not None else x, weight, rstd, seed)
+        ctx.save_for_backward(xo if y is not None else x, weight, rstd, bits)
         ctx.set_materialize_grads(False)
         return (xo, n) if y is not None else n
 
     @staticmethod
     def backward(ctx, *grads):
-        xo, weight, rstd, seed = ctx.saved_tensors
+        xo, weight, rstd, bits = ctx.saved_tensors
         dxo, dn = grads if ctx.has_y else (None, grads[0])
         if dn is None:  # only x' was used: its gradient through the dropout alone
             dn = torch.zeros(xo.shape, device=xo.device, dtype=ctx.n_dtype)
         dx, dy, dw = torch.ops.movegen.resnorm_bwd(
-            dn, dxo, xo, weight, rstd, seed, ctx.p, ctx.has_y, ctx.y_dtype
+            dn, dxo, xo, weight, rstd, bits, ctx.p, ctx.has_y, ctx.y_dtype
         )
         return dx, (dy if ctx.has_y else None), dw, None, None, None, None
 
