@@ -11,8 +11,8 @@ for its own phase only):
 
     setup        loading model.ckpt and tokenizer.ckpt, building the Inception networks
     ref load     reading the reference .npz and hashing it (the features' cache key)
-    sample       the token loop (codes), without graph capture and decoding; "of it noise":
-                 the counter-based sampling noise alone, timed apart
+    sample       the token loop (codes, the counter-based noise drawn inside each replayed
+                 step), without graph capture and decoding
     capture      compiling the step and capturing its CUDA graphs: once per batch size, so a
                  second time when num_samples is no multiple of the batch
     decode       VQ-16 decoding of the codes to images (and nothing else)
@@ -296,36 +296,12 @@ def evaluate_row(arm: str, batch: int, n: int, files: dict, work: Path, args, de
         return row
     row.update(other_s=total - sum(s.values()), evaluate_sample_seconds=r["sample_seconds"],
                **{k: r[k] for k in ("fid", "sfid", "is", "kid", "precision", "recall")})  # fmt: skip
-    row["noise_s"] = noise_seconds(arm, batch, n, args.smoke, device)
     for p in PER_SAMPLE:
         row[f"{p}_images_per_s"] = n / s[p] if s[p] else float("nan")
     fixed = total - sum(s[p] for p in PER_SAMPLE)
     row["est_50k_min"] = (fixed + sum(s[p] for p in PER_SAMPLE) * 50_000 / n) / 60
     row["scores_finite"] = all(np.isfinite(row[k]) for k in ("fid", "sfid", "is"))
     return row
-
-
-def noise_seconds(arm: str, batch: int, n: int, smoke: bool, device) -> float:
-    """Seconds of ``n`` samples' counter-based noise alone (``SampleNoise``, which ``evaluate``
-    samples with: a hash per sample, position and code, drawn eagerly before each replayed
-    token step; ``benchmarks.sampling`` draws from a ``torch.Generator`` instead). Measured
-    apart, once per batch and scaled; part of the ``sample`` phase."""
-    from movegen.sample import SampleNoise
-
-    cfg = arm_config(arm, smoke)
-    noise, index = SampleNoise(0), torch.arange(batch, device=device)
-    u = torch.empty(batch, cfg.vocab_size, device=device)
-
-    def once():
-        for t in range(cfg.seq_len):
-            noise.uniform(index, t, cfg.vocab_size, out=u)
-
-    once()
-    sync(device)
-    t0 = time.perf_counter()
-    once()
-    sync(device)
-    return (time.perf_counter() - t0) * n / batch
 
 
 def _host_peak_gib() -> float:
@@ -516,7 +492,7 @@ def eval_part(grid: list[tuple[str, int, int]], tokenizer: Path, work: Path, arg
     )
     print_table(rows, [("arm", "arm", "{}"), ("batch", "batch", "{}"), ("num_samples", "samples", "{:,}"),
                        ("sample_s", "sample s", "{:.1f}"), ("sample_images_per_s", "sample img/s", "{:.0f}"),
-                       ("noise_s", "of it noise s", "{:.1f}"), ("capture_s", "capture s", "{:.1f}"),
+                       ("capture_s", "capture s", "{:.1f}"),
                        ("decode_s", "decode s", "{:.1f}"), ("decode_images_per_s", "decode img/s", "{:.0f}"),
                        ("inception_s", "Inception s", "{:.1f}"), ("inception_images_per_s", "Inception img/s", "{:.0f}"),
                        ("ref_feats_s", "ref feats s", "{:.1f}"), ("scoring_s", "scoring s", "{:.1f}"),

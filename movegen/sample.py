@@ -13,7 +13,8 @@ whatever the batch size, the process or the device); the caller's tensors are ne
 choice of codes (``model.step`` + the CFG mix + the Gumbel-max choice), compiled by
 ``torch.compile``; on CUDA it captures the step, the write of the codes, their feedback as the next
 input and the position's increment in one CUDA graph per guidance value, so a token costs the
-host one noise draw and one replay. It draws exactly the codes of the plain loop (same noise, same
+host one replay (and, with noise from a generator, one draw; :class:`SampleNoise` is drawn inside
+the step). It draws exactly the codes of the plain loop (same noise, same
 ops; compiled kernels may round differently).
 
     ids (rows, 1), pos ──► model.step ──► logits (rows, K) ──► CFG mix ──► (B, K) ──► Gumbel-max
@@ -192,18 +193,27 @@ class SampleNoise:
 
     seed: int
 
+    def key(self, t: int) -> int:
+        """The (seed, position) half of the key, on the host."""
+        return _hash32_int((self.seed * 0x9E3779B1 + t * 0x85EBCA77) & _M32)
+
+    @staticmethod
+    def rows(index: torch.Tensor) -> torch.Tensor:
+        """The per-sample half of the key, ``(B,)`` int64: the same at every position."""
+        return _hash32(index.long() & _M32)
+
+    @staticmethod
+    def draw(rows: torch.Tensor, key: int | torch.Tensor, K: int) -> torch.Tensor:
+        """``(B, K)`` uniforms from :meth:`rows` and a position's :meth:`key` (an int, or an int64
+        tensor of one element: how a captured step reads its position's key)."""
+        x = _hash32(_hash32(rows ^ key)[:, None] ^ _code_hashes(K, rows.device)[None, :])
+        return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
     def uniform(
         self, index: torch.Tensor, t: int, K: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(B, K)`` float32 uniforms for samples ``index (B,)`` (int64) at position ``t``."""
-        dev = index.device
-        key = _hash32_int(
-            (self.seed * 0x9E3779B1 + t * 0x85EBCA77) & _M32
-        )  # (seed, t): on the host
-        row = _hash32(_hash32(index.long() & _M32) ^ key)
-        col = _code_hashes(K, dev)
-        x = _hash32(row[:, None] ^ col[None, :])
-        u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+        u = self.draw(self.rows(index), self.key(t), K)
         if out is not None:
             return out.copy_(u)
         return u
@@ -352,8 +362,11 @@ class CompiledStep:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.u = torch.zeros(batch_size, cfg.vocab_size, device=dev)
         self.out = torch.zeros(batch_size, cfg.seq_len, dtype=torch.long, device=dev)
-        self._fns: dict = {}  # guided -> step and choice (compiled unless eager)
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        # SampleNoise's state, read inside the step: each sample's row hash, each position's key
+        self.noise_rows = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.noise_keys = torch.zeros(cfg.seq_len, dtype=torch.long, device=dev)
+        self._fns: dict = {}  # (guided, counter) -> step and choice (compiled unless eager)
+        self.graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}
 
     def check(self, model: GPT, batch_size: int, settings: SamplingSettings) -> None:
         """Raise unless this step serves ``model``, ``batch_size`` images and ``settings``."""
@@ -363,22 +376,28 @@ class CompiledStep:
                 f"(of its model); this call has {batch_size} with {settings}: make a step for it"
             )
 
-    def step_choose(self, ids: torch.Tensor, pos: torch.Tensor, u: torch.Tensor, guided: bool):
+    def step_choose(self, ids: torch.Tensor, pos: torch.Tensor, u: torch.Tensor, guided: bool,
+                    counter: bool = False):  # fmt: skip
         """One decoding step and the choice of its codes: ``ids (rows, 1)`` at position ``pos
         (1,)`` and noise ``u (B, K)`` -> codes ``(B,)`` and the next step's ids ``(rows, 1)``
-        (the codes repeated for the null half)."""
+        (the codes repeated for the null half). ``counter``: the noise is drawn here, from the
+        :class:`SampleNoise` state (``self.noise_rows``, ``self.noise_keys`` at ``pos``), fused into
+        the choice (``u`` unused)."""
         logits = self.model.step(ids, pos, self.cache)[:, -1]  # (rows, K)
+        if counter:
+            u = SampleNoise.draw(self.noise_rows, self.noise_keys[pos], logits.shape[-1])
         tok = choose(logits, u, self.settings, guided)
         return tok, tok.repeat(self.rows // self.batch_size)[:, None]
 
-    def _fn(self, guided: bool):
-        """:meth:`step_choose` for one value of ``guided``, compiled once (unless eager)."""
-        if guided not in self._fns:
-            fn = lambda ids, pos, u: self.step_choose(ids, pos, u, guided)
+    def _fn(self, guided: bool, counter: bool):
+        """:meth:`step_choose` for one value of ``guided`` and of ``counter``, compiled once
+        (unless eager)."""
+        if (guided, counter) not in self._fns:
+            fn = lambda ids, pos, u: self.step_choose(ids, pos, u, guided, counter)
             if self.mode != "eager":
                 fn = torch.compile(fn, fullgraph=True, dynamic=False)
-            self._fns[guided] = fn
-        return self._fns[guided]
+            self._fns[guided, counter] = fn
+        return self._fns[guided, counter]
 
     def _advance(self, fn) -> None:
         """One token: the step and choice, the codes written at ``pos`` and fed back, ``pos + 1``
@@ -388,12 +407,12 @@ class CompiledStep:
         self.ids.copy_(nxt)
         self.pos.add_(1)
 
-    def _capture(self, guided: bool) -> None:
-        """Capture :meth:`_advance` for ``guided`` once. Its warm-up runs change the state (and
-        write cache position 0): call before the state is set for a generation."""
-        if guided in self.graphs:
+    def _capture(self, guided: bool, counter: bool) -> None:
+        """Capture :meth:`_advance` for ``guided`` and ``counter`` once. Its warm-up runs change
+        the state (and write cache position 0): call before the state is set for a generation."""
+        if (guided, counter) in self.graphs:
             return
-        fn = self._fn(guided)
+        fn = self._fn(guided, counter)
         side = torch.cuda.Stream(self.device)  # compile and warm up off the capture
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -405,7 +424,7 @@ class CompiledStep:
         pool = next(iter(self.graphs.values())).pool() if self.graphs else None
         with torch.cuda.graph(graph, pool=pool):
             self._advance(fn)
-        self.graphs[guided] = graph
+        self.graphs[guided, counter] = graph
 
     @torch.no_grad()
     def sample(
@@ -414,22 +433,25 @@ class CompiledStep:
     ) -> torch.Tensor:  # fmt: skip
         """Codes ``(B, T)`` for ``labels (B,)`` (checked by :func:`generate`, the public entry)."""
         s, T = self.settings, self.model.config.seq_len
+        counter = s.temperature > 0 and noise is not None  # noise drawn inside the step
         needed = {s.guided(t) for t in range(T)}
         with _autocast(self.device, s.bf16):
             if self.mode == "graph":  # capture what these settings need before setting the state
                 for g in needed:
-                    self._capture(g)
+                    self._capture(g, counter)
             self.ids.copy_(_class_ids(self.model, labels, s.doubled))
             self.pos.zero_()
+            if counter:
+                self.noise_rows.copy_(SampleNoise.rows(index))
+                keys = torch.tensor([noise.key(t) for t in range(T)], dtype=torch.long)
+                self.noise_keys.copy_(keys)
             for t in range(T):
-                if s.temperature > 0 and noise is not None:
-                    noise.uniform(index, t, self.u.shape[1], out=self.u)
-                elif s.temperature > 0:
+                if s.temperature > 0 and not counter:
                     _noise(self.u.shape, generator, self.device, out=self.u)
                 if self.mode == "graph":
-                    self.graphs[s.guided(t)].replay()
+                    self.graphs[s.guided(t), counter].replay()
                 else:
-                    self._advance(self._fn(s.guided(t)))
+                    self._advance(self._fn(s.guided(t), counter))
         return self.out.clone()
 
 

@@ -222,7 +222,7 @@ def test_graphed_step_draws_the_codes_of_the_plain_loop_on_gpu(attention, fp32_m
         assert step.mode == "graph" and step.cache.attention == attention
         for _ in range(2):  # compiled and captured on the first call, replayed on the second
             assert torch.equal(generate(model, labels, s, generator=seeded(), step=step), plain)
-        assert set(step.graphs) == {s.guided(t) for t in range(16)}
+        assert set(step.graphs) == {(s.guided(t), False) for t in range(16)}  # generator noise
     # bf16 (the default): a snapshot of the weights, the caller's model untouched; reproducible
     s = SamplingSettings(cfg_scale=2.0)
     step = CompiledStep(model, 3, s, attention=attention)
