@@ -34,16 +34,15 @@ def bench(
     arm: str, batch: int, compiled: bool, args, device, peak: float, dist: str = "uniform"
 ) -> dict:
     # options after @, joined by +: grouped / token (the MoVE kernels' form); unfused (the
-    # model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels), or only
-    # one of them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product)
+    # model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of
+    # them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product),
+    # norope (QKV split + RoPE)
     name, _, opts = arm.partition("@")
     opts = set(opts.split("+")) - {""}
-    if (
-        not opts <= {"grouped", "token", "unfused", "nonorm", "noswiglu"}
-        or {"grouped", "token"} <= opts
-    ):
+    known = {"grouped", "token", "unfused", "nonorm", "noswiglu", "norope"}
+    if not opts <= known or {"grouped", "token"} <= opts:
         raise ValueError(
-            f"{arm}: after @ come grouped or token, and unfused, nonorm or noswiglu, joined by +"
+            f"{arm}: after @ come grouped or token and {sorted(known - {'grouped', 'token'})}, joined by +"
         )
     cfg = arm_config(name, args.smoke)
     torch.manual_seed(0)
@@ -124,7 +123,7 @@ def main() -> None:
         "--arms",
         default="standard,lave-x1,move-x1,move-x4",
         help="arms; ARM@grouped / ARM@token forces the MoVE kernels' form (default: kernels.group_pays), "
-        "ARM@unfused the elementwise steps as PyTorch ops (nonorm, noswiglu: one of them); options join with +",
+        "ARM@unfused the elementwise steps as PyTorch ops (nonorm, noswiglu, norope: one of them); options join with +",
     )
     p.add_argument(
         "--ids_dist", default="uniform", help="code distributions, e.g. uniform,zipf (Zipf(1))"

@@ -947,3 +947,154 @@ def silu_mul(u: torch.Tensor) -> torch.Tensor:
     if u.shape[-1] % 2:
         raise ValueError(f"silu_mul needs an even last dim, got {u.shape[-1]}")
     return _SiluMul.apply(u)
+
+
+# --------------------------------------------------------------------------- QKV split + RoPE
+#
+# The attention's input product ``qkv (B, S, 3, H, D)`` split into q, k, v ``(B, S, H, D)``
+# (contiguous; their transposes are what attention reads), RoPE applied to q and k in fp32 on
+# consecutive pairs ``(x1, x2) -> (x1 c - x2 s, x2 c + x1 s)``. The backward takes dq, dk, dv of
+# any strides (unit stride on D) and writes the whole ``dqkv`` in one pass, q and k rotated back
+# (``(d1 c + d2 s, d2 c - d1 s)``): no separate re-layout or concatenation of the three gradients.
+# One program per (row block, head, b).
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rot(x, c, s, INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        x1, x2 = tl.split(tl.reshape(x, (BLOCK_S, D // 2, 2)))
+        if INVERSE:
+            o1, o2 = x1 * c + x2 * s, x2 * c - x1 * s
+        else:
+            o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+        return tl.reshape(tl.join(o1, o2), (BLOCK_S, D))
+
+    @triton.jit
+    def _split_rope_kernel(src_ptr, s_b, s_s, s_j, s_h, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, qs_b, qs_s, qs_h,
+                           ks_b, ks_s, ks_h, vs_b, vs_s, vs_h, S, BWD: tl.constexpr, D: tl.constexpr,
+                           BLOCK_S: tl.constexpr):  # fmt: skip
+        """Forward: src = qkv (strides s_*, j = 0, 1, 2 selects q, k, v) -> q, k, v (strides q*, k*,
+        v*). Backward: q, k, v pointers are dq, dk, dv (read) and src is dqkv (written)."""
+        sb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.arange(0, D)
+        m = (rows < S)[:, None]
+        half = tl.arange(0, D // 2)
+        c = tl.load(cos_ptr + rows[:, None] * (D // 2) + half[None, :], mask=m, other=0.0)
+        s = tl.load(sin_ptr + rows[:, None] * (D // 2) + half[None, :], mask=m, other=0.0)
+        src = (
+            src_ptr
+            + b.to(tl.int64) * s_b
+            + rows[:, None].to(tl.int64) * s_s
+            + h * s_h
+            + cols[None, :]
+        )
+        q = (
+            q_ptr
+            + b.to(tl.int64) * qs_b
+            + rows[:, None].to(tl.int64) * qs_s
+            + h * qs_h
+            + cols[None, :]
+        )
+        k = (
+            k_ptr
+            + b.to(tl.int64) * ks_b
+            + rows[:, None].to(tl.int64) * ks_s
+            + h * ks_h
+            + cols[None, :]
+        )
+        v = (
+            v_ptr
+            + b.to(tl.int64) * vs_b
+            + rows[:, None].to(tl.int64) * vs_s
+            + h * vs_h
+            + cols[None, :]
+        )
+        if BWD:
+            dq = tl.load(q, mask=m, other=0.0).to(tl.float32)
+            dk = tl.load(k, mask=m, other=0.0).to(tl.float32)
+            ty = src_ptr.dtype.element_ty
+            tl.store(src, _rot(dq, c, s, True, BLOCK_S, D).to(ty), mask=m)
+            tl.store(src + s_j, _rot(dk, c, s, True, BLOCK_S, D).to(ty), mask=m)
+            tl.store(src + 2 * s_j, tl.load(v, mask=m, other=0.0).to(ty), mask=m)
+        else:
+            xq = tl.load(src, mask=m, other=0.0).to(tl.float32)
+            xk = tl.load(src + s_j, mask=m, other=0.0).to(tl.float32)
+            tl.store(q, _rot(xq, c, s, False, BLOCK_S, D).to(q_ptr.dtype.element_ty), mask=m)
+            tl.store(k, _rot(xk, c, s, False, BLOCK_S, D).to(k_ptr.dtype.element_ty), mask=m)
+            tl.store(v, tl.load(src + 2 * s_j, mask=m, other=0.0), mask=m)
+
+
+def _rope_launch(B: int, S: int, H: int):
+    bs = 4 if INTERPRET else 32
+    return (triton.cdiv(S, bs), H, B), {"BLOCK_S": bs, "num_warps": 4}
+
+
+def _unit_d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("movegen::split_rope_fwd", mutates_args=())
+def split_rope_fwd(qkv: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``qkv (B, S, 3, H, D)`` (unit stride on D), ``cos/sin (>= S, D/2)`` fp32 -> q, k, v
+    ``(B, S, H, D)`` contiguous, q and k rotated."""
+    B, S, _, H, D = qkv.shape
+    qkv = _unit_d(qkv)
+    q, k, v = (torch.empty(B, S, H, D, device=qkv.device, dtype=qkv.dtype) for _ in range(3))
+    grid, meta = _rope_launch(B, S, H)
+    _split_rope_kernel[grid](qkv, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), cos.contiguous(),
+                             sin.contiguous(), q, k, v, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], S,
+                             BWD=False, D=D, **meta)  # fmt: skip
+    return q, k, v
+
+
+@split_rope_fwd.register_fake
+def _(qkv, cos, sin):
+    B, S, _, H, D = qkv.shape
+    return tuple(qkv.new_empty(B, S, H, D) for _ in range(3))
+
+
+@torch.library.custom_op("movegen::split_rope_bwd", mutates_args=())
+def split_rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Gradients ``(B, S, H, D)`` of any strides (unit stride on D) -> ``dqkv (B, S, 3, H, D)``."""
+    B, S, H, D = dq.shape
+    dq, dk, dv = _unit_d(dq), _unit_d(dk), _unit_d(dv)
+    dqkv = torch.empty(B, S, 3, H, D, device=dq.device, dtype=dq.dtype)
+    grid, meta = _rope_launch(B, S, H)
+    _split_rope_kernel[grid](dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3), cos.contiguous(),
+                             sin.contiguous(), dq, dk, dv, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+                             S, BWD=True, D=D, **meta)  # fmt: skip
+    return dqkv
+
+
+@split_rope_bwd.register_fake
+def _(dq, dk, dv, cos, sin):
+    B, S, H, D = dq.shape
+    return dq.new_empty(B, S, 3, H, D)
+
+
+class _SplitRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return torch.ops.movegen.split_rope_fwd(qkv, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors  # (unused outputs' gradients come as zeros)
+        dk, dv = dk.to(dq.dtype), dv.to(dq.dtype)
+        return torch.ops.movegen.split_rope_bwd(dq, dk, dv, cos, sin), None, None
+
+
+def split_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """``qkv (B, S, 3, H, D)`` -> q, k, v ``(B, S, H, D)``, RoPE on q and k (``model.apply_rope``'s
+    rotation, fp32 math), one kernel each way. ``cos/sin``: fp32 tables with at least S rows."""
+    return _SplitRope.apply(qkv, cos, sin)
+
+
+def rope_usable(qkv: torch.Tensor) -> bool:
+    """Whether :func:`split_rope` runs for ``qkv (B, S, 3, H, D)``: CUDA or the interpreter, a
+    power-of-two head width of at least 16."""
+    return usable(qkv.device, qkv.shape[-1]) and qkv.is_floating_point()

@@ -319,13 +319,15 @@ class Attention(nn.Module):
         )
 
     def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None,
-                  proj: torch.Tensor | None = None):  # fmt: skip
+                  proj: torch.Tensor | None = None, fused: bool = False):  # fmt: skip
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
         ``memh``: the gathered bank ``(B, S, H, M, D)`` (MoVE). ``taps`` (training with MoVE)
         route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
         out: ``memh`` or, with the Triton kernels, ``(table, ids)`` (``move.py``).
         ``proj``: the QKV (and router) projections of ``x`` already computed as one product
-        ``(B, S, 3d [+ H*G])`` (decoding fuses the two weights: :class:`KVCache`)."""
+        ``(B, S, 3d [+ H*G])`` (decoding fuses the two weights: :class:`KVCache`). ``fused``: the
+        split of the QKV product and RoPE as one Triton kernel each way where the kernels run
+        (:func:`kernels.split_rope`)."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if proj is None:
@@ -336,7 +338,11 @@ class Attention(nn.Module):
             logits = (
                 proj[..., 3 * d : 3 * d + self.router.out_features] if self.has_memory else None
             )
-        q, k, v = qkv.view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
+        rotated = fused and kernels.rope_usable(qkv.view(B, S, 3, H, D))
+        if rotated:  # each (B, S, H, D), q and k rotated
+            q, k, v = kernels.split_rope(qkv.view(B, S, 3, H, D), cos[:S], sin[:S])
+        else:
+            q, k, v = qkv.view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
         if self.has_memory:
             gates = gates_from_logits(logits, H)  # (B, S, H, G)
             if self.training and self.cfg.memory_dropout > 0:
@@ -347,12 +353,15 @@ class Attention(nn.Module):
                 v = mix_tapped(v, gates, memh, taps, self.gated)
             else:
                 v = mix(v, gates, memh, self.gated)  # (B, S, H, M, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not rotated:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True) -> torch.Tensor:
-        """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``)."""
-        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps)
+    def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True,
+                fused: bool = False) -> torch.Tensor:  # fmt: skip
+        """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
+        ``fused``: :meth:`mixed_qkv`'s."""
+        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, fused=fused)
         p = self.cfg.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, S, D)
         y = self.proj(y.transpose(1, 2).flatten(2))
@@ -429,10 +438,11 @@ class Block(nn.Module):
         output before its dropout (None for the first block; ``p_y``: that dropout's rate). Returns ``(x, y)`` in the same form
         for the next block: each dropout, residual add and the norm after it are one step
         (:func:`add_norm`), across block boundaries too. ``fused``: the ops run as Triton kernels
-        (``"norm"``: those steps, ``"swiglu"``: the MLP's SiLU product; :attr:`GPT.fused_ops`)."""
+        (``"norm"``: those steps, ``"swiglu"``: the MLP's SiLU product, ``"rope"``: the QKV split
+        and RoPE; :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
-        y = self.attn(h, ids, memh, cos, sin, taps, dropout=False)
+        y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused)
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -474,8 +484,9 @@ class GPT(nn.Module):
         self.deferred_bank_grad = True
         # the elementwise steps run as Triton kernels where the kernels run: "norm" each dropout +
         # residual add + RMSNorm (kernels.residual_norm), "swiglu" the MLP's SiLU product
-        # (kernels.silu_mul); () gives the PyTorch ops (the reference)
-        self.fused_ops: tuple[str, ...] = ("norm", "swiglu")
+        # (kernels.silu_mul), "rope" the QKV split and RoPE (kernels.split_rope); () gives the
+        # PyTorch ops (the reference)
+        self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -86,7 +86,7 @@ def test_residual_norm_on_gpu():
     labels = torch.randint(10, (8,), device="cuda")
     res = []
     for fused in (True, False):
-        model.fused_ops = ("norm", "swiglu") if fused else ()
+        model.fused_ops = ("norm", "swiglu", "rope") if fused else ()
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(codes, labels)

@@ -2,7 +2,7 @@
 kernel each way) against PyTorch's ops, with and without y, with dropout 0 and 0.3: x', the norm
 and the gradients of x, y and the weight. With dropout the mask is read back from x' - x and the
 reference applies that mask, so the backward must redraw the forward's mask exactly; the kept
-fraction must be near 1 - p. ``kernels.silu_mul`` and its gradient against PyTorch's. A GPT's fused and plain training paths agree with dropout off."""
+fraction must be near 1 - p. ``kernels.silu_mul`` and ``kernels.split_rope`` and their gradients against PyTorch's. A GPT's fused and plain training paths agree with dropout off."""
 
 import os
 
@@ -49,6 +49,22 @@ hr = F.silu(a) * b
 (dur,) = torch.autograd.grad(hr, ur, dh)
 worst = max(worst, (h - hr).abs().max().item(), (du - dur).abs().max().item())
 
+# the QKV split + RoPE: q, k rotated as apply_rope does, v as it is, and the gradient of qkv
+from movegen.model import apply_rope  # noqa: E402
+
+B, S, H, Dh = 2, 11, 3, 16  # S: a partial row block
+ang = torch.rand(S, Dh // 2) * 6
+cos, sin = ang.cos(), ang.sin()
+qkv = torch.randn(B, S, 3 * H * Dh).requires_grad_()
+outs = kernels.split_rope(qkv.view(B, S, 3, H, Dh), cos, sin)
+grads = [torch.randn(B, H, S, Dh).transpose(1, 2) for _ in range(3)]  # strided, as SDPA's
+(dqkv,) = torch.autograd.grad(outs, qkv, grads)
+qr = qkv.detach().clone().requires_grad_()
+q, k, v = qr.view(B, S, 3, H, Dh).unbind(2)
+refs = [apply_rope(q, cos, sin), apply_rope(k, cos, sin), v]
+(dref,) = torch.autograd.grad(refs, qr, grads)
+worst = max(worst, *((a - b).abs().max().item() for a, b in zip([*outs, dqkv], [*refs, dref])))
+
 # the model: fused (kernels) and plain paths, same weights, dropout off, forward and gradients
 cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, resid_dropout=0.0,
                        ffn_dropout=0.0, token_dropout=0.0, class_dropout=0.0)  # fmt: skip
@@ -58,7 +74,7 @@ for prm in model.parameters():
 codes, labels = torch.randint(64, (3, 16)), torch.tensor([1, 5, 9])
 res = []
 for fused in (True, False):
-    model.fused_ops = ("norm", "swiglu") if fused else ()
+    model.fused_ops = ("norm", "swiglu", "rope") if fused else ()
     model.zero_grad()
     out = model(codes, labels)
     out.square().mean().backward()
