@@ -522,7 +522,7 @@ def extract_codes(
     if Path(out).exists() and not overwrite:  # before any encoding
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ensure_writable(Path(out).absolute().parent, f"--out {out}")
-    from .evaluate import rank_and_world
+    from .ranks import rank_and_world
 
     dev = _join_processes(_device(device))  # under torchrun: each process encodes its share
     rank, world = rank_and_world()

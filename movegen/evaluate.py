@@ -48,6 +48,7 @@ from .metrics import (
     reference_features,
 )
 from .model import cost_report
+from .ranks import gather_to_first_rank, on_first_rank, rank_and_world
 from .sample import SampleNoise, generate_images
 
 log = logging.getLogger(__name__)
@@ -322,8 +323,13 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         phases[name] = round(phases.get(name, 0.0) + now - tick, 2)
         tick = now
 
-    reals = on_first_rank(references)  # every rank raises the first rank's error, if any
-    adm = on_first_rank(lambda: load_adm_reference(reference)) if reference else None
+    # every rank raises the first rank's error, if any
+    reals = on_first_rank(references, "loading the reference images")
+    adm = (
+        on_first_rank(lambda: load_adm_reference(reference), "loading the reference batch")
+        if reference
+        else None
+    )
     lap("references")
     C = model.config.num_classes
     labels = torch.arange(num_samples, device=device) % C  # balanced over classes
@@ -422,51 +428,6 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
 
 def _uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-# --------------------------------------------------------------------------- several processes
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (``(0, 1)`` without torch.distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def on_first_rank(fn):
-    """``fn()`` on rank 0 only (None elsewhere); an error there is raised on every rank, so no
-    process waits forever on a peer that failed."""
-    rank, world = rank_and_world()
-    out, err = None, None
-    if rank == 0:
-        try:
-            out = fn()
-        except (ValueError, FileNotFoundError, PermissionError) as e:
-            err = e
-    if world > 1:
-        import torch.distributed as dist
-
-        box = [None if err is None else (type(err).__name__, str(err))]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None and rank != 0:
-            kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError}
-            raise kind.get(box[0][0], ValueError)(box[0][1])
-    if err is not None:
-        raise err
-    return out
-
-
-def gather_to_first_rank(obj) -> list | None:
-    """Every rank's ``obj`` on rank 0, in rank order (None elsewhere)."""
-    import torch.distributed as dist
-
-    rank, world = rank_and_world()
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object(obj, parts, dst=0)
-    return parts
 
 
 def write_npz(path, images, labels) -> None:

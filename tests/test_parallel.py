@@ -174,3 +174,31 @@ def test_ddp_over_two_processes_resumes_the_uninterrupted_curve(stores, tmp_path
     assert m["best_step"] == ckpt["train"]["step"] == 12  # the loss falls on these codes
     ema = eval_weights(state["state_dict"], ema=True)  # the best is the last: its EMA weights
     assert all(torch.equal(ema[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank():
+    """``ranks.agree`` / ``on_first_rank`` over 2 gloo processes: an ``OSError`` on the first
+    rank (a full disk; not one of the user-facing kinds) reaches the other rank as a
+    ``RuntimeError`` naming the step and the rank instead of leaving it waiting; a
+    ``FileNotFoundError`` on the second rank reaches the first with its type; values pass
+    through; and the run ends (a hang would hit the timeout)."""
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), str(root / "tests/scripts/ranks_agree.py")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = {r["rank"]: r for r in (json.loads(l.split("RESULT ", 1)[1]) for l in out.stdout.splitlines() if "RESULT " in l)}  # fmt: skip
+    assert set(got) == {0, 1}
+    assert got[0]["first_rank_oserror"] == ["OSError", "No space left on device"]
+    kind, msg = got[1]["first_rank_oserror"]
+    assert kind == "RuntimeError" and "writing the features failed on rank 0 of 2" in msg
+    assert "OSError: No space left on device" in msg
+    assert got[0]["rank1_missing"] == ["FileNotFoundError", "refs.npz is missing"]
+    assert got[1]["rank1_missing"] == ["FileNotFoundError", "refs.npz is missing"]
+    assert got[0]["no_error"] == ["ok", 0] and got[1]["no_error"] == ["ok", 10]
+    assert got[0]["first_rank_value"] == ["ok", "made on rank 0"]
+    assert got[1]["first_rank_value"] == ["ok", None]

@@ -401,22 +401,12 @@ def _extract_sharded(encode, dataset, out: Path, rank: int, world: int, *, overw
     """Each rank encodes batches ``[nb * r // world, nb * (r + 1) // world)`` of the ``nb``
     batches into ``.<out>.part-<r>-of-<world>``; the first rank joins them into ``out``. An error
     on any rank is raised on every rank (no rank waits forever for another's part)."""
-    import torch.distributed as dist
     from torch.utils.data import Subset
 
-    def agree(fn):  # fn() on this rank, then every rank learns every rank's error
-        err = None
-        try:
-            value = fn()
-        except Exception as e:  # noqa: BLE001 - passed on to every rank below
-            value, err = None, f"{type(e).__name__}: {e}"
-        errors = [None] * world
-        dist.all_gather_object(errors, err)
-        bad = [(r, m) for r, m in enumerate(errors) if m]
-        if bad:
-            r, m = bad[0]
-            raise RuntimeError(f"code extraction failed on rank {r} of {world}: {m}")
-        return value
+    from ..ranks import agree as agree_on
+
+    def agree(fn):  # fn() on this rank; every rank raises any rank's error
+        return agree_on(fn, "code extraction")
 
     prefix = f".{out.name}.part-"
     if rank == 0:  # what a killed run left
