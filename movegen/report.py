@@ -445,6 +445,15 @@ def _points_plot(
     _save(fig, path)
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (as a user typed it from
+    the repository root), else as recorded."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_study_report(doc: dict, out: str | Path) -> Path:
     """``out/README.md`` and PNG plots from a study.json object; returns the README path."""
     out = Path(out)
@@ -458,7 +467,7 @@ def write_study_report(doc: dict, out: str | Path) -> Path:
     L = [f"# Study `{doc['study']}`", "",
          f"{len(done)} of {len(records)} runs finished{f', {len(diverged)} diverged' if diverged else ''} ({len(arms)} arms x {len(grid)} grid points x "
          f"{len(budgets)} budgets x {len(doc['seeds'])} seeds {doc['seeds']}; every arm sees the same data order "
-         f"per seed). Config `{doc['config']}`.", "",
+         f"per seed). Config `{_shown_path(doc['config'])}`.", "",
          f"Each arm's grid point is the one with the lowest mean validation loss over seeds "
          f"({'on budget ' + repr(doc['select_on']) + _seeds_note(doc) + ', used for every budget' if doc.get('select_on') else 'per budget'}). "
          f"Δ is the paired difference to `{std}` over matching seeds, mean [95% t-interval] (relative to "

@@ -850,3 +850,12 @@ def test_the_longest_budget_fits_first_and_the_choosing_budget_before_all(tmp_pa
     study.run_study(y, tmp_path / "out2", parallel=1)
     steps = [f["flags"]["trainer.max_steps"] for f in fake()[before:] if f["verb"] == "fit"]
     assert steps == ["20"] * 8 + ["40"] * 4 + ["30"] * 4, steps
+
+
+def test_study_report_shows_the_config_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from movegen.report import _shown_path
+
+    (tmp_path / "configs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _shown_path(str(tmp_path / "configs/s.yaml")) == "configs/s.yaml"
+    assert _shown_path("/elsewhere/s.yaml") == "/elsewhere/s.yaml"  # outside it: as recorded
