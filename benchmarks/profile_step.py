@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from movegen.lit import optimizer_groups
@@ -52,8 +51,7 @@ def main() -> None:
 
         def loss_fn(c, l):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                logits = model(c, l)
-            return F.cross_entropy(logits.flatten(0, 1).float(), c.flatten())
+                return model.loss(c, l)  # fp32 cross-entropy of the logits
 
         fn = torch.compile(loss_fn) if dev.type == "cuda" else loss_fn
 

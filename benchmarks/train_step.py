@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from movegen.lit import optimizer_groups
 from movegen.model import GPT, cost_report
@@ -36,10 +35,10 @@ def bench(
     # options after @, joined by +: grouped / token (the MoVE kernels' form); unfused (the
     # model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of
     # them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product),
-    # norope (QKV split + RoPE)
+    # norope (QKV split + RoPE); ce adds the fused cross-entropy (off by default)
     name, _, opts = arm.partition("@")
     opts = set(opts.split("+")) - {""}
-    known = {"grouped", "token", "unfused", "nonorm", "noswiglu", "norope"}
+    known = {"grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "ce"}
     if not opts <= known or {"grouped", "token"} <= opts:
         raise ValueError(
             f"{arm}: after @ come grouped or token and {sorted(known - {'grouped', 'token'})}, joined by +"
@@ -50,6 +49,8 @@ def bench(
     if "unfused" in opts:
         model.fused_ops = ()
     model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
+    if "ce" in opts:
+        model.fused_ops += ("ce",)
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts
     opt = torch.optim.AdamW(
@@ -58,8 +59,7 @@ def bench(
 
     def loss_fn(codes, labels):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(codes, labels)
-        return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+            return model.loss(codes, labels)  # fp32 cross-entropy of the logits
 
     fn = torch.compile(loss_fn, mode=args.compile_mode) if compiled else loss_fn
     batches = random_batches(batch, cfg.seq_len, cfg.vocab_size, cfg.num_classes, device, dist=dist)

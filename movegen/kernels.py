@@ -1098,3 +1098,104 @@ def rope_usable(qkv: torch.Tensor) -> bool:
     """Whether :func:`split_rope` runs for ``qkv (B, S, 3, H, D)``: CUDA or the interpreter, a
     power-of-two head width of at least 16."""
     return usable(qkv.device, qkv.shape[-1]) and qkv.is_floating_point()
+
+
+# --------------------------------------------------------------------------- cross-entropy
+#
+# Per-row cross-entropy of logits ``(N, K)`` in their own dtype (the head's bf16 under autocast)
+# with fp32 math: the forward reads each row once (online max and sum) and keeps one fp32 log-sum-
+# exp per row; the backward reads the row again and writes ``(softmax - onehot) * g`` in the
+# logits' dtype. No fp32 copy of the logits is made or kept.
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _ce_kernel(
+        x_ptr, t_ptr, lse_ptr, loss_ptr, g_ptr, dx_ptr, K, BWD: tl.constexpr, BLOCK_K: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        base = x_ptr + row * K
+        t = tl.load(t_ptr + row)
+        if BWD:
+            lse = tl.load(lse_ptr + row)
+            g = tl.load(g_ptr + row)
+            for start in range(0, K, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                x = tl.load(base + cols, mask=cols < K, other=0.0).to(tl.float32)
+                d = tl.exp(x - lse) - (cols == t).to(tl.float32)
+                tl.store(
+                    dx_ptr + row * K + cols, (d * g).to(dx_ptr.dtype.element_ty), mask=cols < K
+                )
+        else:
+            # per lane: running max (a finite floor, so no inf - inf) and sum of exp(x - max)
+            m = tl.full((BLOCK_K,), -1e30, tl.float32)
+            s = tl.zeros((BLOCK_K,), tl.float32)
+            for start in range(0, K, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                x = tl.load(base + cols, mask=cols < K, other=-1e30).to(tl.float32)
+                m_new = tl.maximum(m, x)
+                s = s * tl.exp(m - m_new) + tl.where(cols < K, tl.exp(x - m_new), 0.0)
+                m = m_new
+            mx = tl.max(m, 0)
+            lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+            tl.store(lse_ptr + row, lse)
+            tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
+
+
+def _ce_block(K: int) -> int:
+    return 128 if INTERPRET else min(4096, triton.next_power_of_2(K))
+
+
+@torch.library.custom_op("movegen::ce_fwd", mutates_args=())
+def ce_fwd(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits (N, K)``, ``targets (N,)`` in [0, K) -> per-row loss and log-sum-exp, fp32."""
+    N, K = logits.shape
+    logits = logits.contiguous()
+    lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+    loss = torch.empty_like(lse)
+    _ce_kernel[(N,)](logits, targets.contiguous(), lse, loss, lse, logits, K, BWD=False,
+                     BLOCK_K=_ce_block(K), num_warps=8 if not INTERPRET else 4)  # fmt: skip
+    return loss, lse
+
+
+@ce_fwd.register_fake
+def _(logits, targets):
+    N = logits.shape[0]
+    return logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
+
+
+@torch.library.custom_op("movegen::ce_bwd", mutates_args=())
+def ce_bwd(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of the logits for per-row loss gradients ``grad (N,)``."""
+    N, K = logits.shape
+    logits = logits.contiguous()
+    dx = torch.empty_like(logits)
+    _ce_kernel[(N,)](logits, targets.contiguous(), lse, lse, grad.float().contiguous(), dx, K, BWD=True,
+                     BLOCK_K=_ce_block(K), num_warps=8 if not INTERPRET else 4)  # fmt: skip
+    return dx
+
+
+@ce_bwd.register_fake
+def _(logits, targets, lse, grad):
+    return torch.empty_like(logits)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets):
+        loss, lse = torch.ops.movegen.ce_fwd(logits, targets)
+        ctx.save_for_backward(logits, targets, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        return torch.ops.movegen.ce_bwd(logits, targets, lse, grad), None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits (N, K)`` (any float dtype; fp32 math) against ``targets
+    (N,)`` in [0, K): ``F.cross_entropy(logits.float(), targets)``, one kernel each way."""
+    return _CrossEntropy.apply(logits, targets).mean()

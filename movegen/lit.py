@@ -586,8 +586,7 @@ class _LossStep(nn.Module):
         self.model = model
 
     def forward(self, codes, labels):
-        logits = self.model(codes, labels)
-        return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+        return self.model.loss(codes, labels)
 
 
 def _norm(v):

@@ -485,7 +485,8 @@ class GPT(nn.Module):
         # the elementwise steps run as Triton kernels where the kernels run: "norm" each dropout +
         # residual add + RMSNorm (kernels.residual_norm), "swiglu" the MLP's SiLU product
         # (kernels.silu_mul), "rope" the QKV split and RoPE (kernels.split_rope); () gives the
-        # PyTorch ops (the reference)
+        # PyTorch ops (the reference). "ce" (kernels.cross_entropy in `loss`) is built and tested
+        # but off until measured on a GPU
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope")
         self.reset_parameters()
 
@@ -540,6 +541,20 @@ class GPT(nn.Module):
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``codes (B, T)`` int64, ``labels (B,)`` (``num_classes`` = null) -> logits ``(B, T, K)``.
         In training mode labels are dropped to the null class at rate ``class_dropout``."""
+        return self._head(codes, labels).float()
+
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean next-code cross-entropy of ``codes`` (what training minimises), from fp32
+        logits as :meth:`forward` gives them; with ``"ce"`` in :attr:`fused_ops` where the
+        kernels run, :func:`kernels.cross_entropy` reads the head's output in its own dtype (bf16
+        under autocast) with fp32 math, so no fp32 copy of the logits is made."""
+        logits = self._head(codes, labels).flatten(0, 1)
+        if "ce" in self.fused_ops and kernels.fused_usable(logits):
+            return kernels.cross_entropy(logits, codes.flatten())
+        return F.cross_entropy(logits.float(), codes.flatten())
+
+    def _head(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The head's output ``(B, T, K)`` in the compute dtype (bf16 under autocast)."""
         self._check(codes, labels)
         cfg = self.config
         if self.training:
@@ -568,7 +583,7 @@ class GPT(nn.Module):
             x, y = block(x, y, ids, mem, cos, sin, tap, fused, p)
             p = _rate(block.mlp.drop)
         _, h = add_norm(x, y, self.norm, p, "norm" in fused)
-        return self.head(h).float()
+        return self.head(h)
 
     # ---- cached decoding
 

@@ -94,3 +94,41 @@ def test_residual_norm_on_gpu():
         res.append([out, *(q.grad.clone() for q in model.parameters())])
     for a, b in zip(*res):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_cross_entropy_and_split_rope_on_gpu():
+    """``kernels.cross_entropy`` on bf16 logits against ``F.cross_entropy`` of their fp32 copy
+    (GPT-B's K = 16384), and ``kernels.split_rope`` against ``apply_rope`` with SDPA-strided
+    gradients: values and gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from movegen import kernels
+    from movegen.model import apply_rope
+
+    torch.manual_seed(0)
+    x = (3 * torch.randn(512, 16384, device="cuda")).bfloat16().requires_grad_()
+    t = torch.randint(16384, (512,), device="cuda")
+    (g,) = torch.autograd.grad(kernels.cross_entropy(x, t), x)
+    xr = x.detach().float().requires_grad_()
+    lr = F.cross_entropy(xr, t)
+    (gr,) = torch.autograd.grad(lr, xr)
+    assert abs(kernels.cross_entropy(x, t).item() - lr.item()) < 1e-4
+    assert ((g.float() - gr).norm() / gr.norm()).item() < 1e-2
+
+    B, S, H, D = 4, 256, 12, 64
+    ang = torch.rand(S, D // 2, device="cuda") * 6
+    cos, sin = ang.cos(), ang.sin()
+    qkv = torch.randn(B, S, 3 * H * D, device="cuda").bfloat16().requires_grad_()
+    outs = kernels.split_rope(qkv.view(B, S, 3, H, D), cos, sin)
+    grads = [torch.randn(B, H, S, D, device="cuda").bfloat16().transpose(1, 2) for _ in range(3)]
+    (dqkv,) = torch.autograd.grad(outs, qkv, grads)
+    qr = qkv.detach().float().requires_grad_()
+    q, k, v = qr.view(B, S, 3, H, D).unbind(2)
+    refs = [apply_rope(q, cos, sin), apply_rope(k, cos, sin), v]
+    (dref,) = torch.autograd.grad(refs, qr, [g.float() for g in grads])
+    for a, b in zip([*outs, dqkv], [*refs, dref]):
+        assert ((a.float() - b).norm() / b.norm()).item() < 1e-2

@@ -2,7 +2,8 @@
 kernel each way) against PyTorch's ops, with and without y, with dropout 0 and 0.3: x', the norm
 and the gradients of x, y and the weight. With dropout the mask is read back from x' - x and the
 reference applies that mask, so the backward must redraw the forward's mask exactly; the kept
-fraction must be near 1 - p. ``kernels.silu_mul`` and ``kernels.split_rope`` and their gradients against PyTorch's. A GPT's fused and plain training paths agree with dropout off."""
+fraction must be near 1 - p. ``kernels.silu_mul``, ``kernels.split_rope`` and ``kernels.cross_entropy`` and their gradients
+against PyTorch's. A GPT's fused and plain training paths agree with dropout off."""
 
 import os
 
@@ -65,6 +66,15 @@ refs = [apply_rope(q, cos, sin), apply_rope(k, cos, sin), v]
 (dref,) = torch.autograd.grad(refs, qr, grads)
 worst = max(worst, *((a - b).abs().max().item() for a, b in zip([*outs, dqkv], [*refs, dref])))
 
+# the cross-entropy: F.cross_entropy's loss and gradient (K = 300: a partial last chunk)
+x = (3 * torch.randn(37, 300)).requires_grad_()
+t = torch.randint(300, (37,))
+(g,) = torch.autograd.grad(kernels.cross_entropy(x, t) * 2.5, x)
+xr = x.detach().clone().requires_grad_()
+lr = F.cross_entropy(xr, t)
+(gr,) = torch.autograd.grad(lr * 2.5, xr)
+worst = max(worst, (kernels.cross_entropy(x, t) - lr).abs().item(), (g - gr).abs().max().item())
+
 # the model: fused (kernels) and plain paths, same weights, dropout off, forward and gradients
 cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, resid_dropout=0.0,
                        ffn_dropout=0.0, token_dropout=0.0, class_dropout=0.0)  # fmt: skip
@@ -74,10 +84,10 @@ for prm in model.parameters():
 codes, labels = torch.randint(64, (3, 16)), torch.tensor([1, 5, 9])
 res = []
 for fused in (True, False):
-    model.fused_ops = ("norm", "swiglu", "rope") if fused else ()
+    model.fused_ops = ("norm", "swiglu", "rope", "ce") if fused else ()
     model.zero_grad()
     out = model(codes, labels)
-    out.square().mean().backward()
+    (out.square().mean() + model.loss(codes, labels)).backward()
     res.append([out, *(q.grad.clone() for q in model.parameters())])
 worst = max(worst, *((a - b).abs().max().item() for a, b in zip(*res)))
 print("WORST", worst)
