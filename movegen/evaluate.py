@@ -48,7 +48,7 @@ from .metrics import (
     reference_features,
 )
 from .model import cost_report
-from .ranks import gather_to_first_rank, on_first_rank, rank_and_world
+from .ranks import agree, gather_to_first_rank, on_first_rank, rank_and_world
 from .sample import SampleNoise, generate_images
 
 log = logging.getLogger(__name__)
@@ -345,20 +345,28 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         # images of 256 x 256 take 9.8 GB instead of float32's 39 GB
         return _uint8(x) if inception else x.float()
 
-    images, _ = generate_images(model, tok.decode, labels[lo:hi], settings, batch_size=batch_size,
-                                noise=SampleNoise(seed), first_index=lo, progress=rank == 0,
-                                transform=finish)  # fmt: skip
-    sample_seconds = time.time() - t0
-    lap("sample")
-    spatial = None
-    if inception:  # one pass for the pool features, the IS logits and (for sFID) mixed_6/conv
-        both = InceptionFeatures(fdesc["weights"], "all" if reference else "pool+logits").to(device)
-        fake, logits, *rest = extract_features(both, images, device=device)
-        spatial = rest[0] if reference else None  # (every rank: adm is None off the first)
-    else:
-        fake = extract_features(feat_mod, images, device=device)
-        logits = extract_features(logit_mod, images, device=device)
-    lap("features")
+    def sample_and_features():
+        images, _ = generate_images(model, tok.decode, labels[lo:hi], settings, batch_size=batch_size,
+                                    noise=SampleNoise(seed), first_index=lo, progress=rank == 0,
+                                    transform=finish)  # fmt: skip
+        sample_seconds = time.time() - t0
+        lap("sample")
+        spatial = None
+        if inception:  # one pass for the pool features, the IS logits and (for sFID) mixed_6/conv
+            both = InceptionFeatures(fdesc["weights"], "all" if reference else "pool+logits").to(
+                device
+            )
+            fake, logits, *rest = extract_features(both, images, device=device)
+            spatial = rest[0] if reference else None  # (every rank: adm is None off the first)
+        else:
+            fake = extract_features(feat_mod, images, device=device)
+            logits = extract_features(logit_mod, images, device=device)
+        lap("features")
+        return images, fake, logits, spatial, sample_seconds
+
+    # an error in any process's share (out of memory, a decoding error) is raised in every
+    # process here, before the gather below waits for all of them
+    images, fake, logits, spatial, sample_seconds = agree(sample_and_features, "sampling")
     if world > 1:  # features (and, for the .npz, the images as uint8) to the first rank
         u8 = (images if images.dtype == torch.uint8 else _uint8(images)) if export_npz else None
         parts = gather_to_first_rank((fake.cpu(), logits.cpu(), u8, sample_seconds, spatial))

@@ -673,8 +673,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _keep_bits(seed, rows, D, thr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """The keep mask of a (BLOCK_M, BLOCK_D) tile: element j of a row from draw j % 4 of the
-        Philox call at offset row * D/4 + j // 4."""
+        """The keep mask of a (BLOCK_M, BLOCK_D) tile: elements 4i..4i+3 of a row from draws 0, 2,
+        1, 3 of the Philox call at offset row * D/4 + i (the order the joins lay them out)."""
         q = rows[:, None].to(tl.int64) * (D // 4) + tl.arange(0, BLOCK_D // 4)[None, :]
         r0, r1, r2, r3 = tl.randint4x(seed, q)
         r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_D))
@@ -706,8 +706,9 @@ if HAVE_TRITON:
                     b.to(tl.uint8),
                     mask=bm,
                 )
-            x = x + y
-            tl.store(xo_ptr + offs, x.to(xo_ptr.dtype.element_ty), mask=m)
+            x = (x + y).to(xo_ptr.dtype.element_ty)  # x' as stored: the norm of what is kept
+            tl.store(xo_ptr + offs, x, mask=m)
+            x = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         n = x * rstd[:, None] * w[None, :]
@@ -810,8 +811,8 @@ def resnorm_bwd(dn: torch.Tensor, dxi: torch.Tensor | None, x: torch.Tensor, wei
     y) and ``dw`` (fp32). ``x`` is the saved x'; ``dxi`` the incoming gradient of x' (or None)."""
     D = x.shape[-1]
     R = x.numel() // D
-    dn = dn.contiguous()
-    dx = torch.empty_like(x)
+    dn, x = dn.contiguous(), x.contiguous()
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dy = torch.empty(x.shape, device=x.device, dtype=y_dtype) if has_y else x.new_empty(0)
     sms = _sms(x.device)
     dw = torch.zeros(16 * sms, D, device=x.device, dtype=torch.float32)  # a row per program
@@ -834,6 +835,7 @@ class _ResidualNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, weight, seed, p: float, eps: float, out_dtype):
+        x = x if y is not None else x.contiguous()  # what the backward reads as x' = x
         xo, n, rstd, bits = torch.ops.movegen.resnorm_fwd(x, y, weight, seed, p, eps, out_dtype)
         ctx.p, ctx.has_y, ctx.n_dtype = p, y is not None, out_dtype
         ctx.y_dtype = y.dtype if y is not None else x.dtype
@@ -858,6 +860,8 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor,
     """``x' = x + dropout(y, p)`` (``x' = x`` when y is None) and ``rmsnorm(x') * weight``, as two
     fused kernels (forward, backward). The norm comes out in the autocast dtype when autocast is
     on (what the next product reads), else in x's dtype; x' in x's dtype."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"residual_norm needs a dropout rate in [0, 1), got {p}")
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     seed = None

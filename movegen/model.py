@@ -212,7 +212,7 @@ def add_norm(x: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm, p: float,
     """``x' = x + dropout(y, p)`` (``x' = x`` when y is None) and ``norm(x')``: the step between
     two branches of the residual stream. ``fused``: one Triton kernel each way where the kernels
     run (:func:`kernels.residual_norm`; its own dropout masks), else these PyTorch ops."""
-    if fused and kernels.fused_usable(x):
+    if fused and p < 1 and kernels.fused_usable(x):
         return kernels.residual_norm(x, y, norm.weight, norm.eps, p)
     if y is not None:
         x = x + (F.dropout(y, p) if p > 0 else y)
