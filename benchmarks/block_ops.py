@@ -1,13 +1,22 @@
-"""Pieces of the GPT-B training step alone, forward + backward, against their floors.
+"""Pieces of the GPT-B training step alone, forward + backward (``torch.autograd.grad``, so no
+leaf gradients accumulate), each fused Triton kernel against the same PyTorch ops under
+``torch.compile`` (what the step runs without ``GPT.fused_ops``), batch 256 x 256 positions:
 
-* ``norm``: the block boundary ``x' = x + dropout(y, 0.1)``, ``n = rmsnorm(x') * w`` on the batch-256
-  residual stream (65,536 x 768, x fp32, y and n bf16): ``kernels.residual_norm`` (one Triton kernel
-  each way, masks redrawn from Philox) against the same PyTorch ops under ``torch.compile`` (what
-  the step ran before). Floor: the bytes each way at the copy rate measured in the run (forward
-  reads x, y and writes x', n; backward reads dn, dx', x' and writes dx, dy).
+* ``norm``: the block boundary ``x' = x + dropout(y, 0.1)``, ``n = rmsnorm(x') * w`` (65,536 x 768,
+  x fp32, y and n bf16; ``kernels.residual_norm``). Floor: forward reads x, y and writes x', n;
+  backward reads dn, dx', x' and writes dx, dy (the mask's bits not counted).
+* ``swiglu``: ``silu(a) * b`` of the 65,536 x 4,096 bf16 product (``kernels.silu_mul``). Floor:
+  forward reads u and writes h; backward reads u and dh and writes du.
+* ``rope``: the QKV split and RoPE of (256, 256, 3, 12, 64) bf16 (``kernels.split_rope``), the
+  gradients strided as SDPA returns them. Floor: each way reads and writes the three tensors.
+* ``ce``: cross-entropy of 65,536 x 16,384 bf16 logits (``kernels.cross_entropy``; the PyTorch
+  form casts to fp32 first). Floor: forward reads the logits, backward reads them and writes the
+  gradient.
 * ``attention``: causal self-attention of (256, 12, 256, 64) bf16 through each SDPA backend (cuDNN,
   flash, memory-efficient) and ``flex_attention`` (compiled, causal block mask). Floor: the FLOPs
   (QK and PV, causal half; backward 2.5x the forward) at the bf16 matmul peak of the run.
+
+Byte floors are at the copy rate measured in the run.
 
     python -m benchmarks.block_ops              # GPU
     python -m benchmarks.block_ops --smoke      # CPU, tiny, the PyTorch variants only
@@ -29,8 +38,29 @@ from ._util import (
     matmul_peak_tflops,
     median,
     print_table,
+    release,
     time_fn,
 )
+
+
+def _timed(
+    op: str, impl: str, fn, inputs: list, grads: list, floor_ms: float, args, device
+) -> dict:
+    """Forward, and forward + backward (``torch.autograd.grad``: no leaf accumulation), timed."""
+
+    def both():
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.grad(outs, inputs, grads[: len(outs)])
+
+    f_ms = median(time_fn(lambda: fn(*inputs), warmup=3, iters=args.iters, device=device))
+    b_ms = median(time_fn(both, warmup=3, iters=args.iters, device=device))
+    return {"op": op, "impl": impl, "fwd_ms": f_ms, "bwd_ms": b_ms - f_ms, "total_ms": b_ms,
+            "floor_ms": floor_ms, "of_floor": floor_ms / b_ms}  # fmt: skip
+
+
+def _pick(impl: str, fused, plain):
+    return fused if impl == "fused" else torch.compile(plain) if impl == "compiled" else plain
 
 
 def bench_norm(impl: str, args, device, bw: float) -> dict:
@@ -47,25 +77,64 @@ def bench_norm(impl: str, args, device, bw: float) -> dict:
         xo = x + F.dropout(y, p)
         return xo, F.rms_norm(xo, (D,), w, 1e-5).to(lowp)
 
-    if impl == "fused":
-        fn = lambda x, y, w: kernels.residual_norm(x, y, w, 1e-5, p)  # noqa: E731
-    else:
-        fn = torch.compile(plain) if impl == "compiled" else plain
-
-    def fwd():
-        return fn(x, y, w)
-
-    def both():
-        xo, n = fwd()
-        torch.autograd.backward([xo, n], [dxo, dn])
-
-    f_ms = median(time_fn(fwd, warmup=3, iters=args.iters, device=device))
-    b_ms = median(time_fn(both, warmup=3, iters=args.iters, device=device))
+    fn = _pick(impl, lambda x, y, w: kernels.residual_norm(x, y, w, 1e-5, p), plain)
     e32, e16 = R * D * 4, R * D * lowp.itemsize
-    floor_f = (2 * e32 + 2 * e16) / bw / 1e6  # x, x' fp32; y, n low precision
-    floor_b = (3 * e32 + 2 * e16) / bw / 1e6  # dx', x', dx fp32; dn, dy
-    return {"op": "norm", "impl": impl, "fwd_ms": f_ms, "bwd_ms": b_ms - f_ms, "total_ms": b_ms,
-            "floor_ms": floor_f + floor_b, "of_floor": (floor_f + floor_b) / b_ms}  # fmt: skip
+    floor = (
+        (2 * e32 + 2 * e16 + 3 * e32 + 2 * e16) / bw / 1e6
+    )  # fwd: x, x'; y, n. bwd: dx', x', dx; dn, dy
+    return _timed("norm", impl, fn, [x, y, w], [dxo, dn], floor, args, device)
+
+
+def bench_swiglu(impl: str, args, device, bw: float) -> dict:
+    R, h = args.batch * args.seq, args.hidden
+    lowp = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    u = torch.randn(R, 2 * h, device=device, generator=g, dtype=lowp).requires_grad_()
+    dh = torch.randn(R, h, device=device, generator=g, dtype=lowp)
+
+    def plain(u):
+        a, b = u.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+    fn = _pick(impl, kernels.silu_mul, plain)
+    floor = R * h * lowp.itemsize * (3 + 5) / bw / 1e6  # fwd: u, h. bwd: u, dh, du
+    return _timed("swiglu", impl, fn, [u], [dh], floor, args, device)
+
+
+def bench_rope(impl: str, args, device, bw: float) -> dict:
+    from movegen.model import apply_rope
+
+    B, S, H, Dh = args.batch, args.seq, args.width // 64, 64
+    lowp = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(B, S, 3, H, Dh, device=device, generator=g, dtype=lowp).requires_grad_()
+    ang = torch.rand(S, Dh // 2, device=device, generator=g) * 6
+    cos, sin = ang.cos(), ang.sin()
+    grads = [torch.randn(B, H, S, Dh, device=device, generator=g, dtype=lowp).transpose(1, 2) for _ in range(3)]  # fmt: skip
+
+    def plain(qkv):
+        q, k, v = qkv.unbind(2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    fn = _pick(impl, lambda qkv: kernels.split_rope(qkv, cos, sin), plain)
+    floor = qkv.numel() * lowp.itemsize * 4 / bw / 1e6  # each way: qkv read, q, k, v written
+    return _timed("rope", impl, fn, [qkv], grads, floor, args, device)
+
+
+def bench_ce(impl: str, args, device, bw: float) -> dict:
+    N, K = args.batch * args.seq, args.vocab
+    lowp = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(N, K, device=device, generator=g, dtype=lowp).requires_grad_()
+    t = torch.randint(K, (N,), device=device, generator=g)
+    one = torch.ones((), device=device)
+
+    def plain(x):
+        return F.cross_entropy(x.float(), t)
+
+    fn = _pick(impl, lambda x: kernels.cross_entropy(x, t), plain)
+    floor = x.numel() * lowp.itemsize * 3 / bw / 1e6  # fwd: a read; bwd: a read and a write
+    return _timed("ce", impl, fn, [x], [one], floor, args, device)
 
 
 def bench_attention(impl: str, args, device, peak: float) -> dict:
@@ -111,16 +180,29 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--smoke", action="store_true", help="tiny, CPU, to check the script runs")
-    p.add_argument("--norm", default="fused,compiled,eager", help="norm variants")
+    p.add_argument("--norm", default="fused,compiled", help="residual + dropout + RMSNorm variants")
+    p.add_argument("--swiglu", default="fused,compiled", help="SwiGLU product variants")
+    p.add_argument("--rope", default="fused,compiled", help="QKV split + RoPE variants")
+    p.add_argument("--ce", default="fused,compiled", help="cross-entropy variants (K = 16384)")
     p.add_argument("--attention", default="cudnn,flash,efficient,flex", help="attention variants")
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     args.batch, args.seq, args.width = (2, 16, 128) if args.smoke else (256, 256, 768)
+    args.hidden, args.vocab = (256, 64) if args.smoke else (2048, 16384)
     if args.smoke:
-        args.iters, args.norm, args.attention = 2, "eager", "math"
+        args.iters, args.attention = 2, "math"
+        args.norm = args.swiglu = args.rope = args.ce = "eager"
     bw, peak = copy_bandwidth_gbs(device), matmul_peak_tflops(device)
-    rows = [bench_norm(i, args, device, bw) for i in args.norm.split(",") if i]
+    rows = []
+    for op, bench in (
+        ("norm", bench_norm),
+        ("swiglu", bench_swiglu),
+        ("rope", bench_rope),
+        ("ce", bench_ce),
+    ):
+        rows += [bench(i, args, device, bw) for i in getattr(args, op).split(",") if i]
+        release(device)
     rows += [bench_attention(i, args, device, peak) for i in args.attention.split(",") if i]
     for r in rows:
         print(r, flush=True)

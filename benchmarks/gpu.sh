@@ -3,7 +3,7 @@
 # full log into $OUT and prints its table. Run from anywhere; it runs from the repository root.
 #   usage: bash benchmarks/gpu.sh SECTION...
 #   mix               the MoVE mix alone (move_mix)
-#   block-ops         the step's fused norm and attention variants alone, against floors (block_ops)
+#   block-ops         the step's fused kernels and attention variants alone, against floors (block_ops)
 #   train             the training step: arms x batch x compiled/eager (train_step)
 #   sampling          the sampler: standard and MoVE-x1, fast and eager paths (sampling)
 #   sampling-variants decoder variants: fused one-launch layer + one CUDA graph per step vs SDPA +
