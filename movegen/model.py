@@ -99,8 +99,17 @@ class GPTConfig:
             raise ValueError(f"prefix_rope must be 'identity' or 'zero', got {self.prefix_rope!r}")
         if self.memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {self.memory!r}")
-        if not 0.0 <= self.memory_dropout < 1.0:
-            raise ValueError(f"memory_dropout must be in [0, 1), got {self.memory_dropout}")
+        for name in (
+            "memory_dropout",
+            "resid_dropout",
+            "ffn_dropout",
+            "token_dropout",
+            "attn_dropout",
+        ):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.class_dropout <= 1.0:  # 1: every label dropped (an unconditional model)
+            raise ValueError(f"class_dropout must be in [0, 1], got {self.class_dropout}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.head_dim % 4:

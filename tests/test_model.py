@@ -410,6 +410,12 @@ def test_memory_dropout_drops_memory_gates_only_in_training():
         assert mem.grad is not None and mem.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="memory_dropout"):
         tiny("move", memory_dropout=1.0)
+    for name in ("resid_dropout", "ffn_dropout", "token_dropout", "attn_dropout"):
+        with pytest.raises(ValueError, match=name):  # 1 would zero a whole branch every step
+            tiny("move", **{name: 1.0})
+    with pytest.raises(ValueError, match="class_dropout"):
+        tiny("move", class_dropout=-0.1)
+    assert tiny("none", class_dropout=1.0).class_dropout == 1.0  # unconditional: allowed
 
 
 def test_the_memory_can_have_its_own_learning_rate_and_weight_decay():
