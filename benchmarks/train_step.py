@@ -35,10 +35,11 @@ def bench(
     # options after @, joined by +: grouped / token (the MoVE kernels' form); unfused (the
     # model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of
     # them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product),
-    # norope (QKV split + RoPE); ce adds the fused cross-entropy (off by default)
+    # norope (QKV split + RoPE); ce and router add the fused cross-entropy and the stacked
+    # QKV + router product (off by default)
     name, _, opts = arm.partition("@")
     opts = set(opts.split("+")) - {""}
-    known = {"grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "ce"}
+    known = {"grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "ce", "router"}
     if not opts <= known or {"grouped", "token"} <= opts:
         raise ValueError(
             f"{arm}: after @ come grouped or token and {sorted(known - {'grouped', 'token'})}, joined by +"
@@ -49,8 +50,7 @@ def bench(
     if "unfused" in opts:
         model.fused_ops = ()
     model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
-    if "ce" in opts:
-        model.fused_ops += ("ce",)
+    model.fused_ops += tuple(o for o in ("ce", "router") if o in opts)
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts
     opt = torch.optim.AdamW(

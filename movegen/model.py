@@ -367,10 +367,14 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True,
-                fused: bool = False) -> torch.Tensor:  # fmt: skip
+                fused: bool = False, router: bool = False) -> torch.Tensor:  # fmt: skip
         """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
-        ``fused``: :meth:`mixed_qkv`'s."""
-        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, fused=fused)
+        ``fused``: :meth:`mixed_qkv`'s. ``router``: a memory layer's QKV and router products as
+        one product of the stacked weights (one read of ``x``, one input gradient)."""
+        proj = None
+        if router and self.has_memory:
+            proj = F.linear(x, torch.cat([self.qkv.weight, self.router.weight]))
+        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused)
         p = self.cfg.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, S, D)
         y = self.proj(y.transpose(1, 2).flatten(2))
@@ -448,10 +452,11 @@ class Block(nn.Module):
         for the next block: each dropout, residual add and the norm after it are one step
         (:func:`add_norm`), across block boundaries too. ``fused``: the ops run as Triton kernels
         (``"norm"``: those steps, ``"swiglu"``: the MLP's SiLU product, ``"rope"``: the QKV split
-        and RoPE; :attr:`GPT.fused_ops`)."""
+        and RoPE, ``"router"``: a memory layer's QKV and router products as one; :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
-        y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused)
+        y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
+                      router="router" in fused)  # fmt: skip
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -494,8 +499,9 @@ class GPT(nn.Module):
         # the elementwise steps run as Triton kernels where the kernels run: "norm" each dropout +
         # residual add + RMSNorm (kernels.residual_norm), "swiglu" the MLP's SiLU product
         # (kernels.silu_mul), "rope" the QKV split and RoPE (kernels.split_rope); () gives the
-        # PyTorch ops (the reference). "ce" (kernels.cross_entropy in `loss`) is built and tested
-        # but off until measured on a GPU
+        # PyTorch ops (the reference). Built and tested but off until measured on a GPU: "ce"
+        # (kernels.cross_entropy in `loss`) and "router" (a memory layer's QKV and router
+        # products as one product of the stacked weights)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope")
         self.reset_parameters()
 

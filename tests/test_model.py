@@ -457,3 +457,22 @@ def test_rope_is_the_pairwise_rotation_exactly_and_its_gradient_the_inverse_rota
     bf = x.detach().bfloat16()
     assert apply_rope(bf, cos, sin).dtype == torch.bfloat16
     assert torch.equal(apply_rope(bf, cos, sin), apply_rope(bf.float(), cos, sin).bfloat16())
+
+
+@pytest.mark.parametrize("memory", ["move", "lave"])
+def test_stacked_router_product_matches_two_products(memory):
+    """``"router"`` in ``GPT.fused_ops``: a memory layer's QKV and router products as one product
+    of the stacked weights gives the outputs and every gradient of the two products."""
+    model = randomize(GPT(tiny(memory, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
+                               class_dropout=0.0)))  # fmt: skip
+    codes, labels = torch.randint(K, (3, T)), torch.tensor([0, 1, 2])
+    res = []
+    for ops in ((), ("router",)):
+        model.fused_ops = ops
+        model.zero_grad()
+        loss = model.loss(codes, labels)
+        loss.backward()
+        res.append([loss, *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    assert len(res[0]) == len(res[1])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
