@@ -522,21 +522,27 @@ def extract_codes(
     if Path(out).exists() and not overwrite:  # before any encoding
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ensure_writable(Path(out).absolute().parent, f"--out {out}")
-    from .ranks import rank_and_world
+    from .ranks import agree, rank_and_world
 
     dev = _join_processes(_device(device))  # under torchrun: each process encodes its share
     rank, world = rank_and_world()
-    tok, ckpt = load_tokenizer(tokenizer, dev)
-    name = data.name or ckpt["dataset"]["name"]
-    if name.startswith("folder:"):  # a folder is found again from any working directory
-        name = f"folder:{Path(name[7:]).expanduser().resolve()}"
-    size = tok.config.image_size
-    if ten_crop and not name.startswith("folder:"):
-        raise ValueError(f"--ten_crop needs a folder dataset (ImageNet-style); {name} is {size}x{size} in memory: "
-                         "use --shifts for translated views of it")  # fmt: skip
-    crop = size if ten_crop else None
-    ds = load_dataset(name, split, data_root=data.root, image_size=int(size * 1.1) if ten_crop else size,
-                      fit=ckpt["dataset"].get("fit", "pad"), channels=tok.config.channels)  # fmt: skip
+
+    def load():
+        tok, ckpt = load_tokenizer(tokenizer, dev)
+        name = data.name or ckpt["dataset"]["name"]
+        if name.startswith("folder:"):  # a folder is found again from any working directory
+            name = f"folder:{Path(name[7:]).expanduser().resolve()}"
+        size = tok.config.image_size
+        if ten_crop and not name.startswith("folder:"):
+            raise ValueError(f"--ten_crop needs a folder dataset (ImageNet-style); {name} is {size}x{size} in memory: "
+                             "use --shifts for translated views of it")  # fmt: skip
+        ds = load_dataset(name, split, data_root=data.root, image_size=int(size * 1.1) if ten_crop else size,
+                          fit=ckpt["dataset"].get("fit", "pad"), channels=tok.config.channels)  # fmt: skip
+        return tok, ckpt, name, ds
+
+    # an error loading in any process (a file one of them cannot read) is raised in every one
+    tok, ckpt, name, ds = agree(load, "loading the tokenizer and dataset")
+    crop = tok.config.image_size if ten_crop else None
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if name.startswith("folder:") else 0
     header = {"dataset": name, "split": split, "tokenizer_path": str(Path(tokenizer).resolve()),
