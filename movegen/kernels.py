@@ -406,10 +406,14 @@ def _as_rows(v: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return v, v.stride(1), v.stride(2)
 
 
+def _unit_d(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride on its last dim: as it is, or a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _table_args(table: torch.Tensor, ids: torch.Tensor) -> tuple:
     """``table (N, M, H, D)`` with unit stride on D, flat ids, and the strides (s_id, s_m, s_h)."""
-    if table.stride(3) != 1:
-        table = table.contiguous()
+    table = _unit_d(table)
     return table, ids.contiguous(), *table.stride()[:3]
 
 
@@ -610,8 +614,7 @@ def decode_attn(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: t
     launch (:class:`DecodeLaunch`). Returns the attention output ``(B, d)``.
     """
     B, H, T, D = k_cache.shape
-    if proj.stride(-1) != 1:
-        proj = proj.contiguous()
+    proj = _unit_d(proj)
     ids, cos, sin = ids.reshape(B).contiguous(), cos.contiguous(), sin.contiguous()
     y = torch.empty(B, H * D, device=proj.device, dtype=k_cache.dtype)
     mem = table is not None
@@ -835,7 +838,6 @@ class _ResidualNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, weight, seed, p: float, eps: float, out_dtype):
-        x = x if y is not None else x.contiguous()  # what the backward reads as x' = x
         xo, n, rstd, bits = torch.ops.movegen.resnorm_fwd(x, y, weight, seed, p, eps, out_dtype)
         ctx.p, ctx.has_y, ctx.n_dtype = p, y is not None, out_dtype
         ctx.y_dtype = y.dtype if y is not None else x.dtype
@@ -974,6 +976,13 @@ if HAVE_TRITON:
         return tl.reshape(tl.join(o1, o2), (BLOCK_S, D))
 
     @triton.jit
+    def _bshd_tile(ptr, b, rows, h, cols, s_b, s_s, s_h):
+        """Pointers of the (rows, cols) tile of batch b, head h in a (B, S, H, D) layout."""
+        return (
+            ptr + b.to(tl.int64) * s_b + rows[:, None].to(tl.int64) * s_s + h * s_h + cols[None, :]
+        )
+
+    @triton.jit
     def _split_rope_kernel(src_ptr, s_b, s_s, s_j, s_h, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, qs_b, qs_s, qs_h,
                            ks_b, ks_s, ks_h, vs_b, vs_s, vs_h, S, BWD: tl.constexpr, D: tl.constexpr,
                            BLOCK_S: tl.constexpr):  # fmt: skip
@@ -986,34 +995,10 @@ if HAVE_TRITON:
         half = tl.arange(0, D // 2)
         c = tl.load(cos_ptr + rows[:, None] * (D // 2) + half[None, :], mask=m, other=0.0)
         s = tl.load(sin_ptr + rows[:, None] * (D // 2) + half[None, :], mask=m, other=0.0)
-        src = (
-            src_ptr
-            + b.to(tl.int64) * s_b
-            + rows[:, None].to(tl.int64) * s_s
-            + h * s_h
-            + cols[None, :]
-        )
-        q = (
-            q_ptr
-            + b.to(tl.int64) * qs_b
-            + rows[:, None].to(tl.int64) * qs_s
-            + h * qs_h
-            + cols[None, :]
-        )
-        k = (
-            k_ptr
-            + b.to(tl.int64) * ks_b
-            + rows[:, None].to(tl.int64) * ks_s
-            + h * ks_h
-            + cols[None, :]
-        )
-        v = (
-            v_ptr
-            + b.to(tl.int64) * vs_b
-            + rows[:, None].to(tl.int64) * vs_s
-            + h * vs_h
-            + cols[None, :]
-        )
+        src = _bshd_tile(src_ptr, b, rows, h, cols, s_b, s_s, s_h)
+        q = _bshd_tile(q_ptr, b, rows, h, cols, qs_b, qs_s, qs_h)
+        k = _bshd_tile(k_ptr, b, rows, h, cols, ks_b, ks_s, ks_h)
+        v = _bshd_tile(v_ptr, b, rows, h, cols, vs_b, vs_s, vs_h)
         if BWD:
             dq = tl.load(q, mask=m, other=0.0).to(tl.float32)
             dk = tl.load(k, mask=m, other=0.0).to(tl.float32)
@@ -1032,10 +1017,6 @@ if HAVE_TRITON:
 def _rope_launch(B: int, S: int, H: int):
     bs = 4 if INTERPRET else 32
     return (triton.cdiv(S, bs), H, B), {"BLOCK_S": bs, "num_warps": 4}
-
-
-def _unit_d(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @torch.library.custom_op("movegen::split_rope_fwd", mutates_args=())
