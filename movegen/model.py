@@ -347,11 +347,12 @@ class Attention(nn.Module):
             logits = (
                 proj[..., 3 * d : 3 * d + self.router.out_features] if self.has_memory else None
             )
-        rotated = fused and kernels.rope_usable(qkv.view(B, S, 3, H, D))
+        qkv = qkv.view(B, S, 3, H, D)
+        rotated = fused and kernels.rope_usable(qkv)
         if rotated:  # each (B, S, H, D), q and k rotated
-            q, k, v = kernels.split_rope(qkv.view(B, S, 3, H, D), cos[:S], sin[:S])
+            q, k, v = kernels.split_rope(qkv, cos[:S], sin[:S])
         else:
-            q, k, v = qkv.view(B, S, 3, H, D).unbind(2)  # each (B, S, H, D)
+            q, k, v = qkv.unbind(2)  # each (B, S, H, D)
         if self.has_memory:
             gates = gates_from_logits(logits, H)  # (B, S, H, G)
             if self.training and self.cfg.memory_dropout > 0:
@@ -448,8 +449,9 @@ class Block(nn.Module):
 
     def forward(self, x, y, ids, memh, cos, sin, taps=None, fused: tuple = (), p_y: float = 0.0):
         """The block on the residual stream ``x`` that still lacks ``y``, the previous block's MLP
-        output before its dropout (None for the first block; ``p_y``: that dropout's rate). Returns ``(x, y)`` in the same form
-        for the next block: each dropout, residual add and the norm after it are one step
+        output before its dropout (None for the first block; ``p_y``: that dropout's rate).
+        Returns ``(x, y)`` in the same form for the next block: each dropout, residual add and
+        the norm after it are one step
         (:func:`add_norm`), across block boundaries too. ``fused``: the ops run as Triton kernels
         (``"norm"``: those steps, ``"swiglu"``: the MLP's SiLU product, ``"rope"``: the QKV split
         and RoPE, ``"router"``: a memory layer's QKV and router products as one; :attr:`GPT.fused_ops`)."""
