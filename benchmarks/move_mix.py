@@ -19,6 +19,7 @@ once per token. Ids: uniform random in ``[1, V)``, or Zipf(1) (the skew of real 
 
     python -m benchmarks.move_mix            # GPU: GPT-B shapes, batch 256, M = 6 and 24
     python -m benchmarks.move_mix --smoke    # CPU, tiny
+    python -m benchmarks.move_mix --profile  # and each row's kernels by GPU time
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ from ._util import (
     release,
     time_fn,
 )
+
+
+def profile_kernels(fn, device, title: str, top: int = 14) -> None:
+    """Print the GPU kernels of one call of ``fn`` by self time (``--profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile: {title}")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
@@ -75,6 +90,8 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
             fwd_bwd()
             extra = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        if args.profile:
+            profile_kernels(fwd_bwd, device, f"M={M} {impl} {dist} ids, fwd+bwd, {L} layers")
     except torch.OutOfMemoryError:
         return {"M": M, "impl": impl, "ids": dist, "ms_fwd": "OOM"}
     e = 2 if dt == torch.bfloat16 else 4
@@ -110,6 +127,7 @@ def main() -> None:
         "--ids_dist", default="uniform,zipf", help="id distributions: uniform, zipf (Zipf(1) codes)"
     )
     p.add_argument("--impls", default="deferred,grouped,autograd")
+    p.add_argument("--profile", action="store_true", help="print each row's kernels by GPU time")
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.smoke:
