@@ -311,8 +311,159 @@ if HAVE_TRITON:
         )
 
 
+# The same grouped mix without the walk (``GROUP_FORM = "lanes"``): a program takes BLOCK_T sorted
+# tokens of one head, and every token (lane) loads its own slots ``table[k, m, h, :]`` in blocks of
+# MB slots, all lanes' loads at once (no loop-carried dependence). Tokens of one id sit in
+# neighbouring lanes of the same load, so the repeated row is fetched once: the hardware merges
+# equal addresses within a warp's load and L1 serves the neighbouring warps of the program. The
+# products are fp32 FMAs (M*D per token and head), the walk's masked tensor-core products gone.
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _lane_slots(tab_ptr, base, im, m, mm, d, s_m):
+        """The ``(BLOCK_T, MB, D)`` fp32 tile of slots m of each lane's row (``base`` = its offset)."""
+        ptr = tab_ptr + base[:, None, None] + m[None, :, None] * s_m + d[None, None, :]
+        mask = im[:, None, None] & mm[None, :, None]
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _lmix_fwd_kernel(v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, out_ptr, N, H, s_vn, s_vh, s_id, s_m, s_h,
+                         G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
+                         MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
+        base = tl.load(sid_ptr + i, mask=im, other=0).to(tl.int64) * s_id + h * s_h
+        d = tl.arange(0, D)
+        acc = tl.zeros((BLOCK_T, D), dtype=tl.float32)
+        for m0 in tl.static_range(0, M, MB):
+            m = m0 + tl.arange(0, MB)
+            mm = m < M
+            g = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
+                        mask=im[:, None] & mm[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            acc += tl.sum(g[:, :, None] * _lane_slots(tab_ptr, base, im, m, mm, d, s_m), axis=1)
+        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
+        tl.store(
+            out_ptr + rows[:, None] * D + d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=im[:, None],
+        )
+
+    @triton.jit
+    def _lmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, dv_ptr, dg_ptr, N, H, s_vn, s_vh,
+                         s_id, s_m, s_h, G: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                         GATED: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
+        base = tl.load(sid_ptr + i, mask=im, other=0).to(tl.int64) * s_id + h * s_h
+        d = tl.arange(0, D)
+        dout = tl.load(dout_ptr + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
+        dout = dout.to(tl.float32)
+        for m0 in tl.static_range(0, M, MB):
+            m = m0 + tl.arange(0, MB)
+            mm = m < M
+            dg = tl.sum(_lane_slots(tab_ptr, base, im, m, mm, d, s_m) * dout[:, None, :], axis=2)
+            tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
+                     mask=im[:, None] & mm[None, :])  # fmt: skip
+        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
+        tl.store(
+            dv_ptr + rows[:, None] * D + d[None, :],
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=im[:, None],
+        )
+
+    @triton.jit
+    def _seg_add(f1, v1, f2, v2):
+        """Combine of a segmented sum: a segment start (f2) on the right cuts the left's sum."""
+        return f1 | f2, tl.where(f2 != 0, v2, v1 + v2)
+
+    @triton.jit
+    def _bank_tile_kernel(g_ptr, dv_ptr, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
+                          G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, MB: tl.constexpr,
+                          BLOCK_T: tl.constexpr):  # fmt: skip
+        # program (c, h, j): sorted tokens c*BLOCK_T.. of head h, slots j*MB..: every lane's
+        # sum over layers of g (x) dv at once, then a segmented sum over runs of equal ids in the
+        # lanes; each run's total is written from its last lane, by a plain store when the run
+        # lies inside the tile (no other program has that id), by an atomic add when it may
+        # continue into a neighbouring tile
+        h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
+        m = tl.program_id(2) * MB + tl.arange(0, MB)
+        mm = m < M
+        d = tl.arange(0, D)
+        k = tl.load(sid_ptr + i, mask=im, other=-1).to(tl.int64)
+        prev = tl.load(sid_ptr + i - 1, mask=im & (i > start), other=-1).to(tl.int64)
+        nxt = tl.load(sid_ptr + i + 1, mask=(i + 1) < end, other=-1).to(tl.int64)
+        acc = tl.zeros((BLOCK_T, MB, D), dtype=tl.float32)
+        gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
+        dp = dv_ptr + rows[:, None] * D + d[None, :]
+        for _ in tl.static_range(L):  # stepping the pointers: no 32-bit l * stride (> 2**31)
+            g = tl.load(gp, mask=im[:, None] & mm[None, :], other=0.0).to(tl.float32)
+            dv = tl.load(dp, mask=im[:, None], other=0.0).to(tl.float32)
+            acc += g[:, :, None] * dv[:, None, :]
+            gp += s_gl
+            dp += s_dl
+        first = tl.broadcast_to((k != prev).to(tl.int32)[:, None, None], (BLOCK_T, MB, D))
+        _, acc = tl.associative_scan((first, acc), 0, _seg_add)
+        last = im & (k != nxt)
+        edge = (k == tl.load(sid_ptr + start).to(tl.int64)) | (
+            k == tl.load(sid_ptr + end - 1).to(tl.int64)
+        )
+        ptr = (
+            out_ptr
+            + k[:, None, None] * (M * H * D)
+            + m[None, :, None] * (H * D)
+            + h * D
+            + d[None, None, :]
+        )
+        mask = mm[None, :, None] & (d[None, None, :] < D)
+        tl.atomic_add(ptr, acc, mask=(last & edge)[:, None, None] & mask, sem="relaxed")
+        tl.store(ptr, acc, mask=(last & ~edge)[:, None, None] & mask)
+
+
 GROUP_BLOCK_T = 64
-"""Sorted tokens per program of the grouped kernels (16 in the interpreter)."""
+"""Sorted tokens per program of the walking grouped kernels (16 in the interpreter)."""
+
+GROUP_FORM = "lanes"
+"""The grouped kernels' form: ``"lanes"`` (every sorted token loads its row, equal rows merged by
+the hardware; the bank gradient as a segmented sum over a tile of sorted tokens) or ``"walk"``
+(each tile walks its runs of equal ids, one tensor-core product per run; the bank gradient one
+token at a time). Kept switchable to measure one against the other (``benchmarks.move_mix``)."""
+
+
+def _lane_configs(bank: bool):
+    """Autotuned (BLOCK_T, MB, warps) of the lane kernels; one small block in the interpreter."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_T": 16, "MB": 4}, num_warps=4)]
+    return [triton.Config({"BLOCK_T": t, "MB": mb}, num_warps=w) for t in (16, 32, 64, 128)
+            for mb in (2, 4, 8) for w in (4, 8)]  # fmt: skip
+
+
+def _lane_prune(limit: int):
+    def prune(configs, named_args, **kwargs):
+        """Keep the blocks whose ``(BLOCK_T, MB, D)`` tile holds 2048 to ``limit`` elements and
+        whose slot block is no wider than M needs."""
+        D, M = kwargs["D"], kwargs["M"]
+        keep = [c for c in configs if 2048 <= c.kwargs["BLOCK_T"] * c.kwargs["MB"] * D <= limit
+                and c.kwargs["MB"] <= _pad(M)]  # fmt: skip
+        return keep or configs[:1]
+
+    return prune
+
+
+if HAVE_TRITON:
+    _lmix_fwd_kernel = triton.autotune(_lane_configs(False), key=["M", "D", "G"],
+                                       prune_configs_by={"early_config_prune": _lane_prune(16384)})(
+        _lmix_fwd_kernel)  # fmt: skip
+    _lmix_bwd_kernel = triton.autotune(_lane_configs(False), key=["M", "D", "G"],
+                                       prune_configs_by={"early_config_prune": _lane_prune(16384)})(
+        _lmix_bwd_kernel)  # fmt: skip
+    # the bank kernel adds into its output: every autotuning run starts from zeros
+    _bank_tile_kernel = triton.autotune(_lane_configs(True), key=["M", "D", "G", "L"], reset_to_zero=["out_ptr"],
+                                        prune_configs_by={"early_config_prune": _lane_prune(8192)})(
+        _bank_tile_kernel)  # fmt: skip
+
+
+def _lane_grid(N: int, H: int):
+    return lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), H)
+
 
 GROUP_MIN_TOKENS = 65536
 GROUP_MIN_SLOTS = 16
@@ -362,6 +513,11 @@ def gmix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: tor
     table, _, s_id, s_m, s_h = _table_args(table, sid)
     v, s_vn, s_vh = _as_rows(v)
     out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
+    if GROUP_FORM == "lanes":
+        _lmix_fwd_kernel[_lane_grid(B * T, H)](v, gates.contiguous(), table, sid, order, out, B * T, H, s_vn, s_vh,
+                                               s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1], D=D,
+                                               GATED=int(gated))  # fmt: skip
+        return out
     grid, meta = _group_launch(B * T, H, table.shape[1])
     _gmix_fwd_kernel[grid](v, gates.contiguous(), table, sid, order, send, out, B * T, H, s_vn, s_vh, s_id, s_m, s_h,
                            G=gates.shape[-1], D=D, GATED=int(gated), LOWP=_lowp(gates, table), **meta)  # fmt: skip
@@ -382,8 +538,13 @@ def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: to
     v, s_vn, s_vh = _as_rows(v)
     dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     dg = torch.empty(B, T, H, gates.shape[-1], device=v.device, dtype=gates.dtype)
-    grid, meta = _group_launch(B * T, H, table.shape[1])
     dout = dout.contiguous()
+    if GROUP_FORM == "lanes":
+        _lmix_bwd_kernel[_lane_grid(B * T, H)](dout, v, gates.contiguous(), table, sid, order, dv, dg, B * T, H,
+                                               s_vn, s_vh, s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1],
+                                               D=D, GATED=int(gated))  # fmt: skip
+        return dv, dg
+    grid, meta = _group_launch(B * T, H, table.shape[1])
     _gmix_bwd_kernel[grid](dout, v, gates.contiguous(), table, sid, order, send, dv, dg, B * T, H, s_vn, s_vh, s_id,
                            s_m, s_h, G=gates.shape[-1], D=D, GATED=int(gated), LOWP=_lowp(dout, table),
                            **meta)  # fmt: skip
@@ -482,6 +643,11 @@ def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_r
         sid, order = torch.sort(ids.reshape(-1))
     out = torch.zeros(num_rows, slots, H, D, device=dvs.device, dtype=torch.float32)
     N, chunk = B * T, 64
+    if GROUP_FORM == "lanes":
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), H, triton.cdiv(slots, meta["MB"]))  # noqa: E731
+        _bank_tile_kernel[grid](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0), L=L, G=G, M=slots,
+                                D=D)  # fmt: skip
+        return out
     _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0),
                                                   L=L, G=G, M=slots, M_PAD=_pad(slots), D=D, CHUNK=chunk,
                                                   num_warps=4)  # fmt: skip

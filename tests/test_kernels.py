@@ -11,14 +11,19 @@ def test_triton_kernels_match_reference_in_interpreter(interpreted):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grouped", [False, True])
-def test_triton_kernels_on_gpu(grouped):
+@pytest.mark.parametrize(
+    "grouped,form", [(False, "lanes"), (False, "walk"), (True, "lanes"), (True, "walk")]
+)
+def test_triton_kernels_on_gpu(grouped, form, monkeypatch):
     import torch
     import torch.nn.functional as F
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
+    from movegen import kernels
     from movegen.move import bank_taps, mix_reference, mix_tapped
+
+    monkeypatch.setattr(kernels, "GROUP_FORM", form)
 
     torch.manual_seed(0)
     B, T, H, M, D, V, L = 4, 64, 12, 24, 64, 100, 2  # 256 ids of 100: many repeats
