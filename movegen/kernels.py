@@ -428,6 +428,12 @@ the hardware; the bank gradient as a segmented sum over a tile of sorted tokens)
 token at a time). Kept switchable to measure one against the other (``benchmarks.move_mix``)."""
 
 
+BANK_TILE_MAX_SLOTS = 8
+"""The bank gradient as a segmented sum over tiles up to this many slots, one token at a time
+above. Measured on an H200 (12 layers, 65,536 tokens, GPT-B): M = 6 1.34 vs 2.07 ms, M = 24
+4.33 vs 2.86 ms (``benchmarks/RESULTS.md``, 2026-12-03 fifth section)."""
+
+
 def _lane_configs(bank: bool):
     """Autotuned (BLOCK_T, MB, warps) of the lane kernels; one small block in the interpreter."""
     if INTERPRET:
@@ -643,7 +649,7 @@ def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_r
         sid, order = torch.sort(ids.reshape(-1))
     out = torch.zeros(num_rows, slots, H, D, device=dvs.device, dtype=torch.float32)
     N, chunk = B * T, 64
-    if GROUP_FORM == "lanes":
+    if GROUP_FORM == "lanes" and slots <= BANK_TILE_MAX_SLOTS:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), H, triton.cdiv(slots, meta["MB"]))  # noqa: E731
         _bank_tile_kernel[grid](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0), L=L, G=G, M=slots,
                                 D=D)  # fmt: skip
