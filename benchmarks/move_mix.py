@@ -6,8 +6,7 @@ training path (``MoVEBank.tapped``: with the Triton kernels each layer reads the
 the bank itself, and the bank gradient is formed in one pass over the tokens in id order, all
 layers summed into fp32 bank rows) with the per-token kernels; "grouped" the same with the
 kernels grouped by id (the ids sorted once per forward; each program takes a tile of sorted
-tokens of one head, whose equal rows the hardware fetches once), "walk" their older form (each
-tile walks its runs of equal ids, one product per run; the bank gradient one token at a time); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
+tokens of one head, whose equal rows the hardware fetches about once); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
 through every layer's mix (one bank-sized gradient per layer).
 
 Floor in bytes (bf16), per layer: forward reads each row's M slots, v and the gates and writes the
@@ -29,7 +28,6 @@ import argparse
 
 import torch
 
-from movegen import kernels
 from movegen.move import MoVEBank, mix, mix_tapped
 
 from ._util import (
@@ -64,8 +62,7 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     bank = MoVEBank(V, M, d, H).to(device, dt)
-    bank.group_by_id = impl in ("grouped", "walk")
-    kernels.GROUP_FORM = "walk" if impl == "walk" else "lanes"
+    bank.group_by_id = impl == "grouped"
     ids = random_codes((B, T), V, dist, generator=g)
     distinct = ids.unique().numel()
     vs = [torch.randn(B, T, H, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(L)]  # fmt: skip
@@ -73,7 +70,7 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
     dout = torch.randn(B, T, H, D, device=device, dtype=dt, generator=g)
 
     def fwd():
-        if impl in ("deferred", "grouped", "walk"):
+        if impl in ("deferred", "grouped"):
             mem, taps = bank.tapped(ids, L, G)
             return [mix_tapped(v, gt, mem, tp, True) for v, gt, tp in zip(vs, gs, taps)]
         memh = bank.gather(ids)
@@ -129,7 +126,7 @@ def main() -> None:
     p.add_argument(
         "--ids_dist", default="uniform,zipf", help="id distributions: uniform, zipf (Zipf(1) codes)"
     )
-    p.add_argument("--impls", default="deferred,grouped,walk,autograd")
+    p.add_argument("--impls", default="deferred,grouped,autograd")
     p.add_argument("--profile", action="store_true", help="print each row's kernels by GPU time")
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")

@@ -13,7 +13,6 @@ import argparse
 
 import torch
 
-from movegen import kernels
 from movegen.lit import optimizer_groups
 from movegen.model import GPT, cost_report
 
@@ -37,11 +36,10 @@ def bench(
     # model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of
     # them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product),
     # norope (QKV split + RoPE); ce and router add the fused cross-entropy and the stacked
-    # QKV + router product (off by default); walk: kernels.GROUP_FORM "walk" for this arm (the
-    # grouped kernels walking runs of ids and the bank gradient one token at a time)
+    # QKV + router product (off by default)
     name, _, opts = arm.partition("@")
     opts = set(opts.split("+")) - {""}
-    known = {"grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "ce", "router", "walk"}
+    known = {"grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "ce", "router"}
     if not opts <= known or {"grouped", "token"} <= opts:
         raise ValueError(
             f"{arm}: after @ come grouped or token and {sorted(known - {'grouped', 'token'})}, joined by +"
@@ -67,13 +65,8 @@ def bench(
     batches = random_batches(batch, cfg.seq_len, cfg.vocab_size, cfg.num_classes, device, dist=dist)
     rep = cost_report(cfg)
     row = {"arm": arm, "batch": batch, "mode": "compiled" if compiled else "eager", "ids": dist}
-    form = kernels.GROUP_FORM
-    kernels.GROUP_FORM = "walk" if "walk" in opts else form
-    try:
-        row.update(time_training(fn, model, opt, batches, flops_per_token=rep["flops_per_token"], args=args,
-                                 device=device, peak=peak))  # fmt: skip
-    finally:
-        kernels.GROUP_FORM = form
+    row.update(time_training(fn, model, opt, batches, flops_per_token=rep["flops_per_token"], args=args,
+                             device=device, peak=peak))  # fmt: skip
     if row["ms"] != "OOM":
         row["params_memory"] = rep["params_memory"]
     return row
@@ -130,8 +123,7 @@ def main() -> None:
         "--arms",
         default="standard,lave-x1,move-x1,move-x4",
         help="arms; ARM@grouped / ARM@token forces the MoVE kernels' form (default: kernels.group_pays), "
-        "ARM@unfused the elementwise steps as PyTorch ops (nonorm, noswiglu, norope: one of them), ARM@walk the "
-        "grouped kernels' older form (kernels.GROUP_FORM); options join with +",
+        "ARM@unfused the elementwise steps as PyTorch ops (nonorm, noswiglu, norope: one of them); options join with +",
     )
     p.add_argument(
         "--ids_dist", default="uniform", help="code distributions, e.g. uniform,zipf (Zipf(1))"

@@ -15,9 +15,11 @@ Each kernel loads all M slots of a block of rows as one ``(BLOCK_R, M_PAD, D)`` 
 * ``mix_fwd``:   out[r] = g0[r] * v[r] + sum_m g[r, m] * E[ids[n], m, h]   (one read of the slots)
 * ``mix_bwd``:   dg[r, m] = <dout[r], E[ids[n], m, h]> (all m in one reduction over D, one tile
                  store), dg0[r] = <dout[r], v[r]>, dv[r] = g0[r] * dout[r]  (the second read)
+* ``gmix_fwd``, ``gmix_bwd``: the same with the tokens in id order, one head per program (below)
 * ``bank_rows_grad``: dE[k, m, h] = sum over tokens n with ids[n] = k and over all L layers of
                  g_l[r, m] * dv_l[r], in fp32, in one pass over the tokens in id order (no
-                 per-token slot gradient is written)
+                 per-token slot gradient is written): a segmented sum over tiles of sorted
+                 tokens for few slots, one token at a time for many
 * ``rows_grad``: sums gathered rows' gradients by id with PyTorch's sort-based embedding
   backward (the plain path's gather), kept opaque to the compiler.
 * ``decode_attn``: one layer of one-token decoding (below).
@@ -212,12 +214,14 @@ if HAVE_TRITON:
 #
 # The same mix and gate gradients with the tokens visited in id order: every layer reads the bank
 # at the same ids, so one sort per forward (``id_groups``) serves all layers and the backward. A
-# program takes a tile of BLOCK_T consecutive sorted tokens of one head; for each run of equal
-# ids in the tile (a group) it loads the bank row ``table[k, :, h, :]`` once and applies it to
-# the group's tokens as one small product: forward ``gates (BLOCK_T, M) @ slots (M, D)``, gate
-# gradient ``dout (BLOCK_T, D) @ slots^T``, each row of the product kept only for the tokens of
-# that group. The token side (v, gates, out, dout, dv) is read and written once, at the tokens'
-# rows; the slot bytes fall from one row per token to one per group.
+# program takes BLOCK_T consecutive sorted tokens of one head, and every token (lane) loads its own
+# slots ``table[k, m, h, :]`` in blocks of MB slots, all lanes' loads at once (no loop-carried
+# dependence). Tokens of one id sit in neighbouring lanes of the same load, so a repeated row is
+# fetched from memory about once: the hardware merges equal addresses within a warp's load and L1
+# serves the program's other warps. The token side (v, gates, out, dout, dv) is read and written
+# once, at the tokens' rows. The products are fp32 FMAs, M*D per token and head. (An earlier form
+# walked each tile's runs of equal ids, one tensor-core product per run; its loop of dependent
+# loads made it slower at every shape measured, ``benchmarks/RESULTS.md`` 2026-12-03 fifth section.)
 
 if HAVE_TRITON:
 
@@ -231,94 +235,6 @@ if HAVE_TRITON:
         im = i < N
         n = tl.load(order_ptr + i, mask=im, other=0).to(tl.int64)
         return h, start, tl.minimum(start + BLOCK_T, N), i, im, n, n * H + h
-
-    @triton.jit
-    def _group_slots(tab_ptr, sid_ptr, send_ptr, p, end, h, m, mm, d, s_id, s_m, s_h):
-        """The group that starts at sorted position p: its end (within the tile) and its slots
-        ``table[k, :, h, :]`` as an ``(M_PAD, D)`` tile in the table's dtype."""
-        k = tl.load(sid_ptr + p).to(tl.int64)
-        q = tl.minimum(tl.load(send_ptr + p), end)
-        slots = tl.load(
-            tab_ptr + k * s_id + h * s_h + m[:, None] * s_m + d[None, :],
-            mask=mm[:, None],
-            other=0.0,
-        )
-        return q, slots
-
-    @triton.jit
-    def _gmix_fwd_kernel(v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, send_ptr, out_ptr, N, H, s_vn, s_vh, s_id, s_m,
-                         s_h, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                         GATED: tl.constexpr, LOWP: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
-        h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
-        m = tl.arange(0, M_PAD)
-        mm = m < M
-        d = tl.arange(0, D)
-        g = tl.load(
-            g_ptr + rows[:, None] * G + GATED + m[None, :],
-            mask=im[:, None] & mm[None, :],
-            other=0.0,
-        )
-        acc = tl.zeros((BLOCK_T, D), dtype=tl.float32)
-        p = start
-        while p < end:
-            q, slots = _group_slots(tab_ptr, sid_ptr, send_ptr, p, end, h, m, mm, d, s_id, s_m, s_h)
-            sel = (i >= p) & (i < q)
-            gs = tl.where(sel[:, None], g, 0.0)
-            if LOWP:  # bf16/fp16 gates and slots: exact products, fp32 sums
-                acc += tl.dot(gs.to(slots.dtype), slots)
-            else:
-                acc += tl.dot(gs.to(tl.float32), slots.to(tl.float32), input_precision="ieee")
-            p = q
-        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
-        tl.store(
-            out_ptr + rows[:, None] * D + d[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=im[:, None],
-        )
-
-    @triton.jit
-    def _gmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, send_ptr, dv_ptr, dg_ptr, N, H, s_vn,
-                         s_vh, s_id, s_m, s_h, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
-                         D: tl.constexpr, GATED: tl.constexpr, LOWP: tl.constexpr,
-                         BLOCK_T: tl.constexpr):  # fmt: skip
-        h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
-        m = tl.arange(0, M_PAD)
-        mm = m < M
-        d = tl.arange(0, D)
-        dout = tl.load(dout_ptr + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
-        dg = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
-        p = start
-        while p < end:
-            q, slots = _group_slots(tab_ptr, sid_ptr, send_ptr, p, end, h, m, mm, d, s_id, s_m, s_h)
-            sel = (i >= p) & (i < q)
-            if LOWP:
-                part = tl.dot(dout.to(slots.dtype), tl.trans(slots))
-            else:
-                part = tl.dot(
-                    dout.to(tl.float32), tl.trans(slots.to(tl.float32)), input_precision="ieee"
-                )
-            dg = tl.where(sel[:, None], part, dg)
-            p = q
-        tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
-                 mask=im[:, None] & mm[None, :])  # fmt: skip
-        dv = _standard_grads(
-            dout.to(tl.float32), v_ptr, g_ptr, dg_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED
-        )
-        tl.store(
-            dv_ptr + rows[:, None] * D + d[None, :],
-            dv.to(dv_ptr.dtype.element_ty),
-            mask=im[:, None],
-        )
-
-
-# The same grouped mix without the walk (``GROUP_FORM = "lanes"``): a program takes BLOCK_T sorted
-# tokens of one head, and every token (lane) loads its own slots ``table[k, m, h, :]`` in blocks of
-# MB slots, all lanes' loads at once (no loop-carried dependence). Tokens of one id sit in
-# neighbouring lanes of the same load, so the repeated row is fetched once: the hardware merges
-# equal addresses within a warp's load and L1 serves the neighbouring warps of the program. The
-# products are fp32 FMAs (M*D per token and head), the walk's masked tensor-core products gone.
-
-if HAVE_TRITON:
 
     @triton.jit
     def _lane_slots(tab_ptr, base, im, m, mm, d, s_m):
@@ -418,23 +334,13 @@ if HAVE_TRITON:
         tl.store(ptr, acc, mask=(last & ~edge)[:, None, None] & mask)
 
 
-GROUP_BLOCK_T = 64
-"""Sorted tokens per program of the walking grouped kernels (16 in the interpreter)."""
-
-GROUP_FORM = "lanes"
-"""The grouped kernels' form: ``"lanes"`` (every sorted token loads its row, equal rows merged by
-the hardware; the bank gradient as a segmented sum over a tile of sorted tokens) or ``"walk"``
-(each tile walks its runs of equal ids, one tensor-core product per run; the bank gradient one
-token at a time). Kept switchable to measure one against the other (``benchmarks.move_mix``)."""
-
-
 BANK_TILE_MAX_SLOTS = 8
-"""The bank gradient as a segmented sum over tiles up to this many slots, one token at a time
-above. Measured on an H200 (12 layers, 65,536 tokens, GPT-B): M = 6 1.34 vs 2.07 ms, M = 24
+"""The bank gradient as a segmented sum over tiles of sorted tokens (``_bank_tile_kernel``) up to
+this many slots, one token at a time (``_bank_rows_kernel``) above. Measured on an H200 (12 layers, 65,536 tokens, GPT-B): M = 6 1.34 vs 2.07 ms, M = 24
 4.33 vs 2.86 ms (``benchmarks/RESULTS.md``, 2026-12-03 fifth section)."""
 
 
-def _lane_configs(bank: bool):
+def _lane_configs():
     """Autotuned (BLOCK_T, MB, warps) of the lane kernels; one small block in the interpreter."""
     if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "MB": 4}, num_warps=4)]
@@ -455,14 +361,14 @@ def _lane_prune(limit: int):
 
 
 if HAVE_TRITON:
-    _lmix_fwd_kernel = triton.autotune(_lane_configs(False), key=["M", "D", "G"],
+    _lmix_fwd_kernel = triton.autotune(_lane_configs(), key=["M", "D", "G"],
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_fwd_kernel)  # fmt: skip
-    _lmix_bwd_kernel = triton.autotune(_lane_configs(False), key=["M", "D", "G"],
+    _lmix_bwd_kernel = triton.autotune(_lane_configs(), key=["M", "D", "G"],
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_bwd_kernel)  # fmt: skip
     # the bank kernel adds into its output: every autotuning run starts from zeros
-    _bank_tile_kernel = triton.autotune(_lane_configs(True), key=["M", "D", "G", "L"], reset_to_zero=["out_ptr"],
+    _bank_tile_kernel = triton.autotune(_lane_configs(), key=["M", "D", "G", "L"], reset_to_zero=["out_ptr"],
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
 
@@ -474,10 +380,12 @@ def _lane_grid(N: int, H: int):
 GROUP_MIN_TOKENS = 65536
 GROUP_MIN_SLOTS = 16
 """``group_pays``: the grouped kernels from these tokens per forward and slots on. Measured on an
-H200 (``benchmarks/RESULTS.md``, 2026-12-02 third section) at GPT-B shapes, 65,536 tokens: with
-M = 24 grouping pays (mix fwd+bwd 23.2 -> 19.3 ms uniform ids, 18.8 -> 15.2 ms Zipf ids; step
-1.295 -> 1.246x standard), with M = 6 it costs (7.8 -> 11.2 ms; step 1.103 -> 1.137x). Smaller
-batches and other M are unmeasured, so they keep the per-token kernels."""
+H200 at GPT-B shapes, 65,536 tokens (``benchmarks/RESULTS.md``, 2026-12-03 fifth section): with
+M = 24 grouping pays (the mix kernels without the bank gradient, forward + backward, 12 layers,
+uniform ids: 9.6 ms grouped against 17.3 ms per token); with M = 6 it is a wash (4.0 vs 4.6 ms
+of those kernels, but 8.99 vs 8.16 ms of timed forward + backward, and a step of 1.110 vs 1.115x
+the standard), so M = 6 keeps the per-token kernels. Smaller batches are unmeasured and keep
+them too."""
 
 
 def group_pays(tokens: int, slots: int) -> bool:
@@ -486,58 +394,37 @@ def group_pays(tokens: int, slots: int) -> bool:
     return tokens >= GROUP_MIN_TOKENS and slots >= GROUP_MIN_SLOTS
 
 
-def id_groups(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sort of the flat ids for every layer's grouped kernels: ``(sid, order, send)``, int32
-    ``(B*T,)``: the sorted ids, the flat position of each sorted token, and for each sorted
-    position the end of its group (one past the last position with the same id). No host sync."""
-    flat = ids.reshape(-1)
-    sid, order = torch.sort(flat)
-    N = flat.numel()
-    last = torch.ones(N, dtype=torch.bool, device=flat.device)
-    last[:-1] = sid[1:] != sid[:-1]
-    end = torch.where(last, torch.arange(1, N + 1, device=flat.device, dtype=torch.int32), N)
-    send = end.flip(0).cummin(0).values.flip(0)
-    return sid.to(torch.int32), order.to(torch.int32), send.to(torch.int32)
-
-
-def _lowp(a: torch.Tensor, table: torch.Tensor) -> int:
-    return int(a.dtype == table.dtype and a.dtype in (torch.bfloat16, torch.float16))
-
-
-def _group_launch(N: int, H: int, M: int) -> tuple[tuple[int, int], dict]:
-    bt = 16 if INTERPRET else GROUP_BLOCK_T
-    return (triton.cdiv(N, bt), H), {"M": M, "M_PAD": max(16, _pad(M)), "BLOCK_T": bt,
-                                     "num_warps": 4}  # fmt: skip
+def id_groups(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sort of the flat ids for every layer's grouped kernels and the bank gradient:
+    ``(sid, order)``, int32 ``(B*T,)``: the sorted ids and the flat position of each sorted
+    token. No host sync."""
+    sid, order = torch.sort(ids.reshape(-1))
+    return sid.to(torch.int32), order.to(torch.int32)
 
 
 @torch.library.custom_op("movegen::gmix_fwd", mutates_args=())
 def gmix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: torch.Tensor, order: torch.Tensor,
-             send: torch.Tensor, gated: bool) -> torch.Tensor:  # fmt: skip
+             gated: bool) -> torch.Tensor:  # fmt: skip
     """``mix_fwd`` with the tokens grouped by id (``id_groups`` of the ids): same arguments, the
     ids given as their sort."""
     B, T, H, D = v.shape
     table, _, s_id, s_m, s_h = _table_args(table, sid)
     v, s_vn, s_vh = _as_rows(v)
     out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
-    if GROUP_FORM == "lanes":
-        _lmix_fwd_kernel[_lane_grid(B * T, H)](v, gates.contiguous(), table, sid, order, out, B * T, H, s_vn, s_vh,
-                                               s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1], D=D,
-                                               GATED=int(gated))  # fmt: skip
-        return out
-    grid, meta = _group_launch(B * T, H, table.shape[1])
-    _gmix_fwd_kernel[grid](v, gates.contiguous(), table, sid, order, send, out, B * T, H, s_vn, s_vh, s_id, s_m, s_h,
-                           G=gates.shape[-1], D=D, GATED=int(gated), LOWP=_lowp(gates, table), **meta)  # fmt: skip
+    _lmix_fwd_kernel[_lane_grid(B * T, H)](v, gates.contiguous(), table, sid, order, out, B * T, H, s_vn, s_vh,
+                                           s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1], D=D,
+                                           GATED=int(gated))  # fmt: skip
     return out
 
 
 @gmix_fwd.register_fake
-def _(v, gates, table, sid, order, send, gated):
+def _(v, gates, table, sid, order, gated):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
 @torch.library.custom_op("movegen::gmix_bwd", mutates_args=())
 def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: torch.Tensor,
-             order: torch.Tensor, send: torch.Tensor, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+             order: torch.Tensor, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``mix_bwd`` with the tokens grouped by id: ``dv``, ``dg``."""
     B, T, H, D = v.shape
     table, _, s_id, s_m, s_h = _table_args(table, sid)
@@ -545,20 +432,14 @@ def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: to
     dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     dg = torch.empty(B, T, H, gates.shape[-1], device=v.device, dtype=gates.dtype)
     dout = dout.contiguous()
-    if GROUP_FORM == "lanes":
-        _lmix_bwd_kernel[_lane_grid(B * T, H)](dout, v, gates.contiguous(), table, sid, order, dv, dg, B * T, H,
-                                               s_vn, s_vh, s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1],
-                                               D=D, GATED=int(gated))  # fmt: skip
-        return dv, dg
-    grid, meta = _group_launch(B * T, H, table.shape[1])
-    _gmix_bwd_kernel[grid](dout, v, gates.contiguous(), table, sid, order, send, dv, dg, B * T, H, s_vn, s_vh, s_id,
-                           s_m, s_h, G=gates.shape[-1], D=D, GATED=int(gated), LOWP=_lowp(dout, table),
-                           **meta)  # fmt: skip
+    _lmix_bwd_kernel[_lane_grid(B * T, H)](dout, v, gates.contiguous(), table, sid, order, dv, dg, B * T, H, s_vn,
+                                           s_vh, s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1], D=D,
+                                           GATED=int(gated))  # fmt: skip
     return dv, dg
 
 
 @gmix_bwd.register_fake
-def _(dout, v, gates, table, sid, order, send, gated):
+def _(dout, v, gates, table, sid, order, gated):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device), torch.empty(
         gates.shape, dtype=gates.dtype, device=gates.device
     )
@@ -649,7 +530,7 @@ def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_r
         sid, order = torch.sort(ids.reshape(-1))
     out = torch.zeros(num_rows, slots, H, D, device=dvs.device, dtype=torch.float32)
     N, chunk = B * T, 64
-    if GROUP_FORM == "lanes" and slots <= BANK_TILE_MAX_SLOTS:
+    if slots <= BANK_TILE_MAX_SLOTS:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), H, triton.cdiv(slots, meta["MB"]))  # noqa: E731
         _bank_tile_kernel[grid](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0), L=L, G=G, M=slots,
                                 D=D)  # fmt: skip

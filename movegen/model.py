@@ -501,9 +501,11 @@ class GPT(nn.Module):
         # the elementwise steps run as Triton kernels where the kernels run: "norm" each dropout +
         # residual add + RMSNorm (kernels.residual_norm), "swiglu" the MLP's SiLU product
         # (kernels.silu_mul), "rope" the QKV split and RoPE (kernels.split_rope); () gives the
-        # PyTorch ops (the reference). Built and tested but off until measured on a GPU: "ce"
-        # (kernels.cross_entropy in `loss`) and "router" (a memory layer's QKV and router
-        # products as one product of the stacked weights)
+        # PyTorch ops (the reference). Built, tested and off by default (benchmarks/RESULTS.md,
+        # 2026-12-03 fifth section): "ce" (kernels.cross_entropy in `loss`; faster alone, but the
+        # compiled GPT-B step with it did not finish on an H200, cause not found) and "router" (a
+        # memory layer's QKV and router products as one product of the stacked weights; the
+        # MoVE-x4 step 7.6 ms slower with it)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope")
         self.reset_parameters()
 

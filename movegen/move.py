@@ -119,8 +119,8 @@ def mix(
 #   or kept for backward. The bank gradient is formed in one pass over the tokens in id order
 #   that sums all layers and all tokens of an id into its row in fp32 (``bank_rows_grad``);
 #   The layers' kernels come in two forms: per token (each token reads its own M slots), or
-#   grouped by id (``kernels.gmix_*``: the ids sorted once per forward, each bank row read once
-#   per run of equal ids in a tile of sorted tokens and applied to them as a small product);
+#   grouped by id (``kernels.gmix_*``: the ids sorted once per forward, each program a tile of
+#   sorted tokens of one head whose repeated bank rows the hardware fetches about once);
 #   ``MoVEBank.group_by_id`` chooses, by default ``kernels.group_pays``;
 # * otherwise the gathered ``memh (B, T, H, M, D)`` and PyTorch products (the plain path).
 
@@ -137,7 +137,7 @@ class _BankTaps(torch.autograd.Function):
         else:  # the table is cast here, so its gradient goes to the weight in fp32 directly
             (V, M, H, D), (B, T) = mem.shape, ids.shape
             # the grouped forward's sort (sid, order) serves the bank gradient too
-            ctx.save_for_backward(ids, *(groups[:2] if groups is not None else ()))
+            ctx.save_for_backward(ids, *(groups or ()))
             ctx.num_rows = V
             mem = mem.to(dtype or mem.dtype)
         ctx.table, ctx.off, ctx.slots, ctx.dtype = ids is not None, n_gates - M, M, mem.dtype

@@ -58,18 +58,10 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
     refs = reference(leaves[0], ids, leaves[1 : L + 1], leaves[L + 1 :], gated)
     g_ref = torch.autograd.grad(refs, leaves, douts)
-    # per token (int64 and int32 ids) and grouped by id (the ids sorted once, 16-token tiles:
-    # groups that span tiles, and tiles of several groups)
-    # grouped in both forms (kernels.GROUP_FORM: sorted lanes, runs walked), which also pick the
-    # bank gradient's kernel (a segmented sum over a tile, or one token at a time)
-    cases = [
-        (ids, False, "lanes"),
-        (ids.int(), False, "walk"),
-        (ids, True, "lanes"),
-        (ids.int(), True, "walk"),
-    ]
-    for idx, grouped, form in cases:
-        kernels.GROUP_FORM = form
+    # per token and grouped by id (the ids sorted once, 16-token tiles: groups that span tiles,
+    # and tiles of several groups), int64 and int32 ids; the bank gradient a segmented sum over
+    # tiles of sorted tokens (M <= 8) or one token at a time (M = 24)
+    for idx, grouped in ((ids, False), (ids.int(), False), (ids, True), (ids.int(), True)):
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
         with mock.patch.object(torch, "sort", wraps=torch.sort) as sort:
             mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped)
@@ -80,7 +72,6 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
         # one sort per step: grouped, the forward's (int32) sort serves the bank gradient too
         assert sort.call_count == 1, sort.call_count
         worst = max(worst, *(diff(a, b) for a, b in zip(grads, g_ref)))
-    kernels.GROUP_FORM = "lanes"
 
 # the whole model: kernels + deferred bank gradient against plain autograd, eager and compiled
 cfg = GPTConfig.preset(
