@@ -21,8 +21,8 @@
 #   all               mix, train and sampling (the headline tables)
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
 # TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, DDP_STEPS, LLAMAGEN, FID_ONLY,
-# EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, MIX_IMPLS (SAMPLE_BATCHES= skips the
-# sampling of `peer`).
+# EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (uniform,zipf), MIX_IMPLS
+# (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -74,7 +74,8 @@ profile-sample)
   tail -38 "$OUT/profile_sample.log" | cut -c1-200;;
 peer)
   bench ${T_PEER:-420} peer.log benchmarks.peer_llamagen --llamagen "${LLAMAGEN:-.llamagen}" --warmup 5 --iters 15 \
-    --arms ${PEER_ARMS:-standard,move-x1} --batches ${PEER_BATCHES:-64,256} --modes compiled --sample_batches "${SAMPLE_BATCHES-16,64,256,1024}"
+    --arms ${PEER_ARMS:-standard,move-x1} --batches ${PEER_BATCHES:-64,256} --modes compiled --sample_batches "${SAMPLE_BATCHES-16,64,256,1024}" \
+    --ids_dist ${PEER_IDS:-uniform}
   grep -E "^\||^training|^sampling" "$OUT/peer.log" | tail -24; errors "$OUT/peer.log";;
 ddp)
   local n k runs=(); n=$(nvidia-smi -L | wc -l)

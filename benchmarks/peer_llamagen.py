@@ -68,7 +68,12 @@ def llamagen_train(
             _, loss = fwd(cond_idx=c, idx=z[:, :-1], targets=z)
         return loss
 
-    row = {"arm": "llamagen", "batch": batch, "mode": "compiled" if compiled else "eager"}
+    row = {
+        "arm": "llamagen",
+        "batch": batch,
+        "mode": "compiled" if compiled else "eager",
+        "ids": "uniform",
+    }
     row.update(train_step.time_training(loss_fn, model, opt, train_step.random_batches(batch, T, K, C, device),
                                         flops_per_token=flops_per_token, args=args, device=device, peak=peak))  # fmt: skip
     return row
@@ -122,6 +127,12 @@ def main() -> None:
         "--no_compile_llamagen", action="store_true", help="sample with LlamaGen's model eager"
     )
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of both training steps")
+    p.add_argument(
+        "--ids_dist",
+        default="uniform",
+        help="code distributions of movegen's training arms, e.g. uniform,zipf (Zipf(1), the skew "
+        "of real VQ codes); LlamaGen's step runs once, on uniform ids",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--sample_iters", type=int, default=3)
@@ -143,24 +154,22 @@ def main() -> None:
             release(device)
             rows.append(ref)
             print(ref, flush=True)
-            for arm in args.arms.split(","):
-                r = train_step.bench(arm, b, mode == "compiled", args, device, peak)
-                release(device)
-                if isinstance(r.get("ms"), float) and isinstance(ref.get("ms"), float):
-                    r["speed_vs_llamagen"] = ref["ms"] / r["ms"]
-                rows.append(r)
-                print(r, flush=True)
-            std = next((r["ms"] for r in rows if r["arm"] == "standard" and r["batch"] == b
-                        and r["mode"] == ref["mode"] and isinstance(r.get("ms"), float)), None)  # fmt: skip
-            for r in rows:
-                if (
-                    std
-                    and r["batch"] == b
-                    and r["mode"] == ref["mode"]
-                    and isinstance(r.get("ms"), float)
-                ):
+            for dist in args.ids_dist.split(","):
+                for arm in args.arms.split(","):
+                    r = train_step.bench(arm, b, mode == "compiled", args, device, peak, dist)
+                    release(device)
+                    if isinstance(r.get("ms"), float) and isinstance(ref.get("ms"), float):
+                        r["speed_vs_llamagen"] = ref["ms"] / r["ms"]
+                    rows.append(r)
+                    print(r, flush=True)
+                # each arm against the standard step on the same ids
+                same = [r for r in rows if r["batch"] == b and r["mode"] == ref["mode"]
+                        and r.get("ids") == dist and isinstance(r.get("ms"), float)]  # fmt: skip
+                std = next((r["ms"] for r in same if r["arm"] == "standard"), None)
+                for r in same if std else ():
                     r["vs_standard"] = r["ms"] / std
-    print_table(rows, [("arm", "arm", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"), ("ms", "ms/step", "{:.1f}"),
+    print_table(rows, [("arm", "arm", "{}"), ("ids", "ids", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"),
+                       ("ms", "ms/step", "{:.1f}"),
                        ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"), ("peak_gib", "peak GiB", "{:.1f}"),
                        ("speed_vs_llamagen", "speed vs LlamaGen", "{:.3f}"),
                        ("vs_standard", "step x standard", "{:.3f}")],

@@ -344,8 +344,8 @@ def _lane_configs():
     """Autotuned (BLOCK_T, MB, warps) of the lane kernels; one small block in the interpreter."""
     if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "MB": 4}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": t, "MB": mb}, num_warps=w) for t in (16, 32, 64, 128)
-            for mb in (2, 4, 8) for w in (4, 8)]  # fmt: skip
+    return [triton.Config({"BLOCK_T": t, "MB": mb}, num_warps=w) for t in (8, 16, 32, 64, 128)
+            for mb in (2, 4, 8, 16) for w in (4, 8)]  # fmt: skip
 
 
 def _lane_prune(limit: int):
