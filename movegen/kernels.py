@@ -344,8 +344,8 @@ def _lane_configs():
     """Autotuned (BLOCK_T, MB, warps) of the lane kernels; one small block in the interpreter."""
     if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "MB": 4}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": t, "MB": mb}, num_warps=w) for t in (8, 16, 32, 64, 128)
-            for mb in (2, 4, 8, 16) for w in (4, 8)]  # fmt: skip
+    return [triton.Config({"BLOCK_T": t, "MB": mb}, num_warps=w) for t in (16, 32, 64, 128)
+            for mb in (2, 4, 8) for w in (4, 8)]  # fmt: skip
 
 
 def _lane_prune(limit: int):
@@ -522,7 +522,7 @@ def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_r
     with id ``k`` and over layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order,
     so a run of one id is summed in registers and added to its row once (fp32 atomics: the
     order of the adds, and so the last bits, may vary between runs). ``sid, order``: the ids
-    sorted before (``id_groups``' first two, as the grouped forward sorted them), else sorted here."""
+    sorted before (``id_groups``, as the grouped forward sorted them), else sorted here."""
     L, B, T, H, G = gs.shape
     D = dvs.shape[-1]
     gs, dvs = gs.contiguous(), dvs.contiguous()

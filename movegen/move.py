@@ -221,7 +221,7 @@ def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor 
     the ``table (V, M, H, D)`` they index, cast to ``dtype``; the layers then read ``(table cast
     and detached, ids, groups)`` and the table's gradient comes back in its own dtype. With
     ``grouped`` the ids are sorted once here (``kernels.id_groups``) and every layer runs the
-    kernels that read each bank row once per group of equal ids."""
+    kernels that take the tokens in id order (a repeated bank row fetched about once per tile)."""
     groups = kernels.id_groups(ids) if grouped and ids is not None else None
     out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype, groups)
     taps = [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
