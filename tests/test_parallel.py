@@ -176,7 +176,7 @@ def test_ddp_over_two_processes_resumes_the_uninterrupted_curve(stores, tmp_path
     assert all(torch.equal(ema[k], v) for k, v in model.state_dict().items())
 
 
-def test_an_error_on_one_rank_is_raised_on_every_rank():
+def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     """``ranks.agree`` / ``on_first_rank`` over 2 gloo processes: an ``OSError`` on the first
     rank (a full disk; not one of the user-facing kinds) reaches the other rank as a
     ``RuntimeError`` naming the step and the rank instead of leaving it waiting; a
@@ -186,12 +186,20 @@ def test_an_error_on_one_rank_is_raised_on_every_rank():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(root),
+        "RANKS_AGREE_OUT": str(tmp_path),
+    }
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(port), str(root / "tests/scripts/ranks_agree.py")],
                          cwd=root, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    got = {r["rank"]: r for r in (json.loads(l.split("RESULT ", 1)[1]) for l in out.stdout.splitlines() if "RESULT " in l)}  # fmt: skip
+    got = {
+        r["rank"]: r
+        for r in (json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json")))
+    }
     assert set(got) == {0, 1}
     assert got[0]["first_rank_oserror"] == ["OSError", "No space left on device"]
     kind, msg = got[1]["first_rank_oserror"]
