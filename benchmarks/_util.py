@@ -191,3 +191,17 @@ def load_llamagen(root: str | Path):
                 sys.modules[k] = v
     gen = load("autoregressive/models/generate.py", "_llamagen_generate")
     return types.SimpleNamespace(gpt=gpt, generate=gen, vq=vq)
+
+
+def profile_table(fn, device: torch.device, top: int, name_width: int = 70) -> str:
+    """``fn()`` once under torch.profiler (CPU and, on a GPU, CUDA activity; synchronised): its ops
+    by self time, GPU time where there is a GPU, as the profiler's table of the ``top`` rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=name_width)

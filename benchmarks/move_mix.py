@@ -36,24 +36,11 @@ from ._util import (
     json_line,
     median,
     print_table,
+    profile_table,
     random_codes,
     release,
     time_fn,
 )
-
-
-def profile_kernels(fn, device, title: str, top: int = 14) -> None:
-    """Print the GPU kernels of one call of ``fn`` by self time (``--profile``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile: {title}")
-    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
@@ -91,7 +78,8 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
             fwd_bwd()
             extra = (torch.cuda.max_memory_allocated(device) - base) / 2**30
         if args.profile:
-            profile_kernels(fwd_bwd, device, f"M={M} {impl} {dist} ids, fwd+bwd, {L} layers")
+            print(f"\nprofile: M={M} {impl} {dist} ids, fwd+bwd, {L} layers")
+            print(profile_table(fwd_bwd, device, top=14, name_width=60))
     except torch.OutOfMemoryError:
         return {"M": M, "impl": impl, "ids": dist, "ms_fwd": "OOM"}
     e = 2 if dt == torch.bfloat16 else 4

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from movegen.lit import optimizer_groups
 from movegen.model import GPT
 from movegen.sample import CompiledStep, SamplingSettings, generate
 
-from ._util import arm_config
+from ._util import arm_config, profile_table
 
 
 def main() -> None:
@@ -65,14 +64,12 @@ def main() -> None:
         work()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+
+    def profiled():
         for _ in range(2 if not a.sampling else 1):
             work()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=a.top, max_name_column_width=70)
+
+    table = profile_table(profiled, dev, a.top)
     print(f"\nprofile: {a.arm} batch {a.batch} {'sampling' if a.sampling else 'training step x2'}")
     print(table)
 

@@ -124,12 +124,23 @@ if HAVE_TRITON:
         return dout
 
     @triton.jit
-    def _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h):
-        """The ``(BLOCK_R, M_PAD, D)`` tile of slots ``table[ids[n], m, h, :]`` in fp32."""
-        row = tl.load(ids_ptr + n, mask=rmask, other=0).to(tl.int64) * s_id + h * s_h
-        ptr = tab_ptr + row[:, None, None] + m[None, :, None] * s_m + d[None, None, :]
+    def _row_base(ids_ptr, n, h, rmask, s_id, s_h):
+        """Each row's offset in the table: ``ids[n] * s_id + h * s_h`` (64-bit)."""
+        return tl.load(ids_ptr + n, mask=rmask, other=0).to(tl.int64) * s_id + h * s_h
+
+    @triton.jit
+    def _slots_at(tab_ptr, base, rmask, m, mmask, d, s_m):
+        """The ``(rows, len(m), D)`` fp32 tile of slots m of the rows at offsets ``base``."""
+        ptr = tab_ptr + base[:, None, None] + m[None, :, None] * s_m + d[None, None, :]
         mask = rmask[:, None, None] & mmask[None, :, None]
         return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h):
+        """The ``(BLOCK_R, M_PAD, D)`` tile of slots ``table[ids[n], m, h, :]`` in fp32."""
+        return _slots_at(
+            tab_ptr, _row_base(ids_ptr, n, h, rmask, s_id, s_h), rmask, m, mmask, d, s_m
+        )
 
     @triton.jit
     def _mix_fwd_kernel(v_ptr, g_ptr, tab_ptr, ids_ptr, out_ptr, R, H, s_vn, s_vh, s_id, s_m, s_h, G: tl.constexpr,
@@ -237,18 +248,13 @@ if HAVE_TRITON:
         return h, start, tl.minimum(start + BLOCK_T, N), i, im, n, n * H + h
 
     @triton.jit
-    def _lane_slots(tab_ptr, base, im, m, mm, d, s_m):
-        """The ``(BLOCK_T, MB, D)`` fp32 tile of slots m of each lane's row (``base`` = its offset)."""
-        ptr = tab_ptr + base[:, None, None] + m[None, :, None] * s_m + d[None, None, :]
-        mask = im[:, None, None] & mm[None, :, None]
-        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
     def _lmix_fwd_kernel(v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, out_ptr, N, H, s_vn, s_vh, s_id, s_m, s_h,
                          G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
                          MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
         h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
-        base = tl.load(sid_ptr + i, mask=im, other=0).to(tl.int64) * s_id + h * s_h
+        base = _row_base(
+            sid_ptr, i, h, im, s_id, s_h
+        )  # each lane's row offset, once for all slot blocks
         d = tl.arange(0, D)
         acc = tl.zeros((BLOCK_T, D), dtype=tl.float32)
         for m0 in tl.static_range(0, M, MB):
@@ -256,7 +262,7 @@ if HAVE_TRITON:
             mm = m < M
             g = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
                         mask=im[:, None] & mm[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            acc += tl.sum(g[:, :, None] * _lane_slots(tab_ptr, base, im, m, mm, d, s_m), axis=1)
+            acc += tl.sum(g[:, :, None] * _slots_at(tab_ptr, base, im, m, mm, d, s_m), axis=1)
         acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
         tl.store(
             out_ptr + rows[:, None] * D + d[None, :],
@@ -269,14 +275,16 @@ if HAVE_TRITON:
                          s_id, s_m, s_h, G: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                          GATED: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
         h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
-        base = tl.load(sid_ptr + i, mask=im, other=0).to(tl.int64) * s_id + h * s_h
+        base = _row_base(
+            sid_ptr, i, h, im, s_id, s_h
+        )  # each lane's row offset, once for all slot blocks
         d = tl.arange(0, D)
         dout = tl.load(dout_ptr + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
         dout = dout.to(tl.float32)
         for m0 in tl.static_range(0, M, MB):
             m = m0 + tl.arange(0, MB)
             mm = m < M
-            dg = tl.sum(_lane_slots(tab_ptr, base, im, m, mm, d, s_m) * dout[:, None, :], axis=2)
+            dg = tl.sum(_slots_at(tab_ptr, base, im, m, mm, d, s_m) * dout[:, None, :], axis=2)
             tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
                      mask=im[:, None] & mm[None, :])  # fmt: skip
         dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)

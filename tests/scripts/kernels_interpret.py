@@ -58,10 +58,9 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
     refs = reference(leaves[0], ids, leaves[1 : L + 1], leaves[L + 1 :], gated)
     g_ref = torch.autograd.grad(refs, leaves, douts)
-    # per token and grouped by id (the ids sorted once, 16-token tiles: groups that span tiles,
-    # and tiles of several groups; their sort is int32 whatever the ids), int64 and int32 ids
-    # per token; the bank gradient a segmented sum over
-    # tiles of sorted tokens (M <= 8) or one token at a time (M = 24)
+    # per token (int64 and int32 ids) and grouped by id (the ids sorted once, as int32 whatever
+    # their dtype; 16-token tiles: groups that span tiles, and tiles of several groups); the bank
+    # gradient a segmented sum over tiles of sorted tokens (M <= 8) or one token at a time (M = 24)
     for idx, grouped in ((ids, False), (ids.int(), False), (ids, True)):
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
         with mock.patch.object(torch, "sort", wraps=torch.sort) as sort:
