@@ -12,8 +12,9 @@ leaf gradients accumulate), each fused Triton kernel against the same PyTorch op
 * ``ce``: cross-entropy of 65,536 x 16,384 bf16 logits (``kernels.cross_entropy``; the PyTorch
   form casts to fp32 first). Floor: forward reads the logits, backward reads them and writes the
   gradient.
-* ``attention``: causal self-attention of (256, 12, 256, 64) bf16 through each SDPA backend (cuDNN,
-  flash, memory-efficient) and ``flex_attention`` (compiled, causal block mask). Floor: the FLOPs
+* ``attention``: causal self-attention of (256, 12, 256, 64) bf16 through ``kernels.attention``
+  (``triton``), each SDPA backend (cuDNN, flash, memory-efficient) and ``flex_attention``
+  (compiled, causal block mask). Floor: the FLOPs
   (QK and PV, causal half; backward 2.5x the forward) at the bf16 matmul peak of the run.
 
 Byte floors are at the copy rate measured in the run.
@@ -151,6 +152,11 @@ def bench_attention(impl: str, args, device, peak: float) -> dict:
         )
         flex = torch.compile(flex_attention)
         fn = lambda: flex(q, k, v, block_mask=mask)  # noqa: E731
+    elif impl == "triton":
+        if not kernels.attn_usable(q.transpose(1, 2)):
+            return {"op": "attention", "impl": impl, "error": "the Triton kernels do not run here"}
+        fn = lambda: kernels.attention(*(t.transpose(1, 2) for t in (q, k, v)))  # noqa: E731
+        do = do.transpose(1, 2)  # its output is (B, S, H, D)
     else:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -184,7 +190,9 @@ def main() -> None:
     p.add_argument("--swiglu", default="fused,compiled", help="SwiGLU product variants")
     p.add_argument("--rope", default="fused,compiled", help="QKV split + RoPE variants")
     p.add_argument("--ce", default="fused,compiled", help="cross-entropy variants (K = 16384)")
-    p.add_argument("--attention", default="cudnn,flash,efficient,flex", help="attention variants")
+    p.add_argument(
+        "--attention", default="triton,cudnn,flash,efficient,flex", help="attention variants"
+    )
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")

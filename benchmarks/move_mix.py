@@ -6,7 +6,9 @@ training path (``MoVEBank.tapped``: with the Triton kernels each layer reads the
 the bank itself, and the bank gradient is formed in one pass over the tokens in id order, all
 layers summed into fp32 bank rows) with the per-token kernels; "grouped" the same with the
 kernels grouped by id (the ids sorted once per forward; each program takes a tile of sorted
-tokens of one head, whose equal rows the hardware fetches about once); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
+tokens of one head, whose equal rows the hardware fetches about once); "grouped-tile" the same
+with the bank gradient as a segmented sum over tiles at every M (``kernels.BANK_TILE_MAX_SLOTS``
+chooses by M otherwise); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
 through every layer's mix (one bank-sized gradient per layer).
 
 Floor in bytes (bf16), per layer: forward reads each row's M slots, v and the gates and writes the
@@ -28,6 +30,7 @@ import argparse
 
 import torch
 
+from movegen import kernels
 from movegen.move import MoVEBank, mix, mix_tapped
 
 from ._util import (
@@ -42,6 +45,8 @@ from ._util import (
     time_fn,
 )
 
+TILE_MAX = kernels.BANK_TILE_MAX_SLOTS
+
 
 def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
     B, T, H, D, L, V = args.batch, args.seq, args.heads, args.head_dim, args.layers, args.ids
@@ -49,7 +54,9 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     bank = MoVEBank(V, M, d, H).to(device, dt)
-    bank.group_by_id = impl == "grouped"
+    bank.group_by_id = impl.startswith("grouped")
+    # "grouped-tile": the bank gradient as the segmented sum over tiles at any M
+    kernels.BANK_TILE_MAX_SLOTS = 1024 if impl == "grouped-tile" else TILE_MAX
     ids = random_codes((B, T), V, dist, generator=g)
     distinct = ids.unique().numel()
     vs = [torch.randn(B, T, H, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(L)]  # fmt: skip
@@ -57,7 +64,7 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
     dout = torch.randn(B, T, H, D, device=device, dtype=dt, generator=g)
 
     def fwd():
-        if impl in ("deferred", "grouped"):
+        if impl in ("deferred", "grouped", "grouped-tile"):
             mem, taps = bank.tapped(ids, L, G)
             return [mix_tapped(v, gt, mem, tp, True) for v, gt, tp in zip(vs, gs, taps)]
         memh = bank.gather(ids)

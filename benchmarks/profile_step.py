@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--sampling", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--ops", default=None,
+                   help="GPT.fused_ops as a comma list (default: the model's; '' for none)")  # fmt: skip
     a = p.parse_args()
     dev = torch.device("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
     cfg = arm_config(a.arm, a.smoke)
@@ -34,6 +36,8 @@ def main() -> None:
         a.batch = 4
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
+    if a.ops is not None:
+        model.fused_ops = tuple(o for o in a.ops.split(",") if o)
     codes = torch.randint(1, cfg.vocab_size, (a.batch, cfg.seq_len), device=dev)
     labels = torch.randint(0, cfg.num_classes, (a.batch,), device=dev)
     if a.sampling:
@@ -70,7 +74,10 @@ def main() -> None:
             work()
 
     table = profile_table(profiled, dev, a.top)
-    print(f"\nprofile: {a.arm} batch {a.batch} {'sampling' if a.sampling else 'training step x2'}")
+    print(
+        f"\nprofile: {a.arm} batch {a.batch} {'sampling' if a.sampling else 'training step x2'}, "
+        f"fused ops {model.fused_ops}"
+    )
     print(table)
 
 

@@ -36,10 +36,21 @@ def bench(
     # model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of
     # them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product),
     # norope (QKV split + RoPE); ce and router add the fused cross-entropy and the stacked
-    # QKV + router product (off by default)
+    # QKV + router product (off by default); noattn: SDPA in place of the Triton attention
     name, _, opts = arm.partition("@")
     opts = set(opts.split("+")) - {""}
-    known = {"grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "ce", "router"}
+    known = {
+        "grouped",
+        "token",
+        "unfused",
+        "nonorm",
+        "noswiglu",
+        "norope",
+        "ce",
+        "router",
+        "attn",
+        "noattn",
+    }
     if not opts <= known or {"grouped", "token"} <= opts:
         raise ValueError(
             f"{arm}: after @ come grouped or token and {sorted(known - {'grouped', 'token'})}, joined by +"
@@ -50,7 +61,9 @@ def bench(
     if "unfused" in opts:
         model.fused_ops = ()
     model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
-    model.fused_ops += tuple(o for o in ("ce", "router") if o in opts)
+    model.fused_ops += tuple(
+        o for o in ("ce", "router", "attn") if o in opts and o not in model.fused_ops
+    )
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts
     opt = torch.optim.AdamW(

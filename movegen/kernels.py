@@ -303,43 +303,45 @@ if HAVE_TRITON:
     def _bank_tile_kernel(g_ptr, dv_ptr, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
                           G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, MB: tl.constexpr,
                           BLOCK_T: tl.constexpr):  # fmt: skip
-        # program (c, h, j): sorted tokens c*BLOCK_T.. of head h, slots j*MB..: every lane's
-        # sum over layers of g (x) dv at once, then a segmented sum over runs of equal ids in the
-        # lanes; each run's total is written from its last lane, by a plain store when the run
-        # lies inside the tile (no other program has that id), by an atomic add when it may
-        # continue into a neighbouring tile
+        # program (c, h): sorted tokens c*BLOCK_T.. of head h, its slots MB at a time: every
+        # lane's sum over layers of g (x) dv at once, then a segmented sum over runs of equal
+        # ids in the lanes; each run's total is written from its last lane, by a plain store
+        # when the run lies inside the tile (no other program has that id), by an atomic add
+        # when it may continue into a neighbouring tile. The tile's dv is read from memory for
+        # the first slot block and from cache for the others (one program walks them in turn)
         h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
-        m = tl.program_id(2) * MB + tl.arange(0, MB)
-        mm = m < M
         d = tl.arange(0, D)
         k = tl.load(sid_ptr + i, mask=im, other=-1).to(tl.int64)
         prev = tl.load(sid_ptr + i - 1, mask=im & (i > start), other=-1).to(tl.int64)
         nxt = tl.load(sid_ptr + i + 1, mask=(i + 1) < end, other=-1).to(tl.int64)
-        acc = tl.zeros((BLOCK_T, MB, D), dtype=tl.float32)
-        gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
-        dp = dv_ptr + rows[:, None] * D + d[None, :]
-        for _ in tl.static_range(L):  # stepping the pointers: no 32-bit l * stride (> 2**31)
-            g = tl.load(gp, mask=im[:, None] & mm[None, :], other=0.0).to(tl.float32)
-            dv = tl.load(dp, mask=im[:, None], other=0.0).to(tl.float32)
-            acc += g[:, :, None] * dv[:, None, :]
-            gp += s_gl
-            dp += s_dl
         first = tl.broadcast_to((k != prev).to(tl.int32)[:, None, None], (BLOCK_T, MB, D))
-        _, acc = tl.associative_scan((first, acc), 0, _seg_add)
         last = im & (k != nxt)
         edge = (k == tl.load(sid_ptr + start).to(tl.int64)) | (
             k == tl.load(sid_ptr + end - 1).to(tl.int64)
         )
-        ptr = (
-            out_ptr
-            + k[:, None, None] * (M * H * D)
-            + m[None, :, None] * (H * D)
-            + h * D
-            + d[None, None, :]
-        )
-        mask = mm[None, :, None] & (d[None, None, :] < D)
-        tl.atomic_add(ptr, acc, mask=(last & edge)[:, None, None] & mask, sem="relaxed")
-        tl.store(ptr, acc, mask=(last & ~edge)[:, None, None] & mask)
+        for j in tl.static_range(0, M, MB):
+            m = j + tl.arange(0, MB)
+            mm = m < M
+            acc = tl.zeros((BLOCK_T, MB, D), dtype=tl.float32)
+            gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
+            dp = dv_ptr + rows[:, None] * D + d[None, :]
+            for _ in tl.static_range(L):  # stepping the pointers: no 32-bit l * stride (> 2**31)
+                g = tl.load(gp, mask=im[:, None] & mm[None, :], other=0.0).to(tl.float32)
+                dv = tl.load(dp, mask=im[:, None], other=0.0).to(tl.float32)
+                acc += g[:, :, None] * dv[:, None, :]
+                gp += s_gl
+                dp += s_dl
+            _, acc = tl.associative_scan((first, acc), 0, _seg_add)
+            ptr = (
+                out_ptr
+                + k[:, None, None] * (M * H * D)
+                + m[None, :, None] * (H * D)
+                + h * D
+                + d[None, None, :]
+            )
+            mask = tl.broadcast_to(mm[None, :, None], (BLOCK_T, MB, D))
+            tl.atomic_add(ptr, acc, mask=(last & edge)[:, None, None] & mask, sem="relaxed")
+            tl.store(ptr, acc, mask=(last & ~edge)[:, None, None] & mask)
 
 
 BANK_TILE_MAX_SLOTS = 8
@@ -539,8 +541,7 @@ def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_r
     out = torch.zeros(num_rows, slots, H, D, device=dvs.device, dtype=torch.float32)
     N, chunk = B * T, 64
     if slots <= BANK_TILE_MAX_SLOTS:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), H, triton.cdiv(slots, meta["MB"]))  # noqa: E731
-        _bank_tile_kernel[grid](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0), L=L, G=G, M=slots,
+        _bank_tile_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0), L=L, G=G, M=slots,
                                 D=D)  # fmt: skip
         return out
     _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0),
@@ -1245,3 +1246,226 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits (N, K)`` (any float dtype; fp32 math) against ``targets
     (N,)`` in [0, K): ``F.cross_entropy(logits.float(), targets)``, one kernel each way."""
     return _CrossEntropy.apply(logits, targets).mean()
+
+
+# --------------------------------------------------------------------------- causal attention
+#
+# Causal self-attention of q, k, v ``(B, S, H, D)`` (any strides, unit stride on D) for short
+# sequences, where a (b, h)'s keys stay on chip: the training step's 256 positions. The forward
+# is one program per (query block, h, b) with an online softmax in base 2 (fp32), writing o
+# ``(B, S, H, D)`` (what the output projection reads, no transpose) and one fp32 log-sum-exp per
+# row. The backward's main kernel has one program per (block, h, b): first dk, dv of its key block
+# over the queries at and after it, then dq of its query block over the keys up to it, in smaller
+# steps; it recomputes the probabilities from the saved log-sum-exp, after one small pass that
+# forms rowsum(o * do). No dropout.
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s,
+                         sv_h, so_b, so_s, so_h, S, H, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):  # fmt: skip
+        mb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, D)
+        rm = (rows < S)[:, None]
+        q = tl.load(_bshd_tile(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h), mask=rm, other=0.0)
+        m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        hi = tl.minimum((mb + 1) * BLOCK_M, S)
+        for start in range(0, hi, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            km = (keys < S)[:, None]
+            k = tl.load(_bshd_tile(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h), mask=km, other=0.0)
+            v = tl.load(_bshd_tile(v_ptr, b, keys, h, cols, sv_b, sv_s, sv_h), mask=km, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(keys[None, :] <= rows[:, None], s, -float("inf"))  # (keys < S follows)
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in every row's first block
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(
+            _bshd_tile(o_ptr, b, rows, h, cols, so_b, so_s, so_h),
+            o.to(o_ptr.dtype.element_ty),
+            mask=rm,
+        )
+        tl.store(lse_ptr + (b * H + h).to(tl.int64) * S + rows, m_i + tl.log2(l_i), mask=rows < S)
+
+    @triton.jit
+    def _attn_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_s, so_h, sd_b, sd_s, sd_h, S, H, D: tl.constexpr,
+                           BLOCK: tl.constexpr):  # fmt: skip
+        """rowsum(o * do) ``(B, H, S)`` fp32, the backward's softmax correction."""
+        sb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = sb * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D)
+        rm = (rows < S)[:, None]
+        o = tl.load(_bshd_tile(o_ptr, b, rows, h, cols, so_b, so_s, so_h), mask=rm, other=0.0)
+        do = tl.load(_bshd_tile(do_ptr, b, rows, h, cols, sd_b, sd_s, sd_h), mask=rm, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_ptr + (b * H + h).to(tl.int64) * S + rows, delta, mask=rows < S)
+
+    @triton.jit
+    def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, sq_b, sq_s,
+                         sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h, sg_b, sg_s, sg_h, S, H, scale,
+                         qk_scale, D: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr):  # fmt: skip
+        """dq, dk, dv share the strides ``sg_*``. Program (j, h, b): dk, dv of keys j*BLOCK..
+        over the queries at and after them, STEP queries at a time; then dq of queries
+        j*BLOCK.. over the keys up to them, STEP keys at a time."""
+        nb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = tl.arange(0, D)
+        stat = (b * H + h).to(tl.int64) * S
+        keys = nb * BLOCK + tl.arange(0, BLOCK)
+        km = (keys < S)[:, None]
+        k = tl.load(_bshd_tile(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h), mask=km, other=0.0)
+        v = tl.load(_bshd_tile(v_ptr, b, keys, h, cols, sv_b, sv_s, sv_h), mask=km, other=0.0)
+        dk = tl.zeros((BLOCK, D), tl.float32)
+        dv = tl.zeros((BLOCK, D), tl.float32)
+        for start in range(nb * BLOCK, S, STEP):
+            rows = start + tl.arange(0, STEP)
+            rm = rows < S
+            q = tl.load(
+                _bshd_tile(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h), mask=rm[:, None], other=0.0
+            )
+            do = tl.load(
+                _bshd_tile(do_ptr, b, rows, h, cols, sd_b, sd_s, sd_h), mask=rm[:, None], other=0.0
+            )
+            lse = tl.load(lse_ptr + stat + rows, mask=rm, other=0.0)
+            delta = tl.load(delta_ptr + stat + rows, mask=rm, other=0.0)
+            pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, rows)
+            pt = tl.where((keys[:, None] <= rows[None, :]) & rm[None, :], pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+            dk += tl.dot((pt * (dpt - delta[None, :])).to(q.dtype), q)
+        tl.store(_bshd_tile(dk_ptr, b, keys, h, cols, sg_b, sg_s, sg_h), (dk * scale).to(dk_ptr.dtype.element_ty),
+                 mask=km)  # fmt: skip
+        tl.store(
+            _bshd_tile(dv_ptr, b, keys, h, cols, sg_b, sg_s, sg_h),
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=km,
+        )
+        rows = nb * BLOCK + tl.arange(0, BLOCK)
+        rm = rows < S
+        q = tl.load(
+            _bshd_tile(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h), mask=rm[:, None], other=0.0
+        )
+        do = tl.load(
+            _bshd_tile(do_ptr, b, rows, h, cols, sd_b, sd_s, sd_h), mask=rm[:, None], other=0.0
+        )
+        lse = tl.load(lse_ptr + stat + rows, mask=rm, other=0.0)
+        delta = tl.load(delta_ptr + stat + rows, mask=rm, other=0.0)
+        dq = tl.zeros((BLOCK, D), tl.float32)
+        for start in range(0, tl.minimum((nb + 1) * BLOCK, S), STEP):
+            # (new names: a loop must not re-assign the key block's tensors at another shape)
+            kn = start + tl.arange(0, STEP)
+            knm = (kn < S)[:, None]
+            kt = tl.load(_bshd_tile(k_ptr, b, kn, h, cols, sk_b, sk_s, sk_h), mask=knm, other=0.0)
+            vt = tl.load(_bshd_tile(v_ptr, b, kn, h, cols, sv_b, sv_s, sv_h), mask=knm, other=0.0)
+            p = tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse[:, None])
+            p = tl.where((kn[None, :] <= rows[:, None]) & rm[:, None], p, 0.0)
+            dp = tl.dot(do, tl.trans(vt))
+            dq += tl.dot((p * (dp - delta[:, None])).to(kt.dtype), kt)
+        tl.store(_bshd_tile(dq_ptr, b, rows, h, cols, sg_b, sg_s, sg_h), (dq * scale).to(dq_ptr.dtype.element_ty),
+                 mask=rm[:, None])  # fmt: skip
+
+    def _attn_configs(bwd: bool):
+        """Autotuned blocks, warps and pipeline stages; one small block in the interpreter."""
+        if INTERPRET:
+            return [
+                triton.Config({"BLOCK": 16, "STEP": 8} if bwd else {"BLOCK_M": 16, "BLOCK_N": 16})
+            ]
+        if bwd:
+            return [triton.Config({"BLOCK": b, "STEP": t}, num_warps=w, num_stages=s)
+                    for b, t, w, s in ((128, 32, 4, 3), (128, 32, 4, 5), (128, 32, 8, 3), (64, 32, 4, 3),
+                                       (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3))]  # fmt: skip
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                for m, n, w in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 32, 4))
+                for s in (2, 3, 4)]  # fmt: skip
+
+    _attn_fwd_kernel = triton.autotune(_attn_configs(False), key=["S", "D"])(_attn_fwd_kernel)
+    _attn_bwd_kernel = triton.autotune(_attn_configs(True), key=["S", "D"])(_attn_bwd_kernel)
+
+
+def _bsh(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@torch.library.custom_op("movegen::attn_fwd", mutates_args=())
+def attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, S, H, D)`` of one dtype (unit stride on D) -> o ``(B, S, H, D)`` contiguous
+    and the log-sum-exp ``(B, H, S)`` fp32 (base 2, of the scaled scores)."""
+    B, S, H, D = q.shape
+    q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
+    o = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), H, B)  # noqa: E731
+    _attn_fwd_kernel[grid](q, k, v, o, lse, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o), S, H,
+                           D**-0.5 * 1.4426950408889634, D=D)  # fmt: skip
+    return o, lse
+
+
+@attn_fwd.register_fake
+def _(q, k, v):
+    B, S, H, D = q.shape
+    return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=torch.float32)
+
+
+@torch.library.custom_op("movegen::attn_bwd", mutates_args=())
+def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The gradients of q, k, v ``(B, S, H, D)`` (contiguous) for the output gradient ``do``."""
+    B, S, H, D = q.shape
+    do, q, k, v, o = (_unit_d(t) for t in (do, q, k, v, o))
+    delta = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    bs = 16 if INTERPRET else 64
+    _attn_delta_kernel[(triton.cdiv(S, bs), H, B)](
+        o, do, delta, *_bsh(o), *_bsh(do), S, H, D=D, BLOCK=bs
+    )
+    dq, dk, dv = (torch.empty(B, S, H, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK"]), H, B)  # noqa: E731
+    _attn_bwd_kernel[grid](q, k, v, do, lse, delta, dq, dk, dv, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do),
+                           *_bsh(dq), S, H, D**-0.5, D**-0.5 * 1.4426950408889634, D=D)  # fmt: skip
+    return dq, dk, dv
+
+
+@attn_bwd.register_fake
+def _(do, q, k, v, o, lse):
+    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, lse = torch.ops.movegen.attn_fwd(q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        return torch.ops.movegen.attn_bwd(do.to(q.dtype), q, k, v, o, lse)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of q, k, v ``(B, S, H, D)`` (any strides, unit stride on D; k and v
+    cast to q's dtype) -> ``(B, S, H, D)`` contiguous: ``F.scaled_dot_product_attention`` of their
+    ``(B, H, S, D)`` transposes with ``is_causal=True``, one kernel each way (:func:`attn_usable`)."""
+    return _Attention.apply(q, k.to(q.dtype), v.to(q.dtype))
+
+
+ATTN_MAX_SEQ = 1024
+""":func:`attention` holds a (b, h)'s keys on chip block by block and recomputes the softmax in
+its backward without splitting the keys across programs; it is for short sequences (the training
+step's 256 positions) and is not used above this many."""
+
+
+def attn_usable(q: torch.Tensor) -> bool:
+    """Whether :func:`attention` runs for ``q (B, S, H, D)``: CUDA or the interpreter, a floating
+    dtype, a power-of-two head width from 16 to 128, at most :data:`ATTN_MAX_SEQ` positions."""
+    D = q.shape[-1]
+    return usable(q.device, D) and D <= 128 and q.shape[1] <= ATTN_MAX_SEQ and q.is_floating_point()

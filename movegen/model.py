@@ -368,17 +368,22 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True,
-                fused: bool = False, router: bool = False) -> torch.Tensor:  # fmt: skip
+                fused: bool = False, router: bool = False, attn: bool = False) -> torch.Tensor:  # fmt: skip
         """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
         ``fused``: :meth:`mixed_qkv`'s. ``router``: a memory layer's QKV and router products as
-        one product of the stacked weights (one read of ``x``, one input gradient)."""
+        one product of the stacked weights (one read of ``x``, one input gradient). ``attn``:
+        the attention as :func:`kernels.attention` (without attention dropout, where it runs)."""
         proj = None
         if router and self.has_memory:
             proj = F.linear(x, torch.cat([self.qkv.weight, self.router.weight]))
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused)
         p = self.cfg.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, S, D)
-        y = self.proj(y.transpose(1, 2).flatten(2))
+        if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):
+            y = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            y = y.transpose(1, 2)  # (B, H, S, D) -> (B, S, H, D)
+        y = self.proj(y.flatten(2))
         return self.resid_drop(y) if dropout else y
 
     def forward_cached(
@@ -454,11 +459,12 @@ class Block(nn.Module):
         the norm after it are one step
         (:func:`add_norm`), across block boundaries too. ``fused``: the ops run as Triton kernels
         (``"norm"``: those steps, ``"swiglu"``: the MLP's SiLU product, ``"rope"``: the QKV split
-        and RoPE, ``"router"``: a memory layer's QKV and router products as one; :attr:`GPT.fused_ops`)."""
+        and RoPE, ``"router"``: a memory layer's QKV and router products as one, ``"attn"``: the causal
+        attention; :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
-                      router="router" in fused)  # fmt: skip
+                      router="router" in fused, attn="attn" in fused)  # fmt: skip
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -500,13 +506,14 @@ class GPT(nn.Module):
         self.deferred_bank_grad = True
         # the elementwise steps run as Triton kernels where the kernels run: "norm" each dropout +
         # residual add + RMSNorm (kernels.residual_norm), "swiglu" the MLP's SiLU product
-        # (kernels.silu_mul), "rope" the QKV split and RoPE (kernels.split_rope); () gives the
+        # (kernels.silu_mul), "rope" the QKV split and RoPE (kernels.split_rope), "attn" the
+        # causal attention without attention dropout (kernels.attention); () gives the
         # PyTorch ops (the reference). Built, tested and off by default (benchmarks/RESULTS.md,
         # 2026-12-03 fifth section): "ce" (kernels.cross_entropy in `loss`; faster alone, but the
         # compiled GPT-B step with it did not finish on an H200, cause not found) and "router" (a
         # memory layer's QKV and router products as one product of the stacked weights; the
         # MoVE-x4 step 7.6 ms slower with it)
-        self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope")
+        self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

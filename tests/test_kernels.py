@@ -87,7 +87,7 @@ def test_residual_norm_on_gpu():
     labels = torch.randint(10, (8,), device="cuda")
     res = []
     for fused in (True, False):
-        model.fused_ops = ("norm", "swiglu", "rope") if fused else ()
+        model.fused_ops = ("norm", "swiglu", "rope", "attn") if fused else ()
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(codes, labels)
@@ -133,3 +133,75 @@ def test_cross_entropy_and_split_rope_on_gpu():
     (dref,) = torch.autograd.grad(refs, qr, [g.float() for g in grads])
     for a, b in zip([*outs, dqkv], [*refs, dref]):
         assert ((a.float() - b).norm() / b.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_attention_on_gpu():
+    """``kernels.attention`` on bf16 q, k, v of the training step's layout (transposed views of
+    ``(B, S, H, D)``; 256 positions, and 200: partial blocks) against SDPA of their fp32 copies:
+    the output and the gradients of q, k and v (the model's fused path with it:
+    ``test_residual_norm_on_gpu``)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from movegen import kernels
+
+    torch.manual_seed(0)
+    for S in (256, 200):
+        B, H, D = 8, 12, 64
+        qkv = torch.randn(B, S, 3, H, D, device="cuda").bfloat16().requires_grad_()
+        do = torch.randn(B, H, S, D, device="cuda").bfloat16().transpose(1, 2)
+        assert kernels.attn_usable(qkv[:, :, 0])
+        o = kernels.attention(*qkv.unbind(2))
+        (dqkv,) = torch.autograd.grad(o, qkv, do)
+        qr = qkv.detach().float().requires_grad_()
+        ref = F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in qr.unbind(2)), is_causal=True
+        )
+        ref = ref.transpose(1, 2)
+        (dref,) = torch.autograd.grad(ref, qr, do.float())
+        for a, b in ((o, ref), (dqkv, dref)):
+            assert ((a.float() - b).norm() / b.norm()).item() < 1e-2
+
+
+def test_attention_kernels_compile_for_hopper():
+    """Every autotuned block shape and warp count of the attention kernels (at its most
+    pipeline stages) goes through Triton's whole compiler for an sm_90 target on this GPU-free
+    machine: the interpreter runs the kernels as
+    Python and does not see what only the compiler rejects (a loop re-assigning a tensor at
+    another shape, say)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from movegen import kernels
+
+    if kernels.INTERPRET:
+        pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
+    bf, f32 = "*bf16", "*fp32"
+    ptrs = {"lse_ptr": f32, "delta_ptr": f32}
+    kinds = [(kernels._attn_fwd_kernel, ("qk_scale",)), (kernels._attn_bwd_kernel, ("scale", "qk_scale")),
+             (kernels._attn_delta_kernel, ())]  # fmt: skip
+    compiled = set()
+    for kern, floats in kinds:
+        jit, configs = kern, [triton.Config({"BLOCK": 64})]
+        if isinstance(kern, triton.runtime.Autotuner):
+            jit, configs = kern.fn, kern.configs
+        deepest = {}  # each block shape and warp count at its most pipeline stages
+        for cfg in configs:
+            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps)
+            if key not in deepest or cfg.num_stages > deepest[key].num_stages:
+                deepest[key] = cfg
+        for key, cfg in deepest.items():
+            consts = {"D": 64, **cfg.kwargs}
+            sig = {n: "constexpr" if n in consts else ptrs.get(n, bf) if n.endswith("_ptr")
+                   else "fp32" if n in floats else "i32" for n in jit.arg_names}  # fmt: skip
+            src = ASTSource(
+                jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()}
+            )
+            opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+            compiled.add((jit.__name__, key))
+    assert len(compiled) == 1 + 5 + 5, sorted(compiled)  # delta; forward and backward shapes

@@ -60,10 +60,13 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     g_ref = torch.autograd.grad(refs, leaves, douts)
     # per token (int64 and int32 ids) and grouped by id (the ids sorted once, as int32 whatever
     # their dtype; 16-token tiles: groups that span tiles, and tiles of several groups); the bank
-    # gradient a segmented sum over tiles of sorted tokens (M <= 8) or one token at a time (M = 24)
-    for idx, grouped in ((ids, False), (ids.int(), False), (ids, True)):
+    # gradient a segmented sum over tiles of sorted tokens (M <= 8) or one token at a time (M = 24;
+    # and the segmented sum at M = 24 too: 6 slot blocks of 4)
+    cases = [(ids, False, 8), (ids.int(), False, 8), (ids, True, 8)] + [(ids, True, 64)] * (M > 8)
+    for idx, grouped, tile_max in cases:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
-        with mock.patch.object(torch, "sort", wraps=torch.sort) as sort:
+        with mock.patch.object(torch, "sort", wraps=torch.sort) as sort, \
+                mock.patch.object(kernels, "BANK_TILE_MAX_SLOTS", tile_max):  # fmt: skip
             mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped)
             assert isinstance(mem, tuple) and (mem[2] is not None) == grouped
             outs = [mix_tapped(v[:, :, 2], g, mem, tp, gated) for v, g, tp in zip(leaves[1 : L + 1], leaves[L + 1 :], taps)]  # fmt: skip

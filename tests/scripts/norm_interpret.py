@@ -2,8 +2,8 @@
 kernel each way) against PyTorch's ops, with and without y, with dropout 0 and 0.3: x', the norm
 and the gradients of x, y and the weight. With dropout the mask is read back from x' - x and the
 reference applies that mask, so the backward must redraw the forward's mask exactly; the kept
-fraction must be near 1 - p. ``kernels.silu_mul``, ``kernels.split_rope`` and ``kernels.cross_entropy`` and their gradients
-against PyTorch's. A GPT's fused and plain training paths agree with dropout off."""
+fraction must be near 1 - p. ``kernels.silu_mul``, ``kernels.split_rope``, ``kernels.cross_entropy`` and ``kernels.attention`` and
+their gradients against PyTorch's. A GPT's fused and plain training paths agree with dropout off."""
 
 import os
 
@@ -75,6 +75,20 @@ lr = F.cross_entropy(xr, t)
 (gr,) = torch.autograd.grad(lr * 2.5, xr)
 worst = max(worst, (kernels.cross_entropy(x, t) - lr).abs().item(), (g - gr).abs().max().item())
 
+# causal attention: SDPA's output and the gradients of q, k, v; S = 37 (partial blocks of 16),
+# q, k, v as the model hands them (transposed views), the output gradient strided
+B, S, H, Dh = 2, 37, 3, 16
+qkv = torch.randn(B, S, 3, H, Dh).requires_grad_()
+q, k, v = qkv.unbind(2)
+o = kernels.attention(q, k, v)
+do = torch.randn(B, H, S, Dh).transpose(1, 2)
+(dqkv,) = torch.autograd.grad(o, qkv, do)
+qr = qkv.detach().clone().requires_grad_()
+ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qr.unbind(2)), is_causal=True)
+(dref,) = torch.autograd.grad(ref.transpose(1, 2), qr, do)
+assert o.is_contiguous() and o.shape == (B, S, H, Dh)
+worst = max(worst, (o - ref.transpose(1, 2)).abs().max().item(), (dqkv - dref).abs().max().item())
+
 # the model: fused (kernels) and plain paths, same weights, dropout off, forward and gradients
 cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, resid_dropout=0.0,
                        ffn_dropout=0.0, token_dropout=0.0, class_dropout=0.0)  # fmt: skip
@@ -84,7 +98,7 @@ for prm in model.parameters():
 codes, labels = torch.randint(64, (3, 16)), torch.tensor([1, 5, 9])
 res = []
 for fused in (True, False):
-    model.fused_ops = ("norm", "swiglu", "rope", "ce") if fused else ()
+    model.fused_ops = ("norm", "swiglu", "rope", "ce", "attn") if fused else ()
     model.zero_grad()
     out = model(codes, labels)
     (out.square().mean() + model.loss(codes, labels)).backward()
