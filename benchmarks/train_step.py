@@ -150,7 +150,8 @@ def main() -> None:
         "--sdpa",
         default="default",
         choices=["default", "flash", "cudnn", "efficient"],
-        help="attention backend for scaled_dot_product_attention",
+        help="attention backend for scaled_dot_product_attention (the @noattn arms; the others "
+        "run kernels.attention)",
     )
     p.add_argument(
         "--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs"

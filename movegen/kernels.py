@@ -1280,7 +1280,8 @@ if HAVE_TRITON:
             k = tl.load(_bshd_tile(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h), mask=km, other=0.0)
             v = tl.load(_bshd_tile(v_ptr, b, keys, h, cols, sv_b, sv_s, sv_h), mask=km, other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(keys[None, :] <= rows[:, None], s, -float("inf"))  # (keys < S follows)
+            # (for rows < S, keys < S follows; rows past S are never stored)
+            s = tl.where(keys[None, :] <= rows[:, None], s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in every row's first block
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
@@ -1399,6 +1400,8 @@ def attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v ``(B, S, H, D)`` of one dtype (unit stride on D) -> o ``(B, S, H, D)`` contiguous
     and the log-sum-exp ``(B, H, S)`` fp32 (base 2, of the scaled scores)."""
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, S, H, D = q.shape
     q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
     o = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
@@ -1465,7 +1468,11 @@ step's 256 positions) and is not used above this many."""
 
 
 def attn_usable(q: torch.Tensor) -> bool:
-    """Whether :func:`attention` runs for ``q (B, S, H, D)``: CUDA or the interpreter, a floating
-    dtype, a power-of-two head width from 16 to 128, at most :data:`ATTN_MAX_SEQ` positions."""
+    """Whether :func:`attention` runs for ``q (B, S, H, D)``: CUDA (bf16 or fp16: in fp32 its
+    products would run in TF32 whatever ``torch.set_float32_matmul_precision`` says, so fp32
+    keeps SDPA) or the interpreter (fp32 only: Triton's interpreter gets bf16 products wrong), a
+    power-of-two head width from 16 to 128, at most :data:`ATTN_MAX_SEQ` positions. Each new
+    sequence length autotunes the kernels again (the key is (S, D))."""
     D = q.shape[-1]
-    return usable(q.device, D) and D <= 128 and q.shape[1] <= ATTN_MAX_SEQ and q.is_floating_point()
+    ok = (torch.float32,) if INTERPRET else (torch.bfloat16, torch.float16)
+    return usable(q.device, D) and D <= 128 and q.shape[1] <= ATTN_MAX_SEQ and q.dtype in ok
