@@ -457,10 +457,9 @@ class Block(nn.Module):
         output before its dropout (None for the first block; ``p_y``: that dropout's rate).
         Returns ``(x, y)`` in the same form for the next block: each dropout, residual add and
         the norm after it are one step (:func:`add_norm`), across block boundaries too.
-        ``fused``: the ops run as Triton kernels
-        (``"norm"``: those steps, ``"swiglu"``: the MLP's SiLU product, ``"rope"``: the QKV split
-        and RoPE, ``"router"``: a memory layer's QKV and router products as one, ``"attn"``: the causal
-        attention; :attr:`GPT.fused_ops`)."""
+        ``fused``: the ops run as Triton kernels (``"norm"``: those steps, ``"swiglu"``: the
+        MLP's SiLU product, ``"rope"``: the QKV split and RoPE, ``"router"``: a memory layer's QKV
+        and router products as one, ``"attn"``: the causal attention; :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
