@@ -204,4 +204,10 @@ def profile_table(fn, device: torch.device, top: int, name_width: int = 70) -> s
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=name_width)
+    avgs = prof.key_averages()
+    table = avgs.table(sort_by=key, row_limit=top, max_name_column_width=name_width)
+    if device.type != "cuda":
+        return table
+    # the sum of every op's own GPU time: against the wall time it shows how busy the GPU was
+    busy_ms = sum(e.self_device_time_total for e in avgs) / 1e3
+    return f"{table}\nGPU time of all ops (self, summed): {busy_ms:.2f} ms"

@@ -73,12 +73,22 @@ def main() -> None:
         for _ in range(2 if not a.sampling else 1):
             work()
 
+    wall = ""
+    if dev.type == "cuda":  # the wall time of the profiled steps, unprofiled
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(5):
+            work()
+        t1.record()
+        torch.cuda.synchronize()
+        per = t0.elapsed_time(t1) / 5
+        wall = f"\nwall time per {'sampling run' if a.sampling else 'step'}: {per:.2f} ms"
     table = profile_table(profiled, dev, a.top)
     print(
         f"\nprofile: {a.arm} batch {a.batch} {'sampling' if a.sampling else 'training step x2'}, "
         f"fused ops {model.fused_ops}"
     )
-    print(table)
+    print(table + wall)
 
 
 if __name__ == "__main__":

@@ -1103,23 +1103,34 @@ def _(qkv, cos, sin):
 
 
 @torch.library.custom_op("movegen::split_rope_bwd", mutates_args=())
-def split_rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Gradients ``(B, S, H, D)`` of any strides (unit stride on D) -> ``dqkv (B, S, 3, H, D)``."""
+def split_rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   extra: torch.Tensor | None = None, width: int = 0) -> torch.Tensor:  # fmt: skip
+    """Gradients ``(B, S, H, D)`` of any strides (unit stride on D) -> ``dqkv (B, S, 3, H, D)``;
+    with ``extra (B, S, E)``: ``(B, S, width)`` rows of ``[dqkv | extra | zeros]``, the gradient
+    of a wider product whose first ``3 * H * D`` columns were the QKV (``split_rope_wide``)."""
     B, S, H, D = dq.shape
     dq, dk, dv = _unit_d(dq), _unit_d(dk), _unit_d(dv)
-    dqkv = torch.empty(B, S, 3, H, D, device=dq.device, dtype=dq.dtype)
+    n = 3 * H * D
+    if extra is None:
+        out = torch.empty(B, S, 3, H, D, device=dq.device, dtype=dq.dtype)
+        dqkv = out
+    else:
+        out = torch.empty(B, S, width, device=dq.device, dtype=dq.dtype)
+        E = extra.shape[-1]
+        out[..., n : n + E].copy_(extra)
+        out[..., n + E :].zero_()
+        dqkv = out[..., :n].view(B, S, 3, H, D)
     grid, meta = _rope_launch(B, S, H)
     _split_rope_kernel[grid](dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3), cos.contiguous(),
                              sin.contiguous(), dq, dk, dv, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
                              S, BWD=True, D=D, **meta)  # fmt: skip
-    return dqkv
+    return out
 
 
 @split_rope_bwd.register_fake
-def _(dq, dk, dv, cos, sin):
+def _(dq, dk, dv, cos, sin, extra=None, width=0):
     B, S, H, D = dq.shape
-    return dq.new_empty(B, S, 3, H, D)
+    return dq.new_empty(B, S, 3, H, D) if extra is None else dq.new_empty(B, S, width)
 
 
 class _SplitRope(torch.autograd.Function):
@@ -1135,10 +1146,39 @@ class _SplitRope(torch.autograd.Function):
         return torch.ops.movegen.split_rope_bwd(dq, dk, dv, cos, sin), None, None
 
 
+class _SplitRopeWide(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, proj, cos, sin, n_head: int, head_dim: int, n_extra: int):
+        B, S, W = proj.shape
+        n = 3 * n_head * head_dim
+        ctx.save_for_backward(cos, sin)
+        ctx.width = W
+        qkv = proj[..., :n].view(B, S, 3, n_head, head_dim)
+        q, k, v = torch.ops.movegen.split_rope_fwd(qkv, cos, sin)
+        return q, k, v, proj[..., n : n + n_extra].contiguous()
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv, dextra):
+        cos, sin = ctx.saved_tensors
+        dk, dv, dextra = dk.to(dq.dtype), dv.to(dq.dtype), dextra.to(dq.dtype)
+        dproj = torch.ops.movegen.split_rope_bwd(dq, dk, dv, cos, sin, dextra, ctx.width)
+        return dproj, None, None, None, None, None
+
+
 def split_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
     """``qkv (B, S, 3, H, D)`` -> q, k, v ``(B, S, H, D)``, RoPE on q and k (``model.apply_rope``'s
     rotation, fp32 math), one kernel each way. ``cos/sin``: fp32 tables with at least S rows."""
     return _SplitRope.apply(qkv, cos, sin)
+
+
+def split_rope_wide(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int,
+                    head_dim: int, n_extra: int) -> tuple:  # fmt: skip
+    """:func:`split_rope` of a wider product ``proj (B, S, W)`` whose columns are
+    ``[q | k | v | extra | padding]`` (``3 * n_head * head_dim`` QKV columns, then ``n_extra``):
+    q, k, v ``(B, S, H, D)`` and ``extra (B, S, n_extra)`` contiguous. The backward writes the
+    whole ``(B, S, W)`` gradient in one pass (zeros in the padding), so the QKV and extra
+    gradients are never concatenated."""
+    return _SplitRopeWide.apply(proj, cos, sin, n_head, head_dim, n_extra)
 
 
 def rope_usable(qkv: torch.Tensor) -> bool:

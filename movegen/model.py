@@ -349,7 +349,9 @@ class Attention(nn.Module):
             )
         qkv = qkv.view(B, S, 3, H, D)
         rotated = fused and kernels.rope_usable(qkv)
-        if rotated:  # each (B, S, H, D), q and k rotated
+        if rotated and proj is not None and logits is not None:  # the stacked product
+            q, k, v, logits = kernels.split_rope_wide(proj, cos[:S], sin[:S], H, D, logits.shape[-1])
+        elif rotated:  # each (B, S, H, D), q and k rotated
             q, k, v = kernels.split_rope(qkv, cos[:S], sin[:S])
         else:
             q, k, v = qkv.unbind(2)  # each (B, S, H, D)
@@ -375,7 +377,10 @@ class Attention(nn.Module):
         the attention as :func:`kernels.attention` (without attention dropout, where it runs)."""
         proj = None
         if router and self.has_memory:
-            proj = F.linear(x, torch.cat([self.qkv.weight, self.router.weight]))
+            w = torch.cat([self.qkv.weight, self.router.weight])
+            # zero rows pad the output to a multiple of 128 columns: a row of 3d + H*G bf16
+            # values is not 16-byte aligned, which keeps the GEMMs off their fast kernels
+            proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 128)))
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused)
         p = self.cfg.attn_dropout if self.training else 0.0
         if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):

@@ -77,24 +77,26 @@ def test_residual_norm_on_gpu():
     for a, b in [(xo, xr), (n.float(), nr)] + [(a.grad, b.grad) for a, b in zip((x, y, w), refs)]:
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
 
-    cfg = GPTConfig.preset("tiny", vocab_size=512, num_classes=10, seq_len=64, n_embd=768,
-                           n_head=12, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
-                           class_dropout=0.0)  # fmt: skip
-    model = GPT(cfg).cuda().train()
-    for prm in model.parameters():
-        torch.nn.init.normal_(prm, std=0.02)
     codes = torch.randint(512, (8, 64), device="cuda")
     labels = torch.randint(10, (8,), device="cuda")
-    res = []
-    for fused in (True, False):
-        model.fused_ops = ("norm", "swiglu", "rope", "attn") if fused else ()
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(codes, labels)
-        F.cross_entropy(out.flatten(0, 1), codes.flatten()).backward()
-        res.append([out, *(q.grad.clone() for q in model.parameters())])
-    for a, b in zip(*res):
-        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+    # the standard model, and MoVE (x4: 4 slots of 2 layers) with the QKV and router stacked
+    for memory, ops in (({}, ()), ({"memory": "move", "memory_density": 4}, ("router",))):
+        cfg = GPTConfig.preset("tiny", vocab_size=512, num_classes=10, seq_len=64, n_embd=768,
+                               n_head=12, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
+                               class_dropout=0.0, **memory)  # fmt: skip
+        model = GPT(cfg).cuda().train()
+        for prm in model.parameters():
+            torch.nn.init.normal_(prm, std=0.02)
+        res = []
+        for fused in (True, False):
+            model.fused_ops = ("norm", "swiglu", "rope", "attn", *ops) if fused else ()
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(codes, labels)
+            F.cross_entropy(out.flatten(0, 1), codes.flatten()).backward()
+            res.append([out, *(q.grad.clone() for q in model.parameters())])
+        for a, b in zip(*res):
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
 
 
 @pytest.mark.gpu

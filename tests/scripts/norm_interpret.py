@@ -66,6 +66,19 @@ refs = [apply_rope(q, cos, sin), apply_rope(k, cos, sin), v]
 (dref,) = torch.autograd.grad(refs, qr, grads)
 worst = max(worst, *((a - b).abs().max().item() for a, b in zip([*outs, dqkv], [*refs, dref])))
 
+# the same of a wider product [q | k | v | extra | padding]: the extra columns as they are, the
+# whole gradient in one tensor with zeros in the padding
+proj = torch.randn(B, S, 3 * H * Dh + 7 + 5).requires_grad_()
+outs = kernels.split_rope_wide(proj, cos, sin, H, Dh, 7)
+grads.append(torch.randn(B, S, 7))
+(dproj,) = torch.autograd.grad(outs, proj, grads)
+pr = proj.detach().clone().requires_grad_()
+q, k, v = pr[..., : 3 * H * Dh].view(B, S, 3, H, Dh).unbind(2)
+refs = [apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, pr[..., 3 * H * Dh : 3 * H * Dh + 7]]
+(dref,) = torch.autograd.grad(refs, pr, grads)
+assert dproj.shape == proj.shape and (dproj[..., -5:] == 0).all()
+worst = max(worst, *((a - b).abs().max().item() for a, b in zip([*outs, dproj], [*refs, dref])))
+
 # the cross-entropy: F.cross_entropy's loss and gradient (K = 300: a partial last chunk)
 x = (3 * torch.randn(37, 300)).requires_grad_()
 t = torch.randint(300, (37,))
@@ -90,18 +103,20 @@ assert o.is_contiguous() and o.shape == (B, S, H, Dh)
 worst = max(worst, (o - ref.transpose(1, 2)).abs().max().item(), (dqkv - dref).abs().max().item())
 
 # the model: fused (kernels) and plain paths, same weights, dropout off, forward and gradients
-cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, resid_dropout=0.0,
-                       ffn_dropout=0.0, token_dropout=0.0, class_dropout=0.0)  # fmt: skip
-model = GPT(cfg).train()
-for prm in model.parameters():
-    torch.nn.init.normal_(prm, std=0.1)
+settings = dict(vocab_size=64, num_classes=10, seq_len=16, resid_dropout=0.0, ffn_dropout=0.0,
+                token_dropout=0.0, class_dropout=0.0)  # fmt: skip
 codes, labels = torch.randint(64, (3, 16)), torch.tensor([1, 5, 9])
-res = []
-for fused in (True, False):
-    model.fused_ops = ("norm", "swiglu", "rope", "ce", "attn") if fused else ()
-    model.zero_grad()
-    out = model(codes, labels)
-    (out.square().mean() + model.loss(codes, labels)).backward()
-    res.append([out, *(q.grad.clone() for q in model.parameters())])
-worst = max(worst, *((a - b).abs().max().item() for a, b in zip(*res)))
+# the standard model, and MoVE with the QKV and router products stacked ("router")
+for memory, ops in (("none", ()), ("move", ("router",))):
+    model = GPT(GPTConfig.preset("tiny", memory=memory, **settings)).train()
+    for prm in model.parameters():
+        torch.nn.init.normal_(prm, std=0.1)
+    res = []
+    for fused in (True, False):
+        model.fused_ops = ("norm", "swiglu", "rope", "ce", "attn", *ops) if fused else ()
+        model.zero_grad()
+        out = model(codes, labels)
+        (out.square().mean() + model.loss(codes, labels)).backward()
+        res.append([out, *(q.grad.clone() for q in model.parameters())])
+    worst = max(worst, *((a - b).abs().max().item() for a, b in zip(*res)))
 print("WORST", worst)
