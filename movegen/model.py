@@ -350,7 +350,9 @@ class Attention(nn.Module):
         qkv = qkv.view(B, S, 3, H, D)
         rotated = fused and kernels.rope_usable(qkv)
         if rotated and proj is not None and logits is not None:  # the stacked product
-            q, k, v, logits = kernels.split_rope_wide(proj, cos[:S], sin[:S], H, D, logits.shape[-1])
+            q, k, v, logits = kernels.split_rope_wide(
+                proj, cos[:S], sin[:S], H, D, logits.shape[-1]
+            )
         elif rotated:  # each (B, S, H, D), q and k rotated
             q, k, v = kernels.split_rope(qkv, cos[:S], sin[:S])
         else:
