@@ -184,7 +184,7 @@ if HAVE_TRITON:
         )
 
     @triton.jit
-    def _bank_rows_kernel(g_ptr, dv_ptr, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
+    def _bank_rows_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, L: tl.constexpr,
                           G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
                           CHUNK: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*CHUNK.. of head h; a run of equal ids sums in registers
@@ -209,12 +209,10 @@ if HAVE_TRITON:
                 prev = idv
             row = tl.load(order_ptr + i).to(tl.int64) * H + h  # (b*T + t) * H + h
             gp = g_ptr + row * G + (G - M) + m
-            dp = dv_ptr + row * D + d
-            for _ in tl.static_range(L):  # stepping the pointers: no 32-bit l * stride (> 2**31)
+            for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
                 g = tl.load(gp, mask=mm, other=0.0)
-                acc += g.to(tl.float32)[:, None] * tl.load(dp).to(tl.float32)[None, :]
+                acc += g.to(tl.float32)[:, None] * tl.load(dvs[l] + row * D + d).to(tl.float32)[None, :]
                 gp += s_gl
-                dp += s_dl
         tl.atomic_add(out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed")
 
     _mix_fwd_kernel = _tuned(_mix_fwd_kernel)
@@ -300,7 +298,7 @@ if HAVE_TRITON:
         return f1 | f2, tl.where(f2 != 0, v2, v1 + v2)
 
     @triton.jit
-    def _bank_tile_kernel(g_ptr, dv_ptr, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
+    def _bank_tile_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, L: tl.constexpr,
                           G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, MB: tl.constexpr,
                           BLOCK_T: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*BLOCK_T.. of head h, its slots MB at a time: every
@@ -324,13 +322,11 @@ if HAVE_TRITON:
             mm = m < M
             acc = tl.zeros((BLOCK_T, MB, D), dtype=tl.float32)
             gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
-            dp = dv_ptr + rows[:, None] * D + d[None, :]
-            for _ in tl.static_range(L):  # stepping the pointers: no 32-bit l * stride (> 2**31)
+            for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
                 g = tl.load(gp, mask=im[:, None] & mm[None, :], other=0.0).to(tl.float32)
-                dv = tl.load(dp, mask=im[:, None], other=0.0).to(tl.float32)
-                acc += g[:, :, None] * dv[:, None, :]
+                dv = tl.load(dvs[l] + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
+                acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
                 gp += s_gl
-                dp += s_dl
             _, acc = tl.associative_scan((first, acc), 0, _seg_add)
             ptr = (
                 out_ptr
@@ -525,35 +521,39 @@ def _(dout, v, gates, table, ids, gated):
 
 
 @torch.library.custom_op("movegen::bank_rows_grad", mutates_args=())
-def bank_rows_grad(gs: torch.Tensor, dvs: torch.Tensor, ids: torch.Tensor, num_rows: int, slots: int,
+def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor, num_rows: int, slots: int,
                    sid: torch.Tensor | None = None, order: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """The bank gradient in one pass: ``gs (L, B, T, H, G)`` gates, ``dvs (L, B, T, H, D)`` value
-    gradients, ``ids (B, T)`` -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens
+    """The bank gradient in one pass: ``gs (L, B, T, H, G)`` gates, ``dvs``: the L layers' value
+    gradients ``(B, T, H, D)`` of one dtype, each read where it lies (a tuple of L pointers: no
+    stacked copy), ``ids (B, T)`` -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens
     with id ``k`` and over layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order,
     so a run of one id is summed in registers and added to its row once (fp32 atomics: the
     order of the adds, and so the last bits, may vary between runs). ``sid, order``: the ids
     sorted before (``id_groups``, as the grouped forward sorted them), else sorted here."""
     L, B, T, H, G = gs.shape
-    D = dvs.shape[-1]
-    gs, dvs = gs.contiguous(), dvs.contiguous()
+    D = dvs[0].shape[-1]
+    if len(dvs) != L or len({d.dtype for d in dvs}) != 1:
+        raise ValueError(f"dvs: {L} value gradients of one dtype expected, got "
+                         f"{[d.dtype for d in dvs]}")  # fmt: skip
+    gs, dvs = gs.contiguous(), tuple(d.contiguous() for d in dvs)
     if sid is None or order is None:
         sid, order = torch.sort(ids.reshape(-1))
-    out = torch.zeros(num_rows, slots, H, D, device=dvs.device, dtype=torch.float32)
+    out = torch.zeros(num_rows, slots, H, D, device=gs.device, dtype=torch.float32)
     N, chunk = B * T, 64
     if slots <= BANK_TILE_MAX_SLOTS:
-        _bank_tile_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0), L=L, G=G, M=slots,
-                                D=D)  # fmt: skip
+        _bank_tile_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, gs.stride(0), L=L, G=G,
+                                            M=slots, D=D)  # fmt: skip
         return out
-    _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), dvs.stride(0),
-                                                  L=L, G=G, M=slots, M_PAD=_pad(slots), D=D, CHUNK=chunk,
+    _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), L=L, G=G,
+                                                  M=slots, M_PAD=_pad(slots), D=D, CHUNK=chunk,
                                                   num_warps=4)  # fmt: skip
     return out
 
 
 @bank_rows_grad.register_fake
 def _(gs, dvs, ids, num_rows, slots, sid=None, order=None):
-    H, D = dvs.shape[-2:]
-    return torch.empty(num_rows, slots, H, D, dtype=torch.float32, device=dvs.device)
+    H, D = dvs[0].shape[-2:]
+    return torch.empty(num_rows, slots, H, D, dtype=torch.float32, device=dvs[0].device)
 
 
 @torch.library.custom_op("movegen::rows_grad", mutates_args=())

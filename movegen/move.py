@@ -157,7 +157,7 @@ class _BankTaps(torch.autograd.Function):
             return None, None, None, None, None, None
         if ctx.table:  # Triton: all layers and all tokens of an id summed into its row, fp32
             ids, *sorted_ids = ctx.saved_tensors
-            gs, dvs = torch.stack(gs), torch.stack(dvs).to(ctx.dtype)
+            gs, dvs = torch.stack(gs), [d.to(ctx.dtype) for d in dvs]  # dvs: read in place
             rows = torch.ops.movegen.bank_rows_grad(
                 gs, dvs, ids, ctx.num_rows, ctx.slots, *sorted_ids
             )  # (V, M, H, D)
