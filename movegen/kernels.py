@@ -211,7 +211,10 @@ if HAVE_TRITON:
             gp = g_ptr + row * G + (G - M) + m
             for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
                 g = tl.load(gp, mask=mm, other=0.0)
-                acc += g.to(tl.float32)[:, None] * tl.load(dvs[l] + row * D + d).to(tl.float32)[None, :]
+                acc += (
+                    g.to(tl.float32)[:, None]
+                    * tl.load(dvs[l] + row * D + d).to(tl.float32)[None, :]
+                )
                 gp += s_gl
         tl.atomic_add(out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed")
 
