@@ -204,10 +204,23 @@ def profile_table(fn, device: torch.device, top: int, name_width: int = 70) -> s
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    avgs = prof.key_averages()
-    table = avgs.table(sort_by=key, row_limit=top, max_name_column_width=name_width)
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=name_width)
+
+
+def kernel_times(fn, device: torch.device, n: int = 1) -> dict[str, float]:
+    """``fn()`` ``n`` times under torch.profiler: each GPU kernel (and memset or copy) by name ->
+    its summed time in ms. Only the device's own events count -- not the CPU ops that launched
+    them, nor annotations spanning them -- so the values add up to the GPU's busy time. Empty
+    on the CPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
     if device.type != "cuda":
-        return table
-    # the sum of every op's own GPU time: against the wall time it shows how busy the GPU was
-    busy_ms = sum(e.self_device_time_total for e in avgs) / 1e3
-    return f"{table}\nGPU time of all ops (self, summed): {busy_ms:.2f} ms"
+        return {}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages()
+            if e.device_type != DeviceType.CPU and not e.is_user_annotation}  # fmt: skip

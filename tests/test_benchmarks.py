@@ -98,3 +98,15 @@ def test_fid50k_smoke():
         # the timed phases and the untimed rest make up the total
         assert r["other_s"] >= 0 and r["other_s"] < 0.2 * r["total_s"]
     assert len(payloads["fid50k_extract"]["rows"]) == 2
+
+
+def test_profile_compare_orders_kernels_by_what_later_arms_add():
+    """``profile_step --compare``'s table: kernels ordered by the later arms' largest excess over
+    the first arm, kernels under ``min_ms`` in every arm left out, per-arm totals at the foot."""
+    from benchmarks.profile_step import compare_table
+
+    times = [{"gemm": 10.0, "norm": 2.0}, {"gemm": 10.5, "norm": 1.5, "mix": 3.0, "tiny": 0.01}]
+    lines = compare_table(["standard", "move-x1"], times, [12.5, 15.5], 0.05).splitlines()
+    rows = [l.split("|")[1].strip() for l in lines[2:]]
+    assert rows == ["mix", "gemm", "norm", "all kernels", "wall time (unprofiled)"]
+    assert lines[-2].split("|")[2:4] == [f" {12.0:>9.2f} ", f" {15.01:>9.2f} "]
