@@ -207,3 +207,31 @@ def test_attention_kernels_compile_for_hopper():
             triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
             compiled.add((jit.__name__, key))
     assert len(compiled) == 1 + 5 + 5, sorted(compiled)  # delta; forward and backward shapes
+
+
+def test_bank_kernels_compile_for_hopper():
+    """Both bank-gradient kernels take the L layers' value gradients as a tuple of L pointers
+    (no stacked copy); that argument goes through Triton's whole compiler for an sm_90 target
+    here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the token walk)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from movegen import kernels
+
+    if kernels.INTERPRET:
+        pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
+    L = 12
+    cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
+             (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64})]  # fmt: skip
+    for kern, consts in cases:
+        consts = {"L": L, "D": 64, **consts}
+        jit = kern.fn if isinstance(kern, triton.runtime.Autotuner) else kern
+        types = {"dvs": ("*bf16",) * L, "g_ptr": "*bf16", "out_ptr": "*fp32"}
+        sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.endswith("_ptr") else "i32")
+               for n in jit.arg_names}  # fmt: skip
+        src = ASTSource(
+            jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()}
+        )
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert compiled.asm["cubin"], jit.__name__
