@@ -517,8 +517,9 @@ class GPT(nn.Module):
         # PyTorch ops (the reference). Built, tested and off by default (benchmarks/RESULTS.md,
         # 2026-12-03 fifth section): "ce" (kernels.cross_entropy in `loss`; faster alone, but the
         # compiled GPT-B step with it did not finish on an H200, cause not found) and "router" (a
-        # memory layer's QKV and router products as one product of the stacked weights; the
-        # MoVE-x4 step 7.6 ms slower with it)
+        # memory layer's QKV and router products as one product of the stacked weights, padded
+        # to a multiple of 128 columns, split by kernels.split_rope_wide: the unpadded form made
+        # the MoVE-x4 step 7.6 ms slower; the padded one is not yet timed on a GPU, 2026-12-06)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn")
         self.reset_parameters()
 
