@@ -380,9 +380,10 @@ class Attention(nn.Module):
         proj = None
         if router and self.has_memory:
             w = torch.cat([self.qkv.weight, self.router.weight])
-            # zero rows pad the output to a multiple of 128 columns: a row of 3d + H*G bf16
-            # values is not 16-byte aligned, which keeps the GEMMs off their fast kernels
-            proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 128)))
+            # zero rows pad the output to a multiple of 8 columns: a row of 3d + H*G bf16 values
+            # (2,388 for MoVE-x1, 2,604 for x4) is otherwise not 16-byte aligned, which Hopper's
+            # GEMM kernels (TMA) need; 8 is the least padding that aligns them
+            proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused)
         p = self.cfg.attn_dropout if self.training else 0.0
         if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):
@@ -518,7 +519,7 @@ class GPT(nn.Module):
         # 2026-12-03 fifth section): "ce" (kernels.cross_entropy in `loss`; faster alone, but the
         # compiled GPT-B step with it did not finish on an H200, cause not found) and "router" (a
         # memory layer's QKV and router products as one product of the stacked weights, padded
-        # to a multiple of 128 columns, split by kernels.split_rope_wide: the unpadded form made
+        # to a multiple of 8 columns, split by kernels.split_rope_wide: the unpadded form made
         # the MoVE-x4 step 7.6 ms slower; the padded one is not yet timed on a GPU, 2026-12-06)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn")
         self.reset_parameters()
