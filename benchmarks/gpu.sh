@@ -12,6 +12,8 @@
 #   train-variants    the standard GPT-B step at batch 256 under attention backends / compile
 #                     options (train_step, one run per variant)
 #   profile-train     top kernels of a training step;  profile-sample: of a fused decode
+#   profile-compare   every kernel's time per training step, arms side by side (PROFILE_ARMS,
+#                     default standard,move-x1,move-x4): what MoVE adds, kernel by kernel
 #   ddp               Lightning DDP on every GPU of the host against one GPU (ddp)
 #   peer              LlamaGen's GPT-B beside movegen's, one process (peer_llamagen; LLAMAGEN=checkout,
 #                     default .llamagen: carry it to the device)
@@ -20,7 +22,7 @@
 #                     torch-fidelity: carry .whl/ into /tmp/site)
 #   all               mix, train and sampling (the headline tables)
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
-# TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, DDP_STEPS, LLAMAGEN, FID_ONLY,
+# TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
 # EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (uniform,zipf), MIX_IMPLS
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
@@ -28,7 +30,7 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,27p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 errors() { grep -m3 -E "Error|error:" "$1"; }
@@ -69,6 +71,10 @@ train-variants)
 profile-train)
   bench ${T_PROFILE:-200} profile_train.log benchmarks.profile_step --arm ${PROFILE_ARM:-standard} --batch 256 --top 40
   tail -48 "$OUT/profile_train.log" | cut -c1-200;;
+profile-compare)
+  bench ${T_PROFILE_COMPARE:-420} profile_compare.log benchmarks.profile_step --batch 256 \
+    --compare ${PROFILE_ARMS:-standard,move-x1,move-x4}
+  grep -E "^\||^kernel" "$OUT/profile_compare.log" | head -60 | cut -c1-200; errors "$OUT/profile_compare.log";;
 profile-sample)
   bench ${T_PROFILE:-200} profile_sample.log benchmarks.profile_step --sampling --arm ${PROFILE_ARM:-standard} --batch 16 --top 30
   tail -38 "$OUT/profile_sample.log" | cut -c1-200;;

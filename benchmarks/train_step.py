@@ -36,7 +36,8 @@ def bench(
     # model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of
     # them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product),
     # norope (QKV split + RoPE); ce and router add the fused cross-entropy and the stacked
-    # QKV + router product (off by default); noattn: SDPA in place of the Triton attention
+    # QKV + router product (off by default; noce / norouter remove them where a default has
+    # them); noattn: SDPA in place of the Triton attention
     name, _, opts = arm.partition("@")
     opts = set(opts.split("+")) - {""}
     known = {
@@ -50,6 +51,8 @@ def bench(
         "router",
         "attn",
         "noattn",
+        "norouter",
+        "noce",
     }
     if not opts <= known or {"grouped", "token"} <= opts:
         raise ValueError(
