@@ -37,7 +37,8 @@ def bench(
     # them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product),
     # norope (QKV split + RoPE); ce and router add the fused cross-entropy and the stacked
     # QKV + router product (off by default; noce / norouter remove them where a default has
-    # them); noattn: SDPA in place of the Triton attention
+    # them); gates: MoVE's gates formed in the mix kernels (off by default); noattn: SDPA in
+    # place of the Triton attention
     name, _, opts = arm.partition("@")
     opts = set(opts.split("+")) - {""}
     known = {
@@ -53,6 +54,7 @@ def bench(
         "noattn",
         "norouter",
         "noce",
+        "gates",
     }
     if not opts <= known or {"grouped", "token"} <= opts:
         raise ValueError(
@@ -65,7 +67,7 @@ def bench(
         model.fused_ops = ()
     model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
     model.fused_ops += tuple(
-        o for o in ("ce", "router", "attn") if o in opts and o not in model.fused_ops
+        o for o in ("ce", "router", "attn", "gates") if o in opts and o not in model.fused_ops
     )
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts

@@ -100,27 +100,46 @@ if HAVE_TRITON:
         )
 
     @triton.jit
-    def _add_standard(
-        acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr, GATED: tl.constexpr
-    ):
+    def _gate(x, LOGITS: tl.constexpr):
+        """Gates from what ``g_ptr`` holds, in fp32: the gates themselves, or with ``LOGITS`` the
+        router's logits, whose gates are ``2 * sigmoid(x)``."""
+        x = x.to(tl.float32)
+        if LOGITS:
+            return 2.0 * tl.sigmoid(x)
+        return x
+
+    @triton.jit
+    def _gate_grad(dg, x, LOGITS: tl.constexpr):
+        """What the backward stores for a gate of stored value ``x`` and gradient ``dg``: ``dg``,
+        or with ``LOGITS`` the logit's gradient ``dg * g * (1 - g / 2)``, ``g = 2 sigmoid(x)``."""
+        if LOGITS:
+            g = 2.0 * tl.sigmoid(x.to(tl.float32))
+            return dg * g * (1.0 - 0.5 * g)
+        return dg
+
+    @triton.jit
+    def _add_standard(acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr,
+                      GATED: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
         """``acc`` plus the standard path: ``g0 * v`` (gated) or ``v``, in fp32."""
         v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh).to(tl.float32)
         if GATED:
-            g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
+            g0 = _gate(tl.load(g_ptr + rows * G, mask=rmask, other=0.0), LOGITS)
             return acc + g0[:, None] * v
         return acc + v
 
     @triton.jit
     def _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr,
-                        GATED: tl.constexpr):  # fmt: skip
+                        GATED: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
         """The standard path's gradients from the fp32 ``dout`` tile: stores ``dg0 = <dout, v>``
-        (gated) and returns ``dv`` (``g0 * dout``, or ``dout``)."""
+        (gated; its logit's gradient with ``LOGITS``) and returns ``dv`` (``g0 * dout``, or
+        ``dout``)."""
         if GATED:
             v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh)
             dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
-            tl.store(dg_ptr + rows * G, dg0.to(dg_ptr.dtype.element_ty), mask=rmask)
-            g0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0).to(tl.float32)
-            return g0[:, None] * dout
+            x0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0)
+            tl.store(dg_ptr + rows * G, _gate_grad(dg0, x0, LOGITS).to(dg_ptr.dtype.element_ty),
+                     mask=rmask)  # fmt: skip
+            return _gate(x0, LOGITS)[:, None] * dout
         return dout
 
     @triton.jit
@@ -145,16 +164,16 @@ if HAVE_TRITON:
     @triton.jit
     def _mix_fwd_kernel(v_ptr, g_ptr, tab_ptr, ids_ptr, out_ptr, R, H, s_vn, s_vh, s_id, s_m, s_h, G: tl.constexpr,
                         M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
-                        BLOCK_R: tl.constexpr):  # fmt: skip
+                        LOGITS: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
         rows, rmask, n, h = _rows(R, H, BLOCK_R)
         m = tl.arange(0, M_PAD)
         mmask = m < M
         d = tl.arange(0, D)
-        g = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
-                    mask=rmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        g = _gate(tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
+                          mask=rmask[:, None] & mmask[None, :], other=0.0), LOGITS)  # fmt: skip
         mem = _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h)
-        acc = tl.sum(g[:, :, None] * mem, axis=1)  # (BLOCK_R, D)
-        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G, GATED)
+        acc = tl.sum(g[:, :, None] * mem, axis=1)  # (BLOCK_R, D); padded slots: mem 0
+        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G, GATED, LOGITS)
         tl.store(
             out_ptr + rows[:, None] * D + d[None, :],
             acc.to(out_ptr.dtype.element_ty),
@@ -164,7 +183,7 @@ if HAVE_TRITON:
     @triton.jit
     def _mix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, ids_ptr, dv_ptr, dg_ptr, R, H, s_vn, s_vh, s_id, s_m, s_h,
                         G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                        GATED: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+                        GATED: tl.constexpr, LOGITS: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
         rows, rmask, n, h = _rows(R, H, BLOCK_R)
         m = tl.arange(0, M_PAD)
         mmask = m < M
@@ -174,9 +193,14 @@ if HAVE_TRITON:
         ).to(tl.float32)
         mem = _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h)
         dg = tl.sum(mem * dout[:, None, :], axis=2)  # (BLOCK_R, M_PAD): every slot's gate at once
+        gm = rmask[:, None] & mmask[None, :]
+        if LOGITS:
+            x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
+            dg = _gate_grad(dg, x, LOGITS)
         tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & mmask[None, :])  # fmt: skip
-        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, rmask, d, s_vn, s_vh, G, GATED)
+                 mask=gm)  # fmt: skip
+        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, rmask, d, s_vn, s_vh, G, GATED,
+                             LOGITS)  # fmt: skip
         tl.store(
             dv_ptr + rows[:, None] * D + d[None, :],
             dv.to(dv_ptr.dtype.element_ty),
@@ -186,7 +210,7 @@ if HAVE_TRITON:
     @triton.jit
     def _bank_rows_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, L: tl.constexpr,
                           G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                          CHUNK: tl.constexpr):  # fmt: skip
+                          LOGITS: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*CHUNK.. of head h; a run of equal ids sums in registers
         # and is added to its bank row once when the id changes (atomics only at run ends)
         c = tl.program_id(0)
@@ -210,11 +234,8 @@ if HAVE_TRITON:
             row = tl.load(order_ptr + i).to(tl.int64) * H + h  # (b*T + t) * H + h
             gp = g_ptr + row * G + (G - M) + m
             for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
-                g = tl.load(gp, mask=mm, other=0.0)
-                acc += (
-                    g.to(tl.float32)[:, None]
-                    * tl.load(dvs[l] + row * D + d).to(tl.float32)[None, :]
-                )
+                g = tl.where(mm, _gate(tl.load(gp, mask=mm, other=0.0), LOGITS), 0.0)
+                acc += g[:, None] * tl.load(dvs[l] + row * D + d).to(tl.float32)[None, :]
                 gp += s_gl
         tl.atomic_add(out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed")
 
@@ -251,7 +272,7 @@ if HAVE_TRITON:
     @triton.jit
     def _lmix_fwd_kernel(v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, out_ptr, N, H, s_vn, s_vh, s_id, s_m, s_h,
                          G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
-                         MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+                         LOGITS: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
         h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
         base = _row_base(
             sid_ptr, i, h, im, s_id, s_h
@@ -261,10 +282,10 @@ if HAVE_TRITON:
         for m0 in tl.static_range(0, M, MB):
             m = m0 + tl.arange(0, MB)
             mm = m < M
-            g = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
-                        mask=im[:, None] & mm[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            g = _gate(tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
+                              mask=im[:, None] & mm[None, :], other=0.0), LOGITS)  # fmt: skip
             acc += tl.sum(g[:, :, None] * _slots_at(tab_ptr, base, im, m, mm, d, s_m), axis=1)
-        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
+        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED, LOGITS)
         tl.store(
             out_ptr + rows[:, None] * D + d[None, :],
             acc.to(out_ptr.dtype.element_ty),
@@ -274,7 +295,8 @@ if HAVE_TRITON:
     @triton.jit
     def _lmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, dv_ptr, dg_ptr, N, H, s_vn, s_vh,
                          s_id, s_m, s_h, G: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-                         GATED: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+                         GATED: tl.constexpr, LOGITS: tl.constexpr, MB: tl.constexpr,
+                         BLOCK_T: tl.constexpr):  # fmt: skip
         h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
         base = _row_base(
             sid_ptr, i, h, im, s_id, s_h
@@ -286,9 +308,14 @@ if HAVE_TRITON:
             m = m0 + tl.arange(0, MB)
             mm = m < M
             dg = tl.sum(_slots_at(tab_ptr, base, im, m, mm, d, s_m) * dout[:, None, :], axis=2)
+            gm = im[:, None] & mm[None, :]
+            if LOGITS:
+                x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
+                dg = _gate_grad(dg, x, LOGITS)
             tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
-                     mask=im[:, None] & mm[None, :])  # fmt: skip
-        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED)
+                     mask=gm)  # fmt: skip
+        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED,
+                             LOGITS)  # fmt: skip
         tl.store(
             dv_ptr + rows[:, None] * D + d[None, :],
             dv.to(dv_ptr.dtype.element_ty),
@@ -302,8 +329,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _bank_tile_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, L: tl.constexpr,
-                          G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, MB: tl.constexpr,
-                          BLOCK_T: tl.constexpr):  # fmt: skip
+                          G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, LOGITS: tl.constexpr,
+                          MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*BLOCK_T.. of head h, its slots MB at a time: every
         # lane's sum over layers of g (x) dv at once, then a segmented sum over runs of equal
         # ids in the lanes; each run's total is written from its last lane, by a plain store
@@ -326,7 +353,8 @@ if HAVE_TRITON:
             acc = tl.zeros((BLOCK_T, MB, D), dtype=tl.float32)
             gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
             for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
-                g = tl.load(gp, mask=im[:, None] & mm[None, :], other=0.0).to(tl.float32)
+                gm = im[:, None] & mm[None, :]
+                g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
                 dv = tl.load(dvs[l] + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
                 acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
                 gp += s_gl
@@ -413,7 +441,7 @@ def id_groups(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.custom_op("movegen::gmix_fwd", mutates_args=())
 def gmix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: torch.Tensor, order: torch.Tensor,
-             gated: bool) -> torch.Tensor:  # fmt: skip
+             gated: bool, logits: bool = False) -> torch.Tensor:  # fmt: skip
     """``mix_fwd`` with the tokens grouped by id (``id_groups`` of the ids): same arguments, the
     ids given as their sort."""
     B, T, H, D = v.shape
@@ -422,18 +450,18 @@ def gmix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: tor
     out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     _lmix_fwd_kernel[_lane_grid(B * T, H)](v, gates.contiguous(), table, sid, order, out, B * T, H, s_vn, s_vh,
                                            s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1], D=D,
-                                           GATED=int(gated))  # fmt: skip
+                                           GATED=int(gated), LOGITS=logits)  # fmt: skip
     return out
 
 
 @gmix_fwd.register_fake
-def _(v, gates, table, sid, order, gated):
+def _(v, gates, table, sid, order, gated, logits=False):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
 @torch.library.custom_op("movegen::gmix_bwd", mutates_args=())
 def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: torch.Tensor,
-             order: torch.Tensor, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+             order: torch.Tensor, gated: bool, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``mix_bwd`` with the tokens grouped by id: ``dv``, ``dg``."""
     B, T, H, D = v.shape
     table, _, s_id, s_m, s_h = _table_args(table, sid)
@@ -443,12 +471,12 @@ def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: to
     dout = dout.contiguous()
     _lmix_bwd_kernel[_lane_grid(B * T, H)](dout, v, gates.contiguous(), table, sid, order, dv, dg, B * T, H, s_vn,
                                            s_vh, s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1], D=D,
-                                           GATED=int(gated))  # fmt: skip
+                                           GATED=int(gated), LOGITS=logits)  # fmt: skip
     return dv, dg
 
 
 @gmix_bwd.register_fake
-def _(dout, v, gates, table, sid, order, gated):
+def _(dout, v, gates, table, sid, order, gated, logits=False):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device), torch.empty(
         gates.shape, dtype=gates.dtype, device=gates.device
     )
@@ -480,9 +508,11 @@ def _grid(R: int):
 
 @torch.library.custom_op("movegen::mix_fwd", mutates_args=())
 def mix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
-            gated: bool) -> torch.Tensor:  # fmt: skip
+            gated: bool, logits: bool = False) -> torch.Tensor:  # fmt: skip
     """``v (B, T, H, D)``, ``gates (B, T, H, G)``, ``table (N, M, H, D)`` (any strides, unit on D),
-    ``ids (B, T)`` int32/int64 rows of the table -> mixed ``(B, T, H, D)`` in ``v``'s dtype."""
+    ``ids (B, T)`` int32/int64 rows of the table -> mixed ``(B, T, H, D)`` in ``v``'s dtype.
+    ``logits``: ``gates`` holds the router's logits; the gates ``2 * sigmoid`` of them are formed
+    in the kernel (and ``mix_bwd`` returns the logits' gradient)."""
     B, T, H, D = v.shape
     M, G = table.shape[1], gates.shape[-1]
     table, ids, s_id, s_m, s_h = _table_args(table, ids)
@@ -490,18 +520,18 @@ def mix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, ids: torc
     out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     R = B * T * H
     _mix_fwd_kernel[_grid(R)](v, gates.contiguous(), table, ids, out, R, H, s_vn, s_vh, s_id, s_m, s_h, G=G, M=M,
-                              M_PAD=_pad(M), D=D, GATED=int(gated))  # fmt: skip
+                              M_PAD=_pad(M), D=D, GATED=int(gated), LOGITS=logits)  # fmt: skip
     return out
 
 
 @mix_fwd.register_fake
-def _(v, gates, table, ids, gated):
+def _(v, gates, table, ids, gated, logits=False):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
 @torch.library.custom_op("movegen::mix_bwd", mutates_args=())
 def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
-            gated: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+            gated: bool, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients of ``mix_fwd`` for ``v`` and ``gates`` (the table's via ``bank_rows_grad``):
     ``dout (B, T, H, D)`` -> ``dv (B, T, H, D)``, ``dg (B, T, H, G)`` in the dtypes of v, gates."""
     B, T, H, D = v.shape
@@ -512,12 +542,13 @@ def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: tor
     dg = torch.empty(B, T, H, G, device=v.device, dtype=gates.dtype)
     R = B * T * H
     _mix_bwd_kernel[_grid(R)](dout.contiguous(), v, gates.contiguous(), table, ids, dv, dg, R, H, s_vn, s_vh, s_id,
-                              s_m, s_h, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated))  # fmt: skip
+                              s_m, s_h, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated),
+                              LOGITS=logits)  # fmt: skip
     return dv, dg
 
 
 @mix_bwd.register_fake
-def _(dout, v, gates, table, ids, gated):
+def _(dout, v, gates, table, ids, gated, logits=False):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device), torch.empty(
         gates.shape, dtype=gates.dtype, device=gates.device
     )
@@ -525,14 +556,16 @@ def _(dout, v, gates, table, ids, gated):
 
 @torch.library.custom_op("movegen::bank_rows_grad", mutates_args=())
 def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor, num_rows: int, slots: int,
-                   sid: torch.Tensor | None = None, order: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                   sid: torch.Tensor | None = None, order: torch.Tensor | None = None,
+                   logits: bool = False) -> torch.Tensor:  # fmt: skip
     """The bank gradient in one pass: ``gs (L, B, T, H, G)`` gates, ``dvs``: the L layers' value
     gradients ``(B, T, H, D)`` of one dtype, each read where it lies (a tuple of L pointers: no
     stacked copy), ``ids (B, T)`` -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens
     with id ``k`` and over layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order,
     so a run of one id is summed in registers and added to its row once (fp32 atomics: the
     order of the adds, and so the last bits, may vary between runs). ``sid, order``: the ids
-    sorted before (``id_groups``, as the grouped forward sorted them), else sorted here."""
+    sorted before (``id_groups``, as the grouped forward sorted them), else sorted here.
+    ``logits``: ``gs`` holds the router's logits (gates ``2 * sigmoid`` of them)."""
     L, B, T, H, G = gs.shape
     D = dvs[0].shape[-1]
     if len(dvs) != L or len({d.dtype for d in dvs}) != 1:
@@ -545,16 +578,16 @@ def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor,
     N, chunk = B * T, 64
     if slots <= BANK_TILE_MAX_SLOTS:
         _bank_tile_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, gs.stride(0), L=L, G=G,
-                                            M=slots, D=D)  # fmt: skip
+                                            M=slots, D=D, LOGITS=logits)  # fmt: skip
         return out
     _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), L=L, G=G,
-                                                  M=slots, M_PAD=_pad(slots), D=D, CHUNK=chunk,
-                                                  num_warps=4)  # fmt: skip
+                                                  M=slots, M_PAD=_pad(slots), D=D, LOGITS=logits,
+                                                  CHUNK=chunk, num_warps=4)  # fmt: skip
     return out
 
 
 @bank_rows_grad.register_fake
-def _(gs, dvs, ids, num_rows, slots, sid=None, order=None):
+def _(gs, dvs, ids, num_rows, slots, sid=None, order=None, logits=False):
     H, D = dvs[0].shape[-2:]
     return torch.empty(num_rows, slots, H, D, dtype=torch.float32, device=dvs[0].device)
 

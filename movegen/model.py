@@ -328,7 +328,7 @@ class Attention(nn.Module):
         )
 
     def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None,
-                  proj: torch.Tensor | None = None, fused: bool = False):  # fmt: skip
+                  proj: torch.Tensor | None = None, fused: bool = False, gate_logits: bool = False):  # fmt: skip
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
         ``memh``: the gathered bank ``(B, S, H, M, D)`` (MoVE). ``taps`` (training with MoVE)
         route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
@@ -336,7 +336,8 @@ class Attention(nn.Module):
         ``proj``: the QKV (and router) projections of ``x`` already computed as one product
         ``(B, S, 3d [+ H*G])`` (decoding fuses the two weights: :class:`KVCache`). ``fused``: the
         split of the QKV product and RoPE as one Triton kernel each way where the kernels run
-        (:func:`kernels.split_rope`)."""
+        (:func:`kernels.split_rope`). ``gate_logits`` (MoVE with taps made for it): the router's
+        logits go to the mix kernels, which form the gates ``2 * sigmoid`` themselves."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if proj is None:
@@ -357,7 +358,9 @@ class Attention(nn.Module):
             q, k, v = kernels.split_rope(qkv, cos[:S], sin[:S])
         else:
             q, k, v = qkv.unbind(2)  # each (B, S, H, D)
-        if self.has_memory:
+        if self.has_memory and gate_logits and self.table is None and taps is not None:
+            v = mix_tapped(v, logits.view(B, S, H, -1), memh, taps, self.gated, logits=True)
+        elif self.has_memory:
             gates = gates_from_logits(logits, H)  # (B, S, H, G)
             if self.training and self.cfg.memory_dropout > 0:
                 gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
@@ -371,12 +374,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True,
-                fused: bool = False, router: bool = False, attn: bool = False) -> torch.Tensor:  # fmt: skip
+    def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True, fused: bool = False,
+                router: bool = False, attn: bool = False, gate_logits: bool = False) -> torch.Tensor:  # fmt: skip
         """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
         ``fused``: :meth:`mixed_qkv`'s. ``router``: a memory layer's QKV and router products as
         one product of the stacked weights (one read of ``x``, one input gradient). ``attn``:
-        the attention as :func:`kernels.attention` (without attention dropout, where it runs)."""
+        the attention as :func:`kernels.attention` (without attention dropout, where it runs).
+        ``gate_logits``: :meth:`mixed_qkv`'s."""
         proj = None
         if router and self.has_memory:
             w = torch.cat([self.qkv.weight, self.router.weight])
@@ -384,7 +388,8 @@ class Attention(nn.Module):
             # (2,388 for MoVE-x1, 2,604 for x4) is otherwise not 16-byte aligned, which Hopper's
             # GEMM kernels (TMA) need; 8 is the least padding that aligns them
             proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
-        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused)
+        q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused,
+                                 gate_logits=gate_logits)  # fmt: skip
         p = self.cfg.attn_dropout if self.training else 0.0
         if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):
             y = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -467,11 +472,13 @@ class Block(nn.Module):
         the norm after it are one step (:func:`add_norm`), across block boundaries too.
         ``fused``: the ops run as Triton kernels (``"norm"``: those steps, ``"swiglu"``: the
         MLP's SiLU product, ``"rope"``: the QKV split and RoPE, ``"router"``: a memory layer's QKV
-        and router products as one, ``"attn"``: the causal attention; :attr:`GPT.fused_ops`)."""
+        and router products as one, ``"attn"``: the causal attention, ``"gates"``: the MoVE gates
+        formed inside the mix kernels; :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
-                      router="router" in fused, attn="attn" in fused)  # fmt: skip
+                      router="router" in fused, attn="attn" in fused,
+                      gate_logits="gates" in fused)  # fmt: skip
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -514,7 +521,9 @@ class GPT(nn.Module):
         # the elementwise steps run as Triton kernels where the kernels run: "norm" each dropout +
         # residual add + RMSNorm (kernels.residual_norm), "swiglu" the MLP's SiLU product
         # (kernels.silu_mul), "rope" the QKV split and RoPE (kernels.split_rope), "attn" the
-        # causal attention without attention dropout (kernels.attention); () gives the
+        # causal attention without attention dropout (kernels.attention), "gates" (off by default,
+        # not yet timed on a GPU: MoVE's gates 2 * sigmoid(router logits) formed inside the mix
+        # kernels, the logits' gradient returned by them); () gives the
         # PyTorch ops (the reference). Built, tested and off by default (benchmarks/RESULTS.md,
         # 2026-12-03 fifth section): "ce" (kernels.cross_entropy in `loss`; faster alone, but the
         # compiled GPT-B step with it did not finish on an H200, cause not found) and "router" (a
@@ -598,6 +607,8 @@ class GPT(nn.Module):
         # the bank, once per forward: gathered memh (B, T, H, M, D), or on the training path
         # with the Triton kernels (table, ids) read by id in each layer (move.py)
         mem, taps = None, [None] * cfg.n_layer
+        fused = self.fused_ops
+        gate_logits = False
         if self.bank is not None:
             n_gates = cfg.slots + int(cfg.gate_standard_path)
             if (
@@ -605,11 +616,19 @@ class GPT(nn.Module):
                 and torch.is_grad_enabled()
                 and self.bank.weight.requires_grad
             ):
-                mem, taps = self.bank.tapped(ids, cfg.n_layer, n_gates)
+                # "gates": the routers' logits to the kernels, where they run and no memory
+                # dropout needs the gates first
+                gate_logits = (
+                    "gates" in fused
+                    and self.bank.takes_logits()
+                    and not (self.training and cfg.memory_dropout > 0)
+                )
+                mem, taps = self.bank.tapped(ids, cfg.n_layer, n_gates, logits=gate_logits)
             else:
                 mem = self.bank.gather(ids)
+        if "gates" in fused and not gate_logits:
+            fused = tuple(f for f in fused if f != "gates")
         cos, sin = self.rope_cos, self.rope_sin
-        fused = self.fused_ops
         # each block's MLP output (y) and its dropout rate (p): the dropout and residual add are
         # the next norm's step
         y, p = None, 0.0

@@ -131,7 +131,7 @@ class _BankTaps(torch.autograd.Function):
     ``mem`` from the taps' gradients: ``d memh = sum_l g_l (x) dv_l``, or its rows summed by id."""
 
     @staticmethod
-    def forward(ctx, mem, ids, n_layers: int, n_gates: int, dtype=None, groups=None):
+    def forward(ctx, mem, ids, n_layers: int, n_gates: int, dtype=None, groups=None, logits=False):
         if ids is None:
             B, T, H, M, D = mem.shape
         else:  # the table is cast here, so its gradient goes to the weight in fp32 directly
@@ -141,6 +141,7 @@ class _BankTaps(torch.autograd.Function):
             ctx.num_rows = V
             mem = mem.to(dtype or mem.dtype)
         ctx.table, ctx.off, ctx.slots, ctx.dtype = ids is not None, n_gates - M, M, mem.dtype
+        ctx.logits = logits
         ctx.set_materialize_grads(False)  # no bank-sized zero gradient for the unused mem output
         zero = mem.new_zeros(())
         taps = []
@@ -154,36 +155,41 @@ class _BankTaps(torch.autograd.Function):
         gs = [g for g in grads[0::2] if g is not None]
         dvs = [d for d in grads[1::2] if d is not None]
         if not gs:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if ctx.table:  # Triton: all layers and all tokens of an id summed into its row, fp32
             ids, *sorted_ids = ctx.saved_tensors
             gs, dvs = torch.stack(gs), [d.to(ctx.dtype) for d in dvs]  # dvs: read in place
+            sid, order = sorted_ids or (None, None)
             rows = torch.ops.movegen.bank_rows_grad(
-                gs, dvs, ids, ctx.num_rows, ctx.slots, *sorted_ids
+                gs, dvs, ids, ctx.num_rows, ctx.slots, sid, order, ctx.logits
             )  # (V, M, H, D)
-            return rows, None, None, None, None, None
+            return rows, None, None, None, None, None, None
         G = torch.stack([g[..., off:] for g in gs], dim=-1)  # (B, T, H, M, L)
         DV = torch.stack(dvs, dim=-2).to(G.dtype)  # (B, T, H, L, D)
         if torch.compiler.is_compiling():  # fused: sum over L of g (x) dv, written once
             grad = (G.unsqueeze(-1) * DV.unsqueeze(-3)).sum(-2)
         else:
             grad = torch.matmul(G, DV)  # (B, T, H, M, D): one product over the L layers
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 class _Mix(torch.autograd.Function):
     """One layer's mix; the bank gradient leaves through the taps (see ``_BankTaps``). ``mem`` is
     the detached ``table (V, M, H, D)`` read at ``ids`` by the kernels, or ``memh`` (ids None);
-    ``groups`` (``kernels.id_groups`` of the ids, or None) selects the kernels grouped by id."""
+    ``groups`` (``kernels.id_groups`` of the ids, or None) selects the kernels grouped by id.
+    ``logits`` (kernels only): ``gates`` are the router's logits, made gates inside the kernels,
+    and their gradient is the logits'."""
 
     @staticmethod
-    def forward(ctx, v, gates, mem, ids, groups, tap_g, tap_v, gated: bool):
-        ctx.gated, ctx.grouped = gated, groups is not None
+    def forward(ctx, v, gates, mem, ids, groups, tap_g, tap_v, gated: bool, logits: bool = False):
+        if logits and ids is None:
+            raise ValueError("router logits in place of gates need the Triton kernels' table path")
+        ctx.gated, ctx.grouped, ctx.logits = gated, groups is not None, logits
         ctx.save_for_backward(v, gates, mem, ids, *(groups or ()))
         if groups is not None:
-            return torch.ops.movegen.gmix_fwd(v, gates, mem, *groups, gated)
+            return torch.ops.movegen.gmix_fwd(v, gates, mem, *groups, gated, logits)
         if ids is not None:
-            return torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated)
+            return torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated, logits)
         return mix(v, gates, mem, gated)
 
     @staticmethod
@@ -191,11 +197,13 @@ class _Mix(torch.autograd.Function):
         v, gates, mem, ids, *groups = ctx.saved_tensors
         gated = ctx.gated
         if ctx.grouped:
-            d_v, d_gates = torch.ops.movegen.gmix_bwd(dout, v, gates, mem, *groups, gated)
-            return d_v, d_gates, None, None, None, gates.detach(), dout, None
+            d_v, d_gates = torch.ops.movegen.gmix_bwd(
+                dout, v, gates, mem, *groups, gated, ctx.logits
+            )
+            return d_v, d_gates, None, None, None, gates.detach(), dout, None, None
         if ids is not None:
-            d_v, d_gates = torch.ops.movegen.mix_bwd(dout, v, gates, mem, ids, gated)
-            return d_v, d_gates, None, None, None, gates.detach(), dout, None
+            d_v, d_gates = torch.ops.movegen.mix_bwd(dout, v, gates, mem, ids, gated, ctx.logits)
+            return d_v, d_gates, None, None, None, gates.detach(), dout, None, None
         # gate gradients of the slots: <dout, memh_i> per (b, t, h); the one unavoidable re-read
         if torch.compiler.is_compiling():
             d_gs = (mem * dout.to(mem.dtype).unsqueeze(-2)).sum(-1)  # (B, T, H, M)
@@ -211,30 +219,34 @@ class _Mix(torch.autograd.Function):
             d_gates = d_gs.to(gates.dtype)
             d_v = dout.to(v.dtype)
         # the taps carry g (value, not gradient) and dout to _BankTaps.backward
-        return d_v, d_gates, None, None, None, gates.detach(), dout, None
+        return d_v, d_gates, None, None, None, gates.detach(), dout, None, None
 
 
 def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None,
-              dtype: torch.dtype | None = None, grouped: bool = False) -> tuple:  # fmt: skip
+              dtype: torch.dtype | None = None, grouped: bool = False, logits: bool = False) -> tuple:  # fmt: skip
     """Split the memory into what every layer reads plus per-layer taps ``[(tap_g, tap_v), ...]``.
     ``mem``: the gathered ``memh (B, T, H, M, D)``, or, with ``ids (B, T)`` (Triton kernels only),
     the ``table (V, M, H, D)`` they index, cast to ``dtype``; the layers then read ``(table cast
     and detached, ids, groups)`` and the table's gradient comes back in its own dtype. With
     ``grouped`` the ids are sorted once here (``kernels.id_groups``) and every layer runs the
-    kernels that take the tokens in id order (a repeated bank row fetched about once per tile)."""
+    kernels that take the tokens in id order (a repeated bank row fetched about once per tile).
+    ``logits`` (with ``ids``): every layer's mix gets its router's logits in place of the gates
+    (:func:`mix_tapped`), and the taps carry them to the bank gradient."""
     groups = kernels.id_groups(ids) if grouped and ids is not None else None
-    out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype, groups)
+    out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype, groups, logits)
     taps = [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
     if ids is None:
         return out[0], taps
     return (out[0], ids, groups), taps
 
 
-def mix_tapped(v, gates, mem, taps, gate_standard_path: bool) -> torch.Tensor:
+def mix_tapped(v, gates, mem, taps, gate_standard_path: bool, logits: bool = False) -> torch.Tensor:
     """The mix for training: same values as :func:`mix`, bank gradient deferred to the taps.
-    ``mem``: what :func:`bank_taps` handed out, ``memh`` or ``(table, ids, groups)``."""
+    ``mem``: what :func:`bank_taps` handed out, ``memh`` or ``(table, ids, groups)``. ``logits``:
+    ``gates`` are the router's logits ``(B, T, H, G)``, the gates ``2 * sigmoid`` of them formed
+    inside the kernels (``(table, ids, groups)`` only; the taps made with ``logits`` too)."""
     table, ids, groups = mem if isinstance(mem, tuple) else (mem, None, None)
-    return _Mix.apply(v, gates, table, ids, groups, taps[0], taps[1], gate_standard_path)
+    return _Mix.apply(v, gates, table, ids, groups, taps[0], taps[1], gate_standard_path, logits)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -274,11 +286,12 @@ class MoVEBank(nn.Module):
             dtype = torch.get_autocast_dtype(ids.device.type)
         return dtype or self.weight.dtype
 
-    def tapped(self, ids: torch.Tensor, n_layers: int, n_gates: int) -> tuple:
+    def tapped(self, ids: torch.Tensor, n_layers: int, n_gates: int, logits: bool = False) -> tuple:
         """The training path (deferred bank gradient, see :func:`bank_taps`): the memory every
         layer reads and the per-layer taps. With the Triton kernels the memory is the bank cast
         once to the compute dtype, ``(V, M, H, D)``, with ``ids (B, T)`` -- nothing is gathered;
-        else the gathered ``memh``."""
+        else the gathered ``memh``. ``logits``: the layers pass their router's logits in place of
+        the gates (the Triton kernels only: :meth:`takes_logits`)."""
         V, M, d = self.weight.shape
         H = self.n_heads
         if kernels.usable(self.weight.device, d // H):
@@ -286,8 +299,14 @@ class MoVEBank(nn.Module):
             grouped = self.group_by_id
             if grouped is None:
                 grouped = kernels.group_pays(ids.numel(), M)
-            return bank_taps(table, n_layers, n_gates, ids, self._dtype(ids, None), grouped)
+            return bank_taps(table, n_layers, n_gates, ids, self._dtype(ids, None), grouped, logits)
+        if logits:
+            raise ValueError("router logits in place of gates need the Triton kernels")
         return bank_taps(self.gather(ids), n_layers, n_gates)
+
+    def takes_logits(self) -> bool:
+        """Whether :meth:`tapped` can take the routers' logits: the Triton kernels run here."""
+        return kernels.usable(self.weight.device, self.dim // self.n_heads)
 
     def gather(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``ids (B, T)`` -> ``memh (B, T, H, M, D)``, head-major, in ``dtype`` (default: the

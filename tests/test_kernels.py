@@ -1,5 +1,7 @@
 """The Triton kernels of the MoVE mix, run on the CPU by Triton's interpreter."""
 
+import itertools
+
 import pytest
 
 pytest.importorskip("triton")
@@ -79,8 +81,9 @@ def test_residual_norm_on_gpu():
 
     codes = torch.randint(512, (8, 64), device="cuda")
     labels = torch.randint(10, (8,), device="cuda")
-    # the standard model, and MoVE (x4: 4 slots of 2 layers) with the QKV and router stacked
-    for memory, ops in (({}, ()), ({"memory": "move", "memory_density": 4}, ("router",))):
+    # the standard model, and MoVE (x4: 4 slots of 2 layers) with the QKV and router stacked and
+    # the gates formed in the mix kernels
+    for memory, ops in (({}, ()), ({"memory": "move", "memory_density": 4}, ("router", "gates"))):
         cfg = GPTConfig.preset("tiny", vocab_size=512, num_classes=10, seq_len=64, n_embd=768,
                                n_head=12, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
                                class_dropout=0.0, **memory)  # fmt: skip
@@ -212,7 +215,8 @@ def test_attention_kernels_compile_for_hopper():
 def test_bank_kernels_compile_for_hopper():
     """Both bank-gradient kernels take the L layers' value gradients as a tuple of L pointers
     (no stacked copy); that argument goes through Triton's whole compiler for an sm_90 target
-    here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the token walk)."""
+    here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the token walk),
+    reading gates or the routers' logits."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -224,8 +228,8 @@ def test_bank_kernels_compile_for_hopper():
     L = 12
     cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
              (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64})]  # fmt: skip
-    for kern, consts in cases:
-        consts = {"L": L, "D": 64, **consts}
+    for (kern, consts), logits in itertools.product(cases, (False, True)):
+        consts = {"L": L, "D": 64, "LOGITS": logits, **consts}
         jit = kern.fn if isinstance(kern, triton.runtime.Autotuner) else kern
         types = {"dvs": ("*bf16",) * L, "g_ptr": "*bf16", "out_ptr": "*fp32"}
         sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.endswith("_ptr") else "i32")

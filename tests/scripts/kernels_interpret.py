@@ -76,6 +76,25 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
         assert sort.call_count == 1, sort.call_count
         worst = max(worst, *(diff(a, b) for a, b in zip(grads, g_ref)))
 
+    # the routers' logits in place of the gates: the kernels form 2 * sigmoid and hand back the
+    # logits' gradient (the bank gradient reads the logits too)
+    lgs = [torch.logit(g / 2) for g in gts]
+    leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *lgs)]
+    refs = reference(
+        leaves[0], ids, leaves[1 : L + 1], [2 * torch.sigmoid(x) for x in leaves[L + 1 :]], gated
+    )
+    g_ref = torch.autograd.grad(refs, leaves, douts)
+    for idx, grouped, tile_max in [cases[0], cases[2]] + cases[3:]:
+        leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *lgs)]
+        with mock.patch.object(kernels, "BANK_TILE_MAX_SLOTS", tile_max):
+            mem, taps = bank_taps(
+                leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped, logits=True
+            )
+            outs = [mix_tapped(v[:, :, 2], x, mem, tp, gated, logits=True) for v, x, tp in zip(leaves[1 : L + 1], leaves[L + 1 :], taps)]  # fmt: skip
+            worst = max(worst, *(diff(a, b) for a, b in zip(outs, refs)))
+            grads = torch.autograd.grad(outs, leaves, douts)
+        worst = max(worst, *(diff(a, b) for a, b in zip(grads, g_ref)))
+
 # the whole model: kernels + deferred bank gradient against plain autograd, eager and compiled
 cfg = GPTConfig.preset(
     "tiny", vocab_size=32, num_classes=4, seq_len=9, memory="move", memory_density=2
@@ -90,11 +109,17 @@ assert isinstance(model.bank.tapped(model.input_ids(codes, labels), 2, cfg.slots
 
 res = []
 compiled = torch.compile(model, fullgraph=True)
-for deferred, grouped, fn in ((True, False, model), (True, False, compiled), (True, True, model),
-                              (True, True, compiled), (False, False, model)):  # fmt: skip
+ops = model.fused_ops
+# the last run, plain autograd through every mix, is the reference ("gates": the logits to the
+# kernels; dropped by the model where it cannot apply, as in that last run)
+for deferred, grouped, fn, gates in ((True, False, model, False), (True, False, compiled, False),
+                                     (True, True, model, False), (True, True, compiled, False),
+                                     (True, False, model, True), (True, True, compiled, True),
+                                     (False, False, model, True)):  # fmt: skip
     model.zero_grad()
     model.deferred_bank_grad = deferred
     model.bank.group_by_id = grouped
+    model.fused_ops = ops + ("gates",) * gates
     out = fn(codes, labels)
     out.square().mean().backward()
     res.append((out.detach(), [p.grad.clone() for p in model.parameters()]))

@@ -106,8 +106,9 @@ worst = max(worst, (o - ref.transpose(1, 2)).abs().max().item(), (dqkv - dref).a
 settings = dict(vocab_size=64, num_classes=10, seq_len=16, resid_dropout=0.0, ffn_dropout=0.0,
                 token_dropout=0.0, class_dropout=0.0)  # fmt: skip
 codes, labels = torch.randint(64, (3, 16)), torch.tensor([1, 5, 9])
-# the standard model, and MoVE with the QKV and router products stacked ("router")
-for memory, ops in (("none", ()), ("move", ("router",))):
+# the standard model, and MoVE with the QKV and router products stacked ("router") and the gates
+# formed in the mix kernels ("gates")
+for memory, ops in (("none", ()), ("move", ("router", "gates"))):
     model = GPT(GPTConfig.preset("tiny", memory=memory, **settings)).train()
     for prm in model.parameters():
         torch.nn.init.normal_(prm, std=0.1)
