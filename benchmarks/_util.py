@@ -41,6 +41,39 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
     return GPTConfig(**fields)
 
 
+ARM_OPTIONS = ("grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "noattn",
+               "noce", "norouter", "ce", "router", "attn", "gates")  # fmt: skip
+"""What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
+
+
+def arm_options(arm: str) -> tuple[str, set[str]]:
+    """``ARM@opt+opt`` -> (ARM, {opt, ...}), refusing unknown options and grouped with token.
+    The options: grouped / token (the MoVE kernels' form); unfused (the model's elementwise steps
+    as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of them as PyTorch ops: nonorm
+    (dropout + residual + RMSNorm), noswiglu (SiLU product), norope (QKV split + RoPE), noattn
+    (SDPA in place of the Triton attention); ce and router add the fused cross-entropy and the
+    stacked QKV + router product, gates MoVE's gates formed in the mix kernels (all three off by
+    default; noce / norouter remove them where a default has them)."""
+    name, _, rest = arm.partition("@")
+    opts = set(rest.split("+")) - {""}
+    if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
+        raise ValueError(f"{arm}: after @ come grouped or token and "
+                         f"{sorted(set(ARM_OPTIONS) - {'grouped', 'token'})}, joined by +")  # fmt: skip
+    return name, opts
+
+
+def apply_arm_options(model, opts: set[str]) -> None:
+    """Set ``model.fused_ops`` and the MoVE kernels' form as :func:`arm_options`' ``opts`` say."""
+    if "unfused" in opts:
+        model.fused_ops = ()
+    model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
+    model.fused_ops += tuple(
+        o for o in ("ce", "router", "attn", "gates") if o in opts and o not in model.fused_ops
+    )
+    if opts & {"grouped", "token"} and model.bank is not None:
+        model.bank.group_by_id = "grouped" in opts
+
+
 def random_codes(
     shape: tuple[int, ...], K: int, dist: str, *, generator: torch.Generator, zipf_s: float = 1.0
 ) -> torch.Tensor:

@@ -21,27 +21,19 @@ from movegen.lit import optimizer_groups
 from movegen.model import GPT
 from movegen.sample import CompiledStep, SamplingSettings, generate
 
-from ._util import arm_config, kernel_times, profile_table
+from ._util import apply_arm_options, arm_config, arm_options, kernel_times, profile_table
 
 
 def build(arm: str, a, dev: torch.device):
     """The model of ``arm`` and one unit of work: a compiled training step (fused AdamW, clip
     1.0) or, with ``--sampling``, one batch sampled with CFG 2."""
-    name, _, opts = arm.partition("@")
-    opts = set(opts.split("+")) - {""}
+    name, opts = arm_options(arm)  # ARM@opt+opt as in train_step
     cfg = arm_config(name, a.smoke)
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
     if a.ops is not None:
         model.fused_ops = tuple(o for o in a.ops.split(",") if o)
-    for o in opts:  # ARM@op adds a fused op, ARM@noop removes one (as in train_step)
-        if o.startswith("no"):
-            model.fused_ops = tuple(f for f in model.fused_ops if f != o[2:])
-        elif o in ("grouped", "token"):
-            if model.bank is not None:
-                model.bank.group_by_id = o == "grouped"
-        elif o not in model.fused_ops:
-            model.fused_ops += (o,)
+    apply_arm_options(model, opts)
     codes = torch.randint(1, cfg.vocab_size, (a.batch, cfg.seq_len), device=dev)
     labels = torch.randint(0, cfg.num_classes, (a.batch,), device=dev)
     if a.sampling:

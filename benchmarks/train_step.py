@@ -17,7 +17,9 @@ from movegen.lit import optimizer_groups
 from movegen.model import GPT, cost_report
 
 from ._util import (
+    apply_arm_options,
     arm_config,
+    arm_options,
     device_name,
     json_line,
     matmul_peak_tflops,
@@ -32,45 +34,11 @@ from ._util import (
 def bench(
     arm: str, batch: int, compiled: bool, args, device, peak: float, dist: str = "uniform"
 ) -> dict:
-    # options after @, joined by +: grouped / token (the MoVE kernels' form); unfused (the
-    # model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of
-    # them as PyTorch ops: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU product),
-    # norope (QKV split + RoPE); ce and router add the fused cross-entropy and the stacked
-    # QKV + router product (off by default; noce / norouter remove them where a default has
-    # them); gates: MoVE's gates formed in the mix kernels (off by default); noattn: SDPA in
-    # place of the Triton attention
-    name, _, opts = arm.partition("@")
-    opts = set(opts.split("+")) - {""}
-    known = {
-        "grouped",
-        "token",
-        "unfused",
-        "nonorm",
-        "noswiglu",
-        "norope",
-        "ce",
-        "router",
-        "attn",
-        "noattn",
-        "norouter",
-        "noce",
-        "gates",
-    }
-    if not opts <= known or {"grouped", "token"} <= opts:
-        raise ValueError(
-            f"{arm}: after @ come grouped or token and {sorted(known - {'grouped', 'token'})}, joined by +"
-        )
+    name, opts = arm_options(arm)  # ARM@opt+opt: see arm_options
     cfg = arm_config(name, args.smoke)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
-    if "unfused" in opts:
-        model.fused_ops = ()
-    model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
-    model.fused_ops += tuple(
-        o for o in ("ce", "router", "attn", "gates") if o in opts and o not in model.fused_ops
-    )
-    if opts & {"grouped", "token"} and model.bank is not None:
-        model.bank.group_by_id = "grouped" in opts
+    apply_arm_options(model, opts)
     opt = torch.optim.AdamW(
         optimizer_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
     )

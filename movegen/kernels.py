@@ -352,8 +352,8 @@ if HAVE_TRITON:
             mm = m < M
             acc = tl.zeros((BLOCK_T, MB, D), dtype=tl.float32)
             gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
+            gm = im[:, None] & mm[None, :]
             for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
-                gm = im[:, None] & mm[None, :]
                 g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
                 dv = tl.load(dvs[l] + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
                 acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
