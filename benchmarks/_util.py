@@ -42,7 +42,7 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
 
 
 ARM_OPTIONS = ("grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "noattn",
-               "noce", "norouter", "ce", "router", "attn", "gates")  # fmt: skip
+               "noce", "norouter", "ce", "router", "attn", "gates", "emb")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -53,7 +53,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     (dropout + residual + RMSNorm), noswiglu (SiLU product), norope (QKV split + RoPE), noattn
     (SDPA in place of the Triton attention); ce and router add the fused cross-entropy and the
     stacked QKV + router product, gates MoVE's gates formed in the mix kernels (all three off by
-    default; noce / norouter remove them where a default has them)."""
+    default; noce / norouter remove them where a default has them); emb the token embedding's
+    sort-based backward (off by default)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
@@ -68,7 +69,7 @@ def apply_arm_options(model, opts: set[str]) -> None:
         model.fused_ops = ()
     model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
     model.fused_ops += tuple(
-        o for o in ("ce", "router", "attn", "gates") if o in opts and o not in model.fused_ops
+        o for o in ("ce", "router", "attn", "gates", "emb") if o in opts and o not in model.fused_ops
     )
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts

@@ -59,6 +59,13 @@ def available(t: torch.Tensor) -> bool:
     return usable(t.device, t.shape[-1])
 
 
+def _autotune(configs, key, **kwargs):
+    """``triton.autotune`` whose choices are kept in Triton's cache directory (keyed by the
+    kernel's source, the GPU architecture and the tuning key), so a later process on the same
+    machine starts without autotuning again."""
+    return triton.autotune(configs, key, cache_results=True, **kwargs)
+
+
 def _pad(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
@@ -77,7 +84,7 @@ def _tuned(fn):
         configs = [triton.Config({"BLOCK_R": 4}, num_warps=4)]
     else:
         configs = [triton.Config({"BLOCK_R": 2**k}, num_warps=w) for k in range(11) for w in (4, 8)]
-    return triton.autotune(
+    return _autotune(
         configs, key=["M", "D", "G"], prune_configs_by={"early_config_prune": _prune}
     )(fn)
 
@@ -398,14 +405,14 @@ def _lane_prune(limit: int):
 
 
 if HAVE_TRITON:
-    _lmix_fwd_kernel = triton.autotune(_lane_configs(), key=["M", "D", "G"],
+    _lmix_fwd_kernel = _autotune(_lane_configs(), key=["M", "D", "G"],
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_fwd_kernel)  # fmt: skip
-    _lmix_bwd_kernel = triton.autotune(_lane_configs(), key=["M", "D", "G"],
+    _lmix_bwd_kernel = _autotune(_lane_configs(), key=["M", "D", "G"],
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_bwd_kernel)  # fmt: skip
     # the bank kernel adds into its output: every autotuning run starts from zeros
-    _bank_tile_kernel = triton.autotune(_lane_configs(), key=["M", "D", "G", "L"], reset_to_zero=["out_ptr"],
+    _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L"], reset_to_zero=["out_ptr"],
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
 
@@ -781,7 +788,7 @@ if HAVE_TRITON:
         r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_D))
         return r >= thr
 
-    @triton.autotune(_norm_configs(False), key=["D", "HAS_Y", "DROP"],
+    @_autotune(_norm_configs(False), key=["D", "HAS_Y", "DROP"],
                      prune_configs_by={"early_config_prune": _norm_prune})  # fmt: skip
     @triton.jit
     def _resnorm_fwd_kernel(x_ptr, y_ptr, w_ptr, seed_ptr, xo_ptr, n_ptr, rstd_ptr, bits_ptr, R, D, thr, scale,
@@ -816,7 +823,7 @@ if HAVE_TRITON:
         tl.store(n_ptr + offs, n.to(n_ptr.dtype.element_ty), mask=m)
         tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
-    @triton.autotune(_norm_configs(True), key=["D", "HAS_DXI", "HAS_Y", "DROP"],
+    @_autotune(_norm_configs(True), key=["D", "HAS_DXI", "HAS_Y", "DROP"],
                      prune_configs_by={"early_config_prune": _norm_prune},
                      reset_to_zero=["dw_ptr"])  # fmt: skip
     @triton.jit
@@ -1462,8 +1469,8 @@ if HAVE_TRITON:
                 for m, n, w in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 32, 4))
                 for s in (2, 3, 4)]  # fmt: skip
 
-    _attn_fwd_kernel = triton.autotune(_attn_configs(False), key=["S", "D"])(_attn_fwd_kernel)
-    _attn_bwd_kernel = triton.autotune(_attn_configs(True), key=["S", "D"])(_attn_bwd_kernel)
+    _attn_fwd_kernel = _autotune(_attn_configs(False), key=["S", "D"])(_attn_fwd_kernel)
+    _attn_bwd_kernel = _autotune(_attn_configs(True), key=["S", "D"])(_attn_bwd_kernel)
 
 
 def _bsh(t: torch.Tensor) -> tuple[int, int, int]:

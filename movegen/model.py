@@ -33,6 +33,7 @@ from .move import (
     MoVEBank,
     drop_memory_gates,
     gates_from_logits,
+    gather_rows,
     lave_layers,
     mix,
     mix_tapped,
@@ -566,7 +567,10 @@ class GPT(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         K = self.config.vocab_size
         is_cls = ids >= K
-        tok = self.tok_emb(ids.clamp(max=K - 1))
+        if "emb" in self.fused_ops:  # the sort-based backward (move.gather_rows)
+            tok = gather_rows(self.tok_emb.weight, ids.clamp(max=K - 1))
+        else:
+            tok = self.tok_emb(ids.clamp(max=K - 1))
         cls = self.cls_emb((ids - K).clamp(min=0))
         return self.tok_drop(torch.where(is_cls[..., None], cls, tok))
 

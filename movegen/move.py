@@ -265,6 +265,12 @@ class _GatherRows(torch.autograd.Function):
         return torch.ops.movegen.rows_grad(grad, ids, ctx.num_rows), None
 
 
+def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``F.embedding(ids, weight)`` whose backward sums the rows of repeated ids with PyTorch's
+    sort-based kernel instead of a scatter of atomic adds."""
+    return _GatherRows.apply(weight, ids)
+
+
 class MoVEBank(nn.Module):
     """The global bank ``E (V, M, d)``, shared by all layers."""
 

@@ -476,3 +476,22 @@ def test_stacked_router_product_matches_two_products(memory):
     assert len(res[0]) == len(res[1])
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sort_based_token_embedding_matches_embedding():
+    """``"emb"`` in ``GPT.fused_ops``: the token embedding's gradient summed by a sort
+    (``move.gather_rows``) equals ``nn.Embedding``'s, repeated codes included; the class rows,
+    looked up in the same input, keep theirs."""
+    model = randomize(GPT(tiny("none", resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
+                               class_dropout=0.0)))  # fmt: skip
+    codes = torch.randint(4, (3, T))  # few distinct codes: many repeats
+    labels = torch.tensor([0, 1, 1])
+    res = []
+    for ops in ((), ("emb",)):
+        model.fused_ops = ops
+        model.zero_grad()
+        model.loss(codes, labels).backward()
+        res.append((model.tok_emb.weight.grad.clone(), model.cls_emb.weight.grad.clone()))
+    assert res[0][0][:4].abs().sum() > 0 and res[0][0][4:].abs().sum() == 0
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
