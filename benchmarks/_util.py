@@ -69,7 +69,9 @@ def apply_arm_options(model, opts: set[str]) -> None:
         model.fused_ops = ()
     model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
     model.fused_ops += tuple(
-        o for o in ("ce", "router", "attn", "gates", "emb") if o in opts and o not in model.fused_ops
+        o
+        for o in ("ce", "router", "attn", "gates", "emb")
+        if o in opts and o not in model.fused_ops
     )
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts

@@ -84,9 +84,9 @@ def _tuned(fn):
         configs = [triton.Config({"BLOCK_R": 4}, num_warps=4)]
     else:
         configs = [triton.Config({"BLOCK_R": 2**k}, num_warps=w) for k in range(11) for w in (4, 8)]
-    return _autotune(
-        configs, key=["M", "D", "G"], prune_configs_by={"early_config_prune": _prune}
-    )(fn)
+    return _autotune(configs, key=["M", "D", "G"], prune_configs_by={"early_config_prune": _prune})(
+        fn
+    )
 
 
 if HAVE_TRITON:
