@@ -42,7 +42,7 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
 
 
 ARM_OPTIONS = ("grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "noattn",
-               "noce", "norouter", "ce", "router", "attn", "gates", "emb")  # fmt: skip
+               "noce", "norouter", "ce", "router", "attn", "gates", "emb", "noclipfold")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -54,7 +54,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     (SDPA in place of the Triton attention); ce and router add the fused cross-entropy and the
     stacked QKV + router product, gates MoVE's gates formed in the mix kernels (all three off by
     default; noce / norouter remove them where a default has them); emb the token embedding's
-    sort-based backward (off by default)."""
+    sort-based backward (off by default); noclipfold the clip as a pass of its own
+    (``clip_grad_norm_``) rather than inside the fused AdamW step (train_step)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:

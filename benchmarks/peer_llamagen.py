@@ -75,7 +75,8 @@ def llamagen_train(
         "ids": "uniform",
     }
     row.update(train_step.time_training(loss_fn, model, opt, train_step.random_batches(batch, T, K, C, device),
-                                        flops_per_token=flops_per_token, args=args, device=device, peak=peak))  # fmt: skip
+                                        flops_per_token=flops_per_token, args=args, device=device, peak=peak,
+                                        fold_clip=False))  # fmt: skip
     return row
 
 

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from movegen.lit import optimizer_groups
+from movegen.lit import clip_grad_norm_for_step, optimizer_groups
 from movegen.model import GPT
 from movegen.sample import CompiledStep, SamplingSettings, generate
 
@@ -57,7 +57,7 @@ def build(arm: str, a, dev: torch.device):
 
     def work():
         fn(codes, labels).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        clip_grad_norm_for_step(model.parameters(), opt, 1.0)  # as movegen's training clips
         opt.step()
         opt.zero_grad(set_to_none=True)
 

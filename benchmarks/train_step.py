@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from movegen.lit import optimizer_groups
+from movegen.lit import clip_grad_norm_for_step, optimizer_groups
 from movegen.model import GPT, cost_report
 
 from ._util import (
@@ -52,7 +52,7 @@ def bench(
     rep = cost_report(cfg)
     row = {"arm": arm, "batch": batch, "mode": "compiled" if compiled else "eager", "ids": dist}
     row.update(time_training(fn, model, opt, batches, flops_per_token=rep["flops_per_token"], args=args,
-                             device=device, peak=peak))  # fmt: skip
+                             device=device, peak=peak, fold_clip="noclipfold" not in opts))  # fmt: skip
     if row["ms"] != "OOM":
         row["params_memory"] = rep["params_memory"]
     return row
@@ -69,18 +69,32 @@ def random_batches(
 
 
 def time_training(
-    loss_fn, model, opt, batches, *, flops_per_token: float, args, device, peak: float
+    loss_fn,
+    model,
+    opt,
+    batches,
+    *,
+    flops_per_token: float,
+    args,
+    device,
+    peak: float,
+    fold_clip: bool = True,
 ) -> dict:
     """The protocol's step (``loss_fn(codes, labels)``, backward, clip 1.0, ``opt`` step) over
     ``batches`` in turn, timed after ``args.warmup`` steps: ms (median), tokens/s, MFU against
-    ``peak``, peak memory, spread; ``{"ms": "OOM"}`` when it does not fit."""
+    ``peak``, peak memory, spread; ``{"ms": "OOM"}`` when it does not fit. ``fold_clip``: the clip
+    as movegen's training applies it (``lit.clip_grad_norm_for_step``: inside a fused AdamW's
+    step), else ``clip_grad_norm_`` in place (LlamaGen's step)."""
     it = iter(range(10**9))
 
     def step():
         codes, labels = batches[next(it) % len(batches)]
         loss = loss_fn(codes, labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        if fold_clip:
+            clip_grad_norm_for_step(model.parameters(), opt, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -217,6 +217,43 @@ NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
 MEMORY_MODULES: tuple[type[nn.Module], ...] = (MoVEBank, LaVETable)
 
 
+def clip_grad_norm_for_step(
+    params, optimizer: torch.optim.Optimizer, max_norm: float
+) -> torch.Tensor:
+    """Clip the gradients of ``params`` to a total norm of ``max_norm`` for ``optimizer``'s next
+    step (``torch.nn.utils.clip_grad_norm_``'s coefficient) and return the norm before clipping.
+    For a fused Adam or AdamW holding every one of these gradients, the coefficient goes to the
+    step itself (its ``grad_scale``, by which the fused kernel divides each gradient as it reads
+    it, the hook GradScaler uses), so the gradients are not rewritten in a pass of their own:
+    ``.grad`` stays unclipped, and the step updates the weights as from the clipped gradients.
+    The coefficient serves that one step only. Any other optimizer: clipped in place. Not for a
+    step under an fp16 GradScaler, which sets ``grad_scale`` itself (unscale and clip first)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if _folds_clip(optimizer, params):
+        optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
+        if not getattr(optimizer, "_movegen_clip_hook", False):
+            # the coefficient is dropped once the step has used it
+            optimizer.register_step_post_hook(lambda opt, *_: opt.__dict__.pop("grad_scale", None))
+            optimizer._movegen_clip_hook = True
+    else:
+        optimizer.__dict__.pop("grad_scale", None)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
+def _folds_clip(optimizer, params) -> bool:
+    """Whether ``optimizer`` is a fused Adam(W) that steps every one of ``params``."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    if not all(g.get("fused") for g in optimizer.param_groups):
+        return False
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return all(id(p) in held for p in params)
+
+
 def optimizer_groups(model: nn.Module, weight_decay: float, *, memory_lr_scale: float = 1.0,
                      memory_weight_decay: float = 0.0, lr: float | None = None) -> list[dict]:  # fmt: skip
     """AdamW groups ``[decay, no_decay]``: weight decay on ``nn.Linear`` weights only, never on
@@ -418,7 +455,8 @@ class LitGPT(L.LightningModule):
             # plugin refuses norm clipping; under 16-mixed it has unscaled the gradients by now.
             strategy.model.clip_grad_norm_(gradient_clip_val)
             return
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val, foreach=True)
+        # fused AdamW: the clip's coefficient applied inside the step (clip_grad_norm_for_step)
+        clip_grad_norm_for_step(self.model.parameters(), optimizer, gradient_clip_val)
 
     def configure_optimizers(self):
         # fused AdamW on GPU, except under fp16 loss scaling (its gradients must be unscaled first);

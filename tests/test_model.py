@@ -1,9 +1,11 @@
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn as nn
 
-from movegen.lit import optimizer_groups
+from movegen.lit import clip_grad_norm_for_step, optimizer_groups
 from movegen.model import GPT, GPTConfig, cost_report
 from movegen.move import gates_from_logits, lave_layers, mix, mix_reference, move_slots
 
@@ -495,3 +497,32 @@ def test_sort_based_token_embedding_matches_embedding():
     assert res[0][0][:4].abs().sum() > 0 and res[0][0][4:].abs().sum() == 0
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clip_inside_fused_adamw_step_matches_clipping_in_place(fused):
+    """``lit.clip_grad_norm_for_step``: with a fused AdamW the clip's coefficient goes into the
+    step (``grad_scale``), which then updates the weights as ``clip_grad_norm_`` + step does,
+    for norms above and below the limit, leaves ``.grad`` unclipped and serves one step only;
+    any other optimizer has its gradients clipped in place."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    net = copy.deepcopy(ref)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=fused)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=fused)
+    for scale in (0.01, 10.0, 0.01, 30.0):  # total norm below, above, below, above 1
+        x = torch.randn(32, 8) * scale
+        (ref(x) ** 2).mean().backward()
+        want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        (net(x) ** 2).mean().backward()
+        before = [p.grad.clone() for p in net.parameters()]
+        norm = clip_grad_norm_for_step(net.parameters(), opt, 1.0)
+        torch.testing.assert_close(norm, want)
+        clipped = [p.grad for p in ref.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(before if fused else clipped, [p.grad for p in net.parameters()]))  # fmt: skip
+        assert ("grad_scale" in opt.__dict__) == fused
+        opt_ref.step(), opt.step()
+        assert "grad_scale" not in opt.__dict__
+        opt_ref.zero_grad(), opt.zero_grad()
+        for a, b in zip(ref.parameters(), net.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
