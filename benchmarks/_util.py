@@ -42,7 +42,7 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
 
 
 ARM_OPTIONS = ("grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "noattn",
-               "noce", "norouter", "ce", "router", "attn", "gates", "emb", "noclipfold")  # fmt: skip
+               "noce", "norouter", "ce", "router", "attn", "gates", "emb", "noclipfold", "nodvstack")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -55,7 +55,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     stacked QKV + router product, gates MoVE's gates formed in the mix kernels (all three off by
     default; noce / norouter remove them where a default has them); emb the token embedding's
     sort-based backward (off by default); noclipfold the clip as a pass of its own
-    (``clip_grad_norm_``) rather than inside the fused AdamW step (train_step)."""
+    (``clip_grad_norm_``) rather than inside the fused AdamW step (train_step); nodvstack the MoVE
+    bank gradient reading each layer's value gradient in place (``MoVEBank.stack_dv`` False)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
@@ -76,6 +77,8 @@ def apply_arm_options(model, opts: set[str]) -> None:
     )
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts
+    if "nodvstack" in opts and model.bank is not None:
+        model.bank.stack_dv = False
 
 
 def random_codes(

@@ -215,9 +215,20 @@ if HAVE_TRITON:
         )
 
     @triton.jit
-    def _bank_rows_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, L: tl.constexpr,
+    def _layer_dv(dvs, l: tl.constexpr, s_dl, STACKED: tl.constexpr):
+        """Layer ``l``'s value gradient: its own tensor ``dvs[l]``, or with ``STACKED`` the
+        ``l``-th slice of the one stacked tensor ``dvs[0]`` (a 64-bit offset: past 2**31 at
+        large batches)."""
+        if STACKED:
+            ptr = dvs[0] + s_dl.to(tl.int64) * l
+        else:
+            ptr = dvs[l]
+        return ptr
+
+    @triton.jit
+    def _bank_rows_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
                           G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                          LOGITS: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+                          LOGITS: tl.constexpr, STACKED: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*CHUNK.. of head h; a run of equal ids sums in registers
         # and is added to its bank row once when the id changes (atomics only at run ends)
         c = tl.program_id(0)
@@ -242,7 +253,8 @@ if HAVE_TRITON:
             gp = g_ptr + row * G + (G - M) + m
             for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
                 g = tl.where(mm, _gate(tl.load(gp, mask=mm, other=0.0), LOGITS), 0.0)
-                acc += g[:, None] * tl.load(dvs[l] + row * D + d).to(tl.float32)[None, :]
+                dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + row * D + d)
+                acc += g[:, None] * dv.to(tl.float32)[None, :]
                 gp += s_gl
         tl.atomic_add(out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed")
 
@@ -335,9 +347,9 @@ if HAVE_TRITON:
         return f1 | f2, tl.where(f2 != 0, v2, v1 + v2)
 
     @triton.jit
-    def _bank_tile_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, L: tl.constexpr,
+    def _bank_tile_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
                           G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, LOGITS: tl.constexpr,
-                          MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+                          STACKED: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*BLOCK_T.. of head h, its slots MB at a time: every
         # lane's sum over layers of g (x) dv at once, then a segmented sum over runs of equal
         # ids in the lanes; each run's total is written from its last lane, by a plain store
@@ -362,7 +374,8 @@ if HAVE_TRITON:
             gm = im[:, None] & mm[None, :]
             for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
                 g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
-                dv = tl.load(dvs[l] + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
+                dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :],
+                             mask=im[:, None], other=0.0)  # fmt: skip
                 acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
                 gp += s_gl
             _, acc = tl.associative_scan((first, acc), 0, _seg_add)
@@ -412,7 +425,7 @@ if HAVE_TRITON:
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_bwd_kernel)  # fmt: skip
     # the bank kernel adds into its output: every autotuning run starts from zeros
-    _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L"], reset_to_zero=["out_ptr"],
+    _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L", "STACKED"], reset_to_zero=["out_ptr"],
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
 
@@ -566,30 +579,39 @@ def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor,
                    sid: torch.Tensor | None = None, order: torch.Tensor | None = None,
                    logits: bool = False) -> torch.Tensor:  # fmt: skip
     """The bank gradient in one pass: ``gs (L, B, T, H, G)`` gates, ``dvs``: the L layers' value
-    gradients ``(B, T, H, D)`` of one dtype, each read where it lies (a tuple of L pointers: no
-    stacked copy), ``ids (B, T)`` -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens
-    with id ``k`` and over layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order,
-    so a run of one id is summed in registers and added to its row once (fp32 atomics: the
-    order of the adds, and so the last bits, may vary between runs). ``sid, order``: the ids
-    sorted before (``id_groups``, as the grouped forward sorted them), else sorted here.
-    ``logits``: ``gs`` holds the router's logits (gates ``2 * sigmoid`` of them)."""
+    gradients, either as L tensors ``(B, T, H, D)`` of one dtype, each read where it lies (a
+    tuple of L pointers: no stacked copy), or as one stacked ``(L, B, T, H, D)``; ``ids (B, T)``
+    -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens with id ``k`` and over
+    layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order, so a run of one id is
+    summed in registers and added to its row once (fp32 atomics: the order of the adds, and so
+    the last bits, may vary between runs). ``sid, order``: the ids sorted before (``id_groups``,
+    as the grouped forward sorted them), else sorted here. ``logits``: ``gs`` holds the router's
+    logits (gates ``2 * sigmoid`` of them)."""
     L, B, T, H, G = gs.shape
     D = dvs[0].shape[-1]
-    if len(dvs) != L or len({d.dtype for d in dvs}) != 1:
-        raise ValueError(f"dvs: {L} value gradients of one dtype expected, got "
-                         f"{[d.dtype for d in dvs]}")  # fmt: skip
+    stacked = len(dvs) == 1 and dvs[0].dim() == 5
+    if (
+        stacked
+        and dvs[0].shape[0] != L
+        or not stacked
+        and len(dvs) != L
+        or len({d.dtype for d in dvs}) != 1
+    ):
+        raise ValueError(f"dvs: {L} value gradients of one dtype, or one stack of them, expected; got "
+                         f"{[(tuple(d.shape), d.dtype) for d in dvs]}")  # fmt: skip
     gs, dvs = gs.contiguous(), tuple(d.contiguous() for d in dvs)
+    s_dl = dvs[0].stride(0) if stacked else 0
     if sid is None or order is None:
         sid, order = torch.sort(ids.reshape(-1))
     out = torch.zeros(num_rows, slots, H, D, device=gs.device, dtype=torch.float32)
     N, chunk = B * T, 64
     if slots <= BANK_TILE_MAX_SLOTS:
-        _bank_tile_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, gs.stride(0), L=L, G=G,
-                                            M=slots, D=D, LOGITS=logits)  # fmt: skip
+        _bank_tile_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, gs.stride(0), s_dl, L=L, G=G,
+                                            M=slots, D=D, LOGITS=logits, STACKED=stacked)  # fmt: skip
         return out
-    _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), L=L, G=G,
-                                                  M=slots, M_PAD=_pad(slots), D=D, LOGITS=logits,
-                                                  CHUNK=chunk, num_warps=4)  # fmt: skip
+    _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), s_dl, L=L,
+                                                  G=G, M=slots, M_PAD=_pad(slots), D=D, LOGITS=logits,
+                                                  STACKED=stacked, CHUNK=chunk, num_warps=4)  # fmt: skip
     return out
 
 

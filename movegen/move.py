@@ -131,7 +131,8 @@ class _BankTaps(torch.autograd.Function):
     ``mem`` from the taps' gradients: ``d memh = sum_l g_l (x) dv_l``, or its rows summed by id."""
 
     @staticmethod
-    def forward(ctx, mem, ids, n_layers: int, n_gates: int, dtype=None, groups=None, logits=False):
+    def forward(ctx, mem, ids, n_layers: int, n_gates: int, dtype=None, groups=None, logits=False,
+                stack_dv=True):  # fmt: skip
         if ids is None:
             B, T, H, M, D = mem.shape
         else:  # the table is cast here, so its gradient goes to the weight in fp32 directly
@@ -141,7 +142,7 @@ class _BankTaps(torch.autograd.Function):
             ctx.num_rows = V
             mem = mem.to(dtype or mem.dtype)
         ctx.table, ctx.off, ctx.slots, ctx.dtype = ids is not None, n_gates - M, M, mem.dtype
-        ctx.logits = logits
+        ctx.logits, ctx.stack_dv = logits, stack_dv
         ctx.set_materialize_grads(False)  # no bank-sized zero gradient for the unused mem output
         zero = mem.new_zeros(())
         taps = []
@@ -154,23 +155,26 @@ class _BankTaps(torch.autograd.Function):
         off = ctx.off
         gs = [g for g in grads[0::2] if g is not None]
         dvs = [d for d in grads[1::2] if d is not None]
+        nones = (None,) * 7
         if not gs:
-            return None, None, None, None, None, None, None
+            return None, *nones
         if ctx.table:  # Triton: all layers and all tokens of an id summed into its row, fp32
             ids, *sorted_ids = ctx.saved_tensors
-            gs, dvs = torch.stack(gs), [d.to(ctx.dtype) for d in dvs]  # dvs: read in place
+            dvs = [d.to(ctx.dtype) for d in dvs]
+            # one stacked copy of the L value gradients, or each read where it lies
+            gs, dvs = torch.stack(gs), [torch.stack(dvs)] if ctx.stack_dv else dvs
             sid, order = sorted_ids or (None, None)
             rows = torch.ops.movegen.bank_rows_grad(
                 gs, dvs, ids, ctx.num_rows, ctx.slots, sid, order, ctx.logits
             )  # (V, M, H, D)
-            return rows, None, None, None, None, None, None
+            return rows, *nones
         G = torch.stack([g[..., off:] for g in gs], dim=-1)  # (B, T, H, M, L)
         DV = torch.stack(dvs, dim=-2).to(G.dtype)  # (B, T, H, L, D)
         if torch.compiler.is_compiling():  # fused: sum over L of g (x) dv, written once
             grad = (G.unsqueeze(-1) * DV.unsqueeze(-3)).sum(-2)
         else:
             grad = torch.matmul(G, DV)  # (B, T, H, M, D): one product over the L layers
-        return grad, None, None, None, None, None, None
+        return grad, *nones
 
 
 class _Mix(torch.autograd.Function):
@@ -223,7 +227,8 @@ class _Mix(torch.autograd.Function):
 
 
 def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None,
-              dtype: torch.dtype | None = None, grouped: bool = False, logits: bool = False) -> tuple:  # fmt: skip
+              dtype: torch.dtype | None = None, grouped: bool = False, logits: bool = False,
+              stack_dv: bool = True) -> tuple:  # fmt: skip
     """Split the memory into what every layer reads plus per-layer taps ``[(tap_g, tap_v), ...]``.
     ``mem``: the gathered ``memh (B, T, H, M, D)``, or, with ``ids (B, T)`` (Triton kernels only),
     the ``table (V, M, H, D)`` they index, cast to ``dtype``; the layers then read ``(table cast
@@ -231,9 +236,11 @@ def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor 
     ``grouped`` the ids are sorted once here (``kernels.id_groups``) and every layer runs the
     kernels that take the tokens in id order (a repeated bank row fetched about once per tile).
     ``logits`` (with ``ids``): every layer's mix gets its router's logits in place of the gates
-    (:func:`mix_tapped`), and the taps carry them to the bank gradient."""
+    (:func:`mix_tapped`), and the taps carry them to the bank gradient. ``stack_dv`` (with
+    ``ids``): the bank gradient reads the layers' value gradients stacked into one tensor, else
+    each where it lies (:func:`kernels.bank_rows_grad`)."""
     groups = kernels.id_groups(ids) if grouped and ids is not None else None
-    out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype, groups, logits)
+    out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype, groups, logits, stack_dv)
     taps = [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
     if ids is None:
         return out[0], taps
@@ -281,6 +288,10 @@ class MoVEBank(nn.Module):
         self.group_by_id: bool | None = None
         """The training kernels grouped by id (True), per token (False), or chosen by the number
         of tokens (None: ``kernels.group_pays``)."""
+        self.stack_dv = True
+        """The bank gradient reads the layers' value gradients stacked into one tensor (True: the
+        form timed on GPUs), or each where it lies (False: no stacked copy, 0.8 ms of an H100's
+        MoVE-x1 step by the profile; compiled for sm_90 and run on a GPU at 2 layers only)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -305,7 +316,8 @@ class MoVEBank(nn.Module):
             grouped = self.group_by_id
             if grouped is None:
                 grouped = kernels.group_pays(ids.numel(), M)
-            return bank_taps(table, n_layers, n_gates, ids, self._dtype(ids, None), grouped, logits)
+            return bank_taps(table, n_layers, n_gates, ids, self._dtype(ids, None), grouped, logits,
+                             self.stack_dv)  # fmt: skip
         if logits:
             raise ValueError("router logits in place of gates need the Triton kernels")
         return bank_taps(self.gather(ids), n_layers, n_gates)

@@ -213,10 +213,10 @@ def test_attention_kernels_compile_for_hopper():
 
 
 def test_bank_kernels_compile_for_hopper():
-    """Both bank-gradient kernels take the L layers' value gradients as a tuple of L pointers
-    (no stacked copy); that argument goes through Triton's whole compiler for an sm_90 target
-    here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the token walk),
-    reading gates or the routers' logits."""
+    """Both bank-gradient kernels take the L layers' value gradients as one stacked tensor or as
+    a tuple of L pointers (no stacked copy); both go through Triton's whole compiler for an sm_90
+    target here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the token
+    walk), reading gates or the routers' logits."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -228,10 +228,13 @@ def test_bank_kernels_compile_for_hopper():
     L = 12
     cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
              (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64})]  # fmt: skip
-    for (kern, consts), logits in itertools.product(cases, (False, True)):
-        consts = {"L": L, "D": 64, "LOGITS": logits, **consts}
+    # gates with the value gradients stacked (the default), logits with them each in place
+    for (kern, consts), (logits, stacked) in itertools.product(
+        cases, ((False, True), (True, False))
+    ):
+        consts = {"L": L, "D": 64, "LOGITS": logits, "STACKED": stacked, **consts}
         jit = kern.fn if isinstance(kern, triton.runtime.Autotuner) else kern
-        types = {"dvs": ("*bf16",) * L, "g_ptr": "*bf16", "out_ptr": "*fp32"}
+        types = {"dvs": ("*bf16",) * (1 if stacked else L), "g_ptr": "*bf16", "out_ptr": "*fp32"}
         sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.endswith("_ptr") else "i32")
                for n in jit.arg_names}  # fmt: skip
         src = ASTSource(

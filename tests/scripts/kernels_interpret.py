@@ -61,13 +61,16 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     # per token (int64 and int32 ids) and grouped by id (the ids sorted once, as int32 whatever
     # their dtype; 16-token tiles: groups that span tiles, and tiles of several groups); the bank
     # gradient a segmented sum over tiles of sorted tokens (M <= 8) or one token at a time (M = 24;
-    # and the segmented sum at M = 24 too: 6 slot blocks of 4)
-    cases = [(ids, False, 8), (ids.int(), False, 8), (ids, True, 8)] + [(ids, True, 64)] * (M > 8)
-    for idx, grouped, tile_max in cases:
+    # and the segmented sum at M = 24 too: 6 slot blocks of 4); the layers' value gradients
+    # stacked into one tensor or each read where it lies
+    cases = [(ids, False, 8, True), (ids.int(), False, 8, False), (ids, True, 8, True),
+             (ids, True, 8, False)] + [(ids, True, 64, True), (ids, True, 64, False)] * (M > 8)  # fmt: skip
+    for idx, grouped, tile_max, stack_dv in cases:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
         with mock.patch.object(torch, "sort", wraps=torch.sort) as sort, \
                 mock.patch.object(kernels, "BANK_TILE_MAX_SLOTS", tile_max):  # fmt: skip
-            mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped)
+            mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped,
+                                  stack_dv=stack_dv)  # fmt: skip
             assert isinstance(mem, tuple) and (mem[2] is not None) == grouped
             outs = [mix_tapped(v[:, :, 2], g, mem, tp, gated) for v, g, tp in zip(leaves[1 : L + 1], leaves[L + 1 :], taps)]  # fmt: skip
             worst = max(worst, *(diff(a, b) for a, b in zip(outs, refs)))
@@ -84,12 +87,11 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
         leaves[0], ids, leaves[1 : L + 1], [2 * torch.sigmoid(x) for x in leaves[L + 1 :]], gated
     )
     g_ref = torch.autograd.grad(refs, leaves, douts)
-    for idx, grouped, tile_max in [cases[0], cases[2]] + cases[3:]:
+    for idx, grouped, tile_max, stack_dv in [cases[0], cases[3]] + cases[4:]:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *lgs)]
         with mock.patch.object(kernels, "BANK_TILE_MAX_SLOTS", tile_max):
-            mem, taps = bank_taps(
-                leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped, logits=True
-            )
+            mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped,
+                                  logits=True, stack_dv=stack_dv)  # fmt: skip
             outs = [mix_tapped(v[:, :, 2], x, mem, tp, gated, logits=True) for v, x, tp in zip(leaves[1 : L + 1], leaves[L + 1 :], taps)]  # fmt: skip
             worst = max(worst, *(diff(a, b) for a, b in zip(outs, refs)))
             grads = torch.autograd.grad(outs, leaves, douts)
@@ -111,14 +113,16 @@ res = []
 compiled = torch.compile(model, fullgraph=True)
 ops = model.fused_ops
 # the last run, plain autograd through every mix, is the reference ("gates": the logits to the
-# kernels; dropped by the model where it cannot apply, as in that last run)
-for deferred, grouped, fn, gates in ((True, False, model, False), (True, False, compiled, False),
-                                     (True, True, model, False), (True, True, compiled, False),
-                                     (True, False, model, True), (True, True, compiled, True),
-                                     (False, False, model, True)):  # fmt: skip
+# kernels; dropped by the model where it cannot apply, as in that last run; the bank gradient
+# from the stacked value gradients or from each where it lies)
+for deferred, grouped, fn, gates, stack in ((True, False, model, False, True), (True, False, compiled, False, False),
+                                            (True, True, model, False, False), (True, True, compiled, False, True),
+                                            (True, False, model, True, False), (True, True, compiled, True, True),
+                                            (False, False, model, True, True)):  # fmt: skip
     model.zero_grad()
     model.deferred_bank_grad = deferred
     model.bank.group_by_id = grouped
+    model.bank.stack_dv = stack
     model.fused_ops = ops + ("gates",) * gates
     out = fn(codes, labels)
     out.square().mean().backward()
