@@ -216,11 +216,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _layer_dv(dvs, l: tl.constexpr, s_dl, STACKED: tl.constexpr):
-        """Layer ``l``'s value gradient: its own tensor ``dvs[l]``, or with ``STACKED`` the
-        ``l``-th slice of the one stacked tensor ``dvs[0]`` (a 64-bit offset: past 2**31 at
-        large batches)."""
+        """Layer ``l``'s value gradient: its own tensor ``dvs[l]`` (a tuple of L pointers), or
+        with ``STACKED`` the ``l``-th slice of the one stacked tensor ``dvs`` (a pointer; a 64-bit
+        offset: past 2**31 at large batches)."""
         if STACKED:
-            ptr = dvs[0] + s_dl.to(tl.int64) * l
+            ptr = dvs + s_dl.to(tl.int64) * l
         else:
             ptr = dvs[l]
         return ptr
@@ -601,6 +601,8 @@ def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor,
                          f"{[(tuple(d.shape), d.dtype) for d in dvs]}")  # fmt: skip
     gs, dvs = gs.contiguous(), tuple(d.contiguous() for d in dvs)
     s_dl = dvs[0].stride(0) if stacked else 0
+    if stacked:  # one pointer, as the kernels took it before the tuple form
+        dvs = dvs[0]
     if sid is None or order is None:
         sid, order = torch.sort(ids.reshape(-1))
     out = torch.zeros(num_rows, slots, H, D, device=gs.device, dtype=torch.float32)
