@@ -526,3 +526,39 @@ def test_clip_inside_fused_adamw_step_matches_clipping_in_place(fused):
         opt_ref.zero_grad(), opt.zero_grad()
         for a, b in zip(ref.parameters(), net.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lightning_clips_inside_the_fused_step(tmp_path, monkeypatch):
+    """``LitGPT``'s clipping with a fused AdamW (forced here on the CPU): Lightning hands the
+    optimizer itself to ``configure_gradient_clipping``, the coefficient goes into the step, and
+    three clipped steps end at the weights that clipping in place gives."""
+    import lightning as L
+
+    import movegen.lit as lit_mod
+    from movegen.lit import LitGPT
+
+    class FusedAdamW(torch.optim.AdamW):  # what LitGPT builds on a GPU
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "fused": True})
+
+    monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
+    folds = []
+    real_folds = lit_mod._folds_clip
+    codes = torch.randint(K, (12, T))
+    labels = torch.randint(3, (12,))
+    weights = []
+    for fold in (True, False):
+        monkeypatch.setattr(lit_mod, "_folds_clip", lambda o, p, f=fold: folds.append(f and real_folds(o, p)) or folds[-1])  # fmt: skip
+        torch.manual_seed(0)
+        model = LitGPT(tiny("move"), warmup_steps=0)
+        data = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(codes, labels), batch_size=4
+        )
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1e-3,
+                            default_root_dir=tmp_path)  # fmt: skip
+        trainer.fit(model, data)
+        weights.append([p.detach().clone() for p in model.model.parameters()])
+    assert folds == [True] * 3 + [False] * 3  # the first run folded every step
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
