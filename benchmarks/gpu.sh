@@ -20,6 +20,8 @@
 #   fid50k            one ImageNet-256 evaluation phase by phase (sample, VQ-16 decode, Inception,
 #                     scores) and extract-codes throughput, random weights (fid50k; needs
 #                     torch-fidelity: carry .whl/ into /tmp/site)
+#   verify            what has not run on a GPU: the bank-gradient and MoVE kernel tests, then the
+#                     untimed train_step options beside their baselines (TRAIN_ONLY overrides)
 #   all               mix, train and sampling (the headline tables)
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
 # TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
@@ -30,7 +32,7 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,27p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,29p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 errors() { grep -m3 -E "Error|error:" "$1"; }
@@ -44,7 +46,7 @@ block-ops)
   bench ${T_BLOCK:-240} block_ops.log benchmarks.block_ops
   grep -E "^\||^block" "$OUT/block_ops.log"; errors "$OUT/block_ops.log";;
 train)
-  bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --only \
+  bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --dump-stacks 60 --only \
     ${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,lave-x1:256:compiled,standard:64:compiled,standard:256:eager,move-x4:256:eager}
   grep -E "^\{|^\||^training" "$OUT/train_step.log" | tail -22; errors "$OUT/train_step.log";;
 sampling)
@@ -95,6 +97,14 @@ fid50k)
   bench ${T_FID50K:-570} fid50k.log benchmarks.fid50k --only ${FID_ONLY:-move-x1:256:2048,standard:256:50000} \
     --extract_images ${EXTRACT_IMAGES:-1500} --extract_workers ${EXTRACT_WORKERS:-16}
   grep -E "^\||^movegen|^inputs|JPEGs" "$OUT/fid50k.log"; errors "$OUT/fid50k.log";;
+verify)
+  # what has not run on a GPU yet: the bank gradient at GPT-B scale (both forms) and the kernel
+  # tests, then the untimed options beside their baselines (stacks every 60 s if an arm hangs)
+  timeout ${T_VERIFY:-200} $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
+    -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
+  tail -4 "$OUT/gpu_tests.log"
+  TRAIN_ONLY=${TRAIN_ONLY:-move-x1:256:compiled,move-x1@nodvstack:256:compiled,standard:256:compiled,standard@noclipfold:256:compiled,standard@emb:256:compiled,move-x1@router+gates:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled} \
+    run_section train;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;
 esac; }

@@ -10,6 +10,8 @@ after warm-up with CUDA events. MFU against a bf16 matmul peak measured in the s
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import time
 
 import torch
 
@@ -150,7 +152,17 @@ def main() -> None:
     )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument(
+        "--dump-stacks",
+        type=float,
+        default=0,
+        metavar="S",
+        help="print every thread's stack to stderr every S seconds (0: never): where an arm that "
+        "does not finish is waiting",
+    )
     args = p.parse_args()
+    if args.dump_stacks > 0:
+        faulthandler.dump_traceback_later(args.dump_stacks, repeat=True)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.smoke:
         args.warmup, args.iters, args.batches = 1, 2, "4"
@@ -184,7 +196,9 @@ def main() -> None:
     rows = []
     for dist in args.ids_dist.split(","):
         for arm, batch, mode in grid:
+            t0 = time.perf_counter()
             r = bench(arm, batch, mode == "compiled", args, device, peak, dist)
+            r["wall_s"] = time.perf_counter() - t0  # the arm's compile, autotuning and steps
             rows.append(r)
             print(r, flush=True)
             release(device)
@@ -209,7 +223,7 @@ def main() -> None:
     print_table(rows, [("ids", "ids", "{}"), ("arm", "arm", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"), ("ms", "ms/step", "{:.1f}"),
                        ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
                        ("vs_standard", "x standard", "{:.3f}"), ("peak_gib", "peak GiB", "{:.1f}"),
-                       ("spread", "spread", "{:.1%}")],
+                       ("spread", "spread", "{:.1%}"), ("wall_s", "arm s", "{:.0f}")],
                 f"training step, {device_name(device)}, torch {torch.__version__}, bf16 matmul peak {peak:.0f} TFLOP/s, {variant}")  # fmt: skip
 
 
