@@ -100,9 +100,10 @@ fid50k)
 verify)
   # what has not run on a GPU yet: the bank gradient at GPT-B scale (both forms) and the kernel
   # tests, then the untimed options beside their baselines (stacks every 60 s if an arm hangs)
-  timeout ${T_VERIFY:-200} $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
+  # -vv (past addopts' -q): each test's name as it starts and ends, so a test that does not finish is named
+  timeout ${T_VERIFY:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
-  tail -4 "$OUT/gpu_tests.log"
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
   TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@nodvstack:256:compiled,standard@noclipfold:256:compiled,standard@emb:256:compiled,move-x1@router+gates:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled} \
     run_section train;;
 all) run_section mix; run_section train; run_section sampling;;

@@ -43,8 +43,8 @@ def test_triton_kernels_on_gpu(grouped, M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stack_dv", [True, False])
 @pytest.mark.parametrize("M", [6, 24])
+@pytest.mark.parametrize("stack_dv", [True, False])  # both stacked cases first
 def test_bank_gradient_at_gpt_b_scale_on_gpu(M, stack_dv):
     """The bank gradient at GPT-B's training shapes (12 layers, 65,536 tokens of 16,384 ids, 12
     heads of 64), from the stacked value gradients or each read in place, against the same sum
