@@ -590,13 +590,8 @@ def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor,
     L, B, T, H, G = gs.shape
     D = dvs[0].shape[-1]
     stacked = len(dvs) == 1 and dvs[0].dim() == 5
-    if (
-        stacked
-        and dvs[0].shape[0] != L
-        or not stacked
-        and len(dvs) != L
-        or len({d.dtype for d in dvs}) != 1
-    ):
+    layers = dvs[0].shape[0] if stacked else len(dvs)
+    if layers != L or len({d.dtype for d in dvs}) != 1:
         raise ValueError(f"dvs: {L} value gradients of one dtype, or one stack of them, expected; got "
                          f"{[(tuple(d.shape), d.dtype) for d in dvs]}")  # fmt: skip
     gs, dvs = gs.contiguous(), tuple(d.contiguous() for d in dvs)
