@@ -135,16 +135,16 @@ if HAVE_TRITON:
         return acc + v
 
     @triton.jit
-    def _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr,
+    def _standard_grads(dout, v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr,
                         GATED: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
         """The standard path's gradients from the fp32 ``dout`` tile: stores ``dg0 = <dout, v>``
-        (gated; its logit's gradient with ``LOGITS``) and returns ``dv`` (``g0 * dout``, or
-        ``dout``)."""
+        at ``dg_ptr + dgo`` (gated; its logit's gradient with ``LOGITS``) and returns ``dv``
+        (``g0 * dout``, or ``dout``)."""
         if GATED:
             v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh)
             dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
             x0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0)
-            tl.store(dg_ptr + rows * G, _gate_grad(dg0, x0, LOGITS).to(dg_ptr.dtype.element_ty),
+            tl.store(dg_ptr + dgo, _gate_grad(dg0, x0, LOGITS).to(dg_ptr.dtype.element_ty),
                      mask=rmask)  # fmt: skip
             return _gate(x0, LOGITS)[:, None] * dout
         return dout
@@ -169,6 +169,13 @@ if HAVE_TRITON:
         )
 
     @triton.jit
+    def _out_rows(n, h, s_on, s_gn, D: tl.constexpr, G: tl.constexpr):
+        """64-bit offsets of rows (n, h) in the backward's outputs: dv ``n * s_on + h * D``, the
+        gates' gradient ``n * s_gn + h * G``."""
+        n = n.to(tl.int64)
+        return n * s_on + h * D, n * s_gn + h * G
+
+    @triton.jit
     def _mix_fwd_kernel(v_ptr, g_ptr, tab_ptr, ids_ptr, out_ptr, R, H, s_vn, s_vh, s_id, s_m, s_h, G: tl.constexpr,
                         M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
                         LOGITS: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
@@ -189,9 +196,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _mix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, ids_ptr, dv_ptr, dg_ptr, R, H, s_vn, s_vh, s_id, s_m, s_h,
-                        G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                        s_on, s_gn, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
                         GATED: tl.constexpr, LOGITS: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+        # dv row (n, h) at n * s_on + h * D, dg at n * s_gn + h * G: their own tensors, or the
+        # v and router columns of the QKV product's gradient (split_mix_bwd)
         rows, rmask, n, h = _rows(R, H, BLOCK_R)
+        dvo, dgo = _out_rows(n, h, s_on, s_gn, D, G)
         m = tl.arange(0, M_PAD)
         mmask = m < M
         d = tl.arange(0, D)
@@ -204,15 +214,12 @@ if HAVE_TRITON:
         if LOGITS:
             x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
             dg = _gate_grad(dg, x, LOGITS)
-        tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
+        tl.store(dg_ptr + dgo[:, None] + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
                  mask=gm)  # fmt: skip
-        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, rmask, d, s_vn, s_vh, G, GATED,
-                             LOGITS)  # fmt: skip
-        tl.store(
-            dv_ptr + rows[:, None] * D + d[None, :],
-            dv.to(dv_ptr.dtype.element_ty),
-            mask=rmask[:, None],
-        )
+        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, rmask, d, s_vn, s_vh, G,
+                             GATED, LOGITS)  # fmt: skip
+        tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=rmask[:, None])  # fmt: skip
 
     @triton.jit
     def _layer_dv(dvs, l: tl.constexpr, s_dl, STACKED: tl.constexpr):
@@ -313,10 +320,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _lmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, dv_ptr, dg_ptr, N, H, s_vn, s_vh,
-                         s_id, s_m, s_h, G: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                         s_id, s_m, s_h, s_on, s_gn, G: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                          GATED: tl.constexpr, LOGITS: tl.constexpr, MB: tl.constexpr,
                          BLOCK_T: tl.constexpr):  # fmt: skip
+        # outputs as in _mix_bwd_kernel
         h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
+        dvo, dgo = _out_rows(n, h, s_on, s_gn, D, G)
         base = _row_base(
             sid_ptr, i, h, im, s_id, s_h
         )  # each lane's row offset, once for all slot blocks
@@ -331,15 +340,12 @@ if HAVE_TRITON:
             if LOGITS:
                 x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
                 dg = _gate_grad(dg, x, LOGITS)
-            tl.store(dg_ptr + rows[:, None] * G + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
+            tl.store(dg_ptr + dgo[:, None] + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
                      mask=gm)  # fmt: skip
-        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED,
-                             LOGITS)  # fmt: skip
-        tl.store(
-            dv_ptr + rows[:, None] * D + d[None, :],
-            dv.to(dv_ptr.dtype.element_ty),
-            mask=im[:, None],
-        )
+        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, im, d, s_vn, s_vh, G,
+                             GATED, LOGITS)  # fmt: skip
+        tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=im[:, None])  # fmt: skip
 
     @triton.jit
     def _seg_add(f1, v1, f2, v2):
@@ -490,8 +496,8 @@ def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: to
     dg = torch.empty(B, T, H, gates.shape[-1], device=v.device, dtype=gates.dtype)
     dout = dout.contiguous()
     _lmix_bwd_kernel[_lane_grid(B * T, H)](dout, v, gates.contiguous(), table, sid, order, dv, dg, B * T, H, s_vn,
-                                           s_vh, s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1], D=D,
-                                           GATED=int(gated), LOGITS=logits)  # fmt: skip
+                                           s_vh, s_id, s_m, s_h, H * D, H * gates.shape[-1], G=gates.shape[-1],
+                                           M=table.shape[1], D=D, GATED=int(gated), LOGITS=logits)  # fmt: skip
     return dv, dg
 
 
@@ -562,7 +568,7 @@ def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: tor
     dg = torch.empty(B, T, H, G, device=v.device, dtype=gates.dtype)
     R = B * T * H
     _mix_bwd_kernel[_grid(R)](dout.contiguous(), v, gates.contiguous(), table, ids, dv, dg, R, H, s_vn, s_vh, s_id,
-                              s_m, s_h, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated),
+                              s_m, s_h, H * D, H * G, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated),
                               LOGITS=logits)  # fmt: skip
     return dv, dg
 
@@ -1109,9 +1115,10 @@ if HAVE_TRITON:
     @triton.jit
     def _split_rope_kernel(src_ptr, s_b, s_s, s_j, s_h, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, qs_b, qs_s, qs_h,
                            ks_b, ks_s, ks_h, vs_b, vs_s, vs_h, S, BWD: tl.constexpr, D: tl.constexpr,
-                           BLOCK_S: tl.constexpr):  # fmt: skip
+                           BLOCK_S: tl.constexpr, COPY_V: tl.constexpr = True):  # fmt: skip
         """Forward: src = qkv (strides s_*, j = 0, 1, 2 selects q, k, v) -> q, k, v (strides q*, k*,
-        v*). Backward: q, k, v pointers are dq, dk, dv (read) and src is dqkv (written)."""
+        v*). Backward: q, k, v pointers are dq, dk, dv (read) and src is dqkv (written); without
+        ``COPY_V`` the v part of dqkv is left as it is (written by the mix's backward)."""
         sb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = sb * BLOCK_S + tl.arange(0, BLOCK_S)
         cols = tl.arange(0, D)
@@ -1129,7 +1136,8 @@ if HAVE_TRITON:
             ty = src_ptr.dtype.element_ty
             tl.store(src, _rot(dq, c, s, True, BLOCK_S, D).to(ty), mask=m)
             tl.store(src + s_j, _rot(dk, c, s, True, BLOCK_S, D).to(ty), mask=m)
-            tl.store(src + 2 * s_j, tl.load(v, mask=m, other=0.0).to(ty), mask=m)
+            if COPY_V:
+                tl.store(src + 2 * s_j, tl.load(v, mask=m, other=0.0).to(ty), mask=m)
         else:
             xq = tl.load(src, mask=m, other=0.0).to(tl.float32)
             xk = tl.load(src + s_j, mask=m, other=0.0).to(tl.float32)
@@ -1193,6 +1201,64 @@ def split_rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: to
 def _(dq, dk, dv, cos, sin, extra=None, width=0):
     B, S, H, D = dq.shape
     return dq.new_empty(B, S, 3, H, D) if extra is None else dq.new_empty(B, S, width)
+
+
+@torch.library.custom_op("movegen::split_mix_bwd", mutates_args=())
+def split_mix_bwd(dq: torch.Tensor, dk: torch.Tensor, dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+                  table: torch.Tensor, ids: torch.Tensor, sid: torch.Tensor | None, order: torch.Tensor | None,
+                  cos: torch.Tensor, sin: torch.Tensor, gated: bool, logits: bool = False,
+                  width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The backward of the QKV split with RoPE (:func:`split_rope_fwd`) followed by the mix of its
+    v (:func:`mix_fwd`, or :func:`gmix_fwd` with ``sid, order``), in one op: the mix's kernel
+    writes the value gradient straight into the v columns of the product's gradient (no ``dv``
+    written and copied again), then the split's kernel writes the rotated q and k columns.
+    ``dq, dk, dout (B, S, H, D)``; ``v, gates, table, ids``: the mix's inputs. Returns
+    ``(dqkv (B, S, 3, H, D), dgates (B, S, H, G))``; with ``width`` (``split_rope_wide``'s stacked
+    product ``[q | k | v | router | padding]``, ``gates`` its router's logits ``(B, S, H, G)``):
+    ``(dproj (B, S, width), empty)``, the logits' gradient written in the router's columns and
+    zeros in the padding."""
+    B, S, H, D = dq.shape
+    G, M, n = gates.shape[-1], table.shape[1], 3 * H * D
+    if width and (not logits or width < n + H * G):
+        raise ValueError(f"split_mix_bwd: a product of width {width} needs the router's logits as "
+                         f"gates and at least {n + H * G} columns")  # fmt: skip
+    dq, dk = _unit_d(dq), _unit_d(dk)
+    if width:
+        out = torch.empty(B, S, width, device=dq.device, dtype=dq.dtype)
+        out[..., n + H * G :].zero_()
+        dg, s_gn, dg_out = out[..., n:], width, out.new_empty(0)
+    else:
+        out = torch.empty(B, S, 3, H, D, device=dq.device, dtype=dq.dtype)
+        dg_out = torch.empty(B, S, H, G, device=dq.device, dtype=gates.dtype)
+        dg, s_gn = dg_out, H * G
+    s_on = out.stride(1)
+    flat = out.view(B, S, -1)
+    dqkv = flat[..., :n].view(B, S, 3, H, D)
+    table, ids, s_id, s_m, s_h = _table_args(table, ids)
+    v, s_vn, s_vh = _as_rows(v)
+    dout, gates = dout.contiguous(), gates.contiguous()
+    if sid is not None and order is not None:
+        _lmix_bwd_kernel[_lane_grid(B * S, H)](dout, v, gates, table, sid, order, flat[..., 2 * H * D :], dg, B * S,
+                                               H, s_vn, s_vh, s_id, s_m, s_h, s_on, s_gn, G=G, M=M, D=D,
+                                               GATED=int(gated), LOGITS=logits)  # fmt: skip
+    else:
+        R = B * S * H
+        _mix_bwd_kernel[_grid(R)](dout, v, gates, table, ids, flat[..., 2 * H * D :], dg, R, H, s_vn, s_vh, s_id,
+                                  s_m, s_h, s_on, s_gn, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated),
+                                  LOGITS=logits)  # fmt: skip
+    grid, meta = _rope_launch(B, S, H)
+    _split_rope_kernel[grid](dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3), cos.contiguous(),
+                             sin.contiguous(), dq, dk, dq, *dq.stride()[:3], *dk.stride()[:3], *dq.stride()[:3],
+                             S, BWD=True, D=D, COPY_V=False, **meta)  # fmt: skip
+    return out, dg_out
+
+
+@split_mix_bwd.register_fake
+def _(dq, dk, dout, v, gates, table, ids, sid, order, cos, sin, gated, logits=False, width=0):
+    B, S, H, D = dq.shape
+    if width:
+        return dq.new_empty(B, S, width), dq.new_empty(0)
+    return dq.new_empty(B, S, 3, H, D), gates.new_empty(gates.shape)
 
 
 class _SplitRope(torch.autograd.Function):

@@ -38,6 +38,7 @@ from .move import (
     mix,
     mix_tapped,
     move_slots,
+    split_mix_tapped,
 )
 
 MEMORY_KINDS = ("none", "lave", "move")
@@ -329,7 +330,8 @@ class Attention(nn.Module):
         )
 
     def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None,
-                  proj: torch.Tensor | None = None, fused: bool = False, gate_logits: bool = False):  # fmt: skip
+                  proj: torch.Tensor | None = None, fused: bool = False, gate_logits: bool = False,
+                  split_mix: bool = False):  # fmt: skip
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
         ``memh``: the gathered bank ``(B, S, H, M, D)`` (MoVE). ``taps`` (training with MoVE)
         route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
@@ -338,7 +340,10 @@ class Attention(nn.Module):
         ``(B, S, 3d [+ H*G])`` (decoding fuses the two weights: :class:`KVCache`). ``fused``: the
         split of the QKV product and RoPE as one Triton kernel each way where the kernels run
         (:func:`kernels.split_rope`). ``gate_logits`` (MoVE with taps made for it): the router's
-        logits go to the mix kernels, which form the gates ``2 * sigmoid`` themselves."""
+        logits go to the mix kernels, which form the gates ``2 * sigmoid`` themselves.
+        ``split_mix`` (with ``fused``, MoVE on the Triton kernels' training path): the split,
+        RoPE and mix as one function whose backward writes the value gradient into the QKV
+        product's gradient (:func:`move.split_mix_tapped`)."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if proj is None:
@@ -351,6 +356,20 @@ class Attention(nn.Module):
             )
         qkv = qkv.view(B, S, 3, H, D)
         rotated = fused and kernels.rope_usable(qkv)
+        drop = self.training and self.cfg.memory_dropout > 0
+        if (split_mix and rotated and self.has_memory and self.table is None and taps is not None
+                and isinstance(memh, tuple) and (proj is None or gate_logits)):  # fmt: skip
+            G = logits.shape[-1] // H
+            if proj is not None:  # the stacked product, its router columns the logits
+                q, k, v = split_mix_tapped(proj, None, cos[:S], sin[:S], memh, taps, self.gated,
+                                           True, H, D, G)  # fmt: skip
+            else:
+                gates = logits.view(B, S, H, G) if gate_logits else gates_from_logits(logits, H)
+                if drop and not gate_logits:
+                    gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
+                q, k, v = split_mix_tapped(qkv, gates, cos[:S], sin[:S], memh, taps, self.gated,
+                                           gate_logits, H, D)  # fmt: skip
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rotated and proj is not None and logits is not None:  # the stacked product
             q, k, v, logits = kernels.split_rope_wide(
                 proj, cos[:S], sin[:S], H, D, logits.shape[-1]
@@ -363,7 +382,7 @@ class Attention(nn.Module):
             v = mix_tapped(v, logits.view(B, S, H, -1), memh, taps, self.gated, logits=True)
         elif self.has_memory:
             gates = gates_from_logits(logits, H)  # (B, S, H, G)
-            if self.training and self.cfg.memory_dropout > 0:
+            if drop:
                 gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
             if self.table is not None:
                 v = mix(v, gates, self.table.gather(ids), self.gated)  # LaVE: (B, S, H, 1, D)
@@ -376,12 +395,13 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True, fused: bool = False,
-                router: bool = False, attn: bool = False, gate_logits: bool = False) -> torch.Tensor:  # fmt: skip
+                router: bool = False, attn: bool = False, gate_logits: bool = False,
+                split_mix: bool = False) -> torch.Tensor:  # fmt: skip
         """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
         ``fused``: :meth:`mixed_qkv`'s. ``router``: a memory layer's QKV and router products as
         one product of the stacked weights (one read of ``x``, one input gradient). ``attn``:
         the attention as :func:`kernels.attention` (without attention dropout, where it runs).
-        ``gate_logits``: :meth:`mixed_qkv`'s."""
+        ``gate_logits``, ``split_mix``: :meth:`mixed_qkv`'s."""
         proj = None
         if router and self.has_memory:
             w = torch.cat([self.qkv.weight, self.router.weight])
@@ -390,7 +410,7 @@ class Attention(nn.Module):
             # GEMM kernels (TMA) need; 8 is the least padding that aligns them
             proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused,
-                                 gate_logits=gate_logits)  # fmt: skip
+                                 gate_logits=gate_logits, split_mix=split_mix)  # fmt: skip
         p = self.cfg.attn_dropout if self.training else 0.0
         if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):
             y = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -474,12 +494,13 @@ class Block(nn.Module):
         ``fused``: the ops run as Triton kernels (``"norm"``: those steps, ``"swiglu"``: the
         MLP's SiLU product, ``"rope"``: the QKV split and RoPE, ``"router"``: a memory layer's QKV
         and router products as one, ``"attn"``: the causal attention, ``"gates"``: the MoVE gates
-        formed inside the mix kernels; :attr:`GPT.fused_ops`)."""
+        formed inside the mix kernels, ``"splitmix"``: the split and the MoVE mix as one function
+        (with ``"rope"``); :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
                       router="router" in fused, attn="attn" in fused,
-                      gate_logits="gates" in fused)  # fmt: skip
+                      gate_logits="gates" in fused, split_mix="splitmix" in fused)  # fmt: skip
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -530,7 +551,9 @@ class GPT(nn.Module):
         # compiled GPT-B step with it did not finish on an H200, cause not found) and "router" (a
         # memory layer's QKV and router products as one product of the stacked weights, padded
         # to a multiple of 8 columns, split by kernels.split_rope_wide: the unpadded form made
-        # the MoVE-x4 step 7.6 ms slower; the padded one is not yet timed on a GPU, 2026-12-06)
+        # the MoVE-x4 step 7.6 ms slower; the padded one is not yet timed on a GPU, 2026-12-06),
+        # "splitmix" (with "rope": the QKV split, RoPE and MoVE mix as one function whose
+        # backward writes the value gradient into the QKV product's gradient, not yet timed)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn")
         self.reset_parameters()
 

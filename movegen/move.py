@@ -226,6 +226,65 @@ class _Mix(torch.autograd.Function):
         return d_v, d_gates, None, None, None, gates.detach(), dout, None, None
 
 
+class _SplitMix(torch.autograd.Function):
+    """The QKV split with RoPE and one layer's mix of its v (Triton kernels, the table path) as one
+    function, so that the backward writes the value gradient, and with a stacked product the
+    router logits' gradient, straight into the product's gradient (``kernels.split_mix_bwd``):
+    no ``dv`` written by the mix and copied into ``dqkv`` by the split. ``proj`` is ``qkv (B, S,
+    3, H, D)`` with ``gates`` beside it, or (``gates`` None) the stacked product ``(B, S, W)``
+    whose ``H * n_gates`` columns after the QKV are the router's logits, which the kernels make
+    gates. Returns q, k (rotated) and the mixed v, each ``(B, S, H, D)``; the bank gradient
+    leaves through the taps as in ``_Mix``."""
+
+    @staticmethod
+    def forward(ctx, proj, gates, cos, sin, mem, ids, groups, tap_g, tap_v, gated: bool, logits: bool,
+                n_head: int, head_dim: int, n_gates: int):  # fmt: skip
+        B, S = proj.shape[:2]
+        H, D = n_head, head_dim
+        ctx.width = 0
+        if gates is None:  # the stacked product: [q | k | v | router logits | padding]
+            n = 3 * H * D
+            ctx.width = proj.shape[-1]
+            gates = proj[..., n : n + H * n_gates].contiguous().view(B, S, H, n_gates)
+            proj = proj[..., :n].view(B, S, 3, H, D)
+        q, k, v = torch.ops.movegen.split_rope_fwd(proj, cos, sin)
+        if groups is not None:
+            out = torch.ops.movegen.gmix_fwd(v, gates, mem, *groups, gated, logits)
+        else:
+            out = torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated, logits)
+        ctx.gated, ctx.logits, ctx.grouped = gated, logits, groups is not None
+        ctx.save_for_backward(v, gates, mem, ids, cos, sin, *(groups or ()))
+        return q, k, out
+
+    @staticmethod
+    def backward(ctx, dq, dk, dout):
+        v, gates, mem, ids, cos, sin, *groups = ctx.saved_tensors
+        sid, order = groups if ctx.grouped else (None, None)
+        dproj, dg = torch.ops.movegen.split_mix_bwd(
+            dq, dk.to(dq.dtype), dout, v, gates, mem, ids, sid, order, cos, sin, ctx.gated,
+            ctx.logits, ctx.width,
+        )  # fmt: skip
+        d_gates = None if ctx.width else dg
+        # the taps carry g (value, not gradient) and dout to _BankTaps.backward
+        return (dproj, d_gates, None, None, None, None, None, gates.detach(), dout,
+                *(None,) * 5)  # fmt: skip
+
+
+def split_mix_tapped(proj, gates, cos, sin, mem, taps, gate_standard_path: bool, logits: bool,
+                     n_head: int, head_dim: int, n_gates: int = 0) -> tuple:  # fmt: skip
+    """q, k with RoPE and the mixed v for training (:class:`_SplitMix`): the same values as
+    ``kernels.split_rope`` then :func:`mix_tapped`, the backward one op that writes the value
+    gradient into the product's gradient. ``mem``: ``(table, ids, groups)`` from
+    :func:`bank_taps` (the Triton kernels). ``proj``: ``qkv (B, S, 3, H, D)`` and ``gates``
+    (``logits``: the router's logits), or the stacked product with ``gates`` None, its router
+    columns the logits of ``n_gates`` gates per head (``logits`` must be True)."""
+    table, ids, groups = mem
+    if gates is None and not (logits and n_gates):
+        raise ValueError("split_mix_tapped: a stacked product needs logits=True and n_gates")
+    return _SplitMix.apply(proj, gates, cos, sin, table, ids, groups, taps[0], taps[1],
+                           gate_standard_path, logits, n_head, head_dim, n_gates)  # fmt: skip
+
+
 def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None,
               dtype: torch.dtype | None = None, grouped: bool = False, logits: bool = False,
               stack_dv: bool = True) -> tuple:  # fmt: skip

@@ -110,7 +110,10 @@ def test_residual_norm_on_gpu():
     labels = torch.randint(10, (8,), device="cuda")
     # the standard model, and MoVE (x4: 4 slots of 2 layers) with the QKV and router stacked and
     # the gates formed in the mix kernels
-    for memory, ops in (({}, ()), ({"memory": "move", "memory_density": 4}, ("router", "gates"))):
+    for memory, ops in (
+        ({}, ()),
+        ({"memory": "move", "memory_density": 4}, ("router", "gates", "splitmix")),
+    ):
         cfg = GPTConfig.preset("tiny", vocab_size=512, num_classes=10, seq_len=64, n_embd=768,
                                n_head=12, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
                                class_dropout=0.0, **memory)  # fmt: skip
@@ -273,3 +276,38 @@ def test_bank_kernels_compile_for_hopper():
         )
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         assert compiled.asm["cubin"], jit.__name__
+
+
+def test_mix_backward_kernels_compile_for_hopper():
+    """The mix's backward kernels (per token and grouped by id) write the value and gate
+    gradients at row strides of their own, so that ``split_mix_bwd`` can point them into the
+    QKV product's gradient, and the split's kernel can leave that product's v columns alone:
+    each goes through Triton's whole compiler for an sm_90 target here at GPT-B's head width,
+    with gates and with the routers' logits."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from movegen import kernels
+
+    if kernels.INTERPRET:
+        pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
+    cases = [(kernels._mix_bwd_kernel, {"G": 7, "M": 6, "M_PAD": 8, "BLOCK_R": 64}),
+             (kernels._lmix_bwd_kernel, {"G": 25, "M": 24, "MB": 8, "BLOCK_T": 32})]  # fmt: skip
+    for (kern, consts), logits in itertools.product(cases, (False, True)):
+        consts = {"D": 64, "GATED": 1, "LOGITS": logits, **consts}
+        jit = kern.fn
+        sig = {n: "constexpr" if n in consts else "*i32" if n in ("ids_ptr", "sid_ptr", "order_ptr")
+               else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
+        src = ASTSource(
+            jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()}
+        )
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert compiled.asm["cubin"], jit.__name__
+    jit = kernels._split_rope_kernel
+    consts = {"BWD": True, "D": 64, "BLOCK_S": 32, "COPY_V": False}
+    sig = {n: "constexpr" if n in consts else "*fp32" if n in ("cos_ptr", "sin_ptr")
+           else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
+    src = ASTSource(jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert compiled.asm["cubin"]

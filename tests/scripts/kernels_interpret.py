@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
-from movegen import kernels  # noqa: E402
+from movegen import kernels, move  # noqa: E402
 from movegen.model import GPT, GPTConfig  # noqa: E402
 from movegen.move import bank_taps, mix, mix_reference, mix_tapped  # noqa: E402
 
@@ -114,18 +114,26 @@ compiled = torch.compile(model, fullgraph=True)
 ops = model.fused_ops
 # the last run, plain autograd through every mix, is the reference ("gates": the logits to the
 # kernels; dropped by the model where it cannot apply, as in that last run; the bank gradient
-# from the stacked value gradients or from each where it lies)
-for deferred, grouped, fn, gates, stack in ((True, False, model, False, True), (True, False, compiled, False, False),
-                                            (True, True, model, False, False), (True, True, compiled, False, True),
-                                            (True, False, model, True, False), (True, True, compiled, True, True),
-                                            (False, False, model, True, True)):  # fmt: skip
+# from the stacked value gradients or from each where it lies; "splitmix": the QKV split and the
+# mix as one function, its backward writing dv (and with "router" the logits' gradient) into the
+# product's gradient; "router" without "gates" keeps the split and the mix apart)
+G, S, R = ("gates",), ("splitmix",), ("router",)
+for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (True, False, compiled, (), False),
+                                            (True, True, model, (), False), (True, True, compiled, (), True),
+                                            (True, False, model, G, False), (True, True, compiled, G, True),
+                                            (True, False, model, S, True), (True, True, model, S + G, False),
+                                            (True, False, compiled, S + G + R, True), (True, True, model, S + R, True),
+                                            (False, False, model, G, True)):  # fmt: skip
     model.zero_grad()
     model.deferred_bank_grad = deferred
     model.bank.group_by_id = grouped
     model.bank.stack_dv = stack
-    model.fused_ops = ops + ("gates",) * gates
-    out = fn(codes, labels)
-    out.square().mean().backward()
+    model.fused_ops = ops + extra
+    with mock.patch.object(move._SplitMix, "apply", wraps=move._SplitMix.apply) as split_mix:
+        out = fn(codes, labels)
+        out.square().mean().backward()
+    if fn is model:  # the fused function runs in every layer where it can, and only there
+        assert split_mix.call_count == cfg.n_layer * ("splitmix" in extra and ("router" not in extra or "gates" in extra)), (extra, split_mix.call_count)  # fmt: skip
     res.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
 for out, grads in res[:-1]:
     worst = max(worst, diff(out, res[-1][0]))
