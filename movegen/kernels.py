@@ -1430,14 +1430,46 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 if HAVE_TRITON:
 
     @triton.jit
-    def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s,
-                         sv_h, so_b, so_s, so_h, S, H, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):  # fmt: skip
+    def _load_qk(ptr, b, rows, h, cols, s_b, s_s, s_h, m, cos_ptr, sin_ptr, ROPE: tl.constexpr,
+                 D: tl.constexpr):  # fmt: skip
+        """The (rows, D) tile of q or k at positions ``rows``; with ``ROPE`` rotated as
+        :func:`split_rope` rotates it (fp32 math, back in the input's dtype), each element's
+        pair partner (column ``j ^ 1``) loaded beside it from the same cache lines rather than
+        moved between registers."""
+        tile = _bshd_tile(ptr, b, rows, h, cols, s_b, s_s, s_h)
+        x = tl.load(tile, mask=m, other=0.0)
+        if ROPE:
+            half = (cols // 2)[None, :]
+            c = tl.load(cos_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
+            sn = tl.load(sin_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
+            xp = tl.load(tile + ((cols ^ 1) - cols)[None, :], mask=m, other=0.0)
+            # (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
+            sign = tl.where(cols % 2 == 0, -1.0, 1.0)[None, :]
+            x = (x.to(tl.float32) * c + xp.to(tl.float32) * (sn * sign)).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _unrotate(x, rows, m, cos_ptr, sin_ptr, ROPE: tl.constexpr, BLOCK: tl.constexpr,
+                  D: tl.constexpr):  # fmt: skip
+        """The gradient ``x (BLOCK, D)`` of rotated q or k at positions ``rows`` -> that of the
+        unrotated input (the inverse rotation), or ``x`` as it is without ``ROPE``."""
+        if ROPE:
+            half = tl.arange(0, D // 2)[None, :]
+            c = tl.load(cos_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
+            sn = tl.load(sin_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
+            x = _rot(x, c, sn, True, BLOCK, D)
+        return x
+
+    @triton.jit
+    def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cos_ptr, sin_ptr, sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
+                         sv_b, sv_s, sv_h, so_b, so_s, so_h, S, H, qk_scale, D: tl.constexpr,
+                         ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        # ROPE: q and k rotated as they are loaded (the QKV product read as it is)
         mb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, D)
         rm = (rows < S)[:, None]
-        q = tl.load(_bshd_tile(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h), mask=rm, other=0.0)
+        q = _load_qk(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h, rm, cos_ptr, sin_ptr, ROPE, D)
         m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -1445,7 +1477,7 @@ if HAVE_TRITON:
         for start in range(0, hi, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             km = (keys < S)[:, None]
-            k = tl.load(_bshd_tile(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h), mask=km, other=0.0)
+            k = _load_qk(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h, km, cos_ptr, sin_ptr, ROPE, D)
             v = tl.load(_bshd_tile(v_ptr, b, keys, h, cols, sv_b, sv_s, sv_h), mask=km, other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             # (for rows < S, keys < S follows; rows past S are never stored)
@@ -1478,27 +1510,28 @@ if HAVE_TRITON:
         tl.store(delta_ptr + (b * H + h).to(tl.int64) * S + rows, delta, mask=rows < S)
 
     @triton.jit
-    def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, sq_b, sq_s,
-                         sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h, sg_b, sg_s, sg_h, S, H, scale,
-                         qk_scale, D: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr):  # fmt: skip
+    def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr,
+                         sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h, sg_b, sg_s, sg_h,
+                         S, H, scale, qk_scale, D: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr,
+                         STEP: tl.constexpr):  # fmt: skip
         """dq, dk, dv share the strides ``sg_*``. Program (j, h, b): dk, dv of keys j*BLOCK..
         over the queries at and after them, STEP queries at a time; then dq of queries
-        j*BLOCK.. over the keys up to them, STEP keys at a time."""
+        j*BLOCK.. over the keys up to them, STEP keys at a time. ``ROPE``: q and k rotated as
+        they are loaded, dq and dk rotated back as they are stored (the unrotated product's)."""
         nb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = tl.arange(0, D)
         stat = (b * H + h).to(tl.int64) * S
         keys = nb * BLOCK + tl.arange(0, BLOCK)
         km = (keys < S)[:, None]
-        k = tl.load(_bshd_tile(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h), mask=km, other=0.0)
+        k = _load_qk(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h, km, cos_ptr, sin_ptr, ROPE, D)
         v = tl.load(_bshd_tile(v_ptr, b, keys, h, cols, sv_b, sv_s, sv_h), mask=km, other=0.0)
         dk = tl.zeros((BLOCK, D), tl.float32)
         dv = tl.zeros((BLOCK, D), tl.float32)
         for start in range(nb * BLOCK, S, STEP):
             rows = start + tl.arange(0, STEP)
             rm = rows < S
-            q = tl.load(
-                _bshd_tile(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h), mask=rm[:, None], other=0.0
-            )
+            q = _load_qk(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h, rm[:, None], cos_ptr, sin_ptr,
+                         ROPE, D)  # fmt: skip
             do = tl.load(
                 _bshd_tile(do_ptr, b, rows, h, cols, sd_b, sd_s, sd_h), mask=rm[:, None], other=0.0
             )
@@ -1509,7 +1542,8 @@ if HAVE_TRITON:
             dv += tl.dot(pt.to(do.dtype), do)
             dpt = tl.dot(v, tl.trans(do))
             dk += tl.dot((pt * (dpt - delta[None, :])).to(q.dtype), q)
-        tl.store(_bshd_tile(dk_ptr, b, keys, h, cols, sg_b, sg_s, sg_h), (dk * scale).to(dk_ptr.dtype.element_ty),
+        dk = _unrotate(dk * scale, keys, km, cos_ptr, sin_ptr, ROPE, BLOCK, D)
+        tl.store(_bshd_tile(dk_ptr, b, keys, h, cols, sg_b, sg_s, sg_h), dk.to(dk_ptr.dtype.element_ty),
                  mask=km)  # fmt: skip
         tl.store(
             _bshd_tile(dv_ptr, b, keys, h, cols, sg_b, sg_s, sg_h),
@@ -1518,9 +1552,8 @@ if HAVE_TRITON:
         )
         rows = nb * BLOCK + tl.arange(0, BLOCK)
         rm = rows < S
-        q = tl.load(
-            _bshd_tile(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h), mask=rm[:, None], other=0.0
-        )
+        q = _load_qk(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h, rm[:, None], cos_ptr, sin_ptr,
+                     ROPE, D)  # fmt: skip
         do = tl.load(
             _bshd_tile(do_ptr, b, rows, h, cols, sd_b, sd_s, sd_h), mask=rm[:, None], other=0.0
         )
@@ -1531,13 +1564,14 @@ if HAVE_TRITON:
             # (new names: a loop must not re-assign the key block's tensors at another shape)
             kn = start + tl.arange(0, STEP)
             knm = (kn < S)[:, None]
-            kt = tl.load(_bshd_tile(k_ptr, b, kn, h, cols, sk_b, sk_s, sk_h), mask=knm, other=0.0)
+            kt = _load_qk(k_ptr, b, kn, h, cols, sk_b, sk_s, sk_h, knm, cos_ptr, sin_ptr, ROPE, D)
             vt = tl.load(_bshd_tile(v_ptr, b, kn, h, cols, sv_b, sv_s, sv_h), mask=knm, other=0.0)
             p = tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse[:, None])
             p = tl.where((kn[None, :] <= rows[:, None]) & rm[:, None], p, 0.0)
             dp = tl.dot(do, tl.trans(vt))
             dq += tl.dot((p * (dp - delta[:, None])).to(kt.dtype), kt)
-        tl.store(_bshd_tile(dq_ptr, b, rows, h, cols, sg_b, sg_s, sg_h), (dq * scale).to(dq_ptr.dtype.element_ty),
+        dq = _unrotate(dq * scale, rows, rm[:, None], cos_ptr, sin_ptr, ROPE, BLOCK, D)
+        tl.store(_bshd_tile(dq_ptr, b, rows, h, cols, sg_b, sg_s, sg_h), dq.to(dq_ptr.dtype.element_ty),
                  mask=rm[:, None])  # fmt: skip
 
     def _attn_configs(bwd: bool):
@@ -1554,34 +1588,49 @@ if HAVE_TRITON:
                 for m, n, w in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 32, 4))
                 for s in (2, 3, 4)]  # fmt: skip
 
-    _attn_fwd_kernel = _autotune(_attn_configs(False), key=["S", "D"])(_attn_fwd_kernel)
-    _attn_bwd_kernel = _autotune(_attn_configs(True), key=["S", "D"])(_attn_bwd_kernel)
+    _attn_fwd_kernel = _autotune(_attn_configs(False), key=["S", "D", "ROPE"])(_attn_fwd_kernel)
+    _attn_bwd_kernel = _autotune(_attn_configs(True), key=["S", "D", "ROPE"])(_attn_bwd_kernel)
 
 
 def _bsh(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _rope_args(q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple:
+    """(cos, sin, ROPE) for the attention kernels: the fp32 tables, or ``q`` twice as unused
+    pointers when there is no rotation."""
+    if cos is None or sin is None:
+        return q, q, False
+    return cos.contiguous(), sin.contiguous(), True
+
+
 @torch.library.custom_op("movegen::attn_fwd", mutates_args=())
 def attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v ``(B, S, H, D)`` of one dtype (unit stride on D) -> o ``(B, S, H, D)`` contiguous
-    and the log-sum-exp ``(B, H, S)`` fp32 (base 2, of the scaled scores)."""
+    and the log-sum-exp ``(B, H, S)`` fp32 (base 2, of the scaled scores). With ``cos, sin``
+    (fp32 ``(>= S, D/2)``) q and k are rotated by RoPE as they are read (:func:`split_rope`'s
+    rotation): the unrotated QKV product's q and k are what is given."""
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, S, H, D = q.shape
     q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
     o = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    cos, sin, rope = _rope_args(q, cos, sin)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), H, B)  # noqa: E731
-    _attn_fwd_kernel[grid](q, k, v, o, lse, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o), S, H,
-                           D**-0.5 * 1.4426950408889634, D=D)  # fmt: skip
+    _attn_fwd_kernel[grid](q, k, v, o, lse, cos, sin, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o), S, H,
+                           D**-0.5 * 1.4426950408889634, D=D, ROPE=rope)  # fmt: skip
     return o, lse
 
 
 @attn_fwd.register_fake
-def _(q, k, v):
+def _(q, k, v, cos=None, sin=None):
     B, S, H, D = q.shape
     return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=torch.float32)
 
@@ -1590,6 +1639,15 @@ def _(q, k, v):
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The gradients of q, k, v ``(B, S, H, D)`` (contiguous) for the output gradient ``do``."""
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    _attn_bwd_into(do, q, k, v, o, lse, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _attn_bwd_into(do, q, k, v, o, lse, dq, dk, dv, cos=None, sin=None) -> None:
+    """The attention's backward written into dq, dk, dv (``(B, S, H, D)`` of one set of strides,
+    unit on D); with ``cos, sin`` q and k are the unrotated ones (``attn_fwd``'s) and dq, dk are
+    theirs."""
     B, S, H, D = q.shape
     do, q, k, v, o = (_unit_d(t) for t in (do, q, k, v, o))
     delta = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
@@ -1597,11 +1655,28 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _attn_delta_kernel[(triton.cdiv(S, bs), H, B)](
         o, do, delta, *_bsh(o), *_bsh(do), S, H, D=D, BLOCK=bs
     )
-    dq, dk, dv = (torch.empty(B, S, H, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    cos, sin, rope = _rope_args(q, cos, sin)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK"]), H, B)  # noqa: E731
-    _attn_bwd_kernel[grid](q, k, v, do, lse, delta, dq, dk, dv, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do),
-                           *_bsh(dq), S, H, D**-0.5, D**-0.5 * 1.4426950408889634, D=D)  # fmt: skip
-    return dq, dk, dv
+    _attn_bwd_kernel[grid](q, k, v, do, lse, delta, dq, dk, dv, cos, sin, *_bsh(q), *_bsh(k), *_bsh(v),
+                           *_bsh(do), *_bsh(dq), S, H, D**-0.5, D**-0.5 * 1.4426950408889634, D=D,
+                           ROPE=rope)  # fmt: skip
+
+
+@torch.library.custom_op("movegen::rope_attn_bwd", mutates_args=())
+def rope_attn_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The gradient of the QKV product ``qkv (B, S, 3, H, D)`` (unit stride on D) of
+    :func:`rope_attention`, written as one ``(B, S, 3, H, D)`` tensor: dq and dk rotated back."""
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    q, k, v = _unit_d(qkv).unbind(2)
+    dq, dk, dv = dqkv.unbind(2)
+    _attn_bwd_into(do, q, k, v, o, lse, dq, dk, dv, cos, sin)
+    return dqkv
+
+
+@rope_attn_bwd.register_fake
+def _(do, qkv, o, lse, cos, sin):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 @attn_bwd.register_fake
@@ -1620,6 +1695,29 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         return torch.ops.movegen.attn_bwd(do.to(q.dtype), q, k, v, o, lse)
+
+
+class _RopeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        q, k, v = qkv.unbind(2)
+        o, lse = torch.ops.movegen.attn_fwd(q, k, v, cos, sin)
+        ctx.save_for_backward(qkv, o, lse, cos, sin)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse, cos, sin = ctx.saved_tensors
+        return torch.ops.movegen.rope_attn_bwd(do.to(qkv.dtype), qkv, o, lse, cos, sin), None, None
+
+
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention straight from the QKV product ``qkv (B, S, 3, H, D)`` (unit stride on
+    D): :func:`split_rope` then :func:`attention` in one function, q and k rotated as the kernels
+    read them and their gradients rotated back as they are written, so neither the split q, k, v
+    nor their gradients are written and read again; the backward writes ``dqkv`` in one tensor.
+    ``cos/sin``: fp32 tables with at least S rows. Returns ``(B, S, H, D)`` contiguous."""
+    return _RopeAttention.apply(qkv, cos, sin)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

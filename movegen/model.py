@@ -396,12 +396,21 @@ class Attention(nn.Module):
 
     def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True, fused: bool = False,
                 router: bool = False, attn: bool = False, gate_logits: bool = False,
-                split_mix: bool = False) -> torch.Tensor:  # fmt: skip
+                split_mix: bool = False, rope_attn: bool = False) -> torch.Tensor:  # fmt: skip
         """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
         ``fused``: :meth:`mixed_qkv`'s. ``router``: a memory layer's QKV and router products as
         one product of the stacked weights (one read of ``x``, one input gradient). ``attn``:
         the attention as :func:`kernels.attention` (without attention dropout, where it runs).
-        ``gate_logits``, ``split_mix``: :meth:`mixed_qkv`'s."""
+        ``gate_logits``, ``split_mix``: :meth:`mixed_qkv`'s. ``rope_attn`` (with ``fused`` and
+        ``attn``, a layer without memory): the attention straight from the QKV product,
+        :func:`kernels.rope_attention` (no split q, k, v written and read again)."""
+        p = self.cfg.attn_dropout if self.training else 0.0
+        if rope_attn and fused and attn and p == 0 and not self.has_memory:
+            B, S, d = x.shape
+            qkv = self.qkv(x).view(B, S, 3, self.cfg.n_head, self.cfg.head_dim)
+            if kernels.rope_usable(qkv) and kernels.attn_usable(qkv[:, :, 0]):
+                y = self.proj(kernels.rope_attention(qkv, cos[:S], sin[:S]).flatten(2))
+                return self.resid_drop(y) if dropout else y
         proj = None
         if router and self.has_memory:
             w = torch.cat([self.qkv.weight, self.router.weight])
@@ -411,7 +420,6 @@ class Attention(nn.Module):
             proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused,
                                  gate_logits=gate_logits, split_mix=split_mix)  # fmt: skip
-        p = self.cfg.attn_dropout if self.training else 0.0
         if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):
             y = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         else:
@@ -495,12 +503,14 @@ class Block(nn.Module):
         MLP's SiLU product, ``"rope"``: the QKV split and RoPE, ``"router"``: a memory layer's QKV
         and router products as one, ``"attn"``: the causal attention, ``"gates"``: the MoVE gates
         formed inside the mix kernels, ``"splitmix"``: the split and the MoVE mix as one function
-        (with ``"rope"``); :attr:`GPT.fused_ops`)."""
+        (with ``"rope"``), ``"ropeattn"``: a layer without memory attends straight from its QKV
+        product (with ``"rope"`` and ``"attn"``); :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
                       router="router" in fused, attn="attn" in fused,
-                      gate_logits="gates" in fused, split_mix="splitmix" in fused)  # fmt: skip
+                      gate_logits="gates" in fused, split_mix="splitmix" in fused,
+                      rope_attn="ropeattn" in fused)  # fmt: skip
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -553,7 +563,10 @@ class GPT(nn.Module):
         # to a multiple of 8 columns, split by kernels.split_rope_wide: the unpadded form made
         # the MoVE-x4 step 7.6 ms slower; the padded one is not yet timed on a GPU, 2026-12-06),
         # "splitmix" (with "rope": the QKV split, RoPE and MoVE mix as one function whose
-        # backward writes the value gradient into the QKV product's gradient, not yet timed)
+        # backward writes the value gradient into the QKV product's gradient, not yet timed),
+        # "ropeattn" (with "rope" and "attn", layers without memory: the attention reads the
+        # QKV product as it is, rotating q and k as it loads them, and writes its gradient in
+        # one tensor: no split kernel either way, not yet timed)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn")
         self.reset_parameters()
 

@@ -203,7 +203,7 @@ def test_attention_on_gpu():
 
 def test_attention_kernels_compile_for_hopper():
     """Every autotuned block shape and warp count of the attention kernels (at its most
-    pipeline stages) goes through Triton's whole compiler for an sm_90 target on this GPU-free
+    pipeline stages; rotating q and k as they load them, and one shape without) goes through Triton's whole compiler for an sm_90 target on this GPU-free
     machine: the interpreter runs the kernels as
     Python and does not see what only the compiler rejects (a loop re-assigning a tensor at
     another shape, say)."""
@@ -216,7 +216,7 @@ def test_attention_kernels_compile_for_hopper():
     if kernels.INTERPRET:
         pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
     bf, f32 = "*bf16", "*fp32"
-    ptrs = {"lse_ptr": f32, "delta_ptr": f32}
+    ptrs = {"lse_ptr": f32, "delta_ptr": f32, "cos_ptr": f32, "sin_ptr": f32}
     kinds = [(kernels._attn_fwd_kernel, ("qk_scale",)), (kernels._attn_bwd_kernel, ("scale", "qk_scale")),
              (kernels._attn_delta_kernel, ())]  # fmt: skip
     compiled = set()
@@ -229,8 +229,13 @@ def test_attention_kernels_compile_for_hopper():
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps)
             if key not in deepest or cfg.num_stages > deepest[key].num_stages:
                 deepest[key] = cfg
-        for key, cfg in deepest.items():
+        # RoPE on load (rope_attention) at every shape; without it at the first shape
+        for (key, cfg), rope in [(kc, True) for kc in deepest.items()] + [(next(iter(deepest.items())), False)]:  # fmt: skip
             consts = {"D": 64, **cfg.kwargs}
+            if "ROPE" in jit.arg_names:
+                consts["ROPE"] = rope
+            elif not rope:
+                continue
             sig = {n: "constexpr" if n in consts else ptrs.get(n, bf) if n.endswith("_ptr")
                    else "fp32" if n in floats else "i32" for n in jit.arg_names}  # fmt: skip
             src = ASTSource(
@@ -238,8 +243,9 @@ def test_attention_kernels_compile_for_hopper():
             )
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-            compiled.add((jit.__name__, key))
-    assert len(compiled) == 1 + 5 + 5, sorted(compiled)  # delta; forward and backward shapes
+            compiled.add((jit.__name__, key, consts.get("ROPE")))
+    # delta; forward and backward shapes with RoPE, one of each without
+    assert len(compiled) == 1 + 5 + 5 + 2, sorted(compiled)
 
 
 def test_bank_kernels_compile_for_hopper():

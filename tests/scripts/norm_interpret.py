@@ -102,13 +102,28 @@ ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qr.unbind(2)),
 assert o.is_contiguous() and o.shape == (B, S, H, Dh)
 worst = max(worst, (o - ref.transpose(1, 2)).abs().max().item(), (dqkv - dref).abs().max().item())
 
+# attention straight from the QKV product, RoPE applied as q and k are read: SDPA of the rotated
+# q, k and v, and the product's gradient (dq, dk rotated back) in one tensor
+ang = torch.rand(S, Dh // 2) * 6
+cos, sin = ang.cos(), ang.sin()
+o = kernels.rope_attention(qkv, cos, sin)
+(dqkv,) = torch.autograd.grad(o, qkv, do)
+qr = qkv.detach().clone().requires_grad_()
+q, k, v = qr.unbind(2)
+qk = [apply_rope(t, cos, sin).transpose(1, 2) for t in (q, k)]
+ref = F.scaled_dot_product_attention(*qk, v.transpose(1, 2), is_causal=True)
+(dref,) = torch.autograd.grad(ref.transpose(1, 2), qr, do)
+assert o.is_contiguous() and dqkv.shape == qkv.shape
+worst = max(worst, (o - ref.transpose(1, 2)).abs().max().item(), (dqkv - dref).abs().max().item())
+
 # the model: fused (kernels) and plain paths, same weights, dropout off, forward and gradients
 settings = dict(vocab_size=64, num_classes=10, seq_len=16, resid_dropout=0.0, ffn_dropout=0.0,
                 token_dropout=0.0, class_dropout=0.0)  # fmt: skip
 codes, labels = torch.randint(64, (3, 16)), torch.tensor([1, 5, 9])
 # the standard model, and MoVE with the QKV and router products stacked ("router") and the gates
-# formed in the mix kernels ("gates")
-for memory, ops in (("none", ()), ("move", ("router", "gates"))):
+# formed in the mix kernels ("gates"); the standard model's attention straight from its QKV
+# product ("ropeattn")
+for memory, ops in (("none", ()), ("none", ("ropeattn",)), ("move", ("router", "gates"))):
     model = GPT(GPTConfig.preset("tiny", memory=memory, **settings)).train()
     for prm in model.parameters():
         torch.nn.init.normal_(prm, std=0.1)
