@@ -1203,6 +1203,27 @@ def _(dq, dk, dv, cos, sin, extra=None, width=0):
     return dq.new_empty(B, S, 3, H, D) if extra is None else dq.new_empty(B, S, width)
 
 
+def _mix_bwd_into(dout, v, gates, table, ids, sid, order, dv, s_on: int, dg, s_gn: int, gated: bool,
+                  logits: bool) -> None:  # fmt: skip
+    """The mix's backward (per token, or grouped by id with ``sid, order``) writing the value
+    gradient of row (n, h) at ``dv + n * s_on + h * D`` and the gates' at ``dg + n * s_gn + h * G``
+    (n = b * T + t)."""
+    B, T, H, D = dout.shape
+    G, M = gates.shape[-1], table.shape[1]
+    table, ids, s_id, s_m, s_h = _table_args(table, ids)
+    v, s_vn, s_vh = _as_rows(v)
+    dout, gates = dout.contiguous(), gates.contiguous()
+    if sid is not None and order is not None:
+        _lmix_bwd_kernel[_lane_grid(B * T, H)](dout, v, gates, table, sid, order, dv, dg, B * T, H, s_vn, s_vh,
+                                               s_id, s_m, s_h, s_on, s_gn, G=G, M=M, D=D, GATED=int(gated),
+                                               LOGITS=logits)  # fmt: skip
+    else:
+        R = B * T * H
+        _mix_bwd_kernel[_grid(R)](dout, v, gates, table, ids, dv, dg, R, H, s_vn, s_vh, s_id, s_m, s_h, s_on,
+                                  s_gn, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated),
+                                  LOGITS=logits)  # fmt: skip
+
+
 @torch.library.custom_op("movegen::split_mix_bwd", mutates_args=())
 def split_mix_bwd(dq: torch.Tensor, dk: torch.Tensor, dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
                   table: torch.Tensor, ids: torch.Tensor, sid: torch.Tensor | None, order: torch.Tensor | None,
@@ -1218,7 +1239,7 @@ def split_mix_bwd(dq: torch.Tensor, dk: torch.Tensor, dout: torch.Tensor, v: tor
     ``(dproj (B, S, width), empty)``, the logits' gradient written in the router's columns and
     zeros in the padding."""
     B, S, H, D = dq.shape
-    G, M, n = gates.shape[-1], table.shape[1], 3 * H * D
+    G, n = gates.shape[-1], 3 * H * D
     if width and (not logits or width < n + H * G):
         raise ValueError(f"split_mix_bwd: a product of width {width} needs the router's logits as "
                          f"gates and at least {n + H * G} columns")  # fmt: skip
@@ -1231,21 +1252,10 @@ def split_mix_bwd(dq: torch.Tensor, dk: torch.Tensor, dout: torch.Tensor, v: tor
         out = torch.empty(B, S, 3, H, D, device=dq.device, dtype=dq.dtype)
         dg_out = torch.empty(B, S, H, G, device=dq.device, dtype=gates.dtype)
         dg, s_gn = dg_out, H * G
-    s_on = out.stride(1)
     flat = out.view(B, S, -1)
     dqkv = flat[..., :n].view(B, S, 3, H, D)
-    table, ids, s_id, s_m, s_h = _table_args(table, ids)
-    v, s_vn, s_vh = _as_rows(v)
-    dout, gates = dout.contiguous(), gates.contiguous()
-    if sid is not None and order is not None:
-        _lmix_bwd_kernel[_lane_grid(B * S, H)](dout, v, gates, table, sid, order, flat[..., 2 * H * D :], dg, B * S,
-                                               H, s_vn, s_vh, s_id, s_m, s_h, s_on, s_gn, G=G, M=M, D=D,
-                                               GATED=int(gated), LOGITS=logits)  # fmt: skip
-    else:
-        R = B * S * H
-        _mix_bwd_kernel[_grid(R)](dout, v, gates, table, ids, flat[..., 2 * H * D :], dg, R, H, s_vn, s_vh, s_id,
-                                  s_m, s_h, s_on, s_gn, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated),
-                                  LOGITS=logits)  # fmt: skip
+    _mix_bwd_into(dout, v, gates, table, ids, sid, order, flat[..., 2 * H * D :], out.stride(1), dg,
+                  s_gn, gated, logits)  # fmt: skip
     grid, meta = _rope_launch(B, S, H)
     _split_rope_kernel[grid](dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3), cos.contiguous(),
                              sin.contiguous(), dq, dk, dq, *dq.stride()[:3], *dk.stride()[:3], *dq.stride()[:3],
@@ -1512,9 +1522,9 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr,
                          sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h, sg_b, sg_s, sg_h,
-                         S, H, scale, qk_scale, D: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr,
-                         STEP: tl.constexpr):  # fmt: skip
-        """dq, dk, dv share the strides ``sg_*``. Program (j, h, b): dk, dv of keys j*BLOCK..
+                         sw_b, sw_s, sw_h, S, H, scale, qk_scale, D: tl.constexpr, ROPE: tl.constexpr,
+                         BLOCK: tl.constexpr, STEP: tl.constexpr):  # fmt: skip
+        """dq, dk share the strides ``sg_*``, dv has ``sw_*``. Program (j, h, b): dk, dv of keys j*BLOCK..
         over the queries at and after them, STEP queries at a time; then dq of queries
         j*BLOCK.. over the keys up to them, STEP keys at a time. ``ROPE``: q and k rotated as
         they are loaded, dq and dk rotated back as they are stored (the unrotated product's)."""
@@ -1546,7 +1556,7 @@ if HAVE_TRITON:
         tl.store(_bshd_tile(dk_ptr, b, keys, h, cols, sg_b, sg_s, sg_h), dk.to(dk_ptr.dtype.element_ty),
                  mask=km)  # fmt: skip
         tl.store(
-            _bshd_tile(dv_ptr, b, keys, h, cols, sg_b, sg_s, sg_h),
+            _bshd_tile(dv_ptr, b, keys, h, cols, sw_b, sw_s, sw_h),
             dv.to(dv_ptr.dtype.element_ty),
             mask=km,
         )
@@ -1645,10 +1655,12 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def _attn_bwd_into(do, q, k, v, o, lse, dq, dk, dv, cos=None, sin=None) -> None:
-    """The attention's backward written into dq, dk, dv (``(B, S, H, D)`` of one set of strides,
-    unit on D); with ``cos, sin`` q and k are the unrotated ones (``attn_fwd``'s) and dq, dk are
-    theirs."""
+    """The attention's backward written into dq, dk, dv (``(B, S, H, D)``, unit stride on D; dq
+    and dk of one set of strides); with ``cos, sin`` q and k are the unrotated ones
+    (``attn_fwd``'s) and dq, dk are theirs."""
     B, S, H, D = q.shape
+    if dq.stride() != dk.stride():
+        raise ValueError(f"dq, dk must share strides; got {dq.stride()}, {dk.stride()}")
     do, q, k, v, o = (_unit_d(t) for t in (do, q, k, v, o))
     delta = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     bs = 16 if INTERPRET else 64
@@ -1658,8 +1670,8 @@ def _attn_bwd_into(do, q, k, v, o, lse, dq, dk, dv, cos=None, sin=None) -> None:
     cos, sin, rope = _rope_args(q, cos, sin)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK"]), H, B)  # noqa: E731
     _attn_bwd_kernel[grid](q, k, v, do, lse, delta, dq, dk, dv, cos, sin, *_bsh(q), *_bsh(k), *_bsh(v),
-                           *_bsh(do), *_bsh(dq), S, H, D**-0.5, D**-0.5 * 1.4426950408889634, D=D,
-                           ROPE=rope)  # fmt: skip
+                           *_bsh(do), *_bsh(dq), *_bsh(dv), S, H, D**-0.5, D**-0.5 * 1.4426950408889634,
+                           D=D, ROPE=rope)  # fmt: skip
 
 
 @torch.library.custom_op("movegen::rope_attn_bwd", mutates_args=())
@@ -1677,6 +1689,51 @@ def rope_attn_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: tor
 @rope_attn_bwd.register_fake
 def _(do, qkv, o, lse, cos, sin):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("movegen::rope_attn_mix_bwd", mutates_args=())
+def rope_attn_mix_bwd(do: torch.Tensor, proj: torch.Tensor, vm: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, gates: torch.Tensor, table: torch.Tensor,
+                      ids: torch.Tensor, sid: torch.Tensor | None, order: torch.Tensor | None, gated: bool,
+                      logits: bool, head_dim: int,
+                      gates_in_proj: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The backward of a memory layer's attention straight from its product ``proj (B, S, W)``
+    (columns ``[q | k | v | router logits | padding]``, or only the QKV): q, k rotated as read,
+    the mixed values ``vm (B, S, H, D)`` (the mix of proj's v) attended. The attention's kernel
+    writes dq and dk, rotated back, into the product's gradient and the mixed values' gradient
+    ``dvm`` apart (the bank gradient reads it); the mix's kernel then writes the value gradient
+    into the product's v columns, and with ``gates_in_proj`` (``gates``: the router's logits as
+    the product holds them) the logits' gradient into its router columns (zeros in the padding).
+    Returns ``(dproj (B, S, W), dgates (B, S, H, G), or empty with gates_in_proj, dvm)``."""
+    B, S, W = proj.shape
+    H, D = vm.shape[2], head_dim
+    G, n = gates.shape[-1], 3 * H * D
+    used = n + H * G * gates_in_proj
+    if W < used or (gates_in_proj and not logits):
+        raise ValueError(f"rope_attn_mix_bwd: a product of width {W} with {H * G} router columns "
+                         f"(gates_in_proj={gates_in_proj}, logits={logits})")  # fmt: skip
+    dproj = torch.empty(B, S, W, device=proj.device, dtype=proj.dtype)
+    if W > used:
+        dproj[..., used:].zero_()
+    q, k, v = proj[..., :n].view(B, S, 3, H, D).unbind(2)
+    dq, dk, _ = dproj[..., :n].view(B, S, 3, H, D).unbind(2)
+    dvm = torch.empty(B, S, H, D, device=proj.device, dtype=proj.dtype)
+    _attn_bwd_into(do, q, k, vm, o, lse, dq, dk, dvm, cos, sin)
+    if gates_in_proj:
+        dg, s_gn, dg_out = dproj[..., n:], W, dproj.new_empty(0)
+    else:
+        dg_out = torch.empty(B, S, H, G, device=proj.device, dtype=gates.dtype)
+        dg, s_gn = dg_out, H * G
+    _mix_bwd_into(dvm, v, gates, table, ids, sid, order, dproj[..., 2 * H * D :], W, dg, s_gn, gated,
+                  logits)  # fmt: skip
+    return dproj, dg_out, dvm
+
+
+@rope_attn_mix_bwd.register_fake
+def _(do, proj, vm, o, lse, cos, sin, gates, table, ids, sid, order, gated, logits, head_dim,
+      gates_in_proj):  # fmt: skip
+    dg = gates.new_empty(0) if gates_in_proj else gates.new_empty(gates.shape)
+    return proj.new_empty(proj.shape), dg, vm.new_empty(vm.shape)
 
 
 @attn_bwd.register_fake
@@ -1739,6 +1796,13 @@ def attn_usable(q: torch.Tensor) -> bool:
     keeps SDPA) or the interpreter (fp32 only: Triton's interpreter gets bf16 products wrong), a
     power-of-two head width from 16 to 128, at most :data:`ATTN_MAX_SEQ` positions. Each new
     sequence length autotunes the kernels again (the key is (S, D))."""
-    D = q.shape[-1]
+    return attn_usable_for(q.device, q.dtype, q.shape[1], q.shape[-1])
+
+
+def attn_usable_for(
+    device: torch.device | str, dtype: torch.dtype, seq: int, head_dim: int
+) -> bool:
+    """:func:`attn_usable` for q of this device, dtype, length and head width."""
     ok = (torch.float32,) if INTERPRET else (torch.bfloat16, torch.float16)
-    return usable(q.device, D) and D <= 128 and q.shape[1] <= ATTN_MAX_SEQ and q.dtype in ok
+    D = head_dim
+    return usable(device, D) and D <= 128 and seq <= ATTN_MAX_SEQ and dtype in ok

@@ -38,6 +38,7 @@ from .move import (
     mix,
     mix_tapped,
     move_slots,
+    rope_attn_mix_tapped,
     split_mix_tapped,
 )
 
@@ -402,14 +403,15 @@ class Attention(nn.Module):
         one product of the stacked weights (one read of ``x``, one input gradient). ``attn``:
         the attention as :func:`kernels.attention` (without attention dropout, where it runs).
         ``gate_logits``, ``split_mix``: :meth:`mixed_qkv`'s. ``rope_attn`` (with ``fused`` and
-        ``attn``, a layer without memory): the attention straight from the QKV product,
-        :func:`kernels.rope_attention` (no split q, k, v written and read again)."""
+        ``attn``): the attention straight from the QKV product (no split q, k, v written and read
+        again): :func:`kernels.rope_attention`, or in a MoVE layer on the Triton kernels'
+        training path :func:`move.rope_attn_mix_tapped` (with ``router`` only with
+        ``gate_logits``)."""
         p = self.cfg.attn_dropout if self.training else 0.0
-        if rope_attn and fused and attn and p == 0 and not self.has_memory:
-            B, S, d = x.shape
-            qkv = self.qkv(x).view(B, S, 3, self.cfg.n_head, self.cfg.head_dim)
-            if kernels.rope_usable(qkv) and kernels.attn_usable(qkv[:, :, 0]):
-                y = self.proj(kernels.rope_attention(qkv, cos[:S], sin[:S]).flatten(2))
+        if rope_attn and fused and attn and p == 0:
+            y = self._attend_product(x, memh, cos, sin, taps, router, gate_logits)
+            if y is not None:
+                y = self.proj(y.flatten(2))
                 return self.resid_drop(y) if dropout else y
         proj = None
         if router and self.has_memory:
@@ -427,6 +429,38 @@ class Attention(nn.Module):
             y = y.transpose(1, 2)  # (B, H, S, D) -> (B, S, H, D)
         y = self.proj(y.flatten(2))
         return self.resid_drop(y) if dropout else y
+
+    def _attend_product(self, x, memh, cos, sin, taps, router: bool, gate_logits: bool):
+        """The attention output ``(B, S, H, D)`` straight from the QKV product where the kernels
+        run (see :meth:`forward`'s ``rope_attn``), else None."""
+        B, S, d = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        if not kernels.attn_usable_for(x.device, dtype, S, D):  # (the product's dtype)
+            return None
+        if not self.has_memory:
+            qkv = self.qkv(x).view(B, S, 3, H, D)
+            return kernels.rope_attention(qkv, cos[:S], sin[:S])
+        if self.table is not None or taps is None or not isinstance(memh, tuple):
+            return None
+        if router and gate_logits:  # the stacked product, its router columns the logits
+            w = torch.cat([self.qkv.weight, self.router.weight])
+            proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
+            return rope_attn_mix_tapped(proj, None, cos[:S], sin[:S], memh, taps, self.gated, True,
+                                        H, D, self.router.out_features // H)  # fmt: skip
+        if router:
+            return None
+        logits = self.router(x)
+        G = logits.shape[-1] // H
+        if gate_logits:
+            gates = logits.view(B, S, H, G)
+        else:
+            gates = gates_from_logits(logits, H)
+            if self.training and self.cfg.memory_dropout > 0:
+                gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
+        return rope_attn_mix_tapped(self.qkv(x), gates, cos[:S], sin[:S], memh, taps, self.gated,
+                                    gate_logits, H, D)  # fmt: skip
 
     def forward_cached(
         self, x, ids, mem, pos, rope, mask, cache: KVCache, layer: int

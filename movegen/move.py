@@ -285,6 +285,64 @@ def split_mix_tapped(proj, gates, cos, sin, mem, taps, gate_standard_path: bool,
                            gate_standard_path, logits, n_head, head_dim, n_gates)  # fmt: skip
 
 
+class _RopeAttnMix(torch.autograd.Function):
+    """A memory layer's attention straight from its product (Triton kernels, the table path):
+    the mix of the product's v columns, then causal attention of its q and k (rotated as the
+    kernel reads them) over the mixed values, so no split q, k, v is written either way; the
+    backward is one op (``kernels.rope_attn_mix_bwd``) writing the whole product's gradient.
+    ``proj (B, S, W)``: ``[q | k | v]`` with ``gates (B, S, H, G)`` beside it, or (``gates``
+    None) ``[q | k | v | router logits | padding]``, the logits of ``n_gates`` gates per head
+    made gates by the kernels. Returns the attention's output ``(B, S, H, D)``; the bank gradient
+    leaves through the taps as in ``_Mix``."""
+
+    @staticmethod
+    def forward(ctx, proj, gates, cos, sin, mem, ids, groups, tap_g, tap_v, gated: bool, logits: bool,
+                n_head: int, head_dim: int, n_gates: int):  # fmt: skip
+        B, S, W = proj.shape
+        H, D = n_head, head_dim
+        n = 3 * H * D
+        ctx.gates_in_proj = gates is None
+        if gates is None:
+            gates = proj[..., n : n + H * n_gates].contiguous().view(B, S, H, n_gates)
+        q, k, v = proj[..., :n].view(B, S, 3, H, D).unbind(2)
+        if groups is not None:
+            vm = torch.ops.movegen.gmix_fwd(v, gates, mem, *groups, gated, logits)
+        else:
+            vm = torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated, logits)
+        o, lse = torch.ops.movegen.attn_fwd(q, k, vm, cos, sin)
+        ctx.gated, ctx.logits, ctx.grouped, ctx.head_dim = gated, logits, groups is not None, D
+        ctx.save_for_backward(proj, gates, vm, o, lse, cos, sin, mem, ids, *(groups or ()))
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        proj, gates, vm, o, lse, cos, sin, mem, ids, *groups = ctx.saved_tensors
+        sid, order = groups if ctx.grouped else (None, None)
+        dproj, dg, dvm = torch.ops.movegen.rope_attn_mix_bwd(
+            do.to(proj.dtype), proj, vm, o, lse, cos, sin, gates, mem, ids, sid, order, ctx.gated,
+            ctx.logits, ctx.head_dim, ctx.gates_in_proj,
+        )  # fmt: skip
+        d_gates = None if ctx.gates_in_proj else dg
+        # the taps carry g (value, not gradient) and the mixed values' gradient to _BankTaps
+        return (dproj, d_gates, None, None, None, None, None, gates.detach(), dvm,
+                *(None,) * 5)  # fmt: skip
+
+
+def rope_attn_mix_tapped(proj, gates, cos, sin, mem, taps, gate_standard_path: bool, logits: bool,
+                         n_head: int, head_dim: int, n_gates: int = 0) -> torch.Tensor:  # fmt: skip
+    """A memory layer's attention for training straight from its product (:class:`_RopeAttnMix`):
+    the same values as ``kernels.split_rope``, :func:`mix_tapped` and ``kernels.attention``.
+    ``mem``: ``(table, ids, groups)`` from :func:`bank_taps`. ``proj (B, S, W)``: the QKV product
+    with ``gates`` (``logits``: the router's logits) beside it, or the stacked product with
+    ``gates`` None, its router columns the logits of ``n_gates`` gates per head (``logits``
+    True). Returns ``(B, S, H, D)``."""
+    table, ids, groups = mem
+    if gates is None and not (logits and n_gates):
+        raise ValueError("rope_attn_mix_tapped: a stacked product needs logits=True and n_gates")
+    return _RopeAttnMix.apply(proj, gates, cos, sin, table, ids, groups, taps[0], taps[1],
+                              gate_standard_path, logits, n_head, head_dim, n_gates)  # fmt: skip
+
+
 def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None,
               dtype: torch.dtype | None = None, grouped: bool = False, logits: bool = False,
               stack_dv: bool = True) -> tuple:  # fmt: skip

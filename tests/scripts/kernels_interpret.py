@@ -117,23 +117,28 @@ ops = model.fused_ops
 # from the stacked value gradients or from each where it lies; "splitmix": the QKV split and the
 # mix as one function, its backward writing dv (and with "router" the logits' gradient) into the
 # product's gradient; "router" without "gates" keeps the split and the mix apart)
-G, S, R = ("gates",), ("splitmix",), ("router",)
+G, S, R, A = ("gates",), ("splitmix",), ("router",), ("ropeattn",)
 for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (True, False, compiled, (), False),
                                             (True, True, model, (), False), (True, True, compiled, (), True),
                                             (True, False, model, G, False), (True, True, compiled, G, True),
                                             (True, False, model, S, True), (True, True, model, S + G, False),
                                             (True, False, compiled, S + G + R, True), (True, True, model, S + R, True),
+                                            (True, False, model, A, True), (True, True, model, A + G + R, False),
+                                            (True, True, compiled, A + G, True), (True, False, model, A + R, True),
                                             (False, False, model, G, True)):  # fmt: skip
     model.zero_grad()
     model.deferred_bank_grad = deferred
     model.bank.group_by_id = grouped
     model.bank.stack_dv = stack
     model.fused_ops = ops + extra
-    with mock.patch.object(move._SplitMix, "apply", wraps=move._SplitMix.apply) as split_mix:
+    with mock.patch.object(move._SplitMix, "apply", wraps=move._SplitMix.apply) as split_mix, \
+            mock.patch.object(move._RopeAttnMix, "apply", wraps=move._RopeAttnMix.apply) as attn_mix:  # fmt: skip
         out = fn(codes, labels)
         out.square().mean().backward()
-    if fn is model:  # the fused function runs in every layer where it can, and only there
-        assert split_mix.call_count == cfg.n_layer * ("splitmix" in extra and ("router" not in extra or "gates" in extra)), (extra, split_mix.call_count)  # fmt: skip
+    if fn is model:  # a fused function runs in every layer where it can, and only there
+        fits = "router" not in extra or "gates" in extra
+        assert attn_mix.call_count == cfg.n_layer * ("ropeattn" in extra and fits), (extra, attn_mix.call_count)  # fmt: skip
+        assert split_mix.call_count == cfg.n_layer * ("splitmix" in extra and fits), (extra, split_mix.call_count)  # fmt: skip
     res.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
 for out, grads in res[:-1]:
     worst = max(worst, diff(out, res[-1][0]))
