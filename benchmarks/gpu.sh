@@ -104,7 +104,7 @@ verify)
   timeout ${T_VERIFY:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
-  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@nodvstack:256:compiled,standard@noclipfold:256:compiled,standard@emb:256:compiled,move-x1@router+gates:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled} \
+  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,standard@ropeattn:256:compiled,move-x1:256:compiled,move-x1@ropeattn+router+gates:256:compiled,move-x4:256:compiled,move-x4@ropeattn+router+gates:256:compiled,standard@ropeattn+emb:256:compiled,move-x1@ropeattn:256:compiled,move-x1@router+gates:256:compiled,move-x1@nodvstack:256:compiled} \
     run_section train;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;

@@ -1441,21 +1441,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _load_qk(ptr, b, rows, h, cols, s_b, s_s, s_h, m, cos_ptr, sin_ptr, ROPE: tl.constexpr,
-                 D: tl.constexpr):  # fmt: skip
-        """The (rows, D) tile of q or k at positions ``rows``; with ``ROPE`` rotated as
-        :func:`split_rope` rotates it (fp32 math, back in the input's dtype), each element's
-        pair partner (column ``j ^ 1``) loaded beside it from the same cache lines rather than
-        moved between registers."""
-        tile = _bshd_tile(ptr, b, rows, h, cols, s_b, s_s, s_h)
-        x = tl.load(tile, mask=m, other=0.0)
+                 BLOCK: tl.constexpr, D: tl.constexpr):  # fmt: skip
+        """The (BLOCK, D) tile of q or k at positions ``rows``; with ``ROPE`` rotated as
+        :func:`split_rope` rotates it (fp32 math, back in the input's dtype)."""
+        x = tl.load(_bshd_tile(ptr, b, rows, h, cols, s_b, s_s, s_h), mask=m, other=0.0)
         if ROPE:
-            half = (cols // 2)[None, :]
+            half = tl.arange(0, D // 2)[None, :]
             c = tl.load(cos_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
             sn = tl.load(sin_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
-            xp = tl.load(tile + ((cols ^ 1) - cols)[None, :], mask=m, other=0.0)
-            # (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
-            sign = tl.where(cols % 2 == 0, -1.0, 1.0)[None, :]
-            x = (x.to(tl.float32) * c + xp.to(tl.float32) * (sn * sign)).to(x.dtype)
+            x = _rot(x.to(tl.float32), c, sn, False, BLOCK, D).to(x.dtype)
         return x
 
     @triton.jit
@@ -1479,7 +1473,9 @@ if HAVE_TRITON:
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, D)
         rm = (rows < S)[:, None]
-        q = _load_qk(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h, rm, cos_ptr, sin_ptr, ROPE, D)
+        q = _load_qk(
+            q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h, rm, cos_ptr, sin_ptr, ROPE, BLOCK_M, D
+        )
         m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -1487,7 +1483,8 @@ if HAVE_TRITON:
         for start in range(0, hi, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             km = (keys < S)[:, None]
-            k = _load_qk(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h, km, cos_ptr, sin_ptr, ROPE, D)
+            k = _load_qk(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h, km, cos_ptr, sin_ptr, ROPE,
+                         BLOCK_N, D)  # fmt: skip
             v = tl.load(_bshd_tile(v_ptr, b, keys, h, cols, sv_b, sv_s, sv_h), mask=km, other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             # (for rows < S, keys < S follows; rows past S are never stored)
@@ -1533,7 +1530,9 @@ if HAVE_TRITON:
         stat = (b * H + h).to(tl.int64) * S
         keys = nb * BLOCK + tl.arange(0, BLOCK)
         km = (keys < S)[:, None]
-        k = _load_qk(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h, km, cos_ptr, sin_ptr, ROPE, D)
+        k = _load_qk(
+            k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h, km, cos_ptr, sin_ptr, ROPE, BLOCK, D
+        )
         v = tl.load(_bshd_tile(v_ptr, b, keys, h, cols, sv_b, sv_s, sv_h), mask=km, other=0.0)
         dk = tl.zeros((BLOCK, D), tl.float32)
         dv = tl.zeros((BLOCK, D), tl.float32)
@@ -1541,7 +1540,7 @@ if HAVE_TRITON:
             rows = start + tl.arange(0, STEP)
             rm = rows < S
             q = _load_qk(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h, rm[:, None], cos_ptr, sin_ptr,
-                         ROPE, D)  # fmt: skip
+                         ROPE, STEP, D)  # fmt: skip
             do = tl.load(
                 _bshd_tile(do_ptr, b, rows, h, cols, sd_b, sd_s, sd_h), mask=rm[:, None], other=0.0
             )
@@ -1563,7 +1562,7 @@ if HAVE_TRITON:
         rows = nb * BLOCK + tl.arange(0, BLOCK)
         rm = rows < S
         q = _load_qk(q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h, rm[:, None], cos_ptr, sin_ptr,
-                     ROPE, D)  # fmt: skip
+                     ROPE, BLOCK, D)  # fmt: skip
         do = tl.load(
             _bshd_tile(do_ptr, b, rows, h, cols, sd_b, sd_s, sd_h), mask=rm[:, None], other=0.0
         )
@@ -1574,7 +1573,8 @@ if HAVE_TRITON:
             # (new names: a loop must not re-assign the key block's tensors at another shape)
             kn = start + tl.arange(0, STEP)
             knm = (kn < S)[:, None]
-            kt = _load_qk(k_ptr, b, kn, h, cols, sk_b, sk_s, sk_h, knm, cos_ptr, sin_ptr, ROPE, D)
+            kt = _load_qk(k_ptr, b, kn, h, cols, sk_b, sk_s, sk_h, knm, cos_ptr, sin_ptr, ROPE, STEP,
+                          D)  # fmt: skip
             vt = tl.load(_bshd_tile(v_ptr, b, kn, h, cols, sv_b, sv_s, sv_h), mask=knm, other=0.0)
             p = tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse[:, None])
             p = tl.where((kn[None, :] <= rows[:, None]) & rm[:, None], p, 0.0)
