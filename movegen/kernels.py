@@ -1609,7 +1609,9 @@ def _bsh(t: torch.Tensor) -> tuple[int, int, int]:
 def _rope_args(q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple:
     """(cos, sin, ROPE) for the attention kernels: the fp32 tables, or ``q`` twice as unused
     pointers when there is no rotation."""
-    if cos is None or sin is None:
+    if (cos is None) != (sin is None):
+        raise ValueError("the attention's RoPE needs both cos and sin, or neither")
+    if cos is None:
         return q, q, False
     return cos.contiguous(), sin.contiguous(), True
 

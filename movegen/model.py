@@ -537,8 +537,9 @@ class Block(nn.Module):
         MLP's SiLU product, ``"rope"``: the QKV split and RoPE, ``"router"``: a memory layer's QKV
         and router products as one, ``"attn"``: the causal attention, ``"gates"``: the MoVE gates
         formed inside the mix kernels, ``"splitmix"``: the split and the MoVE mix as one function
-        (with ``"rope"``), ``"ropeattn"``: a layer without memory attends straight from its QKV
-        product (with ``"rope"`` and ``"attn"``); :attr:`GPT.fused_ops`)."""
+        (with ``"rope"``), ``"ropeattn"``: the attention straight from the QKV product, the MoVE
+        mix included on its training path (with ``"rope"`` and ``"attn"``);
+        :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
@@ -598,9 +599,9 @@ class GPT(nn.Module):
         # the MoVE-x4 step 7.6 ms slower; the padded one is not yet timed on a GPU, 2026-12-06),
         # "splitmix" (with "rope": the QKV split, RoPE and MoVE mix as one function whose
         # backward writes the value gradient into the QKV product's gradient, not yet timed),
-        # "ropeattn" (with "rope" and "attn", layers without memory: the attention reads the
-        # QKV product as it is, rotating q and k as it loads them, and writes its gradient in
-        # one tensor: no split kernel either way, not yet timed)
+        # "ropeattn" (with "rope" and "attn": the attention reads the QKV product as it is,
+        # rotating q and k as it loads them, after the MoVE mix of its v in memory layers, and
+        # writes the product's gradient in one tensor: no split kernel either way, not yet timed)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn")
         self.reset_parameters()
 

@@ -108,11 +108,15 @@ def test_residual_norm_on_gpu():
 
     codes = torch.randint(512, (8, 64), device="cuda")
     labels = torch.randint(10, (8,), device="cuda")
-    # the standard model, and MoVE (x4: 4 slots of 2 layers) with the QKV and router stacked and
-    # the gates formed in the mix kernels
+    # the standard model, with its attention straight from the QKV product too; MoVE (x4: 4 slots
+    # of 2 layers) with the QKV and router stacked, the gates formed in the mix kernels and the
+    # attention straight from the product; MoVE with the split and mix as one function
+    x4 = {"memory": "move", "memory_density": 4}
     for memory, ops in (
         ({}, ()),
-        ({"memory": "move", "memory_density": 4}, ("router", "gates", "splitmix")),
+        ({}, ("ropeattn",)),
+        (x4, ("router", "gates", "ropeattn")),
+        (x4, ("gates", "splitmix")),
     ):
         cfg = GPTConfig.preset("tiny", vocab_size=512, num_classes=10, seq_len=64, n_embd=768,
                                n_head=12, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
