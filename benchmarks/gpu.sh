@@ -22,6 +22,8 @@
 #                     torch-fidelity: carry .whl/ into /tmp/site)
 #   verify            what has not run on a GPU: the bank-gradient and MoVE kernel tests, then the
 #                     untimed train_step options beside their baselines (TRAIN_ONLY overrides)
+#   quick             under 300 s: the attention straight from the QKV product alone against split +
+#                     attention (block_ops), then standard and MoVE-x1 with and without it (train)
 #   all               mix, train and sampling (the headline tables)
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
 # TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
@@ -29,10 +31,13 @@
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
 export PYTHONUNBUFFERED=1
+# each autotuner's winning configuration goes to the logs: which ones to keep where a fresh
+# machine's autotuning costs too much of a call
+export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,29p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,31p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 errors() { grep -m3 -E "Error|error:" "$1"; }
@@ -105,6 +110,14 @@ verify)
     -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
   TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,standard@ropeattn:256:compiled,move-x1:256:compiled,move-x1@ropeattn+router+gates:256:compiled,move-x4:256:compiled,move-x4@ropeattn+router+gates:256:compiled,standard@ropeattn+emb:256:compiled,move-x1@ropeattn:256:compiled,move-x1@router+gates:256:compiled,move-x1@nodvstack:256:compiled} \
+    run_section train;;
+quick)
+  # the first call of a session where machines are scarce (under 300 s): the attention from the
+  # QKV product alone against split + attention, then those arms' training steps
+  bench ${T_QUICK_BLOCK:-90} block_attn.log benchmarks.block_ops --norm "" --swiglu "" --rope "" --ce "" \
+    --attention split+triton,ropeattn --iters 10
+  grep -E "^\||^block" "$OUT/block_attn.log"; errors "$OUT/block_attn.log"
+  T_TRAIN=${T_TRAIN:-170} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,standard@ropeattn:256:compiled,move-x1:256:compiled,move-x1@ropeattn+router+gates:256:compiled} \
     run_section train;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;
