@@ -43,7 +43,7 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
 
 ARM_OPTIONS = ("grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "noattn",
                "noce", "norouter", "ce", "router", "attn", "gates", "emb", "noclipfold", "nodvstack",
-               "splitmix", "ropeattn")  # fmt: skip
+               "splitmix", "ropeattn", "ropesave")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -59,7 +59,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     (``clip_grad_norm_``) rather than inside the fused AdamW step (train_step); nodvstack the MoVE
     bank gradient reading each layer's value gradient in place (``MoVEBank.stack_dv`` False);
     splitmix the QKV split and MoVE mix as one function, ropeattn the attention straight from the
-    QKV product in layers without memory (both off by default: ``GPT.fused_ops``)."""
+    QKV product, ropesave with it the rotated q, k written by the forward for the backward (all
+    three off by default: ``GPT.fused_ops``)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
@@ -75,7 +76,7 @@ def apply_arm_options(model, opts: set[str]) -> None:
     model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
     model.fused_ops += tuple(
         o
-        for o in ("ce", "router", "attn", "gates", "emb", "splitmix", "ropeattn")
+        for o in ("ce", "router", "attn", "gates", "emb", "splitmix", "ropeattn", "ropesave")
         if o in opts and o not in model.fused_ops
     )
     if opts & {"grouped", "token"} and model.bank is not None:

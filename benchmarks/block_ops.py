@@ -16,7 +16,8 @@ leaf gradients accumulate), each fused Triton kernel against the same PyTorch op
   (``triton``), each SDPA backend (cuDNN, flash, memory-efficient) and ``flex_attention``
   (compiled, causal block mask); and from the QKV product with RoPE, ``kernels.split_rope`` then
   ``kernels.attention`` (``split+triton``) against ``kernels.rope_attention`` (``ropeattn``:
-  q and k rotated as the kernels load them, no split written). Floor: the FLOPs
+  q and k rotated as the kernels load them, no split written; ``ropesave``: the forward also
+  writes the rotated q, k for the backward). Floor: the FLOPs
   (QK and PV, causal half; backward 2.5x the forward) at the bf16 matmul peak of the run.
 
 Byte floors are at the copy rate measured in the run.
@@ -159,14 +160,15 @@ def bench_attention(impl: str, args, device, peak: float) -> dict:
             return {"op": "attention", "impl": impl, "error": "the Triton kernels do not run here"}
         fn = lambda: kernels.attention(*(t.transpose(1, 2) for t in (q, k, v)))  # noqa: E731
         do = do.transpose(1, 2)  # its output is (B, S, H, D)
-    elif impl in ("split+triton", "ropeattn"):  # from the QKV product, RoPE included
+    elif impl in ("split+triton", "ropeattn", "ropesave"):  # from the QKV product, RoPE included
         if not kernels.attn_usable(q.transpose(1, 2)):
             return {"op": "attention", "impl": impl, "error": "the Triton kernels do not run here"}
         qkv = torch.randn(B, S, 3, H, Dh, device=device, dtype=dt, generator=g).requires_grad_()
         ang = torch.rand(S, Dh // 2, device=device, generator=g) * 6
         cos, sin = ang.cos(), ang.sin()
-        if impl == "ropeattn":
-            fn = lambda: kernels.rope_attention(qkv, cos, sin)  # noqa: E731
+        if impl in ("ropeattn", "ropesave"):
+            save = impl == "ropesave"
+            fn = lambda: kernels.rope_attention(qkv, cos, sin, save)  # noqa: E731
         else:
             fn = lambda: kernels.attention(*kernels.split_rope(qkv, cos, sin))  # noqa: E731
         do = do.transpose(1, 2)  # its output is (B, S, H, D)
@@ -205,7 +207,7 @@ def main() -> None:
     p.add_argument("--ce", default="fused,compiled", help="cross-entropy variants (K = 16384)")
     p.add_argument(
         "--attention",
-        default="triton,split+triton,ropeattn,cudnn,flash,efficient,flex",
+        default="triton,split+triton,ropeattn,ropesave,cudnn,flash,efficient,flex",
         help="attention variants",
     )
     p.add_argument("--iters", type=int, default=20)

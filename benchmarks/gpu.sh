@@ -115,7 +115,7 @@ quick)
   # the first call of a session where machines are scarce (under 300 s): the attention from the
   # QKV product alone against split + attention, then those arms' training steps
   bench ${T_QUICK_BLOCK:-90} block_attn.log benchmarks.block_ops --norm "" --swiglu "" --rope "" --ce "" \
-    --attention split+triton,ropeattn --iters 10
+    --attention split+triton,ropeattn,ropesave --iters 10
   grep -E "^\||^block" "$OUT/block_attn.log"; errors "$OUT/block_attn.log"
   T_TRAIN=${T_TRAIN:-170} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,standard@ropeattn:256:compiled,move-x1:256:compiled,move-x1@ropeattn+router+gates:256:compiled} \
     run_section train;;

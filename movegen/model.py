@@ -397,7 +397,8 @@ class Attention(nn.Module):
 
     def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True, fused: bool = False,
                 router: bool = False, attn: bool = False, gate_logits: bool = False,
-                split_mix: bool = False, rope_attn: bool = False) -> torch.Tensor:  # fmt: skip
+                split_mix: bool = False, rope_attn: bool = False,
+                rope_save: bool = False) -> torch.Tensor:  # fmt: skip
         """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
         ``fused``: :meth:`mixed_qkv`'s. ``router``: a memory layer's QKV and router products as
         one product of the stacked weights (one read of ``x``, one input gradient). ``attn``:
@@ -406,10 +407,10 @@ class Attention(nn.Module):
         ``attn``): the attention straight from the QKV product (no split q, k, v written and read
         again): :func:`kernels.rope_attention`, or in a MoVE layer on the Triton kernels'
         training path :func:`move.rope_attn_mix_tapped` (with ``router`` only with
-        ``gate_logits``)."""
+        ``gate_logits``); ``rope_save``: their ``save_rotated``."""
         p = self.cfg.attn_dropout if self.training else 0.0
         if rope_attn and fused and attn and p == 0:
-            y = self._attend_product(x, memh, cos, sin, taps, router, gate_logits)
+            y = self._attend_product(x, memh, cos, sin, taps, router, gate_logits, rope_save)
             if y is not None:
                 y = self.proj(y.flatten(2))
                 return self.resid_drop(y) if dropout else y
@@ -430,7 +431,8 @@ class Attention(nn.Module):
         y = self.proj(y.flatten(2))
         return self.resid_drop(y) if dropout else y
 
-    def _attend_product(self, x, memh, cos, sin, taps, router: bool, gate_logits: bool):
+    def _attend_product(self, x, memh, cos, sin, taps, router: bool, gate_logits: bool,
+                        save: bool = False):  # fmt: skip
         """The attention output ``(B, S, H, D)`` straight from the QKV product where the kernels
         run (see :meth:`forward`'s ``rope_attn``), else None."""
         B, S, d = x.shape
@@ -441,14 +443,14 @@ class Attention(nn.Module):
             return None
         if not self.has_memory:
             qkv = self.qkv(x).view(B, S, 3, H, D)
-            return kernels.rope_attention(qkv, cos[:S], sin[:S])
+            return kernels.rope_attention(qkv, cos[:S], sin[:S], save)
         if self.table is not None or taps is None or not isinstance(memh, tuple):
             return None
         if router and gate_logits:  # the stacked product, its router columns the logits
             w = torch.cat([self.qkv.weight, self.router.weight])
             proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
             return rope_attn_mix_tapped(proj, None, cos[:S], sin[:S], memh, taps, self.gated, True,
-                                        H, D, self.router.out_features // H)  # fmt: skip
+                                        H, D, self.router.out_features // H, save)  # fmt: skip
         if router:
             return None
         logits = self.router(x)
@@ -460,7 +462,7 @@ class Attention(nn.Module):
             if self.training and self.cfg.memory_dropout > 0:
                 gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
         return rope_attn_mix_tapped(self.qkv(x), gates, cos[:S], sin[:S], memh, taps, self.gated,
-                                    gate_logits, H, D)  # fmt: skip
+                                    gate_logits, H, D, save_rotated=save)  # fmt: skip
 
     def forward_cached(
         self, x, ids, mem, pos, rope, mask, cache: KVCache, layer: int
@@ -538,14 +540,15 @@ class Block(nn.Module):
         and router products as one, ``"attn"``: the causal attention, ``"gates"``: the MoVE gates
         formed inside the mix kernels, ``"splitmix"``: the split and the MoVE mix as one function
         (with ``"rope"``), ``"ropeattn"``: the attention straight from the QKV product, the MoVE
-        mix included on its training path (with ``"rope"`` and ``"attn"``);
+        mix included on its training path (with ``"rope"`` and ``"attn"``), ``"ropesave"``: its
+        forward writes the rotated q and k for the backward (with ``"ropeattn"``);
         :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
                       router="router" in fused, attn="attn" in fused,
                       gate_logits="gates" in fused, split_mix="splitmix" in fused,
-                      rope_attn="ropeattn" in fused)  # fmt: skip
+                      rope_attn="ropeattn" in fused, rope_save="ropesave" in fused)  # fmt: skip
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -601,7 +604,9 @@ class GPT(nn.Module):
         # backward writes the value gradient into the QKV product's gradient, not yet timed),
         # "ropeattn" (with "rope" and "attn": the attention reads the QKV product as it is,
         # rotating q and k as it loads them, after the MoVE mix of its v in memory layers, and
-        # writes the product's gradient in one tensor: no split kernel either way, not yet timed)
+        # writes the product's gradient in one tensor: no split kernel either way, not yet timed),
+        # "ropesave" (with "ropeattn": the forward also writes the rotated q and k, which the
+        # backward reads instead of rotating the product's tiles again in its loops)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn")
         self.reset_parameters()
 

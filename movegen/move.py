@@ -297,7 +297,7 @@ class _RopeAttnMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, proj, gates, cos, sin, mem, ids, groups, tap_g, tap_v, gated: bool, logits: bool,
-                n_head: int, head_dim: int, n_gates: int):  # fmt: skip
+                n_head: int, head_dim: int, n_gates: int, save_rotated: bool = False):  # fmt: skip
         B, S, W = proj.shape
         H, D = n_head, head_dim
         n = 3 * H * D
@@ -309,38 +309,46 @@ class _RopeAttnMix(torch.autograd.Function):
             vm = torch.ops.movegen.gmix_fwd(v, gates, mem, *groups, gated, logits)
         else:
             vm = torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated, logits)
-        o, lse = torch.ops.movegen.attn_fwd(q, k, vm, cos, sin)
+        qk = ()
+        if save_rotated:  # the rotated q, k written for the backward (kernels.rope_attention)
+            o, lse, *qk = torch.ops.movegen.rope_attn_fwd_saved(q, k, vm, cos, sin)
+        else:
+            o, lse = torch.ops.movegen.attn_fwd(q, k, vm, cos, sin)
         ctx.gated, ctx.logits, ctx.grouped, ctx.head_dim = gated, logits, groups is not None, D
-        ctx.save_for_backward(proj, gates, vm, o, lse, cos, sin, mem, ids, *(groups or ()))
+        ctx.n_qk = len(qk)
+        ctx.save_for_backward(proj, gates, vm, o, lse, cos, sin, mem, ids, *qk, *(groups or ()))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        proj, gates, vm, o, lse, cos, sin, mem, ids, *groups = ctx.saved_tensors
+        proj, gates, vm, o, lse, cos, sin, mem, ids, *rest = ctx.saved_tensors
+        qk, groups = rest[: ctx.n_qk], rest[ctx.n_qk :]
         sid, order = groups if ctx.grouped else (None, None)
         dproj, dg, dvm = torch.ops.movegen.rope_attn_mix_bwd(
             do.to(proj.dtype), proj, vm, o, lse, cos, sin, gates, mem, ids, sid, order, ctx.gated,
-            ctx.logits, ctx.head_dim, ctx.gates_in_proj,
+            ctx.logits, ctx.head_dim, ctx.gates_in_proj, *qk,
         )  # fmt: skip
         d_gates = None if ctx.gates_in_proj else dg
         # the taps carry g (value, not gradient) and the mixed values' gradient to _BankTaps
         return (dproj, d_gates, None, None, None, None, None, gates.detach(), dvm,
-                *(None,) * 5)  # fmt: skip
+                *(None,) * 6)  # fmt: skip
 
 
 def rope_attn_mix_tapped(proj, gates, cos, sin, mem, taps, gate_standard_path: bool, logits: bool,
-                         n_head: int, head_dim: int, n_gates: int = 0) -> torch.Tensor:  # fmt: skip
+                         n_head: int, head_dim: int, n_gates: int = 0,
+                         save_rotated: bool = False) -> torch.Tensor:  # fmt: skip
     """A memory layer's attention for training straight from its product (:class:`_RopeAttnMix`):
     the same values as ``kernels.split_rope``, :func:`mix_tapped` and ``kernels.attention``.
     ``mem``: ``(table, ids, groups)`` from :func:`bank_taps`. ``proj (B, S, W)``: the QKV product
     with ``gates`` (``logits``: the router's logits) beside it, or the stacked product with
     ``gates`` None, its router columns the logits of ``n_gates`` gates per head (``logits``
-    True). Returns ``(B, S, H, D)``."""
+    True). ``save_rotated``: as ``kernels.rope_attention``'s. Returns ``(B, S, H, D)``."""
     table, ids, groups = mem
     if gates is None and not (logits and n_gates):
         raise ValueError("rope_attn_mix_tapped: a stacked product needs logits=True and n_gates")
     return _RopeAttnMix.apply(proj, gates, cos, sin, table, ids, groups, taps[0], taps[1],
-                              gate_standard_path, logits, n_head, head_dim, n_gates)  # fmt: skip
+                              gate_standard_path, logits, n_head, head_dim, n_gates,
+                              save_rotated)  # fmt: skip
 
 
 def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None,

@@ -207,7 +207,8 @@ def test_attention_on_gpu():
 
 def test_attention_kernels_compile_for_hopper():
     """Every autotuned block shape and warp count of the attention kernels (at its most
-    pipeline stages; rotating q and k as they load them, and one shape without) goes through Triton's whole compiler for an sm_90 target on this GPU-free
+    pipeline stages; rotating q and k as they load them, and one shape without and one with the
+    rotated q, k saved) goes through Triton's whole compiler for an sm_90 target on this GPU-free
     machine: the interpreter runs the kernels as
     Python and does not see what only the compiler rejects (a loop re-assigning a tensor at
     another shape, say)."""
@@ -233,13 +234,19 @@ def test_attention_kernels_compile_for_hopper():
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps)
             if key not in deepest or cfg.num_stages > deepest[key].num_stages:
                 deepest[key] = cfg
-        # RoPE on load (rope_attention) at every shape; without it at the first shape
-        for (key, cfg), rope in [(kc, True) for kc in deepest.items()] + [(next(iter(deepest.items())), False)]:  # fmt: skip
+        # RoPE on load (rope_attention) at every shape; at the first shape, without it, and
+        # with the rotated q, k saved by the forward and read by the backward ("ropesave")
+        first = next(iter(deepest.items()))
+        modes = [(kc, "rope") for kc in deepest.items()] + [(first, "none"), (first, "saved")]
+        for (key, cfg), mode in modes:
             consts = {"D": 64, **cfg.kwargs}
-            if "ROPE" in jit.arg_names:
-                consts["ROPE"] = rope
-            elif not rope:
-                continue
+            if "ROPE" not in jit.arg_names:
+                if mode != "rope":
+                    continue
+            elif "SAVE_QK" in jit.arg_names:  # the forward
+                consts.update(ROPE=mode != "none", SAVE_QK=mode == "saved")
+            else:  # the backward: saved q, k are read as they are, dq and dk rotated back
+                consts.update(ROPE=mode == "rope", UNROT=mode != "none")
             sig = {n: "constexpr" if n in consts else ptrs.get(n, bf) if n.endswith("_ptr")
                    else "fp32" if n in floats else "i32" for n in jit.arg_names}  # fmt: skip
             src = ASTSource(
@@ -247,9 +254,9 @@ def test_attention_kernels_compile_for_hopper():
             )
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-            compiled.add((jit.__name__, key, consts.get("ROPE")))
-    # delta; forward and backward shapes with RoPE, one of each without
-    assert len(compiled) == 1 + 5 + 5 + 2, sorted(compiled)
+            compiled.add((jit.__name__, key, mode))
+    # delta; forward and backward shapes with RoPE, one of each without and one saved
+    assert len(compiled) == 1 + 5 + 5 + 2 + 2, sorted(compiled)
 
 
 def test_bank_kernels_compile_for_hopper():

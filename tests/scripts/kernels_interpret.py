@@ -125,6 +125,7 @@ for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (Tru
                                             (True, False, compiled, S + G + R, True), (True, True, model, S + R, True),
                                             (True, False, model, A, True), (True, True, model, A + G + R, False),
                                             (True, True, compiled, A + G, True), (True, False, model, A + R, True),
+                                            (True, True, model, A + G + R + ("ropesave",), True),
                                             (False, False, model, G, True)):  # fmt: skip
     model.zero_grad()
     model.deferred_bank_grad = deferred

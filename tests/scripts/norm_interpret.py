@@ -115,6 +115,10 @@ ref = F.scaled_dot_product_attention(*qk, v.transpose(1, 2), is_causal=True)
 (dref,) = torch.autograd.grad(ref.transpose(1, 2), qr, do)
 assert o.is_contiguous() and dqkv.shape == qkv.shape
 worst = max(worst, (o - ref.transpose(1, 2)).abs().max().item(), (dqkv - dref).abs().max().item())
+# the same with the rotated q, k written by the forward and read by the backward
+o = kernels.rope_attention(qkv, cos, sin, save_rotated=True)
+(dqkv,) = torch.autograd.grad(o, qkv, do)
+worst = max(worst, (o - ref.transpose(1, 2)).abs().max().item(), (dqkv - dref).abs().max().item())
 
 # the model: fused (kernels) and plain paths, same weights, dropout off, forward and gradients
 settings = dict(vocab_size=64, num_classes=10, seq_len=16, resid_dropout=0.0, ffn_dropout=0.0,
@@ -123,7 +127,8 @@ codes, labels = torch.randint(64, (3, 16)), torch.tensor([1, 5, 9])
 # the standard model, and MoVE with the QKV and router products stacked ("router") and the gates
 # formed in the mix kernels ("gates"); the standard model's attention straight from its QKV
 # product ("ropeattn")
-for memory, ops in (("none", ()), ("none", ("ropeattn",)), ("move", ("router", "gates"))):
+for memory, ops in (("none", ()), ("none", ("ropeattn",)), ("none", ("ropeattn", "ropesave")),
+                    ("move", ("router", "gates"))):  # fmt: skip
     model = GPT(GPTConfig.preset("tiny", memory=memory, **settings)).train()
     for prm in model.parameters():
         torch.nn.init.normal_(prm, std=0.1)
