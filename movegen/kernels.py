@@ -1106,6 +1106,12 @@ if HAVE_TRITON:
         return tl.reshape(tl.join(o1, o2), (BLOCK_S, D))
 
     @triton.jit
+    def _cos_sin(cos_ptr, sin_ptr, rows, m, D: tl.constexpr):
+        """The ``(rows, D / 2)`` fp32 tiles of the RoPE tables at positions ``rows``."""
+        at = rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
+        return tl.load(cos_ptr + at, mask=m, other=0.0), tl.load(sin_ptr + at, mask=m, other=0.0)
+
+    @triton.jit
     def _bshd_tile(ptr, b, rows, h, cols, s_b, s_s, s_h):
         """Pointers of the (rows, cols) tile of batch b, head h in a (B, S, H, D) layout."""
         return (
@@ -1123,9 +1129,7 @@ if HAVE_TRITON:
         rows = sb * BLOCK_S + tl.arange(0, BLOCK_S)
         cols = tl.arange(0, D)
         m = (rows < S)[:, None]
-        half = tl.arange(0, D // 2)
-        c = tl.load(cos_ptr + rows[:, None] * (D // 2) + half[None, :], mask=m, other=0.0)
-        s = tl.load(sin_ptr + rows[:, None] * (D // 2) + half[None, :], mask=m, other=0.0)
+        c, s = _cos_sin(cos_ptr, sin_ptr, rows, m, D)
         src = _bshd_tile(src_ptr, b, rows, h, cols, s_b, s_s, s_h)
         q = _bshd_tile(q_ptr, b, rows, h, cols, qs_b, qs_s, qs_h)
         k = _bshd_tile(k_ptr, b, rows, h, cols, ks_b, ks_s, ks_h)
@@ -1446,9 +1450,7 @@ if HAVE_TRITON:
         :func:`split_rope` rotates it (fp32 math, back in the input's dtype)."""
         x = tl.load(_bshd_tile(ptr, b, rows, h, cols, s_b, s_s, s_h), mask=m, other=0.0)
         if ROPE:
-            half = tl.arange(0, D // 2)[None, :]
-            c = tl.load(cos_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
-            sn = tl.load(sin_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
+            c, sn = _cos_sin(cos_ptr, sin_ptr, rows, m, D)
             x = _rot(x.to(tl.float32), c, sn, False, BLOCK, D).to(x.dtype)
         return x
 
@@ -1458,9 +1460,7 @@ if HAVE_TRITON:
         """The gradient ``x (BLOCK, D)`` of rotated q or k at positions ``rows`` -> that of the
         unrotated input (the inverse rotation), or ``x`` as it is without ``ROPE``."""
         if ROPE:
-            half = tl.arange(0, D // 2)[None, :]
-            c = tl.load(cos_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
-            sn = tl.load(sin_ptr + rows[:, None] * (D // 2) + half, mask=m, other=0.0)
+            c, sn = _cos_sin(cos_ptr, sin_ptr, rows, m, D)
             x = _rot(x, c, sn, True, BLOCK, D)
         return x
 
