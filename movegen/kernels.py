@@ -1207,6 +1207,28 @@ def _(dq, dk, dv, cos, sin, extra=None, width=0):
     return dq.new_empty(B, S, 3, H, D) if extra is None else dq.new_empty(B, S, width)
 
 
+def _product_grad(like: torch.Tensor, B: int, S: int, W: int, n: int, gates: torch.Tensor,
+                  gates_in_proj: bool) -> tuple:  # fmt: skip
+    """The gradient ``(B, S, W)`` of a product whose first ``n`` columns are the QKV, in
+    ``like``'s dtype, and where the mix's backward puts the gates' gradient: with
+    ``gates_in_proj`` the ``H * G`` router columns after the QKV (``gates (B, S, H, G)`` are the
+    logits those columns hold; zeros in the padding after them), else a tensor of its own.
+    Returns ``(dproj, dg, s_gn, dg_out)``: the gates' gradient at ``dg`` with row stride
+    ``s_gn``, and what the op returns for it (empty with ``gates_in_proj``)."""
+    H, G = gates.shape[-2:]
+    used = n + H * G * gates_in_proj
+    if W < used:
+        raise ValueError(f"a product of width {W} has no room for {H * G} router columns after "
+                         f"its {n} QKV columns")  # fmt: skip
+    dproj = torch.empty(B, S, W, device=like.device, dtype=like.dtype)
+    if W > used:
+        dproj[..., used:].zero_()
+    if gates_in_proj:
+        return dproj, dproj[..., n:], W, dproj.new_empty(0)
+    dg = torch.empty(B, S, H, G, device=like.device, dtype=gates.dtype)
+    return dproj, dg, H * G, dg
+
+
 def _mix_bwd_into(dout, v, gates, table, ids, sid, order, dv, s_on: int, dg, s_gn: int, gated: bool,
                   logits: bool) -> None:  # fmt: skip
     """The mix's backward (per token, or grouped by id with ``sid, order``) writing the value
@@ -1243,28 +1265,19 @@ def split_mix_bwd(dq: torch.Tensor, dk: torch.Tensor, dout: torch.Tensor, v: tor
     ``(dproj (B, S, width), empty)``, the logits' gradient written in the router's columns and
     zeros in the padding."""
     B, S, H, D = dq.shape
-    G, n = gates.shape[-1], 3 * H * D
-    if width and (not logits or width < n + H * G):
-        raise ValueError(f"split_mix_bwd: a product of width {width} needs the router's logits as "
-                         f"gates and at least {n + H * G} columns")  # fmt: skip
+    n = 3 * H * D
+    if width and not logits:
+        raise ValueError("split_mix_bwd: a product of width > 0 needs the router's logits as gates")
     dq, dk = _unit_d(dq), _unit_d(dk)
-    if width:
-        out = torch.empty(B, S, width, device=dq.device, dtype=dq.dtype)
-        out[..., n + H * G :].zero_()
-        dg, s_gn, dg_out = out[..., n:], width, out.new_empty(0)
-    else:
-        out = torch.empty(B, S, 3, H, D, device=dq.device, dtype=dq.dtype)
-        dg_out = torch.empty(B, S, H, G, device=dq.device, dtype=gates.dtype)
-        dg, s_gn = dg_out, H * G
-    flat = out.view(B, S, -1)
-    dqkv = flat[..., :n].view(B, S, 3, H, D)
-    _mix_bwd_into(dout, v, gates, table, ids, sid, order, flat[..., 2 * H * D :], out.stride(1), dg,
+    out, dg, s_gn, dg_out = _product_grad(dq, B, S, width or n, n, gates, bool(width))
+    dqkv = out[..., :n].view(B, S, 3, H, D)
+    _mix_bwd_into(dout, v, gates, table, ids, sid, order, out[..., 2 * H * D :], out.stride(1), dg,
                   s_gn, gated, logits)  # fmt: skip
     grid, meta = _rope_launch(B, S, H)
     _split_rope_kernel[grid](dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3), cos.contiguous(),
                              sin.contiguous(), dq, dk, dq, *dq.stride()[:3], *dk.stride()[:3], *dq.stride()[:3],
                              S, BWD=True, D=D, COPY_V=False, **meta)  # fmt: skip
-    return out, dg_out
+    return (out if width else dqkv), dg_out
 
 
 @split_mix_bwd.register_fake
@@ -1694,11 +1707,14 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return dq, dk, dv
 
 
-def _attn_bwd_into(do, q, k, v, o, lse, dq, dk, dv, cos=None, sin=None, rotated=False) -> None:
+def _attn_bwd_into(do, q, k, v, o, lse, dq, dk, dv, cos=None, sin=None, qr=None, kr=None) -> None:
     """The attention's backward written into dq, dk, dv (``(B, S, H, D)``, unit stride on D; dq
-    and dk of one set of strides); with ``cos, sin`` dq and dk are those of the unrotated q, k:
-    q and k given unrotated (``attn_fwd``'s), or with ``rotated`` as
+    and dk of one set of strides); with ``cos, sin`` dq and dk are those of the unrotated q, k
+    (``attn_fwd``'s), which are rotated as read, or, given ``qr, kr``, read rotated as
     :func:`rope_attn_fwd_saved` wrote them."""
+    rotated = qr is not None and kr is not None
+    if rotated:
+        q, k = qr, kr
     B, S, H, D = q.shape
     if dq.stride() != dk.stride():
         raise ValueError(f"dq, dk must share strides; got {dq.stride()}, {dk.stride()}")
@@ -1726,10 +1742,7 @@ def rope_attn_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: tor
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     q, k, v = _unit_d(qkv).unbind(2)
     dq, dk, dv = dqkv.unbind(2)
-    rotated = qr is not None and kr is not None
-    if rotated:
-        q, k = qr, kr
-    _attn_bwd_into(do, q, k, v, o, lse, dq, dk, dv, cos, sin, rotated)
+    _attn_bwd_into(do, q, k, v, o, lse, dq, dk, dv, cos, sin, qr, kr)
     return dqkv
 
 
@@ -1755,26 +1768,14 @@ def rope_attn_mix_bwd(do: torch.Tensor, proj: torch.Tensor, vm: torch.Tensor, o:
     Returns ``(dproj (B, S, W), dgates (B, S, H, G), or empty with gates_in_proj, dvm)``."""
     B, S, W = proj.shape
     H, D = vm.shape[2], head_dim
-    G, n = gates.shape[-1], 3 * H * D
-    used = n + H * G * gates_in_proj
-    if W < used or (gates_in_proj and not logits):
-        raise ValueError(f"rope_attn_mix_bwd: a product of width {W} with {H * G} router columns "
-                         f"(gates_in_proj={gates_in_proj}, logits={logits})")  # fmt: skip
-    dproj = torch.empty(B, S, W, device=proj.device, dtype=proj.dtype)
-    if W > used:
-        dproj[..., used:].zero_()
+    n = 3 * H * D
+    if gates_in_proj and not logits:
+        raise ValueError("rope_attn_mix_bwd: gates in the product are the router's logits")
+    dproj, dg, s_gn, dg_out = _product_grad(proj, B, S, W, n, gates, gates_in_proj)
     q, k, v = proj[..., :n].view(B, S, 3, H, D).unbind(2)
     dq, dk, _ = dproj[..., :n].view(B, S, 3, H, D).unbind(2)
     dvm = torch.empty(B, S, H, D, device=proj.device, dtype=proj.dtype)
-    rotated = qr is not None and kr is not None
-    if rotated:
-        q, k = qr, kr
-    _attn_bwd_into(do, q, k, vm, o, lse, dq, dk, dvm, cos, sin, rotated)
-    if gates_in_proj:
-        dg, s_gn, dg_out = dproj[..., n:], W, dproj.new_empty(0)
-    else:
-        dg_out = torch.empty(B, S, H, G, device=proj.device, dtype=gates.dtype)
-        dg, s_gn = dg_out, H * G
+    _attn_bwd_into(do, q, k, vm, o, lse, dq, dk, dvm, cos, sin, qr, kr)
     _mix_bwd_into(dvm, v, gates, table, ids, sid, order, dproj[..., 2 * H * D :], W, dg, s_gn, gated,
                   logits)  # fmt: skip
     return dproj, dg_out, dvm
