@@ -177,6 +177,26 @@ class _BankTaps(torch.autograd.Function):
         return grad, *nones
 
 
+def _mix_kernels(v, gates, table, ids, groups, gated: bool, logits: bool) -> torch.Tensor:
+    """The training mix's forward on the Triton kernels: grouped by id (``groups``) or per token."""
+    if groups is not None:
+        return torch.ops.movegen.gmix_fwd(v, gates, table, *groups, gated, logits)
+    return torch.ops.movegen.mix_fwd(v, gates, table, ids, gated, logits)
+
+
+def _product_logits(proj: torch.Tensor, n: int, n_head: int, n_gates: int) -> torch.Tensor:
+    """The router's logits ``(B, S, H, G)`` from the columns after the ``n`` QKV columns of a
+    stacked product ``(B, S, W)``, contiguous (what the mix kernels read and the backward keeps)."""
+    B, S = proj.shape[:2]
+    return proj[..., n : n + n_head * n_gates].contiguous().view(B, S, n_head, n_gates)
+
+
+def _check_stacked(gates, logits: bool, n_gates: int, who: str) -> None:
+    """A stacked product (``gates`` None) brings the router's logits: ``logits`` and ``n_gates``."""
+    if gates is None and not (logits and n_gates):
+        raise ValueError(f"{who}: a stacked product needs logits=True and n_gates")
+
+
 class _Mix(torch.autograd.Function):
     """One layer's mix; the bank gradient leaves through the taps (see ``_BankTaps``). ``mem`` is
     the detached ``table (V, M, H, D)`` read at ``ids`` by the kernels, or ``memh`` (ids None);
@@ -190,10 +210,8 @@ class _Mix(torch.autograd.Function):
             raise ValueError("router logits in place of gates need the Triton kernels' table path")
         ctx.gated, ctx.grouped, ctx.logits = gated, groups is not None, logits
         ctx.save_for_backward(v, gates, mem, ids, *(groups or ()))
-        if groups is not None:
-            return torch.ops.movegen.gmix_fwd(v, gates, mem, *groups, gated, logits)
         if ids is not None:
-            return torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated, logits)
+            return _mix_kernels(v, gates, mem, ids, groups, gated, logits)
         return mix(v, gates, mem, gated)
 
     @staticmethod
@@ -245,13 +263,10 @@ class _SplitMix(torch.autograd.Function):
         if gates is None:  # the stacked product: [q | k | v | router logits | padding]
             n = 3 * H * D
             ctx.width = proj.shape[-1]
-            gates = proj[..., n : n + H * n_gates].contiguous().view(B, S, H, n_gates)
+            gates = _product_logits(proj, n, H, n_gates)
             proj = proj[..., :n].view(B, S, 3, H, D)
         q, k, v = torch.ops.movegen.split_rope_fwd(proj, cos, sin)
-        if groups is not None:
-            out = torch.ops.movegen.gmix_fwd(v, gates, mem, *groups, gated, logits)
-        else:
-            out = torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated, logits)
+        out = _mix_kernels(v, gates, mem, ids, groups, gated, logits)
         ctx.gated, ctx.logits, ctx.grouped = gated, logits, groups is not None
         ctx.save_for_backward(v, gates, mem, ids, cos, sin, *(groups or ()))
         return q, k, out
@@ -279,8 +294,7 @@ def split_mix_tapped(proj, gates, cos, sin, mem, taps, gate_standard_path: bool,
     (``logits``: the router's logits), or the stacked product with ``gates`` None, its router
     columns the logits of ``n_gates`` gates per head (``logits`` must be True)."""
     table, ids, groups = mem
-    if gates is None and not (logits and n_gates):
-        raise ValueError("split_mix_tapped: a stacked product needs logits=True and n_gates")
+    _check_stacked(gates, logits, n_gates, "split_mix_tapped")
     return _SplitMix.apply(proj, gates, cos, sin, table, ids, groups, taps[0], taps[1],
                            gate_standard_path, logits, n_head, head_dim, n_gates)  # fmt: skip
 
@@ -298,17 +312,14 @@ class _RopeAttnMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, proj, gates, cos, sin, mem, ids, groups, tap_g, tap_v, gated: bool, logits: bool,
                 n_head: int, head_dim: int, n_gates: int, save_rotated: bool = False):  # fmt: skip
-        B, S, W = proj.shape
+        B, S = proj.shape[:2]
         H, D = n_head, head_dim
         n = 3 * H * D
         ctx.gates_in_proj = gates is None
         if gates is None:
-            gates = proj[..., n : n + H * n_gates].contiguous().view(B, S, H, n_gates)
+            gates = _product_logits(proj, n, H, n_gates)
         q, k, v = proj[..., :n].view(B, S, 3, H, D).unbind(2)
-        if groups is not None:
-            vm = torch.ops.movegen.gmix_fwd(v, gates, mem, *groups, gated, logits)
-        else:
-            vm = torch.ops.movegen.mix_fwd(v, gates, mem, ids, gated, logits)
+        vm = _mix_kernels(v, gates, mem, ids, groups, gated, logits)
         qk = ()
         if save_rotated:  # the rotated q, k written for the backward (kernels.rope_attention)
             o, lse, *qk = torch.ops.movegen.rope_attn_fwd_saved(q, k, vm, cos, sin)
@@ -344,8 +355,7 @@ def rope_attn_mix_tapped(proj, gates, cos, sin, mem, taps, gate_standard_path: b
     ``gates`` None, its router columns the logits of ``n_gates`` gates per head (``logits``
     True). ``save_rotated``: as ``kernels.rope_attention``'s. Returns ``(B, S, H, D)``."""
     table, ids, groups = mem
-    if gates is None and not (logits and n_gates):
-        raise ValueError("rope_attn_mix_tapped: a stacked product needs logits=True and n_gates")
+    _check_stacked(gates, logits, n_gates, "rope_attn_mix_tapped")
     return _RopeAttnMix.apply(proj, gates, cos, sin, table, ids, groups, taps[0], taps[1],
                               gate_standard_path, logits, n_head, head_dim, n_gates,
                               save_rotated)  # fmt: skip
