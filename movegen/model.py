@@ -357,19 +357,14 @@ class Attention(nn.Module):
             )
         qkv = qkv.view(B, S, 3, H, D)
         rotated = fused and kernels.rope_usable(qkv)
-        drop = self.training and self.cfg.memory_dropout > 0
         if (split_mix and rotated and self.has_memory and self.table is None and taps is not None
                 and isinstance(memh, tuple) and (proj is None or gate_logits)):  # fmt: skip
-            G = logits.shape[-1] // H
             if proj is not None:  # the stacked product, its router columns the logits
                 q, k, v = split_mix_tapped(proj, None, cos[:S], sin[:S], memh, taps, self.gated,
-                                           True, H, D, G)  # fmt: skip
+                                           True, H, D, logits.shape[-1] // H)  # fmt: skip
             else:
-                gates = logits.view(B, S, H, G) if gate_logits else gates_from_logits(logits, H)
-                if drop and not gate_logits:
-                    gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
-                q, k, v = split_mix_tapped(qkv, gates, cos[:S], sin[:S], memh, taps, self.gated,
-                                           gate_logits, H, D)  # fmt: skip
+                q, k, v = split_mix_tapped(qkv, self._gates(logits, gate_logits), cos[:S], sin[:S],
+                                           memh, taps, self.gated, gate_logits, H, D)  # fmt: skip
             return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rotated and proj is not None and logits is not None:  # the stacked product
             q, k, v, logits = kernels.split_rope_wide(
@@ -380,11 +375,9 @@ class Attention(nn.Module):
         else:
             q, k, v = qkv.unbind(2)  # each (B, S, H, D)
         if self.has_memory and gate_logits and self.table is None and taps is not None:
-            v = mix_tapped(v, logits.view(B, S, H, -1), memh, taps, self.gated, logits=True)
+            v = mix_tapped(v, self._gates(logits, True), memh, taps, self.gated, logits=True)
         elif self.has_memory:
-            gates = gates_from_logits(logits, H)  # (B, S, H, G)
-            if drop:
-                gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
+            gates = self._gates(logits, False)  # (B, S, H, G)
             if self.table is not None:
                 v = mix(v, gates, self.table.gather(ids), self.gated)  # LaVE: (B, S, H, 1, D)
             elif taps is not None:
@@ -414,13 +407,7 @@ class Attention(nn.Module):
             if y is not None:
                 y = self.proj(y.flatten(2))
                 return self.resid_drop(y) if dropout else y
-        proj = None
-        if router and self.has_memory:
-            w = torch.cat([self.qkv.weight, self.router.weight])
-            # zero rows pad the output to a multiple of 8 columns: a row of 3d + H*G bf16 values
-            # (2,388 for MoVE-x1, 2,604 for x4) is otherwise not 16-byte aligned, which Hopper's
-            # GEMM kernels (TMA) need; 8 is the least padding that aligns them
-            proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
+        proj = self._stacked_product(x) if router and self.has_memory else None
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused,
                                  gate_logits=gate_logits, split_mix=split_mix)  # fmt: skip
         if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):
@@ -430,6 +417,28 @@ class Attention(nn.Module):
             y = y.transpose(1, 2)  # (B, H, S, D) -> (B, S, H, D)
         y = self.proj(y.flatten(2))
         return self.resid_drop(y) if dropout else y
+
+    def _stacked_product(self, x: torch.Tensor) -> torch.Tensor:
+        """A memory layer's QKV and router products as one product of the stacked weights
+        ``(B, S, 3d + H*G + padding)``."""
+        w = torch.cat([self.qkv.weight, self.router.weight])
+        # zero rows pad the output to a multiple of 8 columns: a row of 3d + H*G bf16 values
+        # (2,388 for MoVE-x1, 2,604 for x4) is otherwise not 16-byte aligned, which Hopper's
+        # GEMM kernels (TMA) need; 8 is the least padding that aligns them
+        return F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
+
+    def _gates(self, logits: torch.Tensor, gate_logits: bool) -> torch.Tensor:
+        """The router's ``logits (B, S, H*G)`` as the mix takes them ``(B, S, H, G)``: the logits
+        themselves (``gate_logits``: the kernels form the gates), else the gates, memory dropout
+        applied in training."""
+        B, S, _ = logits.shape
+        H = self.cfg.n_head
+        if gate_logits:
+            return logits.view(B, S, H, -1)
+        gates = gates_from_logits(logits, H)
+        if self.training and self.cfg.memory_dropout > 0:
+            gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
+        return gates
 
     def _attend_product(self, x, memh, cos, sin, taps, router: bool, gate_logits: bool,
                         save: bool = False):  # fmt: skip
@@ -447,20 +456,12 @@ class Attention(nn.Module):
         if self.table is not None or taps is None or not isinstance(memh, tuple):
             return None
         if router and gate_logits:  # the stacked product, its router columns the logits
-            w = torch.cat([self.qkv.weight, self.router.weight])
-            proj = F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
-            return rope_attn_mix_tapped(proj, None, cos[:S], sin[:S], memh, taps, self.gated, True,
-                                        H, D, self.router.out_features // H, save)  # fmt: skip
+            return rope_attn_mix_tapped(self._stacked_product(x), None, cos[:S], sin[:S], memh, taps,
+                                        self.gated, True, H, D, self.router.out_features // H,
+                                        save)  # fmt: skip
         if router:
             return None
-        logits = self.router(x)
-        G = logits.shape[-1] // H
-        if gate_logits:
-            gates = logits.view(B, S, H, G)
-        else:
-            gates = gates_from_logits(logits, H)
-            if self.training and self.cfg.memory_dropout > 0:
-                gates = drop_memory_gates(gates, self.cfg.memory_dropout, self.gated)
+        gates = self._gates(self.router(x), gate_logits)
         return rope_attn_mix_tapped(self.qkv(x), gates, cos[:S], sin[:S], memh, taps, self.gated,
                                     gate_logits, H, D, save_rotated=save)  # fmt: skip
 
