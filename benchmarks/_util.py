@@ -41,9 +41,10 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
     return GPTConfig(**fields)
 
 
+ADDED_OPS = ("ce", "router", "attn", "gates", "emb", "splitmix", "ropeattn", "ropesave")
+"""The ``GPT.fused_ops`` an arm's options may add."""
 ARM_OPTIONS = ("grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "noattn",
-               "noce", "norouter", "ce", "router", "attn", "gates", "emb", "noclipfold", "nodvstack",
-               "splitmix", "ropeattn", "ropesave")  # fmt: skip
+               "noce", "norouter", *ADDED_OPS, "noclipfold", "nodvstack")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -74,11 +75,7 @@ def apply_arm_options(model, opts: set[str]) -> None:
     if "unfused" in opts:
         model.fused_ops = ()
     model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
-    model.fused_ops += tuple(
-        o
-        for o in ("ce", "router", "attn", "gates", "emb", "splitmix", "ropeattn", "ropesave")
-        if o in opts and o not in model.fused_ops
-    )
+    model.fused_ops += tuple(o for o in ADDED_OPS if o in opts and o not in model.fused_ops)
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts
     if "nodvstack" in opts and model.bank is not None:
