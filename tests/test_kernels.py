@@ -205,6 +205,19 @@ def test_attention_on_gpu():
             assert ((a.float() - b).norm() / b.norm()).item() < 1e-2
 
 
+def _compile_for_hopper(jit, sig: dict, consts: dict, **options):
+    """Triton's whole compiler on ``jit`` for an sm_90 target (no GPU needed): ``sig`` the
+    arguments' types, ``consts`` the constexprs' values; returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **options}
+    )
+
+
 def test_attention_kernels_compile_for_hopper():
     """Every autotuned block shape and warp count of the attention kernels (at its most
     pipeline stages; rotating q and k as they load them, and one shape without and one with the
@@ -213,8 +226,6 @@ def test_attention_kernels_compile_for_hopper():
     Python and does not see what only the compiler rejects (a loop re-assigning a tensor at
     another shape, say)."""
     triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from movegen import kernels
 
@@ -249,11 +260,9 @@ def test_attention_kernels_compile_for_hopper():
                 consts.update(ROPE=mode == "rope", UNROT=mode != "none")
             sig = {n: "constexpr" if n in consts else ptrs.get(n, bf) if n.endswith("_ptr")
                    else "fp32" if n in floats else "i32" for n in jit.arg_names}  # fmt: skip
-            src = ASTSource(
-                jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()}
+            _compile_for_hopper(
+                jit, sig, consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages
             )
-            opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
             compiled.add((jit.__name__, key, mode))
     # delta; forward and backward shapes with RoPE, one of each without and one saved
     assert len(compiled) == 1 + 5 + 5 + 2 + 2, sorted(compiled)
@@ -265,8 +274,6 @@ def test_bank_kernels_compile_for_hopper():
     target here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the token
     walk), reading gates or the routers' logits."""
     triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from movegen import kernels
 
@@ -288,11 +295,7 @@ def test_bank_kernels_compile_for_hopper():
         }
         sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.endswith("_ptr") else "i32")
                for n in jit.arg_names}  # fmt: skip
-        src = ASTSource(
-            jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()}
-        )
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert compiled.asm["cubin"], jit.__name__
+        assert _compile_for_hopper(jit, sig, consts).asm["cubin"], jit.__name__
 
 
 def test_mix_backward_kernels_compile_for_hopper():
@@ -301,9 +304,7 @@ def test_mix_backward_kernels_compile_for_hopper():
     QKV product's gradient, and the split's kernel can leave that product's v columns alone:
     each goes through Triton's whole compiler for an sm_90 target here at GPT-B's head width,
     with gates and with the routers' logits."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    pytest.importorskip("triton")
 
     from movegen import kernels
 
@@ -316,15 +317,9 @@ def test_mix_backward_kernels_compile_for_hopper():
         jit = kern.fn
         sig = {n: "constexpr" if n in consts else "*i32" if n in ("ids_ptr", "sid_ptr", "order_ptr")
                else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
-        src = ASTSource(
-            jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()}
-        )
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert compiled.asm["cubin"], jit.__name__
+        assert _compile_for_hopper(jit, sig, consts).asm["cubin"], jit.__name__
     jit = kernels._split_rope_kernel
     consts = {"BWD": True, "D": 64, "BLOCK_S": 32, "COPY_V": False}
     sig = {n: "constexpr" if n in consts else "*fp32" if n in ("cos_ptr", "sin_ptr")
            else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
-    src = ASTSource(jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    assert compiled.asm["cubin"]
+    assert _compile_for_hopper(jit, sig, consts).asm["cubin"]
