@@ -41,10 +41,12 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
     return GPTConfig(**fields)
 
 
-ADDED_OPS = ("ce", "router", "attn", "gates", "emb", "splitmix", "ropeattn", "ropesave")
-"""The ``GPT.fused_ops`` an arm's options may add."""
-ARM_OPTIONS = ("grouped", "token", "unfused", "nonorm", "noswiglu", "norope", "noattn",
-               "noce", "norouter", *ADDED_OPS, "noclipfold", "nodvstack")  # fmt: skip
+ADDED_OPS = ("ce", "router", "gates", "emb")
+"""The ``GPT.fused_ops`` an arm's options may add (off by default)."""
+REMOVED_OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "ce", "router")
+"""The ``GPT.fused_ops`` an arm's ``no`` options may remove."""
+ARM_OPTIONS = ("grouped", "token", "unfused", *(f"no{o}" for o in REMOVED_OPS), *ADDED_OPS,
+               "noclipfold", "nodvstack")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -53,15 +55,14 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     The options: grouped / token (the MoVE kernels' form); unfused (the model's elementwise steps
     as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of them as PyTorch ops: nonorm
     (dropout + residual + RMSNorm), noswiglu (SiLU product), norope (QKV split + RoPE), noattn
-    (SDPA in place of the Triton attention); ce and router add the fused cross-entropy and the
-    stacked QKV + router product, gates MoVE's gates formed in the mix kernels (all three off by
-    default; noce / norouter remove them where a default has them); emb the token embedding's
-    sort-based backward (off by default); noclipfold the clip as a pass of its own
+    (SDPA in place of the Triton attention), noropeattn (the split written and read again before
+    the attention, not the attention straight from the QKV product), noropesave (that attention's
+    backward rotating q and k again rather than reading the forward's); ce and router add the
+    fused cross-entropy and the stacked QKV + router product, gates MoVE's gates formed in the
+    mix kernels, emb the token embedding's sort-based backward (all four off by default: noce /
+    norouter remove them where a default has them); noclipfold the clip as a pass of its own
     (``clip_grad_norm_``) rather than inside the fused AdamW step (train_step); nodvstack the MoVE
-    bank gradient reading each layer's value gradient in place (``MoVEBank.stack_dv`` False);
-    splitmix the QKV split and MoVE mix as one function, ropeattn the attention straight from the
-    QKV product, ropesave with it the rotated q, k written by the forward for the backward (all
-    three off by default: ``GPT.fused_ops``)."""
+    bank gradient reading each layer's value gradient in place (``MoVEBank.stack_dv`` False)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:

@@ -20,13 +20,13 @@
 #   fid50k            one ImageNet-256 evaluation phase by phase (sample, VQ-16 decode, Inception,
 #                     scores) and extract-codes throughput, random weights (fid50k; needs
 #                     torch-fidelity: carry .whl/ into /tmp/site)
-#   verify            what has not run on a GPU: the bank-gradient and MoVE kernel tests, then the
-#                     untimed train_step options beside their baselines (TRAIN_ONLY overrides)
+#   verify            the bank-gradient, MoVE kernel and fused-model GPU tests, then the train_step
+#                     options that are off by default beside their baselines (TRAIN_ONLY overrides)
 #   quick             under 300 s: the attention straight from the QKV product alone against split +
 #                     attention (block_ops), then standard and MoVE-x1 with and without it (train)
 #   all               mix, train and sampling (the headline tables)
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
-# TRAIN_ONLY, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
+# TRAIN_ONLY, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
 # EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (uniform,zipf), MIX_IMPLS
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
@@ -51,7 +51,7 @@ block-ops)
   bench ${T_BLOCK:-240} block_ops.log benchmarks.block_ops
   grep -E "^\||^block" "$OUT/block_ops.log"; errors "$OUT/block_ops.log";;
 train)
-  bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --dump-stacks 60 --only \
+  bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --dump-stacks ${DUMP_STACKS:-0} --only \
     ${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,lave-x1:256:compiled,standard:64:compiled,standard:256:eager,move-x4:256:eager}
   grep -E "^\{|^\||^training" "$OUT/train_step.log" | tail -22; errors "$OUT/train_step.log";;
 sampling)
@@ -103,21 +103,21 @@ fid50k)
     --extract_images ${EXTRACT_IMAGES:-1500} --extract_workers ${EXTRACT_WORKERS:-16}
   grep -E "^\||^movegen|^inputs|JPEGs" "$OUT/fid50k.log"; errors "$OUT/fid50k.log";;
 verify)
-  # what has not run on a GPU yet: the bank gradient at GPT-B scale (both forms) and the kernel
-  # tests, then the untimed options beside their baselines (stacks every 60 s if an arm hangs)
+  # what has not run on a GPU yet, or not in the default step: the MoVE kernel tests, then the
+  # options beside their baselines (DUMP_STACKS=60: every thread's stack each 60 s if an arm hangs)
   # -vv (past addopts' -q): each test's name as it starts and ends, so a test that does not finish is named
   timeout ${T_VERIFY:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
-    -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
+    -k "gpt_b_scale or triton_kernels_on_gpu or residual_norm_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
-  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,standard@ropeattn:256:compiled,move-x1:256:compiled,move-x1@ropeattn+router+gates:256:compiled,move-x4:256:compiled,move-x4@ropeattn+router+gates:256:compiled,standard@ropeattn+emb:256:compiled,move-x1@ropeattn:256:compiled,move-x1@router+gates:256:compiled,move-x1@nodvstack:256:compiled} \
+  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled,move-x4@nodvstack:256:compiled,move-x4@gates:256:compiled,standard@noclipfold:256:compiled} \
     run_section train;;
 quick)
-  # the first call of a session where machines are scarce (under 300 s): the attention from the
-  # QKV product alone against split + attention, then those arms' training steps
+  # the first call of a session where machines are scarce (under 300 s): the attention forms alone
+  # from one QKV product, then standard and MoVE-x1 with and without the attention from the product
   bench ${T_QUICK_BLOCK:-90} block_attn.log benchmarks.block_ops --norm "" --swiglu "" --rope "" --ce "" \
     --attention split+triton,ropeattn,ropesave --iters 10
   grep -E "^\||^block" "$OUT/block_attn.log"; errors "$OUT/block_attn.log"
-  T_TRAIN=${T_TRAIN:-170} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,standard@ropeattn:256:compiled,move-x1:256:compiled,move-x1@ropeattn+router+gates:256:compiled} \
+  T_TRAIN=${T_TRAIN:-170} TRAIN_ONLY=${TRAIN_ONLY:-standard@noropeattn:256:compiled,standard:256:compiled,move-x1@noropeattn:256:compiled,move-x1:256:compiled} \
     run_section train;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;

@@ -158,7 +158,9 @@ def main() -> None:
         default=0,
         metavar="S",
         help="print every thread's stack to stderr every S seconds (0: never): where an arm that "
-        "does not finish is waiting",
+        "does not finish is waiting. Python's faulthandler walks the other threads' frames as "
+        "they run: a run on an H100 with S = 60 ended in a segmentation fault as it printed "
+        "them during compilation (2026-12-07), so use it only to find a hang",
     )
     args = p.parse_args()
     if args.dump_stacks > 0:

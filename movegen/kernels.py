@@ -199,7 +199,7 @@ if HAVE_TRITON:
                         s_on, s_gn, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
                         GATED: tl.constexpr, LOGITS: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
         # dv row (n, h) at n * s_on + h * D, dg at n * s_gn + h * G: their own tensors, or the
-        # v and router columns of the QKV product's gradient (split_mix_bwd)
+        # v and router columns of the QKV product's gradient (rope_attn_mix_bwd)
         rows, rmask, n, h = _rows(R, H, BLOCK_R)
         dvo, dgo = _out_rows(n, h, s_on, s_gn, D, G)
         m = tl.arange(0, M_PAD)
@@ -1121,10 +1121,9 @@ if HAVE_TRITON:
     @triton.jit
     def _split_rope_kernel(src_ptr, s_b, s_s, s_j, s_h, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, qs_b, qs_s, qs_h,
                            ks_b, ks_s, ks_h, vs_b, vs_s, vs_h, S, BWD: tl.constexpr, D: tl.constexpr,
-                           BLOCK_S: tl.constexpr, COPY_V: tl.constexpr = True):  # fmt: skip
+                           BLOCK_S: tl.constexpr):  # fmt: skip
         """Forward: src = qkv (strides s_*, j = 0, 1, 2 selects q, k, v) -> q, k, v (strides q*, k*,
-        v*). Backward: q, k, v pointers are dq, dk, dv (read) and src is dqkv (written); without
-        ``COPY_V`` the v part of dqkv is left as it is (written by the mix's backward)."""
+        v*). Backward: q, k, v pointers are dq, dk, dv (read) and src is dqkv (written)."""
         sb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = sb * BLOCK_S + tl.arange(0, BLOCK_S)
         cols = tl.arange(0, D)
@@ -1140,8 +1139,7 @@ if HAVE_TRITON:
             ty = src_ptr.dtype.element_ty
             tl.store(src, _rot(dq, c, s, True, BLOCK_S, D).to(ty), mask=m)
             tl.store(src + s_j, _rot(dk, c, s, True, BLOCK_S, D).to(ty), mask=m)
-            if COPY_V:
-                tl.store(src + 2 * s_j, tl.load(v, mask=m, other=0.0).to(ty), mask=m)
+            tl.store(src + 2 * s_j, tl.load(v, mask=m, other=0.0).to(ty), mask=m)
         else:
             xq = tl.load(src, mask=m, other=0.0).to(tl.float32)
             xk = tl.load(src + s_j, mask=m, other=0.0).to(tl.float32)
@@ -1248,44 +1246,6 @@ def _mix_bwd_into(dout, v, gates, table, ids, sid, order, dv, s_on: int, dg, s_g
         _mix_bwd_kernel[_grid(R)](dout, v, gates, table, ids, dv, dg, R, H, s_vn, s_vh, s_id, s_m, s_h, s_on,
                                   s_gn, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated),
                                   LOGITS=logits)  # fmt: skip
-
-
-@torch.library.custom_op("movegen::split_mix_bwd", mutates_args=())
-def split_mix_bwd(dq: torch.Tensor, dk: torch.Tensor, dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
-                  table: torch.Tensor, ids: torch.Tensor, sid: torch.Tensor | None, order: torch.Tensor | None,
-                  cos: torch.Tensor, sin: torch.Tensor, gated: bool, logits: bool = False,
-                  width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The backward of the QKV split with RoPE (:func:`split_rope_fwd`) followed by the mix of its
-    v (:func:`mix_fwd`, or :func:`gmix_fwd` with ``sid, order``), in one op: the mix's kernel
-    writes the value gradient straight into the v columns of the product's gradient (no ``dv``
-    written and copied again), then the split's kernel writes the rotated q and k columns.
-    ``dq, dk, dout (B, S, H, D)``; ``v, gates, table, ids``: the mix's inputs. Returns
-    ``(dqkv (B, S, 3, H, D), dgates (B, S, H, G))``; with ``width`` (``split_rope_wide``'s stacked
-    product ``[q | k | v | router | padding]``, ``gates`` its router's logits ``(B, S, H, G)``):
-    ``(dproj (B, S, width), empty)``, the logits' gradient written in the router's columns and
-    zeros in the padding."""
-    B, S, H, D = dq.shape
-    n = 3 * H * D
-    if width and not logits:
-        raise ValueError("split_mix_bwd: a product of width > 0 needs the router's logits as gates")
-    dq, dk = _unit_d(dq), _unit_d(dk)
-    out, dg, s_gn, dg_out = _product_grad(dq, B, S, width or n, n, gates, bool(width))
-    dqkv = out[..., :n].view(B, S, 3, H, D)
-    _mix_bwd_into(dout, v, gates, table, ids, sid, order, out[..., 2 * H * D :], out.stride(1), dg,
-                  s_gn, gated, logits)  # fmt: skip
-    grid, meta = _rope_launch(B, S, H)
-    _split_rope_kernel[grid](dqkv, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3), cos.contiguous(),
-                             sin.contiguous(), dq, dk, dq, *dq.stride()[:3], *dk.stride()[:3], *dq.stride()[:3],
-                             S, BWD=True, D=D, COPY_V=False, **meta)  # fmt: skip
-    return (out if width else dqkv), dg_out
-
-
-@split_mix_bwd.register_fake
-def _(dq, dk, dout, v, gates, table, ids, sid, order, cos, sin, gated, logits=False, width=0):
-    B, S, H, D = dq.shape
-    if width:
-        return dq.new_empty(B, S, width), dq.new_empty(0)
-    return dq.new_empty(B, S, 3, H, D), gates.new_empty(gates.shape)
 
 
 class _SplitRope(torch.autograd.Function):

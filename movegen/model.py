@@ -39,7 +39,6 @@ from .move import (
     mix_tapped,
     move_slots,
     rope_attn_mix_tapped,
-    split_mix_tapped,
 )
 
 MEMORY_KINDS = ("none", "lave", "move")
@@ -331,8 +330,8 @@ class Attention(nn.Module):
         )
 
     def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None,
-                  proj: torch.Tensor | None = None, fused: bool = False, gate_logits: bool = False,
-                  split_mix: bool = False):  # fmt: skip
+                  proj: torch.Tensor | None = None, fused: bool = False,
+                  gate_logits: bool = False):  # fmt: skip
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
         ``memh``: the gathered bank ``(B, S, H, M, D)`` (MoVE). ``taps`` (training with MoVE)
         route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
@@ -341,10 +340,7 @@ class Attention(nn.Module):
         ``(B, S, 3d [+ H*G])`` (decoding fuses the two weights: :class:`KVCache`). ``fused``: the
         split of the QKV product and RoPE as one Triton kernel each way where the kernels run
         (:func:`kernels.split_rope`). ``gate_logits`` (MoVE with taps made for it): the router's
-        logits go to the mix kernels, which form the gates ``2 * sigmoid`` themselves.
-        ``split_mix`` (with ``fused``, MoVE on the Triton kernels' training path): the split,
-        RoPE and mix as one function whose backward writes the value gradient into the QKV
-        product's gradient (:func:`move.split_mix_tapped`)."""
+        logits go to the mix kernels, which form the gates ``2 * sigmoid`` themselves."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if proj is None:
@@ -357,15 +353,6 @@ class Attention(nn.Module):
             )
         qkv = qkv.view(B, S, 3, H, D)
         rotated = fused and kernels.rope_usable(qkv)
-        if (split_mix and rotated and self.has_memory and self.table is None and taps is not None
-                and isinstance(memh, tuple) and (proj is None or gate_logits)):  # fmt: skip
-            if proj is not None:  # the stacked product, its router columns the logits
-                q, k, v = split_mix_tapped(proj, None, cos[:S], sin[:S], memh, taps, self.gated,
-                                           True, H, D, logits.shape[-1] // H)  # fmt: skip
-            else:
-                q, k, v = split_mix_tapped(qkv, self._gates(logits, gate_logits), cos[:S], sin[:S],
-                                           memh, taps, self.gated, gate_logits, H, D)  # fmt: skip
-            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rotated and proj is not None and logits is not None:  # the stacked product
             q, k, v, logits = kernels.split_rope_wide(
                 proj, cos[:S], sin[:S], H, D, logits.shape[-1]
@@ -390,13 +377,12 @@ class Attention(nn.Module):
 
     def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True, fused: bool = False,
                 router: bool = False, attn: bool = False, gate_logits: bool = False,
-                split_mix: bool = False, rope_attn: bool = False,
-                rope_save: bool = False) -> torch.Tensor:  # fmt: skip
+                rope_attn: bool = False, rope_save: bool = False) -> torch.Tensor:  # fmt: skip
         """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
         ``fused``: :meth:`mixed_qkv`'s. ``router``: a memory layer's QKV and router products as
         one product of the stacked weights (one read of ``x``, one input gradient). ``attn``:
         the attention as :func:`kernels.attention` (without attention dropout, where it runs).
-        ``gate_logits``, ``split_mix``: :meth:`mixed_qkv`'s. ``rope_attn`` (with ``fused`` and
+        ``gate_logits``: :meth:`mixed_qkv`'s. ``rope_attn`` (with ``fused`` and
         ``attn``): the attention straight from the QKV product (no split q, k, v written and read
         again): :func:`kernels.rope_attention`, or in a MoVE layer on the Triton kernels'
         training path :func:`move.rope_attn_mix_tapped` (with ``router`` only with
@@ -409,7 +395,7 @@ class Attention(nn.Module):
                 return self.resid_drop(y) if dropout else y
         proj = self._stacked_product(x) if router and self.has_memory else None
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused,
-                                 gate_logits=gate_logits, split_mix=split_mix)  # fmt: skip
+                                 gate_logits=gate_logits)  # fmt: skip
         if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):
             y = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         else:
@@ -539,8 +525,7 @@ class Block(nn.Module):
         ``fused``: the ops run as Triton kernels (``"norm"``: those steps, ``"swiglu"``: the
         MLP's SiLU product, ``"rope"``: the QKV split and RoPE, ``"router"``: a memory layer's QKV
         and router products as one, ``"attn"``: the causal attention, ``"gates"``: the MoVE gates
-        formed inside the mix kernels, ``"splitmix"``: the split and the MoVE mix as one function
-        (with ``"rope"``), ``"ropeattn"``: the attention straight from the QKV product, the MoVE
+        formed inside the mix kernels, ``"ropeattn"``: the attention straight from the QKV product, the MoVE
         mix included on its training path (with ``"rope"`` and ``"attn"``), ``"ropesave"``: its
         forward writes the rotated q and k for the backward (with ``"ropeattn"``);
         :attr:`GPT.fused_ops`)."""
@@ -548,8 +533,8 @@ class Block(nn.Module):
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
                       router="router" in fused, attn="attn" in fused,
-                      gate_logits="gates" in fused, split_mix="splitmix" in fused,
-                      rope_attn="ropeattn" in fused, rope_save="ropesave" in fused)  # fmt: skip
+                      gate_logits="gates" in fused, rope_attn="ropeattn" in fused,
+                      rope_save="ropesave" in fused)  # fmt: skip
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -592,23 +577,21 @@ class GPT(nn.Module):
         # the elementwise steps run as Triton kernels where the kernels run: "norm" each dropout +
         # residual add + RMSNorm (kernels.residual_norm), "swiglu" the MLP's SiLU product
         # (kernels.silu_mul), "rope" the QKV split and RoPE (kernels.split_rope), "attn" the
-        # causal attention without attention dropout (kernels.attention), "gates" (off by default,
-        # not yet timed on a GPU: MoVE's gates 2 * sigmoid(router logits) formed inside the mix
-        # kernels, the logits' gradient returned by them); () gives the
-        # PyTorch ops (the reference). Built, tested and off by default (benchmarks/RESULTS.md,
-        # 2026-12-03 fifth section): "ce" (kernels.cross_entropy in `loss`; faster alone, but the
-        # compiled GPT-B step with it did not finish on an H200, cause not found) and "router" (a
-        # memory layer's QKV and router products as one product of the stacked weights, padded
-        # to a multiple of 8 columns, split by kernels.split_rope_wide: the unpadded form made
-        # the MoVE-x4 step 7.6 ms slower; the padded one is not yet timed on a GPU, 2026-12-06),
-        # "splitmix" (with "rope": the QKV split, RoPE and MoVE mix as one function whose
-        # backward writes the value gradient into the QKV product's gradient, not yet timed),
-        # "ropeattn" (with "rope" and "attn": the attention reads the QKV product as it is,
-        # rotating q and k as it loads them, after the MoVE mix of its v in memory layers, and
-        # writes the product's gradient in one tensor: no split kernel either way, not yet timed),
-        # "ropesave" (with "ropeattn": the forward also writes the rotated q and k, which the
-        # backward reads instead of rotating the product's tiles again in its loops)
-        self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn")
+        # causal attention without attention dropout (kernels.attention), "ropeattn" (with "rope"
+        # and "attn") that attention straight from the QKV product, rotating q and k as it loads
+        # them, after the MoVE mix of its v in memory layers (kernels.rope_attention,
+        # move.rope_attn_mix_tapped): no split q, k, v written either way, "ropesave" (with
+        # "ropeattn") its forward also writes the rotated q and k, which the backward reads; ()
+        # gives the PyTorch ops (the reference). The two "rope*" made the GPT-B step 2.7 ms
+        # (standard) and 2.1 ms (MoVE-x1) faster on an H100 (benchmarks/RESULTS.md, 2026-12-07).
+        # Built, tested and off by default, each measured slower or not yet timed on a GPU:
+        # "gates" (MoVE's gates 2 * sigmoid(router logits) formed inside the mix kernels: +1.1 ms
+        # of the MoVE-x1 step), "router" (a memory layer's QKV and router products as one product
+        # of the stacked weights padded to a multiple of 8 columns, split by
+        # kernels.split_rope_wide: +2.1 ms with "ropeattn"), "emb" (the token embedding's
+        # gradient by a sort, move.gather_rows: +0.9 ms), "ce" (kernels.cross_entropy in `loss`;
+        # faster alone, but the compiled GPT-B step with it did not finish on an H200, 2026-12-03)
+        self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -244,61 +244,6 @@ class _Mix(torch.autograd.Function):
         return d_v, d_gates, None, None, None, gates.detach(), dout, None, None
 
 
-class _SplitMix(torch.autograd.Function):
-    """The QKV split with RoPE and one layer's mix of its v (Triton kernels, the table path) as one
-    function, so that the backward writes the value gradient, and with a stacked product the
-    router logits' gradient, straight into the product's gradient (``kernels.split_mix_bwd``):
-    no ``dv`` written by the mix and copied into ``dqkv`` by the split. ``proj`` is ``qkv (B, S,
-    3, H, D)`` with ``gates`` beside it, or (``gates`` None) the stacked product ``(B, S, W)``
-    whose ``H * n_gates`` columns after the QKV are the router's logits, which the kernels make
-    gates. Returns q, k (rotated) and the mixed v, each ``(B, S, H, D)``; the bank gradient
-    leaves through the taps as in ``_Mix``."""
-
-    @staticmethod
-    def forward(ctx, proj, gates, cos, sin, mem, ids, groups, tap_g, tap_v, gated: bool, logits: bool,
-                n_head: int, head_dim: int, n_gates: int):  # fmt: skip
-        B, S = proj.shape[:2]
-        H, D = n_head, head_dim
-        ctx.width = 0
-        if gates is None:  # the stacked product: [q | k | v | router logits | padding]
-            n = 3 * H * D
-            ctx.width = proj.shape[-1]
-            gates = _product_logits(proj, n, H, n_gates)
-            proj = proj[..., :n].view(B, S, 3, H, D)
-        q, k, v = torch.ops.movegen.split_rope_fwd(proj, cos, sin)
-        out = _mix_kernels(v, gates, mem, ids, groups, gated, logits)
-        ctx.gated, ctx.logits, ctx.grouped = gated, logits, groups is not None
-        ctx.save_for_backward(v, gates, mem, ids, cos, sin, *(groups or ()))
-        return q, k, out
-
-    @staticmethod
-    def backward(ctx, dq, dk, dout):
-        v, gates, mem, ids, cos, sin, *groups = ctx.saved_tensors
-        sid, order = groups if ctx.grouped else (None, None)
-        dproj, dg = torch.ops.movegen.split_mix_bwd(
-            dq, dk.to(dq.dtype), dout, v, gates, mem, ids, sid, order, cos, sin, ctx.gated,
-            ctx.logits, ctx.width,
-        )  # fmt: skip
-        d_gates = None if ctx.width else dg
-        # the taps carry g (value, not gradient) and dout to _BankTaps.backward
-        return (dproj, d_gates, None, None, None, None, None, gates.detach(), dout,
-                *(None,) * 5)  # fmt: skip
-
-
-def split_mix_tapped(proj, gates, cos, sin, mem, taps, gate_standard_path: bool, logits: bool,
-                     n_head: int, head_dim: int, n_gates: int = 0) -> tuple:  # fmt: skip
-    """q, k with RoPE and the mixed v for training (:class:`_SplitMix`): the same values as
-    ``kernels.split_rope`` then :func:`mix_tapped`, the backward one op that writes the value
-    gradient into the product's gradient. ``mem``: ``(table, ids, groups)`` from
-    :func:`bank_taps` (the Triton kernels). ``proj``: ``qkv (B, S, 3, H, D)`` and ``gates``
-    (``logits``: the router's logits), or the stacked product with ``gates`` None, its router
-    columns the logits of ``n_gates`` gates per head (``logits`` must be True)."""
-    table, ids, groups = mem
-    _check_stacked(gates, logits, n_gates, "split_mix_tapped")
-    return _SplitMix.apply(proj, gates, cos, sin, table, ids, groups, taps[0], taps[1],
-                           gate_standard_path, logits, n_head, head_dim, n_gates)  # fmt: skip
-
-
 class _RopeAttnMix(torch.autograd.Function):
     """A memory layer's attention straight from its product (Triton kernels, the table path):
     the mix of the product's v columns, then causal attention of its q and k (rotated as the

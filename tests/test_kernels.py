@@ -110,13 +110,14 @@ def test_residual_norm_on_gpu():
     labels = torch.randint(10, (8,), device="cuda")
     # the standard model, with its attention straight from the QKV product too; MoVE (x4: 4 slots
     # of 2 layers) with the QKV and router stacked, the gates formed in the mix kernels and the
-    # attention straight from the product; MoVE with the split and mix as one function
+    # attention straight from the product; MoVE with that attention, its rotated q, k saved
     x4 = {"memory": "move", "memory_density": 4}
     for memory, ops in (
         ({}, ()),
         ({}, ("ropeattn",)),
+        ({}, ("ropeattn", "ropesave")),
         (x4, ("router", "gates", "ropeattn")),
-        (x4, ("gates", "splitmix")),
+        (x4, ("ropeattn", "ropesave")),
     ):
         cfg = GPTConfig.preset("tiny", vocab_size=512, num_classes=10, seq_len=64, n_embd=768,
                                n_head=12, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
@@ -300,10 +301,9 @@ def test_bank_kernels_compile_for_hopper():
 
 def test_mix_backward_kernels_compile_for_hopper():
     """The mix's backward kernels (per token and grouped by id) write the value and gate
-    gradients at row strides of their own, so that ``split_mix_bwd`` can point them into the
-    QKV product's gradient, and the split's kernel can leave that product's v columns alone:
-    each goes through Triton's whole compiler for an sm_90 target here at GPT-B's head width,
-    with gates and with the routers' logits."""
+    gradients at row strides of their own, so that ``rope_attn_mix_bwd`` can point them into
+    the QKV product's gradient: each goes through Triton's whole compiler for an sm_90 target
+    here at GPT-B's head width, with gates and with the routers' logits."""
     pytest.importorskip("triton")
 
     from movegen import kernels
@@ -318,8 +318,3 @@ def test_mix_backward_kernels_compile_for_hopper():
         sig = {n: "constexpr" if n in consts else "*i32" if n in ("ids_ptr", "sid_ptr", "order_ptr")
                else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
         assert _compile_for_hopper(jit, sig, consts).asm["cubin"], jit.__name__
-    jit = kernels._split_rope_kernel
-    consts = {"BWD": True, "D": 64, "BLOCK_S": 32, "COPY_V": False}
-    sig = {n: "constexpr" if n in consts else "*fp32" if n in ("cos_ptr", "sin_ptr")
-           else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
-    assert _compile_for_hopper(jit, sig, consts).asm["cubin"]
