@@ -319,6 +319,7 @@ class LitGPT(L.LightningModule):
         cuda_graph: bool = False,
         memory_lr_scale: float = 1.0,
         memory_weight_decay: float = 0.0,
+        save_rotated_qk: bool = True,
     ):
         """
         Args:
@@ -346,6 +347,12 @@ class LitGPT(L.LightningModule):
                 of lr (same schedule); 1 keeps it in the no-decay group.
             memory_weight_decay: AdamW weight decay of the memory (0: none, as for every lookup
                 table); a regulariser for a bank that memorises.
+            save_rotated_qk: on a GPU, the attention's forward (which reads q and k straight
+                from the QKV product, rotating them as it loads them) also writes the rotated q
+                and k for its backward to read (``"ropesave"`` in ``GPT.fused_ops``): the GPT-B
+                step at batch 256 was 2.7 ms faster on an H100 for 2.25 GiB more activation
+                memory (``benchmarks/RESULTS.md``, 2026-12-07). False gives that memory back;
+                the backward then rotates them again. The results are the same either way.
         """
         super().__init__()
         if memory_lr_scale < 0 or memory_weight_decay < 0:
@@ -363,6 +370,8 @@ class LitGPT(L.LightningModule):
         self.save_hyperparameters(ignore=["config"])
         self.config = config
         self.model = GPT(config)
+        if not save_rotated_qk:
+            self.model.fused_ops = tuple(o for o in self.model.fused_ops if o != "ropesave")
         self.ema = None
         if ema_decay > 0:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))

@@ -142,3 +142,17 @@ def test_convert_names_its_kinds(capsys, caplog):
     assert main(["convert", "nonsense"]) == 2 and "llamagen-vq" in caplog.text
     code, out = _exit_output(capsys, ["convert", "llamagen-gpt", "--help"])
     assert code == 0 and "--tokenizer" in out and "--checkpoint" in out
+
+
+def test_save_rotated_qk_is_a_fit_setting(capsys):
+    """``--model.save_rotated_qk false`` (memory for speed) reaches the config, and ``LitGPT``
+    then builds its model without ``"ropesave"``, keeping the attention from the QKV product."""
+    from movegen.lit import LitGPT
+    from movegen.model import GPTConfig
+
+    out = _print_config(capsys, "fit", "--model.save_rotated_qk", "false")
+    assert "save_rotated_qk: false" in out
+    cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16)
+    assert {"ropeattn", "ropesave"} <= set(LitGPT(cfg).model.fused_ops)
+    ops = LitGPT(cfg, save_rotated_qk=False).model.fused_ops
+    assert "ropeattn" in ops and "ropesave" not in ops
