@@ -436,6 +436,7 @@ class Attention(nn.Module):
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         if not kernels.attn_usable_for(x.device, dtype, S, D):  # (the product's dtype)
             return None
+        save = save and torch.is_grad_enabled()  # no backward to read them (evaluation)
         if not self.has_memory:
             qkv = self.qkv(x).view(B, S, 3, H, D)
             return kernels.rope_attention(qkv, cos[:S], sin[:S], save)
