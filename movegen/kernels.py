@@ -353,6 +353,14 @@ if HAVE_TRITON:
         return f1 | f2, tl.where(f2 != 0, v2, v1 + v2)
 
     @triton.jit
+    def _bank_acc(acc, gp, dp, gm, im, LOGITS: tl.constexpr):
+        """``acc (BLOCK_T, MB, D)`` plus one layer's gates (at ``gp``) times its value gradient
+        (at ``dp``), every lane's outer product at once."""
+        g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
+        dv = tl.load(dp, mask=im[:, None], other=0.0)
+        return acc + g[:, :, None] * dv.to(tl.float32)[:, None, :]
+
+    @triton.jit
     def _bank_tile_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
                           G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, LOGITS: tl.constexpr,
                           STACKED: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
@@ -378,12 +386,21 @@ if HAVE_TRITON:
             acc = tl.zeros((BLOCK_T, MB, D), dtype=tl.float32)
             gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
             gm = im[:, None] & mm[None, :]
-            for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
-                g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
-                dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :],
-                             mask=im[:, None], other=0.0)  # fmt: skip
-                acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
-                gp += s_gl
+            # stepping the pointers: no 32-bit l * stride (> 2**31). The stacked value gradients
+            # in a loop the compiler keeps rolled: unrolled over the 12 layers, every block shape
+            # spilled (ptxas for sm_90: 32 registers, 8-57 kB of spill stores a thread; rolled,
+            # none at BLOCK_T 16). The tuple's pointers need a constant l, so that form unrolls
+            if STACKED:
+                dp = dvs + rows[:, None] * D + d[None, :]
+                for _ in range(L):
+                    acc = _bank_acc(acc, gp, dp, gm, im, LOGITS)
+                    gp += s_gl
+                    dp += s_dl
+            else:
+                for l in tl.static_range(L):
+                    dp = _layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :]
+                    acc = _bank_acc(acc, gp, dp, gm, im, LOGITS)
+                    gp += s_gl
             _, acc = tl.associative_scan((first, acc), 0, _seg_add)
             ptr = (
                 out_ptr
