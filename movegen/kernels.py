@@ -1455,13 +1455,40 @@ if HAVE_TRITON:
         return x
 
     @triton.jit
+    def _attn_fwd_keys(acc, l_i, m_i, q, rows, lo, hi, b, h, cols, k_ptr, v_ptr, kr_ptr, sk_b, sk_s, sk_h, sv_b,
+                       sv_s, sv_h, so_b, so_s, so_h, S, qk_scale, cos_ptr, sin_ptr, ROPE: tl.constexpr,
+                       MASK: tl.constexpr, SAVE_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       D: tl.constexpr):  # fmt: skip
+        """The online softmax of the query block ``q`` over keys ``lo..hi``, BLOCK_N at a time:
+        ``(acc, l_i, m_i)`` carried on. ``MASK``: the causal mask (keys on the block's own
+        rows; the keys before them precede every row); ``SAVE_K``: each rotated k written."""
+        for start in range(lo, hi, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            km = (keys < S)[:, None]
+            k = _load_qk(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h, km, cos_ptr, sin_ptr, ROPE,
+                         BLOCK_N, D)  # fmt: skip
+            if SAVE_K:
+                tl.store(_bshd_tile(kr_ptr, b, keys, h, cols, so_b, so_s, so_h), k, mask=km)
+            v = tl.load(_bshd_tile(v_ptr, b, keys, h, cols, sv_b, sv_s, sv_h), mask=km, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if MASK:  # (for rows < S, keys < S follows; rows past S are never stored)
+                s = tl.where(keys[None, :] <= rows[:, None], s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in every row's first block
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
     def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cos_ptr, sin_ptr, qr_ptr, kr_ptr, sq_b, sq_s, sq_h,
                          sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h, S, H, qk_scale, D: tl.constexpr,
                          ROPE: tl.constexpr, SAVE_QK: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):  # fmt: skip
         # ROPE: q and k rotated as they are loaded (the QKV product read as it is); SAVE_QK: the
         # rotated q of this block and k of the keys at its own rows written to qr, kr (o's
-        # strides), so every row's are written once (BLOCK_M is a multiple of BLOCK_N)
+        # strides), so every row's are written once
         mb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, D)
@@ -1469,31 +1496,22 @@ if HAVE_TRITON:
         q = _load_qk(
             q_ptr, b, rows, h, cols, sq_b, sq_s, sq_h, rm, cos_ptr, sin_ptr, ROPE, BLOCK_M, D
         )
+        tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the key blocks end where the block's rows start
         if SAVE_QK:
-            tl.static_assert(BLOCK_M % BLOCK_N == 0)
             tl.store(_bshd_tile(qr_ptr, b, rows, h, cols, so_b, so_s, so_h), q, mask=rm)
         m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        hi = tl.minimum((mb + 1) * BLOCK_M, S)
-        for start in range(0, hi, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            km = (keys < S)[:, None]
-            k = _load_qk(k_ptr, b, keys, h, cols, sk_b, sk_s, sk_h, km, cos_ptr, sin_ptr, ROPE,
-                         BLOCK_N, D)  # fmt: skip
-            if SAVE_QK:
-                if start >= mb * BLOCK_M:
-                    tl.store(_bshd_tile(kr_ptr, b, keys, h, cols, so_b, so_s, so_h), k, mask=km)
-            v = tl.load(_bshd_tile(v_ptr, b, keys, h, cols, sv_b, sv_s, sv_h), mask=km, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            # (for rows < S, keys < S follows; rows past S are never stored)
-            s = tl.where(keys[None, :] <= rows[:, None], s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in every row's first block
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        # the keys before this block precede every row of it (no mask); then the keys of its
+        # own rows, masked (and with SAVE_QK written)
+        diag = mb * BLOCK_M
+        acc, l_i, m_i = _attn_fwd_keys(acc, l_i, m_i, q, rows, 0, diag, b, h, cols, k_ptr, v_ptr, kr_ptr, sk_b,
+                                       sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h, S, qk_scale, cos_ptr,
+                                       sin_ptr, ROPE, False, False, BLOCK_N, D)  # fmt: skip
+        acc, l_i, m_i = _attn_fwd_keys(acc, l_i, m_i, q, rows, diag, tl.minimum(diag + BLOCK_M, S), b, h, cols,
+                                       k_ptr, v_ptr, kr_ptr, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s,
+                                       so_h, S, qk_scale, cos_ptr, sin_ptr, ROPE, True, SAVE_QK, BLOCK_N,
+                                       D)  # fmt: skip
         o = acc / l_i[:, None]
         tl.store(
             _bshd_tile(o_ptr, b, rows, h, cols, so_b, so_s, so_h),
