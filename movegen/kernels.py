@@ -296,21 +296,34 @@ if HAVE_TRITON:
         return h, start, tl.minimum(start + BLOCK_T, N), i, im, n, n * H + h
 
     @triton.jit
+    def _lmix_fwd_block(acc, m0, g_ptr, tab_ptr, base, rows, im, d, s_m, G: tl.constexpr, M: tl.constexpr,
+                        GATED: tl.constexpr, LOGITS: tl.constexpr, MB: tl.constexpr):  # fmt: skip
+        """``acc (BLOCK_T, D)`` plus slots ``m0..m0+MB`` of every lane, weighted by their gates."""
+        m = m0 + tl.arange(0, MB)
+        mm = m < M
+        g = _gate(tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
+                          mask=im[:, None] & mm[None, :], other=0.0), LOGITS)  # fmt: skip
+        return acc + tl.sum(g[:, :, None] * _slots_at(tab_ptr, base, im, m, mm, d, s_m), axis=1)
+
+    @triton.jit
     def _lmix_fwd_kernel(v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, out_ptr, N, H, s_vn, s_vh, s_id, s_m, s_h,
                          G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
-                         LOGITS: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+                         LOGITS: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr,
+                         ROLL: tl.constexpr):  # fmt: skip
         h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
         base = _row_base(
             sid_ptr, i, h, im, s_id, s_h
         )  # each lane's row offset, once for all slot blocks
         d = tl.arange(0, D)
         acc = tl.zeros((BLOCK_T, D), dtype=tl.float32)
-        for m0 in tl.static_range(0, M, MB):
-            m = m0 + tl.arange(0, MB)
-            mm = m < M
-            g = _gate(tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
-                              mask=im[:, None] & mm[None, :], other=0.0), LOGITS)  # fmt: skip
-            acc += tl.sum(g[:, :, None] * _slots_at(tab_ptr, base, im, m, mm, d, s_m), axis=1)
+        if ROLL:  # (see _lane_configs)
+            for m0 in range(0, M, MB):
+                acc = _lmix_fwd_block(acc, m0, g_ptr, tab_ptr, base, rows, im, d, s_m, G, M, GATED,
+                                      LOGITS, MB)  # fmt: skip
+        else:
+            for m0 in tl.static_range(0, M, MB):
+                acc = _lmix_fwd_block(acc, m0, g_ptr, tab_ptr, base, rows, im, d, s_m, G, M, GATED,
+                                      LOGITS, MB)  # fmt: skip
         acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED, LOGITS)
         tl.store(
             out_ptr + rows[:, None] * D + d[None, :],
@@ -319,10 +332,24 @@ if HAVE_TRITON:
         )
 
     @triton.jit
+    def _lmix_bwd_block(m0, dout, g_ptr, tab_ptr, dg_ptr, base, dgo, rows, im, d, s_m, G: tl.constexpr,
+                        M: tl.constexpr, GATED: tl.constexpr, LOGITS: tl.constexpr, MB: tl.constexpr):  # fmt: skip
+        """Stores the gradients of every lane's gates of slots ``m0..m0+MB``: <slot, dout>."""
+        m = m0 + tl.arange(0, MB)
+        mm = m < M
+        dg = tl.sum(_slots_at(tab_ptr, base, im, m, mm, d, s_m) * dout[:, None, :], axis=2)
+        gm = im[:, None] & mm[None, :]
+        if LOGITS:
+            x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
+            dg = _gate_grad(dg, x, LOGITS)
+        tl.store(dg_ptr + dgo[:, None] + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
+                 mask=gm)  # fmt: skip
+
+    @triton.jit
     def _lmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, dv_ptr, dg_ptr, N, H, s_vn, s_vh,
                          s_id, s_m, s_h, s_on, s_gn, G: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                          GATED: tl.constexpr, LOGITS: tl.constexpr, MB: tl.constexpr,
-                         BLOCK_T: tl.constexpr):  # fmt: skip
+                         BLOCK_T: tl.constexpr, ROLL: tl.constexpr):  # fmt: skip
         # outputs as in _mix_bwd_kernel
         h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
         dvo, dgo = _out_rows(n, h, s_on, s_gn, D, G)
@@ -332,16 +359,14 @@ if HAVE_TRITON:
         d = tl.arange(0, D)
         dout = tl.load(dout_ptr + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
         dout = dout.to(tl.float32)
-        for m0 in tl.static_range(0, M, MB):
-            m = m0 + tl.arange(0, MB)
-            mm = m < M
-            dg = tl.sum(_slots_at(tab_ptr, base, im, m, mm, d, s_m) * dout[:, None, :], axis=2)
-            gm = im[:, None] & mm[None, :]
-            if LOGITS:
-                x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
-                dg = _gate_grad(dg, x, LOGITS)
-            tl.store(dg_ptr + dgo[:, None] + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
-                     mask=gm)  # fmt: skip
+        if ROLL:  # (see _lane_configs)
+            for m0 in range(0, M, MB):
+                _lmix_bwd_block(m0, dout, g_ptr, tab_ptr, dg_ptr, base, dgo, rows, im, d, s_m, G, M,
+                                GATED, LOGITS, MB)  # fmt: skip
+        else:
+            for m0 in tl.static_range(0, M, MB):
+                _lmix_bwd_block(m0, dout, g_ptr, tab_ptr, dg_ptr, base, dgo, rows, im, d, s_m, G, M,
+                                GATED, LOGITS, MB)  # fmt: skip
         dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, im, d, s_vn, s_vh, G,
                              GATED, LOGITS)  # fmt: skip
         tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
@@ -420,12 +445,19 @@ this many slots, one token at a time (``_bank_rows_kernel``) above. Measured on 
 4.33 vs 2.86 ms (``benchmarks/RESULTS.md``, 2026-12-03 fifth section)."""
 
 
-def _lane_configs():
-    """Autotuned (BLOCK_T, MB, warps) of the lane kernels; one small block in the interpreter."""
+def _lane_configs(roll: bool = False):
+    """Autotuned (BLOCK_T, MB, warps) of the lane kernels; one small block in the interpreter.
+    ``roll``: each shape also with ``ROLL`` (the mix kernels' loop over slot blocks kept rolled
+    rather than unrolled: fewer registers, so fewer spills at the larger blocks (ptxas for sm_90,
+    x4's grouped backward at BLOCK_T 32, MB 8, 4 warps: 552 bytes of spill stores a thread
+    unrolled, 108 rolled), against loads in flight from every slot block at once; the
+    autotuner measures both)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_T": 16, "MB": 4}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": t, "MB": mb}, num_warps=w) for t in (16, 32, 64, 128)
-            for mb in (2, 4, 8) for w in (4, 8)]  # fmt: skip
+        return [triton.Config({"BLOCK_T": 16, "MB": 4, **({"ROLL": True} if roll else {})},
+                              num_warps=4)]  # fmt: skip
+    rolls = ({"ROLL": False}, {"ROLL": True}) if roll else ({},)
+    return [triton.Config({"BLOCK_T": t, "MB": mb, **r}, num_warps=w) for t in (16, 32, 64, 128)
+            for mb in (2, 4, 8) for w in (4, 8) for r in rolls]  # fmt: skip
 
 
 def _lane_prune(limit: int):
@@ -441,10 +473,10 @@ def _lane_prune(limit: int):
 
 
 if HAVE_TRITON:
-    _lmix_fwd_kernel = _autotune(_lane_configs(), key=["M", "D", "G"],
+    _lmix_fwd_kernel = _autotune(_lane_configs(roll=True), key=["M", "D", "G"],
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_fwd_kernel)  # fmt: skip
-    _lmix_bwd_kernel = _autotune(_lane_configs(), key=["M", "D", "G"],
+    _lmix_bwd_kernel = _autotune(_lane_configs(roll=True), key=["M", "D", "G"],
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_bwd_kernel)  # fmt: skip
     # the bank kernel adds into its output: every autotuning run starts from zeros

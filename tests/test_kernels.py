@@ -342,15 +342,19 @@ def test_mix_backward_kernels_compile_for_hopper():
     """The mix's backward kernels (per token and grouped by id) write the value and gate
     gradients at row strides of their own, so that ``rope_attn_mix_bwd`` can point them into
     the QKV product's gradient: each goes through Triton's whole compiler for an sm_90 target
-    here at GPT-B's head width, with gates and with the routers' logits."""
+    here at GPT-B's head width, with gates and with the routers' logits; the grouped kernels
+    (forward too) with their loop over slot blocks unrolled and rolled (``ROLL``, which the
+    interpreter's one configuration runs)."""
     pytest.importorskip("triton")
 
     from movegen import kernels
 
     if kernels.INTERPRET:
         pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
+    lane = {"G": 25, "M": 24, "MB": 8, "BLOCK_T": 32}
     cases = [(kernels._mix_bwd_kernel, {"G": 7, "M": 6, "M_PAD": 8, "BLOCK_R": 64}),
-             (kernels._lmix_bwd_kernel, {"G": 25, "M": 24, "MB": 8, "BLOCK_T": 32})]  # fmt: skip
+             *((kern, {**lane, "ROLL": roll}) for kern in (kernels._lmix_bwd_kernel, kernels._lmix_fwd_kernel)
+               for roll in (False, True))]  # fmt: skip
     for (kern, consts), logits in itertools.product(cases, (False, True)):
         consts = {"D": 64, "GATED": 1, "LOGITS": logits, **consts}
         jit = kern.fn
