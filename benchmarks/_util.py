@@ -41,33 +41,36 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
     return GPTConfig(**fields)
 
 
-ADDED_OPS = ("ce", "router", "gates", "emb")
-"""The ``GPT.fused_ops`` an arm's options may add (off by default)."""
-REMOVED_OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "ce", "router")
-"""The ``GPT.fused_ops`` an arm's ``no`` options may remove."""
-ARM_OPTIONS = ("grouped", "token", "unfused", *(f"no{o}" for o in REMOVED_OPS), *ADDED_OPS,
-               "noclipfold", "nodvstack")  # fmt: skip
+OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "ce", "router", "gates", "emb")
+"""The ``GPT.fused_ops`` an arm may add (``@op``: a no-op where the model has it by default, as
+the first six) or remove (``@noop``)."""
+ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
+               "nodvstack")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
 def arm_options(arm: str) -> tuple[str, set[str]]:
-    """``ARM@opt+opt`` -> (ARM, {opt, ...}), refusing unknown options and grouped with token.
-    The options: grouped / token (the MoVE kernels' form); unfused (the model's elementwise steps
-    as PyTorch ops, not GPT.fused_ops' Triton kernels), or one of them as PyTorch ops: nonorm
-    (dropout + residual + RMSNorm), noswiglu (SiLU product), norope (QKV split + RoPE), noattn
-    (SDPA in place of the Triton attention), noropeattn (the split written and read again before
-    the attention, not the attention straight from the QKV product), noropesave (that attention's
-    backward rotating q and k again rather than reading the forward's); ce and router add the
-    fused cross-entropy and the stacked QKV + router product, gates MoVE's gates formed in the
-    mix kernels, emb the token embedding's sort-based backward (all four off by default: noce /
-    norouter remove them where a default has them); noclipfold the clip as a pass of its own
-    (``clip_grad_norm_``) rather than inside the fused AdamW step (train_step); nodvstack the MoVE
-    bank gradient reading each layer's value gradient in place (``MoVEBank.stack_dv`` False)."""
+    """``ARM@opt+opt`` -> (ARM, {opt, ...}), refusing unknown options, grouped with token, and
+    an op with its ``no`` form. The options: grouped / token (the MoVE kernels' form); unfused
+    (the model's elementwise steps as PyTorch ops, not GPT.fused_ops' Triton kernels); ``noOP``
+    one of the default ops as PyTorch's: nonorm (dropout + residual + RMSNorm), noswiglu (SiLU
+    product), norope (QKV split + RoPE), noattn (SDPA in place of the Triton attention),
+    noropeattn (the split written and read again before the attention, not the attention
+    straight from the QKV product), noropesave (that attention's backward rotating q and k again
+    rather than reading the forward's); ``OP`` adds one (after unfused, e.g. ``@unfused+attn``):
+    ce the fused cross-entropy, router the stacked QKV + router product, gates MoVE's gates
+    formed in the mix kernels, emb the token embedding's sort-based backward (these four off by
+    default); noclipfold the clip as a pass of its own (``clip_grad_norm_``) rather than inside
+    the fused AdamW step (train_step); nodvstack the MoVE bank gradient reading each layer's
+    value gradient in place (``MoVEBank.stack_dv`` False)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
         raise ValueError(f"{arm}: after @ come grouped or token and "
                          f"{sorted(set(ARM_OPTIONS) - {'grouped', 'token'})}, joined by +")  # fmt: skip
+    both = sorted(o for o in OPS if o in opts and f"no{o}" in opts)
+    if both:
+        raise ValueError(f"{arm}: {both[0]} and no{both[0]} contradict each other; give one")
     return name, opts
 
 
@@ -76,7 +79,7 @@ def apply_arm_options(model, opts: set[str]) -> None:
     if "unfused" in opts:
         model.fused_ops = ()
     model.fused_ops = tuple(o for o in model.fused_ops if f"no{o}" not in opts)
-    model.fused_ops += tuple(o for o in ADDED_OPS if o in opts and o not in model.fused_ops)
+    model.fused_ops += tuple(o for o in OPS if o in opts and o not in model.fused_ops)
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts
     if "nodvstack" in opts and model.bank is not None:

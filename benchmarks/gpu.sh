@@ -107,7 +107,7 @@ verify)
   # options beside their baselines (DUMP_STACKS=60: every thread's stack each 60 s if an arm hangs)
   # -vv (past addopts' -q): each test's name as it starts and ends, so a test that does not finish is named
   timeout ${T_VERIFY:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
-    -k "gpt_b_scale or triton_kernels_on_gpu or residual_norm_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
+    -k "gpt_b_scale or triton_kernels_on_gpu or residual_norm_on_gpu or attention_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
   TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled,move-x4@nodvstack:256:compiled,move-x4@gates:256:compiled,standard@noclipfold:256:compiled} \
     run_section train;;

@@ -1505,7 +1505,8 @@ if HAVE_TRITON:
             s = tl.dot(q, tl.trans(k)) * qk_scale
             if MASK:  # (for rows < S, keys < S follows; rows past S are never stored)
                 s = tl.where(keys[None, :] <= rows[:, None], s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in every row's first block
+            # finite: the first block of keys holds key 0 (unmasked for every row), or m_i is
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)

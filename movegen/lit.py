@@ -298,6 +298,10 @@ def optimizer_groups(model: nn.Module, weight_decay: float, *, memory_lr_scale: 
     return groups
 
 
+RESUME_MAY_CHANGE = ("save_rotated_qk",)
+"""``LitGPT`` settings that change speed or memory and never the numbers: a resume may change them."""
+
+
 class LitGPT(L.LightningModule):
     """Trains :class:`GPT` with cross-entropy on codes; logs validation loss, bits per token,
     token accuracy and tokens/s."""
@@ -350,9 +354,10 @@ class LitGPT(L.LightningModule):
             save_rotated_qk: on a GPU, the attention's forward (which reads q and k straight
                 from the QKV product, rotating them as it loads them) also writes the rotated q
                 and k for its backward to read (``"ropesave"`` in ``GPT.fused_ops``): the GPT-B
-                step at batch 256 was 2.7 ms faster on an H100 for 2.25 GiB more activation
+                step at batch 256 was 2.0 ms faster on an H100 for 2.25 GiB more activation
                 memory (``benchmarks/RESULTS.md``, 2026-12-07). False gives that memory back;
-                the backward then rotates them again. The results are the same either way.
+                the backward then rotates them again. The results are the same either way, so
+                a resume may change it (after running out of memory, say).
         """
         super().__init__()
         if memory_lr_scale < 0 or memory_weight_decay < 0:
@@ -573,7 +578,7 @@ class LitGPT(L.LightningModule):
                              + ", ".join(f"{k} {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items()))  # fmt: skip
         saved_h = checkpoint.get("hyper_parameters") or {}
         diff = {k: (saved_h.get(k), v) for k, v in dict(self.hparams).items()
-                if k in saved_h and _norm(saved_h[k]) != _norm(v)}  # fmt: skip
+                if k in saved_h and k not in RESUME_MAY_CHANGE and _norm(saved_h[k]) != _norm(v)}  # fmt: skip
         if diff:
             raise ValueError("--resume continues the same run, but the model's settings differ from the saved state's: "
                              + ", ".join(f"{k} {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items()))  # fmt: skip

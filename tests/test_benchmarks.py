@@ -110,3 +110,25 @@ def test_profile_compare_orders_kernels_by_what_later_arms_add():
     rows = [l.split("|")[1].strip() for l in lines[2:]]
     assert rows == ["mix", "gemm", "norm", "all kernels", "wall time (unprofiled)"]
     assert lines[-2].split("|")[2:4] == [f" {12.0:>9.2f} ", f" {15.01:>9.2f} "]
+
+
+def test_arm_options_add_remove_and_refuse_contradictions():
+    """An arm's ``@`` options: a default op given again is a no-op (arm names of earlier tables
+    still run), ``no`` removes one, ``unfused`` then an op keeps only that op, and an op with
+    its ``no`` form is refused."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._util import apply_arm_options, arm_options
+    from movegen.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16))
+    default = model.fused_ops
+    for arm, ops in [("standard@ropeattn+ropesave", default),
+                     ("standard@noropesave", tuple(o for o in default if o != "ropesave")),
+                     ("standard@unfused+attn", ("attn",)), ("standard@gates", (*default, "gates"))]:  # fmt: skip
+        model.fused_ops = default
+        name, opts = arm_options(arm)
+        apply_arm_options(model, opts)
+        assert name == "standard" and model.fused_ops == ops, (arm, model.fused_ops)
+    for arm in ("standard@ce+noce", "standard@splitmix", "move-x1@grouped+token"):
+        with pytest.raises(ValueError):
+            arm_options(arm)

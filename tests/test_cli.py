@@ -146,7 +146,8 @@ def test_convert_names_its_kinds(capsys, caplog):
 
 def test_save_rotated_qk_is_a_fit_setting(capsys):
     """``--model.save_rotated_qk false`` (memory for speed) reaches the config, and ``LitGPT``
-    then builds its model without ``"ropesave"``, keeping the attention from the QKV product."""
+    then builds its model without ``"ropesave"``, keeping the attention from the QKV product; a
+    resume may change it."""
     from movegen.lit import LitGPT
     from movegen.model import GPTConfig
 
@@ -156,3 +157,16 @@ def test_save_rotated_qk_is_a_fit_setting(capsys):
     assert {"ropeattn", "ropesave"} <= set(LitGPT(cfg).model.fused_ops)
     ops = LitGPT(cfg, save_rotated_qk=False).model.fused_ops
     assert "ropeattn" in ops and "ropesave" not in ops
+    # a resume may change it (memory, not numbers), and not the learning rate
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    saved = LitGPT(cfg)
+    state = {"model_config": asdict(cfg), "hyper_parameters": dict(saved.hparams)}
+    for lit, refused in ((LitGPT(cfg, save_rotated_qk=False), False), (LitGPT(cfg, lr=1e-3), True)):
+        lit._trainer = SimpleNamespace(strategy=SimpleNamespace())
+        if refused:
+            with pytest.raises(ValueError, match="lr"):
+                lit.check_resumable(state)
+        else:
+            lit.check_resumable(state)
