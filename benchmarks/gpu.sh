@@ -22,8 +22,8 @@
 #                     torch-fidelity: carry .whl/ into /tmp/site)
 #   verify            the bank-gradient, MoVE kernel and fused-model GPU tests, then the train_step
 #                     options that are off by default beside their baselines (TRAIN_ONLY overrides)
-#   quick             under 300 s: the attention straight from the QKV product alone against split +
-#                     attention (block_ops), then standard and MoVE-x1 with and without it (train)
+#   quick             under 330 s: the GPU tests of the attention and MoVE kernels, then the standard,
+#                     MoVE-x1 and MoVE-x4 steps at batch 256 (train)
 #   all               mix, train and sampling (the headline tables)
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
 # TRAIN_ONLY, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
@@ -112,12 +112,13 @@ verify)
   TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled,move-x4@nodvstack:256:compiled,move-x4@gates:256:compiled,standard@noclipfold:256:compiled} \
     run_section train;;
 quick)
-  # the first call of a session where machines are scarce (under 300 s): the attention forms alone
-  # from one QKV product, then standard and MoVE-x1 with and without the attention from the product
-  bench ${T_QUICK_BLOCK:-90} block_attn.log benchmarks.block_ops --norm "" --swiglu "" --rope "" --ce "" \
-    --attention split+triton,ropeattn,ropesave --iters 10
-  grep -E "^\||^block" "$OUT/block_attn.log"; errors "$OUT/block_attn.log"
-  T_TRAIN=${T_TRAIN:-170} TRAIN_ONLY=${TRAIN_ONLY:-standard@noropeattn:256:compiled,standard:256:compiled,move-x1@noropeattn:256:compiled,move-x1:256:compiled} \
+  # the first call of a session where machines are scarce (under 330 s): the GPU tests of the
+  # kernels changed since the last timed run, then the three arms' steps (against the last
+  # table on the same card type)
+  timeout ${T_QUICK_TESTS:-120} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
+    -k "attention_on_gpu or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
+  T_TRAIN=${T_TRAIN:-200} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled} \
     run_section train;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;
