@@ -125,6 +125,18 @@ if HAVE_TRITON:
         return dg
 
     @triton.jit
+    def _store_gate_grads(dg, g_ptr, dg_ptr, dgo, rows, m, gm, G: tl.constexpr, GATED: tl.constexpr,
+                          LOGITS: tl.constexpr):  # fmt: skip
+        """Stores ``dg (rows, len(m))``, the gradients of the slot gates ``m`` of rows ``rows``,
+        at ``dg_ptr + dgo`` (with ``LOGITS`` those of their logits, read at ``g_ptr``); ``gm``
+        the mask."""
+        if LOGITS:
+            x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
+            dg = _gate_grad(dg, x, LOGITS)
+        tl.store(dg_ptr + dgo[:, None] + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
+                 mask=gm)  # fmt: skip
+
+    @triton.jit
     def _add_standard(acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr,
                       GATED: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
         """``acc`` plus the standard path: ``g0 * v`` (gated) or ``v``, in fp32."""
@@ -210,12 +222,8 @@ if HAVE_TRITON:
         ).to(tl.float32)
         mem = _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h)
         dg = tl.sum(mem * dout[:, None, :], axis=2)  # (BLOCK_R, M_PAD): every slot's gate at once
-        gm = rmask[:, None] & mmask[None, :]
-        if LOGITS:
-            x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
-            dg = _gate_grad(dg, x, LOGITS)
-        tl.store(dg_ptr + dgo[:, None] + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
-                 mask=gm)  # fmt: skip
+        _store_gate_grads(dg, g_ptr, dg_ptr, dgo, rows, m, rmask[:, None] & mmask[None, :], G, GATED,
+                          LOGITS)  # fmt: skip
         dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, rmask, d, s_vn, s_vh, G,
                              GATED, LOGITS)  # fmt: skip
         tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
@@ -338,12 +346,9 @@ if HAVE_TRITON:
         m = m0 + tl.arange(0, MB)
         mm = m < M
         dg = tl.sum(_slots_at(tab_ptr, base, im, m, mm, d, s_m) * dout[:, None, :], axis=2)
-        gm = im[:, None] & mm[None, :]
-        if LOGITS:
-            x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
-            dg = _gate_grad(dg, x, LOGITS)
-        tl.store(dg_ptr + dgo[:, None] + GATED + m[None, :], dg.to(dg_ptr.dtype.element_ty),
-                 mask=gm)  # fmt: skip
+        _store_gate_grads(
+            dg, g_ptr, dg_ptr, dgo, rows, m, im[:, None] & mm[None, :], G, GATED, LOGITS
+        )
 
     @triton.jit
     def _lmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, dv_ptr, dg_ptr, N, H, s_vn, s_vh,
