@@ -1259,28 +1259,6 @@ def _(dq, dk, dv, cos, sin, extra=None, width=0):
     return dq.new_empty(B, S, 3, H, D) if extra is None else dq.new_empty(B, S, width)
 
 
-def _product_grad(like: torch.Tensor, B: int, S: int, W: int, n: int, gates: torch.Tensor,
-                  gates_in_proj: bool) -> tuple:  # fmt: skip
-    """The gradient ``(B, S, W)`` of a product whose first ``n`` columns are the QKV, in
-    ``like``'s dtype, and where the mix's backward puts the gates' gradient: with
-    ``gates_in_proj`` the ``H * G`` router columns after the QKV (``gates (B, S, H, G)`` are the
-    logits those columns hold; zeros in the padding after them), else a tensor of its own.
-    Returns ``(dproj, dg, s_gn, dg_out)``: the gates' gradient at ``dg`` with row stride
-    ``s_gn``, and what the op returns for it (empty with ``gates_in_proj``)."""
-    H, G = gates.shape[-2:]
-    used = n + H * G * gates_in_proj
-    if W < used:
-        raise ValueError(f"a product of width {W} has no room for {H * G} router columns after "
-                         f"its {n} QKV columns")  # fmt: skip
-    dproj = torch.empty(B, S, W, device=like.device, dtype=like.dtype)
-    if W > used:
-        dproj[..., used:].zero_()
-    if gates_in_proj:
-        return dproj, dproj[..., n:], W, dproj.new_empty(0)
-    dg = torch.empty(B, S, H, G, device=like.device, dtype=gates.dtype)
-    return dproj, dg, H * G, dg
-
-
 def _mix_bwd_into(dout, v, gates, table, ids, sid, order, dv, s_on: int, dg, s_gn: int, gated: bool,
                   logits: bool) -> None:  # fmt: skip
     """The mix's backward (per token, or grouped by id with ``sid, order``) writing the value
@@ -1801,10 +1779,22 @@ def rope_attn_mix_bwd(do: torch.Tensor, proj: torch.Tensor, vm: torch.Tensor, o:
     Returns ``(dproj (B, S, W), dgates (B, S, H, G), or empty with gates_in_proj, dvm)``."""
     B, S, W = proj.shape
     H, D = vm.shape[2], head_dim
-    n = 3 * H * D
+    G, n = gates.shape[-1], 3 * H * D
     if gates_in_proj and not logits:
         raise ValueError("rope_attn_mix_bwd: gates in the product are the router's logits")
-    dproj, dg, s_gn, dg_out = _product_grad(proj, B, S, W, n, gates, gates_in_proj)
+    used = n + H * G * gates_in_proj
+    if W < used:
+        raise ValueError(f"a product of width {W} has no room for {H * G} router columns after "
+                         f"its {n} QKV columns")  # fmt: skip
+    dproj = torch.empty(B, S, W, device=proj.device, dtype=proj.dtype)
+    if W > used:  # zeros in the padding after the router columns
+        dproj[..., used:].zero_()
+    # the gates' gradient: into the product's router columns (the logits it holds), or apart
+    if gates_in_proj:
+        dg, s_gn, dg_out = dproj[..., n:], W, dproj.new_empty(0)
+    else:
+        dg_out = torch.empty(B, S, H, G, device=proj.device, dtype=gates.dtype)
+        dg, s_gn = dg_out, H * G
     q, k, v = proj[..., :n].view(B, S, 3, H, D).unbind(2)
     dq, dk, _ = dproj[..., :n].view(B, S, 3, H, D).unbind(2)
     dvm = torch.empty(B, S, H, D, device=proj.device, dtype=proj.dtype)

@@ -184,19 +184,6 @@ def _mix_kernels(v, gates, table, ids, groups, gated: bool, logits: bool) -> tor
     return torch.ops.movegen.mix_fwd(v, gates, table, ids, gated, logits)
 
 
-def _product_logits(proj: torch.Tensor, n: int, n_head: int, n_gates: int) -> torch.Tensor:
-    """The router's logits ``(B, S, H, G)`` from the columns after the ``n`` QKV columns of a
-    stacked product ``(B, S, W)``, contiguous (what the mix kernels read and the backward keeps)."""
-    B, S = proj.shape[:2]
-    return proj[..., n : n + n_head * n_gates].contiguous().view(B, S, n_head, n_gates)
-
-
-def _check_stacked(gates, logits: bool, n_gates: int, who: str) -> None:
-    """A stacked product (``gates`` None) brings the router's logits: ``logits`` and ``n_gates``."""
-    if gates is None and not (logits and n_gates):
-        raise ValueError(f"{who}: a stacked product needs logits=True and n_gates")
-
-
 class _Mix(torch.autograd.Function):
     """One layer's mix; the bank gradient leaves through the taps (see ``_BankTaps``). ``mem`` is
     the detached ``table (V, M, H, D)`` read at ``ids`` by the kernels, or ``memh`` (ids None);
@@ -262,7 +249,7 @@ class _RopeAttnMix(torch.autograd.Function):
         n = 3 * H * D
         ctx.gates_in_proj = gates is None
         if gates is None:
-            gates = _product_logits(proj, n, H, n_gates)
+            gates = proj[..., n : n + H * n_gates].contiguous().view(B, S, H, n_gates)
         q, k, v = proj[..., :n].view(B, S, 3, H, D).unbind(2)
         vm = _mix_kernels(v, gates, mem, ids, groups, gated, logits)
         qk = ()
@@ -300,7 +287,8 @@ def rope_attn_mix_tapped(proj, gates, cos, sin, mem, taps, gate_standard_path: b
     ``gates`` None, its router columns the logits of ``n_gates`` gates per head (``logits``
     True). ``save_rotated``: as ``kernels.rope_attention``'s. Returns ``(B, S, H, D)``."""
     table, ids, groups = mem
-    _check_stacked(gates, logits, n_gates, "rope_attn_mix_tapped")
+    if gates is None and not (logits and n_gates):
+        raise ValueError("rope_attn_mix_tapped: a stacked product needs logits=True and n_gates")
     return _RopeAttnMix.apply(proj, gates, cos, sin, table, ids, groups, taps[0], taps[1],
                               gate_standard_path, logits, n_head, head_dim, n_gates,
                               save_rotated)  # fmt: skip
