@@ -136,6 +136,14 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def iqr(xs: list[float]) -> float:
+    """The interquartile range: the spread of the middle half, which one outlier does not widen."""
+    if len(xs) < 2:
+        return float("nan")
+    q1, _, q3 = statistics.quantiles(xs, n=4)
+    return q3 - q1
+
+
 def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
     """bf16 dense matmul rate measured here (random data, not zeros)."""
     if device.type != "cuda":

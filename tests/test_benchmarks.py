@@ -1,6 +1,7 @@
 """Every benchmark still runs as a module (``python -m benchmarks.X --smoke``: tiny, CPU) and
 prints its table and JSON line."""
 
+import math
 import json
 import subprocess
 import sys
@@ -132,3 +133,16 @@ def test_arm_options_add_remove_and_refuse_contradictions():
     for arm in ("standard@ce+noce", "standard@splitmix", "move-x1@grouped+token"):
         with pytest.raises(ValueError):
             arm_options(arm)
+
+
+def test_iqr_is_not_widened_by_one_slow_step():
+    """The step table's IQR column: one slow step among fifteen (a host hiccup) leaves it where
+    the other steps put it, where max - min takes the outlier whole."""
+    from benchmarks._util import iqr
+
+    steady = [100.0 + 0.1 * i for i in range(15)]
+    hiccup = steady[:-1] + [700.0]
+    assert iqr(hiccup) == pytest.approx(iqr(steady), rel=0.1)
+    assert iqr(steady) == pytest.approx(0.8, rel=0.1)
+    assert max(hiccup) - min(hiccup) > 500
+    assert math.isnan(iqr([1.0]))

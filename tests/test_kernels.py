@@ -281,9 +281,12 @@ def test_bank_kernels_compile_for_hopper():
     if kernels.INTERPRET:
         pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
     L = 12
-    cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
+    tile = {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}
+    cases = [(kernels._bank_tile_kernel, {**tile, "ROLL": False}),
+             (kernels._bank_tile_kernel, {**tile, "ROLL": True}),
              (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64})]  # fmt: skip
-    # gates with the value gradients stacked (the default), logits with them each in place
+    # gates with the value gradients stacked (the default), logits with them each in place;
+    # the tile kernel's layer loop unrolled and rolled (ROLL)
     for (kern, consts), (logits, stacked) in itertools.product(
         cases, ((False, True), (True, False))
     ):
@@ -328,7 +331,7 @@ def test_bank_gradient_kernel_does_not_spill_on_hopper(tmp_path):
     if kernels.INTERPRET:
         pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
     consts = {"L": 12, "D": 64, "LOGITS": False, "STACKED": True, "G": 7, "M": 6, "MB": 2,
-              "BLOCK_T": 16}  # fmt: skip
+              "BLOCK_T": 16, "ROLL": True}  # fmt: skip
     jit = kernels._bank_tile_kernel
     jit = jit.fn if isinstance(jit, triton.runtime.Autotuner) else jit
     types = {"dvs": "*bf16", "g_ptr": "*bf16", "out_ptr": "*fp32"}
