@@ -1,8 +1,8 @@
 """Every benchmark still runs as a module (``python -m benchmarks.X --smoke``: tiny, CPU) and
 prints its table and JSON line."""
 
-import math
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
