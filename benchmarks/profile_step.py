@@ -14,6 +14,7 @@ adds over the standard step, kernel by kernel. Arms take the options of ``train_
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
@@ -129,9 +130,23 @@ def main() -> None:
         print(f"GPU kernel time per {unit}: {busy:.2f} ms; wall time per {unit}: {wall:.2f} ms")
 
 
+def kernel_family(name: str) -> str:
+    """Inductor's generated kernels without their running number: ``triton_red_fused_x_9`` in
+    one arm's graph is ``triton_red_fused_x_12`` in another's, the same fused kernel."""
+    return re.sub(r"_\d+$", "", name) if name.startswith("triton_") else name
+
+
 def compare_table(arms: list[str], times: list[dict], walls: list, min_ms: float) -> str:
     """Kernels as rows, arms as columns (ms per unit of work), the last column each later arm's
-    largest excess over the first; totals and wall times at the foot."""
+    largest excess over the first; totals and wall times at the foot. Inductor's kernels are
+    summed by ``kernel_family``, so that a kernel numbered apart in two arms is one row."""
+    merged = []
+    for t in times:
+        m: dict[str, float] = {}
+        for n, v in t.items():
+            m[kernel_family(n)] = m.get(kernel_family(n), 0.0) + v
+        merged.append(m)
+    times = merged
     names = set().union(*times)
     extra = {n: max(t.get(n, 0.0) for t in times[1:]) - times[0].get(n, 0.0) if len(times) > 1
              else times[0].get(n, 0.0) for n in names}  # fmt: skip

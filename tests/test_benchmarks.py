@@ -111,6 +111,14 @@ def test_profile_compare_orders_kernels_by_what_later_arms_add():
     rows = [l.split("|")[1].strip() for l in lines[2:]]
     assert rows == ["mix", "gemm", "norm", "all kernels", "wall time (unprofiled)"]
     assert lines[-2].split("|")[2:4] == [f" {12.0:>9.2f} ", f" {15.01:>9.2f} "]
+    # inductor numbers its kernels per graph: the same fused kernel is one row across the arms
+    times = [{"triton_red_fused_softmax_9": 1.5, "triton_poi_fused_copy_3": 0.1, "gemm_1": 1.0},
+             {"triton_red_fused_softmax_12": 1.6, "triton_poi_fused_copy_4": 0.2, "gemm_2": 1.0}]  # fmt: skip
+    lines = compare_table(["standard", "move-x1"], times, [None, None], 0.05).splitlines()
+    rows = {l.split("|")[1].strip(): l.split("|")[2:5] for l in lines[2:]}
+    assert set(rows) == {"triton_red_fused_softmax", "triton_poi_fused_copy", "gemm_1", "gemm_2",
+                         "all kernels"}  # fmt: skip
+    assert float(rows["triton_red_fused_softmax"][2]) == pytest.approx(0.1)
 
 
 def test_arm_options_add_remove_and_refuse_contradictions():
