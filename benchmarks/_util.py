@@ -41,7 +41,8 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
     return GPTConfig(**fields)
 
 
-OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "ce", "router", "gates", "emb")
+OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "ce", "router", "gates", "emb",
+       "routerpad")  # fmt: skip
 """The ``GPT.fused_ops`` an arm may add (``@op``: a no-op where the model has it by default, as
 the first six) or remove (``@noop``)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",

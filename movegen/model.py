@@ -331,7 +331,7 @@ class Attention(nn.Module):
 
     def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None,
                   proj: torch.Tensor | None = None, fused: bool = False,
-                  gate_logits: bool = False):  # fmt: skip
+                  gate_logits: bool = False, router_pad: bool = False):  # fmt: skip
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
         ``memh``: the gathered bank ``(B, S, H, M, D)`` (MoVE). ``taps`` (training with MoVE)
         route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
@@ -340,12 +340,13 @@ class Attention(nn.Module):
         ``(B, S, 3d [+ H*G])`` (decoding fuses the two weights: :class:`KVCache`). ``fused``: the
         split of the QKV product and RoPE as one Triton kernel each way where the kernels run
         (:func:`kernels.split_rope`). ``gate_logits`` (MoVE with taps made for it): the router's
-        logits go to the mix kernels, which form the gates ``2 * sigmoid`` themselves."""
+        logits go to the mix kernels, which form the gates ``2 * sigmoid`` themselves.
+        ``router_pad``: :meth:`router_logits`'s ``pad``."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if proj is None:
             qkv = self.qkv(x)
-            logits = self.router(x) if self.has_memory else None
+            logits = self.router_logits(x, router_pad) if self.has_memory else None
         else:
             qkv = proj[..., : 3 * d]
             logits = (
@@ -377,7 +378,8 @@ class Attention(nn.Module):
 
     def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True, fused: bool = False,
                 router: bool = False, attn: bool = False, gate_logits: bool = False,
-                rope_attn: bool = False, rope_save: bool = False) -> torch.Tensor:  # fmt: skip
+                rope_attn: bool = False, rope_save: bool = False,
+                router_pad: bool = False) -> torch.Tensor:  # fmt: skip
         """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
         ``fused``: :meth:`mixed_qkv`'s. ``router``: a memory layer's QKV and router products as
         one product of the stacked weights (one read of ``x``, one input gradient). ``attn``:
@@ -386,16 +388,18 @@ class Attention(nn.Module):
         ``attn``): the attention straight from the QKV product (no split q, k, v written and read
         again): :func:`kernels.rope_attention`, or in a MoVE layer on the Triton kernels'
         training path :func:`move.rope_attn_mix_tapped` (with ``router`` only with
-        ``gate_logits``); ``rope_save``: their ``save_rotated``."""
+        ``gate_logits``); ``rope_save``: their ``save_rotated``. ``router_pad``:
+        :meth:`router_logits`'s ``pad``."""
         p = self.cfg.attn_dropout if self.training else 0.0
         if rope_attn and fused and attn and p == 0:
-            y = self._attend_product(x, memh, cos, sin, taps, router, gate_logits, rope_save)
+            y = self._attend_product(x, memh, cos, sin, taps, router, gate_logits, rope_save,
+                                     router_pad)  # fmt: skip
             if y is not None:
                 y = self.proj(y.flatten(2))
                 return self.resid_drop(y) if dropout else y
         proj = self._stacked_product(x) if router and self.has_memory else None
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused,
-                                 gate_logits=gate_logits)  # fmt: skip
+                                 gate_logits=gate_logits, router_pad=router_pad)  # fmt: skip
         if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):
             y = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         else:
@@ -413,6 +417,19 @@ class Attention(nn.Module):
         # GEMM kernels (TMA) need; 8 is the least padding that aligns them
         return F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
 
+    def router_logits(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
+        """The router's logits ``(B, S, H*G)``. ``pad``: through the weight padded with zero
+        rows to a multiple of 8 outputs and the product sliced back: the same values and
+        gradients, but every row of the product and of its gradient 16-byte aligned. A row of
+        H*G bf16 values (168 bytes for MoVE-x1's 84, 600 for x4's 300) is not, and cuBLAS then
+        runs two of the router's three GEMMs with an sm80 kernel rather than Hopper's (H100
+        profile, ``benchmarks/RESULTS.md``)."""
+        w = self.router.weight
+        n = w.shape[0]
+        if not pad or n % 8 == 0:
+            return self.router(x)
+        return F.linear(x, F.pad(w, (0, 0, 0, -n % 8)))[..., :n]
+
     def _gates(self, logits: torch.Tensor, gate_logits: bool) -> torch.Tensor:
         """The router's ``logits (B, S, H*G)`` as the mix takes them ``(B, S, H, G)``: the logits
         themselves (``gate_logits``: the kernels form the gates), else the gates, memory dropout
@@ -427,7 +444,7 @@ class Attention(nn.Module):
         return gates
 
     def _attend_product(self, x, memh, cos, sin, taps, router: bool, gate_logits: bool,
-                        save: bool = False):  # fmt: skip
+                        save: bool = False, router_pad: bool = False):  # fmt: skip
         """The attention output ``(B, S, H, D)`` straight from the QKV product where the kernels
         run (see :meth:`forward`'s ``rope_attn``), else None."""
         B, S, d = x.shape
@@ -448,7 +465,7 @@ class Attention(nn.Module):
                                         save)  # fmt: skip
         if router:
             return None
-        gates = self._gates(self.router(x), gate_logits)
+        gates = self._gates(self.router_logits(x, router_pad), gate_logits)
         return rope_attn_mix_tapped(self.qkv(x), gates, cos[:S], sin[:S], memh, taps, self.gated,
                                     gate_logits, H, D, save_rotated=save)  # fmt: skip
 
@@ -528,14 +545,15 @@ class Block(nn.Module):
         and router products as one, ``"attn"``: the causal attention, ``"gates"``: the MoVE gates
         formed inside the mix kernels, ``"ropeattn"``: the attention straight from the QKV product, the MoVE
         mix included on its training path (with ``"rope"`` and ``"attn"``), ``"ropesave"``: its
-        forward writes the rotated q and k for the backward (with ``"ropeattn"``);
+        forward writes the rotated q and k for the backward (with ``"ropeattn"``),
+        ``"routerpad"``: the router's product padded to aligned rows (:meth:`Attention.router_logits`);
         :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
                       router="router" in fused, attn="attn" in fused,
                       gate_logits="gates" in fused, rope_attn="ropeattn" in fused,
-                      rope_save="ropesave" in fused)  # fmt: skip
+                      rope_save="ropesave" in fused, router_pad="routerpad" in fused)  # fmt: skip
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -590,7 +608,9 @@ class GPT(nn.Module):
         # of the MoVE-x1 step), "router" (a memory layer's QKV and router products as one product
         # of the stacked weights padded to a multiple of 8 columns, split by
         # kernels.split_rope_wide: +2.1 ms with "ropeattn"), "emb" (the token embedding's
-        # gradient by a sort, move.gather_rows: +0.9 ms), "ce" (kernels.cross_entropy in `loss`;
+        # gradient by a sort, move.gather_rows: +0.9 ms), "routerpad" (the router's product
+        # padded to 16-byte aligned rows, Attention.router_logits: not yet timed), "ce"
+        # (kernels.cross_entropy in `loss`;
         # faster alone, but the compiled GPT-B step with it did not finish on an H200, 2026-12-03)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave")
         self.reset_parameters()

@@ -480,6 +480,36 @@ def test_stacked_router_product_matches_two_products(memory):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_padded_router_product_matches_the_router(monkeypatch):
+    """``"routerpad"`` in ``GPT.fused_ops``: the router's product through its weight padded with
+    zero rows gives the loss and every gradient of the plain product, and the logits it hands
+    on are rows of a product 8 columns wide (16-byte aligned in bf16) where the router's own
+    width (here 4) is not."""
+    model = randomize(GPT(tiny("move", resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
+                               class_dropout=0.0)))  # fmt: skip
+    attn = model.blocks[0].attn
+    assert attn.router.out_features % 8 != 0
+    x = torch.randn(2, T, model.config.n_embd)
+    padded = attn.router_logits(x, pad=True)
+    assert padded.stride(-2) % 8 == 0 and padded.shape == attn.router(x).shape
+    codes, labels = torch.randint(K, (3, T)), torch.tensor([0, 1, 2])
+    pads, plain = [], type(attn).router_logits
+    monkeypatch.setattr(type(attn), "router_logits",
+                        lambda self, x, pad=False: pads.append(pad) or plain(self, x, pad))  # fmt: skip
+    res = []
+    for ops in ((), ("routerpad",)):
+        model.fused_ops = ops
+        model.zero_grad()
+        loss = model.loss(codes, labels)
+        loss.backward()
+        res.append([loss, *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    n = model.config.n_layer
+    assert pads == [False] * n + [True] * n  # every layer's router, padded only when asked
+    assert len(res[0]) == len(res[1])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_sort_based_token_embedding_matches_embedding():
     """``"emb"`` in ``GPT.fused_ops``: the token embedding's gradient summed by a sort
     (``move.gather_rows``) equals ``nn.Embedding``'s, repeated codes included; the class rows,
