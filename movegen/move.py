@@ -209,26 +209,28 @@ class _Mix(torch.autograd.Function):
             d_v, d_gates = torch.ops.movegen.gmix_bwd(
                 dout, v, gates, mem, *groups, gated, ctx.logits
             )
-            return d_v, d_gates, None, None, None, gates.detach(), dout, None, None
-        if ids is not None:
+        elif ids is not None:
             d_v, d_gates = torch.ops.movegen.mix_bwd(dout, v, gates, mem, ids, gated, ctx.logits)
-            return d_v, d_gates, None, None, None, gates.detach(), dout, None, None
-        # gate gradients of the slots: <dout, memh_i> per (b, t, h); the one unavoidable re-read
-        if torch.compiler.is_compiling():
-            d_gs = (mem * dout.to(mem.dtype).unsqueeze(-2)).sum(-1)  # (B, T, H, M)
         else:
-            d_gs = torch.matmul(mem, dout.to(mem.dtype).unsqueeze(-1)).squeeze(-1)
-        if gated:
-            g0 = gates[..., :1]
-            acc = torch.promote_types(v.dtype, torch.float32)  # reduce in at least fp32
-            d_g0 = (dout.to(acc) * v.to(acc)).sum(-1, keepdim=True)
-            d_gates = torch.cat([d_g0, d_gs.to(acc)], dim=-1).to(gates.dtype)
-            d_v = (dout * g0).to(v.dtype)
-        else:
-            d_gates = d_gs.to(gates.dtype)
-            d_v = dout.to(v.dtype)
+            d_v, d_gates = _mix_bwd_reference(dout, v, gates, mem, gated)
         # the taps carry g (value, not gradient) and dout to _BankTaps.backward
         return d_v, d_gates, None, None, None, gates.detach(), dout, None, None
+
+
+def _mix_bwd_reference(dout, v, gates, mem, gated: bool):
+    """``_Mix``'s gradients of v and the gates in PyTorch ops (the gathered bank ``mem``)."""
+    # gate gradients of the slots: <dout, memh_i> per (b, t, h); the one unavoidable re-read
+    if torch.compiler.is_compiling():
+        d_gs = (mem * dout.to(mem.dtype).unsqueeze(-2)).sum(-1)  # (B, T, H, M)
+    else:
+        d_gs = torch.matmul(mem, dout.to(mem.dtype).unsqueeze(-1)).squeeze(-1)
+    if not gated:
+        return dout.to(v.dtype), d_gs.to(gates.dtype)
+    g0 = gates[..., :1]
+    acc = torch.promote_types(v.dtype, torch.float32)  # reduce in at least fp32
+    d_g0 = (dout.to(acc) * v.to(acc)).sum(-1, keepdim=True)
+    d_gates = torch.cat([d_g0, d_gs.to(acc)], dim=-1).to(gates.dtype)
+    return (dout * g0).to(v.dtype), d_gates
 
 
 class _RopeAttnMix(torch.autograd.Function):
