@@ -41,10 +41,10 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
     return GPTConfig(**fields)
 
 
-OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "ce", "router", "gates", "emb",
-       "routerpad")  # fmt: skip
+OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "routerpad", "ce", "router",
+       "gates", "emb")  # fmt: skip
 """The ``GPT.fused_ops`` an arm may add (``@op``: a no-op where the model has it by default, as
-the first six) or remove (``@noop``)."""
+the first seven) or remove (``@noop``)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
                "nodvstack")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
@@ -58,7 +58,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     product), norope (QKV split + RoPE), noattn (SDPA in place of the Triton attention),
     noropeattn (the split written and read again before the attention, not the attention
     straight from the QKV product), noropesave (that attention's backward rotating q and k again
-    rather than reading the forward's); ``OP`` adds one (after unfused, e.g. ``@unfused+attn``):
+    rather than reading the forward's), norouterpad (the router's product at its own width, rows
+    not 16-byte aligned); ``OP`` adds one (after unfused, e.g. ``@unfused+attn``):
     ce the fused cross-entropy, router the stacked QKV + router product, gates MoVE's gates
     formed in the mix kernels, emb the token embedding's sort-based backward (these four off by
     default); noclipfold the clip as a pass of its own (``clip_grad_norm_``) rather than inside

@@ -383,18 +383,9 @@ if HAVE_TRITON:
         return f1 | f2, tl.where(f2 != 0, v2, v1 + v2)
 
     @triton.jit
-    def _bank_acc(acc, gp, dp, gm, im, LOGITS: tl.constexpr):
-        """``acc (BLOCK_T, MB, D)`` plus one layer's gates (at ``gp``) times its value gradient
-        (at ``dp``), every lane's outer product at once."""
-        g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
-        dv = tl.load(dp, mask=im[:, None], other=0.0)
-        return acc + g[:, :, None] * dv.to(tl.float32)[:, None, :]
-
-    @triton.jit
     def _bank_tile_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
                           G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, LOGITS: tl.constexpr,
-                          STACKED: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr,
-                          ROLL: tl.constexpr):  # fmt: skip
+                          STACKED: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*BLOCK_T.. of head h, its slots MB at a time: every
         # lane's sum over layers of g (x) dv at once, then a segmented sum over runs of equal
         # ids in the lanes; each run's total is written from its last lane, by a plain store
@@ -417,23 +408,17 @@ if HAVE_TRITON:
             acc = tl.zeros((BLOCK_T, MB, D), dtype=tl.float32)
             gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
             gm = im[:, None] & mm[None, :]
-            # stepping the pointers: no 32-bit l * stride (> 2**31). ROLL (stacked value
-            # gradients only: the tuple's pointers need a constant l) keeps the layer loop rolled:
-            # unrolled over the 12 layers every block shape spilled (ptxas for sm_90: 32
-            # registers, 8-57 kB of spill stores a thread; rolled, none at BLOCK_T 16), yet the
-            # rolled loop measured slower on an H100 (x1: 2.46 against 1.55 ms a step, loads of
-            # the next layer not in flight), so the autotuner times both
-            if STACKED and ROLL:
-                dp = dvs + rows[:, None] * D + d[None, :]
-                for _ in range(L):
-                    acc = _bank_acc(acc, gp, dp, gm, im, LOGITS)
-                    gp += s_gl
-                    dp += s_dl
-            else:
-                for l in tl.static_range(L):
-                    dp = _layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :]
-                    acc = _bank_acc(acc, gp, dp, gm, im, LOGITS)
-                    gp += s_gl
+            # stepping the pointer: no 32-bit l * stride (> 2**31). The loop unrolled over the
+            # layers spills for sm_90 (ptxas: 8-57 kB of spill stores a thread), yet rolled it was
+            # slower: 2.46 against 1.55 ms of an H100's MoVE-x1 step (the next layer's loads
+            # not in flight), and autotuned beside the unrolled form it was not chosen
+            # (benchmarks/RESULTS.md, 2026-12-07 third session)
+            for l in tl.static_range(L):
+                g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
+                dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :],
+                             mask=im[:, None], other=0.0)  # fmt: skip
+                acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
+                gp += s_gl
             _, acc = tl.associative_scan((first, acc), 0, _seg_add)
             ptr = (
                 out_ptr
@@ -468,15 +453,13 @@ def _lane_configs(roll: bool = False):
             for mb in (2, 4, 8) for w in (4, 8) for r in rolls]  # fmt: skip
 
 
-def _lane_prune(limit: int, roll_if: str | None = None):
+def _lane_prune(limit: int):
     def prune(configs, named_args, **kwargs):
         """Keep the blocks whose ``(BLOCK_T, MB, D)`` tile holds 2048 to ``limit`` elements and
-        whose slot block is no wider than M needs; with ``roll_if``, the ``ROLL`` forms only
-        where that flag is set (elsewhere they would be the unrolled ones again)."""
+        whose slot block is no wider than M needs."""
         D, M = kwargs["D"], kwargs["M"]
-        rolls = roll_if is None or kwargs[roll_if]
         keep = [c for c in configs if 2048 <= c.kwargs["BLOCK_T"] * c.kwargs["MB"] * D <= limit
-                and c.kwargs["MB"] <= _pad(M) and (rolls or not c.kwargs.get("ROLL"))]  # fmt: skip
+                and c.kwargs["MB"] <= _pad(M)]  # fmt: skip
         return keep or configs[:1]
 
     return prune
@@ -490,8 +473,8 @@ if HAVE_TRITON:
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_bwd_kernel)  # fmt: skip
     # the bank kernel adds into its output: every autotuning run starts from zeros
-    _bank_tile_kernel = _autotune(_lane_configs(roll=True), key=["M", "D", "G", "L", "STACKED"], reset_to_zero=["out_ptr"],
-                                        prune_configs_by={"early_config_prune": _lane_prune(8192, roll_if="STACKED")})(
+    _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L", "STACKED"], reset_to_zero=["out_ptr"],
+                                        prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
 
 

@@ -600,19 +600,20 @@ class GPT(nn.Module):
         # and "attn") that attention straight from the QKV product, rotating q and k as it loads
         # them, after the MoVE mix of its v in memory layers (kernels.rope_attention,
         # move.rope_attn_mix_tapped): no split q, k, v written either way, "ropesave" (with
-        # "ropeattn") its forward also writes the rotated q and k, which the backward reads; ()
-        # gives the PyTorch ops (the reference). The two "rope*" made the GPT-B step 2.7 ms
-        # (standard) and 2.1 ms (MoVE-x1) faster on an H100 (benchmarks/RESULTS.md, 2026-12-07).
-        # Built, tested and off by default, each measured slower or not yet timed on a GPU:
+        # "ropeattn") its forward also writes the rotated q and k, which the backward reads,
+        # "routerpad" a memory layer's router product padded to 16-byte aligned rows
+        # (Attention.router_logits); () gives the PyTorch ops (the reference). The two "rope*"
+        # made the GPT-B step 2.7 ms (standard) and 2.1 ms (MoVE-x1) faster on an H100,
+        # "routerpad" MoVE-x4's 2.1 ms and x1's 0.5 ms (benchmarks/RESULTS.md, 2026-12-07).
+        # Built, tested and off by default, each measured slower on a GPU:
         # "gates" (MoVE's gates 2 * sigmoid(router logits) formed inside the mix kernels: +1.1 ms
         # of the MoVE-x1 step), "router" (a memory layer's QKV and router products as one product
         # of the stacked weights padded to a multiple of 8 columns, split by
         # kernels.split_rope_wide: +2.1 ms with "ropeattn"), "emb" (the token embedding's
-        # gradient by a sort, move.gather_rows: +0.9 ms), "routerpad" (the router's product
-        # padded to 16-byte aligned rows, Attention.router_logits: not yet timed), "ce"
-        # (kernels.cross_entropy in `loss`;
+        # gradient by a sort, move.gather_rows: +0.9 ms), "ce" (kernels.cross_entropy in `loss`;
         # faster alone, but the compiled GPT-B step with it did not finish on an H200, 2026-12-03)
-        self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave")
+        self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave",
+                                           "routerpad")  # fmt: skip
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
