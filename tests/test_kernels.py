@@ -180,9 +180,9 @@ def test_cross_entropy_and_split_rope_on_gpu():
 @pytest.mark.gpu
 def test_attention_on_gpu():
     """``kernels.attention`` on bf16 q, k, v of the training step's layout (transposed views of
-    ``(B, S, H, D)``; 256 positions, and 200: partial blocks) against SDPA of their fp32 copies:
-    the output and the gradients of q, k and v (the model's fused path with it:
-    ``test_residual_norm_on_gpu``)."""
+    ``(B, S, H, D)``; 256 positions, and 200: partial blocks; heads of 64 as in GPT-B and of 128,
+    the widest it takes) against SDPA of their fp32 copies: the output and the gradients of q, k
+    and v (the model's fused path with it: ``test_residual_norm_on_gpu``)."""
     import torch
     import torch.nn.functional as F
 
@@ -191,8 +191,8 @@ def test_attention_on_gpu():
     from movegen import kernels
 
     torch.manual_seed(0)
-    for S in (256, 200):
-        B, H, D = 8, 12, 64
+    for S, D in ((256, 64), (200, 64), (256, 128)):
+        B, H = 8, 12
         qkv = torch.randn(B, S, 3, H, D, device="cuda").bfloat16().requires_grad_()
         do = torch.randn(B, H, S, D, device="cuda").bfloat16().transpose(1, 2)
         assert kernels.attn_usable(qkv[:, :, 0])
