@@ -42,7 +42,7 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
 
 
 OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "routerpad", "ce", "router",
-       "gates", "emb")  # fmt: skip
+       "gates", "emb", "routeradd")  # fmt: skip
 """The ``GPT.fused_ops`` an arm may add (``@op``: a no-op where the model has it by default, as
 the first seven) or remove (``@noop``)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
@@ -61,8 +61,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     rather than reading the forward's), norouterpad (the router's product at its own width, rows
     not 16-byte aligned); ``OP`` adds one (after unfused, e.g. ``@unfused+attn``):
     ce the fused cross-entropy, router the stacked QKV + router product, gates MoVE's gates
-    formed in the mix kernels, emb the token embedding's sort-based backward (these four off by
-    default); noclipfold the clip as a pass of its own (``clip_grad_norm_``) rather than inside
+    formed in the mix kernels, emb the token embedding's sort-based backward, routeradd the
+    router's input gradient added inside the QKV's GEMM (these five off by default); noclipfold the clip as a pass of its own (``clip_grad_norm_``) rather than inside
     the fused AdamW step (train_step); nodvstack the MoVE bank gradient reading each layer's
     value gradient in place (``MoVEBank.stack_dv`` False)."""
     name, _, rest = arm.partition("@")

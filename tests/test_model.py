@@ -353,13 +353,15 @@ def test_deferred_bank_gradient_equals_plain_autograd(gated, density):
     assert grads[True][1]["bank.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("memory", ["move", "lave"])
-def test_compiled_training_path_equals_eager(memory):
+@pytest.mark.parametrize("memory, extra", [("move", ()), ("lave", ()), ("move", ("routeradd",))])
+def test_compiled_training_path_equals_eager(memory, extra):
     """torch.compile takes the fused forms of the mix and of the deferred bank gradient
-    (move.py); loss and every gradient must match the eager path."""
+    (move.py), and the router's input gradient added inside the QKV's GEMM (``"routeradd"``,
+    an autograd function); loss and every gradient must match the eager path."""
     import torch.nn.functional as F
 
     model = randomize(GPT(tiny(memory, memory_density=2))).eval()
+    model.fused_ops += extra
     codes, labels = batch()
 
     def loss(c, l):
@@ -508,6 +510,39 @@ def test_padded_router_product_matches_the_router(monkeypatch):
     assert len(res[0]) == len(res[1])
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_router_gradient_added_inside_the_qkv_gemm_matches_autograd(autocast):
+    """``"routeradd"`` in ``GPT.fused_ops``: a memory layer's QKV and router products through
+    one autograd function whose backward adds the router's input gradient inside the QKV's GEMM
+    give the loss and every gradient of the two plain products (with ``"routerpad"`` too), in
+    fp32 and under bf16 autocast, where the weights' gradients stay fp32; every memory layer
+    takes that path."""
+    from unittest import mock
+
+    from movegen import model as model_mod
+
+    model = randomize(GPT(tiny("move", resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
+                               class_dropout=0.0)))  # fmt: skip
+    codes, labels = torch.randint(K, (3, T)), torch.tensor([0, 1, 2])
+    res = []
+    fn = model_mod._SharedInputLinear
+    with mock.patch.object(fn, "apply", wraps=fn.apply) as shared:
+        for ops in ((), ("routeradd",), ("routeradd", "routerpad")):
+            model.fused_ops = ops
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model.loss(codes, labels)
+            loss.backward()
+            res.append([loss, *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    assert shared.call_count == 2 * model.config.n_layer
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for other in res[1:]:
+        assert len(other) == len(res[0])
+        for a, b in zip(res[0], other):
+            torch.testing.assert_close(a, b, **tol)
 
 
 def test_sort_based_token_embedding_matches_embedding():
