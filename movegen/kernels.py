@@ -409,10 +409,11 @@ if HAVE_TRITON:
             gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
             gm = im[:, None] & mm[None, :]
             # stepping the pointer: no 32-bit l * stride (> 2**31). The loop unrolled over the
-            # layers spills for sm_90 (ptxas: 8-57 kB of spill stores a thread), yet rolled it was
-            # slower: 2.46 against 1.55 ms of an H100's MoVE-x1 step (the next layer's loads
-            # not in flight), and autotuned beside the unrolled form it was not chosen
-            # (benchmarks/RESULTS.md, 2026-12-07 third session)
+            # layers spills for sm_90 (ptxas: 1-57 kB of spill stores a thread, 9 kB at the
+            # block chosen on H100s), yet the rolled loop, without spills, lost: autotuned beside
+            # the unrolled one on the same H100 it was not chosen, and forced it took 2.46 ms of
+            # a MoVE-x1 step on one H100 against 1.55 unrolled on another (the next layer's
+            # loads not in flight; benchmarks/RESULTS.md, 2026-12-07 third session)
             for l in tl.static_range(L):
                 g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
                 dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :],

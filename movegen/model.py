@@ -325,10 +325,15 @@ class _SharedInputLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d1, d2):
         x, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_w2 = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         d1, d2 = d1.reshape(-1, d1.shape[-1]), d2.reshape(-1, d2.shape[-1])
-        dx = torch.addmm(torch.mm(d1, w1), d2, w2).view_as(x)
-        return dx, d1.t() @ x2, d2.t() @ x2
+        dx = None
+        if need_x:
+            dx = torch.mm(d1, w1)
+            dx.addmm_(d2, w2)  # the router's share added in the GEMM's epilogue
+            dx = dx.view_as(x)
+        return dx, d1.t() @ x2 if need_w1 else None, d2.t() @ x2 if need_w2 else None
 
 
 class Attention(nn.Module):
@@ -412,7 +417,9 @@ class Attention(nn.Module):
         again): :func:`kernels.rope_attention`, or in a MoVE layer on the Triton kernels'
         training path :func:`move.rope_attn_mix_tapped` (with ``router`` only with
         ``gate_logits``); ``rope_save``: their ``save_rotated``. ``router_pad``, ``router_add``:
-        :meth:`qkv_and_router`'s ``pad`` and ``add_grad``."""
+        :meth:`qkv_and_router`'s ``pad`` and ``add_grad`` (``router``'s stacked product, where
+        it is taken, has padding of its own and one input gradient already: both are then
+        unused)."""
         p = self.cfg.attn_dropout if self.training else 0.0
         if rope_attn and fused and attn and p == 0:
             y = self._attend_product(x, memh, cos, sin, taps, router, gate_logits, rope_save,
@@ -448,11 +455,15 @@ class Attention(nn.Module):
         H*G bf16 values (168 bytes for MoVE-x1's 84, 600 for x4's 300) is not, and cuBLAS then
         runs two of the router's three GEMMs with an sm80 kernel rather than Hopper's (H100
         profile, ``benchmarks/RESULTS.md``)."""
-        w = self.router.weight
-        n = w.shape[0]
+        n = self.router.out_features
         if not pad or n % 8 == 0:
             return self.router(x)
-        return F.linear(x, F.pad(w, (0, 0, 0, -n % 8)))[..., :n]
+        return F.linear(x, self._router_weight(pad))[..., :n]
+
+    def _router_weight(self, pad: bool) -> torch.Tensor:
+        """The router's weight, with ``pad`` zero rows up to a multiple of 8 outputs."""
+        w = self.router.weight
+        return F.pad(w, (0, 0, 0, -w.shape[0] % 8)) if pad else w
 
     def qkv_and_router(self, x: torch.Tensor, pad: bool = False, add_grad: bool = False):
         """A memory layer's QKV product ``(B, S, 3d)`` and router logits ``(B, S, H*G)`` of the
@@ -463,12 +474,9 @@ class Attention(nn.Module):
             return self.qkv(x), self.router_logits(x, pad)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        w = self.router.weight
-        n = w.shape[0]
-        if pad and n % 8:
-            w = F.pad(w, (0, 0, 0, -n % 8))
-        qkv, logits = _SharedInputLinear.apply(x.to(dtype), self.qkv.weight.to(dtype), w.to(dtype))
-        return qkv, logits[..., :n]
+        w = self._router_weight(pad).to(dtype)
+        qkv, logits = _SharedInputLinear.apply(x.to(dtype), self.qkv.weight.to(dtype), w)
+        return qkv, logits[..., : self.router.out_features]
 
     def _gates(self, logits: torch.Tensor, gate_logits: bool) -> torch.Tensor:
         """The router's ``logits (B, S, H*G)`` as the mix takes them ``(B, S, H, G)``: the logits
@@ -647,8 +655,10 @@ class GPT(nn.Module):
         # "ropeattn") its forward also writes the rotated q and k, which the backward reads,
         # "routerpad" a memory layer's router product padded to 16-byte aligned rows
         # (Attention.router_logits); () gives the PyTorch ops (the reference). The two "rope*"
-        # made the GPT-B step 2.7 ms (standard) and 2.1 ms (MoVE-x1) faster on an H100,
-        # "routerpad" MoVE-x4's 2.1 ms and x1's 0.5 ms (benchmarks/RESULTS.md, 2026-12-07).
+        # made the GPT-B step 2.7 ms (standard) and 2.1 ms (MoVE-x1) faster on an H100;
+        # "routerpad" MoVE-x4's 2.1 ms in one run on an H100 (x1: 0.5 ms, inside the spread;
+        # default until a profile shows whether the router's sm80 GEMMs went; benchmarks/
+        # RESULTS.md, 2026-12-07 third session).
         # Built, tested and off by default, each measured slower on a GPU:
         # "gates" (MoVE's gates 2 * sigmoid(router logits) formed inside the mix kernels: +1.1 ms
         # of the MoVE-x1 step), "router" (a memory layer's QKV and router products as one product

@@ -545,6 +545,29 @@ def test_router_gradient_added_inside_the_qkv_gemm_matches_autograd(autocast):
             torch.testing.assert_close(a, b, **tol)
 
 
+def test_shared_input_linear_gradients():
+    """``model._SharedInputLinear`` (``"routeradd"``): the gradients of both products by finite
+    differences (fp64, a 3-D input that is a transposed view), and with one weight frozen (its
+    gradient skipped) the others' those of two plain products."""
+    import torch.nn.functional as F
+
+    from movegen.model import _SharedInputLinear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, generator=g, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    w1 = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _SharedInputLinear.apply(*a), (x, w1, w2))
+    w2.requires_grad_(False)
+    a, b = _SharedInputLinear.apply(x, w1, w2)
+    ((a.sin().sum() + b.cos().sum()).backward())
+    got = (x.grad.clone(), w1.grad.clone())
+    x.grad, w1.grad = None, None
+    (F.linear(x, w1).sin().sum() + F.linear(x, w2).cos().sum()).backward()
+    assert w2.grad is None
+    torch.testing.assert_close(got, (x.grad, w1.grad))
+
+
 def test_sort_based_token_embedding_matches_embedding():
     """``"emb"`` in ``GPT.fused_ops``: the token embedding's gradient summed by a sort
     (``move.gather_rows``) equals ``nn.Embedding``'s, repeated codes included; the class rows,
