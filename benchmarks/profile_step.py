@@ -144,7 +144,8 @@ def compare_table(arms: list[str], times: list[dict], walls: list, min_ms: float
     for t in times:
         m: dict[str, float] = {}
         for n, v in t.items():
-            m[kernel_family(n)] = m.get(kernel_family(n), 0.0) + v
+            f = kernel_family(n)
+            m[f] = m.get(f, 0.0) + v
         merged.append(m)
     times = merged
     names = set().union(*times)

@@ -310,6 +310,13 @@ class _LayerCache(nn.Module):
 # --------------------------------------------------------------------------- blocks
 
 
+def _aligned_rows(w: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight with zero rows up to a multiple of 8 outputs: every row of its
+    product (and of the product's gradient) 16-byte aligned in bf16, as Hopper's GEMM kernels
+    (TMA) need; 8 is the least padding that aligns them. The extra outputs are zeros."""
+    return F.pad(w, (0, 0, 0, -w.shape[0] % 8))
+
+
 class _SharedInputLinear(torch.autograd.Function):
     """``x -> (x @ w1.T, x @ w2.T)``, two products of one input whose backward forms the input
     gradient once: the second product's share accumulated into the first's inside its GEMM
@@ -443,10 +450,9 @@ class Attention(nn.Module):
         """A memory layer's QKV and router products as one product of the stacked weights
         ``(B, S, 3d + H*G + padding)``."""
         w = torch.cat([self.qkv.weight, self.router.weight])
-        # zero rows pad the output to a multiple of 8 columns: a row of 3d + H*G bf16 values
-        # (2,388 for MoVE-x1, 2,604 for x4) is otherwise not 16-byte aligned, which Hopper's
-        # GEMM kernels (TMA) need; 8 is the least padding that aligns them
-        return F.linear(x, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
+        # a row of 3d + H*G bf16 values (2,388 for MoVE-x1, 2,604 for x4) is otherwise not
+        # 16-byte aligned, which Hopper's GEMM kernels (TMA) need
+        return F.linear(x, _aligned_rows(w))
 
     def router_logits(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
         """The router's logits ``(B, S, H*G)``. ``pad``: through the weight padded with zero
@@ -458,12 +464,7 @@ class Attention(nn.Module):
         n = self.router.out_features
         if not pad or n % 8 == 0:
             return self.router(x)
-        return F.linear(x, self._router_weight(pad))[..., :n]
-
-    def _router_weight(self, pad: bool) -> torch.Tensor:
-        """The router's weight, with ``pad`` zero rows up to a multiple of 8 outputs."""
-        w = self.router.weight
-        return F.pad(w, (0, 0, 0, -w.shape[0] % 8)) if pad else w
+        return F.linear(x, _aligned_rows(self.router.weight))[..., :n]
 
     def qkv_and_router(self, x: torch.Tensor, pad: bool = False, add_grad: bool = False):
         """A memory layer's QKV product ``(B, S, 3d)`` and router logits ``(B, S, H*G)`` of the
@@ -474,7 +475,7 @@ class Attention(nn.Module):
             return self.qkv(x), self.router_logits(x, pad)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        w = self._router_weight(pad).to(dtype)
+        w = (_aligned_rows(self.router.weight) if pad else self.router.weight).to(dtype)
         qkv, logits = _SharedInputLinear.apply(x.to(dtype), self.qkv.weight.to(dtype), w)
         return qkv, logits[..., : self.router.out_features]
 

@@ -463,23 +463,31 @@ def test_rope_is_the_pairwise_rotation_exactly_and_its_gradient_the_inverse_rota
     assert torch.equal(apply_rope(bf, cos, sin), apply_rope(bf.float(), cos, sin).bfloat16())
 
 
+def _fused_ops_agree(model, op_sets, autocast: bool = False, rtol=1e-5, atol=1e-6) -> None:
+    """The loss and every gradient of ``model`` on one batch under each of ``op_sets`` (its
+    ``GPT.fused_ops``, in turn) are those under the first (bf16 autocast on the CPU if asked)."""
+    codes, labels = torch.randint(K, (3, T)), torch.tensor([0, 1, 2])
+    res = []
+    for ops in op_sets:
+        model.fused_ops = ops
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(codes, labels)
+        loss.backward()
+        res.append([loss, *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    for other in res[1:]:
+        assert len(other) == len(res[0])
+        for a, b in zip(res[0], other):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("memory", ["move", "lave"])
 def test_stacked_router_product_matches_two_products(memory):
     """``"router"`` in ``GPT.fused_ops``: a memory layer's QKV and router products as one product
     of the stacked weights gives the outputs and every gradient of the two products."""
     model = randomize(GPT(tiny(memory, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
                                class_dropout=0.0)))  # fmt: skip
-    codes, labels = torch.randint(K, (3, T)), torch.tensor([0, 1, 2])
-    res = []
-    for ops in ((), ("router",)):
-        model.fused_ops = ops
-        model.zero_grad()
-        loss = model.loss(codes, labels)
-        loss.backward()
-        res.append([loss, *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
-    assert len(res[0]) == len(res[1])
-    for a, b in zip(*res):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _fused_ops_agree(model, ((), ("router",)))
 
 
 def test_padded_router_product_matches_the_router(monkeypatch):
@@ -494,22 +502,12 @@ def test_padded_router_product_matches_the_router(monkeypatch):
     x = torch.randn(2, T, model.config.n_embd)
     padded = attn.router_logits(x, pad=True)
     assert padded.stride(-2) % 8 == 0 and padded.shape == attn.router(x).shape
-    codes, labels = torch.randint(K, (3, T)), torch.tensor([0, 1, 2])
     pads, plain = [], type(attn).router_logits
     monkeypatch.setattr(type(attn), "router_logits",
                         lambda self, x, pad=False: pads.append(pad) or plain(self, x, pad))  # fmt: skip
-    res = []
-    for ops in ((), ("routerpad",)):
-        model.fused_ops = ops
-        model.zero_grad()
-        loss = model.loss(codes, labels)
-        loss.backward()
-        res.append([loss, *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    _fused_ops_agree(model, ((), ("routerpad",)))
     n = model.config.n_layer
     assert pads == [False] * n + [True] * n  # every layer's router, padded only when asked
-    assert len(res[0]) == len(res[1])
-    for a, b in zip(*res):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -525,24 +523,12 @@ def test_router_gradient_added_inside_the_qkv_gemm_matches_autograd(autocast):
 
     model = randomize(GPT(tiny("move", resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
                                class_dropout=0.0)))  # fmt: skip
-    codes, labels = torch.randint(K, (3, T)), torch.tensor([0, 1, 2])
-    res = []
     fn = model_mod._SharedInputLinear
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     with mock.patch.object(fn, "apply", wraps=fn.apply) as shared:
-        for ops in ((), ("routeradd",), ("routeradd", "routerpad")):
-            model.fused_ops = ops
-            model.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = model.loss(codes, labels)
-            loss.backward()
-            res.append([loss, *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+        _fused_ops_agree(model, ((), ("routeradd",), ("routeradd", "routerpad")), autocast, **tol)
     assert shared.call_count == 2 * model.config.n_layer
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
-    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
-    for other in res[1:]:
-        assert len(other) == len(res[0])
-        for a, b in zip(res[0], other):
-            torch.testing.assert_close(a, b, **tol)
 
 
 def test_shared_input_linear_gradients():
