@@ -25,7 +25,14 @@
 #   quick             under 420 s: the GPU tests of the fused model, attention and MoVE kernels, then the standard,
 #                     MoVE-x1 and MoVE-x4 steps at batch 256, the MoVE arms with @routeradd too (train)
 #   all               mix, train and sampling (the headline tables)
-# Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits,
+# Compiled kernels and autotuning choices (Triton's and inductor's caches) are kept per GPU model
+# in GPU_CACHE (default .gpu-cache, git-ignored): a folder <model>/ there is used in place and
+# <model>.tgz is unpacked into it first; at the end the caches go back as $OUT/gpu-cache-<model>.tgz
+# (the whole folder if it packs under 15 MiB, else Triton's autotuning choices alone): put that
+# file in GPU_CACHE and carry it to the next call, so a fresh machine of that model neither
+# autotunes nor compiles again what an earlier one did. Timings are unchanged (the choices are
+# the ones the autotuner measured on that model).
+# Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits, GPU_CACHE,
 # TRAIN_ONLY, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
 # EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (uniform,zipf), MIX_IMPLS
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
@@ -37,9 +44,23 @@ export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,31p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,38p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
+MODEL=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
+CACHE_ROOT=${GPU_CACHE:-.gpu-cache}; CACHE=$CACHE_ROOT/${MODEL:-unknown}
+mkdir -p "$CACHE"
+[ -f "$CACHE.tgz" ] && tar xzf "$CACHE.tgz" -C "$CACHE" && echo "caches from $CACHE.tgz: $(du -sh "$CACHE" | cut -f1)"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/$CACHE/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$CACHE/inductor}
+save_caches() {
+  local f="$OUT/gpu-cache-${MODEL:-unknown}.tgz"
+  tar czf "$f" -C "$CACHE" . 2>/dev/null
+  if [ "$(stat -c %s "$f")" -gt $((15 << 20)) ]; then  # over what comes back: the choices alone
+    (cd "$CACHE" && find . -name '*.autotune.json' -print0 | tar czf "$f" --null -T -)
+  fi
+  echo "caches: $f ($(du -h "$f" | cut -f1))"
+}
+trap save_caches EXIT
 errors() { grep -m3 -E "Error|error:" "$1"; }
 bench() { local t=$1 log=$2; shift 2; timeout "$t" $PY -m "$@" > "$OUT/$log" 2>&1 || echo "== $log: exit $?"; }
 
