@@ -510,24 +510,26 @@ def test_padded_router_product_matches_the_router(monkeypatch):
     assert pads == [False] * n + [True] * n  # every layer's router, padded only when asked
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_router_gradient_added_inside_the_qkv_gemm_matches_autograd(autocast):
+@pytest.mark.parametrize("memory,autocast", [("move", False), ("move", True), ("lave", False)])
+def test_router_gradient_added_inside_the_qkv_gemm_matches_autograd(memory, autocast):
     """``"routeradd"`` in ``GPT.fused_ops``: a memory layer's QKV and router products through
     one autograd function whose backward adds the router's input gradient inside the QKV's GEMM
     give the loss and every gradient of the two plain products (with ``"routerpad"`` too), in
     fp32 and under bf16 autocast, where the weights' gradients stay fp32; every memory layer
-    takes that path."""
+    (MoVE: all of them; LaVE: its table layers) takes that path."""
     from unittest import mock
 
     from movegen import model as model_mod
 
-    model = randomize(GPT(tiny("move", resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
+    model = randomize(GPT(tiny(memory, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
                                class_dropout=0.0)))  # fmt: skip
+    routed = sum(b.attn.router is not None for b in model.blocks)
+    assert 0 < routed <= model.config.n_layer
     fn = model_mod._SharedInputLinear
     tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     with mock.patch.object(fn, "apply", wraps=fn.apply) as shared:
         _fused_ops_agree(model, ((), ("routeradd",), ("routeradd", "routerpad")), autocast, **tol)
-    assert shared.call_count == 2 * model.config.n_layer
+    assert shared.call_count == 2 * routed
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
