@@ -23,15 +23,16 @@
 #   verify            the bank-gradient, MoVE kernel and fused-model GPU tests, then the train_step
 #                     options that are off by default beside their baselines (TRAIN_ONLY overrides)
 #   quick             under 420 s: the GPU tests of the fused model, attention and MoVE kernels, then the standard,
-#                     MoVE-x1 and MoVE-x4 steps at batch 256, the MoVE arms with @routeradd too (train)
+#                     MoVE-x1 and MoVE-x4 steps at batch 256, and MoVE-x1 grouped by id (train)
 #   all               mix, train and sampling (the headline tables)
 # Compiled kernels and autotuning choices (Triton's and inductor's caches) are kept per GPU model
 # in GPU_CACHE (default .gpu-cache, git-ignored): a folder <model>/ there is used in place and
 # <model>.tgz is unpacked into it first; at the end the caches go back as $OUT/gpu-cache-<model>.tgz
-# (the whole folder if it packs under 15 MiB, else Triton's autotuning choices alone): put that
-# file in GPU_CACHE and carry it to the next call, so a fresh machine of that model neither
-# autotunes nor compiles again what an earlier one did. Timings are unchanged (the choices are
-# the ones the autotuner measured on that model).
+# (the whole folder if it packs under 15 MiB, else inductor's cache with Triton's autotuning
+# choices, else the choices alone): put that file in GPU_CACHE and carry it to the next call, so
+# a fresh machine of that model does not autotune again what an earlier one did (nor compile
+# what the pack holds). Timings are unchanged (the choices are the ones the autotuner measured
+# on that model).
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits, GPU_CACHE,
 # TRAIN_ONLY, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
 # EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (uniform,zipf), MIX_IMPLS
@@ -52,12 +53,12 @@ CACHE_ROOT=${GPU_CACHE:-.gpu-cache}; CACHE=$CACHE_ROOT/${MODEL:-unknown}
 mkdir -p "$CACHE"
 [ -f "$CACHE.tgz" ] && tar xzf "$CACHE.tgz" -C "$CACHE" && echo "caches from $CACHE.tgz: $(du -sh "$CACHE" | cut -f1)"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/$CACHE/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$CACHE/inductor}
-save_caches() {
-  local f="$OUT/gpu-cache-${MODEL:-unknown}.tgz"
+save_caches() {  # the whole folder, else inductor's cache and the choices, else the choices
+  local f="$OUT/gpu-cache-${MODEL:-unknown}.tgz" big=$((15 << 20))
   tar czf "$f" -C "$CACHE" . 2>/dev/null
-  if [ "$(stat -c %s "$f")" -gt $((15 << 20)) ]; then  # over what comes back: the choices alone
-    (cd "$CACHE" && find . -name '*.autotune.json' -print0 | tar czf "$f" --null -T -)
-  fi
+  [ "$(stat -c %s "$f")" -gt $big ] && (cd "$CACHE" && { find . -name '*.autotune.json' -print0
+    [ -d inductor ] && find inductor -type f -print0; } | tar czf "$f" --null -T -)
+  [ "$(stat -c %s "$f")" -gt $big ] && (cd "$CACHE" && find . -name '*.autotune.json' -print0 | tar czf "$f" --null -T -)
   echo "caches: $f ($(du -h "$f" | cut -f1))"
 }
 trap save_caches EXIT
@@ -130,7 +131,7 @@ verify)
   timeout ${T_VERIFY:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "gpt_b_scale or triton_kernels_on_gpu or residual_norm_on_gpu or attention_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
-  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled,move-x4@nodvstack:256:compiled,move-x4@gates:256:compiled,standard@noclipfold:256:compiled} \
+  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,move-x1@dvstack:256:compiled,move-x4@dvstack:256:compiled,move-x4@gates:256:compiled,standard@noclipfold:256:compiled} \
     run_section train;;
 quick)
   # the first call of a session where machines are scarce (under 420 s): the GPU tests of the
@@ -139,7 +140,7 @@ quick)
   timeout ${T_QUICK_TESTS:-150} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "residual_norm_on_gpu or attention_on_gpu or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
-  T_TRAIN=${T_TRAIN:-260} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@routeradd:256:compiled,move-x4:256:compiled,move-x4@routeradd:256:compiled} \
+  T_TRAIN=${T_TRAIN:-260} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@grouped:256:compiled,move-x4:256:compiled,move-x1@dvstack:256:compiled} \
     run_section train;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;

@@ -317,32 +317,6 @@ def _aligned_rows(w: torch.Tensor) -> torch.Tensor:
     return F.pad(w, (0, 0, 0, -w.shape[0] % 8))
 
 
-class _SharedInputLinear(torch.autograd.Function):
-    """``x -> (x @ w1.T, x @ w2.T)``, two products of one input whose backward forms the input
-    gradient once: the second product's share accumulated into the first's inside its GEMM
-    (``addmm``, beta 1), where autograd would form the two apart and add them (a pass that
-    reads two input-sized tensors and writes a third). ``x``, ``w1`` and ``w2`` of one dtype
-    (the caller casts them, so the casts' own backward returns the weights' gradients in theirs)."""
-
-    @staticmethod
-    def forward(ctx, x, w1, w2):
-        ctx.save_for_backward(x, w1, w2)
-        return F.linear(x, w1), F.linear(x, w2)
-
-    @staticmethod
-    def backward(ctx, d1, d2):
-        x, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_w2 = ctx.needs_input_grad
-        x2 = x.reshape(-1, x.shape[-1])
-        d1, d2 = d1.reshape(-1, d1.shape[-1]), d2.reshape(-1, d2.shape[-1])
-        dx = None
-        if need_x:
-            dx = torch.mm(d1, w1)
-            dx.addmm_(d2, w2)  # the router's share added in the GEMM's epilogue
-            dx = dx.view_as(x)
-        return dx, d1.t() @ x2 if need_w1 else None, d2.t() @ x2 if need_w2 else None
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -364,8 +338,7 @@ class Attention(nn.Module):
 
     def mixed_qkv(self, x: torch.Tensor, ids: torch.Tensor, memh: torch.Tensor | None, cos, sin, taps=None,
                   proj: torch.Tensor | None = None, fused: bool = False,
-                  gate_logits: bool = False, router_pad: bool = False,
-                  router_add: bool = False):  # fmt: skip
+                  gate_logits: bool = False, router_pad: bool = False):  # fmt: skip
         """Normed hidden ``x (B, S, d)`` -> q, k ``(B, H, S, D)`` with RoPE and the mixed v.
         ``memh``: the gathered bank ``(B, S, H, M, D)`` (MoVE). ``taps`` (training with MoVE)
         route the bank gradient around the layer; ``memh`` is then what ``bank_taps`` handed
@@ -375,11 +348,11 @@ class Attention(nn.Module):
         split of the QKV product and RoPE as one Triton kernel each way where the kernels run
         (:func:`kernels.split_rope`). ``gate_logits`` (MoVE with taps made for it): the router's
         logits go to the mix kernels, which form the gates ``2 * sigmoid`` themselves.
-        ``router_pad``, ``router_add``: :meth:`qkv_and_router`'s ``pad`` and ``add_grad``."""
+        ``router_pad``: :meth:`router_logits`' ``pad``."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if proj is None and self.has_memory:
-            qkv, logits = self.qkv_and_router(x, router_pad, router_add)
+            qkv, logits = self.qkv(x), self.router_logits(x, router_pad)
         elif proj is None:
             qkv, logits = self.qkv(x), None
         else:
@@ -413,8 +386,8 @@ class Attention(nn.Module):
 
     def forward(self, x, ids, memh, cos, sin, taps=None, dropout: bool = True, fused: bool = False,
                 router: bool = False, attn: bool = False, gate_logits: bool = False,
-                rope_attn: bool = False, rope_save: bool = False, router_pad: bool = False,
-                router_add: bool = False) -> torch.Tensor:  # fmt: skip
+                rope_attn: bool = False, rope_save: bool = False,
+                router_pad: bool = False) -> torch.Tensor:  # fmt: skip
         """``dropout=False`` leaves the output's residual dropout to the caller (``add_norm``);
         ``fused``: :meth:`mixed_qkv`'s. ``router``: a memory layer's QKV and router products as
         one product of the stacked weights (one read of ``x``, one input gradient). ``attn``:
@@ -423,21 +396,19 @@ class Attention(nn.Module):
         ``attn``): the attention straight from the QKV product (no split q, k, v written and read
         again): :func:`kernels.rope_attention`, or in a MoVE layer on the Triton kernels'
         training path :func:`move.rope_attn_mix_tapped` (with ``router`` only with
-        ``gate_logits``); ``rope_save``: their ``save_rotated``. ``router_pad``, ``router_add``:
-        :meth:`qkv_and_router`'s ``pad`` and ``add_grad`` (``router``'s stacked product, where
-        it is taken, has padding of its own and one input gradient already: both are then
-        unused)."""
+        ``gate_logits``); ``rope_save``: their ``save_rotated``. ``router_pad``:
+        :meth:`router_logits`' ``pad`` (``router``'s stacked product, where it is taken, has
+        padding of its own: it is then unused)."""
         p = self.cfg.attn_dropout if self.training else 0.0
         if rope_attn and fused and attn and p == 0:
             y = self._attend_product(x, memh, cos, sin, taps, router, gate_logits, rope_save,
-                                     router_pad, router_add)  # fmt: skip
+                                     router_pad)  # fmt: skip
             if y is not None:
                 y = self.proj(y.flatten(2))
                 return self.resid_drop(y) if dropout else y
         proj = self._stacked_product(x) if router and self.has_memory else None
         q, k, v = self.mixed_qkv(x, ids, memh, cos, sin, taps, proj=proj, fused=fused,
-                                 gate_logits=gate_logits, router_pad=router_pad,
-                                 router_add=router_add)  # fmt: skip
+                                 gate_logits=gate_logits, router_pad=router_pad)  # fmt: skip
         if attn and p == 0 and kernels.attn_usable(q.transpose(1, 2)):
             y = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         else:
@@ -466,19 +437,6 @@ class Attention(nn.Module):
             return self.router(x)
         return F.linear(x, _aligned_rows(self.router.weight))[..., :n]
 
-    def qkv_and_router(self, x: torch.Tensor, pad: bool = False, add_grad: bool = False):
-        """A memory layer's QKV product ``(B, S, 3d)`` and router logits ``(B, S, H*G)`` of the
-        normed hidden ``x``; ``pad``: :meth:`router_logits`'. ``add_grad``: the two products
-        through :class:`_SharedInputLinear`, whose backward adds the router's input gradient
-        into the QKV's inside the GEMM that forms it (the same values and gradients)."""
-        if not add_grad:
-            return self.qkv(x), self.router_logits(x, pad)
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        w = (_aligned_rows(self.router.weight) if pad else self.router.weight).to(dtype)
-        qkv, logits = _SharedInputLinear.apply(x.to(dtype), self.qkv.weight.to(dtype), w)
-        return qkv, logits[..., : self.router.out_features]
-
     def _gates(self, logits: torch.Tensor, gate_logits: bool) -> torch.Tensor:
         """The router's ``logits (B, S, H*G)`` as the mix takes them ``(B, S, H, G)``: the logits
         themselves (``gate_logits``: the kernels form the gates), else the gates, memory dropout
@@ -493,8 +451,7 @@ class Attention(nn.Module):
         return gates
 
     def _attend_product(self, x, memh, cos, sin, taps, router: bool, gate_logits: bool,
-                        save: bool = False, router_pad: bool = False,
-                        router_add: bool = False):  # fmt: skip
+                        save: bool = False, router_pad: bool = False):  # fmt: skip
         """The attention output ``(B, S, H, D)`` straight from the QKV product where the kernels
         run (see :meth:`forward`'s ``rope_attn``), else None."""
         B, S, d = x.shape
@@ -515,7 +472,7 @@ class Attention(nn.Module):
                                         save)  # fmt: skip
         if router:
             return None
-        qkv, logits = self.qkv_and_router(x, router_pad, router_add)
+        qkv, logits = self.qkv(x), self.router_logits(x, router_pad)
         gates = self._gates(logits, gate_logits)
         return rope_attn_mix_tapped(qkv, gates, cos[:S], sin[:S], memh, taps, self.gated,
                                     gate_logits, H, D, save_rotated=save)  # fmt: skip
@@ -597,16 +554,15 @@ class Block(nn.Module):
         formed inside the mix kernels, ``"ropeattn"``: the attention straight from the QKV product, the MoVE
         mix included on its training path (with ``"rope"`` and ``"attn"``), ``"ropesave"``: its
         forward writes the rotated q and k for the backward (with ``"ropeattn"``),
-        ``"routerpad"``: the router's product padded to aligned rows (:meth:`Attention.router_logits`),
-        ``"routeradd"``: the router's input gradient added inside the QKV's GEMM
-        (:meth:`Attention.qkv_and_router`); :attr:`GPT.fused_ops`)."""
+        ``"routerpad"``: the router's product padded to aligned rows
+        (:meth:`Attention.router_logits`); :attr:`GPT.fused_ops`)."""
         norm = "norm" in fused
         x, h = add_norm(x, y, self.norm1, p_y, norm)
         y = self.attn(h, ids, memh, cos, sin, taps, dropout=False, fused="rope" in fused,
                       router="router" in fused, attn="attn" in fused,
                       gate_logits="gates" in fused, rope_attn="ropeattn" in fused,
-                      rope_save="ropesave" in fused, router_pad="routerpad" in fused,
-                      router_add="routeradd" in fused)  # fmt: skip
+                      rope_save="ropesave" in fused,
+                      router_pad="routerpad" in fused)  # fmt: skip
         x, h = add_norm(x, y, self.norm2, _rate(self.attn.resid_drop), norm)
         return x, self.mlp(h, dropout=False, fused="swiglu" in fused)
 
@@ -657,19 +613,19 @@ class GPT(nn.Module):
         # "routerpad" a memory layer's router product padded to 16-byte aligned rows
         # (Attention.router_logits); () gives the PyTorch ops (the reference). The two "rope*"
         # made the GPT-B step 2.7 ms (standard) and 2.1 ms (MoVE-x1) faster on an H100;
-        # "routerpad" MoVE-x4's 2.1 ms in one run on an H100 (x1: 0.5 ms, inside the spread;
-        # default until a profile shows whether the router's sm80 GEMMs went; benchmarks/
-        # RESULTS.md, 2026-12-07 third session).
+        # "routerpad" MoVE-x4's 2.1 ms in one run on an H100 (x1: 0.5 ms, inside the spread),
+        # and the next profile showed all the router's GEMMs on Hopper's kernels, none left on
+        # cuBLAS' sm80 ones (benchmarks/RESULTS.md, 2026-12-07 third and fourth sessions).
         # Built, tested and off by default, each measured slower on a GPU:
         # "gates" (MoVE's gates 2 * sigmoid(router logits) formed inside the mix kernels: +1.1 ms
         # of the MoVE-x1 step), "router" (a memory layer's QKV and router products as one product
         # of the stacked weights padded to a multiple of 8 columns, split by
         # kernels.split_rope_wide: +2.1 ms with "ropeattn"), "emb" (the token embedding's
         # gradient by a sort, move.gather_rows: +0.9 ms), "ce" (kernels.cross_entropy in `loss`;
-        # faster alone, but the compiled GPT-B step with it did not finish on an H200, 2026-12-03);
-        # not yet timed: "routeradd" (a memory layer's router input gradient added inside the
-        # QKV input gradient's GEMM, Attention.qkv_and_router: the 1.2 ms add of the H100
-        # MoVE profiles, 2026-12-07, gone if the compiled graph keeps the addmm)
+        # faster alone, but the compiled GPT-B step with it did not finish on an H200, 2026-12-03).
+        # (A router input gradient added inside the QKV input gradient's GEMM, addmm with beta 1,
+        # measured no faster on an H100, x1 +0.6 ms and x4 -0.1 ms, and was removed: 2026-12-07
+        # fourth session.)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave",
                                            "routerpad")  # fmt: skip
         self.reset_parameters()

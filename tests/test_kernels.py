@@ -111,8 +111,7 @@ def test_residual_norm_on_gpu():
     # the standard model, with its attention straight from the QKV product too; MoVE (x4: 4 slots
     # of 2 layers) with the QKV and router stacked, the gates formed in the mix kernels and the
     # attention straight from the product; MoVE with that attention, its rotated q, k saved,
-    # with and without the router's product padded to aligned rows, and with the router's input
-    # gradient added inside the QKV's GEMM
+    # with and without the router's product padded to aligned rows
     x4 = {"memory": "move", "memory_density": 4}
     for memory, ops in (
         ({}, ()),
@@ -121,7 +120,6 @@ def test_residual_norm_on_gpu():
         (x4, ("router", "gates", "ropeattn")),
         (x4, ("ropeattn", "ropesave")),
         (x4, ("ropeattn", "ropesave", "routerpad")),
-        (x4, ("ropeattn", "ropesave", "routerpad", "routeradd")),
     ):
         cfg = GPTConfig.preset("tiny", vocab_size=512, num_classes=10, seq_len=64, n_embd=768,
                                n_head=12, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,

@@ -353,15 +353,13 @@ def test_deferred_bank_gradient_equals_plain_autograd(gated, density):
     assert grads[True][1]["bank.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("memory, extra", [("move", ()), ("lave", ()), ("move", ("routeradd",))])
-def test_compiled_training_path_equals_eager(memory, extra):
+@pytest.mark.parametrize("memory", ["move", "lave"])
+def test_compiled_training_path_equals_eager(memory):
     """torch.compile takes the fused forms of the mix and of the deferred bank gradient
-    (move.py), and the router's input gradient added inside the QKV's GEMM (``"routeradd"``,
-    an autograd function); loss and every gradient must match the eager path."""
+    (move.py); loss and every gradient must match the eager path."""
     import torch.nn.functional as F
 
     model = randomize(GPT(tiny(memory, memory_density=2))).eval()
-    model.fused_ops += extra
     codes, labels = batch()
 
     def loss(c, l):
@@ -508,52 +506,6 @@ def test_padded_router_product_matches_the_router(monkeypatch):
     _fused_ops_agree(model, ((), ("routerpad",)))
     n = model.config.n_layer
     assert pads == [False] * n + [True] * n  # every layer's router, padded only when asked
-
-
-@pytest.mark.parametrize("memory,autocast", [("move", False), ("move", True), ("lave", False)])
-def test_router_gradient_added_inside_the_qkv_gemm_matches_autograd(memory, autocast):
-    """``"routeradd"`` in ``GPT.fused_ops``: a memory layer's QKV and router products through
-    one autograd function whose backward adds the router's input gradient inside the QKV's GEMM
-    give the loss and every gradient of the two plain products (with ``"routerpad"`` too), in
-    fp32 and under bf16 autocast, where the weights' gradients stay fp32; every memory layer
-    (MoVE: all of them; LaVE: its table layers) takes that path."""
-    from unittest import mock
-
-    from movegen import model as model_mod
-
-    model = randomize(GPT(tiny(memory, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
-                               class_dropout=0.0)))  # fmt: skip
-    routed = sum(b.attn.router is not None for b in model.blocks)
-    assert 0 < routed <= model.config.n_layer
-    fn = model_mod._SharedInputLinear
-    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
-    with mock.patch.object(fn, "apply", wraps=fn.apply) as shared:
-        _fused_ops_agree(model, ((), ("routeradd",), ("routeradd", "routerpad")), autocast, **tol)
-    assert shared.call_count == 2 * routed
-    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
-
-
-def test_shared_input_linear_gradients():
-    """``model._SharedInputLinear`` (``"routeradd"``): the gradients of both products by finite
-    differences (fp64, a 3-D input that is a transposed view), and with one weight frozen (its
-    gradient skipped) the others' those of two plain products."""
-    import torch.nn.functional as F
-
-    from movegen.model import _SharedInputLinear
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 3, 4, generator=g, dtype=torch.float64).transpose(0, 1).requires_grad_()
-    w1 = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: _SharedInputLinear.apply(*a), (x, w1, w2))
-    w2.requires_grad_(False)
-    a, b = _SharedInputLinear.apply(x, w1, w2)
-    ((a.sin().sum() + b.cos().sum()).backward())
-    got = (x.grad.clone(), w1.grad.clone())
-    x.grad, w1.grad = None, None
-    (F.linear(x, w1).sin().sum() + F.linear(x, w2).cos().sum()).backward()
-    assert w2.grad is None
-    torch.testing.assert_close(got, (x.grad, w1.grad))
 
 
 def test_sort_based_token_embedding_matches_embedding():

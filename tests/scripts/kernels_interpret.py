@@ -117,9 +117,9 @@ ops = ("norm", "swiglu", "rope", "attn")  # the default less the attention from 
 # from the stacked value gradients or from each where it lies; "ropeattn": the attention
 # straight from the product, the mix of its v columns included; "router" without "gates" keeps
 # the split and the mix apart; "routerpad", default, the router's product padded to aligned
-# rows; "routeradd" its input gradient added inside the QKV's GEMM)
+# rows)
 G, R, A, AS = ("gates",), ("router",), ("ropeattn",), ("ropeattn", "ropesave")
-P, RA = ("routerpad",), ("routeradd",)
+P = ("routerpad",)
 for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (True, False, compiled, (), False),
                                             (True, True, model, (), False), (True, True, compiled, (), True),
                                             (True, False, model, G, False), (True, True, compiled, G, True),
@@ -127,7 +127,7 @@ for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (Tru
                                             (True, False, model, A, True), (True, True, model, A + G + R, False),
                                             (True, True, compiled, A + G, True), (True, False, model, A + R, True),
                                             (True, True, model, AS + G + R, True), (True, False, compiled, AS, False),
-                                            (True, False, model, AS + P + RA + G, True),
+                                            (True, False, model, AS + P + G, True),
                                             (False, False, model, G, True)):  # fmt: skip
     model.zero_grad()
     model.deferred_bank_grad = deferred
