@@ -15,7 +15,8 @@ Floor in bytes (bf16), per layer: forward reads each row's M slots, v and the ga
 mixed values; backward reads the slots again, dout, v and the gates and writes dv and the gate
 gradients. Once per step: the bank gradient reads the L value gradients and gates and writes the
 fp32 ``(V, M*d)`` gradient. The grouped floor counts the slots once per distinct id instead of
-once per token. Ids: uniform random in ``[1, V)``, or Zipf(1) (the skew of real code usage).
+once per token. Ids: uniform random in ``[1, V)``, or as ``--ids_dist`` says (``_util.ID_DISTS``;
+Zipf(1) a strong skew, ``zipf:0.3`` the fit to a measured tokenizer's usage).
 "fwd" is the training forward
 (graph kept for backward); "extra GiB" is the peak memory of forward + backward above the inputs.
 
@@ -34,6 +35,7 @@ from movegen import kernels
 from movegen.move import MoVEBank, mix, mix_tapped
 
 from ._util import (
+    ID_DISTS,
     copy_bandwidth_gbs,
     device_name,
     json_line,
@@ -119,7 +121,7 @@ def main() -> None:
     p.add_argument("--slots", default="6,24")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument(
-        "--ids_dist", default="uniform,zipf", help="id distributions: uniform, zipf (Zipf(1) codes)"
+        "--ids_dist", default="uniform,zipf", help=f"id distributions, comma-separated: {ID_DISTS}"
     )
     p.add_argument("--impls", default="deferred,grouped,autograd")
     p.add_argument("--profile", action="store_true", help="print each row's kernels by GPU time")

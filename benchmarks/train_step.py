@@ -19,6 +19,7 @@ from movegen.lit import clip_grad_norm_for_step, optimizer_groups
 from movegen.model import GPT, cost_report
 
 from ._util import (
+    ID_DISTS,
     apply_arm_options,
     arm_config,
     arm_options,
@@ -64,7 +65,7 @@ def bench(
 def random_batches(
     batch: int, T: int, K: int, C: int, device, n: int = 4, dist: str = "uniform"
 ) -> list[tuple]:
-    """The protocol's inputs: ``n`` batches of random codes (never 0; ``dist`` uniform or zipf,
+    """The protocol's inputs: ``n`` batches of random codes (never 0; ``dist``:
     ``_util.random_codes``) and labels, seed 0."""
     g = torch.Generator(device=device).manual_seed(0)
     return [(random_codes((batch, T), K, dist, generator=g),
@@ -131,7 +132,7 @@ def main() -> None:
         "ARM@unfused the elementwise steps as PyTorch ops (nonorm, noswiglu, norope: one of them); options join with +",
     )
     p.add_argument(
-        "--ids_dist", default="uniform", help="code distributions, e.g. uniform,zipf (Zipf(1))"
+        "--ids_dist", default="uniform", help=f"code distributions, comma-separated: {ID_DISTS}"
     )
     p.add_argument("--batches", default="64,256")
     p.add_argument("--modes", default="compiled,eager")

@@ -154,3 +154,45 @@ def test_iqr_is_not_widened_by_one_slow_step():
     assert iqr(steady) == pytest.approx(0.8, rel=0.1)
     assert max(hiccup) - min(hiccup) > 500
     assert math.isnan(iqr([1.0]))
+
+
+def test_id_distributions_zipf_fit_and_a_stores_histogram(tmp_path):
+    """The benchmarks' id distributions: Zipf's exponent fitted to a perplexity gives that
+    perplexity back; a code store's rank-frequency curve at its own number of codes is its
+    sorted histogram, and stretched to more codes keeps its order and about its perplexity
+    ratio; codes are drawn in ``[1, K)``; an unknown name says which exist."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._util import perplexity, random_codes, rank_probabilities, zipf_exponent
+    from movegen.data import write_code_store
+
+    n = 4096
+    for ratio in (0.93, 0.5):
+        s = zipf_exponent(ratio, n)
+        assert perplexity(rank_probabilities(f"zipf:{s}", n)) / n == pytest.approx(ratio, abs=1e-6)
+    # Zipf(1) is a far stronger skew than the fit to 93% of a codebook
+    assert zipf_exponent(0.93, 16383) == pytest.approx(0.3, abs=0.01)
+    assert perplexity(rank_probabilities("zipf", 16383)) < 0.07 * 16383
+    # a store of 8 codes: counts 40, 20, 10, 10, 5, 5, 5, 5 (code order shuffled)
+    counts = [40, 20, 10, 10, 5, 5, 5, 5]
+    flat = np.concatenate(
+        [np.full(c, k, dtype=np.int64) for k, c in zip([3, 0, 7, 1, 5, 2, 6, 4], counts)]
+    )
+    codes = np.random.default_rng(0).permutation(flat).reshape(-1, 1, 4)
+    store = write_code_store(tmp_path / "s", [(codes, np.zeros(len(codes), dtype=np.int64))], num_items=len(codes),
+                             views=1, h=2, w=2, header={"codebook_size": 8, "num_classes": 1})  # fmt: skip
+    own = rank_probabilities(f"store:{store}", 8)
+    torch.testing.assert_close(own, torch.tensor(counts, dtype=torch.float64) / sum(counts))
+    wide = rank_probabilities(f"store:{store}", 64)
+    assert wide.sum().item() == pytest.approx(1.0) and bool((wide[:-1] >= wide[1:]).all())
+    assert perplexity(wide) / 64 == pytest.approx(perplexity(own) / 8, rel=0.1)
+    g = torch.Generator().manual_seed(0)
+    for dist in ("uniform", "zipf:0.3", f"store:{store}"):
+        ids = random_codes((4, 256), 64, dist, generator=g)
+        assert ids.shape == (4, 256) and ids.min() >= 1 and ids.max() < 64, dist
+    with pytest.raises(ValueError, match="uniform, zipf"):
+        random_codes((2, 2), 64, "lognormal", generator=g)
+    with pytest.raises(ValueError, match="zipf:0.3"):
+        rank_probabilities("zipf:high", 8)
