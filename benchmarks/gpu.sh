@@ -131,7 +131,7 @@ verify)
   timeout ${T_VERIFY:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "gpt_b_scale or triton_kernels_on_gpu or residual_norm_on_gpu or attention_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
-  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,move-x1@dvstack:256:compiled,move-x4@dvstack:256:compiled,move-x4@gates:256:compiled,standard@noclipfold:256:compiled} \
+  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled,move-x4@nodvstack:256:compiled,move-x4@gates:256:compiled,standard@noclipfold:256:compiled} \
     run_section train;;
 quick)
   # the first call of a session where machines are scarce (under 420 s): the GPU tests of the
@@ -140,7 +140,7 @@ quick)
   timeout ${T_QUICK_TESTS:-150} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "residual_norm_on_gpu or attention_on_gpu or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
-  T_TRAIN=${T_TRAIN:-260} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@grouped:256:compiled,move-x4:256:compiled,move-x1@dvstack:256:compiled} \
+  T_TRAIN=${T_TRAIN:-260} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@grouped:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled} \
     run_section train;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;
