@@ -24,6 +24,9 @@
 #                     options that are off by default beside their baselines (TRAIN_ONLY overrides)
 #   quick             under 420 s: the GPU tests of the fused model, attention and MoVE kernels, then the standard,
 #                     MoVE-x1 and MoVE-x4 steps at batch 256, and MoVE-x1 grouped by id (train)
+#   stall             the compiled MoVE-x1 step with the value gradients read in place (@nodvstack) as the
+#                     first MoVE arm of a fresh process, every thread's stack printed each 40 s: where
+#                     its first compilation stops when it does not finish (RESULTS, 2026-12-07 fourth session)
 #   all               mix, train and sampling (the headline tables)
 # Compiled kernels and autotuning choices (Triton's and inductor's caches) are kept per GPU model
 # in GPU_CACHE (default .gpu-cache, git-ignored): a folder <model>/ there is used in place and
@@ -45,7 +48,7 @@ export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,38p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,41p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 MODEL=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
@@ -142,6 +145,10 @@ quick)
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
   T_TRAIN=${T_TRAIN:-260} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@grouped:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled} \
     run_section train;;
+stall)
+  T_TRAIN=${T_TRAIN:-200} DUMP_STACKS=${DUMP_STACKS:-40} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1@nodvstack:256:compiled} \
+    run_section train
+  grep -B2 -A30 "Thread\|Current thread" "$OUT/train_step.log" | tail -80;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;
 esac; }
