@@ -488,14 +488,16 @@ def test_stacked_router_product_matches_two_products(memory):
     _fused_ops_agree(model, ((), ("router",)))
 
 
-def test_padded_router_product_matches_the_router(monkeypatch):
+@pytest.mark.parametrize("memory", ["move", "lave"])
+def test_padded_router_product_matches_the_router(monkeypatch, memory):
     """``"routerpad"`` in ``GPT.fused_ops``: the router's product through its weight padded with
     zero rows gives the loss and every gradient of the plain product, and the logits it hands
     on are rows of a product 8 columns wide (16-byte aligned in bf16) where the router's own
-    width (here 4) is not."""
-    model = randomize(GPT(tiny("move", resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
+    width is not (MoVE's and LaVE's memory layers)."""
+    model = randomize(GPT(tiny(memory, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
                                class_dropout=0.0)))  # fmt: skip
-    attn = model.blocks[0].attn
+    routed = [b.attn for b in model.blocks if b.attn.router is not None]
+    attn = routed[0]
     assert attn.router.out_features % 8 != 0
     x = torch.randn(2, T, model.config.n_embd)
     padded = attn.router_logits(x, pad=True)
@@ -504,8 +506,8 @@ def test_padded_router_product_matches_the_router(monkeypatch):
     monkeypatch.setattr(type(attn), "router_logits",
                         lambda self, x, pad=False: pads.append(pad) or plain(self, x, pad))  # fmt: skip
     _fused_ops_agree(model, ((), ("routerpad",)))
-    n = model.config.n_layer
-    assert pads == [False] * n + [True] * n  # every layer's router, padded only when asked
+    n = len(routed)
+    assert pads == [False] * n + [True] * n  # every memory layer's router, padded only when asked
 
 
 def test_sort_based_token_embedding_matches_embedding():
