@@ -3,6 +3,7 @@ tables."""
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -88,7 +89,7 @@ def apply_arm_options(model, opts: set[str]) -> None:
         model.bank.stack_dv = False
 
 
-ID_DISTS = "uniform, zipf (Zipf(1)), zipf:S (Zipf(S)), store:PATH (a code store's histogram)"
+ID_DISTS = "uniform, zipf (Zipf(1)), zipf:S (Zipf(S), S >= 0), store:PATH (a code store's histogram; no comma in PATH)"
 """The id distributions :func:`random_codes` draws from (the benchmarks' ``--ids_dist``)."""
 
 
@@ -101,24 +102,39 @@ def rank_probabilities(dist: str, n: int) -> torch.Tensor:
     if dist == "uniform":
         return torch.full((n,), 1.0 / n, dtype=torch.float64)
     if dist == "zipf" or dist.startswith("zipf:"):
-        try:
-            s = float(dist.partition(":")[2] or 1.0)
-        except ValueError:
-            raise ValueError(f"{dist!r}: give the exponent as a number, e.g. zipf:0.3") from None
+        s = 1.0
+        if dist != "zipf":
+            try:
+                s = float(dist[5:])
+            except ValueError:
+                s = float("nan")
+        if not 0 <= s < float("inf"):
+            raise ValueError(f"{dist!r}: give the exponent as a number >= 0, e.g. zipf:0.3")
         p = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** s
         return p / p.sum()
     if dist.startswith("store:"):
         import numpy as np
 
-        from movegen.data.codes import CodeStore
-
-        store = CodeStore(dist.partition(":")[2])
-        counts = np.bincount(np.asarray(store.codes).reshape(-1), minlength=store.codebook_size)
-        freq = np.sort(counts.astype(np.float64))[::-1] / counts.sum()  # (K_store,), descending
+        freq = _store_frequencies(dist[6:])
         src = (np.arange(len(freq)) + 0.5) / len(freq)
         p = torch.from_numpy(np.interp((np.arange(n) + 0.5) / n, src, freq))
         return p / p.sum()
     raise ValueError(f"unknown id distribution {dist!r}: {ID_DISTS}")
+
+
+@functools.lru_cache(maxsize=4)
+def _store_frequencies(path: str):
+    """A code store's code frequencies, most frequent first (read once per path: a benchmark draws
+    several batches from it)."""
+    import numpy as np
+
+    from movegen.data.codes import CodeStore
+
+    store = CodeStore(path)
+    counts = np.bincount(np.asarray(store.codes).reshape(-1), minlength=store.codebook_size)
+    if counts.sum() == 0:
+        raise ValueError(f"{path}: the code store holds no codes")
+    return np.sort(counts.astype(np.float64))[::-1] / counts.sum()
 
 
 def perplexity(p: torch.Tensor) -> float:
@@ -133,6 +149,8 @@ def zipf_exponent(ratio: float, n: int) -> float:
     if not 0 < ratio <= 1:
         raise ValueError(f"perplexity ratio {ratio} must be in (0, 1]")
     lo, hi = 0.0, 8.0
+    if perplexity(rank_probabilities(f"zipf:{hi}", n)) / n > ratio:
+        raise ValueError(f"perplexity ratio {ratio} is below Zipf({hi})'s at {n} ranks: no fit")
     for _ in range(60):
         mid = (lo + hi) / 2
         if perplexity(rank_probabilities(f"zipf:{mid}", n)) / n > ratio:

@@ -23,16 +23,18 @@
 #   verify            the bank-gradient, MoVE kernel and fused-model GPU tests, then the train_step
 #                     options that are off by default beside their baselines (TRAIN_ONLY overrides)
 #   quick             under 420 s: the GPU tests of the fused model, attention and MoVE kernels, then the standard,
-#                     MoVE-x1 and MoVE-x4 steps at batch 256, and MoVE-x1 grouped by id (train)
+#                     MoVE-x1 and MoVE-x4 steps at batch 256, MoVE-x1 grouped by id, and last MoVE-x1
+#                     with the value gradients read in place (@nodvstack; its cold compile may stall) (train)
 #   stall             the compiled MoVE-x1 step with the value gradients read in place (@nodvstack) as the
 #                     first MoVE arm of a fresh process, every thread's stack printed each 40 s: where
 #                     its first compilation stops when it does not finish (RESULTS, 2026-12-07 fourth session)
 #   all               mix, train and sampling (the headline tables)
 # Compiled kernels and autotuning choices (Triton's and inductor's caches) are kept per GPU model
 # in GPU_CACHE (default .gpu-cache, git-ignored): a folder <model>/ there is used in place and
-# <model>.tgz is unpacked into it first; at the end the caches go back as $OUT/gpu-cache-<model>.tgz
+# <model>.tgz is unpacked into it first; at the end the caches go back as $OUT/<model>.tgz
 # (the whole folder if it packs under 15 MiB, else inductor's cache with Triton's autotuning
-# choices, else the choices alone): put that file in GPU_CACHE and carry it to the next call, so
+# choices, else the choices alone; sized before packing): copy that file into GPU_CACHE and
+# carry it to the next call (a SIGKILL at the device's limit packs nothing), so
 # a fresh machine of that model does not autotune again what an earlier one did (nor compile
 # what the pack holds). Timings are unchanged (the choices are the ones the autotuner measured
 # on that model).
@@ -48,20 +50,24 @@ export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,41p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,44p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 MODEL=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
 CACHE_ROOT=${GPU_CACHE:-.gpu-cache}; CACHE=$CACHE_ROOT/${MODEL:-unknown}
 mkdir -p "$CACHE"
 [ -f "$CACHE.tgz" ] && tar xzf "$CACHE.tgz" -C "$CACHE" && echo "caches from $CACHE.tgz: $(du -sh "$CACHE" | cut -f1)"
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/$CACHE/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$CACHE/inductor}
+CACHE=$(cd "$CACHE" && pwd)  # absolute: the processes below run from other folders too
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE/inductor}
 save_caches() {  # the whole folder, else inductor's cache and the choices, else the choices
-  local f="$OUT/gpu-cache-${MODEL:-unknown}.tgz" big=$((15 << 20))
-  tar czf "$f" -C "$CACHE" . 2>/dev/null
-  [ "$(stat -c %s "$f")" -gt $big ] && (cd "$CACHE" && { find . -name '*.autotune.json' -print0
-    [ -d inductor ] && find inductor -type f -print0; } | tar czf "$f" --null -T -)
-  [ "$(stat -c %s "$f")" -gt $big ] && (cd "$CACHE" && find . -name '*.autotune.json' -print0 | tar czf "$f" --null -T -)
+  local f="$OUT/${MODEL:-unknown}.tgz" big=$((60 << 20))  # (60 MiB unpacked: about 15 packed)
+  if [ "$(du -sb "$CACHE" | cut -f1)" -le $big ]; then tar czf "$f" -C "$CACHE" .
+  elif [ "$(du -sb "$CACHE/inductor" 2>/dev/null | cut -f1)" -le $big ]; then
+    (cd "$CACHE" && { find . -name '*.autotune.json' -print0; find inductor -type f -print0; } | tar czf "$f" --null -T -)
+  else (cd "$CACHE" && find . -name '*.autotune.json' -print0 | tar czf "$f" --null -T -); fi
+  if [ "$(stat -c %s "$f")" -gt $((15 << 20)) ]; then  # over what comes back: the choices alone
+    (cd "$CACHE" && find . -name '*.autotune.json' -print0 | tar czf "$f" --null -T -)
+  fi
   echo "caches: $f ($(du -h "$f" | cut -f1))"
 }
 trap save_caches EXIT
@@ -138,16 +144,17 @@ verify)
     run_section train;;
 quick)
   # the first call of a session where machines are scarce (under 420 s): the GPU tests of the
-  # kernels changed since the last timed run, then the three arms' steps and the options not
-  # yet timed (against the last table on the same card type)
+  # kernels changed since the last timed run, then the three arms' steps and the options to
+  # decide on next (against the last table on the same card type)
   timeout ${T_QUICK_TESTS:-150} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "residual_norm_on_gpu or attention_on_gpu or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
   T_TRAIN=${T_TRAIN:-260} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@grouped:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled} \
     run_section train;;
 stall)
-  T_TRAIN=${T_TRAIN:-200} DUMP_STACKS=${DUMP_STACKS:-40} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1@nodvstack:256:compiled} \
-    run_section train
+  # a cold inductor cache (a warm one has always finished); Triton's autotuning choices kept
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) T_TRAIN=${T_TRAIN:-200} DUMP_STACKS=${DUMP_STACKS:-40} \
+    TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1@nodvstack:256:compiled} run_section train
   grep -B2 -A30 "Thread\|Current thread" "$OUT/train_step.log" | tail -80;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;

@@ -362,9 +362,10 @@ class MoVEBank(nn.Module):
         """The bank gradient reads the layers' value gradients stacked into one tensor first
         (True: a copy of all of them, 0.8 ms of an H100's GPT-B step by the profile), or each
         where it lies (False: the kernels take L pointers). In place the MoVE-x1 step was
-        0.8-1.3 ms and the MoVE-x4 step 0.7-1.5 ms faster on an H100 in three runs, but three
-        of six first compilations of a compiled step with it, on fresh processes, did not finish
-        (none of the stacked form's did), cause not found: stacked by default
+        0.8-1.3 ms (three runs) and the MoVE-x4 step 0.7-1.6 ms (two runs) faster on an H100,
+        but each of its three cold first compilations in a compiled step (no stacked form of the
+        arm compiled before in the process, no inductor cache) did not finish; the six others
+        did, and so has every stacked one. Cause not found: stacked by default
         (benchmarks/RESULTS.md, 2026-12-06 second section, 2026-12-07 second and fourth
         sessions)."""
         self.reset_parameters()

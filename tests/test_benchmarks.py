@@ -194,5 +194,8 @@ def test_id_distributions_zipf_fit_and_a_stores_histogram(tmp_path):
         assert ids.shape == (4, 256) and ids.min() >= 1 and ids.max() < 64, dist
     with pytest.raises(ValueError, match="uniform, zipf"):
         random_codes((2, 2), 64, "lognormal", generator=g)
-    with pytest.raises(ValueError, match="zipf:0.3"):
-        rank_probabilities("zipf:high", 8)
+    for bad in ("zipf:high", "zipf:", "zipf:-1", "zipf:nan"):
+        with pytest.raises(ValueError, match="zipf:0.3"):
+            rank_probabilities(bad, 8)
+    with pytest.raises(ValueError, match="no fit"):
+        zipf_exponent(1e-9, n)
