@@ -148,12 +148,16 @@ def zipf_exponent(ratio: float, n: int) -> float:
     bisection): a Zipf fit to a tokenizer's measured codebook perplexity."""
     if not 0 < ratio <= 1:
         raise ValueError(f"perplexity ratio {ratio} must be in (0, 1]")
+
+    def ratio_at(s: float) -> float:
+        return perplexity(rank_probabilities(f"zipf:{s}", n)) / n
+
     lo, hi = 0.0, 8.0
-    if perplexity(rank_probabilities(f"zipf:{hi}", n)) / n > ratio:
+    if ratio_at(hi) > ratio:
         raise ValueError(f"perplexity ratio {ratio} is below Zipf({hi})'s at {n} ranks: no fit")
     for _ in range(60):
         mid = (lo + hi) / 2
-        if perplexity(rank_probabilities(f"zipf:{mid}", n)) / n > ratio:
+        if ratio_at(mid) > ratio:
             lo = mid
         else:
             hi = mid
@@ -169,7 +173,7 @@ def random_codes(
     one tokenizer measured here used 93% of its codebook in effect (Fashion-MNIST, perplexity
     955 of 1,024): ``zipf:0.3`` is that fit (``zipf_exponent``)."""
     device = generator.device
-    if dist == "uniform":
+    if dist == "uniform":  # drawn as every earlier table's uniform ids were (the same ids)
         return torch.randint(1, K, shape, device=device, generator=generator)
     p = rank_probabilities(dist, K - 1).float().to(device)
     codes = torch.randperm(K - 1, device=device, generator=generator) + 1

@@ -61,13 +61,12 @@ CACHE=$(cd "$CACHE" && pwd)  # absolute: the processes below run from other fold
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE/inductor}
 save_caches() {  # the whole folder, else inductor's cache and the choices, else the choices
   local f="$OUT/${MODEL:-unknown}.tgz" big=$((60 << 20))  # (60 MiB unpacked: about 15 packed)
+  pack() { (cd "$CACHE" && { find . -name '*.autotune.json' -print0; [ $# -gt 0 ] && find "$@" -type f -print0; } \
+    | tar czf "$f" --null -T -); }
   if [ "$(du -sb "$CACHE" | cut -f1)" -le $big ]; then tar czf "$f" -C "$CACHE" .
-  elif [ "$(du -sb "$CACHE/inductor" 2>/dev/null | cut -f1)" -le $big ]; then
-    (cd "$CACHE" && { find . -name '*.autotune.json' -print0; find inductor -type f -print0; } | tar czf "$f" --null -T -)
-  else (cd "$CACHE" && find . -name '*.autotune.json' -print0 | tar czf "$f" --null -T -); fi
-  if [ "$(stat -c %s "$f")" -gt $((15 << 20)) ]; then  # over what comes back: the choices alone
-    (cd "$CACHE" && find . -name '*.autotune.json' -print0 | tar czf "$f" --null -T -)
-  fi
+  elif [ "$(du -sb "$CACHE/inductor" 2>/dev/null | cut -f1)" -le $big ]; then pack inductor
+  else pack; fi
+  [ "$(stat -c %s "$f")" -gt $((15 << 20)) ] && pack  # over what comes back: the choices alone
   echo "caches: $f ($(du -h "$f" | cut -f1))"
 }
 trap save_caches EXIT

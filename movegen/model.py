@@ -351,10 +351,9 @@ class Attention(nn.Module):
         ``router_pad``: :meth:`router_logits`' ``pad``."""
         B, S, d = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
-        if proj is None and self.has_memory:
-            qkv, logits = self.qkv(x), self.router_logits(x, router_pad)
-        elif proj is None:
-            qkv, logits = self.qkv(x), None
+        if proj is None:
+            qkv = self.qkv(x)
+            logits = self.router_logits(x, router_pad) if self.has_memory else None
         else:
             qkv = proj[..., : 3 * d]
             logits = (
