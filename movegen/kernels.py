@@ -32,7 +32,9 @@ The ops are opaque to ``torch.compile`` (it calls them as they are). Off CUDA, o
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,52 @@ def usable(device: torch.device | str, head_dim: int) -> bool:
 def available(t: torch.Tensor) -> bool:
     """:func:`usable` for this tensor's device and head width (its last dim)."""
     return usable(t.device, t.shape[-1])
+
+
+_LOWERED = False
+
+
+def _lower_as_fallbacks() -> None:
+    """Give inductor every ``movegen::`` op as a fallback (called as it is, as before) before it
+    lowers a graph holding one, rather than letting it make one on first sight. Making one on
+    first sight, torch 2.11's inductor formats the op's arguments for an INFO log line even when
+    that log is off, and an argument's text recurses through every input of the graph behind it:
+    the bank gradient's backward, with the 12 layers' value gradients as its arguments, spent
+    minutes in that formatting on a cold compile (H100, ``benchmarks/RESULTS.md``, 2026-12-07
+    fifth session). Runs from the ops' fake implementations, once inductor is imported; the
+    fallbacks get the layout constraints inductor would have given them. Off inductor (eager,
+    another backend) it does nothing."""
+    global _LOWERED
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if _LOWERED or lowering is None:
+        return
+    _LOWERED = True
+    try:
+        from torch._library.utils import get_layout_constraint_tag
+
+        for name in torch.ops.movegen:
+            packet = getattr(torch.ops.movegen, name)
+            for overload in packet.overloads():
+                op = getattr(packet, overload)
+                if op not in lowering.lowerings:
+                    tag = get_layout_constraint_tag(op, with_default=True)
+                    lowering.make_fallback(op, layout_constraint=lowering.tag_to_layout_constraint(tag))
+    except Exception:  # pragma: no cover - a torch without these helpers: inductor's own way
+        pass
+
+
+def _fake(op):
+    """``op.register_fake`` whose function first runs :func:`_lower_as_fallbacks`."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            _lower_as_fallbacks()
+            return fn(*args, **kwargs)
+
+        return op.register_fake(fake)
+
+    return register
 
 
 def _autotune(configs, key, **kwargs):
@@ -523,7 +571,7 @@ def gmix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: tor
     return out
 
 
-@gmix_fwd.register_fake
+@_fake(gmix_fwd)
 def _(v, gates, table, sid, order, gated, logits=False):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
@@ -544,7 +592,7 @@ def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: to
     return dv, dg
 
 
-@gmix_bwd.register_fake
+@_fake(gmix_bwd)
 def _(dout, v, gates, table, sid, order, gated, logits=False):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device), torch.empty(
         gates.shape, dtype=gates.dtype, device=gates.device
@@ -593,7 +641,7 @@ def mix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, ids: torc
     return out
 
 
-@mix_fwd.register_fake
+@_fake(mix_fwd)
 def _(v, gates, table, ids, gated, logits=False):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
@@ -616,7 +664,7 @@ def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: tor
     return dv, dg
 
 
-@mix_bwd.register_fake
+@_fake(mix_bwd)
 def _(dout, v, gates, table, ids, gated, logits=False):
     return torch.empty(v.shape, dtype=v.dtype, device=v.device), torch.empty(
         gates.shape, dtype=gates.dtype, device=gates.device
@@ -661,7 +709,7 @@ def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor,
     return out
 
 
-@bank_rows_grad.register_fake
+@_fake(bank_rows_grad)
 def _(gs, dvs, ids, num_rows, slots, sid=None, order=None, logits=False):
     H, D = dvs[0].shape[-2:]
     return torch.empty(num_rows, slots, H, D, dtype=torch.float32, device=dvs[0].device)
@@ -674,7 +722,7 @@ def rows_grad(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Ten
     return torch.ops.aten.embedding_dense_backward(grad.contiguous(), ids, num_rows, -1, False)
 
 
-@rows_grad.register_fake
+@_fake(rows_grad)
 def _(grad, ids, num_rows):
     return torch.empty(num_rows, grad.shape[-1], dtype=grad.dtype, device=grad.device)
 
@@ -800,7 +848,7 @@ def decode_attn(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: t
     return y
 
 
-@decode_attn.register_fake
+@_fake(decode_attn)
 def _(proj, cos, sin, pos, k_cache, v_cache, table, ids, slots, gated, block_t=32, num_warps=1,
       stages=1):  # fmt: skip
     B, H, T, D = k_cache.shape
@@ -969,7 +1017,7 @@ def resnorm_fwd(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, s
     return xo, n, rstd, bits
 
 
-@resnorm_fwd.register_fake
+@_fake(resnorm_fwd)
 def _(x, y, weight, seed, p, eps, out_dtype):
     xo = torch.empty_like(x) if y is not None else x.new_empty(0)
     D = x.shape[-1]
@@ -1000,7 +1048,7 @@ def resnorm_bwd(dn: torch.Tensor, dxi: torch.Tensor | None, x: torch.Tensor, wei
     return dx, dy, dw.sum(0).to(weight.dtype)
 
 
-@resnorm_bwd.register_fake
+@_fake(resnorm_bwd)
 def _(dn, dxi, x, weight, rstd, bits, p, has_y, y_dtype):
     dy = torch.empty(x.shape, device=x.device, dtype=y_dtype) if has_y else x.new_empty(0)
     return torch.empty_like(x), dy, torch.empty_like(weight)
@@ -1104,7 +1152,7 @@ def silu_mul_op(u: torch.Tensor, dh: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-@silu_mul_op.register_fake
+@_fake(silu_mul_op)
 def _(u, dh):
     return torch.empty_like(u) if dh is not None else u.new_empty(*u.shape[:-1], u.shape[-1] // 2)
 
@@ -1211,7 +1259,7 @@ def split_rope_fwd(qkv: torch.Tensor, cos: torch.Tensor,
     return q, k, v
 
 
-@split_rope_fwd.register_fake
+@_fake(split_rope_fwd)
 def _(qkv, cos, sin):
     B, S, _, H, D = qkv.shape
     return tuple(qkv.new_empty(B, S, H, D) for _ in range(3))
@@ -1242,7 +1290,7 @@ def split_rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: to
     return out
 
 
-@split_rope_bwd.register_fake
+@_fake(split_rope_bwd)
 def _(dq, dk, dv, cos, sin, extra=None, width=0):
     B, S, H, D = dq.shape
     return dq.new_empty(B, S, 3, H, D) if extra is None else dq.new_empty(B, S, width)
@@ -1381,7 +1429,7 @@ def ce_fwd(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
     return loss, lse
 
 
-@ce_fwd.register_fake
+@_fake(ce_fwd)
 def _(logits, targets):
     N = logits.shape[0]
     return logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
@@ -1400,7 +1448,7 @@ def ce_bwd(
     return dx
 
 
-@ce_bwd.register_fake
+@_fake(ce_bwd)
 def _(logits, targets, lse, grad):
     return torch.empty_like(logits)
 
@@ -1677,7 +1725,7 @@ def _attn_fwd_launch(q, k, v, cos, sin, save_qk: bool) -> tuple:
     return o, lse, qr, kr
 
 
-@attn_fwd.register_fake
+@_fake(attn_fwd)
 def _(q, k, v, cos=None, sin=None):
     B, S, H, D = q.shape
     return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=torch.float32)
@@ -1691,7 +1739,7 @@ def rope_attn_fwd_saved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
     return _attn_fwd_launch(q, k, v, cos, sin, save_qk=True)
 
 
-@rope_attn_fwd_saved.register_fake
+@_fake(rope_attn_fwd_saved)
 def _(q, k, v, cos, sin):
     B, S, H, D = q.shape
     o = q.new_empty(B, S, H, D)
@@ -1746,7 +1794,7 @@ def rope_attn_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: tor
     return dqkv
 
 
-@rope_attn_bwd.register_fake
+@_fake(rope_attn_bwd)
 def _(do, qkv, o, lse, cos, sin, qr=None, kr=None):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
@@ -1793,14 +1841,14 @@ def rope_attn_mix_bwd(do: torch.Tensor, proj: torch.Tensor, vm: torch.Tensor, o:
     return dproj, dg_out, dvm
 
 
-@rope_attn_mix_bwd.register_fake
+@_fake(rope_attn_mix_bwd)
 def _(do, proj, vm, o, lse, cos, sin, gates, table, ids, sid, order, gated, logits, head_dim,
       gates_in_proj, qr=None, kr=None):  # fmt: skip
     dg = gates.new_empty(0) if gates_in_proj else gates.new_empty(gates.shape)
     return proj.new_empty(proj.shape), dg, vm.new_empty(vm.shape)
 
 
-@attn_bwd.register_fake
+@_fake(attn_bwd)
 def _(do, q, k, v, o, lse):
     return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
 

@@ -363,3 +363,35 @@ def test_mix_backward_kernels_compile_for_hopper():
         sig = {n: "constexpr" if n in consts else "*i32" if n in ("ids_ptr", "sid_ptr", "order_ptr")
                else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
         assert _compile_for_hopper(jit, sig, consts).asm["cubin"], jit.__name__
+
+
+def test_inductor_gets_the_ops_as_fallbacks_before_it_lowers_one(monkeypatch):
+    """Compiling a graph that holds a ``movegen::`` op never takes inductor's own path for an op
+    it has no lowering for (a fallback made on first sight, whose log line torch 2.11 formats
+    eagerly: minutes for the bank gradient's arguments on a cold GPT-B compile): the ops'
+    fake implementations have registered every op first, and the compiled op computes what
+    the op does eagerly."""
+    import torch
+    import torch._inductor.graph as graph
+    import torch._inductor.lowering as lowering
+
+    from movegen import kernels
+
+    ops = [getattr(torch.ops.movegen, n).default for n in torch.ops.movegen]
+    for op in ops:  # as if no graph had been compiled in this process yet
+        monkeypatch.delitem(lowering.lowerings, op, raising=False)
+    monkeypatch.setattr(kernels, "_LOWERED", False)
+    said = []
+    monkeypatch.setattr(graph.log, "info", lambda msg, *args, **kw: said.append(msg % args))
+    torch._dynamo.reset()
+    grad, ids = torch.randn(2, 5, 3), torch.randint(7, (2, 5))
+
+    def summed(g, i):
+        return torch.ops.movegen.rows_grad(g * 2, i, 7) + 1
+
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out = torch.compile(summed)(grad, ids)
+    torch._dynamo.reset()
+    assert not [m for m in said if "implicit fallback" in m], said
+    assert all(op in lowering.lowerings for op in ops)
+    torch.testing.assert_close(out, summed(grad, ids))
