@@ -87,8 +87,8 @@ def _lower_as_fallbacks() -> None:
             for overload in packet.overloads():
                 op = getattr(packet, overload)
                 if op not in lowering.lowerings:
-                    tag = get_layout_constraint_tag(op, with_default=True)
-                    lowering.make_fallback(op, layout_constraint=lowering.tag_to_layout_constraint(tag))
+                    layout = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, True))
+                    lowering.make_fallback(op, layout_constraint=layout)
     except Exception:  # pragma: no cover - a torch without these helpers: inductor's own way
         pass
 
