@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,10 +88,12 @@ def _lower_as_fallbacks() -> None:
             for overload in packet.overloads():
                 op = getattr(packet, overload)
                 if op not in lowering.lowerings:
-                    layout = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, True))
+                    tag = get_layout_constraint_tag(op, with_default=True)
+                    layout = lowering.tag_to_layout_constraint(tag)
                     lowering.make_fallback(op, layout_constraint=layout)
-    except Exception:  # pragma: no cover - a torch without these helpers: inductor's own way
-        pass
+    except Exception as e:  # pragma: no cover - a torch without these helpers: inductor's own way
+        warnings.warn(f"movegen ops left to inductor's implicit fallbacks ({e!r}): a first "
+                      "compilation may be slow on torch 2.11", stacklevel=2)  # fmt: skip
 
 
 def _fake(op):
