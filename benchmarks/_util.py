@@ -47,7 +47,7 @@ OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "routerpad", "c
 """The ``GPT.fused_ops`` an arm may add (``@op``: a no-op where the model has it by default, as
 the first seven) or remove (``@noop``)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
-               "nodvstack")  # fmt: skip
+               "dvstack")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -64,8 +64,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     ce the fused cross-entropy, router the stacked QKV + router product, gates MoVE's gates
     formed in the mix kernels, emb the token embedding's sort-based backward (these four off
     by default); noclipfold the clip as a pass of its own (``clip_grad_norm_``) rather than
-    inside the fused AdamW step (train_step); nodvstack the MoVE bank gradient reading each
-    layer's value gradient where it lies (``MoVEBank.stack_dv`` False), not a stacked copy."""
+    inside the fused AdamW step (train_step); dvstack the MoVE bank gradient reading the
+    layers' value gradients from a stacked copy (``MoVEBank.stack_dv`` True), not where they lie."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
@@ -85,8 +85,8 @@ def apply_arm_options(model, opts: set[str]) -> None:
     model.fused_ops += tuple(o for o in OPS if o in opts and o not in model.fused_ops)
     if opts & {"grouped", "token"} and model.bank is not None:
         model.bank.group_by_id = "grouped" in opts
-    if "nodvstack" in opts and model.bank is not None:
-        model.bank.stack_dv = False
+    if "dvstack" in opts and model.bank is not None:
+        model.bank.stack_dv = True
 
 
 ID_DISTS = "uniform, zipf (Zipf(1)), zipf:S (Zipf(S), S >= 0), store:PATH (a code store's histogram; no comma in PATH)"

@@ -24,10 +24,11 @@
 #                     options that are off by default beside their baselines (TRAIN_ONLY overrides)
 #   quick             under 420 s: the GPU tests of the fused model, attention and MoVE kernels, then the standard,
 #                     MoVE-x1 and MoVE-x4 steps at batch 256, MoVE-x1 grouped by id, and last MoVE-x1
-#                     with the value gradients read in place (@nodvstack; its cold compile may stall) (train)
-#   stall             the compiled MoVE-x1 step with the value gradients read in place (@nodvstack) as the
-#                     first MoVE arm of a fresh process, every thread's stack printed each 40 s: where
-#                     its first compilation stops when it does not finish (RESULTS, 2026-12-07 fourth session)
+#                     with the value gradients stacked for the bank gradient (@dvstack) (train)
+#   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
+#                     inductor cache (each form of the bank gradient's value gradients), every thread's
+#                     stack printed each 60 s: each arm's first compilation, and where it stops if it
+#                     does not finish (RESULTS, 2026-12-07 fourth and fifth sessions)
 #   all               mix, train and sampling (the headline tables)
 # Compiled kernels and autotuning choices (Triton's and inductor's caches) are kept per GPU model
 # in GPU_CACHE (default .gpu-cache, git-ignored): a folder <model>/ there is used in place and
@@ -139,7 +140,7 @@ verify)
   timeout ${T_VERIFY:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "gpt_b_scale or triton_kernels_on_gpu or residual_norm_on_gpu or attention_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
-  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled,move-x4@nodvstack:256:compiled,move-x4@gates:256:compiled,standard@noclipfold:256:compiled} \
+  TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,move-x1@dvstack:256:compiled,move-x4@dvstack:256:compiled,move-x4@gates:256:compiled,standard@noclipfold:256:compiled} \
     run_section train;;
 quick)
   # the first call of a session where machines are scarce (under 420 s): the GPU tests of the
@@ -148,12 +149,12 @@ quick)
   timeout ${T_QUICK_TESTS:-150} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "residual_norm_on_gpu or attention_on_gpu or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
-  T_TRAIN=${T_TRAIN:-260} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@grouped:256:compiled,move-x4:256:compiled,move-x1@nodvstack:256:compiled} \
+  T_TRAIN=${T_TRAIN:-260} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@grouped:256:compiled,move-x4:256:compiled,move-x1@dvstack:256:compiled} \
     run_section train;;
-stall)
-  # a cold inductor cache (a warm one has always finished); Triton's autotuning choices kept
-  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) T_TRAIN=${T_TRAIN:-200} DUMP_STACKS=${DUMP_STACKS:-40} \
-    TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1@nodvstack:256:compiled} run_section train
+cold)
+  # a cold inductor cache (a warm one skips the lowering); Triton's autotuning choices kept
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) T_TRAIN=${T_TRAIN:-500} DUMP_STACKS=${DUMP_STACKS:-60} \
+    TRAIN_ONLY=${TRAIN_ONLY:-move-x1:256:compiled,move-x4:256:compiled,move-x1@dvstack:256:compiled,move-x4@dvstack:256:compiled} run_section train
   grep -B2 -A30 "Thread\|Current thread" "$OUT/train_step.log" | tail -80;;
 all) run_section mix; run_section train; run_section sampling;;
 *) echo "unknown section $1 (see: bash benchmarks/gpu.sh)"; return 2;;

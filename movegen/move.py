@@ -132,7 +132,7 @@ class _BankTaps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mem, ids, n_layers: int, n_gates: int, dtype=None, groups=None, logits=False,
-                stack_dv=True):  # fmt: skip
+                stack_dv=False):  # fmt: skip
         if ids is None:
             B, T, H, M, D = mem.shape
         else:  # the table is cast here, so its gradient goes to the weight in fp32 directly
@@ -298,7 +298,7 @@ def rope_attn_mix_tapped(proj, gates, cos, sin, mem, taps, gate_standard_path: b
 
 def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor | None = None,
               dtype: torch.dtype | None = None, grouped: bool = False, logits: bool = False,
-              stack_dv: bool = True) -> tuple:  # fmt: skip
+              stack_dv: bool = False) -> tuple:  # fmt: skip
     """Split the memory into what every layer reads plus per-layer taps ``[(tap_g, tap_v), ...]``.
     ``mem``: the gathered ``memh (B, T, H, M, D)``, or, with ``ids (B, T)`` (Triton kernels only),
     the ``table (V, M, H, D)`` they index, cast to ``dtype``; the layers then read ``(table cast
@@ -307,8 +307,8 @@ def bank_taps(mem: torch.Tensor, n_layers: int, n_gates: int, ids: torch.Tensor 
     kernels that take the tokens in id order (a repeated bank row fetched about once per tile).
     ``logits`` (with ``ids``): every layer's mix gets its router's logits in place of the gates
     (:func:`mix_tapped`), and the taps carry them to the bank gradient. ``stack_dv`` (with
-    ``ids``): the bank gradient reads the layers' value gradients stacked into one tensor first
-    (default), else each where it lies (:func:`kernels.bank_rows_grad`)."""
+    ``ids``): the bank gradient reads the layers' value gradients stacked into one tensor first,
+    else (default) each where it lies (:func:`kernels.bank_rows_grad`)."""
     groups = kernels.id_groups(ids) if grouped and ids is not None else None
     out = _BankTaps.apply(mem, ids, n_layers, n_gates, dtype, groups, logits, stack_dv)
     taps = [(out[1 + 2 * l], out[2 + 2 * l]) for l in range(n_layers)]
@@ -358,15 +358,14 @@ class MoVEBank(nn.Module):
         self.group_by_id: bool | None = None
         """The training kernels grouped by id (True), per token (False), or chosen by the number
         of tokens (None: ``kernels.group_pays``)."""
-        self.stack_dv = True
-        """The bank gradient reads the layers' value gradients stacked into one tensor first
-        (True: a copy of all of them, 0.8 ms of an H100's GPT-B step by the profile), or each
-        where it lies (False: the kernels take L pointers). In place the MoVE-x1 step was
-        0.8-1.3 ms (three runs) and the MoVE-x4 step 0.7-1.6 ms (two runs) faster on an H100,
-        but each of its three cold first compilations in a compiled step (no stacked form of the
-        arm compiled before in the process, no inductor cache) did not finish; the six others
-        did, and so has every stacked one. Cause not found: stacked by default
-        (benchmarks/RESULTS.md, 2026-12-06 second section, 2026-12-07 second and fourth
+        self.stack_dv = False
+        """The bank gradient reads the layers' value gradients each where it lies (False, the
+        default: the kernels take L pointers), or stacked into one tensor first (True: a copy of
+        all of them, 0.8 ms of an H100's GPT-B step by the profile). In place, the MoVE-x1 step
+        was 0.8-1.3 ms (four runs) and the MoVE-x4 step 0.7-1.6 ms (three runs) faster on an
+        H100. Its cold first compilations used to stall: torch 2.11's inductor formatted the
+        bank gradient's 12 arguments for a log line (fixed by ``kernels._lower_as_fallbacks``;
+        benchmarks/RESULTS.md, 2026-12-06 second section, 2026-12-07 second, fourth and fifth
         sessions)."""
         self.reset_parameters()
 
