@@ -310,11 +310,11 @@ class _LayerCache(nn.Module):
 # --------------------------------------------------------------------------- blocks
 
 
-def _aligned_rows(w: torch.Tensor) -> torch.Tensor:
-    """A linear layer's weight with zero rows up to a multiple of 8 outputs: every row of its
-    product (and of the product's gradient) 16-byte aligned in bf16, as Hopper's GEMM kernels
-    (TMA) need; 8 is the least padding that aligns them. The extra outputs are zeros."""
-    return F.pad(w, (0, 0, 0, -w.shape[0] % 8))
+def _aligned_rows(w: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """A linear layer's weight with zero rows up to a multiple of ``multiple`` outputs (8: every
+    row of its product, and of the product's gradient, 16-byte aligned in bf16, as Hopper's GEMM
+    kernels (TMA) need; 8 is the least padding that aligns them). The extra outputs are zeros."""
+    return F.pad(w, (0, 0, 0, -w.shape[0] % multiple))
 
 
 class Attention(nn.Module):
@@ -420,9 +420,13 @@ class Attention(nn.Module):
         """A memory layer's QKV and router products as one product of the stacked weights
         ``(B, S, 3d + H*G + padding)``."""
         w = torch.cat([self.qkv.weight, self.router.weight])
-        # a row of 3d + H*G bf16 values (2,388 for MoVE-x1, 2,604 for x4) is otherwise not
-        # 16-byte aligned, which Hopper's GEMM kernels (TMA) need
-        return F.linear(x, _aligned_rows(w))
+        # a row of 3d + H*G bf16 values (2,388 for MoVE-x1, 2,604 for x4) padded to a multiple
+        # of 64 (2,432, 2,624): 128-byte rows, as the QKV product's 2,304 are. Padded to 8 only
+        # (16-byte rows, what Hopper's GEMM kernels need), the compiled H100 step copied the
+        # product's q, k, v for the attention and mix kernels and its gradient after them
+        # (5.2 ms), and the attention read its unaligned rows 3.7 ms slower (MoVE-x1;
+        # benchmarks/RESULTS.md, 2026-12-07 fifth session)
+        return F.linear(x, _aligned_rows(w, 64))
 
     def router_logits(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
         """The router's logits ``(B, S, H*G)``. ``pad``: through the weight padded with zero
