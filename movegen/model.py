@@ -619,13 +619,16 @@ class GPT(nn.Module):
         # "routerpad" MoVE-x4's 2.1 ms in one run on an H100 (x1: 0.5 ms, inside the spread),
         # and the next profile showed all the router's GEMMs on Hopper's kernels, none left on
         # cuBLAS' sm80 ones (benchmarks/RESULTS.md, 2026-12-07 third and fourth sessions).
-        # Built, tested and off by default, each measured slower on a GPU:
-        # "gates" (MoVE's gates 2 * sigmoid(router logits) formed inside the mix kernels: +1.1 ms
-        # of the MoVE-x1 step), "router" (a memory layer's QKV and router products as one product
-        # of the stacked weights padded to a multiple of 8 columns, split by
-        # kernels.split_rope_wide: +2.1 ms with "ropeattn"), "emb" (the token embedding's
-        # gradient by a sort, move.gather_rows: +0.9 ms), "ce" (kernels.cross_entropy in `loss`;
-        # faster alone, but the compiled GPT-B step with it did not finish on an H200, 2026-12-03).
+        # Built, tested and off by default: "gates" (MoVE's gates 2 * sigmoid(router logits)
+        # formed inside the mix kernels: +1.1 ms of the MoVE-x1 step alone), "router" (a memory
+        # layer's QKV and router products as one product of the stacked weights, split by
+        # kernels.split_rope_wide, or with "gates" and "ropeattn" read by the attention and mix
+        # kernels: +2.1 ms while the product was padded to a multiple of 8 columns, which made
+        # the compiled step copy it; padded to 64, MoVE-x1 with "router" + "gates" was 2.1 ms
+        # faster in one run and MoVE-x4 the same, so off until a run in both orders confirms
+        # it), "emb" (the token embedding's gradient by a sort, move.gather_rows: +0.9 ms),
+        # "ce" (kernels.cross_entropy in `loss`: 0.5 ms faster, inside the spread, for 2 GiB
+        # more peak memory; 2026-12-07 fifth session).
         # (A router input gradient added inside the QKV input gradient's GEMM, addmm with beta 1,
         # measured no faster on an H100, x1 +0.6 ms and x4 -0.1 ms, and was removed: 2026-12-07
         # fourth session.)

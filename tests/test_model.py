@@ -482,9 +482,17 @@ def _fused_ops_agree(model, op_sets, autocast: bool = False, rtol=1e-5, atol=1e-
 @pytest.mark.parametrize("memory", ["move", "lave"])
 def test_stacked_router_product_matches_two_products(memory):
     """``"router"`` in ``GPT.fused_ops``: a memory layer's QKV and router products as one product
-    of the stacked weights gives the outputs and every gradient of the two products."""
+    of the stacked weights gives the outputs and every gradient of the two products. The
+    product is 64 columns wide or a multiple (128-byte rows in bf16, as the QKV product's are at
+    GPT-B's width), its columns past the QKV and router ones zeros."""
     model = randomize(GPT(tiny(memory, resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
                                class_dropout=0.0)))  # fmt: skip
+    attn = next(b.attn for b in model.blocks if b.attn.router is not None)
+    x = torch.randn(2, T, model.config.n_embd)
+    prod, used = attn._stacked_product(x), attn.qkv.out_features + attn.router.out_features
+    assert used % 64 != 0 and prod.shape[-1] % 64 == 0 and prod.shape[-1] - used < 64
+    torch.testing.assert_close(prod[..., :used], torch.cat([attn.qkv(x), attn.router(x)], -1))
+    assert torch.equal(prod[..., used:], torch.zeros_like(prod[..., used:]))
     _fused_ops_agree(model, ((), ("router",)))
 
 
