@@ -24,7 +24,7 @@
 #                     options that are off by default beside their baselines (TRAIN_ONLY overrides)
 #   quick             under 420 s: the GPU tests of the fused model, attention and MoVE kernels, then the standard,
 #                     MoVE-x1 and MoVE-x4 steps at batch 256, each beside its stacked QKV + router
-#                     product (@router+gates), then MoVE-x1's pair again in the other order (train)
+#                     product (@router+gates), then MoVE-x1 again: its pair in both orders (train)
 #   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
 #                     inductor cache (each form of the bank gradient's value gradients), every thread's
 #                     stack printed each 60 s: each arm's first compilation, and where it stops if it
@@ -149,7 +149,7 @@ quick)
   timeout ${T_QUICK_TESTS:-150} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "residual_norm_on_gpu or attention_on_gpu or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
-  T_TRAIN=${T_TRAIN:-260} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@router+gates:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled,move-x1@router+gates:256:compiled,move-x1:256:compiled} \
+  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@router+gates:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled,move-x1:256:compiled} \
     run_section train;;
 cold)
   # a cold inductor cache (a warm one skips the lowering); Triton's autotuning choices kept

@@ -623,10 +623,10 @@ class GPT(nn.Module):
         # formed inside the mix kernels: +1.1 ms of the MoVE-x1 step alone), "router" (a memory
         # layer's QKV and router products as one product of the stacked weights, split by
         # kernels.split_rope_wide, or with "gates" and "ropeattn" read by the attention and mix
-        # kernels: +2.1 ms while the product was padded to a multiple of 8 columns, which made
-        # the compiled step copy it; padded to 64, MoVE-x1 with "router" + "gates" was 2.1 ms
-        # faster in one run and MoVE-x4 the same, so off until a run in both orders confirms
-        # it), "emb" (the token embedding's gradient by a sort, move.gather_rows: +0.9 ms),
+        # kernels: with the product padded to a multiple of 8 columns the compiled MoVE-x1 step
+        # copied it and was 5.9 ms slower; padded to 64, 2.1 ms faster in one profile's wall
+        # time, MoVE-x4 the same; "router" without "gates", +2.1 ms at 8, is not measured at
+        # 64: off until runs in both orders confirm it), "emb" (the token embedding's gradient by a sort, move.gather_rows: +0.9 ms),
         # "ce" (kernels.cross_entropy in `loss`: 0.5 ms faster, inside the spread, for 2 GiB
         # more peak memory; 2026-12-07 fifth session).
         # (A router input gradient added inside the QKV input gradient's GEMM, addmm with beta 1,

@@ -363,10 +363,11 @@ class MoVEBank(nn.Module):
         default: the kernels take L pointers), or stacked into one tensor first (True: a copy of
         all of them, 0.8 ms of an H100's GPT-B step by the profile). In place, the MoVE-x1 step
         was 0.8-1.3 ms faster (five measurements in four runs) and the MoVE-x4 step 0.7-1.6 ms
-        (three runs) on H100s. Its cold first compilations used to stall: torch 2.11's inductor formatted the
-        bank gradient's 12 arguments for a log line (fixed by ``kernels._lower_as_fallbacks``;
-        benchmarks/RESULTS.md, 2026-12-06 second section, 2026-12-07 second, fourth and fifth
-        sessions)."""
+        (three runs) on H100s. Its cold first compilations used to stall in torch 2.11's
+        inductor, formatting an implicit fallback's arguments for a log line;
+        ``kernels._lower_as_fallbacks`` spares it that, and the one cold compilation run since
+        finished (benchmarks/RESULTS.md, 2026-12-06 second section, 2026-12-07 second, fourth
+        and fifth sessions)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

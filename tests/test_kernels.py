@@ -285,7 +285,7 @@ def test_bank_kernels_compile_for_hopper():
     L = 12
     cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
              (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64})]  # fmt: skip
-    # gates with the value gradients stacked (the default), logits with them each in place
+    # gates with the value gradients stacked, logits with them each in place (the default)
     for (kern, consts), (logits, stacked) in itertools.product(
         cases, ((False, True), (True, False))
     ):
@@ -374,12 +374,14 @@ def test_inductor_gets_the_ops_as_fallbacks_before_it_lowers_one(monkeypatch):
     import torch
     import torch._inductor.graph as graph
     import torch._inductor.lowering as lowering
+    from torch._library.utils import get_layout_constraint_tag
 
     from movegen import kernels
 
     ops = [getattr(torch.ops.movegen, n).default for n in torch.ops.movegen]
     for op in ops:  # as if no graph had been compiled in this process yet
         monkeypatch.delitem(lowering.lowerings, op, raising=False)
+        monkeypatch.delitem(lowering._maybe_layout_constraints, op, raising=False)
     monkeypatch.setattr(kernels, "_LOWERED", False)
     said = []
     monkeypatch.setattr(graph.log, "info", lambda msg, *args, **kw: said.append(msg % args))
@@ -394,4 +396,7 @@ def test_inductor_gets_the_ops_as_fallbacks_before_it_lowers_one(monkeypatch):
     torch._dynamo.reset()
     assert not [m for m in said if "implicit fallback" in m], said
     assert all(op in lowering.lowerings for op in ops)
+    for op in ops:  # the layout constraint inductor's own fallback would have had
+        tag = get_layout_constraint_tag(op, with_default=True)
+        assert lowering.maybe_layout_constraints(op) is lowering.tag_to_layout_constraint(tag)
     torch.testing.assert_close(out, summed(grad, ids))
