@@ -626,9 +626,9 @@ class GPT(nn.Module):
         # kernels: with the product padded to a multiple of 8 columns the compiled MoVE-x1 step
         # copied it and was 5.9 ms slower; padded to 64, 2.1 ms faster in one profile's wall
         # time, MoVE-x4 the same; "router" without "gates", +2.1 ms at 8, is not measured at
-        # 64: off until runs in both orders confirm it), "emb" (the token embedding's gradient by a sort, move.gather_rows: +0.9 ms),
-        # "ce" (kernels.cross_entropy in `loss`: 0.5 ms faster, inside the spread, for 2 GiB
-        # more peak memory; 2026-12-07 fifth session).
+        # 64: off until runs in both orders confirm it), "emb" (the token embedding's gradient
+        # by a sort, move.gather_rows: +0.9 ms), "ce" (kernels.cross_entropy in `loss`: 0.5 ms
+        # faster, inside the spread, for 2 GiB more peak memory; 2026-12-07 fifth session).
         # (A router input gradient added inside the QKV input gradient's GEMM, addmm with beta 1,
         # measured no faster on an H100, x1 +0.6 ms and x4 -0.1 ms, and was removed: 2026-12-07
         # fourth session.)
