@@ -25,6 +25,9 @@
 #   quick             under 420 s: the GPU tests of the fused model, attention and MoVE kernels, then the standard,
 #                     MoVE-x1 and MoVE-x4 steps at batch 256, each beside its stacked QKV + router
 #                     product (@router+gates), then MoVE-x1 again: its pair in both orders (train)
+#   bank              the bank gradient's kernels: their GPU tests, each alone against its byte floor
+#                     on three id distributions (bank_grad), then the MoVE steps with each (train:
+#                     move-x1, move-x4 and each @banklanes, MoVE-x1 again last)
 #   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
 #                     inductor cache (each form of the bank gradient's value gradients), every thread's
 #                     stack printed each 60 s: each arm's first compilation, and where it stops if it
@@ -51,7 +54,7 @@ export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,44p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,47p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 MODEL=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
@@ -150,6 +153,14 @@ quick)
     -k "residual_norm_on_gpu or attention_on_gpu or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
   T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@router+gates:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled,move-x1:256:compiled} \
+    run_section train;;
+bank)
+  timeout ${T_BANK_TESTS:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
+    -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -14
+  bench ${T_BANK:-240} bank_grad.log benchmarks.bank_grad
+  grep -E "^\||^MoVE" "$OUT/bank_grad.log"; errors "$OUT/bank_grad.log"
+  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@banklanes:256:compiled,move-x4:256:compiled,move-x4@banklanes:256:compiled,move-x1:256:compiled} \
     run_section train;;
 cold)
   # a cold inductor cache (a warm one skips the lowering); Triton's autotuning choices kept

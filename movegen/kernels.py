@@ -483,9 +483,84 @@ if HAVE_TRITON:
             tl.atomic_add(ptr, acc, mask=(last & edge)[:, None, None] & mask, sem="relaxed")
             tl.store(ptr, acc, mask=(last & ~edge)[:, None, None] & mask)
 
+    @triton.jit
+    def _tf32_parts(x):
+        """fp32 ``x`` as ``hi + lo`` with ``hi`` exact in TF32 (its low 13 mantissa bits cleared)
+        and ``lo`` the rest: TF32 products of each part by a TF32-exact operand (bf16 values are),
+        summed in fp32, lose only ``lo``'s own rounding, about 2**-21 of ``x``."""
+        hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return hi, x - hi
+
+    @triton.jit
+    def _zero_rows(out_ptr, lo, hi, row, cols, mm, M_PAD: tl.constexpr, D: tl.constexpr):
+        """Zeros into rows ``lo..hi-1`` of the output (``row`` elements apart; this program's
+        head and slots)."""
+        for z in range(lo, hi):
+            tl.store(out_ptr + z * row + cols, tl.zeros((M_PAD, D), dtype=tl.float32),
+                     mask=mm[:, None])  # fmt: skip
+
+    @triton.jit
+    def _bank_runs_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, V, s_gl, s_dl, L: tl.constexpr,
+                          G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                          LOGITS: tl.constexpr, STACKED: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        # program (c, h): the runs of equal ids that start among sorted tokens c*BLOCK_T.. , head h.
+        # Each run is summed whole by this program, walking past its tile while it lasts, as
+        # tensor-core products g^T @ dv over BLOCK_T tokens at a time, one per layer (the gates in
+        # two TF32 parts, so the sum keeps fp32 precision), and its row is written with a plain
+        # store; the rows of ids no token has (between a run's id and the next) are written as
+        # zeros by the same program. Every output element is written exactly once: no zero fill,
+        # no atomics, the same bits on every run
+        c = tl.program_id(0)
+        h = tl.program_id(1)
+        lane = tl.arange(0, BLOCK_T)
+        i = c * BLOCK_T + lane
+        im = i < N
+        k = tl.load(sid_ptr + i, mask=im, other=-1).to(tl.int64)
+        kp = tl.load(sid_ptr + i - 1, mask=im & (i > 0), other=-1).to(tl.int64)
+        first = im & (k != kp)  # a run starts here (its earlier part is no other tile's)
+        rank = tl.cumsum(first.to(tl.int32), 0) - 1
+        m = tl.arange(0, M_PAD)
+        mm = m < M
+        d = tl.arange(0, D)
+        cols = m[:, None] * (H * D) + h * D + d[None, :]
+        row = M * H * D  # elements of a bank row (M, H, D)
+        if c == 0:  # the rows below the smallest id
+            _zero_rows(out_ptr, 0, tl.load(sid_ptr).to(tl.int64), row, cols, mm, M_PAD, D)
+        for r in range(0, tl.sum(first.to(tl.int32), 0)):
+            q = tl.min(tl.where(first & (rank == r), i, N), 0)  # the run's first sorted position
+            kid = tl.max(tl.where(i == q, k, -1), 0)
+            acc = tl.zeros((M_PAD, D), dtype=tl.float32)
+            more = q < N
+            while more:
+                j = q + lane
+                sel = (j < N) & (tl.load(sid_ptr + j, mask=j < N, other=-1).to(tl.int64) == kid)
+                rows = tl.load(order_ptr + j, mask=sel, other=0).to(tl.int64) * H + h
+                gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
+                gm = sel[:, None] & mm[None, :]
+                for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride
+                    g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
+                    dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :],
+                                 mask=sel[:, None], other=0.0).to(tl.float32)  # fmt: skip
+                    hi, lo = _tf32_parts(tl.trans(g))
+                    acc = tl.dot(hi, dv, acc, input_precision="tf32")
+                    acc = tl.dot(lo, dv, acc, input_precision="tf32")
+                    gp += s_gl
+                n = tl.sum(sel.to(tl.int32), 0)
+                q += n
+                more = n == BLOCK_T  # a full block: the run may go on
+            tl.store(out_ptr + kid * row + cols, acc, mask=mm[:, None])
+            nxt = tl.load(sid_ptr + q, mask=q < N, other=V).to(tl.int64)
+            _zero_rows(out_ptr, kid + 1, nxt, row, cols, mm, M_PAD, D)
+
+
+BANK_KERNEL = "runs"
+"""The bank gradient's kernel: ``"runs"`` (``_bank_runs_kernel``: each run of equal ids summed
+whole by one program as tensor-core products, every row written once, zeros included), or
+``"lanes"`` (the fp32 sums per token of ``_bank_tile_kernel`` / ``_bank_rows_kernel``, as
+``BANK_TILE_MAX_SLOTS`` picks, added into a zeroed output)."""
 
 BANK_TILE_MAX_SLOTS = 8
-"""The bank gradient as a segmented sum over tiles of sorted tokens (``_bank_tile_kernel``) up to
+"""With ``BANK_KERNEL = "lanes"``: the bank gradient as a segmented sum over tiles of sorted tokens (``_bank_tile_kernel``) up to
 this many slots, one token at a time (``_bank_rows_kernel``) above. Measured on an H200 (12 layers, 65,536 tokens, GPT-B): M = 6 1.34 vs 2.07 ms, M = 24
 4.33 vs 2.86 ms (``benchmarks/RESULTS.md``, 2026-12-03 fifth section)."""
 
@@ -503,6 +578,14 @@ def _lane_configs(roll: bool = False):
     rolls = ({"ROLL": False}, {"ROLL": True}) if roll else ({},)
     return [triton.Config({"BLOCK_T": t, "MB": mb, **r}, num_warps=w) for t in (16, 32, 64, 128)
             for mb in (2, 4, 8) for w in (4, 8) for r in rolls]  # fmt: skip
+
+
+def _runs_configs():
+    """Autotuned (BLOCK_T, warps) of ``_bank_runs_kernel``; in the interpreter 8-token tiles
+    (runs that go past their tile in small tests)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_T": 8}, num_warps=1)]
+    return [triton.Config({"BLOCK_T": t}, num_warps=w) for t in (8, 16, 32, 64) for w in (1, 2, 4)]
 
 
 def _lane_prune(limit: int):
@@ -528,6 +611,9 @@ if HAVE_TRITON:
     _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L", "STACKED"], reset_to_zero=["out_ptr"],
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
+    # every output element written once (no accumulation): autotuning needs no reset
+    _bank_runs_kernel = _autotune(_runs_configs(), key=["M", "D", "G", "L", "STACKED", "LOGITS"])(
+        _bank_runs_kernel)
 
 
 def _lane_grid(N: int, H: int):
@@ -700,8 +786,14 @@ def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor,
         dvs = dvs[0]
     if sid is None or order is None:
         sid, order = torch.sort(ids.reshape(-1))
-    out = torch.zeros(num_rows, slots, H, D, device=gs.device, dtype=torch.float32)
     N, chunk = B * T, 64
+    if BANK_KERNEL == "runs":
+        out = torch.empty(num_rows, slots, H, D, device=gs.device, dtype=torch.float32)
+        _bank_runs_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, num_rows, gs.stride(0), s_dl,
+                                            L=L, G=G, M=slots, M_PAD=_pad(slots), D=D, LOGITS=logits,
+                                            STACKED=stacked)  # fmt: skip
+        return out
+    out = torch.zeros(num_rows, slots, H, D, device=gs.device, dtype=torch.float32)
     if slots <= BANK_TILE_MAX_SLOTS:
         _bank_tile_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, gs.stride(0), s_dl, L=L, G=G,
                                             M=slots, D=D, LOGITS=logits, STACKED=stacked)  # fmt: skip

@@ -619,7 +619,7 @@ class GPT(nn.Module):
         # "routerpad" MoVE-x4's 2.1 ms in one run on an H100 (x1: 0.5 ms, inside the spread),
         # and the next profile showed all the router's GEMMs on Hopper's kernels, none left on
         # cuBLAS' sm80 ones (benchmarks/RESULTS.md, 2026-12-07 third and fourth sessions).
-        # Built, tested and off by default: "gates" (MoVE's gates 2 * sigmoid(router logits)
+        # Built, tested and off by default (but see below): "gates" (MoVE's gates 2 * sigmoid(router logits)
         # formed inside the mix kernels: +1.1 ms of the MoVE-x1 step alone), "router" (a memory
         # layer's QKV and router products as one product of the stacked weights, split by
         # kernels.split_rope_wide, or with "gates" and "ropeattn" read by the attention and mix
@@ -634,6 +634,12 @@ class GPT(nn.Module):
         # fourth session.)
         self.fused_ops: tuple[str, ...] = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave",
                                            "routerpad")  # fmt: skip
+        if cfg.memory == "move" and cfg.slots < kernels.GROUP_MIN_SLOTS:
+            # with the per-token mix kernels (MoVE-x1, 6 slots): "router" + "gates" on, the
+            # product padded to 64 columns: 2.1 and 2.2 ms faster on H100s, the second run
+            # timing the default before and after it; at 24 slots (x4, grouped) 0.0 and +0.6 ms,
+            # so off there (benchmarks/RESULTS.md, 2026-12-07 fifth and sixth sessions)
+            self.fused_ops += ("router", "gates")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -732,8 +738,8 @@ class GPT(nn.Module):
                 mem, taps = self.bank.tapped(ids, cfg.n_layer, n_gates, logits=gate_logits)
             else:
                 mem = self.bank.gather(ids)
-        if "gates" in fused and not gate_logits:
-            fused = tuple(f for f in fused if f != "gates")
+        if "gates" in fused and not gate_logits:  # "router" was measured with "gates" only
+            fused = tuple(f for f in fused if f not in ("gates", "router"))
         cos, sin = self.rope_cos, self.rope_sin
         # each block's MLP output (y) and its dropout rate (p): the dropout and residual add are
         # the next norm's step

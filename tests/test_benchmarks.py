@@ -29,6 +29,7 @@ def run(module, *args):
     [
         ("train_step", ["--modes", "eager"]),
         ("move_mix", []),
+        ("bank_grad", []),
         ("sampling", []),
         ("decode_kernel", []),
         ("block_ops", []),

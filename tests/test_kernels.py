@@ -45,17 +45,19 @@ def test_triton_kernels_on_gpu(grouped, M):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [6, 24])
 @pytest.mark.parametrize("stack_dv", [True, False])  # both stacked cases first
-def test_bank_gradient_at_gpt_b_scale_on_gpu(M, stack_dv):
+@pytest.mark.parametrize("bank", ["runs", "lanes"])
+def test_bank_gradient_at_gpt_b_scale_on_gpu(M, stack_dv, bank, monkeypatch):
     """The bank gradient at GPT-B's training shapes (12 layers, 65,536 tokens of 16,384 ids, 12
-    heads of 64), from the stacked value gradients or each read in place, against the same sum
-    formed by PyTorch layer by layer (fp32 ``index_add_``). The in-place form has run at 2
-    layers only; a compiled MoVE-x1 step with it did not finish on an H200 (2026-12-06)."""
+    heads of 64), by either kernel, from the stacked value gradients or each read in place,
+    against the same sum formed by PyTorch layer by layer (fp32 ``index_add_``; row 0, no
+    token's id, must come out zero from the runs kernel's uninitialised output too)."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     from movegen import kernels
 
+    monkeypatch.setattr(kernels, "BANK_KERNEL", bank)
     torch.manual_seed(0)
     B, T, H, D, V, L = 256, 256, 12, 64, 16384, 12
     gs = torch.rand(L, B, T, H, M + 1, device="cuda", dtype=torch.bfloat16)
@@ -67,6 +69,7 @@ def test_bank_gradient_at_gpt_b_scale_on_gpu(M, stack_dv):
         t = (g[..., -M:].float()[..., None] * dv.float()[..., None, :]).permute(0, 1, 3, 2, 4)
         ref.index_add_(0, ids.reshape(-1), t.reshape(B * T, -1))
     assert ((out.reshape(V, -1) - ref).norm() / ref.norm()).item() < 1e-5
+    assert out[0].abs().max().item() == 0
 
 
 def test_residual_norm_kernels_match_pytorch_in_interpreter(interpreted):
@@ -272,10 +275,11 @@ def test_attention_kernels_compile_for_hopper():
 
 
 def test_bank_kernels_compile_for_hopper():
-    """Both bank-gradient kernels take the L layers' value gradients as one stacked tensor or as
-    a tuple of L pointers (no stacked copy); both go through Triton's whole compiler for an sm_90
-    target here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the token
-    walk), reading gates or the routers' logits."""
+    """The bank-gradient kernels take the L layers' value gradients as one stacked tensor or as
+    a tuple of L pointers (no stacked copy); each goes through Triton's whole compiler for an
+    sm_90 target here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the
+    token walk; the runs kernel at both, its TF32 products as tensor-core instructions), reading
+    gates or the routers' logits."""
     triton = pytest.importorskip("triton")
 
     from movegen import kernels
@@ -284,7 +288,9 @@ def test_bank_kernels_compile_for_hopper():
         pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
     L = 12
     cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
-             (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64})]  # fmt: skip
+             (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64}),
+             (kernels._bank_runs_kernel, {"G": 7, "M": 6, "M_PAD": 8, "BLOCK_T": 16}),
+             (kernels._bank_runs_kernel, {"G": 25, "M": 24, "M_PAD": 32, "BLOCK_T": 32})]  # fmt: skip
     # gates with the value gradients stacked, logits with them each in place (the default)
     for (kern, consts), (logits, stacked) in itertools.product(
         cases, ((False, True), (True, False))
@@ -298,7 +304,10 @@ def test_bank_kernels_compile_for_hopper():
         }
         sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.endswith("_ptr") else "i32")
                for n in jit.arg_names}  # fmt: skip
-        assert _compile_for_hopper(jit, sig, consts).asm["cubin"], jit.__name__
+        compiled = _compile_for_hopper(jit, sig, consts)
+        assert compiled.asm["cubin"], jit.__name__
+        if jit.__name__ == "_bank_runs_kernel":
+            assert "mma.sync.aligned" in compiled.asm["ptx"] and ".tf32" in compiled.asm["ptx"]
 
 
 def _ptxas_spill_bytes(ptx: str, tmp_path) -> int:
@@ -362,7 +371,10 @@ def test_mix_backward_kernels_compile_for_hopper():
         jit = kern.fn
         sig = {n: "constexpr" if n in consts else "*i32" if n in ("ids_ptr", "sid_ptr", "order_ptr")
                else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
-        assert _compile_for_hopper(jit, sig, consts).asm["cubin"], jit.__name__
+        compiled = _compile_for_hopper(jit, sig, consts)
+        assert compiled.asm["cubin"], jit.__name__
+        if jit.__name__ == "_bank_runs_kernel":
+            assert "mma.sync.aligned" in compiled.asm["ptx"] and ".tf32" in compiled.asm["ptx"]
 
 
 def test_inductor_gets_the_ops_as_fallbacks_before_it_lowers_one(monkeypatch):

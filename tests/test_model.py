@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from movegen.lit import clip_grad_norm_for_step, optimizer_groups
-from movegen.model import GPT, GPTConfig, cost_report
+from movegen.model import GPT, Attention, GPTConfig, cost_report
 from movegen.move import gates_from_logits, lave_layers, mix, mix_reference, move_slots
 
 K, C, T = 64, 10, 16
@@ -493,6 +493,30 @@ def test_stacked_router_product_matches_two_products(memory):
     torch.testing.assert_close(prod[..., :used], torch.cat([attn.qkv(x), attn.router(x)], -1))
     assert torch.equal(prod[..., used:], torch.zeros_like(prod[..., used:]))
     _fused_ops_agree(model, ((), ("router",)))
+
+
+def test_router_and_gates_default_with_the_per_token_mix(monkeypatch):
+    """MoVE below 16 slots (x1, the per-token mix kernels) runs ``"router"`` + ``"gates"`` by
+    default, MoVE at 16 and more (grouped) and the other memory kinds do not; where the gates
+    cannot go to the kernels (here: no deferred bank gradient) the stacked product is dropped
+    with them, not run alone (split by ``kernels.split_rope_wide``)."""
+    from movegen import kernels
+
+    assert {"router", "gates"} <= set(GPT(tiny("move")).fused_ops)
+    for cfg in (tiny("move", n_layer=8, memory_density=4), tiny("lave"), tiny()):
+        assert cfg.slots >= 16 or cfg.memory != "move"
+        assert not {"router", "gates"} & set(GPT(cfg).fused_ops), cfg
+    model = randomize(GPT(tiny("move", resid_dropout=0.0, ffn_dropout=0.0, token_dropout=0.0,
+                               class_dropout=0.0)))  # fmt: skip
+    calls = []
+    real = Attention._stacked_product
+    monkeypatch.setattr(Attention, "_stacked_product", lambda self, x: calls.append(1) or real(self, x))
+    codes, labels = torch.randint(K, (2, T)), torch.tensor([0, 1])
+    for deferred in (False, True):  # True: the gates reach the kernels only where those run
+        model.deferred_bank_grad = deferred
+        model(codes, labels).sum().backward()
+        assert len(calls) == (model.config.n_layer if deferred and model.bank.takes_logits() else 0)
+        calls.clear()
 
 
 @pytest.mark.parametrize("memory", ["move", "lave"])

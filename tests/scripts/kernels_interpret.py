@@ -5,6 +5,7 @@ the QKV split gives) against ``mix_reference`` over an ``F.embedding`` gather: f
 gradients of v, gates and the bank weight; the per-token form (``mix`` on a gathered memh); and
 the whole model, its Triton training path against plain autograd, eager and compiled."""
 
+import contextlib
 import os
 from unittest import mock
 
@@ -30,6 +31,49 @@ def reference(weight, ids, vbase, gates, gated):
     (V, M, d), (B, T), H = weight.shape, ids.shape, vbase[0].shape[3]
     mem = F.embedding(ids, weight.view(V, M * d)).view(B, T, M, H, d // H)
     return [mix_reference(v[:, :, 2], g, mem, gated) for v, g in zip(vbase, gates)]
+
+
+@contextlib.contextmanager
+def bank_kernel(bank):
+    """``"runs"``: the bank gradient by ``_bank_runs_kernel``; a number: by the lanes kernels,
+    the tile kernel up to that many slots."""
+    if bank == "runs":
+        with mock.patch.object(kernels, "BANK_KERNEL", "runs"):
+            yield
+    else:
+        with mock.patch.object(kernels, "BANK_KERNEL", "lanes"), \
+                mock.patch.object(kernels, "BANK_TILE_MAX_SLOTS", bank):  # fmt: skip
+            yield
+
+
+# the bank gradient alone, both kernels, against fp32 index_add_: long runs (most tokens of one
+# id: runs over many 8-token tiles), absent ids (their rows must be written as zeros: the output
+# is allocated NaN-filled here), logits or gates, value gradients stacked or each in place
+empty = torch.empty
+
+
+def nan_empty(*args, **kwargs):
+    return empty(*args, **kwargs).fill_(float("nan"))
+
+
+for M, logits, stacked, skew, V in [(6, True, False, True, 60), (24, False, True, False, 9),
+                                    (3, True, True, False, 200), (24, True, False, True, 30)]:  # fmt: skip
+    B, T, H, D, L = 2, 31, 2, 16, 3
+    gs = torch.randn(L, B, T, H, M + 1)
+    gates = 2 * torch.sigmoid(gs) if logits else gs
+    dvs = [torch.randn(B, T, H, D) for _ in range(L)]
+    ids = torch.randint(1, V - 1, (B, T))  # rows 0 and V - 1 never drawn: zeros at both ends
+    if skew:
+        ids = torch.where(torch.rand(B, T) < 0.7, torch.full_like(ids, 5), ids)
+    ref = torch.zeros(V, M * H * D)
+    for g, dv in zip(gates, dvs):
+        ref.index_add_(0, ids.reshape(-1), (g[..., -M:, None] * dv[..., None, :]).transpose(2, 3).reshape(B * T, -1))  # fmt: skip
+    for bank in ("runs", 8 if M <= 8 else 64):
+        with bank_kernel(bank), mock.patch.object(torch, "empty", nan_empty):
+            out = kernels.bank_rows_grad(gs if logits else gates, [torch.stack(dvs)] if stacked else dvs,
+                                         ids.int(), V, M, logits=logits)  # fmt: skip
+        worst = max(worst, diff(out.reshape(V, -1), ref) / ref.abs().max().item())  # relative:
+        # sums of up to 130 products here
 
 
 for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
@@ -60,15 +104,15 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     g_ref = torch.autograd.grad(refs, leaves, douts)
     # per token (int64 and int32 ids) and grouped by id (the ids sorted once, as int32 whatever
     # their dtype; 16-token tiles: groups that span tiles, and tiles of several groups); the bank
-    # gradient a segmented sum over tiles of sorted tokens (M <= 8) or one token at a time (M = 24;
-    # and the segmented sum at M = 24 too: 6 slot blocks of 4); the layers' value gradients
-    # stacked into one tensor or each read where it lies
-    cases = [(ids, False, 8, True), (ids.int(), False, 8, False), (ids, True, 8, True),
-             (ids, True, 8, False)] + [(ids, True, 64, True), (ids, True, 64, False)] * (M > 8)  # fmt: skip
-    for idx, grouped, tile_max, stack_dv in cases:
+    # gradient by runs ("runs": 8-token tiles here, so runs go past their tile) or by lanes: a
+    # segmented sum over tiles of sorted tokens (M <= 8) or one token at a time (M = 24; and the
+    # segmented sum at M = 24 too: 6 slot blocks of 4); the layers' value gradients stacked into
+    # one tensor or each read where it lies
+    cases = [(ids, False, "runs", True), (ids.int(), False, "runs", False), (ids, True, "runs", True),
+             (ids, True, 8, False), (ids, False, 8, True)] + [(ids, True, 64, True), (ids, True, 64, False)] * (M > 8)  # fmt: skip
+    for idx, grouped, bank, stack_dv in cases:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
-        with mock.patch.object(torch, "sort", wraps=torch.sort) as sort, \
-                mock.patch.object(kernels, "BANK_TILE_MAX_SLOTS", tile_max):  # fmt: skip
+        with mock.patch.object(torch, "sort", wraps=torch.sort) as sort, bank_kernel(bank):
             mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped,
                                   stack_dv=stack_dv)  # fmt: skip
             assert isinstance(mem, tuple) and (mem[2] is not None) == grouped
@@ -87,9 +131,9 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
         leaves[0], ids, leaves[1 : L + 1], [2 * torch.sigmoid(x) for x in leaves[L + 1 :]], gated
     )
     g_ref = torch.autograd.grad(refs, leaves, douts)
-    for idx, grouped, tile_max, stack_dv in [cases[0], cases[3]] + cases[4:]:
+    for idx, grouped, bank, stack_dv in [cases[0], cases[1], cases[3]] + cases[5:]:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *lgs)]
-        with mock.patch.object(kernels, "BANK_TILE_MAX_SLOTS", tile_max):
+        with bank_kernel(bank):
             mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped,
                                   logits=True, stack_dv=stack_dv)  # fmt: skip
             outs = [mix_tapped(v[:, :, 2], x, mem, tp, gated, logits=True) for v, x, tp in zip(leaves[1 : L + 1], leaves[L + 1 :], taps)]  # fmt: skip

@@ -1,0 +1,128 @@
+"""The MoVE bank gradient alone (``kernels.bank_rows_grad``), each kernel against its byte floor.
+
+``dE[k, m, h] = sum over the tokens n with id k and over the L layers of g_l[n, h, m] dv_l[n, h]``,
+fp32 rows ``(V, M, H, D)``, as the training step's backward forms it once per step from the L
+layers' gates (or router logits) and value gradients, each read where it lies. Kernels
+(``kernels.BANK_KERNEL``): ``runs`` (each run of equal ids summed whole by one program as
+tensor-core products, every output row written once, absent ids' rows as zeros) and ``lanes``
+(fp32 sums per token into a zeroed output: a segmented sum over tiles for M <= 8, one token at a
+time above; the zero fill is counted in its time). Floor: the gates and value gradients read
+once and the fp32 rows written once, at the copy rate measured in the run. The two kernels'
+outputs are compared at every row (``max |runs - lanes|`` over ``max |lanes|``).
+
+    python -m benchmarks.bank_grad            # GPU: GPT-B shapes, batch 256, M = 6 and 24
+    python -m benchmarks.bank_grad --smoke    # CPU (Triton's interpreter), tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if "--smoke" in sys.argv:  # no GPU needed: the kernels run in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from movegen import kernels  # noqa: E402
+
+from ._util import (  # noqa: E402
+    ID_DISTS,
+    copy_bandwidth_gbs,
+    device_name,
+    json_line,
+    median,
+    print_table,
+    random_codes,
+    release,
+    time_fn,
+)
+
+KERNELS = ("runs", "lanes")
+
+
+def run(M: int, dist: str, args, device, bw: float) -> list[dict]:
+    B, T, H, D, L, V = args.batch, args.seq, args.heads, args.head_dim, args.layers, args.ids
+    G = M + 1
+    logits = M < kernels.GROUP_MIN_SLOTS if args.logits == "auto" else args.logits == "on"
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = random_codes((B, T), V, dist, generator=g)
+    sid, order = kernels.id_groups(ids)
+    gs = torch.randn(L, B, T, H, G, device=device, dtype=dt, generator=g)
+    if not logits:
+        gs = 2 * torch.sigmoid(gs)
+    dvs = [torch.randn(B, T, H, D, device=device, dtype=dt, generator=g) for _ in range(L)]
+    e = 2 if dt == torch.bfloat16 else 4
+    nbytes = L * B * T * H * (G + D) * e + V * M * H * D * 4
+    rows, outs = [], {}
+    for kern in KERNELS:
+        kernels.BANK_KERNEL = kern
+
+        def step():
+            return kernels.bank_rows_grad(gs, dvs, ids, V, M, sid, order, logits)
+
+        outs[kern] = step()
+        ms = median(time_fn(step, warmup=2, iters=args.iters, device=device))
+        rows.append({"ids": dist, "distinct": int(sid.unique_consecutive().numel()), "M": M,
+                     "logits": logits, "kernel": kern, "ms": ms, "floor_ms": nbytes / (bw * 1e9) * 1e3,
+                     "gbs": nbytes / (ms * 1e-3) / 1e9})  # fmt: skip
+    kernels.BANK_KERNEL = KERNELS[0]
+    ref = outs["lanes"]
+    err = ((outs["runs"] - ref).abs().max() / ref.abs().max()).item()
+    for r in rows:
+        r["rel_err"] = err
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--ids", type=int, default=16384 + 1001, help="bank rows V")
+    p.add_argument("--slots", default="6,24")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument(
+        "--ids_dist",
+        default="uniform,zipf:0.3,zipf",
+        help=f"id distributions, comma-separated: {ID_DISTS}",
+    )
+    p.add_argument("--logits", choices=("auto", "on", "off"), default="auto",
+                   help="read router logits (gates formed in the kernel) or gates; auto: logits "
+                        "below 16 slots, as the training step's defaults")  # fmt: skip
+    args = p.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if args.smoke:
+        args.batch, args.seq, args.heads, args.head_dim, args.layers, args.ids, args.iters = (
+            2, 24, 2, 16, 2, 40, 1)  # fmt: skip
+        args.ids_dist = "zipf"  # runs past their tiles and absent ids
+    if not kernels.available(torch.zeros(args.head_dim, device=device)):
+        raise SystemExit("bank_grad: the Triton kernels are not usable here (a CUDA GPU, or --smoke)")
+    bw = copy_bandwidth_gbs(device)
+    rows = []
+    for dist in args.ids_dist.split(","):
+        for M in args.slots.split(","):
+            rows += run(int(M), dist, args, device, bw)
+            release(device)
+    json_line(
+        "bank_grad",
+        {"device": device_name(device), "torch": torch.__version__, "copy_gbs": bw, "rows": rows},
+    )
+    print_table(rows, [("ids", "ids", "{}"), ("distinct", "distinct ids", "{}"), ("M", "slots M", "{}"),
+                       ("logits", "logits", "{}"), ("kernel", "kernel", "{}"), ("ms", "ms", "{:.3f}"),
+                       ("floor_ms", "floor ms", "{:.3f}"), ("gbs", "GB/s", "{:.0f}"),
+                       ("rel_err", "max |runs - lanes| / max |lanes|", "{:.1e}")],
+                f"MoVE bank gradient, B={args.batch} T={args.seq} H={args.heads} D={args.head_dim} "
+                f"L={args.layers} V={args.ids}, {device_name(device)}, torch {torch.__version__}, "
+                f"copy {bw:.0f} GB/s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
