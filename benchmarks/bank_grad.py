@@ -104,7 +104,9 @@ def main() -> None:
             2, 24, 2, 16, 2, 40, 1)  # fmt: skip
         args.ids_dist = "zipf"  # runs past their tiles and absent ids
     if not kernels.available(torch.zeros(args.head_dim, device=device)):
-        raise SystemExit("bank_grad: the Triton kernels are not usable here (a CUDA GPU, or --smoke)")
+        raise SystemExit(
+            "bank_grad: the Triton kernels are not usable here (a CUDA GPU, or --smoke)"
+        )
     bw = copy_bandwidth_gbs(device)
     rows = []
     for dist in args.ids_dist.split(","):

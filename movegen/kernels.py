@@ -613,7 +613,8 @@ if HAVE_TRITON:
         _bank_tile_kernel)  # fmt: skip
     # every output element written once (no accumulation): autotuning needs no reset
     _bank_runs_kernel = _autotune(_runs_configs(), key=["M", "D", "G", "L", "STACKED", "LOGITS"])(
-        _bank_runs_kernel)
+        _bank_runs_kernel
+    )
 
 
 def _lane_grid(N: int, H: int):

@@ -500,7 +500,6 @@ def test_router_and_gates_default_with_the_per_token_mix(monkeypatch):
     default, MoVE at 16 and more (grouped) and the other memory kinds do not; where the gates
     cannot go to the kernels (here: no deferred bank gradient) the stacked product is dropped
     with them, not run alone (split by ``kernels.split_rope_wide``)."""
-    from movegen import kernels
 
     assert {"router", "gates"} <= set(GPT(tiny("move")).fused_ops)
     for cfg in (tiny("move", n_layer=8, memory_density=4), tiny("lave"), tiny()):
@@ -510,7 +509,9 @@ def test_router_and_gates_default_with_the_per_token_mix(monkeypatch):
                                class_dropout=0.0)))  # fmt: skip
     calls = []
     real = Attention._stacked_product
-    monkeypatch.setattr(Attention, "_stacked_product", lambda self, x: calls.append(1) or real(self, x))
+    monkeypatch.setattr(
+        Attention, "_stacked_product", lambda self, x: calls.append(1) or real(self, x)
+    )
     codes, labels = torch.randint(K, (2, T)), torch.tensor([0, 1])
     for deferred in (False, True):  # True: the gates reach the kernels only where those run
         model.deferred_bank_grad = deferred
