@@ -50,9 +50,9 @@ def run(M: int, dist: str, args, device, bw: float) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
     ids = random_codes((B, T), V, dist, generator=g)
     sid, order = kernels.id_groups(ids)
-    gs = torch.randn(L, B, T, H, G, device=device, dtype=dt, generator=g)
+    gs = [torch.randn(B, T, H, G, device=device, dtype=dt, generator=g) for _ in range(L)]
     if not logits:
-        gs = 2 * torch.sigmoid(gs)
+        gs = [2 * torch.sigmoid(x) for x in gs]
     dvs = [torch.randn(B, T, H, D, device=device, dtype=dt, generator=g) for _ in range(L)]
     e = 2 if dt == torch.bfloat16 else 4
     nbytes = L * B * T * H * (G + D) * e + V * M * H * D * 4

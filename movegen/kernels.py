@@ -500,16 +500,19 @@ if HAVE_TRITON:
                      mask=mm[:, None])  # fmt: skip
 
     @triton.jit
-    def _bank_runs_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, V, s_gl, s_dl, L: tl.constexpr,
-                          G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                          LOGITS: tl.constexpr, STACKED: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    def _bank_runs_kernel(gts, dvs, order_ptr, sid_ptr, out_ptr, N, H, V, s_gl, s_gn, s_gh, s_dl,
+                          L: tl.constexpr, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+                          D: tl.constexpr, LOGITS: tl.constexpr, STACKED: tl.constexpr,
+                          GSTACKED: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
         # program (c, h): the runs of equal ids that start among sorted tokens c*BLOCK_T.. , head h.
         # Each run is summed whole by this program, walking past its tile while it lasts, as
         # tensor-core products g^T @ dv over BLOCK_T tokens at a time, one per layer (the gates in
         # two TF32 parts, so the sum keeps fp32 precision), and its row is written with a plain
         # store; the rows of ids no token has (between a run's id and the next) are written as
         # zeros by the same program. Every output element is written exactly once: no zero fill,
-        # no atomics, the same bits on every run
+        # no atomics, the same bits on every run. The gates (or logits) of layer l: the l-th of
+        # the tuple ``gts`` (or slice of one stacked tensor), token n and head h at
+        # n * s_gn + h * s_gh (the views of a wider product read in place)
         c = tl.program_id(0)
         h = tl.program_id(1)
         lane = tl.arange(0, BLOCK_T)
@@ -534,17 +537,18 @@ if HAVE_TRITON:
             while more:
                 j = q + lane
                 sel = (j < N) & (tl.load(sid_ptr + j, mask=j < N, other=-1).to(tl.int64) == kid)
-                rows = tl.load(order_ptr + j, mask=sel, other=0).to(tl.int64) * H + h
-                gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
+                tok = tl.load(order_ptr + j, mask=sel, other=0).to(tl.int64)
+                goff = tok[:, None] * s_gn + h * s_gh + (G - M) + m[None, :]
+                dvoff = (tok * H + h)[:, None] * D + d[None, :]
                 gm = sel[:, None] & mm[None, :]
-                for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride
-                    g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
-                    dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :],
-                                 mask=sel[:, None], other=0.0).to(tl.float32)  # fmt: skip
+                for l in tl.static_range(L):
+                    x = tl.load(_layer_dv(gts, l, s_gl, GSTACKED) + goff, mask=gm, other=0.0)
+                    g = tl.where(gm, _gate(x, LOGITS), 0.0)
+                    dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + dvoff, mask=sel[:, None],
+                                 other=0.0).to(tl.float32)  # fmt: skip
                     hi, lo = _tf32_parts(tl.trans(g))
                     acc = tl.dot(hi, dv, acc, input_precision="tf32")
                     acc = tl.dot(lo, dv, acc, input_precision="tf32")
-                    gp += s_gl
                 n = tl.sum(sel.to(tl.int32), 0)
                 q += n
                 more = n == BLOCK_T  # a full block: the run may go on
@@ -612,9 +616,9 @@ if HAVE_TRITON:
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
     # every output element written once (no accumulation): autotuning needs no reset
-    _bank_runs_kernel = _autotune(_runs_configs(), key=["M", "D", "G", "L", "STACKED", "LOGITS"])(
-        _bank_runs_kernel
-    )
+    _bank_runs_kernel = _autotune(
+        _runs_configs(), key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS"]
+    )(_bank_runs_kernel)
 
 
 def _lane_grid(N: int, H: int):
@@ -762,26 +766,30 @@ def _(dout, v, gates, table, ids, gated, logits=False):
 
 
 @torch.library.custom_op("movegen::bank_rows_grad", mutates_args=())
-def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor, num_rows: int, slots: int,
+def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.Tensor, num_rows: int, slots: int,
                    sid: torch.Tensor | None = None, order: torch.Tensor | None = None,
                    logits: bool = False) -> torch.Tensor:  # fmt: skip
-    """The bank gradient in one pass: ``gs (L, B, T, H, G)`` gates, ``dvs``: the L layers' value
-    gradients, either as L tensors ``(B, T, H, D)`` of one dtype, each read where it lies (a
-    tuple of L pointers: no stacked copy), or as one stacked ``(L, B, T, H, D)``; ``ids (B, T)``
+    """The bank gradient in one pass: ``gs`` the L layers' gates ``(B, T, H, G)`` and ``dvs``
+    their value gradients ``(B, T, H, D)``, each either as L tensors, each read where it lies
+    (a tuple of L pointers: no stacked copy; the gates may be views with rows of their own
+    stride, as a slice of a wider product), or as one stacked ``(L, B, T, H, ·)``; ``ids (B, T)``
     -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens with id ``k`` and over
-    layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order, so a run of one id is
-    summed in registers and added to its row once (fp32 atomics: the order of the adds, and so
-    the last bits, may vary between runs). ``sid, order``: the ids sorted before (``id_groups``,
-    as the grouped forward sorted them), else sorted here. ``logits``: ``gs`` holds the router's
-    logits (gates ``2 * sigmoid`` of them)."""
-    L, B, T, H, G = gs.shape
+    layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order. ``BANK_KERNEL``:
+    ``"runs"`` sums each run of one id whole in one program and writes every row once, the
+    rows of absent ids as zeros (the same bits on every run); ``"lanes"`` adds each run's sum
+    into a zeroed output (fp32 atomics where a run crosses a tile: the order of the adds, and
+    so the last bits, may vary between runs). ``sid, order``: the ids sorted before
+    (``id_groups``, as the grouped forward sorted them), else sorted here. ``logits``: ``gs``
+    holds the router's logits (gates ``2 * sigmoid`` of them)."""
+    gstacked = len(gs) == 1 and gs[0].dim() == 5
+    L, (B, T, H, G) = (gs[0].shape[0], gs[0].shape[1:]) if gstacked else (len(gs), gs[0].shape)
     D = dvs[0].shape[-1]
     stacked = len(dvs) == 1 and dvs[0].dim() == 5
     layers = dvs[0].shape[0] if stacked else len(dvs)
-    if layers != L or len({d.dtype for d in dvs}) != 1:
-        raise ValueError(f"dvs: {L} value gradients of one dtype, or one stack of them, expected; got "
-                         f"{[(tuple(d.shape), d.dtype) for d in dvs]}")  # fmt: skip
-    gs, dvs = gs.contiguous(), tuple(d.contiguous() for d in dvs)
+    if layers != L or len({d.dtype for d in dvs}) != 1 or len({g.dtype for g in gs}) != 1:
+        raise ValueError(f"gs, dvs: {L} gates and value gradients of one dtype each, or one stack of them, "
+                         f"expected; got {[(tuple(t.shape), t.dtype) for t in (*gs, *dvs)]}")  # fmt: skip
+    dvs = tuple(d.contiguous() for d in dvs)
     s_dl = dvs[0].stride(0) if stacked else 0
     if stacked:  # one pointer, as the kernels took it before the tuple form
         dvs = dvs[0]
@@ -789,17 +797,25 @@ def bank_rows_grad(gs: torch.Tensor, dvs: list[torch.Tensor], ids: torch.Tensor,
         sid, order = torch.sort(ids.reshape(-1))
     N, chunk = B * T, 64
     if BANK_KERNEL == "runs":
-        out = torch.empty(num_rows, slots, H, D, device=gs.device, dtype=torch.float32)
-        _bank_runs_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, num_rows, gs.stride(0), s_dl,
+        if gstacked:
+            gts, s_gl = gs[0].contiguous(), gs[0].contiguous().stride(0)
+        else:  # in place where every layer's view has one token stride and unit stride on G
+            st = gs[0].stride()
+            inplace = st[3] == 1 and st[0] == T * st[1] and all(g.stride() == st for g in gs)
+            gts, s_gl = tuple(g if inplace else g.contiguous() for g in gs), 0
+        st = (gts if gstacked else gts[0]).stride()[-3:-1]  # (token, head) strides
+        out = torch.empty(num_rows, slots, H, D, device=dvs[0].device, dtype=torch.float32)
+        _bank_runs_kernel[_lane_grid(N, H)](gts, dvs, order, sid, out, N, H, num_rows, s_gl, *st, s_dl,
                                             L=L, G=G, M=slots, M_PAD=_pad(slots), D=D, LOGITS=logits,
-                                            STACKED=stacked)  # fmt: skip
+                                            STACKED=stacked, GSTACKED=gstacked)  # fmt: skip
         return out
-    out = torch.zeros(num_rows, slots, H, D, device=gs.device, dtype=torch.float32)
+    g = gs[0].contiguous() if gstacked else torch.stack(gs)
+    out = torch.zeros(num_rows, slots, H, D, device=g.device, dtype=torch.float32)
     if slots <= BANK_TILE_MAX_SLOTS:
-        _bank_tile_kernel[_lane_grid(N, H)](gs, dvs, order, sid, out, N, H, gs.stride(0), s_dl, L=L, G=G,
+        _bank_tile_kernel[_lane_grid(N, H)](g, dvs, order, sid, out, N, H, g.stride(0), s_dl, L=L, G=G,
                                             M=slots, D=D, LOGITS=logits, STACKED=stacked)  # fmt: skip
         return out
-    _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gs, dvs, order, sid, out, N, H, gs.stride(0), s_dl, L=L,
+    _bank_rows_kernel[(triton.cdiv(N, chunk), H)](g, dvs, order, sid, out, N, H, g.stride(0), s_dl, L=L,
                                                   G=G, M=slots, M_PAD=_pad(slots), D=D, LOGITS=logits,
                                                   STACKED=stacked, CHUNK=chunk, num_warps=4)  # fmt: skip
     return out

@@ -63,7 +63,10 @@ def test_bank_gradient_at_gpt_b_scale_on_gpu(M, stack_dv, bank, monkeypatch):
     gs = torch.rand(L, B, T, H, M + 1, device="cuda", dtype=torch.bfloat16)
     dvs = [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(L)]
     ids = torch.randint(1, V, (B, T), device="cuda")
-    out = kernels.bank_rows_grad(gs, [torch.stack(dvs)] if stack_dv else dvs, ids, V, M)
+    # stacked: the gates stacked too; else each layer's gates a view of a wider product
+    wide = [torch.cat([g, torch.rand_like(g[..., :3])], -1) for g in gs]
+    g_in = [gs] if stack_dv else [w[..., : M + 1] for w in wide]
+    out = kernels.bank_rows_grad(g_in, [torch.stack(dvs)] if stack_dv else dvs, ids, V, M)
     ref = torch.zeros(V, M * H * D, device="cuda")
     for g, dv in zip(gs, dvs):  # (B, T, H, M, D) -> rows (M, H, D) of each token
         t = (g[..., -M:].float()[..., None] * dv.float()[..., None, :]).permute(0, 1, 3, 2, 4)
@@ -295,10 +298,13 @@ def test_bank_kernels_compile_for_hopper():
     for (kern, consts), (logits, stacked) in itertools.product(
         cases, ((False, True), (True, False))
     ):
-        consts = {"L": L, "D": 64, "LOGITS": logits, "STACKED": stacked, **consts}
         jit = kern.fn if isinstance(kern, triton.runtime.Autotuner) else kern
+        consts = {"L": L, "D": 64, "LOGITS": logits, "STACKED": stacked, **consts}
+        if "GSTACKED" in jit.arg_names:  # the runs kernel: the gates as the value gradients
+            consts["GSTACKED"] = stacked
         types = {
             "dvs": "*bf16" if stacked else ("*bf16",) * L,
+            "gts": "*bf16" if stacked else ("*bf16",) * L,
             "g_ptr": "*bf16",
             "out_ptr": "*fp32",
         }

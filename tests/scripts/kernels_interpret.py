@@ -70,8 +70,10 @@ for M, logits, stacked, skew, V in [(6, True, False, True, 60), (24, False, True
         ref.index_add_(0, ids.reshape(-1), (g[..., -M:, None] * dv[..., None, :]).transpose(2, 3).reshape(B * T, -1))  # fmt: skip
     for bank in ("runs", 8 if M <= 8 else 64):
         with bank_kernel(bank), mock.patch.object(torch, "empty", nan_empty):
-            out = kernels.bank_rows_grad(gs if logits else gates, [torch.stack(dvs)] if stacked else dvs,
-                                         ids.int(), V, M, logits=logits)  # fmt: skip
+            x = gs if logits else gates  # stacked, or each layer's a view of a wider tensor
+            x = [x] if stacked else [torch.cat([t, t[..., :2]], -1)[..., : M + 1] for t in x]
+            out = kernels.bank_rows_grad(x, [torch.stack(dvs)] if stacked else dvs, ids.int(), V, M,
+                                         logits=logits)  # fmt: skip
         worst = max(worst, diff(out.reshape(V, -1), ref) / ref.abs().max().item())  # relative:
         # sums of up to 130 products here
 
