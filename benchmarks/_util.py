@@ -48,7 +48,7 @@ OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "routerpad", "c
 """The ``GPT.fused_ops`` an arm may add (``@op``: a no-op where the model has it by default, as
 the first seven) or remove (``@noop``)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
-               "dvstack", "banklanes")  # fmt: skip
+               "dvstack", "bankruns")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -67,8 +67,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     by default); noclipfold the clip as a pass of its own (``clip_grad_norm_``) rather than
     inside the fused AdamW step (train_step); dvstack the MoVE bank gradient reading the
     layers' value gradients from a stacked copy (``MoVEBank.stack_dv`` True), not where they lie;
-    banklanes the bank gradient by the lanes kernels (``kernels.BANK_KERNEL``, a module setting:
-    set for every arm, the default ``"runs"`` where the option is absent)."""
+    bankruns the bank gradient by the runs kernel (``kernels.BANK_KERNEL``, a module setting:
+    set for every arm, back to the default None where the option is absent)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
@@ -90,7 +90,7 @@ def apply_arm_options(model, opts: set[str]) -> None:
         model.bank.group_by_id = "grouped" in opts
     if "dvstack" in opts and model.bank is not None:
         model.bank.stack_dv = True
-    kernels.BANK_KERNEL = "lanes" if "banklanes" in opts else "runs"
+    kernels.BANK_KERNEL = "runs" if "bankruns" in opts else None
 
 
 ID_DISTS = "uniform, zipf (Zipf(1)), zipf:S (Zipf(S), S >= 0), store:PATH (a code store's histogram; no comma in PATH)"

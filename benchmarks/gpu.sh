@@ -27,7 +27,7 @@
 #                     product (@router+gates), then MoVE-x1 again: its pair in both orders (train)
 #   bank              the bank gradient's kernels: their GPU tests, each alone against its byte floor
 #                     on three id distributions (bank_grad), then the MoVE steps with each (train:
-#                     move-x1, move-x4 and each @banklanes, MoVE-x1 again last)
+#                     move-x1, move-x4 and each @bankruns, MoVE-x1 again last)
 #   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
 #                     inductor cache (each form of the bank gradient's value gradients), every thread's
 #                     stack printed each 60 s: each arm's first compilation, and where it stops if it
@@ -160,7 +160,7 @@ bank)
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -14
   bench ${T_BANK:-240} bank_grad.log benchmarks.bank_grad
   grep -E "^\||^MoVE" "$OUT/bank_grad.log"; errors "$OUT/bank_grad.log"
-  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@banklanes:256:compiled,move-x4:256:compiled,move-x4@banklanes:256:compiled,move-x1:256:compiled} \
+  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@bankruns:256:compiled,move-x4:256:compiled,move-x4@bankruns:256:compiled,move-x1:256:compiled} \
     run_section train;;
 cold)
   # a cold inductor cache (a warm one skips the lowering); Triton's autotuning choices kept

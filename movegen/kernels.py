@@ -557,11 +557,25 @@ if HAVE_TRITON:
             _zero_rows(out_ptr, kid + 1, nxt, row, cols, mm, M_PAD, D)
 
 
-BANK_KERNEL = "runs"
-"""The bank gradient's kernel: ``"runs"`` (``_bank_runs_kernel``: each run of equal ids summed
-whole by one program as tensor-core products, every row written once, zeros included), or
-``"lanes"`` (the fp32 sums per token of ``_bank_tile_kernel`` / ``_bank_rows_kernel``, as
-``BANK_TILE_MAX_SLOTS`` picks, added into a zeroed output)."""
+BANK_KERNEL: str | None = None
+"""The bank gradient's kernel: ``"lanes"`` (the fp32 sums per token of ``_bank_tile_kernel`` /
+``_bank_rows_kernel``, as ``BANK_TILE_MAX_SLOTS`` picks, added into a zeroed output; fp32
+atomics where a run of one id crosses a tile, so the last bits may differ between runs), or
+``"runs"`` (``_bank_runs_kernel``: each run of equal ids summed whole by one program as
+tensor-core products, every row written once, zeros included: no atomics, the same bits on every
+run). None (default): ``"runs"`` under ``torch.use_deterministic_algorithms(True)`` (Lightning's
+``Trainer(deterministic=True)``), else ``"lanes"``, the faster: on an H100 at GPT-B's shapes
+(``benchmarks/bank_grad.py``) runs took 2.04 / 4.08 ms against 1.72 / 4.06 (6 / 24 slots,
+uniform ids) and 5.24 / 7.54 against 1.59 / 3.65 on Zipf(1) ids, whose long runs one program
+walks alone (``benchmarks/RESULTS.md``, 2026-12-07 sixth session)."""
+
+
+def bank_kernel() -> str:
+    """The bank gradient's kernel now: :data:`BANK_KERNEL`, or where None as it says."""
+    if BANK_KERNEL is not None:
+        return BANK_KERNEL
+    return "runs" if torch.are_deterministic_algorithms_enabled() else "lanes"
+
 
 BANK_TILE_MAX_SLOTS = 8
 """With ``BANK_KERNEL = "lanes"``: the bank gradient as a segmented sum over tiles of sorted tokens (``_bank_tile_kernel``) up to
@@ -585,11 +599,12 @@ def _lane_configs(roll: bool = False):
 
 
 def _runs_configs():
-    """Autotuned (BLOCK_T, warps) of ``_bank_runs_kernel``; in the interpreter 8-token tiles
-    (runs that go past their tile in small tests)."""
+    """Autotuned (BLOCK_T, warps) of ``_bank_runs_kernel``; in the interpreter 16-token tiles
+    (runs that go past their tile in small tests). No 8-token tiles: Triton 3.6 (the GPU's)
+    refuses TF32 products over fewer than 16 rows (3.8 takes 8)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_T": 8}, num_warps=1)]
-    return [triton.Config({"BLOCK_T": t}, num_warps=w) for t in (8, 16, 32, 64) for w in (1, 2, 4)]
+        return [triton.Config({"BLOCK_T": 16}, num_warps=1)]
+    return [triton.Config({"BLOCK_T": t}, num_warps=w) for t in (16, 32, 64) for w in (1, 2, 4)]
 
 
 def _lane_prune(limit: int):
@@ -774,7 +789,7 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
     (a tuple of L pointers: no stacked copy; the gates may be views with rows of their own
     stride, as a slice of a wider product), or as one stacked ``(L, B, T, H, ·)``; ``ids (B, T)``
     -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens with id ``k`` and over
-    layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order. ``BANK_KERNEL``:
+    layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order. :func:`bank_kernel`:
     ``"runs"`` sums each run of one id whole in one program and writes every row once, the
     rows of absent ids as zeros (the same bits on every run); ``"lanes"`` adds each run's sum
     into a zeroed output (fp32 atomics where a run crosses a tile: the order of the adds, and
@@ -796,7 +811,7 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
     if sid is None or order is None:
         sid, order = torch.sort(ids.reshape(-1))
     N, chunk = B * T, 64
-    if BANK_KERNEL == "runs":
+    if bank_kernel() == "runs":
         if gstacked:
             gts, s_gl = gs[0].contiguous(), gs[0].contiguous().stride(0)
         else:  # in place where every layer's view has one token stride and unit stride on G

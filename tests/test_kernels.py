@@ -418,3 +418,25 @@ def test_inductor_gets_the_ops_as_fallbacks_before_it_lowers_one(monkeypatch):
         tag = get_layout_constraint_tag(op, with_default=True)
         assert lowering.maybe_layout_constraints(op) is lowering.tag_to_layout_constraint(tag)
     torch.testing.assert_close(out, summed(grad, ids))
+
+
+def test_bank_kernel_is_the_runs_kernel_under_deterministic_algorithms(monkeypatch):
+    """The bank gradient's kernel: the faster lanes kernels (fp32 atomics) by default, the runs
+    kernel (no atomics: the same bits on every run) where PyTorch is asked for deterministic
+    algorithms (as Lightning's ``Trainer(deterministic=True)`` asks), and whichever
+    ``BANK_KERNEL`` names where it is set."""
+    import torch
+
+    from movegen import kernels
+
+    assert kernels.BANK_KERNEL is None and kernels.bank_kernel() == "lanes"
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert kernels.bank_kernel() == "runs"
+        monkeypatch.setattr(kernels, "BANK_KERNEL", "lanes")
+        assert kernels.bank_kernel() == "lanes"
+    finally:
+        torch.use_deterministic_algorithms(was)
+    monkeypatch.setattr(kernels, "BANK_KERNEL", "runs")
+    assert kernels.bank_kernel() == "runs"
