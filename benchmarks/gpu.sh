@@ -149,13 +149,13 @@ quick)
   # the first call of a session where machines are scarce (under 420 s): the GPU tests of the
   # kernels changed since the last timed run, then the three arms' steps and the options to
   # decide on next (against the last table on the same card type)
-  timeout ${T_QUICK_TESTS:-150} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
+  timeout ${T_QUICK_TESTS:-240} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "residual_norm_on_gpu or attention_on_gpu or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
   T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@router+gates:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled,move-x1:256:compiled} \
     run_section train;;
 bank)
-  timeout ${T_BANK_TESTS:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
+  timeout ${T_BANK_TESTS:-300} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -14
   bench ${T_BANK:-240} bank_grad.log benchmarks.bank_grad

@@ -19,7 +19,8 @@ Each kernel loads all M slots of a block of rows as one ``(BLOCK_R, M_PAD, D)`` 
 * ``bank_rows_grad``: dE[k, m, h] = sum over tokens n with ids[n] = k and over all L layers of
                  g_l[r, m] * dv_l[r], in fp32, in one pass over the tokens in id order (no
                  per-token slot gradient is written): a segmented sum over tiles of sorted
-                 tokens for few slots, one token at a time for many
+                 tokens for few slots, one token at a time for many; or (deterministic
+                 algorithms) each run of one id summed whole as tensor-core products, no atomics
 * ``rows_grad``: sums gathered rows' gradients by id with PyTorch's sort-based embedding
   backward (the plain path's gather), kept opaque to the compiler.
 * ``decode_attn``: one layer of one-token decoding (below).
@@ -599,12 +600,12 @@ def _lane_configs(roll: bool = False):
 
 
 def _runs_configs():
-    """Autotuned (BLOCK_T, warps) of ``_bank_runs_kernel``; in the interpreter 16-token tiles
-    (runs that go past their tile in small tests). No 8-token tiles: Triton 3.6 (the GPU's)
-    refuses TF32 products over fewer than 16 rows (3.8 takes 8)."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_T": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_T": t}, num_warps=w) for t in (16, 32, 64) for w in (1, 2, 4)]
+    """The warps of ``_bank_runs_kernel`` autotuned, its tile fixed at 16 tokens: the autotuner
+    chose 16 of 16 / 32 / 64 at every shape on an H100 (2026-12-07 sixth session), and a fixed
+    tile fixes the order of each run's sums, so repeated runs give the same bits (what
+    ``torch.use_deterministic_algorithms`` asks for). Not 8: Triton 3.6 (the GPU's) refuses TF32
+    products over fewer than 16 rows (3.8 takes 8). One warp in the interpreter."""
+    return [triton.Config({"BLOCK_T": 16}, num_warps=w) for w in ((1,) if INTERPRET else (1, 2, 4))]
 
 
 def _lane_prune(limit: int):
