@@ -30,6 +30,7 @@ def run(module, *args):
         ("train_step", ["--modes", "eager"]),
         ("move_mix", []),
         ("bank_grad", []),
+        ("move_floor", []),
         ("sampling", []),
         ("decode_kernel", []),
         ("block_ops", []),
