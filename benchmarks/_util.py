@@ -46,7 +46,7 @@ def arm_config(arm: str, smoke: bool = False) -> GPTConfig:
 OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "routerpad", "ce", "router",
        "gates", "emb")  # fmt: skip
 """The ``GPT.fused_ops`` an arm may add (``@op``: a no-op where the model has it by default, as
-the first seven) or remove (``@noop``)."""
+the first seven, and router and gates for MoVE below 16 slots) or remove (``@noop``)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
                "dvstack", "bankruns")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
@@ -64,7 +64,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     not 16-byte aligned); ``OP`` adds one (after unfused, e.g. ``@unfused+attn``):
     ce the fused cross-entropy, router the stacked QKV + router product, gates MoVE's gates
     formed in the mix kernels, emb the token embedding's sort-based backward (these four off
-    by default); noclipfold the clip as a pass of its own (``clip_grad_norm_``) rather than
+    by default, but router and gates on for MoVE below 16 slots: ``@norouter+nogates`` there);
+    noclipfold the clip as a pass of its own (``clip_grad_norm_``) rather than
     inside the fused AdamW step (train_step); dvstack the MoVE bank gradient reading the
     layers' value gradients from a stacked copy (``MoVEBank.stack_dv`` True), not where they lie;
     bankruns the bank gradient by the runs kernel (``kernels.BANK_KERNEL``, a module setting:

@@ -488,7 +488,8 @@ if HAVE_TRITON:
     def _tf32_parts(x):
         """fp32 ``x`` as ``hi + lo`` with ``hi`` exact in TF32 (its low 13 mantissa bits cleared)
         and ``lo`` the rest: TF32 products of each part by a TF32-exact operand (bf16 values are),
-        summed in fp32, lose only ``lo``'s own rounding, about 2**-21 of ``x``."""
+        summed in fp32, lose only ``lo``'s own rounding, about 2**-21 of ``x`` (and whatever the
+        tensor cores' own accumulation of a block's products loses)."""
         hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
         return hi, x - hi
 
@@ -504,11 +505,11 @@ if HAVE_TRITON:
     def _bank_runs_kernel(gts, dvs, order_ptr, sid_ptr, out_ptr, N, H, V, s_gl, s_gn, s_gh, s_dl,
                           L: tl.constexpr, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
                           D: tl.constexpr, LOGITS: tl.constexpr, STACKED: tl.constexpr,
-                          GSTACKED: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+                          GSTACKED: tl.constexpr, DV_TF32: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
         # program (c, h): the runs of equal ids that start among sorted tokens c*BLOCK_T.. , head h.
         # Each run is summed whole by this program, walking past its tile while it lasts, as
         # tensor-core products g^T @ dv over BLOCK_T tokens at a time, one per layer (the gates in
-        # two TF32 parts, so the sum keeps fp32 precision), and its row is written with a plain
+        # two TF32 parts; each block's products summed in fp32 registers), and its row is written with a plain
         # store; the rows of ids no token has (between a run's id and the next) are written as
         # zeros by the same program. Every output element is written exactly once: no zero fill,
         # no atomics, the same bits on every run. The gates (or logits) of layer l: the l-th of
@@ -548,8 +549,17 @@ if HAVE_TRITON:
                     dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + dvoff, mask=sel[:, None],
                                  other=0.0).to(tl.float32)  # fmt: skip
                     hi, lo = _tf32_parts(tl.trans(g))
-                    acc = tl.dot(hi, dv, acc, input_precision="tf32")
-                    acc = tl.dot(lo, dv, acc, input_precision="tf32")
+                    # this block's products summed in the tensor cores from zero, the run's sum
+                    # in fp32 registers (not a long sum inside the tensor cores' accumulation)
+                    if DV_TF32:  # bf16 / fp16 value gradients: exact in TF32
+                        part = tl.dot(lo, dv, tl.dot(hi, dv, input_precision="tf32"),
+                                      input_precision="tf32")  # fmt: skip
+                    else:  # fp32 ones split too: hi hi + lo hi + hi lo (TF32 x 3)
+                        dh, dl = _tf32_parts(dv)
+                        part = tl.dot(hi, dh, input_precision="tf32")
+                        part = tl.dot(lo, dh, part, input_precision="tf32")
+                        part = tl.dot(hi, dl, part, input_precision="tf32")
+                    acc += part
                 n = tl.sum(sel.to(tl.int32), 0)
                 q += n
                 more = n == BLOCK_T  # a full block: the run may go on
@@ -574,6 +584,8 @@ walks alone (``benchmarks/RESULTS.md``, 2026-12-07 sixth session)."""
 def bank_kernel() -> str:
     """The bank gradient's kernel now: :data:`BANK_KERNEL`, or where None as it says."""
     if BANK_KERNEL is not None:
+        if BANK_KERNEL not in ("runs", "lanes"):
+            raise ValueError(f"kernels.BANK_KERNEL: 'runs', 'lanes' or None, not {BANK_KERNEL!r}")
         return BANK_KERNEL
     return "runs" if torch.are_deterministic_algorithms_enabled() else "lanes"
 
@@ -633,7 +645,7 @@ if HAVE_TRITON:
         _bank_tile_kernel)  # fmt: skip
     # every output element written once (no accumulation): autotuning needs no reset
     _bank_runs_kernel = _autotune(
-        _runs_configs(), key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS"]
+        _runs_configs(), key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS", "DV_TF32"]
     )(_bank_runs_kernel)
 
 
@@ -788,7 +800,8 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
     """The bank gradient in one pass: ``gs`` the L layers' gates ``(B, T, H, G)`` and ``dvs``
     their value gradients ``(B, T, H, D)``, each either as L tensors, each read where it lies
     (a tuple of L pointers: no stacked copy; the gates may be views with rows of their own
-    stride, as a slice of a wider product), or as one stacked ``(L, B, T, H, ·)``; ``ids (B, T)``
+    stride, as a slice of a wider product; the lanes kernels stack the gates first), or as one
+    stacked ``(L, B, T, H, ·)``; ``ids (B, T)``
     -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens with id ``k`` and over
     layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order. :func:`bank_kernel`:
     ``"runs"`` sums each run of one id whole in one program and writes every row once, the
@@ -814,16 +827,21 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
     N, chunk = B * T, 64
     if bank_kernel() == "runs":
         if gstacked:
-            gts, s_gl = gs[0].contiguous(), gs[0].contiguous().stride(0)
+            gts = gs[0].contiguous()
+            s_gl = gts.stride(0)
         else:  # in place where every layer's view has one token stride and unit stride on G
             st = gs[0].stride()
             inplace = st[3] == 1 and st[0] == T * st[1] and all(g.stride() == st for g in gs)
             gts, s_gl = tuple(g if inplace else g.contiguous() for g in gs), 0
         st = (gts if gstacked else gts[0]).stride()[-3:-1]  # (token, head) strides
-        out = torch.empty(num_rows, slots, H, D, device=dvs[0].device, dtype=torch.float32)
+        out = torch.empty(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
+        if N == 0:  # no program to write the zeros
+            return out.zero_()
+        # bf16 / fp16 value gradients are exact in TF32 (fp32 ones get a third product)
+        exact = (dvs if stacked else dvs[0]).dtype in (torch.bfloat16, torch.float16)
         _bank_runs_kernel[_lane_grid(N, H)](gts, dvs, order, sid, out, N, H, num_rows, s_gl, *st, s_dl,
                                             L=L, G=G, M=slots, M_PAD=_pad(slots), D=D, LOGITS=logits,
-                                            STACKED=stacked, GSTACKED=gstacked)  # fmt: skip
+                                            STACKED=stacked, GSTACKED=gstacked, DV_TF32=exact)  # fmt: skip
         return out
     g = gs[0].contiguous() if gstacked else torch.stack(gs)
     out = torch.zeros(num_rows, slots, H, D, device=g.device, dtype=torch.float32)

@@ -162,7 +162,7 @@ class _BankTaps(torch.autograd.Function):
             ids, *sorted_ids = ctx.saved_tensors
             dvs = [d.to(ctx.dtype) for d in dvs]
             # one stacked copy of the L value gradients, or each read where it lies
-            dvs = [torch.stack(dvs)] if ctx.stack_dv else dvs  # (the gates: each in place)
+            dvs = [torch.stack(dvs)] if ctx.stack_dv else dvs  # (the gates as L tensors)
             sid, order = sorted_ids or (None, None)
             rows = torch.ops.movegen.bank_rows_grad(
                 gs, dvs, ids, ctx.num_rows, ctx.slots, sid, order, ctx.logits

@@ -50,8 +50,8 @@ def test_bank_gradient_at_gpt_b_scale_on_gpu(M, stack_dv, bank, monkeypatch):
     """The bank gradient at GPT-B's training shapes (12 layers, 65,536 tokens of 16,384 ids, 12
     heads of 64), by either kernel, from the stacked value gradients or each read in place,
     against the same sum formed by PyTorch layer by layer (fp32 ``index_add_``; row 0, no
-    token's id, must come out zero from the runs kernel's uninitialised output too; the runs
-    kernel gives the same bits when called again)."""
+    token's id, must come out zero: the output is allocated NaN-filled here; the runs kernel
+    gives the same bits when called again, in one process)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -59,6 +59,8 @@ def test_bank_gradient_at_gpt_b_scale_on_gpu(M, stack_dv, bank, monkeypatch):
     from movegen import kernels
 
     monkeypatch.setattr(kernels, "BANK_KERNEL", bank)
+    empty = torch.empty  # the runs kernel's output allocated NaN-filled: every row it must write
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
     torch.manual_seed(0)
     B, T, H, D, V, L = 256, 256, 12, 64, 16384, 12
     gs = torch.rand(L, B, T, H, M + 1, device="cuda", dtype=torch.bfloat16)
@@ -296,8 +298,8 @@ def test_bank_kernels_compile_for_hopper():
     L = 12
     cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
              (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64}),
-             (kernels._bank_runs_kernel, {"G": 7, "M": 6, "M_PAD": 8, "BLOCK_T": 16}),
-             (kernels._bank_runs_kernel, {"G": 25, "M": 24, "M_PAD": 32, "BLOCK_T": 32})]  # fmt: skip
+             (kernels._bank_runs_kernel, {"G": 7, "M": 6, "M_PAD": 8, "BLOCK_T": 16, "DV_TF32": True}),
+             (kernels._bank_runs_kernel, {"G": 25, "M": 24, "M_PAD": 32, "BLOCK_T": 16, "DV_TF32": False})]  # fmt: skip
     # gates with the value gradients stacked, logits with them each in place (the default)
     for (kern, consts), (logits, stacked) in itertools.product(
         cases, ((False, True), (True, False))

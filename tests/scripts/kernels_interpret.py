@@ -47,7 +47,7 @@ def bank_kernel(bank):
 
 
 # the bank gradient alone, both kernels, against fp32 index_add_: long runs (most tokens of one
-# id: runs over many 8-token tiles), absent ids (their rows must be written as zeros: the output
+# id: runs over many 16-token tiles), absent ids (their rows must be written as zeros: the output
 # is allocated NaN-filled here), logits or gates, value gradients stacked or each in place
 empty = torch.empty
 
@@ -56,18 +56,21 @@ def nan_empty(*args, **kwargs):
     return empty(*args, **kwargs).fill_(float("nan"))
 
 
-for M, logits, stacked, skew, V in [(6, True, False, True, 60), (24, False, True, False, 9),
-                                    (3, True, True, False, 200), (24, True, False, True, 30)]:  # fmt: skip
+for M, logits, stacked, skew, V, dt in [(6, True, False, True, 60, torch.bfloat16),
+                                        (24, False, True, False, 9, torch.float32),
+                                        (3, True, True, False, 200, torch.bfloat16),
+                                        (24, True, False, True, 30, torch.float32)]:  # fmt: skip
+    # (bf16 value gradients: exact in TF32, two products; fp32 ones: three)
     B, T, H, D, L = 2, 31, 2, 16, 3
     gs = torch.randn(L, B, T, H, M + 1)
     gates = 2 * torch.sigmoid(gs) if logits else gs
-    dvs = [torch.randn(B, T, H, D) for _ in range(L)]
+    dvs = [torch.randn(B, T, H, D).to(dt) for _ in range(L)]
     ids = torch.randint(1, V - 1, (B, T))  # rows 0 and V - 1 never drawn: zeros at both ends
     if skew:
         ids = torch.where(torch.rand(B, T) < 0.7, torch.full_like(ids, 5), ids)
     ref = torch.zeros(V, M * H * D)
     for g, dv in zip(gates, dvs):
-        ref.index_add_(0, ids.reshape(-1), (g[..., -M:, None] * dv[..., None, :]).transpose(2, 3).reshape(B * T, -1))  # fmt: skip
+        ref.index_add_(0, ids.reshape(-1), (g[..., -M:, None] * dv.float()[..., None, :]).transpose(2, 3).reshape(B * T, -1))  # fmt: skip
     for bank in ("runs", 8 if M <= 8 else 64):
         with bank_kernel(bank), mock.patch.object(torch, "empty", nan_empty):
             x = gs if logits else gates  # stacked, or each layer's a view of a wider tensor
@@ -106,7 +109,7 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     g_ref = torch.autograd.grad(refs, leaves, douts)
     # per token (int64 and int32 ids) and grouped by id (the ids sorted once, as int32 whatever
     # their dtype; 16-token tiles: groups that span tiles, and tiles of several groups); the bank
-    # gradient by runs ("runs": 8-token tiles here, so runs go past their tile) or by lanes: a
+    # gradient by runs ("runs": 16-token tiles; at T = 23 runs go past their tile) or by lanes: a
     # segmented sum over tiles of sorted tokens (M <= 8) or one token at a time (M = 24; and the
     # segmented sum at M = 24 too: 6 slot blocks of 4); the layers' value gradients stacked into
     # one tensor or each read where it lies
