@@ -24,8 +24,9 @@
 #                     options that are off by default beside their baselines (TRAIN_ONLY overrides)
 #   quick             under 560 s: the GPU tests of the fused model, attention and MoVE kernels, then the standard,
 #                     MoVE-x1 and MoVE-x4 steps at batch 256, MoVE-x1 beside it without its default
-#                     stacked QKV + router product (@norouter+nogates), MoVE-x4 beside it with one
-#                     (@router+gates), then MoVE-x1 again: its pair in both orders (train)
+#                     stacked QKV + router product (@norouter+nogates) and grouped by id (@grouped:
+#                     its per-group floor is the one under the target, benchmarks.move_floor),
+#                     MoVE-x4 beside it with one (@router+gates), then MoVE-x1 again (train)
 #   bank              the bank gradient's kernels: their GPU tests, each alone against its byte floor
 #                     on three id distributions (bank_grad), then the MoVE steps with each (train:
 #                     move-x1, move-x4 and each @bankruns, MoVE-x1 again last)
@@ -55,7 +56,7 @@ export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,49p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,50p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 MODEL=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
@@ -153,7 +154,7 @@ quick)
   timeout ${T_QUICK_TESTS:-240} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "residual_norm_on_gpu or attention_on_gpu or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -8
-  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@norouter+nogates:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled,move-x1:256:compiled} \
+  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@norouter+nogates:256:compiled,move-x1@grouped:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled,move-x1:256:compiled} \
     run_section train;;
 bank)
   timeout ${T_BANK_TESTS:-300} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
