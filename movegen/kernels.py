@@ -131,14 +131,17 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _tuned(fn):
-    """Autotune ``BLOCK_R`` and ``num_warps`` per (M, D, G); the interpreter gets one small block."""
+    """Autotune ``BLOCK_R`` and ``num_warps`` per (M, D, G, LOGITS); the interpreter gets one
+    small block. (Triton's autotuner keys on the named arguments and the tensors' dtypes only:
+    without ``LOGITS`` in a key, the gates and logits forms of a kernel share whichever tuning
+    ran first, in a process or through the kept choices.)"""
     if INTERPRET:
         configs = [triton.Config({"BLOCK_R": 4}, num_warps=4)]
     else:
         configs = [triton.Config({"BLOCK_R": 2**k}, num_warps=w) for k in range(11) for w in (4, 8)]
-    return _autotune(configs, key=["M", "D", "G"], prune_configs_by={"early_config_prune": _prune})(
-        fn
-    )
+    return _autotune(
+        configs, key=["M", "D", "G", "LOGITS"], prune_configs_by={"early_config_prune": _prune}
+    )(fn)
 
 
 if HAVE_TRITON:
@@ -633,14 +636,14 @@ def _lane_prune(limit: int):
 
 
 if HAVE_TRITON:
-    _lmix_fwd_kernel = _autotune(_lane_configs(roll=True), key=["M", "D", "G"],
+    _lmix_fwd_kernel = _autotune(_lane_configs(roll=True), key=["M", "D", "G", "LOGITS"],
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_fwd_kernel)  # fmt: skip
-    _lmix_bwd_kernel = _autotune(_lane_configs(roll=True), key=["M", "D", "G"],
+    _lmix_bwd_kernel = _autotune(_lane_configs(roll=True), key=["M", "D", "G", "LOGITS"],
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_bwd_kernel)  # fmt: skip
     # the bank kernel adds into its output: every autotuning run starts from zeros
-    _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L", "STACKED"], reset_to_zero=["out_ptr"],
+    _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L", "STACKED", "LOGITS"], reset_to_zero=["out_ptr"],
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
     # every output element written once (no accumulation): autotuning needs no reset
