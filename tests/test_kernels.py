@@ -446,3 +446,18 @@ def test_bank_kernel_is_the_runs_kernel_under_deterministic_algorithms(monkeypat
         torch.use_deterministic_algorithms(was)
     monkeypatch.setattr(kernels, "BANK_KERNEL", "runs")
     assert kernels.bank_kernel() == "runs"
+
+
+def test_autotuned_mix_kernels_tune_the_gates_and_logits_forms_apart():
+    """Triton's autotuner keys its choice on the named key arguments and the tensors' dtypes
+    only: every autotuned kernel that reads gates or router logits (``LOGITS``) keys on it, so
+    neither form runs with the block the other was tuned for."""
+    triton = pytest.importorskip("triton")
+
+    from movegen import kernels
+
+    tuned = [k for k in vars(kernels).values() if isinstance(k, triton.runtime.Autotuner)]
+    with_logits = [k for k in tuned if "LOGITS" in k.fn.arg_names]
+    assert len(with_logits) >= 5  # per token fwd / bwd, grouped fwd / bwd, the bank's tile, runs
+    for k in with_logits:
+        assert "LOGITS" in k.keys, k.fn.__name__
