@@ -64,7 +64,7 @@ def run(M: int, dist: str, args, device, bw: float) -> list[dict]:
             return kernels.bank_rows_grad(gs, dvs, ids, V, M, sid, order, logits)
 
         outs[kern] = step()
-        ms = median(time_fn(step, warmup=2, iters=args.iters, device=device))
+        ms = median(time_fn(step, warmup=1 if args.smoke else 2, iters=args.iters, device=device))
         rows.append({"ids": dist, "distinct": int(sid.unique_consecutive().numel()), "M": M,
                      "logits": logits, "kernel": kern, "ms": ms, "floor_ms": nbytes / (bw * 1e9) * 1e3,
                      "gbs": nbytes / (ms * 1e-3) / 1e9})  # fmt: skip
