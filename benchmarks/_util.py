@@ -3,6 +3,7 @@ tables."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import statistics
@@ -187,6 +188,37 @@ def random_codes(
         n *= x
     draw = torch.multinomial(p, n, replacement=True, generator=generator)
     return codes[draw].view(shape)
+
+
+def mix_parser(doc: str, *, iters: int, ids_dist: str) -> argparse.ArgumentParser:
+    """The arguments of the benchmarks of MoVE's kernels alone (``move_mix``, ``bank_grad``):
+    ``--smoke``, the GPT-B shapes (batch, positions, heads, head width, layers, bank rows V,
+    slots M), timed calls and id distributions; each adds its own."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--ids", type=int, default=16384 + 1001, help="bank rows V")
+    p.add_argument("--slots", default="6,24")
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument(
+        "--ids_dist", default=ids_dist, help=f"id distributions, comma-separated: {ID_DISTS}"
+    )
+    return p
+
+
+def mix_device(args, smoke: tuple[int, ...]) -> torch.device:
+    """The device :func:`mix_parser`'s ``args`` run on (the CPU with ``--smoke`` or without a
+    GPU); with ``--smoke`` the shapes become ``smoke``: (batch, positions, heads, head width,
+    layers, V, timed calls)."""
+    if args.smoke:
+        args.batch, args.seq, args.heads, args.head_dim, args.layers, args.ids, args.iters = smoke
+    return torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
 
 
 def sync(device: torch.device) -> None:

@@ -16,7 +16,6 @@ outputs are compared at every row (``max |runs - lanes|`` over ``max |lanes|``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -28,11 +27,12 @@ import torch  # noqa: E402
 from movegen import kernels  # noqa: E402
 
 from ._util import (  # noqa: E402
-    ID_DISTS,
     copy_bandwidth_gbs,
     device_name,
     json_line,
     median,
+    mix_device,
+    mix_parser,
     print_table,
     random_codes,
     release,
@@ -77,31 +77,13 @@ def run(M: int, dist: str, args, device, bw: float) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--ids", type=int, default=16384 + 1001, help="bank rows V")
-    p.add_argument("--slots", default="6,24")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument(
-        "--ids_dist",
-        default="uniform,zipf:0.3,zipf",
-        help=f"id distributions, comma-separated: {ID_DISTS}",
-    )
+    p = mix_parser(__doc__, iters=20, ids_dist="uniform,zipf:0.3,zipf")
     p.add_argument("--logits", choices=("auto", "on", "off"), default="auto",
                    help="read router logits (gates formed in the kernel) or gates; auto: logits "
                         "below 16 slots, as the training step's defaults")  # fmt: skip
     args = p.parse_args()
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    device = mix_device(args, smoke=(2, 24, 2, 16, 2, 40, 1))
     if args.smoke:
-        args.batch, args.seq, args.heads, args.head_dim, args.layers, args.ids, args.iters = (
-            2, 24, 2, 16, 2, 40, 1)  # fmt: skip
         args.ids_dist = "zipf"  # runs past their tiles and absent ids
     if not kernels.available(torch.zeros(args.head_dim, device=device)):
         raise SystemExit(

@@ -27,19 +27,18 @@ Zipf(1) a strong skew, ``zipf:0.3`` the fit to a measured tokenizer's usage).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from movegen import kernels
 from movegen.move import MoVEBank, mix, mix_tapped
 
 from ._util import (
-    ID_DISTS,
     copy_bandwidth_gbs,
     device_name,
     json_line,
     median,
+    mix_device,
+    mix_parser,
     print_table,
     profile_table,
     random_codes,
@@ -108,28 +107,11 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--ids", type=int, default=16384 + 1001, help="bank rows V")
-    p.add_argument("--slots", default="6,24")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument(
-        "--ids_dist", default="uniform,zipf", help=f"id distributions, comma-separated: {ID_DISTS}"
-    )
+    p = mix_parser(__doc__, iters=10, ids_dist="uniform,zipf")
     p.add_argument("--impls", default="deferred,grouped,autograd")
     p.add_argument("--profile", action="store_true", help="print each row's kernels by GPU time")
     args = p.parse_args()
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    if args.smoke:
-        args.batch, args.seq, args.heads, args.head_dim, args.layers, args.ids, args.iters = (
-            2, 16, 2, 8, 2, 50, 2)  # fmt: skip
+    device = mix_device(args, smoke=(2, 16, 2, 8, 2, 50, 2))
     bw = copy_bandwidth_gbs(device)
     rows = []
     for dist in args.ids_dist.split(","):
