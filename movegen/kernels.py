@@ -833,8 +833,8 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
             gts = gs[0].contiguous()
             s_gl = gts.stride(0)
         else:  # in place where every layer's view has one token stride and unit stride on G
-            st = gs[0].stride()
-            inplace = st[3] == 1 and st[0] == T * st[1] and all(g.stride() == st for g in gs)
+            s0 = gs[0].stride()
+            inplace = s0[3] == 1 and s0[0] == T * s0[1] and all(g.stride() == s0 for g in gs)
             gts, s_gl = tuple(g if inplace else g.contiguous() for g in gs), 0
         st = (gts if gstacked else gts[0]).stride()[-3:-1]  # (token, head) strides
         out = torch.empty(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)

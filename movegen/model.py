@@ -619,16 +619,16 @@ class GPT(nn.Module):
         # "routerpad" MoVE-x4's 2.1 ms in one run on an H100 (x1: 0.5 ms, inside the spread),
         # and the next profile showed all the router's GEMMs on Hopper's kernels, none left on
         # cuBLAS' sm80 ones (benchmarks/RESULTS.md, 2026-12-07 third and fourth sessions).
-        # Built, tested and off by default (but see below): "gates" (MoVE's gates 2 * sigmoid(router logits)
-        # formed inside the mix kernels: +1.1 ms of the MoVE-x1 step alone), "router" (a memory
-        # layer's QKV and router products as one product of the stacked weights, split by
-        # kernels.split_rope_wide, or with "gates" and "ropeattn" read by the attention and mix
-        # kernels: with the product padded to a multiple of 8 columns the compiled MoVE-x1 step
-        # copied it and was 5.9 ms slower; padded to 64, 2.1 ms faster in one profile's wall
-        # time, MoVE-x4 the same; "router" without "gates", +2.1 ms at 8, is not measured at
-        # 64: off until runs in both orders confirm it), "emb" (the token embedding's gradient
-        # by a sort, move.gather_rows: +0.9 ms), "ce" (kernels.cross_entropy in `loss`: 0.5 ms
-        # faster, inside the spread, for 2 GiB more peak memory; 2026-12-07 fifth session).
+        # Built, tested and off by default (but "router" + "gates" on for MoVE-x1, below):
+        # "gates" (MoVE's gates 2 * sigmoid(router logits) formed inside the mix kernels: +1.1
+        # ms of the MoVE-x1 step alone), "router" (a memory layer's QKV and router products as
+        # one product of the stacked weights, split by kernels.split_rope_wide, or with "gates"
+        # and "ropeattn" read by the attention and mix kernels: with the product padded to a
+        # multiple of 8 columns the compiled MoVE-x1 step copied it and was 5.9 ms slower;
+        # padded to 64 faster, below; "router" without "gates", +2.1 ms at 8, is not measured
+        # at 64), "emb" (the token embedding's gradient by a sort, move.gather_rows: +0.9 ms),
+        # "ce" (kernels.cross_entropy in `loss`: 0.5 ms faster, inside the spread, for 2 GiB
+        # more peak memory; 2026-12-07 fifth session).
         # (A router input gradient added inside the QKV input gradient's GEMM, addmm with beta 1,
         # measured no faster on an H100, x1 +0.6 ms and x4 -0.1 ms, and was removed: 2026-12-07
         # fourth session.)
