@@ -56,6 +56,7 @@ def run(M: int, dist: str, args, device, bw: float) -> list[dict]:
     dvs = [torch.randn(B, T, H, D, device=device, dtype=dt, generator=g) for _ in range(L)]
     e = 2 if dt == torch.bfloat16 else 4
     nbytes = L * B * T * H * (G + D) * e + V * M * H * D * 4
+    distinct = int(sid.unique_consecutive().numel())
     rows, outs = [], {}
     for kern in KERNELS:
         kernels.BANK_KERNEL = kern
@@ -65,7 +66,7 @@ def run(M: int, dist: str, args, device, bw: float) -> list[dict]:
 
         outs[kern] = step()
         ms = median(time_fn(step, warmup=1 if args.smoke else 2, iters=args.iters, device=device))
-        rows.append({"ids": dist, "distinct": int(sid.unique_consecutive().numel()), "M": M,
+        rows.append({"ids": dist, "distinct": distinct, "M": M,
                      "logits": logits, "kernel": kern, "ms": ms, "floor_ms": nbytes / (bw * 1e9) * 1e3,
                      "gbs": nbytes / (ms * 1e-3) / 1e9})  # fmt: skip
     kernels.BANK_KERNEL = None
