@@ -296,9 +296,10 @@ if HAVE_TRITON:
         return ptr
 
     @triton.jit
-    def _bank_rows_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
-                          G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                          LOGITS: tl.constexpr, STACKED: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    def _bank_rows_kernel(gts, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_gn, s_gh, s_dl,
+                          L: tl.constexpr, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+                          D: tl.constexpr, LOGITS: tl.constexpr, STACKED: tl.constexpr,
+                          GSTACKED: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*CHUNK.. of head h; a run of equal ids sums in registers
         # and is added to its bank row once when the id changes (atomics only at run ends)
         c = tl.program_id(0)
@@ -319,13 +320,14 @@ if HAVE_TRITON:
                 )
                 acc = tl.zeros((M_PAD, D), dtype=tl.float32)
                 prev = idv
-            row = tl.load(order_ptr + i).to(tl.int64) * H + h  # (b*T + t) * H + h
-            gp = g_ptr + row * G + (G - M) + m
-            for l in tl.static_range(L):  # stepping the pointer: no 32-bit l * stride (> 2**31)
-                g = tl.where(mm, _gate(tl.load(gp, mask=mm, other=0.0), LOGITS), 0.0)
+            tok = tl.load(order_ptr + i).to(tl.int64)  # b*T + t
+            row = tok * H + h
+            goff = tok * s_gn + h * s_gh + (G - M) + m
+            for l in tl.static_range(L):
+                x = tl.load(_layer_dv(gts, l, s_gl, GSTACKED) + goff, mask=mm, other=0.0)
+                g = tl.where(mm, _gate(x, LOGITS), 0.0)
                 dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + row * D + d)
                 acc += g[:, None] * dv.to(tl.float32)[None, :]
-                gp += s_gl
         tl.atomic_add(out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed")
 
     _mix_fwd_kernel = _tuned(_mix_fwd_kernel)
@@ -438,9 +440,10 @@ if HAVE_TRITON:
         return f1 | f2, tl.where(f2 != 0, v2, v1 + v2)
 
     @triton.jit
-    def _bank_tile_kernel(g_ptr, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_dl, L: tl.constexpr,
-                          G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, LOGITS: tl.constexpr,
-                          STACKED: tl.constexpr, MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    def _bank_tile_kernel(gts, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_gn, s_gh, s_dl,
+                          L: tl.constexpr, G: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                          LOGITS: tl.constexpr, STACKED: tl.constexpr, GSTACKED: tl.constexpr,
+                          MB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*BLOCK_T.. of head h, its slots MB at a time: every
         # lane's sum over layers of g (x) dv at once, then a segmented sum over runs of equal
         # ids in the lanes; each run's total is written from its last lane, by a plain store
@@ -461,20 +464,19 @@ if HAVE_TRITON:
             m = j + tl.arange(0, MB)
             mm = m < M
             acc = tl.zeros((BLOCK_T, MB, D), dtype=tl.float32)
-            gp = g_ptr + rows[:, None] * G + (G - M) + m[None, :]
+            goff = n[:, None] * s_gn + h * s_gh + (G - M) + m[None, :]
             gm = im[:, None] & mm[None, :]
-            # stepping the pointer: no 32-bit l * stride (> 2**31). The loop unrolled over the
-            # layers spills for sm_90 (ptxas: 1-57 kB of spill stores a thread, 9 kB at the
+            # The loop unrolled over the layers spills for sm_90 (ptxas: 1-57 kB of spill stores a thread, 9 kB at the
             # block chosen on H100s), yet the rolled loop, without spills, lost: autotuned beside
             # the unrolled one on the same H100 it was not chosen, and forced it took 2.46 ms of
             # a MoVE-x1 step on one H100 against 1.55 unrolled on another (the next layer's
             # loads not in flight; benchmarks/RESULTS.md, 2026-12-07 third session)
             for l in tl.static_range(L):
-                g = tl.where(gm, _gate(tl.load(gp, mask=gm, other=0.0), LOGITS), 0.0)
+                x = tl.load(_layer_dv(gts, l, s_gl, GSTACKED) + goff, mask=gm, other=0.0)
+                g = tl.where(gm, _gate(x, LOGITS), 0.0)
                 dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :],
                              mask=im[:, None], other=0.0)  # fmt: skip
                 acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
-                gp += s_gl
             _, acc = tl.associative_scan((first, acc), 0, _seg_add)
             ptr = (
                 out_ptr
@@ -643,7 +645,7 @@ if HAVE_TRITON:
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_bwd_kernel)  # fmt: skip
     # the bank kernel adds into its output: every autotuning run starts from zeros
-    _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L", "STACKED", "LOGITS"], reset_to_zero=["out_ptr"],
+    _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS"], reset_to_zero=["out_ptr"],
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
     # every output element written once (no accumulation): autotuning needs no reset
@@ -803,7 +805,7 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
     """The bank gradient in one pass: ``gs`` the L layers' gates ``(B, T, H, G)`` and ``dvs``
     their value gradients ``(B, T, H, D)``, each either as L tensors, each read where it lies
     (a tuple of L pointers: no stacked copy; the gates may be views with rows of their own
-    stride, as a slice of a wider product; the lanes kernels stack the gates first), or as one
+    stride, as a slice of a wider product: every kernel reads them in place), or as one
     stacked ``(L, B, T, H, ·)``; ``ids (B, T)``
     -> fp32 ``(num_rows, M, H, D)``, row ``k`` = sum over the tokens with id ``k`` and over
     layers of ``g_l[..., -M:] (x) dv_l``. Tokens are visited in id order. :func:`bank_kernel`:
@@ -828,33 +830,31 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
     if sid is None or order is None:
         sid, order = torch.sort(ids.reshape(-1))
     N, chunk = B * T, 64
+    if gstacked:
+        gts = gs[0].contiguous()
+        s_gl = gts.stride(0)
+    else:  # in place where every layer's view has one token stride and unit stride on G
+        s0 = gs[0].stride()
+        inplace = s0[3] == 1 and s0[0] == T * s0[1] and all(g.stride() == s0 for g in gs)
+        gts, s_gl = tuple(g if inplace else g.contiguous() for g in gs), 0
+    st = (gts if gstacked else gts[0]).stride()[-3:-1]  # (token, head) strides
+    consts = dict(L=L, G=G, M=slots, D=D, LOGITS=logits, STACKED=stacked, GSTACKED=gstacked)
     if bank_kernel() == "runs":
-        if gstacked:
-            gts = gs[0].contiguous()
-            s_gl = gts.stride(0)
-        else:  # in place where every layer's view has one token stride and unit stride on G
-            s0 = gs[0].stride()
-            inplace = s0[3] == 1 and s0[0] == T * s0[1] and all(g.stride() == s0 for g in gs)
-            gts, s_gl = tuple(g if inplace else g.contiguous() for g in gs), 0
-        st = (gts if gstacked else gts[0]).stride()[-3:-1]  # (token, head) strides
         out = torch.empty(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
         if N == 0:  # no program to write the zeros
             return out.zero_()
         # bf16 / fp16 value gradients are exact in TF32 (fp32 ones get a third product)
         exact = (dvs if stacked else dvs[0]).dtype in (torch.bfloat16, torch.float16)
         _bank_runs_kernel[_lane_grid(N, H)](gts, dvs, order, sid, out, N, H, num_rows, s_gl, *st, s_dl,
-                                            L=L, G=G, M=slots, M_PAD=_pad(slots), D=D, LOGITS=logits,
-                                            STACKED=stacked, GSTACKED=gstacked, DV_TF32=exact)  # fmt: skip
+                                            M_PAD=_pad(slots), DV_TF32=exact, **consts)  # fmt: skip
         return out
-    g = gs[0].contiguous() if gstacked else torch.stack(gs)
-    out = torch.zeros(num_rows, slots, H, D, device=g.device, dtype=torch.float32)
+    out = torch.zeros(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
     if slots <= BANK_TILE_MAX_SLOTS:
-        _bank_tile_kernel[_lane_grid(N, H)](g, dvs, order, sid, out, N, H, g.stride(0), s_dl, L=L, G=G,
-                                            M=slots, D=D, LOGITS=logits, STACKED=stacked)  # fmt: skip
+        _bank_tile_kernel[_lane_grid(N, H)](gts, dvs, order, sid, out, N, H, s_gl, *st, s_dl, **consts)
         return out
-    _bank_rows_kernel[(triton.cdiv(N, chunk), H)](g, dvs, order, sid, out, N, H, g.stride(0), s_dl, L=L,
-                                                  G=G, M=slots, M_PAD=_pad(slots), D=D, LOGITS=logits,
-                                                  STACKED=stacked, CHUNK=chunk, num_warps=4)  # fmt: skip
+    _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gts, dvs, order, sid, out, N, H, s_gl, *st, s_dl,
+                                                  M_PAD=_pad(slots), CHUNK=chunk, num_warps=4,
+                                                  **consts)  # fmt: skip
     return out
 
 

@@ -284,8 +284,8 @@ def test_attention_kernels_compile_for_hopper():
 
 
 def test_bank_kernels_compile_for_hopper():
-    """The bank-gradient kernels take the L layers' value gradients as one stacked tensor or as
-    a tuple of L pointers (no stacked copy); each goes through Triton's whole compiler for an
+    """The bank-gradient kernels take the L layers' gates and value gradients as one stacked
+    tensor each or as tuples of L pointers (no stacked copy); each goes through Triton's whole compiler for an
     sm_90 target here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the
     token walk; the runs kernel at both, its TF32 products as tensor-core instructions), reading
     gates or the routers' logits."""
@@ -306,12 +306,10 @@ def test_bank_kernels_compile_for_hopper():
     ):
         jit = kern.fn if isinstance(kern, triton.runtime.Autotuner) else kern
         consts = {"L": L, "D": 64, "LOGITS": logits, "STACKED": stacked, **consts}
-        if "GSTACKED" in jit.arg_names:  # the runs kernel: the gates as the value gradients
-            consts["GSTACKED"] = stacked
+        consts["GSTACKED"] = stacked  # the gates as the value gradients
         types = {
             "dvs": "*bf16" if stacked else ("*bf16",) * L,
             "gts": "*bf16" if stacked else ("*bf16",) * L,
-            "g_ptr": "*bf16",
             "out_ptr": "*fp32",
         }
         sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.endswith("_ptr") else "i32")
