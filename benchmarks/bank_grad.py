@@ -6,7 +6,8 @@ layers' gates (or router logits) and value gradients, each read where it lies. K
 (``kernels.BANK_KERNEL``): ``runs`` (each run of equal ids summed whole by one program as
 tensor-core products, every output row written once, absent ids' rows as zeros) and ``lanes``
 (fp32 sums per token into a zeroed output: a segmented sum over tiles for M <= 8, one token at a
-time above; the zero fill is counted in its time). Floor: the gates and value gradients read
+time above; the zero fill is counted in its time), and ``lanes+stack`` (the same, the gates
+stacked first). Floor: the gates and value gradients read
 once and the fp32 rows written once, at the copy rate measured in the run. The two kernels'
 outputs are compared at every row (``max |runs - lanes|`` over ``max |lanes|``).
 
@@ -39,7 +40,9 @@ from ._util import (  # noqa: E402
     time_fn,
 )
 
-KERNELS = ("runs", "lanes")
+KERNELS = ("runs", "lanes", "lanes+stack")
+"""``lanes+stack``: the lanes kernels given the L gates stacked first, inside the timed call (what
+they did before they read each layer's gates in place)."""
 
 
 def run(M: int, dist: str, args, device, bw: float) -> list[dict]:
@@ -59,10 +62,11 @@ def run(M: int, dist: str, args, device, bw: float) -> list[dict]:
     distinct = int(sid.unique_consecutive().numel())
     rows, outs = [], {}
     for kern in KERNELS:
-        kernels.BANK_KERNEL = kern
+        kernels.BANK_KERNEL = kern.split("+")[0]
 
-        def step():
-            return kernels.bank_rows_grad(gs, dvs, ids, V, M, sid, order, logits)
+        def step(stack="+stack" in kern):
+            return kernels.bank_rows_grad([torch.stack(gs)] if stack else gs, dvs, ids, V, M, sid,
+                                          order, logits)  # fmt: skip
 
         outs[kern] = step()
         ms = median(time_fn(step, warmup=1 if args.smoke else 2, iters=args.iters, device=device))

@@ -850,7 +850,9 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
         return out
     out = torch.zeros(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
     if slots <= BANK_TILE_MAX_SLOTS:
-        _bank_tile_kernel[_lane_grid(N, H)](gts, dvs, order, sid, out, N, H, s_gl, *st, s_dl, **consts)
+        _bank_tile_kernel[_lane_grid(N, H)](
+            gts, dvs, order, sid, out, N, H, s_gl, *st, s_dl, **consts
+        )
         return out
     _bank_rows_kernel[(triton.cdiv(N, chunk), H)](gts, dvs, order, sid, out, N, H, s_gl, *st, s_dl,
                                                   M_PAD=_pad(slots), CHUNK=chunk, num_warps=4,
