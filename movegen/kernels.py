@@ -572,6 +572,67 @@ if HAVE_TRITON:
             nxt = tl.load(sid_ptr + q, mask=q < N, other=V).to(tl.int64)
             _zero_rows(out_ptr, kid + 1, nxt, row, cols, mm, M_PAD, D)
 
+    @triton.jit
+    def _layer_bases(ps, s_l, L: tl.constexpr, LP: tl.constexpr, STACKED: tl.constexpr):
+        """The L layers' base pointers as one ``(LP,)`` tensor (rows from L on repeat layer 0,
+        for the caller to mask): of the tuple ``ps``, or the slices of one stacked tensor."""
+        li = tl.arange(0, LP)
+        if STACKED:
+            base = ps + li.to(tl.int64) * s_l
+        else:
+            base = ps[0] + tl.zeros((LP,), dtype=tl.int64)
+            for l in tl.static_range(1, L):
+                base = tl.where(li == l, ps[l], base)
+        return base
+
+    @triton.jit
+    def _bank_layers_kernel(gts, dvs, order_ptr, sid_ptr, out_ptr, N, H, s_gl, s_gn, s_gh, s_dl,
+                            L: tl.constexpr, LP: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
+                            M_PAD: tl.constexpr, D: tl.constexpr, LOGITS: tl.constexpr,
+                            STACKED: tl.constexpr, GSTACKED: tl.constexpr, DV_TF32: tl.constexpr,
+                            CHUNK: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+        # program (c, h): sorted tokens c*CHUNK.. of head h, one at a time, each token's sum over
+        # the L layers as one tensor-core product g^T @ dv, (M, LP) @ (LP, D), from two 2-D loads
+        # (the layers' rows gathered through a tensor of L base pointers: no stacked copy), the
+        # gates in two TF32 parts (as the runs kernel). A run of equal ids sums in fp32 registers
+        # and is added to its bank row (zeroed before) by an atomic add where it ends; the loop
+        # has no branch (the add masked, the sum reset by a select), so its loads can be
+        # pipelined STAGES deep
+        c = tl.program_id(0)
+        h = tl.program_id(1)
+        li = tl.arange(0, LP)
+        lm = li < L
+        m = tl.arange(0, M_PAD)
+        mm = m < M
+        d = tl.arange(0, D)
+        gm = lm[:, None] & mm[None, :]
+        gb = _layer_bases(gts, s_gl, L, LP, GSTACKED)[:, None] + ((G - M) + h * s_gh) + m[None, :]
+        db = _layer_bases(dvs, s_dl, L, LP, STACKED)[:, None] + h * D + d[None, :]
+        cols = m[:, None] * (H * D) + h * D + d[None, :]
+        start = c * CHUNK
+        end = tl.minimum(start + CHUNK, N)
+        acc = tl.zeros((M_PAD, D), dtype=tl.float32)
+        for i in tl.range(start, end, num_stages=STAGES):
+            k = tl.load(sid_ptr + i).to(tl.int64)
+            last = k != tl.load(sid_ptr + i + 1, mask=i + 1 < end, other=-1).to(tl.int64)
+            tok = tl.load(order_ptr + i).to(tl.int64)  # b*T + t
+            g = tl.where(gm, _gate(tl.load(gb + tok * s_gn, mask=gm, other=0.0), LOGITS), 0.0)
+            dv = tl.load(db + tok * (H * D), mask=lm[:, None], other=0.0).to(tl.float32)
+            hi, lo = _tf32_parts(tl.trans(g))  # (M_PAD, LP)
+            if DV_TF32:  # bf16 / fp16 value gradients: exact in TF32
+                part = tl.dot(
+                    lo, dv, tl.dot(hi, dv, input_precision="tf32"), input_precision="tf32"
+                )
+            else:
+                dh, dl = _tf32_parts(dv)
+                part = tl.dot(hi, dh, input_precision="tf32")
+                part = tl.dot(lo, dh, part, input_precision="tf32")
+                part = tl.dot(hi, dl, part, input_precision="tf32")
+            acc += part
+            tl.atomic_add(out_ptr + k * (M * H * D) + cols, acc, mask=mm[:, None] & last,
+                          sem="relaxed")  # fmt: skip
+            acc = tl.where(last, 0.0, acc)
+
 
 BANK_KERNEL: str | None = None
 """The bank gradient's kernel: ``"lanes"`` (the fp32 sums per token of ``_bank_tile_kernel`` /
@@ -579,18 +640,25 @@ BANK_KERNEL: str | None = None
 atomics where a run of one id crosses a tile, so the last bits may differ between runs), or
 ``"runs"`` (``_bank_runs_kernel``: each run of equal ids summed whole by one program as
 tensor-core products, every row written once, zeros included: no atomics, the same bits on every
-run). None (default): ``"runs"`` under ``torch.use_deterministic_algorithms(True)`` (Lightning's
+run), or ``"layers"`` (``_bank_layers_kernel``: the token walk of ``"lanes"`` above 8 slots with
+each token's sum over the layers as one tensor-core product, at any slots; not yet timed on a
+GPU). None (default): ``"runs"`` under ``torch.use_deterministic_algorithms(True)`` (Lightning's
 ``Trainer(deterministic=True)``), else ``"lanes"``, the faster: on an H100 at GPT-B's shapes
 (``benchmarks/bank_grad.py``) runs took 2.04 / 4.08 ms against 1.72 / 4.06 (6 / 24 slots,
 uniform ids) and 5.24 / 7.54 against 1.59 / 3.65 on Zipf(1) ids, whose long runs one program
 walks alone (``benchmarks/RESULTS.md``, 2026-12-07 sixth session)."""
 
 
+BANK_KERNELS = ("runs", "lanes", "layers")
+
+
 def bank_kernel() -> str:
     """The bank gradient's kernel now: :data:`BANK_KERNEL`, or where None as it says."""
     if BANK_KERNEL is not None:
-        if BANK_KERNEL not in ("runs", "lanes"):
-            raise ValueError(f"kernels.BANK_KERNEL: 'runs', 'lanes' or None, not {BANK_KERNEL!r}")
+        if BANK_KERNEL not in BANK_KERNELS:
+            raise ValueError(
+                f"kernels.BANK_KERNEL: one of {BANK_KERNELS} or None, not {BANK_KERNEL!r}"
+            )
         return BANK_KERNEL
     return "runs" if torch.are_deterministic_algorithms_enabled() else "lanes"
 
@@ -625,6 +693,16 @@ def _runs_configs():
     return [triton.Config({"BLOCK_T": 16}, num_warps=w) for w in ((1,) if INTERPRET else (1, 2, 4))]
 
 
+def _layers_configs():
+    """(CHUNK, STAGES, warps) of ``_bank_layers_kernel``: tokens a program walks, how deep its
+    loads are pipelined, warps (none spills for sm_90 at GPT-B's shapes; one warp unpipelined
+    did, 80 bytes a thread); one small case in the interpreter."""
+    if INTERPRET:
+        return [triton.Config({"CHUNK": 16, "STAGES": 1}, num_warps=1)]
+    return [triton.Config({"CHUNK": c, "STAGES": s}, num_warps=w)
+            for c, s, w in ((64, 1, 4), (64, 3, 4), (64, 3, 2), (16, 3, 2), (64, 3, 1), (16, 3, 1))]  # fmt: skip
+
+
 def _lane_prune(limit: int):
     def prune(configs, named_args, **kwargs):
         """Keep the blocks whose ``(BLOCK_T, MB, D)`` tile holds 2048 to ``limit`` elements and
@@ -648,6 +726,11 @@ if HAVE_TRITON:
     _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS"], reset_to_zero=["out_ptr"],
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
+    _bank_layers_kernel = _autotune(
+        _layers_configs(),
+        key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS", "DV_TF32"],
+        reset_to_zero=["out_ptr"],
+    )(_bank_layers_kernel)
     # every output element written once (no accumulation): autotuning needs no reset
     _bank_runs_kernel = _autotune(
         _runs_configs(), key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS", "DV_TF32"]
@@ -849,6 +932,12 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
                                             M_PAD=_pad(slots), DV_TF32=exact, **consts)  # fmt: skip
         return out
     out = torch.zeros(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
+    if bank_kernel() == "layers":
+        exact = (dvs if stacked else dvs[0]).dtype in (torch.bfloat16, torch.float16)
+        grid = lambda meta: (triton.cdiv(N, meta["CHUNK"]), H)  # noqa: E731
+        _bank_layers_kernel[grid](gts, dvs, order, sid, out, N, H, s_gl, *st, s_dl, LP=_pad(L),
+                                  M_PAD=max(16, _pad(slots)), DV_TF32=exact, **consts)  # fmt: skip
+        return out
     if slots <= BANK_TILE_MAX_SLOTS:
         _bank_tile_kernel[_lane_grid(N, H)](
             gts, dvs, order, sid, out, N, H, s_gl, *st, s_dl, **consts

@@ -125,8 +125,9 @@ def test_profile_compare_orders_kernels_by_what_later_arms_add():
 
 def test_arm_options_add_remove_and_refuse_contradictions():
     """An arm's ``@`` options: a default op given again is a no-op (arm names of earlier tables
-    still run), ``no`` removes one, ``unfused`` then an op keeps only that op, and an op with
-    its ``no`` form is refused."""
+    still run), ``no`` removes one, ``unfused`` then an op keeps only that op, the bank
+    gradient's kernel is set for the arm and back to the default after it, and an op with its
+    ``no`` form (or two bank kernels) is refused."""
     sys.path.insert(0, str(ROOT))
     from benchmarks._util import apply_arm_options, arm_options
     from movegen.model import GPT, GPTConfig
@@ -140,7 +141,17 @@ def test_arm_options_add_remove_and_refuse_contradictions():
         name, opts = arm_options(arm)
         apply_arm_options(model, opts)
         assert name == "standard" and model.fused_ops == ops, (arm, model.fused_ops)
-    for arm in ("standard@ce+noce", "standard@splitmix", "move-x1@grouped+token"):
+    from movegen import kernels
+
+    for arm, kern in [
+        ("move-x4@banklayers", "layers"),
+        ("move-x4@bankruns", "runs"),
+        ("move-x4", None),
+    ]:
+        apply_arm_options(model, arm_options(arm)[1])
+        assert kernels.BANK_KERNEL == kern, arm
+    for arm in ("standard@ce+noce", "standard@splitmix", "move-x1@grouped+token",
+                "move-x4@bankruns+banklayers"):  # fmt: skip
         with pytest.raises(ValueError):
             arm_options(arm)
 

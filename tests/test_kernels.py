@@ -45,10 +45,10 @@ def test_triton_kernels_on_gpu(grouped, M):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [6, 24])
 @pytest.mark.parametrize("stack_dv", [True, False])  # both stacked cases first
-@pytest.mark.parametrize("bank", ["runs", "lanes"])
+@pytest.mark.parametrize("bank", ["runs", "lanes", "layers"])
 def test_bank_gradient_at_gpt_b_scale_on_gpu(M, stack_dv, bank, monkeypatch):
     """The bank gradient at GPT-B's training shapes (12 layers, 65,536 tokens of 16,384 ids, 12
-    heads of 64), by either kernel, from the stacked value gradients or each read in place,
+    heads of 64), by each kernel, from the stacked value gradients or each read in place,
     against the same sum formed by PyTorch layer by layer (fp32 ``index_add_``; row 0, no
     token's id, must come out zero: the output is allocated NaN-filled here; the runs kernel
     gives the same bits when called again, in one process)."""
@@ -287,8 +287,8 @@ def test_bank_kernels_compile_for_hopper():
     """The bank-gradient kernels take the L layers' gates and value gradients as one stacked
     tensor each or as tuples of L pointers (no stacked copy); each goes through Triton's whole compiler for an
     sm_90 target here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the
-    token walk; the runs kernel at both, its TF32 products as tensor-core instructions), reading
-    gates or the routers' logits."""
+    token walk; the runs kernel at both, its TF32 products as tensor-core instructions; the
+    layers kernel, the same, with its loads pipelined), reading gates or the routers' logits."""
     triton = pytest.importorskip("triton")
 
     from movegen import kernels
@@ -299,7 +299,9 @@ def test_bank_kernels_compile_for_hopper():
     cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
              (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64}),
              (kernels._bank_runs_kernel, {"G": 7, "M": 6, "M_PAD": 8, "BLOCK_T": 16, "DV_TF32": True}),
-             (kernels._bank_runs_kernel, {"G": 25, "M": 24, "M_PAD": 32, "BLOCK_T": 16, "DV_TF32": False})]  # fmt: skip
+             (kernels._bank_runs_kernel, {"G": 25, "M": 24, "M_PAD": 32, "BLOCK_T": 16, "DV_TF32": False}),
+             (kernels._bank_layers_kernel, {"G": 25, "M": 24, "M_PAD": 32, "LP": 16, "CHUNK": 64, "STAGES": 3,
+                                            "DV_TF32": True})]  # fmt: skip
     # gates with the value gradients stacked, logits with them each in place (the default)
     for (kern, consts), (logits, stacked) in itertools.product(
         cases, ((False, True), (True, False))
@@ -316,8 +318,10 @@ def test_bank_kernels_compile_for_hopper():
                for n in jit.arg_names}  # fmt: skip
         compiled = _compile_for_hopper(jit, sig, consts)
         assert compiled.asm["cubin"], jit.__name__
-        if jit.__name__ == "_bank_runs_kernel":
+        if jit.__name__ in ("_bank_runs_kernel", "_bank_layers_kernel"):
             assert "mma.sync.aligned" in compiled.asm["ptx"] and ".tf32" in compiled.asm["ptx"]
+        if jit.__name__ == "_bank_layers_kernel":  # its loads pipelined: asynchronous copies
+            assert "cp.async" in compiled.asm["ptx"]
     # what the compiler here (Triton 3.8) takes and the GPU's (3.6) refuses: TF32 products over
     # fewer than 16 rows, so no tile of the runs kernel is smaller
     assert all(c.kwargs["BLOCK_T"] >= 16 for c in kernels._runs_configs())

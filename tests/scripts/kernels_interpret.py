@@ -35,10 +35,10 @@ def reference(weight, ids, vbase, gates, gated):
 
 @contextlib.contextmanager
 def bank_kernel(bank):
-    """``"runs"``: the bank gradient by ``_bank_runs_kernel``; a number: by the lanes kernels,
-    the tile kernel up to that many slots."""
-    if bank == "runs":
-        with mock.patch.object(kernels, "BANK_KERNEL", "runs"):
+    """``"runs"`` / ``"layers"``: the bank gradient by that kernel; a number: by the lanes
+    kernels, the tile kernel up to that many slots."""
+    if isinstance(bank, str):
+        with mock.patch.object(kernels, "BANK_KERNEL", bank):
             yield
     else:
         with mock.patch.object(kernels, "BANK_KERNEL", "lanes"), \
@@ -46,7 +46,7 @@ def bank_kernel(bank):
             yield
 
 
-# the bank gradient alone, both kernels, against fp32 index_add_: long runs (most tokens of one
+# the bank gradient alone, every kernel, against fp32 index_add_: long runs (most tokens of one
 # id: runs over many 16-token tiles), absent ids (their rows must be written as zeros: the output
 # is allocated NaN-filled here), logits or gates, value gradients stacked or each in place
 empty = torch.empty
@@ -71,7 +71,7 @@ for M, logits, stacked, skew, V, dt in [(6, True, False, True, 60, torch.bfloat1
     ref = torch.zeros(V, M * H * D)
     for g, dv in zip(gates, dvs):
         ref.index_add_(0, ids.reshape(-1), (g[..., -M:, None] * dv.float()[..., None, :]).transpose(2, 3).reshape(B * T, -1))  # fmt: skip
-    for bank in ("runs", 8 if M <= 8 else 64):
+    for bank in ("runs", "layers", 8 if M <= 8 else 64):
         with bank_kernel(bank), mock.patch.object(torch, "empty", nan_empty):
             x = gs if logits else gates  # stacked, or each layer's a view of a wider tensor
             x = [x] if stacked else [torch.cat([t, t[..., :2]], -1)[..., : M + 1] for t in x]
