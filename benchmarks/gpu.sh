@@ -160,7 +160,7 @@ bank)
   timeout ${T_BANK_TESTS:-300} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -14
-  bench ${T_BANK:-240} bank_grad.log benchmarks.bank_grad
+  bench ${T_BANK:-240} bank_grad.log benchmarks.bank_grad ${BANK_ARGS:-}
   grep -E "^\||^MoVE" "$OUT/bank_grad.log"; errors "$OUT/bank_grad.log"
   T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@bankruns:256:compiled,move-x4:256:compiled,move-x4@bankruns:256:compiled,move-x1:256:compiled} \
     run_section train;;

@@ -595,9 +595,10 @@ if HAVE_TRITON:
         # the L layers as one tensor-core product g^T @ dv, (M, LP) @ (LP, D), from two 2-D loads
         # (the layers' rows gathered through a tensor of L base pointers: no stacked copy), the
         # gates in two TF32 parts (as the runs kernel). A run of equal ids sums in fp32 registers
-        # and is added to its bank row (zeroed before) by an atomic add where it ends; the loop
-        # has no branch (the add masked, the sum reset by a select), so its loads can be
-        # pipelined STAGES deep
+        # and is written where it ends: by a plain store when the whole run lies in this chunk,
+        # else added to its bank row (zeroed before) by an atomic add. The loop has no branch
+        # (store and add masked, the sum reset by a select), so its loads can be pipelined
+        # STAGES deep
         c = tl.program_id(0)
         h = tl.program_id(1)
         li = tl.arange(0, LP)
@@ -612,9 +613,15 @@ if HAVE_TRITON:
         start = c * CHUNK
         end = tl.minimum(start + CHUNK, N)
         acc = tl.zeros((M_PAD, D), dtype=tl.float32)
+        # whether the run now summed started in this chunk (no earlier program has its id)
+        fresh = (start == 0) | (
+            tl.load(sid_ptr + start - 1, mask=start > 0, other=-1) != tl.load(sid_ptr + start)
+        )
         for i in tl.range(start, end, num_stages=STAGES):
             k = tl.load(sid_ptr + i).to(tl.int64)
-            last = k != tl.load(sid_ptr + i + 1, mask=i + 1 < end, other=-1).to(tl.int64)
+            ends = k != tl.load(sid_ptr + i + 1, mask=i + 1 < N, other=-1).to(tl.int64)
+            last = ends | (i + 1 == end)  # the run ends here, or this chunk does
+            whole = fresh & ends  # the whole run is this program's: a plain store
             tok = tl.load(order_ptr + i).to(tl.int64)  # b*T + t
             g = tl.where(gm, _gate(tl.load(gb + tok * s_gn, mask=gm, other=0.0), LOGITS), 0.0)
             dv = tl.load(db + tok * (H * D), mask=lm[:, None], other=0.0).to(tl.float32)
@@ -629,9 +636,11 @@ if HAVE_TRITON:
                 part = tl.dot(lo, dh, part, input_precision="tf32")
                 part = tl.dot(hi, dl, part, input_precision="tf32")
             acc += part
-            tl.atomic_add(out_ptr + k * (M * H * D) + cols, acc, mask=mm[:, None] & last,
-                          sem="relaxed")  # fmt: skip
+            ptr = out_ptr + k * (M * H * D) + cols
+            tl.store(ptr, acc, mask=mm[:, None] & whole)
+            tl.atomic_add(ptr, acc, mask=mm[:, None] & last & ~whole, sem="relaxed")
             acc = tl.where(last, 0.0, acc)
+            fresh = fresh | last
 
 
 BANK_KERNEL: str | None = None
@@ -695,12 +704,12 @@ def _runs_configs():
 
 def _layers_configs():
     """(CHUNK, STAGES, warps) of ``_bank_layers_kernel``: tokens a program walks, how deep its
-    loads are pipelined, warps (none spills for sm_90 at GPT-B's shapes; one warp unpipelined
-    did, 80 bytes a thread); one small case in the interpreter."""
+    loads are pipelined, warps (none spills for sm_90 at GPT-B's shapes; one warp did at 24
+    slots, 184 bytes a thread); one small case in the interpreter."""
     if INTERPRET:
         return [triton.Config({"CHUNK": 16, "STAGES": 1}, num_warps=1)]
     return [triton.Config({"CHUNK": c, "STAGES": s}, num_warps=w)
-            for c, s, w in ((64, 1, 4), (64, 3, 4), (64, 3, 2), (16, 3, 2), (64, 3, 1), (16, 3, 1))]  # fmt: skip
+            for c, s, w in ((64, 1, 4), (64, 3, 4), (16, 3, 4), (64, 3, 2), (16, 3, 2), (16, 2, 2))]  # fmt: skip
 
 
 def _lane_prune(limit: int):
