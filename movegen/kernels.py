@@ -941,6 +941,8 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
                                             M_PAD=_pad(slots), DV_TF32=exact, **consts)  # fmt: skip
         return out
     out = torch.zeros(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
+    if N == 0:  # no token: no program to launch
+        return out
     if bank_kernel() == "layers":
         exact = (dvs if stacked else dvs[0]).dtype in (torch.bfloat16, torch.float16)
         grid = lambda meta: (triton.cdiv(N, meta["CHUNK"]), H)  # noqa: E731

@@ -80,6 +80,13 @@ for M, logits, stacked, skew, V, dt in [(6, True, False, True, 60, torch.bfloat1
         worst = max(worst, diff(out.reshape(V, -1), ref) / ref.abs().max().item())  # relative:
         # sums of up to 130 products here
 
+# no token at all (an empty batch): every kernel gives the rows as zeros
+for bank in ("runs", "layers", 8, 2):
+    with bank_kernel(bank), mock.patch.object(torch, "empty", nan_empty):
+        out = kernels.bank_rows_grad([torch.rand(2, 0, 4, 2, 5)], [torch.rand(2, 0, 4, 2, 16)],
+                                     torch.zeros(0, 4, dtype=torch.long), 7, 4)  # fmt: skip
+    assert out.shape == (7, 4, 2, 16) and not out.any(), bank
+
 
 for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     B, H, D, L, V = 2, 3, 16, 3, 7  # R = 30 rows: a partial last block; 10 ids of 7 (T = 23: 46
