@@ -28,8 +28,9 @@
 #                     its per-group floor is the one under the target, benchmarks.move_floor),
 #                     MoVE-x4 beside it with one (@router+gates), then MoVE-x1 again (train)
 #   bank              the bank gradient's kernels: their GPU tests, each alone against its byte floor
-#                     on three id distributions (bank_grad), then the MoVE steps with each (train:
-#                     move-x1, move-x4 and each @bankruns, MoVE-x1 again last)
+#                     on three id distributions (bank_grad; BANK_ARGS more arguments), then the MoVE
+#                     steps with the layers kernel beside the default (train: move-x1, move-x4 and
+#                     each @banklayers, MoVE-x1 again last; the runs kernel's were timed 2026-12-07)
 #   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
 #                     inductor cache (each form of the bank gradient's value gradients), every thread's
 #                     stack printed each 60 s: each arm's first compilation, and where it stops if it
@@ -46,7 +47,7 @@
 # on that model).
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits, GPU_CACHE,
 # TRAIN_ONLY, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
-# EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (e.g. uniform,zipf:0.3,zipf), MIX_IMPLS
+# EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (e.g. uniform,zipf:0.3,zipf), MIX_IMPLS, BANK_ARGS
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
 export PYTHONUNBUFFERED=1
@@ -162,7 +163,7 @@ bank)
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -14
   bench ${T_BANK:-240} bank_grad.log benchmarks.bank_grad ${BANK_ARGS:-}
   grep -E "^\||^MoVE" "$OUT/bank_grad.log"; errors "$OUT/bank_grad.log"
-  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@bankruns:256:compiled,move-x4:256:compiled,move-x4@bankruns:256:compiled,move-x1:256:compiled} \
+  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@banklayers:256:compiled,move-x4:256:compiled,move-x4@banklayers:256:compiled,move-x1:256:compiled} \
     run_section train;;
 cold)
   # a cold inductor cache (a warm one skips the lowering); Triton's autotuning choices kept
