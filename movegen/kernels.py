@@ -573,9 +573,13 @@ if HAVE_TRITON:
             _zero_rows(out_ptr, kid + 1, nxt, row, cols, mm, M_PAD, D)
 
     @triton.jit
-    def _layer_bases(ps, s_l, L: tl.constexpr, LP: tl.constexpr, STACKED: tl.constexpr):
+    def _layer_bases(ps, s_l, L: tl.constexpr, LP: tl.constexpr, STACKED: tl.constexpr,
+                     ALIGNED: tl.constexpr):  # fmt: skip
         """The L layers' base pointers as one ``(LP,)`` tensor (rows from L on repeat layer 0,
-        for the caller to mask): of the tuple ``ps``, or the slices of one stacked tensor."""
+        for the caller to mask): of the tuple ``ps``, or the slices of one stacked tensor.
+        ``ALIGNED``: every one is 16-byte aligned (the caller checked), said to the compiler,
+        which loses the pointers' own alignment through the selects: with it, rows of 8 bf16
+        load as 16-byte asynchronous copies, pipelined; without, as 2-byte loads."""
         li = tl.arange(0, LP)
         if STACKED:
             base = ps + li.to(tl.int64) * s_l
@@ -583,6 +587,8 @@ if HAVE_TRITON:
             base = ps[0] + tl.zeros((LP,), dtype=tl.int64)
             for l in tl.static_range(1, L):
                 base = tl.where(li == l, ps[l], base)
+        if ALIGNED:
+            base = tl.multiple_of(base, 16)
         return base
 
     @triton.jit
@@ -590,7 +596,8 @@ if HAVE_TRITON:
                             L: tl.constexpr, LP: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
                             M_PAD: tl.constexpr, D: tl.constexpr, LOGITS: tl.constexpr,
                             STACKED: tl.constexpr, GSTACKED: tl.constexpr, DV_TF32: tl.constexpr,
-                            CHUNK: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+                            DV_ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                            STAGES: tl.constexpr):  # fmt: skip
         # program (c, h): sorted tokens c*CHUNK.. of head h, one at a time, each token's sum over
         # the L layers as one tensor-core product g^T @ dv, (M, LP) @ (LP, D), from two 2-D loads
         # (the layers' rows gathered through a tensor of L base pointers: no stacked copy), the
@@ -607,8 +614,13 @@ if HAVE_TRITON:
         mm = m < M
         d = tl.arange(0, D)
         gm = lm[:, None] & mm[None, :]
-        gb = _layer_bases(gts, s_gl, L, LP, GSTACKED)[:, None] + ((G - M) + h * s_gh) + m[None, :]
-        db = _layer_bases(dvs, s_dl, L, LP, STACKED)[:, None] + h * D + d[None, :]
+        # (the gates' rows start at G - M: not aligned whatever their base)
+        gb = (
+            _layer_bases(gts, s_gl, L, LP, GSTACKED, False)[:, None]
+            + ((G - M) + h * s_gh)
+            + m[None, :]
+        )
+        db = _layer_bases(dvs, s_dl, L, LP, STACKED, DV_ALIGNED)[:, None] + h * D + d[None, :]
         cols = m[:, None] * (H * D) + h * D + d[None, :]
         start = c * CHUNK
         end = tl.minimum(start + CHUNK, N)
@@ -617,13 +629,19 @@ if HAVE_TRITON:
         fresh = (start == 0) | (
             tl.load(sid_ptr + start - 1, mask=start > 0, other=-1) != tl.load(sid_ptr + start)
         )
+        # the gates' rows are not 16-byte aligned (they start at G - M), so the pipelining's
+        # asynchronous copies cannot take them: each token's gates are loaded one step ahead
+        x = tl.load(gb + tl.load(order_ptr + start).to(tl.int64) * s_gn, mask=gm, other=0.0)
         for i in tl.range(start, end, num_stages=STAGES):
             k = tl.load(sid_ptr + i).to(tl.int64)
             ends = k != tl.load(sid_ptr + i + 1, mask=i + 1 < N, other=-1).to(tl.int64)
             last = ends | (i + 1 == end)  # the run ends here, or this chunk does
             whole = fresh & ends  # the whole run is this program's: a plain store
             tok = tl.load(order_ptr + i).to(tl.int64)  # b*T + t
-            g = tl.where(gm, _gate(tl.load(gb + tok * s_gn, mask=gm, other=0.0), LOGITS), 0.0)
+            nxt = i + 1 < end
+            tn = tl.load(order_ptr + i + 1, mask=nxt, other=0).to(tl.int64)
+            x_next = tl.load(gb + tn * s_gn, mask=gm & nxt, other=0.0)
+            g = tl.where(gm, _gate(x, LOGITS), 0.0)
             dv = tl.load(db + tok * (H * D), mask=lm[:, None], other=0.0).to(tl.float32)
             hi, lo = _tf32_parts(tl.trans(g))  # (M_PAD, LP)
             if DV_TF32:  # bf16 / fp16 value gradients: exact in TF32
@@ -641,6 +659,7 @@ if HAVE_TRITON:
             tl.atomic_add(ptr, acc, mask=mm[:, None] & last & ~whole, sem="relaxed")
             acc = tl.where(last, 0.0, acc)
             fresh = fresh | last
+            x = x_next
 
 
 BANK_KERNEL: str | None = None
@@ -737,7 +756,7 @@ if HAVE_TRITON:
         _bank_tile_kernel)  # fmt: skip
     _bank_layers_kernel = _autotune(
         _layers_configs(),
-        key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS", "DV_TF32"],
+        key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS", "DV_TF32", "DV_ALIGNED"],
         reset_to_zero=["out_ptr"],
     )(_bank_layers_kernel)
     # every output element written once (no accumulation): autotuning needs no reset
@@ -904,7 +923,9 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
     ``"runs"`` sums each run of one id whole in one program and writes every row once, the
     rows of absent ids as zeros (the same bits on every run); ``"lanes"`` adds each run's sum
     into a zeroed output (fp32 atomics where a run crosses a tile: the order of the adds, and
-    so the last bits, may vary between runs). ``sid, order``: the ids sorted before
+    so the last bits, may vary between runs); ``"layers"`` walks the tokens in id order with
+    each token's sum over the layers one tensor-core product, into a zeroed output (atomics
+    where a run crosses a chunk, as the lanes kernels). ``sid, order``: the ids sorted before
     (``id_groups``, as the grouped forward sorted them), else sorted here. ``logits``: ``gs``
     holds the router's logits (gates ``2 * sigmoid`` of them)."""
     gstacked = len(gs) == 1 and gs[0].dim() == 5
@@ -941,13 +962,19 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
                                             M_PAD=_pad(slots), DV_TF32=exact, **consts)  # fmt: skip
         return out
     out = torch.zeros(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
-    if N == 0:  # no token: no program to launch
+    if N == 0:  # no token: nothing to launch (nor to autotune on, for every later batch)
         return out
     if bank_kernel() == "layers":
-        exact = (dvs if stacked else dvs[0]).dtype in (torch.bfloat16, torch.float16)
+        dv0 = dvs if stacked else dvs[0]
+        exact = dv0.dtype in (torch.bfloat16, torch.float16)
+        aligned = all(t.data_ptr() % 16 == 0 for t in ((dvs,) if stacked else dvs)) and (
+            s_dl * dv0.element_size() % 16 == 0
+        )
         grid = lambda meta: (triton.cdiv(N, meta["CHUNK"]), H)  # noqa: E731
-        _bank_layers_kernel[grid](gts, dvs, order, sid, out, N, H, s_gl, *st, s_dl, LP=_pad(L),
-                                  M_PAD=max(16, _pad(slots)), DV_TF32=exact, **consts)  # fmt: skip
+        # the products' inner and outer sizes at least 16 (Triton 3.6 refuses smaller TF32 ones)
+        _bank_layers_kernel[grid](gts, dvs, order, sid, out, N, H, s_gl, *st, s_dl, LP=max(16, _pad(L)),
+                                  M_PAD=max(16, _pad(slots)), DV_TF32=exact, DV_ALIGNED=aligned,
+                                  **consts)  # fmt: skip
         return out
     if slots <= BANK_TILE_MAX_SLOTS:
         _bank_tile_kernel[_lane_grid(N, H)](

@@ -123,7 +123,7 @@ def test_profile_compare_orders_kernels_by_what_later_arms_add():
     assert float(rows["triton_red_fused_softmax"][2]) == pytest.approx(0.1)
 
 
-def test_arm_options_add_remove_and_refuse_contradictions():
+def test_arm_options_add_remove_and_refuse_contradictions(monkeypatch):
     """An arm's ``@`` options: a default op given again is a no-op (arm names of earlier tables
     still run), ``no`` removes one, ``unfused`` then an op keeps only that op, the bank
     gradient's kernel is set for the arm and back to the default after it, and an op with its
@@ -143,6 +143,7 @@ def test_arm_options_add_remove_and_refuse_contradictions():
         assert name == "standard" and model.fused_ops == ops, (arm, model.fused_ops)
     from movegen import kernels
 
+    monkeypatch.setattr(kernels, "BANK_KERNEL", None)  # back to it after the test, pass or fail
     for arm, kern in [
         ("move-x4@banklayers", "layers"),
         ("move-x4@bankruns", "runs"),

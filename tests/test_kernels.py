@@ -1,6 +1,7 @@
 """The Triton kernels of the MoVE mix, run on the CPU by Triton's interpreter."""
 
 import itertools
+import re
 
 import pytest
 
@@ -220,14 +221,22 @@ def test_attention_on_gpu():
             assert ((a.float() - b).norm() / b.norm()).item() < 1e-2
 
 
-def _compile_for_hopper(jit, sig: dict, consts: dict, **options):
+def _compile_for_hopper(jit, sig: dict, consts: dict, aligned: bool = False, **options):
     """Triton's whole compiler on ``jit`` for an sm_90 target (no GPU needed): ``sig`` the
-    arguments' types, ``consts`` the constexprs' values; returns the compiled kernel."""
+    arguments' types, ``consts`` the constexprs' values; ``aligned``: every pointer (tuples'
+    included) 16-byte aligned, as a launch on the GPU tells the compiler of PyTorch's tensors;
+    returns the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
+    attrs = {}
+    for i, t in enumerate(sig[n] for n in jit.arg_names):
+        paths = [(i, j) for j in range(len(t))] if isinstance(t, tuple) else [(i,)]
+        for path in paths if aligned and "*" in str(t) else ():
+            attrs[path] = [["tt.divisibility", 16]]
+    src = ASTSource(jit, sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)  # fmt: skip
     return triton.compile(
         src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **options}
     )
@@ -288,26 +297,32 @@ def test_bank_kernels_compile_for_hopper():
     tensor each or as tuples of L pointers (no stacked copy); each goes through Triton's whole compiler for an
     sm_90 target here, at GPT-B's shapes (12 layers; x1: 6 slots, the tile kernel; x4: 24, the
     token walk; the runs kernel at both, its TF32 products as tensor-core instructions; the
-    layers kernel, the same, with its loads pipelined), reading gates or the routers' logits."""
+    layers kernel, the same, its value gradients' rows loaded as 16-byte asynchronous copies
+    (pipelined) where every layer's is aligned, and at 3 layers too, its products' inner size
+    kept at 16), reading gates or the routers' logits."""
     triton = pytest.importorskip("triton")
 
     from movegen import kernels
 
     if kernels.INTERPRET:
         pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
-    L = 12
     cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
              (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64}),
              (kernels._bank_runs_kernel, {"G": 7, "M": 6, "M_PAD": 8, "BLOCK_T": 16, "DV_TF32": True}),
              (kernels._bank_runs_kernel, {"G": 25, "M": 24, "M_PAD": 32, "BLOCK_T": 16, "DV_TF32": False}),
-             (kernels._bank_layers_kernel, {"G": 25, "M": 24, "M_PAD": 32, "LP": 16, "CHUNK": 64, "STAGES": 3,
-                                            "DV_TF32": True})]  # fmt: skip
+             (kernels._bank_layers_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64, "STAGES": 3,
+                                            "DV_TF32": True, "DV_ALIGNED": True}),
+             (kernels._bank_layers_kernel, {"L": 3, "G": 7, "M": 6, "M_PAD": 16, "CHUNK": 16, "STAGES": 2,
+                                            "DV_TF32": False, "DV_ALIGNED": False})]  # fmt: skip
     # gates with the value gradients stacked, logits with them each in place (the default)
     for (kern, consts), (logits, stacked) in itertools.product(
         cases, ((False, True), (True, False))
     ):
         jit = kern.fn if isinstance(kern, triton.runtime.Autotuner) else kern
+        L = consts.get("L", 12)
         consts = {"L": L, "D": 64, "LOGITS": logits, "STACKED": stacked, **consts}
+        if "LP" in jit.arg_names:  # as bank_rows_grad gives it
+            consts["LP"] = max(16, kernels._pad(L))
         consts["GSTACKED"] = stacked  # the gates as the value gradients
         types = {
             "dvs": "*bf16" if stacked else ("*bf16",) * L,
@@ -316,12 +331,14 @@ def test_bank_kernels_compile_for_hopper():
         }
         sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.endswith("_ptr") else "i32")
                for n in jit.arg_names}  # fmt: skip
-        compiled = _compile_for_hopper(jit, sig, consts)
+        compiled = _compile_for_hopper(jit, sig, consts, aligned=True)
+        ptx = compiled.asm["ptx"]
         assert compiled.asm["cubin"], jit.__name__
         if jit.__name__ in ("_bank_runs_kernel", "_bank_layers_kernel"):
-            assert "mma.sync.aligned" in compiled.asm["ptx"] and ".tf32" in compiled.asm["ptx"]
-        if jit.__name__ == "_bank_layers_kernel":  # its loads pipelined: asynchronous copies
-            assert "cp.async" in compiled.asm["ptx"]
+            assert "mma.sync.aligned" in ptx and ".tf32" in ptx
+        if jit.__name__ == "_bank_layers_kernel":  # 16-byte asynchronous copies where aligned
+            wide = re.search(r"cp\.async\.c[ag]\.shared\.global[^\n]*, (0x10|16)[,;]", ptx)
+            assert bool(wide) == consts["DV_ALIGNED"], consts
     # what the compiler here (Triton 3.8) takes and the GPU's (3.6) refuses: TF32 products over
     # fewer than 16 rows, so no tile of the runs kernel is smaller
     assert all(c.kwargs["BLOCK_T"] >= 16 for c in kernels._runs_configs())
@@ -329,7 +346,6 @@ def test_bank_kernels_compile_for_hopper():
 
 def _ptxas_spill_bytes(ptx: str, tmp_path) -> int:
     """Bytes of spill stores a thread that ptxas (Triton's own, sm_90a) reports for ``ptx``."""
-    import re
     import subprocess
 
     from triton.backends.nvidia.compiler import get_ptxas
