@@ -27,10 +27,13 @@
 #                     stacked QKV + router product (@norouter+nogates) and grouped by id (@grouped:
 #                     its per-group floor is the one under the target, benchmarks.move_floor),
 #                     MoVE-x4 beside it with one (@router+gates), then MoVE-x1 again (train)
-#   bank              the bank gradient's kernels: their GPU tests, each alone against its byte floor
-#                     on three id distributions (bank_grad; BANK_ARGS more arguments), then the MoVE
-#                     steps with the layers kernel beside the default (train: move-x1, move-x4 and
-#                     each @banklayers, MoVE-x1 again last; the runs kernel's were timed 2026-12-07)
+#   bank              under 560 s: the bank gradient's kernels each alone against its byte floor on
+#                     three id distributions, every one's output against the lanes kernels' (bank_grad;
+#                     BANK_ARGS more arguments), then the MoVE steps with the layers kernel beside the
+#                     default (train: standard, move-x1, move-x4 and each @banklayers; the runs
+#                     kernel's were timed 2026-12-07)
+#   bank-tests        the bank-gradient GPU tests at GPT-B scale (every kernel, stacked and in place)
+#                     and the MoVE kernel tests
 #   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
 #                     inductor cache (each form of the bank gradient's value gradients), every thread's
 #                     stack printed each 60 s: each arm's first compilation, and where it stops if it
@@ -57,7 +60,7 @@ export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,50p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,54p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 MODEL=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
@@ -158,13 +161,14 @@ quick)
   T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@norouter+nogates:256:compiled,move-x1@grouped:256:compiled,move-x4:256:compiled,move-x4@router+gates:256:compiled,move-x1:256:compiled} \
     run_section train;;
 bank)
-  timeout ${T_BANK_TESTS:-300} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
-    -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
-  grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -14
-  bench ${T_BANK:-240} bank_grad.log benchmarks.bank_grad ${BANK_ARGS:-}
+  bench ${T_BANK:-210} bank_grad.log benchmarks.bank_grad ${BANK_ARGS:-}
   grep -E "^\||^MoVE" "$OUT/bank_grad.log"; errors "$OUT/bank_grad.log"
-  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@banklayers:256:compiled,move-x4:256:compiled,move-x4@banklayers:256:compiled,move-x1:256:compiled} \
+  T_TRAIN=${T_TRAIN:-330} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@banklayers:256:compiled,move-x4:256:compiled,move-x4@banklayers:256:compiled} \
     run_section train;;
+bank-tests)
+  timeout ${T_BANK_TESTS:-500} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
+    -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -20;;
 cold)
   # a cold inductor cache (a warm one skips the lowering); Triton's autotuning choices kept
   TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) T_TRAIN=${T_TRAIN:-500} DUMP_STACKS=${DUMP_STACKS:-60} \
