@@ -499,6 +499,21 @@ if HAVE_TRITON:
         return hi, x - hi
 
     @triton.jit
+    def _tf32_product(gt, dv, DV_TF32: tl.constexpr):
+        """``gt @ dv`` in fp32 from TF32 tensor-core products, summed from zero: ``gt`` in two
+        TF32 parts; ``dv`` as it is where it is exact in TF32 (``DV_TF32``: bf16 / fp16
+        values), else in two parts too (hi hi + lo hi + hi lo, TF32 x 3)."""
+        hi, lo = _tf32_parts(gt)
+        if DV_TF32:
+            part = tl.dot(lo, dv, tl.dot(hi, dv, input_precision="tf32"), input_precision="tf32")
+        else:
+            dh, dl = _tf32_parts(dv)
+            part = tl.dot(hi, dh, input_precision="tf32")
+            part = tl.dot(lo, dh, part, input_precision="tf32")
+            part = tl.dot(hi, dl, part, input_precision="tf32")
+        return part
+
+    @triton.jit
     def _zero_rows(out_ptr, lo, hi, row, cols, mm, M_PAD: tl.constexpr, D: tl.constexpr):
         """Zeros into rows ``lo..hi-1`` of the output (``row`` elements apart; this program's
         head and slots)."""
@@ -553,18 +568,9 @@ if HAVE_TRITON:
                     g = tl.where(gm, _gate(x, LOGITS), 0.0)
                     dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + dvoff, mask=sel[:, None],
                                  other=0.0).to(tl.float32)  # fmt: skip
-                    hi, lo = _tf32_parts(tl.trans(g))
                     # this block's products summed in the tensor cores from zero, the run's sum
                     # in fp32 registers (not a long sum inside the tensor cores' accumulation)
-                    if DV_TF32:  # bf16 / fp16 value gradients: exact in TF32
-                        part = tl.dot(lo, dv, tl.dot(hi, dv, input_precision="tf32"),
-                                      input_precision="tf32")  # fmt: skip
-                    else:  # fp32 ones split too: hi hi + lo hi + hi lo (TF32 x 3)
-                        dh, dl = _tf32_parts(dv)
-                        part = tl.dot(hi, dh, input_precision="tf32")
-                        part = tl.dot(lo, dh, part, input_precision="tf32")
-                        part = tl.dot(hi, dl, part, input_precision="tf32")
-                    acc += part
+                    acc += _tf32_product(tl.trans(g), dv, DV_TF32)
                 n = tl.sum(sel.to(tl.int32), 0)
                 q += n
                 more = n == BLOCK_T  # a full block: the run may go on
@@ -643,17 +649,7 @@ if HAVE_TRITON:
             x_next = tl.load(gb + tn * s_gn, mask=gm & nxt, other=0.0)
             g = tl.where(gm, _gate(x, LOGITS), 0.0)
             dv = tl.load(db + tok * (H * D), mask=lm[:, None], other=0.0).to(tl.float32)
-            hi, lo = _tf32_parts(tl.trans(g))  # (M_PAD, LP)
-            if DV_TF32:  # bf16 / fp16 value gradients: exact in TF32
-                part = tl.dot(
-                    lo, dv, tl.dot(hi, dv, input_precision="tf32"), input_precision="tf32"
-                )
-            else:
-                dh, dl = _tf32_parts(dv)
-                part = tl.dot(hi, dh, input_precision="tf32")
-                part = tl.dot(lo, dh, part, input_precision="tf32")
-                part = tl.dot(hi, dl, part, input_precision="tf32")
-            acc += part
+            acc += _tf32_product(tl.trans(g), dv, DV_TF32)  # (M_PAD, LP) @ (LP, D)
             ptr = out_ptr + k * (M * H * D) + cols
             tl.store(ptr, acc, mask=mm[:, None] & whole)
             tl.atomic_add(ptr, acc, mask=mm[:, None] & last & ~whole, sem="relaxed")
@@ -952,21 +948,19 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
         gts, s_gl = tuple(g if inplace else g.contiguous() for g in gs), 0
     st = (gts if gstacked else gts[0]).stride()[-3:-1]  # (token, head) strides
     consts = dict(L=L, G=G, M=slots, D=D, LOGITS=logits, STACKED=stacked, GSTACKED=gstacked)
+    if N == 0:  # no token: nothing to launch (nor to autotune on, for every later batch)
+        return torch.zeros(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
+    dv0 = dvs if stacked else dvs[0]
+    # bf16 / fp16 value gradients are exact in TF32 (the tensor-core kernels give fp32 ones a
+    # third product)
+    exact = dv0.dtype in (torch.bfloat16, torch.float16)
     if bank_kernel() == "runs":
         out = torch.empty(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
-        if N == 0:  # no program to write the zeros
-            return out.zero_()
-        # bf16 / fp16 value gradients are exact in TF32 (fp32 ones get a third product)
-        exact = (dvs if stacked else dvs[0]).dtype in (torch.bfloat16, torch.float16)
         _bank_runs_kernel[_lane_grid(N, H)](gts, dvs, order, sid, out, N, H, num_rows, s_gl, *st, s_dl,
                                             M_PAD=_pad(slots), DV_TF32=exact, **consts)  # fmt: skip
         return out
     out = torch.zeros(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
-    if N == 0:  # no token: nothing to launch (nor to autotune on, for every later batch)
-        return out
     if bank_kernel() == "layers":
-        dv0 = dvs if stacked else dvs[0]
-        exact = dv0.dtype in (torch.bfloat16, torch.float16)
         aligned = all(t.data_ptr() % 16 == 0 for t in ((dvs,) if stacked else dvs)) and (
             s_dl * dv0.element_size() % 16 == 0
         )
