@@ -285,14 +285,14 @@ if HAVE_TRITON:
                  mask=rmask[:, None])  # fmt: skip
 
     @triton.jit
-    def _layer_dv(dvs, l: tl.constexpr, s_dl, STACKED: tl.constexpr):
-        """Layer ``l``'s value gradient: its own tensor ``dvs[l]`` (a tuple of L pointers), or
-        with ``STACKED`` the ``l``-th slice of the one stacked tensor ``dvs`` (a pointer; a 64-bit
-        offset: past 2**31 at large batches)."""
+    def _layer_ptr(ptrs, l: tl.constexpr, s_l, STACKED: tl.constexpr):
+        """Layer ``l``'s tensor (its value gradient, or its gates): its own ``ptrs[l]`` (a tuple
+        of L pointers), or with ``STACKED`` the ``l``-th slice of the one stacked tensor ``ptrs``
+        (a pointer, slices ``s_l`` apart; a 64-bit offset: past 2**31 at large batches)."""
         if STACKED:
-            ptr = dvs + s_dl.to(tl.int64) * l
+            ptr = ptrs + s_l.to(tl.int64) * l
         else:
-            ptr = dvs[l]
+            ptr = ptrs[l]
         return ptr
 
     @triton.jit
@@ -324,9 +324,9 @@ if HAVE_TRITON:
             row = tok * H + h
             goff = tok * s_gn + h * s_gh + (G - M) + m
             for l in tl.static_range(L):
-                x = tl.load(_layer_dv(gts, l, s_gl, GSTACKED) + goff, mask=mm, other=0.0)
+                x = tl.load(_layer_ptr(gts, l, s_gl, GSTACKED) + goff, mask=mm, other=0.0)
                 g = tl.where(mm, _gate(x, LOGITS), 0.0)
-                dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + row * D + d)
+                dv = tl.load(_layer_ptr(dvs, l, s_dl, STACKED) + row * D + d)
                 acc += g[:, None] * dv.to(tl.float32)[None, :]
         tl.atomic_add(out_ptr + prev * (M * H * D) + cols, acc, mask=mm[:, None], sem="relaxed")
 
@@ -472,9 +472,9 @@ if HAVE_TRITON:
             # a MoVE-x1 step on one H100 against 1.55 unrolled on another (the next layer's
             # loads not in flight; benchmarks/RESULTS.md, 2026-12-07 third session)
             for l in tl.static_range(L):
-                x = tl.load(_layer_dv(gts, l, s_gl, GSTACKED) + goff, mask=gm, other=0.0)
+                x = tl.load(_layer_ptr(gts, l, s_gl, GSTACKED) + goff, mask=gm, other=0.0)
                 g = tl.where(gm, _gate(x, LOGITS), 0.0)
-                dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :],
+                dv = tl.load(_layer_ptr(dvs, l, s_dl, STACKED) + rows[:, None] * D + d[None, :],
                              mask=im[:, None], other=0.0)  # fmt: skip
                 acc += g[:, :, None] * dv.to(tl.float32)[:, None, :]
             _, acc = tl.associative_scan((first, acc), 0, _seg_add)
@@ -564,9 +564,9 @@ if HAVE_TRITON:
                 dvoff = (tok * H + h)[:, None] * D + d[None, :]
                 gm = sel[:, None] & mm[None, :]
                 for l in tl.static_range(L):
-                    x = tl.load(_layer_dv(gts, l, s_gl, GSTACKED) + goff, mask=gm, other=0.0)
+                    x = tl.load(_layer_ptr(gts, l, s_gl, GSTACKED) + goff, mask=gm, other=0.0)
                     g = tl.where(gm, _gate(x, LOGITS), 0.0)
-                    dv = tl.load(_layer_dv(dvs, l, s_dl, STACKED) + dvoff, mask=sel[:, None],
+                    dv = tl.load(_layer_ptr(dvs, l, s_dl, STACKED) + dvoff, mask=sel[:, None],
                                  other=0.0).to(tl.float32)  # fmt: skip
                     # this block's products summed in the tensor cores from zero, the run's sum
                     # in fp32 registers (not a long sum inside the tensor cores' accumulation)
@@ -708,6 +708,16 @@ def _lane_configs(roll: bool = False):
             for mb in (2, 4, 8) for w in (4, 8) for r in rolls]  # fmt: skip
 
 
+def _tile_configs():
+    """(BLOCK_T, MB, warps) of ``_bank_tile_kernel``: the lane kernels' blocks at 16 tokens and
+    4 or 8 slots. On H100s the autotuner chose 16 tokens for all nine recorded (shape, form) keys
+    of the twelve blocks offered (and 8 slots for eight of them; 2026-12-07, fourth to seventh
+    sessions), while compiling the twelve took about 60 s a key on a fresh machine."""
+    if INTERPRET:
+        return _lane_configs()
+    return [triton.Config({"BLOCK_T": 16, "MB": mb}, num_warps=w) for mb in (4, 8) for w in (4, 8)]
+
+
 def _runs_configs():
     """The warps of ``_bank_runs_kernel`` autotuned, its tile fixed at 16 tokens: the autotuner
     chose 16 of 16 / 32 / 64 at every shape on an H100 (2026-12-07 sixth session), and a fixed
@@ -747,7 +757,7 @@ if HAVE_TRITON:
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_bwd_kernel)  # fmt: skip
     # the bank kernel adds into its output: every autotuning run starts from zeros
-    _bank_tile_kernel = _autotune(_lane_configs(), key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS"], reset_to_zero=["out_ptr"],
+    _bank_tile_kernel = _autotune(_tile_configs(), key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS"], reset_to_zero=["out_ptr"],
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
         _bank_tile_kernel)  # fmt: skip
     _bank_layers_kernel = _autotune(
