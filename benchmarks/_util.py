@@ -49,7 +49,7 @@ OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "routerpad", "c
 """The ``GPT.fused_ops`` an arm may add (``@op``: a no-op where the model has it by default, as
 the first seven, and router and gates for MoVE below 16 slots) or remove (``@noop``)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
-               "dvstack", "bankruns", "banklayers")  # fmt: skip
+               "dvstack", "bankruns", "banklanes", "banklayers")  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -69,16 +69,17 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     noclipfold the clip as a pass of its own (``clip_grad_norm_``) rather than
     inside the fused AdamW step (train_step); dvstack the MoVE bank gradient reading the
     layers' value gradients from a stacked copy (``MoVEBank.stack_dv`` True), not where they lie;
-    bankruns / banklayers the bank gradient by the runs / layers kernel (``kernels.BANK_KERNEL``,
+    bankruns / banklanes / banklayers the bank gradient by the runs / lanes / layers kernel (``kernels.BANK_KERNEL``,
     a module setting: set for every arm, back to the default None where neither is given)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
         raise ValueError(f"{arm}: after @ come grouped or token and "
                          f"{sorted(set(ARM_OPTIONS) - {'grouped', 'token'})}, joined by +")  # fmt: skip
-    if {"bankruns", "banklayers"} <= opts:
+    if len(opts & {"bankruns", "banklanes", "banklayers"}) > 1:
         raise ValueError(
-            f"{arm}: bankruns and banklayers each pick the bank gradient's kernel; give one"
+            f"{arm}: bankruns, banklanes and banklayers each pick the bank gradient's kernel; "
+            "give one"
         )
     both = sorted(o for o in OPS if o in opts and f"no{o}" in opts)
     if both:
@@ -96,7 +97,7 @@ def apply_arm_options(model, opts: set[str]) -> None:
         model.bank.group_by_id = "grouped" in opts
     if "dvstack" in opts and model.bank is not None:
         model.bank.stack_dv = True
-    kernels.BANK_KERNEL = next((k for k in ("runs", "layers") if f"bank{k}" in opts), None)
+    kernels.BANK_KERNEL = next((k for k in kernels.BANK_KERNELS if f"bank{k}" in opts), None)
 
 
 ID_DISTS = "uniform, zipf (Zipf(1)), zipf:S (Zipf(S), S >= 0), store:PATH (a code store's histogram; no comma in PATH)"

@@ -29,9 +29,9 @@
 #                     MoVE-x4 beside it with one (@router+gates), then MoVE-x1 again (train)
 #   bank              under 560 s: the bank gradient's kernels each alone against its byte floor on
 #                     three id distributions, every one's output against the lanes kernels' (bank_grad;
-#                     BANK_ARGS more arguments), then the MoVE steps with the layers kernel beside the
-#                     default (train: standard, move-x1, move-x4 and each @banklayers; the runs
-#                     kernel's were timed 2026-12-07)
+#                     BANK_ARGS more arguments), then the MoVE steps with the default (layers)
+#                     kernel beside the lanes kernels (train: standard, move-x1, move-x4 and each
+#                     @banklanes; the runs kernel's were timed 2026-12-07)
 #   bank-tests        the bank-gradient GPU tests at GPT-B scale (every kernel, stacked and in place)
 #                     and the MoVE kernel tests
 #   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
@@ -49,7 +49,7 @@
 # what the pack holds). Timings are unchanged (the choices are the ones the autotuner measured
 # on that model).
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits, GPU_CACHE,
-# TRAIN_ONLY, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
+# TRAIN_ONLY, TRAIN_IDS, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
 # EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (e.g. uniform,zipf:0.3,zipf), MIX_IMPLS, BANK_ARGS
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
@@ -91,7 +91,7 @@ block-ops)
   bench ${T_BLOCK:-240} block_ops.log benchmarks.block_ops
   grep -E "^\||^block" "$OUT/block_ops.log"; errors "$OUT/block_ops.log";;
 train)
-  bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --dump-stacks ${DUMP_STACKS:-0} --only \
+  bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --dump-stacks ${DUMP_STACKS:-0} --ids_dist ${TRAIN_IDS:-uniform} --only \
     ${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,lave-x1:256:compiled,standard:64:compiled,standard:256:eager,move-x4:256:eager}
   grep -E "^\{|^\||^training" "$OUT/train_step.log" | tail -22; errors "$OUT/train_step.log";;
 sampling)
@@ -163,7 +163,7 @@ quick)
 bank)
   bench ${T_BANK:-210} bank_grad.log benchmarks.bank_grad ${BANK_ARGS:-}
   grep -E "^\||^MoVE" "$OUT/bank_grad.log"; errors "$OUT/bank_grad.log"
-  T_TRAIN=${T_TRAIN:-330} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@banklayers:256:compiled,move-x4:256:compiled,move-x4@banklayers:256:compiled} \
+  T_TRAIN=${T_TRAIN:-330} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@banklanes:256:compiled,move-x4:256:compiled,move-x4@banklanes:256:compiled} \
     run_section train;;
 bank-tests)
   timeout ${T_BANK_TESTS:-500} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \

@@ -659,18 +659,19 @@ if HAVE_TRITON:
 
 
 BANK_KERNEL: str | None = None
-"""The bank gradient's kernel: ``"lanes"`` (the fp32 sums per token of ``_bank_tile_kernel`` /
+"""The bank gradient's kernel: ``"layers"`` (``_bank_layers_kernel``: a walk over the tokens
+sorted by id, each token's sum over the layers one tensor-core product, at any slots; a run of
+one id stored where it ends inside a program's chunk, else added by an fp32 atomic, so the last
+bits may differ between runs), ``"lanes"`` (the fp32 sums per token of ``_bank_tile_kernel`` /
 ``_bank_rows_kernel``, as ``BANK_TILE_MAX_SLOTS`` picks, added into a zeroed output; fp32
-atomics where a run of one id crosses a tile, so the last bits may differ between runs), or
-``"runs"`` (``_bank_runs_kernel``: each run of equal ids summed whole by one program as
-tensor-core products, every row written once, zeros included: no atomics, the same bits on every
-run), or ``"layers"`` (``_bank_layers_kernel``: the token walk of ``"lanes"`` above 8 slots with
-each token's sum over the layers as one tensor-core product, at any slots; not yet timed on a
-GPU). None (default): ``"runs"`` under ``torch.use_deterministic_algorithms(True)`` (Lightning's
-``Trainer(deterministic=True)``), else ``"lanes"``, the faster: on an H100 at GPT-B's shapes
-(``benchmarks/bank_grad.py``) runs took 2.04 / 4.08 ms against 1.72 / 4.06 (6 / 24 slots,
-uniform ids) and 5.24 / 7.54 against 1.59 / 3.65 on Zipf(1) ids, whose long runs one program
-walks alone (``benchmarks/RESULTS.md``, 2026-12-07 sixth session)."""
+atomics where a run of one id crosses a tile), or ``"runs"`` (``_bank_runs_kernel``: each run of
+equal ids summed whole by one program as tensor-core products, every row written once, zeros
+included: no atomics, the same bits on every run). None (default): ``"runs"`` under
+``torch.use_deterministic_algorithms(True)`` (Lightning's ``Trainer(deterministic=True)``), else
+``"layers"``, the fastest: on an H100 at GPT-B's shapes (``benchmarks/bank_grad.py``, uniform ids)
+layers took 1.25 / 2.54 ms against lanes' 1.63 / 5.12 and runs' 3.97 / 6.90 (6 / 24 slots), on
+Zipf(1) ids 1.31 / 2.36 against 1.61 / 4.87 and 7.08 / 8.23 (``benchmarks/RESULTS.md``,
+2026-12-07 eighth session)."""
 
 
 BANK_KERNELS = ("runs", "lanes", "layers")
@@ -684,7 +685,7 @@ def bank_kernel() -> str:
                 f"kernels.BANK_KERNEL: one of {BANK_KERNELS} or None, not {BANK_KERNEL!r}"
             )
         return BANK_KERNEL
-    return "runs" if torch.are_deterministic_algorithms_enabled() else "lanes"
+    return "runs" if torch.are_deterministic_algorithms_enabled() else "layers"
 
 
 BANK_TILE_MAX_SLOTS = 8

@@ -147,12 +147,13 @@ def test_arm_options_add_remove_and_refuse_contradictions(monkeypatch):
     for arm, kern in [
         ("move-x4@banklayers", "layers"),
         ("move-x4@bankruns", "runs"),
+        ("move-x4@banklanes", "lanes"),
         ("move-x4", None),
     ]:
         apply_arm_options(model, arm_options(arm)[1])
         assert kernels.BANK_KERNEL == kern, arm
     for arm in ("standard@ce+noce", "standard@splitmix", "move-x1@grouped+token",
-                "move-x4@bankruns+banklayers"):  # fmt: skip
+                "move-x4@bankruns+banklayers", "move-x1@banklanes+banklayers"):  # fmt: skip
         with pytest.raises(ValueError):
             arm_options(arm)
 

@@ -445,7 +445,7 @@ def test_inductor_gets_the_ops_as_fallbacks_before_it_lowers_one(monkeypatch):
 
 
 def test_bank_kernel_is_the_runs_kernel_under_deterministic_algorithms(monkeypatch):
-    """The bank gradient's kernel: the faster lanes kernels (fp32 atomics) by default, the runs
+    """The bank gradient's kernel: the fastest, the layers kernel (fp32 atomics), by default, the runs
     kernel (no atomics: the same bits on every run) where PyTorch is asked for deterministic
     algorithms (as Lightning's ``Trainer(deterministic=True)`` asks), and whichever
     ``BANK_KERNEL`` names where it is set."""
@@ -453,7 +453,7 @@ def test_bank_kernel_is_the_runs_kernel_under_deterministic_algorithms(monkeypat
 
     from movegen import kernels
 
-    assert kernels.BANK_KERNEL is None and kernels.bank_kernel() == "lanes"
+    assert kernels.BANK_KERNEL is None and kernels.bank_kernel() == "layers"
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
