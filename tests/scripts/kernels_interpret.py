@@ -53,7 +53,8 @@ empty = torch.empty
 
 
 def nan_empty(*args, **kwargs):
-    return empty(*args, **kwargs).fill_(float("nan"))
+    t = empty(*args, **kwargs)  # float tensors only (an int one cannot hold NaN)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
 
 
 class Launches:
