@@ -8,7 +8,7 @@ tensor-core products, every output row written once, absent ids' rows as zeros),
 (fp32 sums per token into a zeroed output: a segmented sum over tiles for M <= 8, one token at a
 time above; the zero fill is counted in its time), ``lanes+stack`` (the same, the gates
 stacked first) and ``layers`` (a token walk at any slots, each token's sum over the layers one
-tensor-core product, into a zeroed output). Floor: the gates and value gradients read once and
+tensor-core product, into a zeroed output: the default outside deterministic runs). Floor: the gates and value gradients read once and
 the fp32 rows written once, at the copy rate measured in the run. Each kernel's output is
 compared with the lanes kernels' at every row (``max |out - lanes| / max |lanes|``).
 

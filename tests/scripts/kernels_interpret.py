@@ -91,7 +91,8 @@ for M, logits, stacked, skew, V, dt in [(6, True, False, True, 60, torch.bfloat1
     ref = torch.zeros(V, M * H * D)
     for g, dv in zip(gates, dvs):
         ref.index_add_(0, ids.reshape(-1), (g[..., -M:, None] * dv.float()[..., None, :]).transpose(2, 3).reshape(B * T, -1))  # fmt: skip
-    for bank in ("runs", "layers", 8 if M <= 8 else 64):
+    # lanes: the tile kernel (up to 8 slots; at 24 too, with 64), or the token walk (24 slots, 8)
+    for bank in ("runs", "layers", 8 if M <= 8 or skew else 64):
         with bank_kernel(bank), mock.patch.object(torch, "empty", nan_empty), \
                 mock.patch.object(kernels, "_bank_layers_kernel", layers):  # fmt: skip
             x = gs if logits else gates  # stacked, or each layer's a view of a wider tensor
@@ -144,12 +145,12 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     g_ref = torch.autograd.grad(refs, leaves, douts)
     # per token (int64 and int32 ids) and grouped by id (the ids sorted once, as int32 whatever
     # their dtype; 16-token tiles: groups that span tiles, and tiles of several groups); the bank
-    # gradient by runs ("runs": 16-token tiles; at T = 23 runs go past their tile) or by lanes: a
-    # segmented sum over tiles of sorted tokens (M <= 8) or one token at a time (M = 24; and the
-    # segmented sum at M = 24 too: 6 slot blocks of 4); the layers' value gradients stacked into
-    # one tensor or each read where it lies
+    # gradient by runs ("runs": 16-token tiles; at T = 23 runs go past their tile), by the
+    # default "layers" (a token walk, each token's sum over the layers one product) or by lanes'
+    # segmented sum over tiles of sorted tokens (8: M <= 8); the layers' value gradients stacked
+    # into one tensor or each read where it lies
     cases = [(ids, False, "runs", True), (ids.int(), False, "runs", False), (ids, True, "runs", True),
-             (ids, True, 8, False), (ids, False, 8, True)] + [(ids, True, 64, True), (ids, True, 64, False)] * (M > 8)  # fmt: skip
+             (ids, True, 8, False), (ids, False, "layers", True)] + [(ids, True, "layers", True), (ids, True, "layers", False)] * (M > 8)  # fmt: skip
     for idx, grouped, bank, stack_dv in cases:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
         with mock.patch.object(torch, "sort", wraps=torch.sort) as sort, bank_kernel(bank):
@@ -171,7 +172,7 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
         leaves[0], ids, leaves[1 : L + 1], [2 * torch.sigmoid(x) for x in leaves[L + 1 :]], gated
     )
     g_ref = torch.autograd.grad(refs, leaves, douts)
-    for idx, grouped, bank, stack_dv in [cases[0], cases[1], cases[3]] + cases[5:]:
+    for idx, grouped, bank, stack_dv in [cases[0], cases[1], cases[3], cases[4]] + cases[5:]:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *lgs)]
         with bank_kernel(bank):
             mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped,
