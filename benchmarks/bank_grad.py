@@ -100,7 +100,7 @@ def main() -> None:
         for M in args.slots.split(","):
             rows += run(int(M), dist, args, device, bw)
             release(device)
-            for r in rows[-len(KERNELS):]:  # as measured: a run cut short keeps its rows
+            for r in rows[-len(KERNELS) :]:  # as measured: a run cut short keeps its rows
                 print(f"row {r}", flush=True)
     json_line(
         "bank_grad",
