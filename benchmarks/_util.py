@@ -70,7 +70,7 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     inside the fused AdamW step (train_step); dvstack the MoVE bank gradient reading the
     layers' value gradients from a stacked copy (``MoVEBank.stack_dv`` True), not where they lie;
     bankruns / banklanes / banklayers the bank gradient by the runs / lanes / layers kernel (``kernels.BANK_KERNEL``,
-    a module setting: set for every arm, back to the default None where neither is given)."""
+    a module setting: set for every arm, back to the default None where none of them is given)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:

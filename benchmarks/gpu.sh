@@ -93,7 +93,7 @@ block-ops)
 train)
   bench ${T_TRAIN:-330} train_step.log benchmarks.train_step --warmup 5 --iters 15 --dump-stacks ${DUMP_STACKS:-0} --ids_dist ${TRAIN_IDS:-uniform} --only \
     ${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x4:256:compiled,lave-x1:256:compiled,standard:64:compiled,standard:256:eager,move-x4:256:eager}
-  grep -E "^\{|^\||^training" "$OUT/train_step.log" | tail -22; errors "$OUT/train_step.log";;
+  grep -E "^\{|^\||^training" "$OUT/train_step.log" | tail -40; errors "$OUT/train_step.log";;
 sampling)
   bench ${T_SAMPLE:-150} sampling.log benchmarks.sampling --arms standard,move-x1 \
     --batches ${SAMPLE_BATCHES:-16,64} --paths fast,eager --iters 2

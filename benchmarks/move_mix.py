@@ -7,8 +7,9 @@ the bank itself, and the bank gradient is formed in one pass over the tokens in 
 layers summed into fp32 bank rows) with the per-token kernels; "grouped" the same with the
 kernels grouped by id (the ids sorted once per forward; each program takes a tile of sorted
 tokens of one head, whose equal rows the hardware fetches about once); "grouped-tile" the same
-with the bank gradient as a segmented sum over tiles at every M (``kernels.BANK_TILE_MAX_SLOTS``
-chooses by M otherwise); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
+with the bank gradient by the lanes kernels' segmented sum over tiles at every M
+(``kernels.BANK_KERNEL = "lanes"``, ``BANK_TILE_MAX_SLOTS`` past M; the others take the default
+kernel); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
 through every layer's mix (one bank-sized gradient per layer).
 
 Floor in bytes (bf16), per layer: forward reads each row's M slots, v and the gates and writes the
@@ -56,8 +57,9 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     bank = MoVEBank(V, M, d, H).to(device, dt)
     bank.group_by_id = impl.startswith("grouped")
-    # "grouped-tile": the bank gradient as the segmented sum over tiles at any M
+    # "grouped-tile": the bank gradient as the lanes kernels' segmented sum over tiles at any M
     kernels.BANK_TILE_MAX_SLOTS = 1024 if impl == "grouped-tile" else TILE_MAX
+    kernels.BANK_KERNEL = "lanes" if impl == "grouped-tile" else None
     ids = random_codes((B, T), V, dist, generator=g)
     distinct = ids.unique().numel()
     vs = [torch.randn(B, T, H, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(L)]  # fmt: skip

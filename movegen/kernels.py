@@ -18,9 +18,11 @@ Each kernel loads all M slots of a block of rows as one ``(BLOCK_R, M_PAD, D)`` 
 * ``gmix_fwd``, ``gmix_bwd``: the same with the tokens in id order, one head per program (below)
 * ``bank_rows_grad``: dE[k, m, h] = sum over tokens n with ids[n] = k and over all L layers of
                  g_l[r, m] * dv_l[r], in fp32, in one pass over the tokens in id order (no
-                 per-token slot gradient is written): a segmented sum over tiles of sorted
-                 tokens for few slots, one token at a time for many; or (deterministic
-                 algorithms) each run of one id summed whole as tensor-core products, no atomics
+                 per-token slot gradient is written): by default a walk over the sorted
+                 tokens, each token's sum over the layers one tensor-core product; under
+                 deterministic algorithms each run of one id summed whole as tensor-core
+                 products, no atomics; with ``BANK_KERNEL = "lanes"`` a segmented sum over
+                 tiles of sorted tokens for few slots, one token at a time for many
 * ``rows_grad``: sums gathered rows' gradients by id with PyTorch's sort-based embedding
   backward (the plain path's gather), kept opaque to the compiler.
 * ``decode_attn``: one layer of one-token decoding (below).

@@ -311,7 +311,7 @@ def test_bank_kernels_compile_for_hopper():
 
     if kernels.INTERPRET:
         pytest.skip("the interpreter is on: the kernels are not the autotuned ones")
-    cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 4, "BLOCK_T": 32}),
+    cases = [(kernels._bank_tile_kernel, {"G": 7, "M": 6, "MB": 8, "BLOCK_T": 16}),
              (kernels._bank_rows_kernel, {"G": 25, "M": 24, "M_PAD": 32, "CHUNK": 64}),
              (kernels._bank_runs_kernel, {"G": 7, "M": 6, "M_PAD": 8, "BLOCK_T": 16, "DV_TF32": True}),
              (kernels._bank_runs_kernel, {"G": 25, "M": 24, "M_PAD": 32, "BLOCK_T": 16, "DV_TF32": False}),

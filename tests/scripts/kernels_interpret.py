@@ -146,11 +146,11 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     # per token (int64 and int32 ids) and grouped by id (the ids sorted once, as int32 whatever
     # their dtype; 16-token tiles: groups that span tiles, and tiles of several groups); the bank
     # gradient by runs ("runs": 16-token tiles; at T = 23 runs go past their tile), by the
-    # default "layers" (a token walk, each token's sum over the layers one product) or by lanes'
-    # segmented sum over tiles of sorted tokens (8: M <= 8); the layers' value gradients stacked
-    # into one tensor or each read where it lies
+    # default "layers" (a token walk, each token's sum over the layers one product) or by the
+    # lanes kernels (8: the segmented sum over tiles of sorted tokens at M <= 8, the token walk at
+    # M = 24); the layers' value gradients stacked into one tensor or each read where it lies
     cases = [(ids, False, "runs", True), (ids.int(), False, "runs", False), (ids, True, "runs", True),
-             (ids, True, 8, False), (ids, False, "layers", True)] + [(ids, True, "layers", True), (ids, True, "layers", False)] * (M > 8)  # fmt: skip
+             (ids, True, 8, False), (ids, False, "layers", True)] + [(ids, True, "layers", True), (ids, True, "layers", False), (ids, False, 8, True)] * (M > 8)  # fmt: skip
     for idx, grouped, bank, stack_dv in cases:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
         with mock.patch.object(torch, "sort", wraps=torch.sort) as sort, bank_kernel(bank):
