@@ -48,8 +48,10 @@ OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "routerpad", "c
        "gates", "emb")  # fmt: skip
 """The ``GPT.fused_ops`` an arm may add (``@op``: a no-op where the model has it by default, as
 the first seven, and router and gates for MoVE below 16 slots) or remove (``@noop``)."""
+BANK_OPTIONS = tuple(f"bank{k}" for k in kernels.BANK_KERNELS)
+"""The arm options that pick the bank gradient's kernel (``bankruns``, ``banklanes``, ...)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
-               "dvstack", "bankruns", "banklanes", "banklayers")  # fmt: skip
+               "dvstack", *BANK_OPTIONS)  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -76,10 +78,9 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
         raise ValueError(f"{arm}: after @ come grouped or token and "
                          f"{sorted(set(ARM_OPTIONS) - {'grouped', 'token'})}, joined by +")  # fmt: skip
-    if len(opts & {"bankruns", "banklanes", "banklayers"}) > 1:
+    if len(opts & set(BANK_OPTIONS)) > 1:
         raise ValueError(
-            f"{arm}: bankruns, banklanes and banklayers each pick the bank gradient's kernel; "
-            "give one"
+            f"{arm}: {', '.join(BANK_OPTIONS)} each pick the bank gradient's kernel; give one"
         )
     both = sorted(o for o in OPS if o in opts and f"no{o}" in opts)
     if both:

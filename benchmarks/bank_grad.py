@@ -98,10 +98,11 @@ def main() -> None:
     rows = []
     for dist in args.ids_dist.split(","):
         for M in args.slots.split(","):
-            rows += run(int(M), dist, args, device, bw)
+            new = run(int(M), dist, args, device, bw)
             release(device)
-            for r in rows[-len(KERNELS) :]:  # as measured: a run cut short keeps its rows
+            for r in new:  # as measured: a run cut short keeps its rows
                 print(f"row {r}", flush=True)
+            rows += new
     json_line(
         "bank_grad",
         {"device": device_name(device), "torch": torch.__version__, "copy_gbs": bw, "rows": rows},

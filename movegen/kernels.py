@@ -967,13 +967,14 @@ def bank_rows_grad(gs: list[torch.Tensor], dvs: list[torch.Tensor], ids: torch.T
     # bf16 / fp16 value gradients are exact in TF32 (the tensor-core kernels give fp32 ones a
     # third product)
     exact = dv0.dtype in (torch.bfloat16, torch.float16)
-    if bank_kernel() == "runs":
+    kern = bank_kernel()
+    if kern == "runs":
         out = torch.empty(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
         _bank_runs_kernel[_lane_grid(N, H)](gts, dvs, order, sid, out, N, H, num_rows, s_gl, *st, s_dl,
                                             M_PAD=_pad(slots), DV_TF32=exact, **consts)  # fmt: skip
         return out
     out = torch.zeros(num_rows, slots, H, D, device=ids.device, dtype=torch.float32)
-    if bank_kernel() == "layers":
+    if kern == "layers":
         aligned = all(t.data_ptr() % 16 == 0 for t in ((dvs,) if stacked else dvs)) and (
             s_dl * dv0.element_size() % 16 == 0
         )
