@@ -50,8 +50,10 @@ OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "routerpad", "c
 the first seven, and router and gates for MoVE below 16 slots) or remove (``@noop``)."""
 BANK_OPTIONS = tuple(f"bank{k}" for k in kernels.BANK_KERNELS)
 """The arm options that pick the bank gradient's kernel (``bankruns``, ``banklanes``, ...)."""
+MIX_OPTIONS = tuple(f"mix{k}" for k in kernels.MIX_KERNELS)
+"""The arm options that pick the grouped mix kernels' form (``mixlanes``, ``mixdot``)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
-               "dvstack", *BANK_OPTIONS)  # fmt: skip
+               "dvstack", *BANK_OPTIONS, *MIX_OPTIONS)  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
 
 
@@ -72,16 +74,17 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     inside the fused AdamW step (train_step); dvstack the MoVE bank gradient reading the
     layers' value gradients from a stacked copy (``MoVEBank.stack_dv`` True), not where they lie;
     bankruns / banklanes / banklayers the bank gradient by the runs / lanes / layers kernel (``kernels.BANK_KERNEL``,
-    a module setting: set for every arm, back to the default None where none of them is given)."""
+    a module setting: set for every arm, back to the default None where none of them is given);
+    mixlanes / mixdot the grouped mix kernels' form (``kernels.MIX_KERNEL``, set the same way)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
         raise ValueError(f"{arm}: after @ come grouped or token and "
                          f"{sorted(set(ARM_OPTIONS) - {'grouped', 'token'})}, joined by +")  # fmt: skip
-    if len(opts & set(BANK_OPTIONS)) > 1:
-        raise ValueError(
-            f"{arm}: {', '.join(BANK_OPTIONS)} each pick the bank gradient's kernel; give one"
-        )
+    for group, what in ((BANK_OPTIONS, "the bank gradient's kernel"),
+                        (MIX_OPTIONS, "the grouped mix kernels' form")):  # fmt: skip
+        if len(opts & set(group)) > 1:
+            raise ValueError(f"{arm}: {', '.join(group)} each pick {what}; give one")
     both = sorted(o for o in OPS if o in opts and f"no{o}" in opts)
     if both:
         raise ValueError(f"{arm}: {both[0]} and no{both[0]} contradict each other; give one")
@@ -99,6 +102,7 @@ def apply_arm_options(model, opts: set[str]) -> None:
     if "dvstack" in opts and model.bank is not None:
         model.bank.stack_dv = True
     kernels.BANK_KERNEL = next((k for k in kernels.BANK_KERNELS if f"bank{k}" in opts), None)
+    kernels.MIX_KERNEL = next((k for k in kernels.MIX_KERNELS if f"mix{k}" in opts), None)
 
 
 ID_DISTS = "uniform, zipf (Zipf(1)), zipf:S (Zipf(S), S >= 0), store:PATH (a code store's histogram; no comma in PATH)"

@@ -32,6 +32,11 @@
 #                     BANK_ARGS more arguments), then the MoVE steps with the default (layers)
 #                     kernel beside the lanes kernels (train: standard, move-x1, move-x4 and each
 #                     @banklanes; the runs kernel's were timed 2026-12-07)
+#   dot               under 560 s: the grouped mix kernels' dot form: its GPU tests (GPT-B scale, against
+#                     float64 and the lanes form; the MoVE kernel tests in both forms), the mix alone
+#                     grouped in both forms on two id distributions (move_mix; MIX_IDS), then the MoVE
+#                     steps beside it (train: standard, move-x1, move-x1@grouped+mixdot, move-x4,
+#                     move-x4@mixdot)
 #   bank-tests        the bank-gradient GPU tests at GPT-B scale (every kernel, stacked and in place)
 #                     and the MoVE kernel tests
 #   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
@@ -50,7 +55,7 @@
 # on that model).
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits, GPU_CACHE,
 # TRAIN_ONLY, TRAIN_IDS, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
-# EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (e.g. uniform,zipf:0.3,zipf), MIX_IMPLS, BANK_ARGS
+# EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (e.g. uniform,zipf:0.3,zipf), MIX_IMPLS, MIX_IDS, BANK_ARGS
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
 export PYTHONUNBUFFERED=1
@@ -60,7 +65,7 @@ export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,54p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,59p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 MODEL=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
@@ -164,6 +169,14 @@ bank)
   bench ${T_BANK:-210} bank_grad.log benchmarks.bank_grad ${BANK_ARGS:-}
   grep -E "^\||^MoVE" "$OUT/bank_grad.log"; errors "$OUT/bank_grad.log"
   T_TRAIN=${T_TRAIN:-330} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@banklanes:256:compiled,move-x4:256:compiled,move-x4@banklanes:256:compiled} \
+    run_section train;;
+dot)
+  timeout ${T_DOT_TESTS:-150} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
+    -k "dot_form or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
+  bench ${T_MIX:-150} move_mix.log benchmarks.move_mix --impls grouped,grouped-dot --ids_dist ${MIX_IDS:-uniform,zipf:0.3}
+  grep -E "^\||^MoVE" "$OUT/move_mix.log"; errors "$OUT/move_mix.log"
+  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x1:256:compiled,move-x1@grouped+mixdot:256:compiled,move-x4:256:compiled,move-x4@mixdot:256:compiled} \
     run_section train;;
 bank-tests)
   timeout ${T_BANK_TESTS:-500} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \

@@ -436,6 +436,116 @@ if HAVE_TRITON:
         tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=im[:, None])  # fmt: skip
 
+    # The dot form of the grouped kernels (``MIX_KERNEL = "dot"``): the program's tile of sorted
+    # tokens is split into its groups of equal ids (each lane's group: the count of id changes
+    # along the lanes before it), and the slots of JB groups at a time are loaded once, as one
+    # ``(JB * M_PAD, D)`` tile, and applied to every lane by a tensor-core product with a one-hot
+    # operand: the forward ``A @ S`` with ``A[t, j * M_PAD + m] = g[t, m]`` where lane t is in
+    # group j (else 0), the backward ``dout @ S^T`` of which each lane keeps its own group's
+    # columns. A repeated row is loaded once per tile rather than once per lane, and the gates'
+    # gradients need no reduction across the threads that hold D. The group blocks' loads depend
+    # only on registers, none on an earlier load, so they can be in flight together.
+
+    _INTERPRETED = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def _dot16(a, b, acc):
+        """``acc + a @ b`` of two operands of one 16-bit dtype: exact products, fp32 sums. (The
+        interpreter's 16-bit products are wrong (Triton 3.8), so there the same product of the
+        operands made fp32, which the interpreter takes exactly.)"""
+        if _INTERPRETED:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _tile_groups(sid_ptr, i, im, start):
+        """The tile's groups of equal ids: each lane's id ``s`` and group ``rank`` (the id
+        changes along the sorted lanes before it; lanes past the end keep the last group), and
+        the number of groups."""
+        s = tl.load(sid_ptr + i, mask=im, other=0)
+        after = im & (i > start)
+        change = after & (s != tl.load(sid_ptr + i - 1, mask=after, other=0))
+        rank = tl.cumsum(change.to(tl.int32), axis=0)
+        return s, rank, tl.max(rank, axis=0) + 1
+
+    @triton.jit
+    def _group_slots(tab_ptr, s, rank, j0, h, m, mm, d, s_id, s_m, s_h, JB: tl.constexpr,
+                     M_PAD: tl.constexpr, D: tl.constexpr):  # fmt: skip
+        """Groups ``j0..j0+JB`` of the tile: ``sel (BLOCK_T, JB)``, whether each lane is in each,
+        and their slots of head ``h`` as one ``(JB * M_PAD, D)`` tile (zeros at padded slots and
+        for the blocks past the tile's last group)."""
+        j = j0 + tl.arange(0, JB)
+        sel = rank[:, None] == j[None, :]
+        gid = tl.max(tl.where(sel, s[:, None], -1), axis=0)  # each group's id; -1: no group
+        base = gid.to(tl.int64) * s_id + h * s_h
+        ptr = tab_ptr + base[:, None, None] + m[None, :, None] * s_m + d[None, None, :]
+        slots = tl.load(ptr, mask=(gid >= 0)[:, None, None] & mm[None, :, None], other=0.0)
+        return sel, tl.reshape(slots, (JB * M_PAD, D))
+
+    @triton.jit
+    def _dmix_fwd_kernel(v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, out_ptr, N, H, s_vn, s_vh, s_id, s_m, s_h,
+                         G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                         GATED: tl.constexpr, LOGITS: tl.constexpr, NATIVE: tl.constexpr,
+                         TAB_TF32: tl.constexpr, JB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        # NATIVE: the gates exact in the table's 16-bit dtype, one product in it; else the one-hot
+        # gates in two TF32 parts (the table's slots exact in TF32 with TAB_TF32, else TF32 x 3)
+        h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
+        s, rank, U = _tile_groups(sid_ptr, i, im, start)
+        m = tl.arange(0, M_PAD)
+        mm = m < M
+        d = tl.arange(0, D)
+        x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=im[:, None] & mm[None, :],
+                    other=0.0)  # fmt: skip
+        g = _gate(x, LOGITS)  # (padded slots: their slots load as zeros)
+        acc = tl.zeros((BLOCK_T, D), dtype=tl.float32)
+        for j0 in range(0, U, JB):
+            sel, slots = _group_slots(
+                tab_ptr, s, rank, j0, h, m, mm, d, s_id, s_m, s_h, JB, M_PAD, D
+            )
+            a = tl.reshape(tl.where(sel[:, :, None], g[:, None, :], 0.0), (BLOCK_T, JB * M_PAD))
+            if NATIVE:
+                acc = _dot16(a.to(slots.dtype), slots, acc)
+            else:
+                acc += _tf32_product(a, slots.to(tl.float32), TAB_TF32)
+        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED, LOGITS)
+        tl.store(
+            out_ptr + rows[:, None] * D + d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=im[:, None],
+        )
+
+    @triton.jit
+    def _dmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, dv_ptr, dg_ptr, N, H, s_vn, s_vh,
+                         s_id, s_m, s_h, s_on, s_gn, G: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+                         D: tl.constexpr, GATED: tl.constexpr, LOGITS: tl.constexpr, NATIVE: tl.constexpr,
+                         TAB_TF32: tl.constexpr, JB: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        # outputs as in _mix_bwd_kernel; NATIVE: dout in the table's 16-bit dtype, one product
+        # in it (exact products), else dout in two TF32 parts
+        h, start, end, i, im, n, rows = _tile(sid_ptr, order_ptr, N, H, BLOCK_T)
+        dvo, dgo = _out_rows(n, h, s_on, s_gn, D, G)
+        s, rank, U = _tile_groups(sid_ptr, i, im, start)
+        m = tl.arange(0, M_PAD)
+        mm = m < M
+        d = tl.arange(0, D)
+        dout = tl.load(dout_ptr + rows[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
+        dg = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
+        for j0 in range(0, U, JB):
+            sel, slots = _group_slots(
+                tab_ptr, s, rank, j0, h, m, mm, d, s_id, s_m, s_h, JB, M_PAD, D
+            )
+            if NATIVE:
+                r = _dot16(dout, tl.trans(slots), tl.zeros((BLOCK_T, JB * M_PAD), tl.float32))
+            else:
+                r = _tf32_product(dout.to(tl.float32), tl.trans(slots).to(tl.float32), TAB_TF32)
+            r = tl.reshape(r, (BLOCK_T, JB, M_PAD))  # each lane keeps its own group's columns
+            dg += tl.sum(tl.where(sel[:, :, None], r, 0.0), axis=1)
+        _store_gate_grads(dg, g_ptr, dg_ptr, dgo, rows, m, im[:, None] & mm[None, :], G, GATED,
+                          LOGITS)  # fmt: skip
+        dv = _standard_grads(dout.to(tl.float32), v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, im, d, s_vn,
+                             s_vh, G, GATED, LOGITS)  # fmt: skip
+        tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=im[:, None])  # fmt: skip
+
     @triton.jit
     def _seg_add(f1, v1, f2, v2):
         """Combine of a segmented sum: a segment start (f2) on the right cuts the left's sum."""
@@ -740,6 +850,60 @@ def _layers_configs():
             for c, s, w in ((64, 1, 4), (64, 3, 4), (16, 3, 4), (64, 3, 2), (16, 3, 2), (16, 2, 2))]  # fmt: skip
 
 
+MIX_KERNEL: str | None = None
+"""The form of the mix kernels grouped by id (``MoVEBank.group_by_id``): ``"lanes"``
+(``_lmix_*``: every lane of a tile loads its own slots, fp32 FMAs) or ``"dot"`` (``_dmix_*``:
+the tile's groups of equal ids load their slots once, applied to the lanes by tensor-core
+products with a one-hot operand; heads of at least 16 dimensions). None (default): ``"lanes"``."""
+
+MIX_KERNELS = ("lanes", "dot")
+
+
+def mix_kernel(table: torch.Tensor) -> str:
+    """The grouped mix kernels' form for ``table (N, M, H, D)`` now: :data:`MIX_KERNEL`, or where
+    None as it says; ``"lanes"`` for heads under 16 dimensions (too narrow for the products)."""
+    if MIX_KERNEL is not None and MIX_KERNEL not in MIX_KERNELS:
+        raise ValueError(f"kernels.MIX_KERNEL: one of {MIX_KERNELS} or None, not {MIX_KERNEL!r}")
+    if MIX_KERNEL == "dot" and table.shape[-1] >= 16:
+        return "dot"
+    return "lanes"
+
+
+def _dot_configs():
+    """(BLOCK_T, JB) of the dot-form mix kernels: tokens a program takes, groups a product
+    takes; four warps."""
+    return [triton.Config({"BLOCK_T": t, "JB": jb}, num_warps=4) for t in (16, 32, 64)
+            for jb in (1, 2, 4, 8)]  # fmt: skip
+
+
+def _dot_prune(configs, named_args, **kwargs):
+    """Keep the group blocks whose products are 16 to 64 wide (``JB * M_PAD``: 16 the least the
+    tensor cores take), one group a block where a group alone is wider; in the interpreter the
+    narrowest block of 16 tokens (the most group blocks a tile)."""
+    w = kwargs["M_PAD"]
+    keep = [c for c in configs if 16 <= c.kwargs["JB"] * w <= 64] or [
+        c for c in configs if c.kwargs["JB"] == 1
+    ]
+    return keep[:1] if INTERPRET else keep
+
+
+def _grouped_kernel(bwd: bool, table: torch.Tensor, x: torch.Tensor, logits: bool):
+    """The grouped mix kernel, forward or (``bwd``) backward, of the form :func:`mix_kernel`
+    picks, with the keyword arguments only the dot form takes; ``x`` is what meets the slots in
+    its product (the gates forward, ``dout`` backward). Its product runs natively in the table's
+    16-bit dtype where ``x`` is exact in it (the gates as they are, or ``dout``), else in TF32
+    parts."""
+    if mix_kernel(table) == "lanes":
+        return (_lmix_bwd_kernel if bwd else _lmix_fwd_kernel), {}
+    half = table.dtype in (torch.bfloat16, torch.float16)
+    native = half and x.dtype == table.dtype and (bwd or not logits)
+    return (_dmix_bwd_kernel if bwd else _dmix_fwd_kernel), {
+        "M_PAD": _pad(table.shape[1]),
+        "NATIVE": native,
+        "TAB_TF32": half,
+    }
+
+
 def _lane_prune(limit: int):
     def prune(configs, named_args, **kwargs):
         """Keep the blocks whose ``(BLOCK_T, MB, D)`` tile holds 2048 to ``limit`` elements and
@@ -759,6 +923,16 @@ if HAVE_TRITON:
     _lmix_bwd_kernel = _autotune(_lane_configs(roll=True), key=["M", "D", "G", "LOGITS"],
                                        prune_configs_by={"early_config_prune": _lane_prune(16384)})(
         _lmix_bwd_kernel)  # fmt: skip
+    _dmix_fwd_kernel = _autotune(
+        _dot_configs(),
+        key=["M", "D", "G", "LOGITS", "NATIVE", "TAB_TF32"],
+        prune_configs_by={"early_config_prune": _dot_prune},
+    )(_dmix_fwd_kernel)
+    _dmix_bwd_kernel = _autotune(
+        _dot_configs(),
+        key=["M", "D", "G", "LOGITS", "NATIVE", "TAB_TF32"],
+        prune_configs_by={"early_config_prune": _dot_prune},
+    )(_dmix_bwd_kernel)
     # the bank kernel adds into its output: every autotuning run starts from zeros
     _bank_tile_kernel = _autotune(_tile_configs(), key=["M", "D", "G", "L", "STACKED", "GSTACKED", "LOGITS"], reset_to_zero=["out_ptr"],
                                         prune_configs_by={"early_config_prune": _lane_prune(8192)})(
@@ -812,9 +986,10 @@ def gmix_fwd(v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: tor
     table, _, s_id, s_m, s_h = _table_args(table, sid)
     v, s_vn, s_vh = _as_rows(v)
     out = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
-    _lmix_fwd_kernel[_lane_grid(B * T, H)](v, gates.contiguous(), table, sid, order, out, B * T, H, s_vn, s_vh,
-                                           s_id, s_m, s_h, G=gates.shape[-1], M=table.shape[1], D=D,
-                                           GATED=int(gated), LOGITS=logits)  # fmt: skip
+    kern, extra = _grouped_kernel(False, table, gates, logits)
+    kern[_lane_grid(B * T, H)](v, gates.contiguous(), table, sid, order, out, B * T, H, s_vn, s_vh, s_id, s_m,
+                               s_h, G=gates.shape[-1], M=table.shape[1], D=D, GATED=int(gated), LOGITS=logits,
+                               **extra)  # fmt: skip
     return out
 
 
@@ -833,9 +1008,10 @@ def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: to
     dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     dg = torch.empty(B, T, H, gates.shape[-1], device=v.device, dtype=gates.dtype)
     dout = dout.contiguous()
-    _lmix_bwd_kernel[_lane_grid(B * T, H)](dout, v, gates.contiguous(), table, sid, order, dv, dg, B * T, H, s_vn,
-                                           s_vh, s_id, s_m, s_h, H * D, H * gates.shape[-1], G=gates.shape[-1],
-                                           M=table.shape[1], D=D, GATED=int(gated), LOGITS=logits)  # fmt: skip
+    kern, extra = _grouped_kernel(True, table, dout, logits)
+    kern[_lane_grid(B * T, H)](dout, v, gates.contiguous(), table, sid, order, dv, dg, B * T, H, s_vn, s_vh, s_id,
+                               s_m, s_h, H * D, H * gates.shape[-1], G=gates.shape[-1], M=table.shape[1], D=D,
+                               GATED=int(gated), LOGITS=logits, **extra)  # fmt: skip
     return dv, dg
 
 
@@ -1595,9 +1771,10 @@ def _mix_bwd_into(dout, v, gates, table, ids, sid, order, dv, s_on: int, dg, s_g
     v, s_vn, s_vh = _as_rows(v)
     dout, gates = dout.contiguous(), gates.contiguous()
     if sid is not None and order is not None:
-        _lmix_bwd_kernel[_lane_grid(B * T, H)](dout, v, gates, table, sid, order, dv, dg, B * T, H, s_vn, s_vh,
-                                               s_id, s_m, s_h, s_on, s_gn, G=G, M=M, D=D, GATED=int(gated),
-                                               LOGITS=logits)  # fmt: skip
+        kern, extra = _grouped_kernel(True, table, dout, logits)
+        kern[_lane_grid(B * T, H)](dout, v, gates, table, sid, order, dv, dg, B * T, H, s_vn, s_vh, s_id, s_m,
+                                   s_h, s_on, s_gn, G=G, M=M, D=D, GATED=int(gated), LOGITS=logits,
+                                   **extra)  # fmt: skip
     else:
         R = B * T * H
         _mix_bwd_kernel[_grid(R)](dout, v, gates, table, ids, dv, dg, R, H, s_vn, s_vh, s_id, s_m, s_h, s_on,

@@ -126,8 +126,9 @@ def test_profile_compare_orders_kernels_by_what_later_arms_add():
 def test_arm_options_add_remove_and_refuse_contradictions(monkeypatch):
     """An arm's ``@`` options: a default op given again is a no-op (arm names of earlier tables
     still run), ``no`` removes one, ``unfused`` then an op keeps only that op, the bank
-    gradient's kernel is set for the arm and back to the default after it, and an op with its
-    ``no`` form (or two bank kernels) is refused."""
+    gradient's kernel and the grouped mix kernels' form are set for the arm and back to the
+    default after it, and an op with its ``no`` form (or two bank kernels, or two mix forms) is
+    refused."""
     sys.path.insert(0, str(ROOT))
     from benchmarks._util import apply_arm_options, arm_options
     from movegen.model import GPT, GPTConfig
@@ -144,16 +145,18 @@ def test_arm_options_add_remove_and_refuse_contradictions(monkeypatch):
     from movegen import kernels
 
     monkeypatch.setattr(kernels, "BANK_KERNEL", None)  # back to it after the test, pass or fail
-    for arm, kern in [
-        ("move-x4@banklayers", "layers"),
-        ("move-x4@bankruns", "runs"),
-        ("move-x4@banklanes", "lanes"),
-        ("move-x4", None),
+    monkeypatch.setattr(kernels, "MIX_KERNEL", None)
+    for arm, kern, mix in [
+        ("move-x4@banklayers", "layers", None),
+        ("move-x4@bankruns+mixdot", "runs", "dot"),
+        ("move-x4@banklanes", "lanes", None),
+        ("move-x1@grouped+mixlanes", None, "lanes"),
+        ("move-x4", None, None),
     ]:
         apply_arm_options(model, arm_options(arm)[1])
-        assert kernels.BANK_KERNEL == kern, arm
+        assert (kernels.BANK_KERNEL, kernels.MIX_KERNEL) == (kern, mix), arm
     for arm in ("standard@ce+noce", "standard@splitmix", "move-x1@grouped+token",
-                "move-x4@bankruns+banklayers", "move-x1@banklanes+banklayers"):  # fmt: skip
+                "move-x4@bankruns+banklayers", "move-x1@banklanes+banklayers", "move-x4@mixdot+mixlanes"):  # fmt: skip
         with pytest.raises(ValueError):
             arm_options(arm)
 

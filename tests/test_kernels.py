@@ -14,15 +14,18 @@ def test_triton_kernels_match_reference_in_interpreter(interpreted):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grouped,M", [(False, 6), (False, 24), (True, 6), (True, 24)])
-def test_triton_kernels_on_gpu(grouped, M):
+@pytest.mark.parametrize("grouped,M,form", [(False, 6, None), (False, 24, None), (True, 6, "lanes"),
+                                            (True, 24, "lanes"), (True, 6, "dot"), (True, 24, "dot")])  # fmt: skip
+def test_triton_kernels_on_gpu(grouped, M, form, monkeypatch):
     import torch
     import torch.nn.functional as F
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
+    from movegen import kernels
     from movegen.move import bank_taps, mix_reference, mix_tapped
 
+    monkeypatch.setattr(kernels, "MIX_KERNEL", form)  # the grouped kernels' form
     torch.manual_seed(0)
     # 256 ids of 100: many repeats; M = 6 and 24: both kernels of the bank gradient
     B, T, H, D, V, L = 4, 64, 12, 64, 100, 2
@@ -41,6 +44,48 @@ def test_triton_kernels_on_gpu(grouped, M):
     ref_grads = torch.autograd.grad(refs, leaves, [d.double() for d in douts])
     for a, b in zip([*outs, *grads], [*refs, *ref_grads]):
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,logits", [(6, True), (24, False), (24, True)])
+def test_grouped_mix_dot_form_at_gpt_b_scale_on_gpu(M, logits, monkeypatch):
+    """The grouped mix kernels' dot form at GPT-B's shapes (65,536 tokens of 16,384 ids, half
+    of them one id: runs over many tiles, and tiles of many groups; 12 heads of 64; bf16), its
+    products in bf16 (gates, and every backward) or the gates in TF32 parts (the routers'
+    logits), against the same mix in float64 and against the lanes form."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from movegen import kernels
+
+    torch.manual_seed(0)
+    B, T, H, D, V, bf = 256, 256, 12, 64, 16384, torch.bfloat16
+    G = M + 1
+    ids = torch.randint(V, (B, T), device="cuda")
+    ids = torch.where(torch.rand(B, T, device="cuda") < 0.5, 7, ids)
+    table = torch.randn(V, M, H, D, device="cuda", dtype=bf)
+    v = torch.randn(B, T, H, D, device="cuda", dtype=bf)
+    x = torch.randn(B, T, H, G, device="cuda", dtype=bf)
+    gates = x if logits else 2 * torch.sigmoid(x)
+    dout = torch.randn(B, T, H, D, device="cuda", dtype=bf)
+    groups = kernels.id_groups(ids)
+    res = {}
+    for form in ("lanes", "dot"):
+        monkeypatch.setattr(kernels, "MIX_KERNEL", form)
+        res[form] = (torch.ops.movegen.gmix_fwd(v, gates, table, *groups, True, logits),
+                     *torch.ops.movegen.gmix_bwd(dout, v, gates, table, *groups, True, logits))  # fmt: skip
+    g = 2 * torch.sigmoid(x.double()) if logits else gates.double()
+    mem = table.double()[ids]  # (B, T, M, H, D)
+    out = g[..., :1] * v.double() + torch.einsum("bthm,btmhd->bthd", g[..., 1:], mem)
+    dg = torch.einsum("bthd,btmhd->bthm", dout.double(), mem)
+    if logits:  # the logits' gradient
+        dg = dg * g[..., 1:] * (1 - g[..., 1:] / 2)
+    for form, (o, dv, dgs) in res.items():
+        for a, b in ((o, out), (dv, g[..., :1] * dout.double()), (dgs[..., 1:], dg)):
+            assert ((a.double() - b).norm() / b.norm()).item() < 5e-3, form
+    for a, b in zip(*res.values()):
+        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 5e-3
 
 
 @pytest.mark.gpu
@@ -393,7 +438,9 @@ def test_mix_backward_kernels_compile_for_hopper():
     the QKV product's gradient: each goes through Triton's whole compiler for an sm_90 target
     here at GPT-B's head width, with gates and with the routers' logits; the grouped kernels
     (forward too) with their loop over slot blocks unrolled and rolled (``ROLL``, which the
-    interpreter's one configuration runs)."""
+    interpreter's one configuration runs), and the grouped kernels' dot form (forward and
+    backward, a block of one group and of two, 16 and 64 tokens, products in bf16 and in TF32
+    parts) with its products as tensor-core instructions (``mma.sync``; ``wgmma`` at 64 tokens)."""
     pytest.importorskip("triton")
 
     from movegen import kernels
@@ -403,13 +450,21 @@ def test_mix_backward_kernels_compile_for_hopper():
     lane = {"G": 25, "M": 24, "MB": 8, "BLOCK_T": 32}
     cases = [(kernels._mix_bwd_kernel, {"G": 7, "M": 6, "M_PAD": 8, "BLOCK_R": 64}),
              *((kern, {**lane, "ROLL": roll}) for kern in (kernels._lmix_bwd_kernel, kernels._lmix_fwd_kernel)
-               for roll in (False, True))]  # fmt: skip
+               for roll in (False, True)),
+             (kernels._dmix_bwd_kernel, {"G": 25, "M": 24, "M_PAD": 32, "JB": 1, "BLOCK_T": 16, "NATIVE": True,
+                                         "TAB_TF32": True}),
+             (kernels._dmix_fwd_kernel, {"G": 7, "M": 6, "M_PAD": 8, "JB": 2, "BLOCK_T": 64, "NATIVE": False,
+                                         "TAB_TF32": True})]  # fmt: skip
     for (kern, consts), logits in itertools.product(cases, (False, True)):
         consts = {"D": 64, "GATED": 1, "LOGITS": logits, **consts}
         jit = kern.fn
         sig = {n: "constexpr" if n in consts else "*i32" if n in ("ids_ptr", "sid_ptr", "order_ptr")
                else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
-        assert _compile_for_hopper(jit, sig, consts).asm["cubin"], jit.__name__
+        compiled = _compile_for_hopper(jit, sig, consts)
+        assert compiled.asm["cubin"], jit.__name__
+        if "JB" in consts:
+            mma = "wgmma.mma_async" if consts["BLOCK_T"] == 64 else "mma.sync.aligned"
+            assert mma in compiled.asm["ptx"], (jit.__name__, consts)
 
 
 def test_inductor_gets_the_ops_as_fallbacks_before_it_lowers_one(monkeypatch):

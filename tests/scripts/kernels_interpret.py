@@ -149,11 +149,14 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
     # default "layers" (a token walk, each token's sum over the layers one product) or by the
     # lanes kernels (8: the segmented sum over tiles of sorted tokens at M <= 8, the token walk at
     # M = 24); the layers' value gradients stacked into one tensor or each read where it lies
+    # (the grouped mix kernels in their dot form too: "dot", last)
     cases = [(ids, False, "runs", True), (ids.int(), False, "runs", False), (ids, True, "runs", True),
-             (ids, True, 8, False), (ids, False, "layers", True)] + [(ids, True, "layers", True), (ids, True, "layers", False), (ids, False, 8, True)] * (M > 8)  # fmt: skip
-    for idx, grouped, bank, stack_dv in cases:
+             (ids, True, 8, False), (ids, False, "layers", True)] + [(ids, True, "layers", True), (ids, True, "layers", False), (ids, False, 8, True)] * (M > 8) + [(ids, True, "layers", False, "dot")]  # fmt: skip
+    cases = [c if len(c) == 5 else (*c, "lanes") for c in cases]
+    for idx, grouped, bank, stack_dv, form in cases:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *gts)]
-        with mock.patch.object(torch, "sort", wraps=torch.sort) as sort, bank_kernel(bank):
+        with mock.patch.object(torch, "sort", wraps=torch.sort) as sort, bank_kernel(bank), \
+                mock.patch.object(kernels, "MIX_KERNEL", form):  # fmt: skip
             mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped,
                                   stack_dv=stack_dv)  # fmt: skip
             assert isinstance(mem, tuple) and (mem[2] is not None) == grouped
@@ -172,15 +175,36 @@ for M, gated, T in [(6, True, 5), (3, False, 5), (24, True, 5), (6, True, 23)]:
         leaves[0], ids, leaves[1 : L + 1], [2 * torch.sigmoid(x) for x in leaves[L + 1 :]], gated
     )
     g_ref = torch.autograd.grad(refs, leaves, douts)
-    for idx, grouped, bank, stack_dv in [cases[0], cases[1], cases[3], cases[4]] + cases[5:]:
+    for idx, grouped, bank, stack_dv, form in [cases[0], cases[1], cases[3], cases[4]] + cases[5:]:
         leaves = [t.clone().requires_grad_() for t in (weight, *vbase, *lgs)]
-        with bank_kernel(bank):
+        with bank_kernel(bank), mock.patch.object(kernels, "MIX_KERNEL", form):
             mem, taps = bank_taps(leaves[0].view(V, M, H, D), L, G, idx, grouped=grouped,
                                   logits=True, stack_dv=stack_dv)  # fmt: skip
             outs = [mix_tapped(v[:, :, 2], x, mem, tp, gated, logits=True) for v, x, tp in zip(leaves[1 : L + 1], leaves[L + 1 :], taps)]  # fmt: skip
             worst = max(worst, *(diff(a, b) for a, b in zip(outs, refs)))
             grads = torch.autograd.grad(outs, leaves, douts)
         worst = max(worst, *(diff(a, b) for a, b in zip(grads, g_ref)))
+
+# the grouped mix kernels' dot form against their lanes form in bf16 (the dot form's own path:
+# its products in the table's dtype, or the gates in TF32 parts where they are logits; fp32
+# tables take TF32 x 3, above); ids with a long run over several tiles, tiles of many groups
+for M, gated, logits in [(6, True, True), (24, True, False), (3, False, False)]:
+    B, T, H, D, V = 2, 37, 2, 16, 50
+    G, bf = M + int(gated), torch.bfloat16
+    ids = torch.randint(V, (B, T))
+    ids = torch.where(torch.rand(B, T) < 0.5, torch.full_like(ids, 7), ids)
+    table = torch.randn(V, M, H, D, dtype=bf)
+    v = torch.randn(B, T, 3, H, D, dtype=bf)[:, :, 2]
+    gates = torch.randn(B, T, H, G, dtype=bf) if logits else 2 * torch.rand(B, T, H, G, dtype=bf)
+    dout = torch.randn(B, T, H, D, dtype=bf)
+    groups = kernels.id_groups(ids)
+    res = {}
+    for form in ("lanes", "dot"):
+        with mock.patch.object(kernels, "MIX_KERNEL", form):
+            res[form] = (torch.ops.movegen.gmix_fwd(v, gates, table, *groups, gated, logits),
+                         *torch.ops.movegen.gmix_bwd(dout, v, gates, table, *groups, gated, logits))  # fmt: skip
+    for a, b in zip(*res.values()):
+        worst = max(worst, diff(a.float(), b.float()) / a.float().abs().max().item())
 
 # the whole model: kernels + deferred bank gradient against plain autograd, eager and compiled
 cfg = GPTConfig.preset(
@@ -205,6 +229,7 @@ ops = ("norm", "swiglu", "rope", "attn")  # the default less the attention from 
 # rows)
 G, R, A, AS = ("gates",), ("router",), ("ropeattn",), ("ropeattn", "ropesave")
 P = ("routerpad",)
+DOT = ("dot",)  # the grouped mix kernels' dot form (kernels.MIX_KERNEL)
 for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (True, False, compiled, (), False),
                                             (True, True, model, (), False), (True, True, compiled, (), True),
                                             (True, False, model, G, False), (True, True, compiled, G, True),
@@ -213,15 +238,22 @@ for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (Tru
                                             (True, True, compiled, A + G, True), (True, False, model, A + R, True),
                                             (True, True, model, AS + G + R, True), (True, False, compiled, AS, False),
                                             (True, False, model, AS + P + G, True),
+                                            (True, True, model, A + G + DOT, False), (True, True, compiled, G + DOT, True),
                                             (False, False, model, G, True)):  # fmt: skip
     model.zero_grad()
     model.deferred_bank_grad = deferred
     model.bank.group_by_id = grouped
     model.bank.stack_dv = stack
+    kernels.MIX_KERNEL = "dot" if "dot" in extra else None
+    extra = tuple(e for e in extra if e != "dot")
     model.fused_ops = ops + extra
-    with mock.patch.object(move._RopeAttnMix, "apply", wraps=move._RopeAttnMix.apply) as attn_mix:
+    dots = [Launches(kernels._dmix_fwd_kernel), Launches(kernels._dmix_bwd_kernel)]
+    with mock.patch.object(move._RopeAttnMix, "apply", wraps=move._RopeAttnMix.apply) as attn_mix, \
+            mock.patch.multiple(kernels, _dmix_fwd_kernel=dots[0], _dmix_bwd_kernel=dots[1]):  # fmt: skip
         out = fn(codes, labels)
         out.square().mean().backward()
+    # the dot form where asked, in every layer's forward and backward, and only there
+    assert [len(k.kwargs) for k in dots] == [cfg.n_layer * (kernels.MIX_KERNEL == "dot")] * 2
     if fn is model:  # a fused function runs in every layer where it can, and only there
         fits = "router" not in extra or "gates" in extra
         assert attn_mix.call_count == cfg.n_layer * ("ropeattn" in extra and fits), (extra, attn_mix.call_count)  # fmt: skip
