@@ -75,7 +75,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     layers' value gradients from a stacked copy (``MoVEBank.stack_dv`` True), not where they lie;
     bankruns / banklanes / banklayers the bank gradient by the runs / lanes / layers kernel (``kernels.BANK_KERNEL``,
     a module setting: set for every arm, back to the default None where none of them is given);
-    mixlanes / mixdot the grouped mix kernels' form (``kernels.MIX_KERNEL``, set the same way)."""
+    mixlanes / mixdot the grouped mix kernels' form both ways (``kernels.MIX_KERNEL``, set the
+    same way; by default lanes forward, dot backward)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:

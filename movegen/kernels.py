@@ -15,7 +15,9 @@ Each kernel loads all M slots of a block of rows as one ``(BLOCK_R, M_PAD, D)`` 
 * ``mix_fwd``:   out[r] = g0[r] * v[r] + sum_m g[r, m] * E[ids[n], m, h]   (one read of the slots)
 * ``mix_bwd``:   dg[r, m] = <dout[r], E[ids[n], m, h]> (all m in one reduction over D, one tile
                  store), dg0[r] = <dout[r], v[r]>, dv[r] = g0[r] * dout[r]  (the second read)
-* ``gmix_fwd``, ``gmix_bwd``: the same with the tokens in id order, one head per program (below)
+* ``gmix_fwd``, ``gmix_bwd``: the same with the tokens in id order, one head per program, in two
+                 forms (below; ``MIX_KERNEL``): every lane loading its own slots, or a tile's
+                 groups of equal ids loading theirs once for tensor-core products
 * ``bank_rows_grad``: dE[k, m, h] = sum over tokens n with ids[n] = k and over all L layers of
                  g_l[r, m] * dv_l[r], in fp32, in one pass over the tokens in id order (no
                  per-token slot gradient is written): by default a walk over the sorted
@@ -854,26 +856,32 @@ MIX_KERNEL: str | None = None
 """The form of the mix kernels grouped by id (``MoVEBank.group_by_id``): ``"lanes"``
 (``_lmix_*``: every lane of a tile loads its own slots, fp32 FMAs) or ``"dot"`` (``_dmix_*``:
 the tile's groups of equal ids load their slots once, applied to the lanes by tensor-core
-products with a one-hot operand; heads of at least 16 dimensions). None (default): ``"lanes"``."""
+products with a one-hot operand; heads of at least 16 dimensions), forward and backward. None
+(default): the lanes forward and the dot backward, each the faster of the two on an H100 at
+GPT-B's shapes (``benchmarks/move_mix.py``, 12 layers, 65,536 tokens; uniform / Zipf(0.3) ids):
+the forward 5.40 / 5.49 ms lanes against 5.53 / 5.45 dot at 24 slots, 2.99 / 2.59 against
+3.20 / 2.91 at 6; the backward with the bank gradient 9.90 / 9.83 against 8.49 / 8.50 at 24,
+5.71 / 6.60 against 4.53 / 5.92 at 6 (``benchmarks/RESULTS.md``, 2026-12-07 ninth session)."""
 
 MIX_KERNELS = ("lanes", "dot")
 
 
-def mix_kernel(table: torch.Tensor) -> str:
-    """The grouped mix kernels' form for ``table (N, M, H, D)`` now: :data:`MIX_KERNEL`, or where
-    None as it says; ``"lanes"`` for heads under 16 dimensions (too narrow for the products)."""
+def mix_kernel(table: torch.Tensor, bwd: bool) -> str:
+    """The grouped mix kernels' form for ``table (N, M, H, D)``, forward or (``bwd``) backward:
+    :data:`MIX_KERNEL`, or where None as it says; ``"lanes"`` for heads under 16 dimensions
+    (too narrow for the products)."""
     if MIX_KERNEL is not None and MIX_KERNEL not in MIX_KERNELS:
         raise ValueError(f"kernels.MIX_KERNEL: one of {MIX_KERNELS} or None, not {MIX_KERNEL!r}")
-    if MIX_KERNEL == "dot" and table.shape[-1] >= 16:
-        return "dot"
-    return "lanes"
+    form = MIX_KERNEL or ("dot" if bwd else "lanes")
+    return form if table.shape[-1] >= 16 else "lanes"
 
 
 def _dot_configs():
-    """(BLOCK_T, JB) of the dot-form mix kernels: tokens a program takes, groups a product
-    takes; four warps."""
-    return [triton.Config({"BLOCK_T": t, "JB": jb}, num_warps=4) for t in (16, 32, 64)
-            for jb in (1, 2, 4, 8)]  # fmt: skip
+    """(BLOCK_T, JB, warps) of the dot-form mix kernels: tokens a program takes, groups a
+    product takes; four warps, eight at 128 tokens. (Of 16, 32 and 64 tokens an H100 chose 16
+    or 64 for each of five keys, 2026-12-07 ninth session.)"""
+    return [triton.Config({"BLOCK_T": t, "JB": jb}, num_warps=8 if t > 64 else 4)
+            for t in (16, 64, 128) for jb in (1, 2, 4, 8)]  # fmt: skip
 
 
 def _dot_prune(configs, named_args, **kwargs):
@@ -893,7 +901,7 @@ def _grouped_kernel(bwd: bool, table: torch.Tensor, x: torch.Tensor, logits: boo
     its product (the gates forward, ``dout`` backward). Its product runs natively in the table's
     16-bit dtype where ``x`` is exact in it (the gates as they are, or ``dout``), else in TF32
     parts."""
-    if mix_kernel(table) == "lanes":
+    if mix_kernel(table, bwd) == "lanes":
         return (_lmix_bwd_kernel if bwd else _lmix_fwd_kernel), {}
     half = table.dtype in (torch.bfloat16, torch.float16)
     native = half and x.dtype == table.dtype and (bwd or not logits)

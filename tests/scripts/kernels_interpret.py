@@ -229,11 +229,13 @@ ops = ("norm", "swiglu", "rope", "attn")  # the default less the attention from 
 # rows)
 G, R, A, AS = ("gates",), ("router",), ("ropeattn",), ("ropeattn", "ropesave")
 P = ("routerpad",)
-DOT = ("dot",)  # the grouped mix kernels' dot form (kernels.MIX_KERNEL)
+# the grouped mix kernels' form (kernels.MIX_KERNEL): dot, or lanes, forward and backward; the
+# default (neither) lanes forward, dot backward
+DOT, LANES = ("dot",), ("lanes",)
 for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (True, False, compiled, (), False),
                                             (True, True, model, (), False), (True, True, compiled, (), True),
                                             (True, False, model, G, False), (True, True, compiled, G, True),
-                                            (True, False, compiled, G + R, True), (True, True, model, R, True),
+                                            (True, False, compiled, G + R, True), (True, True, model, R + LANES, True),
                                             (True, False, model, A, True), (True, True, model, A + G + R, False),
                                             (True, True, compiled, A + G, True), (True, False, model, A + R, True),
                                             (True, True, model, AS + G + R, True), (True, False, compiled, AS, False),
@@ -244,16 +246,18 @@ for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (Tru
     model.deferred_bank_grad = deferred
     model.bank.group_by_id = grouped
     model.bank.stack_dv = stack
-    kernels.MIX_KERNEL = "dot" if "dot" in extra else None
-    extra = tuple(e for e in extra if e != "dot")
+    kernels.MIX_KERNEL = next((f for f in kernels.MIX_KERNELS if f in extra), None)
+    extra = tuple(e for e in extra if e not in kernels.MIX_KERNELS)
     model.fused_ops = ops + extra
     dots = [Launches(kernels._dmix_fwd_kernel), Launches(kernels._dmix_bwd_kernel)]
     with mock.patch.object(move._RopeAttnMix, "apply", wraps=move._RopeAttnMix.apply) as attn_mix, \
             mock.patch.multiple(kernels, _dmix_fwd_kernel=dots[0], _dmix_bwd_kernel=dots[1]):  # fmt: skip
         out = fn(codes, labels)
         out.square().mean().backward()
-    # the dot form where asked, in every layer's forward and backward, and only there
-    assert [len(k.kwargs) for k in dots] == [cfg.n_layer * (kernels.MIX_KERNEL == "dot")] * 2
+    # the dot form where asked (or by default backward), in every layer, and only there
+    form = kernels.MIX_KERNEL
+    want = [grouped and form == "dot", grouped and form in ("dot", None)]
+    assert [len(k.kwargs) for k in dots] == [cfg.n_layer * w for w in want], (form, grouped)
     if fn is model:  # a fused function runs in every layer where it can, and only there
         fits = "router" not in extra or "gates" in extra
         assert attn_mix.call_count == cfg.n_layer * ("ropeattn" in extra and fits), (extra, attn_mix.call_count)  # fmt: skip
