@@ -124,6 +124,7 @@ def main() -> None:
         for M in args.slots.split(","):
             for impl in args.impls.split(","):
                 rows.append(run(int(M), impl, dist, args, device, bw))
+                print(rows[-1], flush=True)  # each row as measured: a run cut short keeps them
                 release(device)
     json_line(
         "move_mix",
