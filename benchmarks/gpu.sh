@@ -175,7 +175,7 @@ dot)
     -k "dot_form or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
   bench ${T_MIX:-150} move_mix.log benchmarks.move_mix --impls ${MIX_IMPLS:-deferred,grouped,grouped-lanes,grouped-dot} --ids_dist ${MIX_IDS:-uniform,zipf:0.3}
-  grep -q "^MoVE" "$OUT/move_mix.log" && grep -E "^\||^MoVE" "$OUT/move_mix.log" || grep "^{'M'" "$OUT/move_mix.log" | cut -c1-230
+  grep -q "^MoVE" "$OUT/move_mix.log" && grep -E "^\||^MoVE" "$OUT/move_mix.log" || grep "^{'M'" "$OUT/move_mix.log"
   errors "$OUT/move_mix.log"
   T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x4:256:compiled,move-x4@mixlanes:256:compiled,move-x4@mixdot:256:compiled,move-x4:256:compiled,move-x4@mixlanes:256:compiled} \
     run_section train;;
