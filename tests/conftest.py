@@ -16,21 +16,102 @@ def _seed():
     torch.manual_seed(0)
 
 
+class _Scripts:
+    """The scripts of ``tests/scripts`` run with Triton's CPU interpreter (single-threaded
+    Python, minutes each), started one after another in the background as soon as the tests
+    that read them are collected (``interpreter_script`` marks), so they run beside the other
+    tests on a second core; a test then waits for its script's result."""
+
+    def __init__(self):
+        import threading
+
+        self.results, self.procs, self.stop = {}, [], False
+        self.lock, self.done = threading.Lock(), threading.Condition(threading.Lock())
+
+    def run(self, script: str):
+        import subprocess
+        import sys
+
+        env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+        with self.lock:
+            if self.stop:
+                return None
+            proc = subprocess.Popen([sys.executable, str(ROOT / "tests/scripts" / script)], cwd=ROOT,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            self.procs.append(proc)
+        try:
+            out, err = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return proc.returncode, out, err
+
+    def start(self, scripts: list[str]) -> None:
+        import threading
+
+        def work():
+            for script in scripts:
+                res = self.run(script)
+                with self.done:
+                    self.results[script] = res
+                    self.done.notify_all()
+
+        self.pending = set(scripts)
+        threading.Thread(target=work, daemon=True).start()
+
+    def result(self, script: str):
+        if script not in getattr(self, "pending", ()):
+            return self.run(script)
+        with self.done:
+            self.done.wait_for(lambda: script in self.results)
+            return self.results[script]
+
+    def close(self) -> None:
+        with self.lock:
+            self.stop = True
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
+
+
+_SCRIPTS = _Scripts()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "interpreter_script(name): the test reads tests/scripts/NAME run by the "
+        "interpreted fixture (started in the background once collected)",
+    )  # fmt: skip
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if config.option.collectonly:
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    names = [m.args[0] for item in items for m in item.iter_markers("interpreter_script")]
+    if names:
+        _SCRIPTS.start(list(dict.fromkeys(names)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SCRIPTS.close()
+
+
 @pytest.fixture
 def interpreted():
-    """Run a script of ``tests/scripts`` with Triton's CPU interpreter; returns the worst
-    difference it prints after ``WORST``."""
-    import subprocess
-    import sys
-
+    """Run a script of ``tests/scripts`` with Triton's CPU interpreter (or wait for the run
+    started at collection); returns the worst difference it prints after ``WORST``."""
     pytest.importorskip("triton")
 
     def run(script: str) -> float:
-        out = subprocess.run([sys.executable, str(ROOT / "tests/scripts" / script)], cwd=ROOT,
-                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
-                             text=True, timeout=600)  # fmt: skip
-        assert out.returncode == 0, out.stderr[-3000:]
-        return float(out.stdout.split("WORST")[1])
+        res = _SCRIPTS.result(script)
+        assert res is not None, "the session is ending"
+        code, out, err = res
+        assert code == 0, err[-3000:]
+        return float(out.split("WORST")[1])
 
     return run
 

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("triton")
 
 
+@pytest.mark.interpreter_script("kernels_interpret.py")
 def test_triton_kernels_match_reference_in_interpreter(interpreted):
     worst = interpreted("kernels_interpret.py")
     assert worst < 1e-5, worst
@@ -132,6 +133,7 @@ def test_bank_gradient_at_gpt_b_scale_on_gpu(M, stack_dv, bank, monkeypatch):
         assert torch.equal(out, again)
 
 
+@pytest.mark.interpreter_script("norm_interpret.py")
 def test_residual_norm_kernels_match_pytorch_in_interpreter(interpreted):
     worst = interpreted("norm_interpret.py")
     assert worst < 1e-4, worst

@@ -176,6 +176,7 @@ def test_sampling_settings_reject_what_cannot_be_sampled():
         s.cfg_scale = 3.0  # frozen
 
 
+@pytest.mark.interpreter_script("decode_interpret.py")
 def test_fused_decode_kernel_matches_sdpa_decoder_in_interpreter(interpreted):
     """The one-launch decoding layer (RoPE, value mix, cache write, attention; Triton run by its
     CPU interpreter) gives the logits and cache contents of the SDPA form of the same decode loop
