@@ -50,8 +50,9 @@ OPS = ("norm", "swiglu", "rope", "attn", "ropeattn", "ropesave", "routerpad", "c
 the first seven, and router and gates for MoVE below 16 slots) or remove (``@noop``)."""
 BANK_OPTIONS = tuple(f"bank{k}" for k in kernels.BANK_KERNELS)
 """The arm options that pick the bank gradient's kernel (``bankruns``, ``banklanes``, ...)."""
-MIX_OPTIONS = tuple(f"mix{k}" for k in kernels.MIX_KERNELS)
-"""The arm options that pick the grouped mix kernels' form (``mixlanes``, ``mixdot``)."""
+MIX_OPTIONS = tuple(f"mix{k.replace('-', '')}" for k in kernels.MIX_KERNELS)
+"""The arm options that pick the grouped mix kernels' form (``mixlanes``, ``mixdot``,
+``mixdotbwd``)."""
 ARM_OPTIONS = ("grouped", "token", "unfused", *OPS, *(f"no{o}" for o in OPS), "noclipfold",
                "dvstack", *BANK_OPTIONS, *MIX_OPTIONS)  # fmt: skip
 """What may follow an arm's ``@``, joined by ``+`` (:func:`arm_options`)."""
@@ -75,8 +76,8 @@ def arm_options(arm: str) -> tuple[str, set[str]]:
     layers' value gradients from a stacked copy (``MoVEBank.stack_dv`` True), not where they lie;
     bankruns / banklanes / banklayers the bank gradient by the runs / lanes / layers kernel (``kernels.BANK_KERNEL``,
     a module setting: set for every arm, back to the default None where none of them is given);
-    mixlanes / mixdot the grouped mix kernels' form both ways (``kernels.MIX_KERNEL``, set the
-    same way; by default lanes forward, dot backward)."""
+    mixlanes / mixdot / mixdotbwd the grouped mix kernels' form (``kernels.MIX_KERNEL``: lanes
+    or dot both ways, or the lanes forward and the dot backward; set the same way)."""
     name, _, rest = arm.partition("@")
     opts = set(rest.split("+")) - {""}
     if not opts <= set(ARM_OPTIONS) or {"grouped", "token"} <= opts:
@@ -103,7 +104,9 @@ def apply_arm_options(model, opts: set[str]) -> None:
     if "dvstack" in opts and model.bank is not None:
         model.bank.stack_dv = True
     kernels.BANK_KERNEL = next((k for k in kernels.BANK_KERNELS if f"bank{k}" in opts), None)
-    kernels.MIX_KERNEL = next((k for k in kernels.MIX_KERNELS if f"mix{k}" in opts), None)
+    kernels.MIX_KERNEL = next(
+        (k for k, o in zip(kernels.MIX_KERNELS, MIX_OPTIONS, strict=True) if o in opts), None
+    )
 
 
 ID_DISTS = "uniform, zipf (Zipf(1)), zipf:S (Zipf(S), S >= 0), store:PATH (a code store's histogram; no comma in PATH)"

@@ -34,9 +34,9 @@
 #                     @banklanes; the runs kernel's were timed 2026-12-07)
 #   dot               under 560 s: the grouped mix kernels' dot form: its GPU tests (GPT-B scale, against
 #                     float64 and the lanes form; the MoVE kernel tests in both forms), the mix alone per
-#                     token and grouped (default: lanes forward, dot backward; each form both ways) on
-#                     two id distributions (move_mix; MIX_IDS), then the MoVE-x4 step beside the standard
-#                     (train: move-x4 beside @mixlanes twice, and @mixdot)
+#                     token and grouped (lanes, the default; dot; lanes forward with dot backward) on two
+#                     id distributions (move_mix; MIX_IDS), then the MoVE-x4 step beside the standard
+#                     (train: move-x4 beside @mixdotbwd twice, and @mixdot)
 #   bank-tests        the bank-gradient GPU tests at GPT-B scale (every kernel, stacked and in place)
 #                     and the MoVE kernel tests
 #   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
@@ -174,10 +174,10 @@ dot)
   timeout ${T_DOT_TESTS:-200} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "dot_form or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -12
-  bench ${T_MIX:-150} move_mix.log benchmarks.move_mix --impls ${MIX_IMPLS:-deferred,grouped,grouped-lanes,grouped-dot} --ids_dist ${MIX_IDS:-uniform,zipf:0.3}
+  bench ${T_MIX:-150} move_mix.log benchmarks.move_mix --impls ${MIX_IMPLS:-deferred,grouped,grouped-dotbwd,grouped-dot} --ids_dist ${MIX_IDS:-uniform,zipf:0.3}
   grep -q "^MoVE" "$OUT/move_mix.log" && grep -E "^\||^MoVE" "$OUT/move_mix.log" || grep "^{'M'" "$OUT/move_mix.log"
   errors "$OUT/move_mix.log"
-  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x4:256:compiled,move-x4@mixlanes:256:compiled,move-x4@mixdot:256:compiled,move-x4:256:compiled,move-x4@mixlanes:256:compiled} \
+  T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x4:256:compiled,move-x4@mixdotbwd:256:compiled,move-x4@mixdot:256:compiled,move-x4:256:compiled,move-x4@mixdotbwd:256:compiled} \
     run_section train;;
 bank-tests)
   timeout ${T_BANK_TESTS:-500} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \

@@ -6,10 +6,11 @@ training path (``MoVEBank.tapped``: with the Triton kernels each layer reads the
 the bank itself, and the bank gradient is formed in one pass over the tokens in id order, all
 layers summed into fp32 bank rows) with the per-token kernels; "grouped" the same with the
 kernels grouped by id (the ids sorted once per forward; each program takes a tile of sorted
-tokens of one head; by default the lanes kernels forward, whose equal rows the hardware
-fetches about once, and the dot form backward, whose tile's groups of equal ids load their
-slots once, applied by tensor-core products); "grouped-lanes" and "grouped-dot" the same with
-one form both ways (``kernels.MIX_KERNEL``); "grouped-tile" the same
+tokens of one head; by default the lanes kernels, whose equal rows the hardware fetches about
+once); "grouped-dot" the same in the dot form (a tile's groups of equal ids load their slots
+once, applied by tensor-core products), "grouped-dotbwd" with the lanes forward and the dot
+backward, "grouped-lanes" the lanes form whatever the default (``kernels.MIX_KERNEL``);
+"grouped-tile" the same
 with the bank gradient by the lanes kernels' segmented sum over tiles at every M
 (``kernels.BANK_KERNEL = "lanes"``, ``BANK_TILE_MAX_SLOTS`` past M; the others take the default
 kernel); "autograd" gathers the per-token slots (``MoVEBank.gather``) and runs plain autograd
@@ -63,7 +64,11 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
     # "grouped-tile": the bank gradient as the lanes kernels' segmented sum over tiles at any M
     kernels.BANK_TILE_MAX_SLOTS = 1024 if impl == "grouped-tile" else TILE_MAX
     kernels.BANK_KERNEL = "lanes" if impl == "grouped-tile" else None
-    kernels.MIX_KERNEL = {"grouped-dot": "dot", "grouped-lanes": "lanes"}.get(impl)
+    kernels.MIX_KERNEL = {
+        "grouped-dot": "dot",
+        "grouped-dotbwd": "dot-bwd",
+        "grouped-lanes": "lanes",
+    }.get(impl)
     ids = random_codes((B, T), V, dist, generator=g)
     distinct = ids.unique().numel()
     vs = [torch.randn(B, T, H, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(L)]  # fmt: skip
@@ -71,7 +76,7 @@ def run(M: int, impl: str, dist: str, args, device, bw: float) -> dict:
     dout = torch.randn(B, T, H, D, device=device, dtype=dt, generator=g)
 
     def fwd():
-        if impl in ("deferred", "grouped", "grouped-lanes", "grouped-dot", "grouped-tile"):
+        if impl.startswith("grouped") or impl == "deferred":
             mem, taps = bank.tapped(ids, L, G)
             return [mix_tapped(v, gt, mem, tp, True) for v, gt, tp in zip(vs, gs, taps)]
         memh = bank.gather(ids)

@@ -856,14 +856,17 @@ MIX_KERNEL: str | None = None
 """The form of the mix kernels grouped by id (``MoVEBank.group_by_id``): ``"lanes"``
 (``_lmix_*``: every lane of a tile loads its own slots, fp32 FMAs) or ``"dot"`` (``_dmix_*``:
 the tile's groups of equal ids load their slots once, applied to the lanes by tensor-core
-products with a one-hot operand; heads of at least 16 dimensions), forward and backward. None
-(default): the lanes forward and the dot backward, each the faster of the two on an H100 at
+products with a one-hot operand; heads of at least 16 dimensions), forward and backward.
+``"dot-bwd"``: the lanes forward and the dot backward, each the faster of the two on an H100 at
 GPT-B's shapes (``benchmarks/move_mix.py``, 12 layers, 65,536 tokens; uniform / Zipf(0.3) ids):
 the forward 5.40 / 5.49 ms lanes against 5.53 / 5.45 dot at 24 slots, 2.99 / 2.59 against
 3.20 / 2.91 at 6; the backward with the bank gradient 9.90 / 9.83 against 8.49 / 8.50 at 24,
-5.71 / 6.60 against 4.53 / 5.92 at 6 (``benchmarks/RESULTS.md``, 2026-12-07 ninth session)."""
+5.71 / 6.60 against 4.53 / 5.92 at 6 (``benchmarks/RESULTS.md``, 2026-12-07 ninth session).
+None (default): ``"lanes"``, until the dot form's GPU tests
+(``test_grouped_mix_dot_form_at_gpt_b_scale_on_gpu``) have passed on a GPU; then
+``"dot-bwd"``."""
 
-MIX_KERNELS = ("lanes", "dot")
+MIX_KERNELS = ("lanes", "dot", "dot-bwd")
 
 
 def mix_kernel(table: torch.Tensor, bwd: bool) -> str:
@@ -872,7 +875,9 @@ def mix_kernel(table: torch.Tensor, bwd: bool) -> str:
     (too narrow for the products)."""
     if MIX_KERNEL is not None and MIX_KERNEL not in MIX_KERNELS:
         raise ValueError(f"kernels.MIX_KERNEL: one of {MIX_KERNELS} or None, not {MIX_KERNEL!r}")
-    form = MIX_KERNEL or ("dot" if bwd else "lanes")
+    form = MIX_KERNEL or "lanes"
+    if form == "dot-bwd":
+        form = "dot" if bwd else "lanes"
     return form if table.shape[-1] >= 16 else "lanes"
 
 

@@ -121,8 +121,8 @@ def mix(
 #   The layers' kernels come in two forms: per token (each token reads its own M slots), or
 #   grouped by id (``kernels.gmix_*``: the ids sorted once per forward, each program a tile of
 #   sorted tokens of one head whose repeated bank rows the hardware fetches about once, or, in
-#   the dot form (by default backward, ``kernels.MIX_KERNEL``), loaded once per group of equal
-#   ids and applied by tensor-core products);
+#   the dot form (``kernels.MIX_KERNEL``), loaded once per group of equal ids and applied by
+#   tensor-core products);
 #   ``MoVEBank.group_by_id`` chooses, by default ``kernels.group_pays``;
 # * otherwise the gathered ``memh (B, T, H, M, D)`` and PyTorch products (the plain path).
 

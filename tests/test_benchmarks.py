@@ -151,6 +151,7 @@ def test_arm_options_add_remove_and_refuse_contradictions(monkeypatch):
         ("move-x4@bankruns+mixdot", "runs", "dot"),
         ("move-x4@banklanes", "lanes", None),
         ("move-x1@grouped+mixlanes", None, "lanes"),
+        ("move-x4@mixdotbwd", None, "dot-bwd"),
         ("move-x4", None, None),
     ]:
         apply_arm_options(model, arm_options(arm)[1])

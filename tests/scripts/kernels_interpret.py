@@ -229,13 +229,13 @@ ops = ("norm", "swiglu", "rope", "attn")  # the default less the attention from 
 # rows)
 G, R, A, AS = ("gates",), ("router",), ("ropeattn",), ("ropeattn", "ropesave")
 P = ("routerpad",)
-# the grouped mix kernels' form (kernels.MIX_KERNEL): dot, or lanes, forward and backward; the
-# default (neither) lanes forward, dot backward
-DOT, LANES = ("dot",), ("lanes",)
+# the grouped mix kernels' form (kernels.MIX_KERNEL): dot, or lanes, forward and backward, or
+# dot-bwd (lanes forward, dot backward); the default (none of them) lanes
+DOT, LANES, DOT_BWD = ("dot",), ("lanes",), ("dot-bwd",)
 for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (True, False, compiled, (), False),
-                                            (True, True, model, (), False), (True, True, compiled, (), True),
+                                            (True, True, model, LANES, False), (True, True, compiled, DOT_BWD, True),
                                             (True, False, model, G, False), (True, True, compiled, G, True),
-                                            (True, False, compiled, G + R, True), (True, True, model, R + LANES, True),
+                                            (True, False, compiled, G + R, True), (True, True, model, R + DOT_BWD, True),
                                             (True, False, model, A, True), (True, True, model, A + G + R, False),
                                             (True, True, compiled, A + G, True), (True, False, model, A + R, True),
                                             (True, True, model, AS + G + R, True), (True, False, compiled, AS, False),
@@ -254,9 +254,9 @@ for deferred, grouped, fn, extra, stack in ((True, False, model, (), True), (Tru
             mock.patch.multiple(kernels, _dmix_fwd_kernel=dots[0], _dmix_bwd_kernel=dots[1]):  # fmt: skip
         out = fn(codes, labels)
         out.square().mean().backward()
-    # the dot form where asked (or by default backward), in every layer, and only there
+    # the dot form where asked (both ways, or backward), in every layer, and only there
     form = kernels.MIX_KERNEL
-    want = [grouped and form == "dot", grouped and form in ("dot", None)]
+    want = [grouped and form == "dot", grouped and form in ("dot", "dot-bwd")]
     assert [len(k.kwargs) for k in dots] == [cfg.n_layer * w for w in want], (form, grouped)
     if fn is model:  # a fused function runs in every layer where it can, and only there
         fits = "router" not in extra or "gates" in extra
