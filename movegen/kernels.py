@@ -462,8 +462,8 @@ if HAVE_TRITON:
     @triton.jit
     def _tile_groups(sid_ptr, i, im, start):
         """The tile's groups of equal ids: each lane's id ``s`` and group ``rank`` (the id
-        changes along the sorted lanes before it; lanes past the end keep the last group), and
-        the number of groups."""
+        changes along the sorted lanes before it; lanes past the end keep the last group's rank
+        with id 0, which the group's max over its lanes ignores), and the number of groups."""
         s = tl.load(sid_ptr + i, mask=im, other=0)
         after = im & (i > start)
         change = after & (s != tl.load(sid_ptr + i - 1, mask=after, other=0))
@@ -857,8 +857,8 @@ MIX_KERNEL: str | None = None
 (``_lmix_*``: every lane of a tile loads its own slots, fp32 FMAs) or ``"dot"`` (``_dmix_*``:
 the tile's groups of equal ids load their slots once, applied to the lanes by tensor-core
 products with a one-hot operand; heads of at least 16 dimensions), forward and backward.
-``"dot-bwd"``: the lanes forward and the dot backward, each the faster of the two on an H100 at
-GPT-B's shapes (``benchmarks/move_mix.py``, 12 layers, 65,536 tokens; uniform / Zipf(0.3) ids):
+``"dot-bwd"``: the lanes forward and the dot backward, as measured on an H100 at GPT-B's
+shapes (with dot blocks of 16, 32 and 64 tokens) (``benchmarks/move_mix.py``, 12 layers, 65,536 tokens; uniform / Zipf(0.3) ids):
 the forward 5.40 / 5.49 ms lanes against 5.53 / 5.45 dot at 24 slots, 2.99 / 2.59 against
 3.20 / 2.91 at 6; the backward with the bank gradient 9.90 / 9.83 against 8.49 / 8.50 at 24,
 5.71 / 6.60 against 4.53 / 5.92 at 6 (``benchmarks/RESULTS.md``, 2026-12-07 ninth session).

@@ -40,18 +40,25 @@ class _Scripts:
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
             self.procs.append(proc)
         try:
-            out, err = proc.communicate(timeout=900)
+            out, err = proc.communicate(timeout=self.TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
+            err += f"\n{script}: killed after {self.TIMEOUT} s"
         return proc.returncode, out, err
+
+    TIMEOUT = 900
 
     def start(self, scripts: list[str]) -> None:
         import threading
+        import traceback
 
         def work():
             for script in scripts:
-                res = self.run(script)
+                try:
+                    res = self.run(script)
+                except Exception:  # a result whatever happens: no test waits forever
+                    res = (-1, "", traceback.format_exc())
                 with self.done:
                     self.results[script] = res
                     self.done.notify_all()
@@ -62,8 +69,9 @@ class _Scripts:
     def result(self, script: str):
         if script not in getattr(self, "pending", ()):
             return self.run(script)
-        with self.done:
-            self.done.wait_for(lambda: script in self.results)
+        with self.done:  # (the scripts queued before it run first)
+            if not self.done.wait_for(lambda: script in self.results, timeout=4 * self.TIMEOUT):
+                return -1, "", f"{script}: no result from the background run"
             return self.results[script]
 
     def close(self) -> None:
@@ -84,14 +92,15 @@ def pytest_configure(config):
     )  # fmt: skip
 
 
-def pytest_collection_modifyitems(session, config, items):
-    if config.option.collectonly:
+def pytest_collection_finish(session):
+    # session.items: the tests that will run, after -k / -m deselection
+    if session.config.option.collectonly:
         return
     try:
         import triton  # noqa: F401
     except ImportError:
         return
-    names = [m.args[0] for item in items for m in item.iter_markers("interpreter_script")]
+    names = [m.args[0] for item in session.items for m in item.iter_markers("interpreter_script")]
     if names:
         _SCRIPTS.start(list(dict.fromkeys(names)))
 

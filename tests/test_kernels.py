@@ -441,8 +441,9 @@ def test_mix_backward_kernels_compile_for_hopper():
     here at GPT-B's head width, with gates and with the routers' logits; the grouped kernels
     (forward too) with their loop over slot blocks unrolled and rolled (``ROLL``, which the
     interpreter's one configuration runs), and the grouped kernels' dot form (forward and
-    backward, a block of one group and of two, 16 and 64 tokens, products in bf16 and in TF32
-    parts) with its products as tensor-core instructions (``mma.sync``; ``wgmma`` at 64 tokens)."""
+    backward, blocks of one to eight groups, 16, 64 and 128 tokens (eight warps), products in
+    bf16 and in TF32 parts) with its products as tensor-core instructions (``mma.sync``;
+    ``wgmma`` from 64 tokens)."""
     pytest.importorskip("triton")
 
     from movegen import kernels
@@ -456,16 +457,21 @@ def test_mix_backward_kernels_compile_for_hopper():
              (kernels._dmix_bwd_kernel, {"G": 25, "M": 24, "M_PAD": 32, "JB": 1, "BLOCK_T": 16, "NATIVE": True,
                                          "TAB_TF32": True}),
              (kernels._dmix_fwd_kernel, {"G": 7, "M": 6, "M_PAD": 8, "JB": 2, "BLOCK_T": 64, "NATIVE": False,
-                                         "TAB_TF32": True})]  # fmt: skip
+                                         "TAB_TF32": True}),
+             (kernels._dmix_bwd_kernel, {"G": 7, "M": 6, "M_PAD": 8, "JB": 8, "BLOCK_T": 128, "NATIVE": True,
+                                         "TAB_TF32": True, "num_warps": 8}),
+             (kernels._dmix_fwd_kernel, {"G": 25, "M": 24, "M_PAD": 32, "JB": 2, "BLOCK_T": 128, "NATIVE": True,
+                                         "TAB_TF32": True, "num_warps": 8})]  # fmt: skip
     for (kern, consts), logits in itertools.product(cases, (False, True)):
         consts = {"D": 64, "GATED": 1, "LOGITS": logits, **consts}
+        warps = consts.pop("num_warps", 4)
         jit = kern.fn
         sig = {n: "constexpr" if n in consts else "*i32" if n in ("ids_ptr", "sid_ptr", "order_ptr")
                else "*bf16" if n.endswith("_ptr") else "i32" for n in jit.arg_names}  # fmt: skip
-        compiled = _compile_for_hopper(jit, sig, consts)
+        compiled = _compile_for_hopper(jit, sig, consts, num_warps=warps)
         assert compiled.asm["cubin"], jit.__name__
         if "JB" in consts:
-            mma = "wgmma.mma_async" if consts["BLOCK_T"] == 64 else "mma.sync.aligned"
+            mma = "wgmma.mma_async" if consts["BLOCK_T"] >= 64 else "mma.sync.aligned"
             assert mma in compiled.asm["ptx"], (jit.__name__, consts)
 
 

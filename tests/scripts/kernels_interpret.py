@@ -203,8 +203,9 @@ for M, gated, logits in [(6, True, True), (24, True, False), (3, False, False)]:
         with mock.patch.object(kernels, "MIX_KERNEL", form):
             res[form] = (torch.ops.movegen.gmix_fwd(v, gates, table, *groups, gated, logits),
                          *torch.ops.movegen.gmix_bwd(dout, v, gates, table, *groups, gated, logits))  # fmt: skip
-    for a, b in zip(*res.values()):
-        worst = max(worst, diff(a.float(), b.float()) / a.float().abs().max().item())
+    for a, b in zip(*res.values()):  # bf16 outputs: sums in another order may round apart
+        rel = diff(a.float(), b.float()) / a.float().abs().max().item()
+        assert rel < 1e-2, (M, gated, logits, rel)
 
 # the whole model: kernels + deferred bank gradient against plain autograd, eager and compiled
 cfg = GPTConfig.preset(
