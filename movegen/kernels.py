@@ -196,29 +196,44 @@ if HAVE_TRITON:
                  mask=gm)  # fmt: skip
 
     @triton.jit
-    def _add_standard(acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr,
-                      GATED: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
-        """``acc`` plus the standard path: ``g0 * v`` (gated) or ``v``, in fp32."""
+    def _slot_gates(g_ptr, rows, m, gm, G: tl.constexpr, GATED: tl.constexpr, LOGITS: tl.constexpr):
+        """The fp32 gates of slots ``m`` of rows ``rows`` (``gm`` the mask; masked: from 0)."""
+        x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=gm, other=0.0)
+        return _gate(x, LOGITS)
+
+    @triton.jit
+    def _store_mixed(acc, v_ptr, g_ptr, out_ptr, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr,
+                     D: tl.constexpr, GATED: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
+        """Stores the mixed values of rows ``rows`` at ``out_ptr``: the slots' sum ``acc`` plus the
+        standard path, ``g0 * v`` (gated) or ``v``, summed in fp32."""
         v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh).to(tl.float32)
         if GATED:
             g0 = _gate(tl.load(g_ptr + rows * G, mask=rmask, other=0.0), LOGITS)
-            return acc + g0[:, None] * v
-        return acc + v
+            acc += g0[:, None] * v
+        else:
+            acc += v
+        tl.store(
+            out_ptr + rows[:, None] * D + d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=rmask[:, None],
+        )
 
     @triton.jit
-    def _standard_grads(dout, v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, rmask, d, s_vn, s_vh, G: tl.constexpr,
-                        GATED: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
+    def _store_standard_grads(dout, v_ptr, g_ptr, dv_ptr, dvo, dg_ptr, dgo, rows, n, h, rmask, d, s_vn, s_vh,
+                              G: tl.constexpr, GATED: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
         """The standard path's gradients from the fp32 ``dout`` tile: stores ``dg0 = <dout, v>``
-        at ``dg_ptr + dgo`` (gated; its logit's gradient with ``LOGITS``) and returns ``dv``
-        (``g0 * dout``, or ``dout``)."""
+        at ``dg_ptr + dgo`` (gated; its logit's gradient with ``LOGITS``) and ``dv`` (``g0 *
+        dout``, or ``dout``) at ``dv_ptr + dvo``."""
+        dv = dout
         if GATED:
             v = _load_v(v_ptr, n, h, rmask, d, s_vn, s_vh)
             dg0 = tl.sum(v.to(tl.float32) * dout, axis=1)
             x0 = tl.load(g_ptr + rows * G, mask=rmask, other=0.0)
             tl.store(dg_ptr + dgo, _gate_grad(dg0, x0, LOGITS).to(dg_ptr.dtype.element_ty),
                      mask=rmask)  # fmt: skip
-            return _gate(x0, LOGITS)[:, None] * dout
-        return dout
+            dv = _gate(x0, LOGITS)[:, None] * dout
+        tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=rmask[:, None])  # fmt: skip
 
     @triton.jit
     def _row_base(ids_ptr, n, h, rmask, s_id, s_h):
@@ -254,15 +269,11 @@ if HAVE_TRITON:
         m = tl.arange(0, M_PAD)
         mmask = m < M
         d = tl.arange(0, D)
-        g = _gate(tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
-                          mask=rmask[:, None] & mmask[None, :], other=0.0), LOGITS)  # fmt: skip
+        g = _slot_gates(g_ptr, rows, m, rmask[:, None] & mmask[None, :], G, GATED, LOGITS)
         mem = _load_slots(tab_ptr, ids_ptr, n, h, rmask, m, mmask, d, s_id, s_m, s_h)
         acc = tl.sum(g[:, :, None] * mem, axis=1)  # (BLOCK_R, D); padded slots: mem 0
-        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, rmask, d, s_vn, s_vh, G, GATED, LOGITS)
-        tl.store(
-            out_ptr + rows[:, None] * D + d[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=rmask[:, None],
+        _store_mixed(
+            acc, v_ptr, g_ptr, out_ptr, rows, n, h, rmask, d, s_vn, s_vh, G, D, GATED, LOGITS
         )
 
     @triton.jit
@@ -283,10 +294,8 @@ if HAVE_TRITON:
         dg = tl.sum(mem * dout[:, None, :], axis=2)  # (BLOCK_R, M_PAD): every slot's gate at once
         _store_gate_grads(dg, g_ptr, dg_ptr, dgo, rows, m, rmask[:, None] & mmask[None, :], G, GATED,
                           LOGITS)  # fmt: skip
-        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, rmask, d, s_vn, s_vh, G,
-                             GATED, LOGITS)  # fmt: skip
-        tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=rmask[:, None])  # fmt: skip
+        _store_standard_grads(dout, v_ptr, g_ptr, dv_ptr, dvo, dg_ptr, dgo, rows, n, h, rmask, d, s_vn,
+                              s_vh, G, GATED, LOGITS)  # fmt: skip
 
     @triton.jit
     def _layer_ptr(ptrs, l: tl.constexpr, s_l, STACKED: tl.constexpr):
@@ -370,8 +379,7 @@ if HAVE_TRITON:
         """``acc (BLOCK_T, D)`` plus slots ``m0..m0+MB`` of every lane, weighted by their gates."""
         m = m0 + tl.arange(0, MB)
         mm = m < M
-        g = _gate(tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :],
-                          mask=im[:, None] & mm[None, :], other=0.0), LOGITS)  # fmt: skip
+        g = _slot_gates(g_ptr, rows, m, im[:, None] & mm[None, :], G, GATED, LOGITS)
         return acc + tl.sum(g[:, :, None] * _slots_at(tab_ptr, base, im, m, mm, d, s_m), axis=1)
 
     @triton.jit
@@ -393,12 +401,7 @@ if HAVE_TRITON:
             for m0 in tl.static_range(0, M, MB):
                 acc = _lmix_fwd_block(acc, m0, g_ptr, tab_ptr, base, rows, im, d, s_m, G, M, GATED,
                                       LOGITS, MB)  # fmt: skip
-        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED, LOGITS)
-        tl.store(
-            out_ptr + rows[:, None] * D + d[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=im[:, None],
-        )
+        _store_mixed(acc, v_ptr, g_ptr, out_ptr, rows, n, h, im, d, s_vn, s_vh, G, D, GATED, LOGITS)
 
     @triton.jit
     def _lmix_bwd_block(m0, dout, g_ptr, tab_ptr, dg_ptr, base, dgo, rows, im, d, s_m, G: tl.constexpr,
@@ -433,10 +436,8 @@ if HAVE_TRITON:
             for m0 in tl.static_range(0, M, MB):
                 _lmix_bwd_block(m0, dout, g_ptr, tab_ptr, dg_ptr, base, dgo, rows, im, d, s_m, G, M,
                                 GATED, LOGITS, MB)  # fmt: skip
-        dv = _standard_grads(dout, v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, im, d, s_vn, s_vh, G,
-                             GATED, LOGITS)  # fmt: skip
-        tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=im[:, None])  # fmt: skip
+        _store_standard_grads(dout, v_ptr, g_ptr, dv_ptr, dvo, dg_ptr, dgo, rows, n, h, im, d, s_vn, s_vh,
+                              G, GATED, LOGITS)  # fmt: skip
 
     # The dot form of the grouped kernels (``MIX_KERNEL = "dot"``): the program's tile of sorted
     # tokens is split into its groups of equal ids (each lane's group: the count of id changes
@@ -496,9 +497,8 @@ if HAVE_TRITON:
         m = tl.arange(0, M_PAD)
         mm = m < M
         d = tl.arange(0, D)
-        x = tl.load(g_ptr + rows[:, None] * G + GATED + m[None, :], mask=im[:, None] & mm[None, :],
-                    other=0.0)  # fmt: skip
-        g = _gate(x, LOGITS)  # (padded slots: their slots load as zeros)
+        g = _slot_gates(g_ptr, rows, m, im[:, None] & mm[None, :], G, GATED, LOGITS)
+        # (padded slots: gates of 1 with logits, their slots loaded as zeros)
         acc = tl.zeros((BLOCK_T, D), dtype=tl.float32)
         for j0 in range(0, U, JB):
             sel, slots = _group_slots(
@@ -509,12 +509,7 @@ if HAVE_TRITON:
                 acc = _dot16(a.to(slots.dtype), slots, acc)
             else:
                 acc += _tf32_product(a, slots.to(tl.float32), TAB_TF32)
-        acc = _add_standard(acc, v_ptr, g_ptr, rows, n, h, im, d, s_vn, s_vh, G, GATED, LOGITS)
-        tl.store(
-            out_ptr + rows[:, None] * D + d[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=im[:, None],
-        )
+        _store_mixed(acc, v_ptr, g_ptr, out_ptr, rows, n, h, im, d, s_vn, s_vh, G, D, GATED, LOGITS)
 
     @triton.jit
     def _dmix_bwd_kernel(dout_ptr, v_ptr, g_ptr, tab_ptr, sid_ptr, order_ptr, dv_ptr, dg_ptr, N, H, s_vn, s_vh,
@@ -543,10 +538,8 @@ if HAVE_TRITON:
             dg += tl.sum(tl.where(sel[:, :, None], r, 0.0), axis=1)
         _store_gate_grads(dg, g_ptr, dg_ptr, dgo, rows, m, im[:, None] & mm[None, :], G, GATED,
                           LOGITS)  # fmt: skip
-        dv = _standard_grads(dout.to(tl.float32), v_ptr, g_ptr, dg_ptr, dgo, rows, n, h, im, d, s_vn,
-                             s_vh, G, GATED, LOGITS)  # fmt: skip
-        tl.store(dv_ptr + dvo[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=im[:, None])  # fmt: skip
+        _store_standard_grads(dout.to(tl.float32), v_ptr, g_ptr, dv_ptr, dvo, dg_ptr, dgo, rows, n, h, im,
+                              d, s_vn, s_vh, G, GATED, LOGITS)  # fmt: skip
 
     @triton.jit
     def _seg_add(f1, v1, f2, v2):
@@ -1015,17 +1008,7 @@ def _(v, gates, table, sid, order, gated, logits=False):
 def gmix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor, sid: torch.Tensor,
              order: torch.Tensor, gated: bool, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``mix_bwd`` with the tokens grouped by id: ``dv``, ``dg``."""
-    B, T, H, D = v.shape
-    table, _, s_id, s_m, s_h = _table_args(table, sid)
-    v, s_vn, s_vh = _as_rows(v)
-    dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
-    dg = torch.empty(B, T, H, gates.shape[-1], device=v.device, dtype=gates.dtype)
-    dout = dout.contiguous()
-    kern, extra = _grouped_kernel(True, table, dout, logits)
-    kern[_lane_grid(B * T, H)](dout, v, gates.contiguous(), table, sid, order, dv, dg, B * T, H, s_vn, s_vh, s_id,
-                               s_m, s_h, H * D, H * gates.shape[-1], G=gates.shape[-1], M=table.shape[1], D=D,
-                               GATED=int(gated), LOGITS=logits, **extra)  # fmt: skip
-    return dv, dg
+    return _mix_bwd_new(dout, v, gates, table, sid, sid, order, gated, logits)
 
 
 @_fake(gmix_bwd)
@@ -1087,16 +1070,17 @@ def mix_bwd(dout: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: tor
             gated: bool, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients of ``mix_fwd`` for ``v`` and ``gates`` (the table's via ``bank_rows_grad``):
     ``dout (B, T, H, D)`` -> ``dv (B, T, H, D)``, ``dg (B, T, H, G)`` in the dtypes of v, gates."""
+    return _mix_bwd_new(dout, v, gates, table, ids, None, None, gated, logits)
+
+
+def _mix_bwd_new(dout, v, gates, table, ids, sid, order, gated: bool, logits: bool) -> tuple:
+    """:func:`_mix_bwd_into` new tensors ``dv (B, T, H, D)``, ``dg (B, T, H, G)`` in the dtypes of
+    v and the gates; returns them."""
     B, T, H, D = v.shape
-    M, G = table.shape[1], gates.shape[-1]
-    table, ids, s_id, s_m, s_h = _table_args(table, ids)
-    v, s_vn, s_vh = _as_rows(v)
+    G = gates.shape[-1]
     dv = torch.empty(B, T, H, D, device=v.device, dtype=v.dtype)
     dg = torch.empty(B, T, H, G, device=v.device, dtype=gates.dtype)
-    R = B * T * H
-    _mix_bwd_kernel[_grid(R)](dout.contiguous(), v, gates.contiguous(), table, ids, dv, dg, R, H, s_vn, s_vh, s_id,
-                              s_m, s_h, H * D, H * G, G=G, M=M, M_PAD=_pad(M), D=D, GATED=int(gated),
-                              LOGITS=logits)  # fmt: skip
+    _mix_bwd_into(dout, v, gates, table, ids, sid, order, dv, H * D, dg, H * G, gated, logits)
     return dv, dg
 
 
