@@ -25,7 +25,7 @@ class _Scripts:
     def __init__(self):
         import threading
 
-        self.results, self.procs, self.stop = {}, [], False
+        self.results, self.procs, self.stop, self.pending = {}, [], False, set()
         self.lock, self.done = threading.Lock(), threading.Condition(threading.Lock())
 
     def run(self, script: str):
@@ -67,7 +67,7 @@ class _Scripts:
         threading.Thread(target=work, daemon=True).start()
 
     def result(self, script: str):
-        if script not in getattr(self, "pending", ()):
+        if script not in self.pending:
             return self.run(script)
         with self.done:  # (the scripts queued before it run first)
             if not self.done.wait_for(lambda: script in self.results, timeout=4 * self.TIMEOUT):
