@@ -30,8 +30,9 @@ Each kernel loads all M slots of a block of rows as one ``(BLOCK_R, M_PAD, D)`` 
 * ``decode_attn``: one layer of one-token decoding (below).
 
 Mix block sizes and warps are autotuned per (M, D, G) (one fixed small block in the interpreter).
-The ops are opaque to ``torch.compile`` (it calls them as they are). Off CUDA, or without Triton,
-``available()`` is False and ``move.py`` uses its plain PyTorch path. Setting
+The ops are opaque to ``torch.compile`` (it calls them as they are). Off CUDA, on a GPU older
+than compute capability 8.0 (before Ampere: the kernels' bf16 loads and tensor-core products
+need it), or without Triton, ``available()`` is False and ``move.py`` uses its plain PyTorch path. Setting
 ``TRITON_INTERPRET=1`` before import runs the kernels on CPU tensors (used by the tests).
 """
 
@@ -56,10 +57,39 @@ except Exception:  # pragma: no cover - Triton missing
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+MIN_CAPABILITY = (8, 0)  # the kernels' bf16 loads and tensor-core products (Ampere and later)
+
+
+_CAPABLE: dict[int, bool] = {}  # CUDA device index -> whether the kernels run on it
+
+
+@torch.compiler.assume_constant_result  # (a compiled graph takes it as the constant it is)
+def _capable(index: int) -> bool:
+    """Whether CUDA device ``index`` can run the kernels (compute capability 8.0 or newer),
+    asked once a device; warns once for a device that cannot."""
+    if index not in _CAPABLE:
+        cap = torch.cuda.get_device_capability(index)
+        _CAPABLE[index] = cap >= MIN_CAPABILITY
+        if not _CAPABLE[index]:
+            warnings.warn(f"movegen's Triton kernels need a GPU of compute capability 8.0 or newer; "
+                          f"CUDA device {index} has {cap[0]}.{cap[1]}, so the plain PyTorch paths run "
+                          "instead: the same model and results, more slowly.", stacklevel=3)  # fmt: skip
+    return _CAPABLE[index]
+
+
+def _on_device(device: torch.device | str) -> bool:
+    """Whether the kernels run on ``device``: a capable CUDA device, or any under the interpreter."""
+    device = torch.device(device)
+    if INTERPRET:
+        return True
+    if device.type != "cuda":
+        return False
+    return _capable(torch.cuda.current_device() if device.index is None else device.index)
+
+
 def usable(device: torch.device | str, head_dim: int) -> bool:
     """Whether the kernels can run for tensors on ``device`` with head width ``head_dim``."""
-    on = torch.device(device).type == "cuda" or INTERPRET
-    return HAVE_TRITON and on and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return HAVE_TRITON and _on_device(device) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def available(t: torch.Tensor) -> bool:
@@ -1443,11 +1473,12 @@ if HAVE_TRITON:
 
 
 def fused_usable(x: torch.Tensor) -> bool:
-    """Whether :func:`residual_norm` and :func:`silu_mul` run for ``x`` (CUDA or the interpreter,
-    a floating dtype, a last dim that is a multiple of 8 and at most 16384)."""
-    on = x.device.type == "cuda" or INTERPRET
+    """Whether :func:`residual_norm` and :func:`silu_mul` run for ``x`` (a capable CUDA device or
+    the interpreter, a floating dtype, a last dim that is a multiple of 8 and at most 16384)."""
     D = x.shape[-1]
-    return HAVE_TRITON and on and D % 8 == 0 and D <= 16384 and x.is_floating_point()
+    return (
+        HAVE_TRITON and _on_device(x.device) and D % 8 == 0 and D <= 16384 and x.is_floating_point()
+    )
 
 
 def _sms(device: torch.device) -> int:

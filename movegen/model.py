@@ -273,8 +273,8 @@ class KVCache(nn.Module):
             raise ValueError(f"attention must be 'auto', 'fused' or 'sdpa', got {attention!r}")
         if attention == "fused" and not fusable:
             raise ValueError(
-                "attention='fused' needs the Triton kernels (a CUDA device and a "
-                "power-of-two head width >= 16); use 'sdpa'"
+                "attention='fused' needs the Triton kernels (a CUDA device of compute capability "
+                "8.0 or newer and a power-of-two head width >= 16); use 'sdpa'"
             )
         self.attention: Literal["fused", "sdpa"] = attention
         self.launch = launch or kernels.DecodeLaunch()

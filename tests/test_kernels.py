@@ -547,3 +547,46 @@ def test_autotuned_mix_kernels_tune_the_gates_and_logits_forms_apart():
     assert len(with_logits) >= 5  # per token fwd / bwd, grouped fwd / bwd, the bank's tile, runs
     for k in with_logits:
         assert "LOGITS" in k.keys, k.fn.__name__
+
+
+def test_kernels_need_a_gpu_of_compute_capability_8(monkeypatch):
+    """On a GPU before Ampere (compute capability under 8.0) the model takes its PyTorch paths,
+    with one warning a device; a newer one gets the kernels. Each device is asked once, and a
+    compiled graph takes the answer as a constant (no graph break, no query at run time)."""
+    pytest.importorskip("triton")
+    import warnings
+
+    import torch
+
+    from movegen import kernels
+
+    if kernels.INTERPRET:
+        pytest.skip("the interpreter runs the kernels anywhere")
+    asked = []
+
+    def capability(index):
+        asked.append(index)
+        return {0: (7, 5), 1: (9, 0)}[index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(kernels, "_CAPABLE", {})
+    try:
+        with pytest.warns(
+            UserWarning, match=r"compute capability 8\.0 or newer; CUDA device 0 has 7\.5"
+        ):
+            assert not kernels.usable("cuda:0", 64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second time: no warning
+            assert not kernels.usable(torch.device("cuda", 0), 64)
+            assert kernels.usable("cuda:1", 64) and not kernels.usable("cuda:1", 48)
+            assert not kernels.usable("cpu", 64)
+
+            @torch.compile(fullgraph=True, backend="eager")
+            def step(x):
+                return x + 1 if kernels.usable("cuda:1", 64) else x - 1
+
+            torch._dynamo.reset()
+            assert step(torch.zeros(2)).tolist() == [1.0, 1.0]
+        assert asked == [0, 1]
+    finally:
+        torch._dynamo.reset()
