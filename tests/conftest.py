@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 from pathlib import Path
@@ -16,63 +17,113 @@ def _seed():
     torch.manual_seed(0)
 
 
-class _Scripts:
-    """The scripts of ``tests/scripts`` run with Triton's CPU interpreter (single-threaded
-    Python, minutes each), started one after another in the background as soon as the tests
-    that read them are collected (``interpreter_script`` marks), so they run beside the other
-    tests on a second core; a test then waits for its script's result."""
+class _Background:
+    """Work started one after another in a background thread as soon as the tests that need it
+    are collected (after ``-k`` / ``-m`` deselection), so that it runs beside the other tests
+    on a second core; a test then waits for its result (these tests run last):
+
+    * the scripts of ``tests/scripts`` (``interpreter_script(name)`` marks), run with Triton's
+      CPU interpreter (single-threaded Python, minutes each);
+    * the tests marked ``background`` (long, and needing no session fixture: Triton's compiler
+      for an sm_90 target, its interpreter, inductor on the CPU, Inception passes), run one
+      after another by a pytest process of their own on one thread; each test here (its
+      fixtures set up as usual) reports that outcome: passed, skipped with its reason, or
+      failed with its report.
+
+    Each result is a job's name -> ``(returncode, stdout, stderr)``."""
+
+    TIMEOUT = 900  # a job's
 
     def __init__(self):
         import threading
 
         self.results, self.procs, self.stop, self.pending = {}, [], False, set()
+        self.tests: list[str] = []  # the background tests' node ids
         self.lock, self.done = threading.Lock(), threading.Condition(threading.Lock())
 
-    def run(self, script: str):
+    def spawn(self, name: str, args: list[str], env: dict):
+        """Run ``python ARGS`` to its end (or its kill at :attr:`TIMEOUT`); None once closing."""
         import subprocess
         import sys
 
-        env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
         with self.lock:
             if self.stop:
                 return None
-            proc = subprocess.Popen([sys.executable, str(ROOT / "tests/scripts" / script)], cwd=ROOT,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **env},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
             self.procs.append(proc)
         try:
             out, err = proc.communicate(timeout=self.TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-            err += f"\n{script}: killed after {self.TIMEOUT} s"
+            err += f"\n{name}: killed after {self.TIMEOUT} s"
         return proc.returncode, out, err
 
-    TIMEOUT = 900
+    def run(self, script: str):
+        env = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+        return self.spawn(script, [str(ROOT / "tests/scripts" / script)], env)
 
-    def start(self, scripts: list[str]) -> None:
+    def run_tests(self):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            report = Path(d) / "report.json"
+            env = {"OMP_NUM_THREADS": "1", _CHILD: str(report)}
+            res = self.spawn(BACKGROUND_TESTS, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
+                                                "addopts=", *self.tests], env)  # fmt: skip
+            if res is not None and report.is_file():
+                return res[0], report.read_text(), res[2]
+            return res
+
+    def start(self, scripts: list[str], tests: list[str]) -> None:
         import threading
         import traceback
 
+        jobs = [(s, functools.partial(self.run, s)) for s in scripts]
+        if tests:
+            self.tests = tests
+            jobs.append((BACKGROUND_TESTS, self.run_tests))
+
         def work():
-            for script in scripts:
+            for name, job in jobs:
                 try:
-                    res = self.run(script)
+                    res = job()
                 except Exception:  # a result whatever happens: no test waits forever
                     res = (-1, "", traceback.format_exc())
                 with self.done:
-                    self.results[script] = res
+                    self.results[name] = res
                     self.done.notify_all()
 
-        self.pending = set(scripts)
+        self.pending = {name for name, _ in jobs}
         threading.Thread(target=work, daemon=True).start()
 
-    def result(self, script: str):
-        if script not in self.pending:
-            return self.run(script)
-        with self.done:  # (the scripts queued before it run first)
-            if not self.done.wait_for(lambda: script in self.results, timeout=4 * self.TIMEOUT):
-                return -1, "", f"{script}: no result from the background run"
-            return self.results[script]
+    def finished(self) -> bool:
+        """Whether every job started in the background has its result."""
+        with self.done:
+            return self.pending <= self.results.keys()
+
+    def result(self, name: str):
+        if name not in self.pending:
+            return self.run(name)
+        with self.done:  # (the jobs queued before it run first)
+            if not self.done.wait_for(lambda: name in self.results, timeout=4 * self.TIMEOUT):
+                return -1, "", f"{name}: no result from the background run"
+            return self.results[name]
+
+    def test_outcome(self, nodeid: str) -> tuple[str, str]:
+        """``(passed | skipped | failed, what it said)`` of a background test."""
+        res = self.result(BACKGROUND_TESTS)
+        if res is None:
+            return "failed", "the session is ending"
+        code, out, err = res
+        try:
+            return tuple(json.loads(out)[nodeid])
+        except (ValueError, KeyError):
+            return (
+                "failed",
+                f"no report of {nodeid} from its pytest process (exit {code}):\n{err[-3000:]}",
+            )
 
     def close(self) -> None:
         with self.lock:
@@ -82,7 +133,10 @@ class _Scripts:
                     proc.kill()
 
 
-_SCRIPTS = _Scripts()
+BACKGROUND_TESTS = "the background tests"
+_CHILD = "MOVEGEN_BACKGROUND_REPORT"  # set in the background tests' process: its report's path
+_SCRIPTS = _Background()
+_REPORTS: dict[str, list[str]] = {}  # the background tests' process: node id -> outcome, text
 
 
 def pytest_configure(config):
@@ -90,23 +144,101 @@ def pytest_configure(config):
         "markers", "interpreter_script(name): the test reads tests/scripts/NAME run by the "
         "interpreted fixture (started in the background once collected)",
     )  # fmt: skip
+    config.addinivalue_line(
+        "markers", "background: run by a pytest process of its own started once collected, "
+        "beside the other tests; the test reports its outcome",
+    )  # fmt: skip
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # the tests that wait on the background last, so that none holds up the others
+    waits = [
+        i
+        for i in items
+        if any(i.iter_markers("background")) or any(i.iter_markers("interpreter_script"))
+    ]
+    if waits and not os.environ.get(_CHILD):
+        late = set(waits)
+        items[:] = [i for i in items if i not in late] + waits
 
 
 def pytest_collection_finish(session):
     # session.items: the tests that will run, after -k / -m deselection
-    if session.config.option.collectonly:
+    if session.config.option.collectonly or os.environ.get(_CHILD):
         return
+    tests = [item.nodeid for item in session.items if item.get_closest_marker("background")]
     try:
         import triton  # noqa: F401
     except ImportError:
+        scripts = []  # (their tests skip)
+    else:
+        marks = [
+            m.args[0] for item in session.items for m in item.iter_markers("interpreter_script")
+        ]
+        scripts = list(dict.fromkeys(marks))
+    if scripts or tests:
+        _SCRIPTS.start(scripts, tests)
+        _THREADS.share()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A background test reports the outcome of its run in the background tests' process."""
+    if pyfuncitem.nodeid not in _SCRIPTS.tests:
+        return None
+    outcome, text = _SCRIPTS.test_outcome(pyfuncitem.nodeid)
+    if outcome == "skipped":
+        pytest.skip(text)
+    if outcome != "passed":
+        pytest.fail(f"in the background tests' process: {text}", pytrace=False)
+    return True
+
+
+def pytest_runtest_logreport(report):
+    if not os.environ.get(_CHILD):
         return
-    names = [m.args[0] for item in session.items for m in item.iter_markers("interpreter_script")]
-    if names:
-        _SCRIPTS.start(list(dict.fromkeys(names)))
+    if report.failed:
+        _REPORTS[report.nodeid] = ["failed", f"{report.when}: {report.longreprtext[-6000:]}"]
+    elif report.skipped and _REPORTS.get(report.nodeid, [""])[0] != "failed":
+        where = report.longrepr  # (path, line, reason) of the skip
+        reason = f"{where[0]}:{where[1]}: {where[2]}" if isinstance(where, tuple) else str(where)
+        _REPORTS[report.nodeid] = ["skipped", reason]
+    else:
+        _REPORTS.setdefault(report.nodeid, ["passed", ""])
+
+
+class _Threads:
+    """While the background jobs take a core, this process's ops run on the others: two
+    threads sharing a busy core wait on the slower one at every parallel op (a tokenizer fit
+    took 111 s so against 62 s on one thread and 34 s on two of an idle 2-core machine). The
+    threads come back at the first test set up after the jobs end."""
+
+    def __init__(self):
+        self.was = None
+
+    def share(self) -> None:
+        self.was = torch.get_num_threads()
+        if self.was > 1:
+            torch.set_num_threads(self.was - 1)
+
+    def restore(self) -> None:
+        if self.was is not None and _SCRIPTS.finished():
+            torch.set_num_threads(self.was)
+            self.was = None
+
+
+_THREADS = _Threads()
+
+
+def pytest_runtest_setup(item):
+    _THREADS.restore()
 
 
 def pytest_sessionfinish(session, exitstatus):
     _SCRIPTS.close()
+    child = os.environ.get(_CHILD)
+    if child:
+        Path(child).write_text(json.dumps(_REPORTS))
 
 
 @pytest.fixture

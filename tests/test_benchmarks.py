@@ -29,7 +29,8 @@ def run(module, *args):
     [
         ("train_step", ["--modes", "eager"]),
         ("move_mix", []),
-        ("bank_grad", []),
+        # (the interpreter: in the background)
+        pytest.param("bank_grad", [], marks=pytest.mark.background),
         ("move_floor", []),
         ("sampling", []),
         ("decode_kernel", []),

@@ -294,6 +294,7 @@ def _compile_for_hopper(jit, sig: dict, consts: dict, aligned: bool = False, **o
     )
 
 
+@pytest.mark.background  # (minutes of the compiler on a cold cache: beside the others)
 def test_attention_kernels_compile_for_hopper():
     """Every autotuned block shape and warp count of the attention kernels (at its most
     pipeline stages; rotating q and k as they load them, and one shape without and one with the
@@ -344,6 +345,7 @@ def test_attention_kernels_compile_for_hopper():
     assert len(compiled) == 1 + 5 + 5 + 2 + 2, sorted(compiled)
 
 
+@pytest.mark.background  # (minutes of the compiler on a cold cache: beside the others)
 def test_bank_kernels_compile_for_hopper():
     """The bank-gradient kernels take the L layers' gates and value gradients as one stacked
     tensor each or as tuples of L pointers (no stacked copy); each goes through Triton's whole compiler for an
@@ -413,6 +415,7 @@ def _ptxas_spill_bytes(ptx: str, tmp_path) -> int:
     return int(re.search(r"(\d+) bytes spill stores", run.stderr).group(1))
 
 
+@pytest.mark.background  # (minutes of the compiler on a cold cache: beside the others)
 def test_attention_forward_does_not_spill_on_hopper(tmp_path):
     """The attention forward at the block the H100s chose (64 x 32, 4 warps, 3 stages), in the
     training step's form (q and k rotated as they load, the rotated q and k written for the
@@ -434,6 +437,7 @@ def test_attention_forward_does_not_spill_on_hopper(tmp_path):
     assert _ptxas_spill_bytes(ptx, tmp_path) == 0
 
 
+@pytest.mark.background  # (minutes of the compiler on a cold cache: beside the others)
 def test_mix_backward_kernels_compile_for_hopper():
     """The mix's backward kernels (per token and grouped by id) write the value and gate
     gradients at row strides of their own, so that ``rope_attn_mix_bwd`` can point them into

@@ -346,6 +346,7 @@ def _random_inception_weights(path: Path) -> Path:
     return write_inception_weights(path)
 
 
+@pytest.mark.background  # (two Inception passes: beside the others)
 def test_inception_fid_equals_torch_fidelity(tmp_path):
     """movegen's Inception FID (features, float64 statistics) against torch-fidelity's own
     ``calculate_metrics`` on the same uint8 images and the same weights file."""
@@ -415,12 +416,19 @@ def test_one_inception_pass_gives_the_three_feature_sets(tmp_path):
         InceptionFeatures(weights, "pool")
 
 
-def test_adm_reference_batch_gives_fid_sfid_and_precision_recall(digits_models, tmp_path):
+def test_adm_reference_batch_gives_fid_sfid_and_precision_recall(
+    digits_models, tmp_path, monkeypatch
+):
     """``evaluate --reference X.npz``: FID from the batch's mu/sigma equals FID against the
     images those statistics came from; sFID, KID and precision/recall come with it."""
+    from movegen import evaluate
     from movegen.data import load_dataset
     from movegen.evaluate import reference_set
     from movegen.metrics import InceptionFeatures, feature_statistics, load_adm_reference
+
+    # the reference: a seeded 40 of the test split's 180 images (their Inception pass on a CPU
+    # is most of this test's time), the same 40 through evaluate's --ref_splits
+    monkeypatch.setitem(evaluate.evaluate_model.__kwdefaults__, "ref_max", 40)
 
     weights = str(_random_inception_weights(tmp_path / "inception.pth"))
     model, cache = str(digits_models["standard"]), str(tmp_path / "cache")
@@ -431,8 +439,16 @@ def test_adm_reference_batch_gives_fid_sfid_and_precision_recall(digits_models, 
     ds = load_dataset("digits", "test", channels=1)
     res = ds[0][0].shape[-1]
     feats, _ = reference_set(
-        net, desc["id"], "digits", "test", resolution=res, channels=1, cache_dir=cache
+        net,
+        desc["id"],
+        "digits",
+        "test",
+        resolution=res,
+        channels=1,
+        cache_dir=cache,
+        max_images=40,
     )
+    assert len(feats) == 40
     x = torch.stack([ds[i][0] for i in range(16)])
     u8 = ((x.expand(-1, 3, -1, -1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     spatial = InceptionFeatures(weights, "spatial")(x)
@@ -447,6 +463,7 @@ def test_adm_reference_batch_gives_fid_sfid_and_precision_recall(digits_models, 
     b = json.loads((tmp_path / "b" / "standard.json").read_text())
     assert a["reference_split"] == "adm" and set(a["references"]) == {"adm"}
     assert a["fid"] == pytest.approx(b["fid"], rel=1e-9)  # same statistics, same samples
+    assert b["references"]["test"]["size"] == 40
     assert a["sfid"] > 0 and 0 <= a["precision"] <= 1 and a["references"]["adm"]["size"] == 16
     # mistakes: classifier features, a sample batch given as the reference
     bad = tmp_path / "samples.npz"

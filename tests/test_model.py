@@ -353,6 +353,7 @@ def test_deferred_bank_gradient_equals_plain_autograd(gated, density):
     assert grads[True][1]["bank.weight"].abs().sum() > 0
 
 
+@pytest.mark.background  # (inductor compiling on a CPU: beside the others)
 @pytest.mark.parametrize("memory", ["move", "lave"])
 def test_compiled_training_path_equals_eager(memory):
     """torch.compile takes the fused forms of the mix and of the deferred bank gradient
