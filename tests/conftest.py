@@ -208,22 +208,28 @@ def pytest_runtest_logreport(report):
 
 
 class _Threads:
-    """While the background jobs take a core, this process's ops run on the others: two
-    threads sharing a busy core wait on the slower one at every parallel op (a tokenizer fit
-    took 111 s so against 62 s on one thread and 34 s on two of an idle 2-core machine). The
-    threads come back at the first test set up after the jobs end."""
+    """While the background jobs take a core, this process's ops run on the others, and so do
+    the processes its tests start (``OMP_NUM_THREADS``): two threads sharing a busy core wait on
+    the slower one at every parallel op (a tokenizer fit took 111 s so against 62 s on one
+    thread and 34 s on two of an idle 2-core machine). The threads come back at the first
+    test set up after the jobs end."""
 
     def __init__(self):
-        self.was = None
+        self.was, self.env = None, None
 
     def share(self) -> None:
-        self.was = torch.get_num_threads()
+        self.was, self.env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
         if self.was > 1:
             torch.set_num_threads(self.was - 1)
+            os.environ["OMP_NUM_THREADS"] = str(self.was - 1)
 
     def restore(self) -> None:
         if self.was is not None and _SCRIPTS.finished():
             torch.set_num_threads(self.was)
+            if self.env is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = self.env
             self.was = None
 
 
