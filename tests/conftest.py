@@ -32,58 +32,85 @@ class _Background:
 
     Each result is a job's name -> ``(returncode, stdout, stderr)``."""
 
-    TIMEOUT = 900  # a job's
+    TIMEOUT = 900  # an interpreter script's, and each background test's share of their process's
 
     def __init__(self):
         import threading
 
         self.results, self.procs, self.stop, self.pending = {}, [], False, set()
         self.tests: list[str] = []  # the background tests' node ids
+        self.env: dict[str, str] = {}  # the environment at collection, for every job
+        self.wait = self.TIMEOUT  # the longest a test may wait for its job's result
         self.lock, self.done = threading.Lock(), threading.Condition(threading.Lock())
 
-    def spawn(self, name: str, args: list[str], env: dict):
-        """Run ``python ARGS`` to its end (or its kill at :attr:`TIMEOUT`); None once closing."""
+    def spawn(self, name: str, args: list[str], env: dict, timeout: float, cwd=ROOT):
+        """Run ``python ARGS`` to its end (or its kill, with every process it started, after
+        ``timeout`` s); None once closing."""
         import subprocess
         import sys
 
         with self.lock:
             if self.stop:
                 return None
-            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **env},
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            # its own process group: killed whole (compile workers, a benchmark's process)
+            proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env={**self.env, **env},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)  # fmt: skip
             self.procs.append(proc)
         try:
-            out, err = proc.communicate(timeout=self.TIMEOUT)
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.kill(proc)
             out, err = proc.communicate()
-            err += f"\n{name}: killed after {self.TIMEOUT} s"
+            err += f"\n{name}: killed after {timeout:.0f} s"
         return proc.returncode, out, err
+
+    @staticmethod
+    def kill(proc) -> None:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def run(self, script: str):
         env = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-        return self.spawn(script, [str(ROOT / "tests/scripts" / script)], env)
+        return self.spawn(script, [str(ROOT / "tests/scripts" / script)], env, self.TIMEOUT)
 
-    def run_tests(self):
+    def run_tests(self, config):
+        """The background tests in one pytest process run as this one is (root, ini file,
+        warning filters), on one thread: ``(returncode, report, its output's tails)``, where
+        the report (JSON, rewritten after each test) holds each test's ``[outcome, text]``."""
         import tempfile
 
+        args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                "--rootdir", str(config.rootpath)]  # fmt: skip
+        if config.inipath:
+            args += ["-c", str(config.inipath)]
+        args += [f"-W{w}" for w in config.known_args_namespace.pythonwarnings or ()]
         with tempfile.TemporaryDirectory() as d:
             report = Path(d) / "report.json"
             env = {"OMP_NUM_THREADS": "1", _CHILD: str(report)}
-            res = self.spawn(BACKGROUND_TESTS, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
-                                                "addopts=", *self.tests], env)  # fmt: skip
-            if res is not None and report.is_file():
-                return res[0], report.read_text(), res[2]
-            return res
+            # (node ids are relative to the root)
+            res = self.spawn(BACKGROUND_TESTS, [*args, *self.tests], env,
+                             self.TIMEOUT * len(self.tests), cwd=config.rootpath)  # fmt: skip
+            if res is None:
+                return None
+            code, out, err = res
+            said = f"{out[-3000:]}\n{err[-3000:]}"
+            return code, report.read_text() if report.is_file() else "{}", said
 
-    def start(self, scripts: list[str], tests: list[str]) -> None:
+    def start(self, scripts: list[str], tests: list[str], config) -> None:
         import threading
         import traceback
 
+        self.env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
         jobs = [(s, functools.partial(self.run, s)) for s in scripts]
         if tests:
             self.tests = tests
-            jobs.append((BACKGROUND_TESTS, self.run_tests))
+            jobs.append((BACKGROUND_TESTS, functools.partial(self.run_tests, config)))
+        self.wait = self.TIMEOUT * (len(scripts) + len(tests)) + 60
 
         def work():
             for name, job in jobs:
@@ -107,7 +134,7 @@ class _Background:
         if name not in self.pending:
             return self.run(name)
         with self.done:  # (the jobs queued before it run first)
-            if not self.done.wait_for(lambda: name in self.results, timeout=4 * self.TIMEOUT):
+            if not self.done.wait_for(lambda: name in self.results, timeout=self.wait):
                 return -1, "", f"{name}: no result from the background run"
             return self.results[name]
 
@@ -116,21 +143,18 @@ class _Background:
         res = self.result(BACKGROUND_TESTS)
         if res is None:
             return "failed", "the session is ending"
-        code, out, err = res
+        code, report, said = res
         try:
-            return tuple(json.loads(out)[nodeid])
+            return tuple(json.loads(report)[nodeid])
         except (ValueError, KeyError):
-            return (
-                "failed",
-                f"no report of {nodeid} from its pytest process (exit {code}):\n{err[-3000:]}",
-            )
+            return "failed", f"no report of {nodeid} from its pytest process (exit {code}):\n{said}"
 
     def close(self) -> None:
         with self.lock:
             self.stop = True
             for proc in self.procs:
                 if proc.poll() is None:
-                    proc.kill()
+                    self.kill(proc)
 
 
 BACKGROUND_TESTS = "the background tests"
@@ -151,6 +175,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        if item.get_closest_marker("background") and item.get_closest_marker("xfail"):
+            raise pytest.UsageError(f"{item.nodeid}: a background test cannot be xfail (its "
+                                    "outcome is reported here as passed, skipped or failed)")  # fmt: skip
     # the tests that wait on the background last, so that none holds up the others
     waits = [
         i
@@ -177,7 +205,7 @@ def pytest_collection_finish(session):
         ]
         scripts = list(dict.fromkeys(marks))
     if scripts or tests:
-        _SCRIPTS.start(scripts, tests)
+        _SCRIPTS.start(scripts, tests, session.config)
         _THREADS.share()
 
 
@@ -195,16 +223,23 @@ def pytest_pyfunc_call(pyfuncitem):
 
 
 def pytest_runtest_logreport(report):
-    if not os.environ.get(_CHILD):
+    # the background tests' process: each test's outcome, the report rewritten after each
+    child = os.environ.get(_CHILD)
+    if not child:
         return
+    was = _REPORTS.get(report.nodeid, ["", ""])
     if report.failed:
-        _REPORTS[report.nodeid] = ["failed", f"{report.when}: {report.longreprtext[-6000:]}"]
-    elif report.skipped and _REPORTS.get(report.nodeid, [""])[0] != "failed":
+        text = f"{report.when}: {report.longreprtext[-6000:]}"
+        _REPORTS[report.nodeid] = ["failed", f"{was[1]}\n{text}" if was[0] == "failed" else text]
+    elif report.skipped and was[0] != "failed":
         where = report.longrepr  # (path, line, reason) of the skip
         reason = f"{where[0]}:{where[1]}: {where[2]}" if isinstance(where, tuple) else str(where)
         _REPORTS[report.nodeid] = ["skipped", reason]
-    else:
-        _REPORTS.setdefault(report.nodeid, ["passed", ""])
+    elif report.when == "call" and not was[0]:  # passed only once its call has run
+        _REPORTS[report.nodeid] = ["passed", ""]
+    tmp = Path(f"{child}.tmp")
+    tmp.write_text(json.dumps(_REPORTS))
+    tmp.replace(child)
 
 
 class _Threads:
@@ -242,9 +277,6 @@ def pytest_runtest_setup(item):
 
 def pytest_sessionfinish(session, exitstatus):
     _SCRIPTS.close()
-    child = os.environ.get(_CHILD)
-    if child:
-        Path(child).write_text(json.dumps(_REPORTS))
 
 
 @pytest.fixture
