@@ -32,7 +32,8 @@ Each kernel loads all M slots of a block of rows as one ``(BLOCK_R, M_PAD, D)`` 
 Mix block sizes and warps are autotuned per (M, D, G) (one fixed small block in the interpreter).
 The ops are opaque to ``torch.compile`` (it calls them as they are). Off CUDA, on a GPU older
 than compute capability 8.0 (before Ampere: the kernels' bf16 loads and tensor-core products
-need it), or without Triton, ``available()`` is False and ``move.py`` uses its plain PyTorch path. Setting
+need it), on ROCm (untested there), without Triton, or with ``MOVEGEN_KERNELS=0``,
+``available()`` is False and ``move.py`` uses its plain PyTorch path. Setting
 ``TRITON_INTERPRET=1`` before import runs the kernels on CPU tensors (used by the tests).
 """
 
@@ -57,6 +58,15 @@ except Exception:  # pragma: no cover - Triton missing
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_SWITCH = os.environ.get("MOVEGEN_KERNELS", "1")
+if _SWITCH not in ("0", "1"):
+    raise ValueError(f"MOVEGEN_KERNELS={_SWITCH!r}: set it to 0 (the plain PyTorch paths everywhere) "
+                     "or 1 (the Triton kernels wherever they can run: the default)")  # fmt: skip
+ENABLED = _SWITCH == "1"
+"""False with ``MOVEGEN_KERNELS=0`` in the environment at import: every path is the plain
+PyTorch one and no kernel runs (the same model: to compare a GPU's results with the reference
+paths, or to get round a kernel that fails on some GPU)."""
+
 MIN_CAPABILITY = (8, 0)  # the kernels' bf16 loads and tensor-core products (Ampere and later)
 
 
@@ -69,17 +79,23 @@ def _capable(index: int) -> bool:
     asked once a device; warns once for a device that cannot."""
     if index not in _CAPABLE:
         cap = torch.cuda.get_device_capability(index)
-        _CAPABLE[index] = cap >= MIN_CAPABILITY
+        _CAPABLE[index] = cap >= MIN_CAPABILITY and not torch.version.hip
+        if torch.version.hip:
+            why = "are built and tested for NVIDIA GPUs only, and this torch is a ROCm one"
+        else:
+            why = f"need a GPU of compute capability 8.0 or newer; CUDA device {index} has {cap[0]}.{cap[1]}"
         if not _CAPABLE[index]:
-            warnings.warn(f"movegen's Triton kernels need a GPU of compute capability 8.0 or newer; "
-                          f"CUDA device {index} has {cap[0]}.{cap[1]}, so the plain PyTorch paths run "
-                          "instead: the same model and results, more slowly.", stacklevel=3)  # fmt: skip
+            warnings.warn(f"movegen's Triton kernels {why}, so the plain PyTorch paths run instead: "
+                          "the same model, more slowly.", stacklevel=3)  # fmt: skip
     return _CAPABLE[index]
 
 
 def _on_device(device: torch.device | str) -> bool:
-    """Whether the kernels run on ``device``: a capable CUDA device, or any under the interpreter."""
+    """Whether the kernels run on ``device``: a capable CUDA device, or any under the interpreter
+    (never where :data:`ENABLED` is False)."""
     device = torch.device(device)
+    if not ENABLED:
+        return False
     if INTERPRET:
         return True
     if device.type != "cuda":

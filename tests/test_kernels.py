@@ -556,7 +556,9 @@ def test_autotuned_mix_kernels_tune_the_gates_and_logits_forms_apart():
 def test_kernels_need_a_gpu_of_compute_capability_8(monkeypatch):
     """On a GPU before Ampere (compute capability under 8.0) the model takes its PyTorch paths,
     with one warning a device; a newer one gets the kernels. Each device is asked once, and a
-    compiled graph takes the answer as a constant (no graph break, no query at run time)."""
+    compiled graph takes the answer as a constant (no graph break, no query at run time).
+    ``MOVEGEN_KERNELS=0`` (``kernels.ENABLED``) turns them off everywhere; a ROCm torch gets
+    none (untested there)."""
     pytest.importorskip("triton")
     import warnings
 
@@ -570,7 +572,7 @@ def test_kernels_need_a_gpu_of_compute_capability_8(monkeypatch):
 
     def capability(index):
         asked.append(index)
-        return {0: (7, 5), 1: (9, 0)}[index]
+        return {0: (7, 5), 1: (9, 0), 2: (9, 4)}[index]
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(kernels, "_CAPABLE", {})
@@ -593,5 +595,28 @@ def test_kernels_need_a_gpu_of_compute_capability_8(monkeypatch):
             assert step(torch.zeros(2)).tolist() == [1.0, 1.0]
         assert not [w for w in said if "compute capability" in str(w.message)]  # once a device
         assert asked == [0, 1]
+        monkeypatch.setattr(kernels, "ENABLED", False)  # MOVEGEN_KERNELS=0: no kernel anywhere
+        assert not kernels.usable("cuda:1", 64)
+        monkeypatch.setattr(kernels, "ENABLED", True)
+        monkeypatch.setattr(torch.version, "hip", "6.4")  # a ROCm torch: untested, so none
+        with pytest.warns(UserWarning, match="NVIDIA GPUs only"):
+            assert not kernels.usable("cuda:2", 64)
     finally:
         torch._dynamo.reset()
+
+
+def test_movegen_kernels_switch_is_read_at_import():
+    """``MOVEGEN_KERNELS=0`` turns the kernels off for the process; any value but 0 or 1 is an
+    error at import that says what to set."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from movegen import kernels; print(kernels.ENABLED)"
+    for value, want in (("0", "False"), ("1", "True")):
+        out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "MOVEGEN_KERNELS": value},
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        assert out.stdout.split() == [want], (value, out.stderr[-2000:])
+    bad = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "MOVEGEN_KERNELS": "off"},
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "MOVEGEN_KERNELS='off': set it to 0" in bad.stderr
