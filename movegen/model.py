@@ -274,7 +274,7 @@ class KVCache(nn.Module):
         if attention == "fused" and not fusable:
             raise ValueError(
                 "attention='fused' needs the Triton kernels (a CUDA device of compute capability "
-                "8.0 or newer and a power-of-two head width >= 16); use 'sdpa'"
+                "8.0 or newer, a power-of-two head width >= 16, MOVEGEN_KERNELS not 0); use 'sdpa'"
             )
         self.attention: Literal["fused", "sdpa"] = attention
         self.launch = launch or kernels.DecodeLaunch()
