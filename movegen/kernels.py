@@ -80,11 +80,10 @@ def _capable(index: int) -> bool:
     if index not in _CAPABLE:
         cap = torch.cuda.get_device_capability(index)
         _CAPABLE[index] = cap >= MIN_CAPABILITY and not torch.version.hip
-        if torch.version.hip:
-            why = "are built and tested for NVIDIA GPUs only, and this torch is a ROCm one"
-        else:
-            why = f"need a GPU of compute capability 8.0 or newer; CUDA device {index} has {cap[0]}.{cap[1]}"
         if not _CAPABLE[index]:
+            why = (f"need a GPU of compute capability 8.0 or newer; CUDA device {index} has {cap[0]}.{cap[1]}"
+                   if not torch.version.hip else
+                   "are built and tested for NVIDIA GPUs only, and this torch is a ROCm one")  # fmt: skip
             warnings.warn(f"movegen's Triton kernels {why}, so the plain PyTorch paths run instead: "
                           "the same model, more slowly.", stacklevel=3)  # fmt: skip
     return _CAPABLE[index]

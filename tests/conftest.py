@@ -159,6 +159,7 @@ class _Background:
 
 BACKGROUND_TESTS = "the background tests"
 _CHILD = "MOVEGEN_BACKGROUND_REPORT"  # set in the background tests' process: its report's path
+_CHILD_REPORT = os.environ.get(_CHILD)  # that path, in that process (None in the main one)
 _SCRIPTS = _Background()
 _REPORTS: dict[str, list[str]] = {}  # the background tests' process: node id -> outcome, text
 
@@ -183,16 +184,16 @@ def pytest_collection_modifyitems(session, config, items):
     waits = [
         i
         for i in items
-        if any(i.iter_markers("background")) or any(i.iter_markers("interpreter_script"))
+        if i.get_closest_marker("background") or i.get_closest_marker("interpreter_script")
     ]
-    if waits and not os.environ.get(_CHILD):
+    if waits and not _CHILD_REPORT:
         late = set(waits)
         items[:] = [i for i in items if i not in late] + waits
 
 
 def pytest_collection_finish(session):
     # session.items: the tests that will run, after -k / -m deselection
-    if session.config.option.collectonly or os.environ.get(_CHILD):
+    if session.config.option.collectonly or _CHILD_REPORT:
         return
     tests = [item.nodeid for item in session.items if item.get_closest_marker("background")]
     try:
@@ -224,8 +225,7 @@ def pytest_pyfunc_call(pyfuncitem):
 
 def pytest_runtest_logreport(report):
     # the background tests' process: each test's outcome, the report rewritten after each
-    child = os.environ.get(_CHILD)
-    if not child:
+    if not _CHILD_REPORT:
         return
     was = _REPORTS.get(report.nodeid, ["", ""])
     if report.failed:
@@ -237,9 +237,9 @@ def pytest_runtest_logreport(report):
         _REPORTS[report.nodeid] = ["skipped", reason]
     elif report.when == "call" and not was[0]:  # passed only once its call has run
         _REPORTS[report.nodeid] = ["passed", ""]
-    tmp = Path(f"{child}.tmp")
+    tmp = Path(f"{_CHILD_REPORT}.tmp")
     tmp.write_text(json.dumps(_REPORTS))
-    tmp.replace(child)
+    tmp.replace(_CHILD_REPORT)
 
 
 class _Threads:
