@@ -8,6 +8,8 @@
 #   sampling          the sampler: standard and MoVE-x1, fast and eager paths (sampling)
 #   sampling-variants decoder variants: fused one-launch layer + one CUDA graph per step vs SDPA +
 #                     inductor's CUDA graphs, batch 16-256 (sampling --only)
+#   vq-decode         the VQ-16 decode of an evaluation alone: fp32 as today, channels-last, compiled,
+#                     bf16 autocast; speed and pixels against strict fp32 (vq_decode; VQ_VARIANTS)
 #   decode-kernel     launch settings of the fused decoding kernel (decode_kernel)
 #   train-variants    the standard GPT-B step at batch 256 under attention backends / compile
 #                     options (train_step, one run per variant)
@@ -55,7 +57,7 @@
 # on that model).
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits, GPU_CACHE,
 # TRAIN_ONLY, TRAIN_IDS, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
-# EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (e.g. uniform,zipf:0.3,zipf), MIX_IMPLS, MIX_IDS, BANK_ARGS
+# EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (e.g. uniform,zipf:0.3,zipf), MIX_IMPLS, MIX_IDS, BANK_ARGS, VQ_VARIANTS
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
 export PYTHONUNBUFFERED=1
@@ -65,7 +67,7 @@ export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,59p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,61p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 MODEL=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
@@ -108,6 +110,9 @@ sampling-variants)
   bench ${T_SAMPLE_VARIANTS:-420} sampling_variants.log benchmarks.sampling --iters 3 --only \
     ${SAMPLE_ONLY:-standard:16:fused:graph,move-x1:16:fused:graph,standard:64:fused:graph,move-x1:64:fused:graph,standard:256:fused:graph,move-x1:256:fused:graph,standard:16:sdpa:graph,move-x1:16:sdpa:graph,standard:64:sdpa:graph,move-x1:64:sdpa:graph}
   grep -E "^\||^sampling" "$OUT/sampling_variants.log"; errors "$OUT/sampling_variants.log";;
+vq-decode)
+  bench ${T_VQ_DECODE:-150} vq_decode.log benchmarks.vq_decode ${VQ_VARIANTS:+--variants $VQ_VARIANTS}
+  grep -E "^\||^VQ|^NVIDIA|TF32" "$OUT/vq_decode.log"; errors "$OUT/vq_decode.log";;
 decode-kernel)
   bench ${T_KERNEL:-200} decode_kernel.log benchmarks.decode_kernel
   grep -E "^\||^decode" "$OUT/decode_kernel.log"; errors "$OUT/decode_kernel.log";;

@@ -34,6 +34,7 @@ def run(module, *args):
         ("move_floor", []),
         ("sampling", []),
         ("decode_kernel", []),
+        ("vq_decode", ["--variants", "eager,cl"]),
         ("block_ops", []),
         ("train_step", ["--modes", "eager", "--arms", "standard@unfused,move-x1@grouped+unfused"]),
     ],
