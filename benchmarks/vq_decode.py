@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 
 import torch
 
@@ -92,7 +93,9 @@ def main() -> None:
         fn = decoder_fn(tok, v, device)
         try:
             out = fn(codes)
-            ms = time_fn(lambda: fn(codes), warmup=args.warmup, iters=args.iters, device=device)
+            ms = time_fn(
+                functools.partial(fn, codes), warmup=args.warmup, iters=args.iters, device=device
+            )
         except torch.OutOfMemoryError:
             rows.append({"variant": v, "ms": "OOM"})
             release(device)
