@@ -15,7 +15,10 @@ for its own phase only):
                  step), without graph capture and decoding
     capture      compiling the step and capturing its CUDA graphs: once per batch size, so a
                  second time when num_samples is no multiple of the batch
-    decode       VQ-16 decoding of the codes to images (and nothing else)
+    decode       VQ-16 decoding of the codes to images (and nothing else), each batch after its
+                 sampling; a row marked ``overlap`` decodes each batch on a second stream while
+                 the next one samples (``generate_images``' default on a GPU): its decode is inside
+                 ``sample`` (timing it apart would mean synchronising, which undoes the overlap)
     inception    the samples through InceptionV3: pool features, IS logits, sFID features
     ref feats    the reference's arr_0 images through InceptionV3 (a fresh cache every row)
     scoring      FID/sFID from statistics, KID, precision/recall (k-NN), IS
@@ -39,6 +42,7 @@ decodes 256 at a time: ``sample.DECODE_BATCH``).
 
     python -m benchmarks.fid50k                                  # GPU: standard + MoVE-x1, 50k, batch 256
     python -m benchmarks.fid50k --only standard:256:50000,move-x1:512:10000 --extract_workers 16
+    python -m benchmarks.fid50k --parts eval --only standard:256:10000,standard:256:10000:overlap
     python -m benchmarks.fid50k --smoke                          # CPU, tiny, seconds
 """
 
@@ -223,8 +227,12 @@ class Phases:
         return timed
 
     @contextlib.contextmanager
-    def on_evaluate(self):
-        """Wrap what ``evaluate_model`` calls (names looked up in its module at call time)."""
+    def on_evaluate(self, overlap: bool = False):
+        """Wrap what ``evaluate_model`` calls (names looked up in its module at call time).
+        ``overlap``: ``generate_images`` decodes each batch on a second stream while it samples
+        the next (its default on CUDA), and the decode is not timed apart (a synchronisation
+        around it would undo the overlap): ``sample`` then holds the decode too. Otherwise the
+        decode runs after each batch's sampling, as its own phase."""
         from movegen import evaluate, metrics
         from movegen.sample import CompiledStep
 
@@ -239,7 +247,8 @@ class Phases:
                 self.decoded += len(images)
                 return images
 
-            tok.decode = self.wrap(counted, "decode")  # generate_images receives tok.decode
+            # generate_images receives tok.decode
+            tok.decode = counted if overlap else self.wrap(counted, "decode")
             return model, ckpt, tok, tck
 
         patches = {
@@ -248,7 +257,9 @@ class Phases:
             (evaluate, "InceptionFeatures"): self.wrap(evaluate.InceptionFeatures, "setup"),
             (evaluate, "load_adm_reference"): self.wrap(evaluate.load_adm_reference, "ref_load"),
             (evaluate, "sha256_file_cached"): self.wrap(evaluate.sha256_file_cached, "ref_load"),
-            (evaluate, "generate_images"): self.wrap(evaluate.generate_images, "sample"),
+            (evaluate, "generate_images"): self.wrap(
+                functools.partial(evaluate.generate_images, overlap=overlap), "sample"
+            ),
             (CompiledStep, "_capture"): self.wrap(CompiledStep._capture, "capture"),
             (evaluate, "extract_features"): self.wrap(evaluate.extract_features, "inception"),
             # reference_features (inside the ADM block) calls metrics' own name
@@ -265,7 +276,9 @@ class Phases:
 # --------------------------------------------------------------------------- the two benchmarks
 
 
-def evaluate_row(arm: str, batch: int, n: int, files: dict, work: Path, args, device) -> dict:
+def evaluate_row(
+    arm: str, batch: int, n: int, files: dict, work: Path, args, device, overlap: bool = False
+) -> dict:
     from movegen.evaluate import evaluate_model
     from movegen.sample import SamplingSettings
 
@@ -275,9 +288,9 @@ def evaluate_row(arm: str, batch: int, n: int, files: dict, work: Path, args, de
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row = {"arm": arm, "batch": batch, "num_samples": n, "graphs": 1 + (n % batch > 0),
-           "ref_images": args.ref_images}  # fmt: skip
+           "ref_images": args.ref_images, "decode": "overlap" if overlap else "serial"}  # fmt: skip
     try:
-        with phases.on_evaluate():
+        with phases.on_evaluate(overlap):
             t0 = time.perf_counter()
             r = evaluate_model(str(model), features="inception", num_samples=n, settings=SamplingSettings(cfg_scale=2.0),
                                seed=0, device=str(device), batch_size=batch, cache_dir=str(cache),
@@ -387,7 +400,9 @@ def main() -> None:
     p.add_argument(
         "--only",
         default="",
-        help="comma list of arm:batch:num_samples evaluations (instead of the grid)",
+        help="comma list of arm:batch:num_samples[:overlap] evaluations (instead of the grid); "
+        "overlap: each batch decoded beside the next one's sampling (evaluate's default on a GPU), "
+        "the decode then inside the sample phase; else decoded after it, timed apart",
     )
     p.add_argument(
         "--ref_images", type=int, default=10_000, help="arr_0 images of the written reference batch"
@@ -423,10 +438,15 @@ def main() -> None:
         args.extract_images, args.extract_classes, args.extract_workers = 12, 3, "0"
         args.extract_batch = 8
     if args.only:
-        grid = [(a, int(b), int(n)) for a, b, n in (x.split(":") for x in args.only.split(","))]
+        grid = []
+        for x in args.only.split(","):
+            a, b, n, *mode = x.split(":")
+            if mode not in ([], ["overlap"], ["serial"]):
+                sys.exit(f"--only {x}: arm:batch:num_samples, then optionally :overlap or :serial")
+            grid.append((a, int(b), int(n), mode == ["overlap"]))
     else:
         grid = [
-            (a, int(b), args.num_samples)
+            (a, int(b), args.num_samples, False)
             for b in args.batches.split(",")
             for a in args.arms.split(",")
         ]
@@ -476,22 +496,24 @@ def extract_part(tokenizer: Path, work: Path, args, device) -> None:
                 f"~{side[0]}x{side[1]}, {kib:.0f} KiB), {_title(args, device)}")  # fmt: skip
 
 
-def eval_part(grid: list[tuple[str, int, int]], tokenizer: Path, work: Path, args, device) -> None:
+def eval_part(
+    grid: list[tuple[str, int, int, bool]], tokenizer: Path, work: Path, args, device
+) -> None:
     t0 = time.perf_counter()
     size = tokenizer_config(args.smoke).image_size
     files = {"tokenizer": tokenizer, "inception": write_inception_weights(work / "inception.pth"),
              "reference": write_reference(work / "reference.npz", args.ref_images, size)}  # fmt: skip
     print(f"inputs written in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
-    for arm, b, n in grid:
-        rows.append(evaluate_row(arm, b, n, files, work, args, device))
+    for arm, b, n, overlap in grid:
+        rows.append(evaluate_row(arm, b, n, files, work, args, device, overlap))
         print(rows[-1], flush=True)
         release(device)
     json_line(
         "fid50k_eval", {"device": device_name(device), "torch": torch.__version__, "rows": rows}
     )
     print_table(rows, [("arm", "arm", "{}"), ("batch", "batch", "{}"), ("num_samples", "samples", "{:,}"),
-                       ("sample_s", "sample s", "{:.1f}"), ("sample_images_per_s", "sample img/s", "{:.0f}"),
+                       ("decode", "decode", "{}"), ("sample_s", "sample s", "{:.1f}"), ("sample_images_per_s", "sample img/s", "{:.0f}"),
                        ("capture_s", "capture s", "{:.1f}"),
                        ("decode_s", "decode s", "{:.1f}"), ("decode_images_per_s", "decode img/s", "{:.0f}"),
                        ("inception_s", "Inception s", "{:.1f}"), ("inception_images_per_s", "Inception img/s", "{:.0f}"),

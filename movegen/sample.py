@@ -475,6 +475,7 @@ def generate_images(
     first_index: int = 0,
     decode_batch_size: int | None = DECODE_BATCH,
     transform=None,
+    overlap: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample codes for ``labels`` in batches and decode them with ``decode(codes (B, h, w))``,
     at most ``decode_batch_size`` at a time (None: a whole batch; a decoder runs in fp32 and
@@ -483,7 +484,13 @@ def generate_images(
     the device (e.g. a crop and uint8, a quarter of float32's host memory at 50,000 images).
     ``fast`` (default: on CUDA): one :class:`CompiledStep` per batch size (the last batch may be
     smaller). With ``noise``, label ``j`` is sample ``first_index + j`` whatever the batch size (a
-    shard of a larger evaluation passes its offset)."""
+    shard of a larger evaluation passes its offset).
+
+    ``overlap`` (default: on CUDA): each batch is decoded on a second CUDA stream while the next
+    batch is sampled (the token loop leaves most of the GPU idle; the decoder's convolutions fill
+    it), its images brought to the host once that next batch is sampled. The images are those
+    of the serial order (the same kernels on the same inputs); ``decode`` and ``transform`` must
+    not synchronise the whole device."""
     from tqdm.auto import tqdm
 
     settings = settings or SamplingSettings()
@@ -491,23 +498,53 @@ def generate_images(
     h, w = grid or (cfg.grid_h, cfg.grid_w)
     images, codes = [], []
     steps: dict[int, CompiledStep] = {}
-    fast = labels.device.type == "cuda" if fast is None else fast
+    cuda = labels.device.type == "cuda"
+    fast = cuda if fast is None else fast
+    overlap = cuda if overlap is None else overlap
+    if overlap and not cuda:
+        raise ValueError(
+            "overlap=True needs labels on a CUDA device (it decodes on a second stream)"
+        )
+    side = torch.cuda.Stream(labels.device) if overlap else None
+    pending: list[tuple[torch.cuda.Event, list[torch.Tensor]]] = []
+
+    def collect() -> None:  # the decoded parts of the earlier batch, to the host
+        for done, parts in pending:
+            done.synchronize()
+            images.extend(p.cpu() for p in parts)
+        pending.clear()
+
+    def decoded(c: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for part in c.view(len(c), h, w).split(decode_batch_size or len(c)):
+            x = decode(part)
+            out.append(transform(x) if transform is not None else x.float())
+        return out
+
     start = first_index
     for chunk in tqdm(labels.split(batch_size), desc="sample", disable=not progress, unit="batch"):
         index = torch.arange(start, start + len(chunk), device=chunk.device) if noise else None
         start += len(chunk)
         step = None
         if fast:
-            step = steps.get(len(chunk)) or steps.setdefault(
-                len(chunk), CompiledStep(model, len(chunk), settings)
-            )
+            if len(chunk) not in steps:
+                collect()  # nothing decoding beside a step's compilation and capture
+                steps[len(chunk)] = CompiledStep(model, len(chunk), settings)
+            step = steps[len(chunk)]
         c = generate(
             model, chunk, settings, generator=generator, step=step, noise=noise, index=index
         )
-        codes.append(c.cpu())
-        for part in c.view(len(c), h, w).split(decode_batch_size or len(c)):
-            x = decode(part)
-            images.append((transform(x) if transform is not None else x.float()).cpu())
+        codes.append(c.cpu())  # (waits for this batch's tokens)
+        collect()  # the earlier batch, decoded while this one was sampled
+        if side is None:
+            images.extend(p.cpu() for p in decoded(c))
+            continue
+        side.wait_stream(torch.cuda.current_stream(c.device))
+        with torch.cuda.stream(side):
+            parts = decoded(c)
+        c.record_stream(side)  # (made on the sampler's stream, read on this one)
+        pending.append((side.record_event(), parts))
+    collect()
     return torch.cat(images), torch.cat(codes)
 
 

@@ -284,6 +284,41 @@ def test_per_sample_noise_gives_the_same_images_at_any_batch_size(settings):
         generate(model, labels, settings, noise=noise, index=torch.arange(3))
 
 
+@pytest.mark.gpu
+def test_overlapped_decoding_gives_the_images_of_the_serial_order_on_gpu():
+    """Each batch decoded on a second stream while the next one samples (the default on CUDA):
+    the same images and codes as decoding each batch after its sampling, with a last batch of
+    another size (a second compiled step, made with nothing decoding beside it), a decoder
+    heavy enough to be still running when the next batch starts, and uint8 parts as the
+    evaluation makes them."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from movegen.tokenizer import TokenizerConfig, VQTokenizer
+
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("tiny", vocab_size=64, num_classes=10, seq_len=16, memory="move")
+    model = GPT(cfg).cuda().eval()
+    tok = VQTokenizer(TokenizerConfig(architecture="llamagen-vq", image_size=64, channels=3,
+                                      base_channels=64, channel_mult=(1, 1, 2, 2, 2), num_res_blocks=2,
+                                      z_channels=64, code_dim=8, codebook_size=64)).cuda().eval()  # fmt: skip
+    labels = torch.arange(40, device="cuda") % 10
+    u8 = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    s, noise = SamplingSettings(cfg_scale=2.0), SampleNoise(5)
+    runs = {o: generate_images(model, tok.decode, labels, s, batch_size=16, noise=noise, overlap=o,
+                               decode_batch_size=8, transform=u8) for o in (False, True)}  # fmt: skip
+    (serial, codes), (overlapped, codes2) = runs[False], runs[True]
+    assert serial.shape == (40, 3, 64, 64) and serial.dtype == torch.uint8
+    assert torch.equal(codes2, codes) and torch.equal(overlapped, serial)
+    assert serial.float().std() > 1  # images, not a constant
+
+
+def test_overlapped_decoding_needs_a_gpu():
+    model = model64("none")
+    decode = lambda c: c.float()[:, None]  # noqa: E731
+    with pytest.raises(ValueError, match="CUDA"):
+        generate_images(model, decode, torch.arange(3), overlap=True)
+
+
 def test_images_are_decoded_in_parts_and_transformed_on_the_device():
     # a batch of 11 decoded 4 at a time: the decoder never sees more than 4 codes, the images
     # are those of one whole decode, and `transform` (here the evaluation's uint8) sees each part
