@@ -39,6 +39,8 @@
 #                     token and grouped (lanes, the default; dot; lanes forward with dot backward) on two
 #                     id distributions (move_mix; MIX_IDS), then the MoVE-x4 step beside the standard
 #                     (train: move-x4 beside @mixdotbwd twice, and @mixdot)
+#   tests             GPU tests: pytest -m gpu over GPU_TEST_FILES (default tests/test_kernels.py and
+#                     tests/test_sample.py), those GPU_TESTS_K names (pytest -k) if set
 #   bank-tests        the bank-gradient GPU tests at GPT-B scale (every kernel, stacked and in place)
 #                     and the MoVE kernel tests
 #   cold              the compiled MoVE-x1 and x4 steps as the first arms of a fresh process on a cold
@@ -56,7 +58,7 @@
 # what the pack holds). Timings are unchanged (the choices are the ones the autotuner measured
 # on that model).
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits, GPU_CACHE,
-# TRAIN_ONLY, TRAIN_IDS, DUMP_STACKS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
+# TRAIN_ONLY, TRAIN_IDS, DUMP_STACKS, GPU_TEST_FILES, GPU_TESTS_K, FID_PARTS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
 # EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (e.g. uniform,zipf:0.3,zipf), MIX_IMPLS, MIX_IDS, BANK_ARGS, VQ_VARIANTS
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
@@ -67,7 +69,7 @@ export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ $# -gt 0 ] || { sed -n '2,61p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,63p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__)'
 MODEL=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
@@ -149,7 +151,7 @@ ddp)
   done
   [ ${#runs[@]} -gt 0 ] && $PY -m benchmarks.ddp --table "${runs[@]}" | grep -E "^\||^Lightning";;
 fid50k)
-  bench ${T_FID50K:-570} fid50k.log benchmarks.fid50k --only ${FID_ONLY:-move-x1:256:2048,standard:256:50000} \
+  bench ${T_FID50K:-570} fid50k.log benchmarks.fid50k --parts ${FID_PARTS:-eval,extract} --only ${FID_ONLY:-move-x1:256:2048,standard:256:50000} \
     --extract_images ${EXTRACT_IMAGES:-1500} --extract_workers ${EXTRACT_WORKERS:-16}
   grep -E "^\||^movegen|^inputs|JPEGs" "$OUT/fid50k.log"; errors "$OUT/fid50k.log";;
 verify)
@@ -184,6 +186,10 @@ dot)
   errors "$OUT/move_mix.log"
   T_TRAIN=${T_TRAIN:-300} TRAIN_ONLY=${TRAIN_ONLY:-standard:256:compiled,move-x4:256:compiled,move-x4@mixdotbwd:256:compiled,move-x4@mixdot:256:compiled,move-x4:256:compiled,move-x4@mixdotbwd:256:compiled} \
     run_section train;;
+tests)
+  timeout ${T_TESTS:-300} $PY -m pytest -vv -p no:cacheprovider -m gpu ${GPU_TEST_FILES:-tests/test_kernels.py tests/test_sample.py} \
+    ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|::test_" "$OUT/gpu_tests.log" | cut -c1-160 | tail -24;;
 bank-tests)
   timeout ${T_BANK_TESTS:-500} $PY -m pytest -vv -p no:cacheprovider -m gpu tests/test_kernels.py \
     -k "gpt_b_scale or triton_kernels_on_gpu" > "$OUT/gpu_tests.log" 2>&1 || echo "== gpu tests: exit $?"
