@@ -13,8 +13,8 @@ for its own phase only):
     ref load     reading the reference .npz and hashing it (the features' cache key)
     sample       the token loop (codes, the counter-based noise drawn inside each replayed
                  step), without graph capture and decoding
-    capture      compiling the step and capturing its CUDA graphs: once per batch size, so a
-                 second time when num_samples is no multiple of the batch
+    capture      compiling the step and capturing its CUDA graphs: once (a short last batch
+                 runs padded on the full batch's step)
     decode       VQ-16 decoding of the codes to images (and nothing else), each batch after its
                  sampling; a row marked ``overlap`` decodes each batch on a second stream while
                  the next one samples (``generate_images``' default on a GPU): its decode is inside
@@ -287,7 +287,7 @@ def evaluate_row(
     phases = Phases(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row = {"arm": arm, "batch": batch, "num_samples": n, "graphs": 1 + (n % batch > 0),
+    row = {"arm": arm, "batch": batch, "num_samples": n,
            "ref_images": args.ref_images, "decode": "overlap" if overlap else "serial"}  # fmt: skip
     try:
         with phases.on_evaluate(overlap):

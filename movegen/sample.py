@@ -483,7 +483,8 @@ def generate_images(
     the CPU, codes (N, T))``: float images, or what ``transform`` makes of each decoded part on
     the device (e.g. a crop and uint8, a quarter of float32's host memory at 50,000 images).
     ``fast`` (default: on CUDA): one :class:`CompiledStep` per batch size (the last batch may be
-    smaller). With ``noise``, label ``j`` is sample ``first_index + j`` whatever the batch size (a
+    smaller; with ``noise`` it is padded to the batch size instead, so one step serves the whole
+    run). With ``noise``, label ``j`` is sample ``first_index + j`` whatever the batch size (a
     shard of a larger evaluation passes its offset).
 
     ``overlap`` (default: on CUDA): each batch is decoded on a second CUDA stream while the next
@@ -523,8 +524,14 @@ def generate_images(
 
     start = first_index
     for chunk in tqdm(labels.split(batch_size), desc="sample", disable=not progress, unit="batch"):
+        n = len(chunk)
+        if fast and noise is not None and n < batch_size and batch_size in steps:
+            # a short last batch runs on the full batch's step, padded with samples it throws
+            # away (each sample's noise is its own: the padding changes no other image), rather
+            # than compiling and capturing a step of its own
+            chunk = torch.cat([chunk, chunk[:1].expand(batch_size - n)])
         index = torch.arange(start, start + len(chunk), device=chunk.device) if noise else None
-        start += len(chunk)
+        start += n
         step = None
         if fast:
             if len(chunk) not in steps:
@@ -533,7 +540,7 @@ def generate_images(
             step = steps[len(chunk)]
         c = generate(
             model, chunk, settings, generator=generator, step=step, noise=noise, index=index
-        )
+        )[:n]
         codes.append(c.cpu())  # (waits for this batch's tokens)
         collect()  # the earlier batch, decoded while this one was sampled
         if side is None:

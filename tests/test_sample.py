@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 import torch
 
@@ -268,11 +270,22 @@ def test_per_sample_noise_gives_the_same_images_at_any_batch_size(settings):
     _, whole = generate_images(
         model, decode, labels, settings, batch_size=11, noise=noise, fast=False
     )
-    for bs in (1, 4, 5):
-        _, parts = generate_images(
-            model, decode, labels, settings, batch_size=bs, noise=noise, fast=True
-        )
-        assert torch.equal(parts, whole), bs  # the compiled step and the plain loop, any split
+    made = []
+    init = CompiledStep.__init__
+
+    def counted(self, model, batch_size, *args, **kwargs):
+        made.append(batch_size)
+        init(self, model, batch_size, *args, **kwargs)
+
+    with mock.patch.object(CompiledStep, "__init__", counted):
+        for bs in (1, 4, 5, 16):
+            _, parts = generate_images(
+                model, decode, labels, settings, batch_size=bs, noise=noise, fast=True
+            )
+            assert torch.equal(parts, whole), bs  # the compiled step and the plain loop, any split
+    # the short last batch (11 = 2 x 4 + 3 = 2 x 5 + 1) ran padded on the full batch's step; a
+    # run of one short batch (16) has one step of its size
+    assert made == [1, 4, 5, 11]
     # a shard of the evaluation (samples 6..10) draws the same images as in the whole run
     _, shard = generate_images(
         model, decode, labels[6:], settings, batch_size=2, noise=noise, first_index=6
