@@ -300,10 +300,10 @@ def test_per_sample_noise_gives_the_same_images_at_any_batch_size(settings):
 @pytest.mark.gpu
 def test_overlapped_decoding_gives_the_images_of_the_serial_order_on_gpu():
     """Each batch decoded on a second stream while the next one samples (the default on CUDA):
-    the same images and codes as decoding each batch after its sampling, with a last batch of
-    another size (a second compiled step, made with nothing decoding beside it), a decoder
-    heavy enough to be still running when the next batch starts, and uint8 parts as the
-    evaluation makes them."""
+    the same images and codes as decoding each batch after its sampling, with a short last
+    batch (per-sample noise: run padded on the full batch's step; a generator's noise: a second
+    compiled step, made with nothing decoding beside it), a decoder heavy enough to be still
+    running when the next batch starts, and uint8 parts as the evaluation makes them."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     from movegen.tokenizer import TokenizerConfig, VQTokenizer
@@ -323,6 +323,10 @@ def test_overlapped_decoding_gives_the_images_of_the_serial_order_on_gpu():
     assert serial.shape == (40, 3, 64, 64) and serial.dtype == torch.uint8
     assert torch.equal(codes2, codes) and torch.equal(overlapped, serial)
     assert serial.float().std() > 1  # images, not a constant
+    seeded = lambda: torch.Generator("cuda").manual_seed(0)  # noqa: E731
+    runs = {o: generate_images(model, tok.decode, labels, s, batch_size=16, generator=seeded(),
+                               overlap=o, transform=u8) for o in (False, True)}  # fmt: skip
+    assert torch.equal(runs[True][1], runs[False][1]) and torch.equal(runs[True][0], runs[False][0])
 
 
 def test_overlapped_decoding_needs_a_gpu():
