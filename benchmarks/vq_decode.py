@@ -23,13 +23,24 @@ import torch
 
 from ._util import device_name, iqr, json_line, median, print_table, release, time_fn
 
-VARIANTS = ("eager", "cl", "compiled", "compiled-cl", "bf16-cl", "bf16-compiled-cl")
+VARIANTS = (
+    "eager",
+    "cl",
+    "bench",
+    "cl-bench",
+    "compiled",
+    "compiled-cl",
+    "bf16-cl",
+    "bf16-compiled-cl",
+)
+"""``cl``: channels-last; ``bench``: cuDNN's benchmark mode (each convolution's algorithm timed
+on its first call of a shape); ``compiled``: inductor; ``bf16``: bf16 autocast."""
 
 
 def decoder_fn(tok, variant: str, device: torch.device):
     """``codes -> images before the clamp`` run the way ``variant`` names."""
     net = tok.decoder
-    cl = variant.endswith("cl")
+    cl = "cl" in variant.split("-")
     if cl:
         net = net.to(memory_format=torch.channels_last)
     else:
@@ -90,6 +101,7 @@ def main() -> None:
     ref8, scale = uint8(ref), ref.std().item()
     rows = []
     for v in variants:
+        torch.backends.cudnn.benchmark = "bench" in v.split("-")
         fn = decoder_fn(tok, v, device)
         try:
             out = fn(codes)
