@@ -15,9 +15,11 @@ for its own phase only):
                  step), without graph capture and decoding
     capture      compiling the step and capturing its CUDA graphs: once (a short last batch
                  runs padded on the full batch's step)
-    decode       VQ-16 decoding of the codes to images (and nothing else), each batch after its
+    decode       VQ-16 decoding of the codes to images (and nothing else; a row marked
+                 ``compiled`` decodes through ``tokenizer.CompiledDecode``, its compilation
+                 included here), each batch after its
                  sampling; a row marked ``overlap`` decodes each batch on a second stream while
-                 the next one samples (``generate_images``' default on a GPU): its decode is inside
+                 the next one samples (``generate_images(overlap=True)``): its decode is inside
                  ``sample`` (timing it apart would mean synchronising, which undoes the overlap)
     inception    the samples through InceptionV3: pool features, IS logits, sFID features
     ref feats    the reference's arr_0 images through InceptionV3 (a fresh cache every row)
@@ -42,7 +44,7 @@ decodes 256 at a time: ``sample.DECODE_BATCH``).
 
     python -m benchmarks.fid50k                                  # GPU: standard + MoVE-x1, 50k, batch 256
     python -m benchmarks.fid50k --only standard:256:50000,move-x1:512:10000 --extract_workers 16
-    python -m benchmarks.fid50k --parts eval --only standard:256:10000,standard:256:10000:overlap
+    python -m benchmarks.fid50k --parts eval --only standard:256:10000,standard:256:10000:compiled
     python -m benchmarks.fid50k --smoke                          # CPU, tiny, seconds
 """
 
@@ -230,29 +232,31 @@ class Phases:
     def on_evaluate(self, overlap: bool = False):
         """Wrap what ``evaluate_model`` calls (names looked up in its module at call time).
         ``overlap``: ``generate_images`` decodes each batch on a second stream while it samples
-        the next (its default on CUDA), and the decode is not timed apart (a synchronisation
+        the next (``overlap=True``), and the decode is not timed apart (a synchronisation
         around it would undo the overlap): ``sample`` then holds the decode too. Otherwise the
         decode runs after each batch's sampling, as its own phase."""
         from movegen import evaluate, metrics
         from movegen.sample import CompiledStep
 
-        load = evaluate.load_model_and_tokenizer
+        load, compiled = evaluate.load_model_and_tokenizer, evaluate.CompiledDecode
 
-        def load_and_time_decode(*args, **kwargs):
-            model, ckpt, tok, tck = load(*args, **kwargs)
-            decode = tok.decode
-
+        def timed_decode(decode):  # counted, and timed unless overlapped
             def counted(*a, **k):
                 images = decode(*a, **k)
                 self.decoded += len(images)
                 return images
 
-            # generate_images receives tok.decode
-            tok.decode = counted if overlap else self.wrap(counted, "decode")
+            return counted if overlap else self.wrap(counted, "decode")
+
+        def load_and_time_decode(*args, **kwargs):
+            model, ckpt, tok, tck = load(*args, **kwargs)
+            tok.decode = timed_decode(tok.decode)  # generate_images receives tok.decode
             return model, ckpt, tok, tck
 
         patches = {
             (evaluate, "load_model_and_tokenizer"): self.wrap(load_and_time_decode, "setup"),
+            # compile_decoder: its compilation falls in the decode phase (the first call)
+            (evaluate, "CompiledDecode"): lambda *a, **k: timed_decode(compiled(*a, **k)),
             (evaluate, "build_extractors"): self.wrap(evaluate.build_extractors, "setup"),
             (evaluate, "InceptionFeatures"): self.wrap(evaluate.InceptionFeatures, "setup"),
             (evaluate, "load_adm_reference"): self.wrap(evaluate.load_adm_reference, "ref_load"),
@@ -277,7 +281,7 @@ class Phases:
 
 
 def evaluate_row(
-    arm: str, batch: int, n: int, files: dict, work: Path, args, device, overlap: bool = False
+    arm: str, batch: int, n: int, files: dict, work: Path, args, device, opts=frozenset()
 ) -> dict:
     from movegen.evaluate import evaluate_model
     from movegen.sample import SamplingSettings
@@ -288,13 +292,15 @@ def evaluate_row(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row = {"arm": arm, "batch": batch, "num_samples": n,
-           "ref_images": args.ref_images, "decode": "overlap" if overlap else "serial"}  # fmt: skip
+           "ref_images": args.ref_images, "decode": "+".join(sorted(opts)) or "serial"}  # fmt: skip
+    overlap = "overlap" in opts
     try:
         with phases.on_evaluate(overlap):
             t0 = time.perf_counter()
             r = evaluate_model(str(model), features="inception", num_samples=n, settings=SamplingSettings(cfg_scale=2.0),
                                seed=0, device=str(device), batch_size=batch, cache_dir=str(cache),
-                               inception_weights=str(files["inception"]), reference=str(files["reference"]))  # fmt: skip
+                               inception_weights=str(files["inception"]), reference=str(files["reference"]),
+                               compile_decoder="compiled" in opts)  # fmt: skip
             sync(device)
             total = time.perf_counter() - t0
     except torch.OutOfMemoryError:  # (the phases timed until then stay in the row)
@@ -400,9 +406,10 @@ def main() -> None:
     p.add_argument(
         "--only",
         default="",
-        help="comma list of arm:batch:num_samples[:overlap] evaluations (instead of the grid); "
-        "overlap: each batch decoded beside the next one's sampling (evaluate's default on a GPU), "
-        "the decode then inside the sample phase; else decoded after it, timed apart",
+        help="comma list of arm:batch:num_samples[:OPTS] evaluations (instead of the grid); OPTS "
+        "'overlap' (each batch decoded beside the next one's sampling, the decode then inside the "
+        "sample phase; else decoded after it, timed apart), 'compiled' (evaluate "
+        "--compile_decoder), or both as compiled+overlap",
     )
     p.add_argument(
         "--ref_images", type=int, default=10_000, help="arr_0 images of the written reference batch"
@@ -441,12 +448,14 @@ def main() -> None:
         grid = []
         for x in args.only.split(","):
             a, b, n, *mode = x.split(":")
-            if mode not in ([], ["overlap"], ["serial"]):
-                sys.exit(f"--only {x}: arm:batch:num_samples, then optionally :overlap or :serial")
-            grid.append((a, int(b), int(n), mode == ["overlap"]))
+            opts = set(mode[0].split("+")) if mode else set()
+            if len(mode) > 1 or not opts <= {"overlap", "compiled"}:
+                sys.exit(f"--only {x}: arm:batch:num_samples, then optionally :overlap, :compiled "
+                         "or :compiled+overlap")  # fmt: skip
+            grid.append((a, int(b), int(n), frozenset(opts)))
     else:
         grid = [
-            (a, int(b), args.num_samples, False)
+            (a, int(b), args.num_samples, frozenset())
             for b in args.batches.split(",")
             for a in args.arms.split(",")
         ]
@@ -497,7 +506,7 @@ def extract_part(tokenizer: Path, work: Path, args, device) -> None:
 
 
 def eval_part(
-    grid: list[tuple[str, int, int, bool]], tokenizer: Path, work: Path, args, device
+    grid: list[tuple[str, int, int, frozenset]], tokenizer: Path, work: Path, args, device
 ) -> None:
     t0 = time.perf_counter()
     size = tokenizer_config(args.smoke).image_size
@@ -505,8 +514,8 @@ def eval_part(
              "reference": write_reference(work / "reference.npz", args.ref_images, size)}  # fmt: skip
     print(f"inputs written in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
-    for arm, b, n, overlap in grid:
-        rows.append(evaluate_row(arm, b, n, files, work, args, device, overlap))
+    for arm, b, n, opts in grid:
+        rows.append(evaluate_row(arm, b, n, files, work, args, device, opts))
         print(rows[-1], flush=True)
         release(device)
     json_line(

@@ -49,7 +49,8 @@ from .metrics import (
 )
 from .model import cost_report
 from .ranks import agree, gather_to_first_rank, on_first_rank, rank_and_world
-from .sample import SampleNoise, generate_images
+from .sample import DECODE_BATCH, SampleNoise, generate_images
+from .tokenizer import CompiledDecode
 
 log = logging.getLogger(__name__)
 
@@ -283,12 +284,14 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
                    device: str, batch_size: int = 256, tokenizer: str | None = None,
                    ref_splits=None, cache_dir: str | None = None, inception_weights: str | None = None,
                    data_root: str | None = None, val_codes: str | None = None, export_npz: str | None = None,
-                   ref_max: int = REF_MAX, knn_max: int = KNN_MAX, reference: str | None = None) -> dict:  # fmt: skip
+                   ref_max: int = REF_MAX, knn_max: int = KNN_MAX, reference: str | None = None,
+                   compile_decoder: bool = False) -> dict:  # fmt: skip
     """Sample ``num_samples`` images (balanced over classes) from one model and score them
     against each reference split of ``ref_splits`` (the first is the primary one; default
     ``[test, train]``, or none with ``reference``) and against the ADM reference batch
     ``reference`` (a ``.npz``; then the primary one, ``adm``); returns the result dict that
-    ``movegen evaluate`` writes as ``<run>.json``."""
+    ``movegen evaluate`` writes as ``<run>.json``. ``compile_decoder``: decode through
+    :class:`~movegen.tokenizer.CompiledDecode` (the same images to within TF32's differences)."""
     if ref_splits is None:
         ref_splits = () if reference else REF_SPLITS
     refs = _check_ref_splits(ref_splits) if (ref_splits or not reference) else ()
@@ -346,7 +349,10 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         return _uint8(x) if inception else x.float()
 
     def sample_and_features():
-        images, _ = generate_images(model, tok.decode, labels[lo:hi], settings, batch_size=batch_size,
+        decode = (
+            CompiledDecode(tok, min(batch_size, DECODE_BATCH)) if compile_decoder else tok.decode
+        )
+        images, _ = generate_images(model, decode, labels[lo:hi], settings, batch_size=batch_size,
                                     noise=SampleNoise(seed), first_index=lo, progress=rank == 0,
                                     transform=finish)  # fmt: skip
         sample_seconds = time.time() - t0

@@ -91,9 +91,12 @@ def test_fid50k_smoke():
     InceptionV3 (random weights) against a written ADM batch, each phase timed (~30 s on 2 CPU
     cores, most of it the 2048-dimensional FID eigenproblems and Inception at 299 x 299)."""
     pytest.importorskip("torch_fidelity")
-    payloads = _payloads(run("fid50k", "--smoke"))
+    payloads = _payloads(run("fid50k", "--smoke", "--only", "standard:4:8,move-x1:4:8:compiled"))
     rows = payloads["fid50k_eval"]["rows"]
-    assert [r["arm"] for r in rows] == ["standard", "move-x1"]
+    assert [(r["arm"], r["decode"]) for r in rows] == [
+        ("standard", "serial"),
+        ("move-x1", "compiled"),
+    ]
     for r in rows:
         assert r["scores_finite"] and r["num_samples"] == 8
         assert all(

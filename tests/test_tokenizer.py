@@ -122,3 +122,30 @@ def test_adversarial_loss_switches_on_and_perceptual_needs_weights(tmp_path, mon
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="vgg16"):
         LitTokenizer(cfg, perceptual_weight=1.0)
+
+
+@pytest.mark.background  # (inductor compiles on the CPU: tens of seconds)
+def test_compiled_decode_matches_the_eager_decoder_and_compiles_once():
+    """LlamaGen's VQ layout, decoded compiled in channels-last: the eager decoder's images for a
+    full batch and for a short one (padded to the batch and cut back, so no second compilation),
+    and a batch larger than it refused with what to do."""
+    from movegen.tokenizer import CompiledDecode
+
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(architecture="llamagen-vq", image_size=16, channels=3, base_channels=8,
+                          channel_mult=(1, 2), num_res_blocks=1, z_channels=8, code_dim=4,
+                          codebook_size=32)  # fmt: skip
+    tok = VQTokenizer(cfg).eval()
+    codes = torch.randint(32, (6, 8, 8))
+    want = tok.decode(codes)
+    dec = CompiledDecode(tok, batch_size=4)
+    torch._dynamo.utils.counters.clear()
+    parts = [dec(codes[:4]), dec(codes[4:])]
+    assert [p.shape for p in parts] == [(4, 3, 16, 16), (2, 3, 16, 16)]
+    assert parts[1].is_contiguous()
+    torch.testing.assert_close(torch.cat(parts), want, atol=1e-5, rtol=1e-5)
+    assert want.abs().max() > 0.1 and want.abs().max() <= 1  # images, clamped
+    assert torch.equal(tok.decode(codes), want)  # the tokenizer decodes as before
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one compilation
+    with pytest.raises(ValueError, match="1 to 4 images"):
+        dec(codes)
