@@ -299,7 +299,7 @@ def test_per_sample_noise_gives_the_same_images_at_any_batch_size(settings):
 
 @pytest.mark.gpu
 def test_overlapped_decoding_gives_the_images_of_the_serial_order_on_gpu():
-    """Each batch decoded on a second stream while the next one samples (the default on CUDA):
+    """Each batch decoded on a second stream while the next one samples (``overlap=True``):
     the same images and codes as decoding each batch after its sampling, with a short last
     batch (per-sample noise: run padded on the full batch's step; a generator's noise: a second
     compiled step, made with nothing decoding beside it), a decoder heavy enough to be still
