@@ -239,6 +239,7 @@ class Phases:
         from movegen.sample import CompiledStep
 
         load, compiled = evaluate.load_model_and_tokenizer, evaluate.CompiledDecode
+        capture = self.wrap(CompiledStep._capture, "capture")
 
         def timed_decode(decode):  # counted, and timed unless overlapped
             def counted(*a, **k):
@@ -264,7 +265,11 @@ class Phases:
             (evaluate, "generate_images"): self.wrap(
                 functools.partial(evaluate.generate_images, overlap=overlap), "sample"
             ),
-            (CompiledStep, "_capture"): self.wrap(CompiledStep._capture, "capture"),
+            # (only a capture that happens: sample() asks before every batch, and a
+            # synchronisation there would also stop an overlapped decode)
+            (CompiledStep, "_capture"): lambda step, guided, counter: (
+                None if (guided, counter) in step.graphs else capture(step, guided, counter)
+            ),
             (evaluate, "extract_features"): self.wrap(evaluate.extract_features, "inception"),
             # reference_features (inside the ADM block) calls metrics' own name
             (metrics, "extract_features"): self.wrap(metrics.extract_features, "ref_feats"),

@@ -491,10 +491,11 @@ def generate_images(
     the next batch is sampled, its images brought to the host once that next batch is sampled;
     the sampling runs on a stream of higher priority, so its small kernels go first wherever
     both wait for the GPU. The images are those of the serial order (the same kernels on the
-    same inputs); ``decode`` and ``transform`` must not synchronise the whole device. Measured
-    on an H100 before the priority was added (GPT-B, batch 256, 10,000 images, LlamaGen's VQ-16
-    decoder): 44.6 s of sampling and decoding against 45.4 s one after the other, so the two
-    barely ran at once; with the priority: not measured yet."""
+    same inputs); ``decode`` and ``transform`` must not synchronise the whole device (a decoder
+    checking its codes on the host, as ``VQTokenizer.lookup`` does, waits for the parts before
+    it when a batch is decoded in several). Not yet measured: the one timing so far (an H100,
+    ``benchmarks/RESULTS.md`` 2026-12-08) was serialised by the benchmark's own
+    synchronisation before every batch."""
     from tqdm.auto import tqdm
 
     settings = settings or SamplingSettings()
@@ -526,41 +527,47 @@ def generate_images(
             out.append(transform(x) if transform is not None else x.float())
         return out
 
-    start = first_index
-    for chunk in tqdm(labels.split(batch_size), desc="sample", disable=not progress, unit="batch"):
-        n = len(chunk)
-        if fast and noise is not None and n < batch_size and batch_size in steps:
-            # a short last batch runs on the full batch's step, padded with samples it throws
-            # away (each sample's noise is its own: the padding changes no other image), rather
-            # than compiling and capturing a step of its own
-            chunk = torch.cat([chunk, chunk[:1].expand(batch_size - n)])
-        index = torch.arange(start, start + len(chunk), device=chunk.device) if noise else None
-        start += n
-        step = None
-        if fast:
-            if len(chunk) not in steps:
-                collect()  # nothing decoding beside a step's compilation and capture
-                steps[len(chunk)] = CompiledStep(model, len(chunk), settings)
-            step = steps[len(chunk)]
-        if first is not None:
-            first.wait_stream(torch.cuda.current_stream(chunk.device))
-        with torch.cuda.stream(first) if first is not None else nullcontext():
-            c = generate(
-                model, chunk, settings, generator=generator, step=step, noise=noise, index=index
-            )[:n]
-            codes.append(c.cpu())  # (waits for this batch's tokens)
-        collect()  # the earlier batch, decoded while this one was sampled
-        if side is None:
-            images.extend(p.cpu() for p in decoded(c))
-            continue
-        side.wait_stream(first)
-        with torch.cuda.stream(side):
-            parts = decoded(c)
-        c.record_stream(side)  # (made on the sampler's stream, read on this one)
-        pending.append((side.record_event(), parts))
-    collect()
-    if first is not None:
-        torch.cuda.current_stream(labels.device).wait_stream(first)
+    try:
+        start = first_index
+        for chunk in tqdm(
+            labels.split(batch_size), desc="sample", disable=not progress, unit="batch"
+        ):
+            n = len(chunk)
+            if fast and noise is not None and n < batch_size and batch_size in steps:
+                # a short last batch runs on the full batch's step, padded with samples it throws
+                # away (each sample's noise is its own: the padding changes no other image), rather
+                # than compiling and capturing a step of its own
+                chunk = torch.cat([chunk, chunk[:1].expand(batch_size - n)])
+            index = torch.arange(start, start + len(chunk), device=chunk.device) if noise else None
+            start += n
+            step = None
+            if fast:
+                if len(chunk) not in steps:
+                    collect()  # nothing decoding beside a step's compilation and capture
+                    steps[len(chunk)] = CompiledStep(model, len(chunk), settings)
+                step = steps[len(chunk)]
+            if first is not None:
+                first.wait_stream(torch.cuda.current_stream(chunk.device))
+            with torch.cuda.stream(first) if first is not None else nullcontext():
+                c = generate(
+                    model, chunk, settings, generator=generator, step=step, noise=noise, index=index
+                )[:n]
+                codes.append(c.cpu())  # (waits for this batch's tokens)
+            collect()  # the earlier batch, decoded while this one was sampled
+            if side is None:
+                images.extend(p.cpu() for p in decoded(c))
+                continue
+            side.wait_stream(first)
+            with torch.cuda.stream(side):
+                parts = decoded(c)
+            c.record_stream(side)  # (made on the sampler's stream, read on this one)
+            pending.append((side.record_event(), parts))
+        collect()
+    finally:  # (also on an error) later work on this stream waits for both streams' work
+        if overlap:
+            cur = torch.cuda.current_stream(labels.device)
+            cur.wait_stream(first)
+            cur.wait_stream(side)
     return torch.cat(images), torch.cat(codes)
 
 

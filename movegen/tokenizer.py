@@ -28,6 +28,7 @@ the same ``encode`` / ``lookup`` / ``decode`` interface::
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -478,16 +479,18 @@ class CompiledDecode:
     convolutions): on an H100 at batch 256, LlamaGen's VQ-16 (random weights) decoded 656
     images/s against the eager decoder's 349, and both differ from strict fp32 (TF32 off) in
     9.20% of their uint8 pixel values, TF32's share (``benchmarks/vq_decode.py``; the
-    compilation, once per process and shape, not included). Puts ``tok.decoder``'s weights in
-    channels-last layout (their values unchanged)."""
+    compilation, once per process and shape, not included). Holds a copy of ``tok.decoder``
+    in channels-last layout (later changes to ``tok``'s weights do not reach it); each one
+    compiles anew (dynamo recompiles a few times per process, then runs the decoder eagerly:
+    evaluating more than a handful of models in one process loses the gain)."""
 
     def __init__(self, tok: VQTokenizer, batch_size: int):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tok, self.batch_size = tok, batch_size
-        self.decoder = torch.compile(
-            tok.decoder.to(memory_format=torch.channels_last), dynamic=False
-        )
+        # a copy: the caller's decoder keeps its layout (and its eager decode its arithmetic)
+        dec = copy.deepcopy(tok.decoder).to(memory_format=torch.channels_last)
+        self.decoder = torch.compile(dec, dynamic=False)
 
     @torch.no_grad()
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:

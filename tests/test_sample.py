@@ -267,7 +267,7 @@ def test_per_sample_noise_gives_the_same_images_at_any_batch_size(settings):
     labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0])
     noise = SampleNoise(3)
     decode = lambda c: c.float()[:, None]  # noqa: E731 (codes as images)
-    _, whole = generate_images(
+    images, whole = generate_images(
         model, decode, labels, settings, batch_size=11, noise=noise, fast=False
     )
     made = []
@@ -279,10 +279,11 @@ def test_per_sample_noise_gives_the_same_images_at_any_batch_size(settings):
 
     with mock.patch.object(CompiledStep, "__init__", counted):
         for bs in (1, 4, 5, 16):
-            _, parts = generate_images(
+            imgs, parts = generate_images(
                 model, decode, labels, settings, batch_size=bs, noise=noise, fast=True
             )
             assert torch.equal(parts, whole), bs  # the compiled step and the plain loop, any split
+            assert torch.equal(imgs, images), bs  # and no padding's image among them
     # the short last batch (11 = 2 x 4 + 3 = 2 x 5 + 1) ran padded on the full batch's step; a
     # run of one short batch (16) has one step of its size
     assert made == [1, 4, 5, 11]
