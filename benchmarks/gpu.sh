@@ -58,7 +58,7 @@
 # what the pack holds). Timings are unchanged (the choices are the ones the autotuner measured
 # on that model).
 # Settings through the environment (defaults below): OUT, PYTHON, T_<SECTION> time limits, GPU_CACHE,
-# TRAIN_ONLY, TRAIN_IDS, DUMP_STACKS, GPU_TEST_FILES, GPU_TESTS_K, FID_PARTS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
+# TRAIN_ONLY, TRAIN_IDS, DUMP_STACKS, GPU_TEST_FILES, GPU_TESTS_K, FID_PARTS, FID_ARGS, SAMPLE_ONLY, SAMPLE_BATCHES, VARIANTS, PROFILE_ARM, PROFILE_ARMS, DDP_STEPS, LLAMAGEN, FID_ONLY,
 # EXTRACT_IMAGES, EXTRACT_WORKERS, PEER_ARMS, PEER_BATCHES, PEER_IDS (e.g. uniform,zipf:0.3,zipf), MIX_IMPLS, MIX_IDS, BANK_ARGS, VQ_VARIANTS
 # (SAMPLE_BATCHES= skips the sampling of `peer`).
 set -u
@@ -152,7 +152,7 @@ ddp)
   [ ${#runs[@]} -gt 0 ] && $PY -m benchmarks.ddp --table "${runs[@]}" | grep -E "^\||^Lightning";;
 fid50k)
   bench ${T_FID50K:-570} fid50k.log benchmarks.fid50k --parts ${FID_PARTS:-eval,extract} --only ${FID_ONLY:-move-x1:256:2048,standard:256:50000} \
-    --extract_images ${EXTRACT_IMAGES:-1500} --extract_workers ${EXTRACT_WORKERS:-16}
+    --extract_images ${EXTRACT_IMAGES:-1500} --extract_workers ${EXTRACT_WORKERS:-16} ${FID_ARGS:-}
   grep -E "^\||^movegen|^inputs|JPEGs" "$OUT/fid50k.log"; errors "$OUT/fid50k.log";;
 verify)
   # what has not run on a GPU yet, or not in the default step: the MoVE kernel tests, then the
