@@ -280,6 +280,22 @@ def adm_reference_block(adm: dict, path: str, fake: torch.Tensor, fake_spatial: 
     return {**block, "key": key}
 
 
+_COMPILED_DECODERS: dict[tuple, CompiledDecode] = {}
+
+
+def compiled_decoder(tok, tck: dict, device, batch_size: int) -> CompiledDecode:
+    """A :class:`~movegen.tokenizer.CompiledDecode` of ``tok``, one per tokenizer file (its
+    sha256 in ``tck``), device and batch size in a process: evaluating several models of one
+    tokenizer compiles its decoder once (dynamo would recompile for every new copy, and after
+    a few fall back to the eager decoder). A tokenizer without a recorded sha256 gets its own."""
+    key = (tck.get("sha256"), str(device), batch_size)
+    if key[0] is None:
+        return CompiledDecode(tok, batch_size)
+    if key not in _COMPILED_DECODERS:
+        _COMPILED_DECODERS[key] = CompiledDecode(tok, batch_size)
+    return _COMPILED_DECODERS[key]
+
+
 def evaluate_model(model_path: str, *, features: str, num_samples: int, settings: SamplingSettings, seed: int,
                    device: str, batch_size: int = 256, tokenizer: str | None = None,
                    ref_splits=None, cache_dir: str | None = None, inception_weights: str | None = None,
@@ -349,9 +365,8 @@ def evaluate_model(model_path: str, *, features: str, num_samples: int, settings
         return _uint8(x) if inception else x.float()
 
     def sample_and_features():
-        decode = (
-            CompiledDecode(tok, min(batch_size, DECODE_BATCH)) if compile_decoder else tok.decode
-        )
+        size = min(batch_size, DECODE_BATCH)
+        decode = compiled_decoder(tok, tck, device, size) if compile_decoder else tok.decode
         images, _ = generate_images(model, decode, labels[lo:hi], settings, batch_size=batch_size,
                                     noise=SampleNoise(seed), first_index=lo, progress=rank == 0,
                                     transform=finish)  # fmt: skip

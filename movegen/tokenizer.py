@@ -481,8 +481,9 @@ class CompiledDecode:
     9.20% of their uint8 pixel values, TF32's share (``benchmarks/vq_decode.py``; the
     compilation, once per process and shape, not included). Holds a copy of ``tok.decoder``
     in channels-last layout (later changes to ``tok``'s weights do not reach it); each one
-    compiles anew (dynamo recompiles a few times per process, then runs the decoder eagerly:
-    evaluating more than a handful of models in one process loses the gain)."""
+    compiles anew, and dynamo recompiles only a few times per process before it runs the
+    decoder eagerly, so ``evaluate`` keeps one per tokenizer file
+    (``evaluate.compiled_decoder``)."""
 
     def __init__(self, tok: VQTokenizer, batch_size: int):
         if batch_size < 1:

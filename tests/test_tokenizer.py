@@ -149,3 +149,23 @@ def test_compiled_decode_matches_the_eager_decoder_and_compiles_once():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one compilation
     with pytest.raises(ValueError, match="1 to 4 images"):
         dec(codes)
+
+
+def test_evaluations_share_one_compiled_decoder_per_tokenizer_file():
+    """``evaluate``'s compiled decoders: one per tokenizer file (sha256), device and batch size
+    in a process, so evaluating several models of one tokenizer compiles it once; a tokenizer
+    without a recorded sha256 gets its own (nothing here is compiled: that happens at the first
+    call)."""
+    from movegen.evaluate import _COMPILED_DECODERS, compiled_decoder
+
+    tok = VQTokenizer(TokenizerConfig(image_size=8, channel_mult=(1, 2), codebook_size=64))
+    again = VQTokenizer(TokenizerConfig(image_size=8, channel_mult=(1, 2), codebook_size=64))
+    try:
+        a = compiled_decoder(tok, {"sha256": "aa"}, "cpu", 4)
+        assert compiled_decoder(again, {"sha256": "aa"}, "cpu", 4) is a  # another model's load
+        assert compiled_decoder(tok, {"sha256": "bb"}, "cpu", 4) is not a
+        assert compiled_decoder(tok, {"sha256": "aa"}, "cpu", 8) is not a
+        assert compiled_decoder(tok, {}, "cpu", 4) is not compiled_decoder(tok, {}, "cpu", 4)
+        assert a.tok is tok and a.batch_size == 4
+    finally:
+        _COMPILED_DECODERS.clear()
