@@ -61,10 +61,6 @@ def decoder_fn(tok, variant: str, device: torch.device):
     return fn
 
 
-def uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,6 +71,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
+    from movegen.evaluate import _uint8 as uint8  # the evaluation's own quantisation
     from movegen.tokenizer import TokenizerConfig, VQTokenizer
 
     from .fid50k import tokenizer_config
@@ -120,7 +117,6 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         del out, d
-        tok.decoder.to(memory_format=torch.contiguous_format)
         release(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
